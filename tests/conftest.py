@@ -1,0 +1,39 @@
+"""Shared test fixtures. Every test runs on both event loops where it matters (asyncio and uvloop
+are both supported); each "pod" gets its own 127.x address so tests never collide on fixed ports."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import socket
+
+import pytest
+
+_rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "big"))
+_counter = itertools.count()
+
+
+def _free_loopback_ip() -> str:
+    """A random address in 127.64.0.0/10 whose port 15008 is free, so parallel runs do not collide."""
+    for _ in range(1000):
+        ip = f"127.{_rng.randint(64, 127)}.{_rng.randint(0, 255)}.{_rng.randint(2, 254)}"
+        with socket.socket() as s:
+            try:
+                s.bind((ip, 15008))
+            except OSError:
+                continue
+        return ip
+    raise RuntimeError("no free loopback address found")
+
+
+@pytest.fixture
+def loopback_ip():
+    """Call it to get a fresh 127.x.y.z address (a "pod")."""
+    return _free_loopback_ip
+
+
+def free_port(ip: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
