@@ -1,0 +1,162 @@
+"""The mesh inventory: workloads and services, in ztunnel's local-config shape (reference/ztunnel.md §5),
+plus two fields Kubernetes has and ztunnel's file lacks: a workload's ``labels`` and a service's
+``appProtocols``.
+
+Pure data: frozen dataclasses and an ``Inventory`` with the indexes every lookup needs. Parsing
+from YAML lives in ``policy.loader``; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+DEFAULT_TRUST_DOMAIN = "cluster.local"  # Istio's default mesh trust domain (pkg/config/mesh/mesh.go)
+DEFAULT_SERVICE_ACCOUNT = "default"      # what istiod's XDS conversion defaults to (state/workload.rs)
+HBONE_PORT = 15008                       # Istio convention for HBONE (istio.io hbone docs)
+
+EMPTY: Mapping = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class NetworkAddress:
+    """ztunnel's ``"<network>/<ip>"`` form; ``"/10.0.0.1"`` is the default network."""
+
+    network: str
+    ip: str
+
+    def __str__(self) -> str:
+        return f"{self.network}/{self.ip}"
+
+
+@dataclass(frozen=True)
+class GatewayAddress:
+    """A waypoint (or network gateway) reference: ``destination`` is ``/<ip>`` or ``<ns>/<hostname>``."""
+
+    address: NetworkAddress | None = None      # set when destination is "<network>/<ip>"
+    hostname: str | None = None                # set when destination is "<ns>/<hostname>"
+    namespace: str | None = None
+    hbone_mtls_port: int = HBONE_PORT
+
+    def __str__(self) -> str:
+        if self.address is not None:
+            return f"{self.address}:{self.hbone_mtls_port}"
+        return f"{self.namespace}/{self.hostname}:{self.hbone_mtls_port}"
+
+
+@dataclass(frozen=True)
+class Locality:
+    region: str = ""
+    zone: str = ""
+    subzone: str = ""
+
+
+@dataclass(frozen=True)
+class Workload:
+    uid: str
+    name: str
+    namespace: str
+    workload_ips: tuple[str, ...]
+    service_account: str = DEFAULT_SERVICE_ACCOUNT
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    protocol: str = "TCP"                       # inbound protocol it accepts: "TCP" | "HBONE"
+    node: str = ""
+    network: str = ""
+    waypoint: GatewayAddress | None = None
+    labels: Mapping[str, str] = EMPTY
+    canonical_name: str = ""
+    canonical_revision: str = ""
+    workload_name: str = ""
+    workload_type: str = ""
+    cluster_id: str = ""
+    locality: Locality = Locality()
+    capacity: int = 1                            # ztunnel's load-balancing weight
+    status: str = "Healthy"                      # "Healthy" | "Unhealthy"
+    # "<ns>/<hostname>" → {service port: target port}, as in ztunnel's LocalWorkload.services
+    services: Mapping[str, Mapping[int, int]] = EMPTY
+    authorization_policies: tuple[str, ...] = ()  # "ns/name" keys of selector-bound ztunnel policies
+    hostname: str = ""
+
+    @property
+    def identity(self) -> str:
+        """The SPIFFE URI this workload's certificate carries."""
+        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
+    def principal(self) -> str:
+        """The identity as AuthorizationPolicy ``principals`` match it (no ``spiffe://``)."""
+        return f"{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
+    def healthy(self) -> bool:
+        return self.status == "Healthy"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One workload serving one service, with its port map (service port → target port)."""
+
+    workload_uid: str
+    ports: Mapping[int, int]
+    status: str = "Healthy"
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    namespace: str
+    hostname: str
+    vips: tuple[NetworkAddress, ...]
+    ports: Mapping[int, int]                     # service port → target port (0 = named port)
+    app_protocols: Mapping[int, str] = EMPTY     # service port → "http" | "http2" | "grpc" | "tcp"
+    subject_alt_names: tuple[str, ...] = ()
+    waypoint: GatewayAddress | None = None
+    endpoints: Mapping[str, Endpoint] = EMPTY    # workload uid → endpoint (explicit ones, from the file)
+    canonical: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.hostname}"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """All workloads and services, with indexes. Build with ``Inventory.build``."""
+
+    workloads: Mapping[str, Workload] = EMPTY                 # uid → workload
+    services: Mapping[str, Service] = EMPTY                   # "ns/hostname" → service
+    # derived indexes
+    workload_by_ip: Mapping[str, Workload] = field(default=EMPTY, compare=False)
+    service_by_vip: Mapping[str, Service] = field(default=EMPTY, compare=False)      # vip ip → service
+    service_by_hostname: Mapping[str, Service] = field(default=EMPTY, compare=False)  # hostname → service
+    endpoints: Mapping[str, Mapping[str, Endpoint]] = field(default=EMPTY, compare=False)  # svc key → uid → ep
+
+    @classmethod
+    def build(cls, workloads: list[Workload], services: list[Service]) -> "Inventory":
+        wl = {w.uid: w for w in workloads}
+        sv = {s.key: s for s in services}
+        by_ip = {ip: w for w in workloads for ip in w.workload_ips}
+        by_vip = {v.ip: s for s in services for v in s.vips}
+        by_host = {s.hostname: s for s in services}
+        eps: dict[str, dict[str, Endpoint]] = {key: dict(s.endpoints) for key, s in sv.items()}
+        # As ztunnel's LocalClient does: each workload's ``services`` map becomes service endpoints.
+        for w in workloads:
+            for svc_key, ports in w.services.items():
+                eps.setdefault(svc_key, {})[w.uid] = Endpoint(w.uid, MappingProxyType(dict(ports)), w.status)
+        return cls(
+            workloads=MappingProxyType(wl),
+            services=MappingProxyType(sv),
+            workload_by_ip=MappingProxyType(by_ip),
+            service_by_vip=MappingProxyType(by_vip),
+            service_by_hostname=MappingProxyType(by_host),
+            endpoints=MappingProxyType({k: MappingProxyType(v) for k, v in eps.items()}),
+        )
+
+    def endpoints_of(self, service: Service) -> list[tuple[Workload, Endpoint]]:
+        """The service's endpoints whose workload is known, in a stable order (by uid)."""
+        eps = self.endpoints.get(service.key, EMPTY)
+        return [(self.workloads[uid], ep) for uid, ep in sorted(eps.items()) if uid in self.workloads]
+
+    def __repr__(self) -> str:
+        return f"<Inventory workloads={len(self.workloads)} services={len(self.services)}>"
