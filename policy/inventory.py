@@ -19,6 +19,10 @@ HBONE_PORT = 15008                       # Istio convention for HBONE (istio.io 
 EMPTY: Mapping = MappingProxyType({})
 
 
+def _empty() -> Mapping:
+    return EMPTY
+
+
 @dataclass(frozen=True)
 class NetworkAddress:
     """ztunnel's ``"<network>/<ip>"`` form; ``"/10.0.0.1"`` is the default network."""
@@ -64,7 +68,7 @@ class Workload:
     node: str = ""
     network: str = ""
     waypoint: GatewayAddress | None = None
-    labels: Mapping[str, str] = EMPTY
+    labels: Mapping[str, str] = field(default_factory=_empty)
     canonical_name: str = ""
     canonical_revision: str = ""
     workload_name: str = ""
@@ -74,7 +78,7 @@ class Workload:
     capacity: int = 1                            # ztunnel's load-balancing weight
     status: str = "Healthy"                      # "Healthy" | "Unhealthy"
     # "<ns>/<hostname>" → {service port: target port}, as in ztunnel's LocalWorkload.services
-    services: Mapping[str, Mapping[int, int]] = EMPTY
+    services: Mapping[str, Mapping[int, int]] = field(default_factory=_empty)
     authorization_policies: tuple[str, ...] = ()  # "ns/name" keys of selector-bound ztunnel policies
     hostname: str = ""
 
@@ -109,10 +113,10 @@ class Service:
     hostname: str
     vips: tuple[NetworkAddress, ...]
     ports: Mapping[int, int]                     # service port → target port (0 = named port)
-    app_protocols: Mapping[int, str] = EMPTY     # service port → "http" | "http2" | "grpc" | "tcp"
+    app_protocols: Mapping[int, str] = field(default_factory=_empty)     # service port → "http" | "http2" | "grpc" | "tcp"
     subject_alt_names: tuple[str, ...] = ()
     waypoint: GatewayAddress | None = None
-    endpoints: Mapping[str, Endpoint] = EMPTY    # workload uid → endpoint (explicit ones, from the file)
+    endpoints: Mapping[str, Endpoint] = field(default_factory=_empty)    # workload uid → endpoint (explicit ones, from the file)
     canonical: bool = False
 
     @property
@@ -124,13 +128,13 @@ class Service:
 class Inventory:
     """All workloads and services, with indexes. Build with ``Inventory.build``."""
 
-    workloads: Mapping[str, Workload] = EMPTY                 # uid → workload
-    services: Mapping[str, Service] = EMPTY                   # "ns/hostname" → service
+    workloads: Mapping[str, Workload] = field(default_factory=_empty)                 # uid → workload
+    services: Mapping[str, Service] = field(default_factory=_empty)                   # "ns/hostname" → service
     # derived indexes
-    workload_by_ip: Mapping[str, Workload] = field(default=EMPTY, compare=False)
-    service_by_vip: Mapping[str, Service] = field(default=EMPTY, compare=False)      # vip ip → service
-    service_by_hostname: Mapping[str, Service] = field(default=EMPTY, compare=False)  # hostname → service
-    endpoints: Mapping[str, Mapping[str, Endpoint]] = field(default=EMPTY, compare=False)  # svc key → uid → ep
+    workload_by_ip: Mapping[str, Workload] = field(default_factory=_empty, compare=False)
+    service_by_vip: Mapping[str, Service] = field(default_factory=_empty, compare=False)      # vip ip → service
+    service_by_hostname: Mapping[str, Service] = field(default_factory=_empty, compare=False)  # hostname → service
+    endpoints: Mapping[str, Mapping[str, Endpoint]] = field(default_factory=_empty, compare=False)  # svc key → uid → ep
 
     @classmethod
     def build(cls, workloads: list[Workload], services: list[Service]) -> "Inventory":
