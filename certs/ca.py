@@ -228,6 +228,7 @@ class MeshCA:
         eku: Iterable[x509.ObjectIdentifier] | None,
         not_before: datetime | None = None,
         clamp_to_root: bool = True,
+        dns_names: Iterable[str] = (),
     ) -> IssuedCert:
         """The one place leaves are built. ``issue`` calls it with the profile above; ``certs.testing``
         calls it with deliberately wrong profiles to test that peers refuse them."""
@@ -266,9 +267,10 @@ class MeshCA:
                 critical=False,
             )
         )
-        uri_list = [x509.UniformResourceIdentifier(u) for u in uris]
-        if uri_list:
-            builder = builder.add_extension(x509.SubjectAlternativeName(uri_list), critical=True)
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
+        sans += [x509.DNSName(d) for d in dns_names]
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=True)
         if eku is not None:
             builder = builder.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
         cert = builder.sign(self._root_key, hashes.SHA256())

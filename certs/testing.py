@@ -29,10 +29,12 @@ def issue_custom(
     uris: Sequence[str] | None = None,
     eku: Iterable[x509.ObjectIdentifier] | None = BOTH_AUTH,
     not_before: datetime | None = None,
+    dns_names: Sequence[str] = (),
 ) -> IssuedCert:
     """Like ``ca.issue`` but without its checks: any trust domain, any URI SANs (``uris``; default
     ``[str(spiffe)]``; ``[]`` for none), any EKU (``None`` omits the extension), and any validity
-    window (``not_before`` defaults to ``now``; the root's expiry is not enforced).
+    window (``not_before`` defaults to ``now``; the root's expiry is not enforced), plus optional
+    DNS SANs (``dns_names``).
 
     ``spiffe`` is only recorded in the returned IssuedCert; what the certificate says is ``uris``.
     """
@@ -44,6 +46,7 @@ def issue_custom(
         eku=eku,
         not_before=not_before,
         clamp_to_root=False,
+        dns_names=dns_names,
     )
 
 

@@ -184,6 +184,9 @@ _VERIFY_CODES: dict[int, str] = {
     27: "unknown_ca",  # CERT_UNTRUSTED
     28: "unknown_ca",  # CERT_REJECTED
     32: "bad_key_usage",  # KEYUSAGE_NO_CERTSIGN
+    # VERIFY_X509_STRICT: an empty subject and no SAN at all is a certificate with no identity
+    84: "no_spiffe_san",  # SUBJECT_NAME_EMPTY
+    87: "no_spiffe_san",  # EMPTY_SUBJECT_ALT_NAME
 }
 
 # OpenSSL reason strings (ssl.SSLError.reason) → our reasons. The alerts are what the *other* side

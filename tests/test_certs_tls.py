@@ -1,0 +1,351 @@
+"""Real mutual-TLS handshakes on loopback with certificates from our CA: the good path, and each
+way a peer's certificate is refused, with the right reason code — and the server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from certs import testing
+from certs.bundle import CertBundle
+from certs.ca import IssuedCert, MeshCA
+from certs.errors import PeerIdentityError
+from certs.spiffe import SpiffeId
+from certs.tls import check_server_identity, classify_handshake_error, client_context, peer_identity, server_context
+
+TD = "cluster.local"
+NOW = datetime.now(timezone.utc)  # OpenSSL checks validity against the real clock, so certs are issued around it
+SERVER_ID = SpiffeId(TD, "default", "reviews")
+CLIENT_ID = SpiffeId(TD, "default", "productpage")
+HANDSHAKE_TIMEOUT_S = 5.0  # loopback handshakes take milliseconds; this only bounds a broken test
+
+
+@pytest.fixture(scope="module")
+def cas(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cas")
+    ca = MeshCA.init(base / "mesh", now=NOW - timedelta(days=1))
+    other = MeshCA.init(base / "other", now=NOW - timedelta(days=1))
+    return ca, other
+
+
+def bundle(issued: IssuedCert, trust: bytes) -> CertBundle:
+    return CertBundle.from_issued(issued, trust)
+
+
+def raw_context(issued: IssuedCert | None, trust: bytes, tmp: Path, *, server: bool = False) -> ssl.SSLContext:
+    """A context made without CertBundle's checks: how a misconfigured or hostile peer would look."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    if not server:
+        ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=trust.decode())
+    ctx.set_alpn_protocols(["h2"])
+    if issued is not None:
+        cert, key = issued.write(tmp / "raw")
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class Server:
+    """A TLS server on loopback that records, per connection, the peer identity or the refusal reason."""
+
+    def __init__(self, ctx: ssl.SSLContext, host: str):
+        self.ctx, self.host = ctx, host
+        self.results: asyncio.Queue = asyncio.Queue()
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self._handle, self.host, 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _handle(self, reader, writer):
+        try:
+            await writer.start_tls(self.ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            ssl_object = writer.get_extra_info("ssl_object")
+            ident = peer_identity(ssl_object, TD)
+            writer.write(f"hello {ident}\n".encode())
+            await writer.drain()
+            self.results.put_nowait(("ok", ident, ssl_object.selected_alpn_protocol(), ssl_object.version()))
+        except Exception as exc:  # noqa: BLE001 - the test asserts on the classification
+            self.results.put_nowait(("refused", classify_handshake_error(exc), exc))
+        finally:
+            writer.close()
+
+    async def result(self):
+        return await asyncio.wait_for(self.results.get(), HANDSHAKE_TIMEOUT_S)
+
+
+async def connect(ctx: ssl.SSLContext, server: Server):
+    """Open a TLS connection the way hbone/ does: no SNI (server_hostname="")."""
+    return await asyncio.wait_for(
+        asyncio.open_connection(server.host, server.port, ssl=ctx, server_hostname=""), HANDSHAKE_TIMEOUT_S
+    )
+
+
+async def good_exchange(server: Server, client_ctx: ssl.SSLContext) -> None:
+    reader, writer = await connect(client_ctx, server)
+    line = await asyncio.wait_for(reader.readline(), HANDSHAKE_TIMEOUT_S)
+    assert line == f"hello {CLIENT_ID}\n".encode()
+    ssl_object = writer.get_extra_info("ssl_object")
+    assert check_server_identity(ssl_object, {SERVER_ID}, TD) == SERVER_ID
+    writer.close()
+    status, ident, alpn, version = await server.result()
+    assert (status, ident, alpn, version) == ("ok", CLIENT_ID, "h2", "TLSv1.3")
+
+
+@pytest.fixture
+def server_ctx(cas):
+    ca, _ = cas
+    return server_context(bundle(ca.issue(SERVER_ID, now=NOW), ca.root_cert_pem))
+
+
+@pytest.fixture
+def good_client_ctx(cas):
+    ca, _ = cas
+    return client_context(bundle(ca.issue(CLIENT_ID, now=NOW), ca.root_cert_pem))
+
+
+async def test_good_client_and_server(server_ctx, good_client_ctx, loopback_ip):
+    async with Server(server_ctx, loopback_ip()) as server:
+        await good_exchange(server, good_client_ctx)
+        await good_exchange(server, good_client_ctx)  # and again: nothing is one-shot
+
+
+def _bad_clients(ca: MeshCA, other: MeshCA, tmp: Path) -> dict[str, tuple[ssl.SSLContext, str]]:
+    """name → (client context, reason the server must give)."""
+    trust = ca.root_cert_pem
+    return {
+        # signed by another mesh's root; the client itself trusts our root, so it gets as far as sending it
+        "other_ca": (raw_context(other.issue(CLIENT_ID, now=NOW), trust, tmp), "unknown_ca"),
+        "expired": (raw_context(testing.expired(ca, CLIENT_ID, now=NOW), trust, tmp), "expired"),
+        "not_yet_valid": (raw_context(testing.not_yet_valid(ca, CLIENT_ID, now=NOW), trust, tmp), "not_yet_valid"),
+        "wrong_trust_domain": (
+            raw_context(testing.issue_custom(ca, spiffe=SpiffeId("other.local", "default", "productpage"), now=NOW), trust, tmp),
+            "wrong_trust_domain",
+        ),
+        # a DNS SAN only: OpenSSL accepts it, our SPIFFE check refuses it
+        "no_spiffe_san": (
+            raw_context(testing.issue_custom(ca, spiffe=CLIENT_ID, now=NOW, uris=[], dns_names=["productpage.default.svc"]), trust, tmp),
+            "no_spiffe_san",
+        ),
+        # no SAN at all (and Istio's empty subject): OpenSSL's strict checks refuse it first
+        "no_san_at_all": (raw_context(testing.issue_custom(ca, spiffe=CLIENT_ID, now=NOW, uris=[]), trust, tmp), "no_spiffe_san"),
+        "non_spiffe_uri_only": (
+            raw_context(testing.issue_custom(ca, spiffe=CLIENT_ID, now=NOW, uris=["https://example.com/x"]), trust, tmp),
+            "no_spiffe_san",
+        ),
+        "malformed_spiffe_uri": (
+            raw_context(testing.issue_custom(ca, spiffe=CLIENT_ID, now=NOW, uris=["spiffe://cluster.local/ns/default/sa/x/"]), trust, tmp),
+            "no_spiffe_san",
+        ),
+        "two_spiffe_sans": (
+            raw_context(
+                testing.issue_custom(ca, spiffe=CLIENT_ID, now=NOW, uris=[str(CLIENT_ID), str(SpiffeId(TD, "kube-system", "admin"))]),
+                trust, tmp,
+            ),
+            "multiple_spiffe_san",
+        ),
+        # OpenSSL's purpose check (X509_PURPOSE_SSL_CLIENT) refuses it during the handshake
+        "server_auth_only_eku": (
+            raw_context(testing.issue_custom(ca, spiffe=CLIENT_ID, now=NOW, eku=testing.SERVER_AUTH_ONLY), trust, tmp),
+            "bad_key_usage",
+        ),
+        "no_client_cert": (raw_context(None, trust, tmp), "no_client_cert"),
+    }
+
+
+BAD_CASES = ["other_ca", "expired", "not_yet_valid", "wrong_trust_domain", "no_spiffe_san", "no_san_at_all", "non_spiffe_uri_only",
+             "malformed_spiffe_uri", "two_spiffe_sans", "server_auth_only_eku", "no_client_cert"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+async def test_server_refuses_bad_client_then_serves_good_one(case, cas, server_ctx, good_client_ctx, loopback_ip, tmp_path):
+    ca, other = cas
+    client_ctx, want_reason = _bad_clients(ca, other, tmp_path)[case]
+    async with Server(server_ctx, loopback_ip()) as server:
+        # In TLS 1.3 the client finishes its side of the handshake before the server has checked the
+        # client certificate, so the refusal reaches the client on its first read (alert or EOF).
+        try:
+            reader, writer = await connect(client_ctx, server)
+        except (ssl.SSLError, ConnectionError):
+            pass
+        else:
+            try:
+                got = await asyncio.wait_for(reader.read(100), HANDSHAKE_TIMEOUT_S)
+                assert not got.startswith(b"hello"), "a refused client must never get application data"
+            except (ssl.SSLError, ConnectionError):
+                pass
+            writer.close()
+        status, reason, exc = await server.result()
+        assert (status, reason) == ("refused", want_reason), exc
+        # ... and the listener still serves a good client
+        await good_exchange(server, good_client_ctx)
+
+
+@pytest.mark.parametrize(
+    "case,reason_seen_by_client",
+    [
+        ("other_ca", "unknown_ca"),
+        ("expired", "expired"),
+        ("server_auth_only_eku", "bad_key_usage"),
+        ("no_client_cert", "no_client_cert"),
+        # OpenSSL sends bad_certificate for a not-yet-valid cert: the refused side cannot tell more.
+        ("not_yet_valid", "handshake"),
+    ],
+)
+def test_refused_client_classifies_the_alert(case, reason_seen_by_client, cas, server_ctx, loopback_ip, tmp_path):
+    """What a refused client sees is the server's TLS alert. asyncio's server transport aborts a failed
+    handshake without flushing the alert (the client then sees EOF → "handshake"), so this test uses
+    a blocking server thread, which sends it, as ztunnel (rustls) does."""
+    ca, other = cas
+    client_ctx, _ = _bad_clients(ca, other, tmp_path)[case]
+    host = loopback_ip()
+    with socket.create_server((host, 0)) as listener:
+        listener.settimeout(HANDSHAKE_TIMEOUT_S)
+        server_error: list[BaseException] = []
+
+        def serve_one():
+            conn, _ = listener.accept()
+            conn.settimeout(HANDSHAKE_TIMEOUT_S)
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError) as exc:
+                server_error.append(exc)
+
+        thread = threading.Thread(target=serve_one)
+        thread.start()
+        try:
+            with pytest.raises(ssl.SSLError) as info:
+                with socket.create_connection(listener.getsockname(), timeout=HANDSHAKE_TIMEOUT_S) as raw:
+                    with client_ctx.wrap_socket(raw) as tls:
+                        tls.recv(100)  # TLS 1.3: the alert arrives after the client's handshake is done
+        finally:
+            thread.join(HANDSHAKE_TIMEOUT_S)
+        assert classify_handshake_error(info.value) == reason_seen_by_client
+        assert server_error and classify_handshake_error(server_error[0]) != "handshake"
+
+
+async def test_client_refuses_unexpected_server_identity(server_ctx, good_client_ctx, loopback_ip):
+    async with Server(server_ctx, loopback_ip()) as server:
+        reader, writer = await connect(good_client_ctx, server)
+        ssl_object = writer.get_extra_info("ssl_object")
+        expected = {SpiffeId(TD, "default", "ratings"), SpiffeId(TD, "other", "reviews")}
+        with pytest.raises(PeerIdentityError) as info:
+            check_server_identity(ssl_object, expected, TD)
+        assert info.value.reason == "unexpected_identity"
+        assert str(SERVER_ID) in str(info.value) and "spiffe://cluster.local/ns/default/sa/ratings" in str(info.value)
+        assert classify_handshake_error(info.value) == "unexpected_identity"
+        with pytest.raises(PeerIdentityError) as info:
+            check_server_identity(ssl_object, [], TD)  # nothing expected: fail closed
+        assert info.value.reason == "unexpected_identity"
+        # the identity is accepted when listed (a service's subjectAltNames may list several)
+        assert check_server_identity(ssl_object, [SpiffeId(TD, "x", "y"), SERVER_ID], TD) == SERVER_ID
+        writer.close()
+        await server.result()
+
+
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        (lambda ca: testing.issue_custom(ca, spiffe=SERVER_ID, now=NOW, uris=[], dns_names=["reviews"]), "no_spiffe_san"),
+        (lambda ca: testing.issue_custom(ca, spiffe=SERVER_ID, now=NOW, uris=[str(SERVER_ID), str(CLIENT_ID)]), "multiple_spiffe_san"),
+        (lambda ca: testing.issue_custom(ca, spiffe=SpiffeId("evil.local", "default", "reviews"), now=NOW), "wrong_trust_domain"),
+    ],
+)
+async def test_client_refuses_server_with_bad_spiffe_san(make, reason, cas, good_client_ctx, loopback_ip, tmp_path):
+    ca, _ = cas
+    bad_server_ctx = raw_context(make(ca), ca.root_cert_pem, tmp_path, server=True)
+    async with Server(bad_server_ctx, loopback_ip()) as server:
+        reader, writer = await connect(good_client_ctx, server)
+        with pytest.raises(PeerIdentityError) as info:
+            check_server_identity(writer.get_extra_info("ssl_object"), {SERVER_ID}, TD)
+        assert info.value.reason == reason
+        writer.close()
+        await server.result()
+
+
+async def test_client_refuses_server_from_another_ca(cas, good_client_ctx, loopback_ip, tmp_path):
+    ca, other = cas
+    bad_server_ctx = raw_context(other.issue(SERVER_ID, now=NOW), ca.root_cert_pem, tmp_path, server=True)
+    async with Server(bad_server_ctx, loopback_ip()) as server:
+        with pytest.raises(ssl.SSLCertVerificationError) as info:
+            await connect(good_client_ctx, server)
+        assert classify_handshake_error(info.value) == "unknown_ca"
+        await server.result()
+
+
+async def test_client_refuses_client_auth_only_server(cas, good_client_ctx, loopback_ip, tmp_path):
+    ca, _ = cas
+    issued = testing.issue_custom(ca, spiffe=SERVER_ID, now=NOW, eku=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    async with Server(raw_context(issued, ca.root_cert_pem, tmp_path, server=True), loopback_ip()) as server:
+        with pytest.raises(ssl.SSLCertVerificationError) as info:
+            await connect(good_client_ctx, server)
+        assert classify_handshake_error(info.value) == "bad_key_usage"
+        await server.result()
+
+
+async def test_tls12_is_opt_in(cas, good_client_ctx, loopback_ip):
+    ca, _ = cas
+    server_bundle = bundle(ca.issue(SERVER_ID, now=NOW), ca.root_cert_pem)
+    client_bundle = bundle(ca.issue(CLIENT_ID, now=NOW), ca.root_cert_pem)
+    tls12_client = client_context(client_bundle, tls12=True)
+    tls12_client.maximum_version = ssl.TLSVersion.TLSv1_2  # a peer that only speaks 1.2
+
+    # default server: TLS 1.3 only (ztunnel without TLS12_ENABLED) → the 1.2 client is refused
+    async with Server(server_context(server_bundle), loopback_ip()) as server:
+        with pytest.raises((ssl.SSLError, ConnectionError)) as info:  # alert, or reset by asyncio's abort
+            await connect(tls12_client, server)
+        assert classify_handshake_error(info.value) == "handshake"
+        status, reason, _ = await server.result()
+        assert (status, reason) == ("refused", "handshake")
+
+    # opted in: 1.2 works, with ztunnel's ECDHE-ECDSA AES-GCM suites
+    async with Server(server_context(server_bundle, tls12=True), loopback_ip()) as server:
+        reader, writer = await connect(tls12_client, server)
+        ssl_object = writer.get_extra_info("ssl_object")
+        assert ssl_object.version() == "TLSv1.2"
+        assert ssl_object.cipher()[0] in ("ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256")
+        assert await reader.readline() == f"hello {CLIENT_ID}\n".encode()
+        writer.close()
+        assert (await server.result())[:3] == ("ok", CLIENT_ID, "h2")
+
+
+def test_context_settings(cas):
+    ca, _ = cas
+    b = bundle(ca.issue(SERVER_ID, now=NOW), ca.root_cert_pem)
+    s, c = server_context(b), client_context(b)
+    for ctx in (s, c):
+        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
+        assert ctx.maximum_version == ssl.TLSVersion.TLSv1_3
+        assert ctx.verify_mode == ssl.CERT_REQUIRED
+        assert ctx.verify_flags & ssl.VERIFY_X509_STRICT
+    assert c.check_hostname is False
+    assert s.num_tickets == 0
+    assert server_context(b, tls12=True).minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_classify_handshake_error_unwraps_and_defaults():
+    inner = PeerIdentityError("expired", "x")
+    try:
+        try:
+            raise inner
+        except PeerIdentityError as e:
+            raise RuntimeError("wrapped") from e
+    except RuntimeError as outer:
+        assert classify_handshake_error(outer) == "expired"
+    assert classify_handshake_error(ConnectionResetError()) == "handshake"
+    assert classify_handshake_error(asyncio.TimeoutError()) == "handshake"
+    with pytest.raises(ValueError):
+        PeerIdentityError("not-a-reason", "x")
