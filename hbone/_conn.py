@@ -1,0 +1,409 @@
+"""The asyncio shell around the sans-IO core: one `asyncio.Protocol` per TLS connection, and the
+`ByteStream` each HBONE stream is to the rest of the proxy.
+
+Why a Protocol and not StreamReader/Writer: the TLS transport hands us whole decrypted chunks
+(up to 256 KiB) in `data_received`; feeding them straight into h2 saves a copy and a task wake-up
+per chunk. Writes are coalesced: stream writes only queue in the core; one `transport.write()` per
+loop turn carries every frame produced since (performance.md: "one write per loop turn" helps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from typing import Callable
+
+from hbone import protocol as P
+from hbone.protocol import ErrorCodes
+from hbone.settings import HboneSettings
+from hbone.stream import DEFAULT_READ_BYTES, StreamReset
+
+log = logging.getLogger("hbone")
+
+_ping_ids = itertools.count(1)
+
+
+class HboneStream:
+    """One CONNECT tunnel as a `ByteStream` (see hbone/stream.py for the contract).
+
+    - read: b"" after END_STREAM or RST_STREAM NO_ERROR/CANCEL; `StreamReset` on other codes or if
+      the connection died first. Bytes are acknowledged (window handed back) as `read` returns them.
+    - write/drain: `drain` blocks while more than `settings.stream_send_buffer` bytes wait for the
+      peer's flow-control window (or for a slow TLS transport).
+    - write_eof: END_STREAM after queued bytes. abort: RST_STREAM CANCEL.
+    - close: END_STREAM after queued bytes; if the peer is still sending, RST_STREAM NO_ERROR
+      (a clean end) once our END_STREAM has left — we will not read any more.
+    """
+
+    __slots__ = ("_conn", "stream_id", "local_addr", "remote_addr", "_recv", "_recv_bytes",
+                 "_recv_eof", "_error", "_read_waiter", "_drain_waiter", "_eof_sent", "_closing",
+                 "_done", "_done_fut", "bytes_received", "bytes_sent", "__weakref__")
+
+    def __init__(self, conn: "HboneConnection", stream_id: int):
+        self._conn = conn
+        self.stream_id = stream_id
+        self.local_addr: tuple[str, int] = conn.local_addr
+        self.remote_addr: tuple[str, int] = conn.remote_addr
+        self._recv: deque[bytes] = deque()
+        self._recv_bytes = 0
+        self._recv_eof = False
+        self._error: StreamReset | None = None
+        self._read_waiter: asyncio.Future | None = None
+        self._drain_waiter: asyncio.Future | None = None
+        self._eof_sent = False
+        self._closing = False
+        self._done = False
+        self._done_fut: asyncio.Future | None = None
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    # -- fed by the connection --
+    def _feed(self, data: bytes) -> None:
+        if self._closing and self._eof_sent:
+            self._conn.core.ack(self.stream_id, len(data))  # close(): we read no more
+            return
+        self._recv.append(data)
+        self._recv_bytes += len(data)
+        self.bytes_received += len(data)
+        self._wake_reader()
+
+    def _feed_eof(self) -> None:
+        self._recv_eof = True
+        self._wake_reader()
+
+    def _fail(self, err: StreamReset) -> None:
+        if self._error is None and not self._done:
+            self._error = err
+        self._wake_reader()
+        self._wake_drain()
+
+    def _wake_reader(self) -> None:
+        w = self._read_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _wake_drain(self) -> None:
+        w = self._drain_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _finish(self) -> None:
+        """Both directions are over (or the stream/connection was reset)."""
+        self._done = True
+        self._wake_reader()
+        self._wake_drain()
+        if self._done_fut is not None and not self._done_fut.done():
+            self._done_fut.set_result(None)
+
+    # -- ByteStream --
+    @property
+    def buffered(self) -> int:
+        """Received bytes waiting to be read (never more than the stream window)."""
+        return self._recv_bytes
+
+    async def read(self, max_bytes: int = DEFAULT_READ_BYTES) -> bytes:
+        while not self._recv:
+            if self._error is not None:
+                raise self._error
+            if self._recv_eof or self._done:
+                return b""
+            self._read_waiter = self._conn.loop.create_future()
+            try:
+                await self._read_waiter
+            finally:
+                self._read_waiter = None
+        chunk = self._recv[0]
+        if len(chunk) <= max_bytes:
+            self._recv.popleft()
+        else:
+            self._recv[0] = chunk[max_bytes:]
+            chunk = chunk[:max_bytes]
+        n = len(chunk)
+        self._recv_bytes -= n
+        self._conn.ack(self.stream_id, n)
+        return chunk
+
+    def write(self, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._eof_sent or self._done:
+            raise StreamReset("write after write_eof/close on an HBONE stream")
+        if data:
+            self.bytes_sent += len(data)
+            self._conn.core.send(self.stream_id, data)
+            self._conn.schedule_flush()
+
+    async def drain(self) -> None:
+        conn = self._conn
+        bound = conn.settings.stream_send_buffer
+        while conn.core.pending(self.stream_id) > bound:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return
+            self._drain_waiter = conn.loop.create_future()
+            conn.drain_waiting.add(self)
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+                conn.drain_waiting.discard(self)
+        if self._error is not None:
+            raise self._error
+
+    def write_eof(self) -> None:
+        if self._eof_sent or self._done or self._error is not None:
+            return
+        self._eof_sent = True
+        self._conn.core.end_stream(self.stream_id)
+        self._conn.watch_done(self.stream_id)
+        self._conn.schedule_flush()
+
+    def close(self) -> None:
+        if self._done:
+            return
+        self._closing = True
+        # Anything unread will never be read: hand its window back now.
+        if self._recv_bytes:
+            self._conn.ack(self.stream_id, self._recv_bytes)
+            self._recv.clear()
+            self._recv_bytes = 0
+        self.write_eof()
+
+    def abort(self) -> None:
+        if self._done:
+            return
+        self._conn.core.reset(self.stream_id, ErrorCodes.CANCEL)
+        self._fail(StreamReset("stream aborted locally"))
+        self._conn.stream_finished(self.stream_id)
+        self._conn.schedule_flush()
+
+    async def wait_closed(self) -> None:
+        if self._done:
+            return
+        if self._done_fut is None:
+            self._done_fut = self._conn.loop.create_future()
+        await asyncio.shield(self._done_fut)
+
+    def __repr__(self) -> str:
+        state = ("reset" if self._error else "done" if self._done else
+                 "eof-sent" if self._eof_sent else "eof-recv" if self._recv_eof else "open")
+        return (f"<HboneStream id={self.stream_id} {state} buffered={self._recv_bytes} "
+                f"pending={self._conn.core.pending(self.stream_id)}>")
+
+
+class HboneConnection(asyncio.Protocol):
+    """Shared by the server and client sides: drives a core over a TLS transport."""
+
+    core: P._Core
+
+    def __init__(self, core: P._Core, settings: HboneSettings, loop: asyncio.AbstractEventLoop):
+        self.core = core
+        self.settings = settings
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, HboneStream] = {}
+        self.drain_waiting: set[HboneStream] = set()
+        self._watch: set[int] = set()
+        self._flush_scheduled = False
+        self._writable = True
+        self.lost = False
+        self.lost_exc: BaseException | None = None
+        self.local_addr: tuple[str, int] = ("", 0)
+        self.remote_addr: tuple[str, int] = ("", 0)
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_deadline: asyncio.TimerHandle | None = None
+        self._ping_outstanding: bytes | None = None
+        self._closed_fut: asyncio.Future = loop.create_future()
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("sockname") or ("", 0)
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.local_addr = (sock[0], sock[1])
+        self.remote_addr = (peer[0], peer[1])
+        # Bounded transport buffer: above it, pause_writing stops moving stream bytes into TLS.
+        transport.set_write_buffer_limits(high=self.settings.transport_write_high_water)  # type: ignore[attr-defined]
+        self._ping_timer = self.loop.call_later(self.settings.ping_interval, self._ping_tick)
+        self.flush_now()
+
+    def data_received(self, data: bytes) -> None:
+        events = self.core.receive_data(data)
+        for event in events:
+            self.handle_event(event)
+        self.flush_now()
+
+    def eof_received(self) -> bool:
+        return False  # TLS close_notify / TCP FIN: the connection is over
+
+    def pause_writing(self) -> None:
+        self._writable = False
+
+    def resume_writing(self) -> None:
+        self._writable = True
+        self.flush_now()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost = True
+        self.lost_exc = exc
+        self.core.closed = True
+        for timer in (self._ping_timer, self._ping_deadline):
+            if timer is not None:
+                timer.cancel()
+        reason = f"HBONE connection lost: {exc}" if exc else "HBONE connection closed"
+        for stream in list(self.streams.values()):
+            stream._fail(StreamReset(reason))
+            stream._finish()
+        self.streams.clear()
+        self.drain_waiting.clear()
+        if not self._closed_fut.done():
+            self._closed_fut.set_result(None)
+        self.on_lost()
+
+    # -- writing --
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_scheduled = False
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        core = self.core
+        if self._writable:
+            core.flush()
+        data = core.data_to_send()
+        if data:
+            transport.write(data)
+        if self.drain_waiting:
+            bound = self.settings.stream_send_buffer
+            for stream in list(self.drain_waiting):
+                if core.pending(stream.stream_id) <= bound:
+                    stream._wake_drain()
+        if self._watch:
+            for sid in list(self._watch):
+                if core.stream_closed(sid):
+                    self.stream_finished(sid)
+                else:
+                    stream = self.streams.get(sid)
+                    if stream is not None and stream._closing and stream._eof_sent \
+                            and not stream._recv_eof and core.pending(sid) == 0:
+                        # close(): our END_STREAM left; stop the peer's upload with a clean reset.
+                        core.reset(sid, ErrorCodes.NO_ERROR)
+                        self.stream_finished(sid)
+                        data = core.data_to_send()
+                        if data:
+                            transport.write(data)
+        if core.closed and not self.lost and self.should_close_transport():
+            transport.close()
+
+    def should_close_transport(self) -> bool:
+        return True
+
+    def ack(self, stream_id: int, n: int) -> None:
+        self.core.ack(stream_id, n)
+        self.schedule_flush()
+
+    def watch_done(self, stream_id: int) -> None:
+        self._watch.add(stream_id)
+
+    def stream_finished(self, stream_id: int) -> None:
+        self._watch.discard(stream_id)
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None:
+            self.drain_waiting.discard(stream)
+            stream._finish()
+            self.on_stream_finished(stream)
+
+    # -- events --
+    def handle_event(self, event: P.Event) -> None:
+        cls = event.__class__
+        if cls is P.Data:
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                self.core.ack(event.stream_id, event.flow_len)  # nobody will read it
+            else:
+                stream._feed(event.data)
+        elif cls is P.StreamEnded:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream._feed_eof()
+                self._watch.add(event.stream_id)
+        elif cls is P.StreamReset:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                if event.clean:
+                    stream._feed_eof()  # ztunnel: NO_ERROR/CANCEL is a clean end
+                else:
+                    stream._fail(StreamReset(f"peer reset the stream (HTTP/2 error code {event.code})"))
+                self.stream_finished(event.stream_id)
+        elif cls is P.PingAcked:
+            if event.data == self._ping_outstanding:
+                self._ping_outstanding = None
+                if self._ping_deadline is not None:
+                    self._ping_deadline.cancel()
+                    self._ping_deadline = None
+        elif cls is P.ConnectionTerminated:
+            self.on_goaway(event)
+        else:
+            self.on_event(event)
+
+    # hooks for the server and client sides
+    def on_event(self, event: P.Event) -> None:
+        pass
+
+    def on_goaway(self, event: P.ConnectionTerminated) -> None:
+        pass
+
+    def on_stream_finished(self, stream: HboneStream) -> None:
+        pass
+
+    def on_lost(self) -> None:
+        pass
+
+    # -- keepalive (ztunnel src/proxy/h2.rs do_ping_pong) --
+    def _ping_tick(self) -> None:
+        if self.lost:
+            return
+        if self._ping_outstanding is None:
+            self._ping_outstanding = next(_ping_ids).to_bytes(8, "big")
+            self.core.ping(self._ping_outstanding)
+            self._ping_deadline = self.loop.call_later(self.settings.ping_timeout, self._ping_timed_out)
+            self.schedule_flush()
+        self._ping_timer = self.loop.call_later(self.settings.ping_interval, self._ping_tick)
+
+    def _ping_timed_out(self) -> None:
+        # ztunnel: client drops the connection; server sends GOAWAY and closes. Either way the
+        # peer is unresponsive, so nothing queued would be read: abort.
+        log.warning("HBONE ping timeout after %.0fs to %s:%s", self.settings.ping_timeout, *self.remote_addr)
+        self.core.close_connection(ErrorCodes.NO_ERROR)
+        if self.transport is not None:
+            data = self.core.data_to_send()
+            if data:
+                self.transport.write(data)
+            self.transport.abort()
+
+    # -- shutdown --
+    def goaway(self) -> None:
+        self.core.goaway()
+        self.flush_now()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.abort()
+
+    async def wait_lost(self) -> None:
+        await asyncio.shield(self._closed_fut)
+
+    def new_stream(self, stream_id: int) -> HboneStream:
+        stream = HboneStream(self, stream_id)
+        self.streams[stream_id] = stream
+        return stream
+
+
+Callback = Callable[..., None]

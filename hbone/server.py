@@ -1,0 +1,339 @@
+"""The HBONE listener (port 15008): mTLS, then HTTP/2 CONNECT, each tunnel handed to a handler.
+
+Order per connection (ztunnel src/proxy/inbound.rs): TCP accept → TLS handshake (client certificate
+required) → peer SPIFFE identity in our trust domain → HTTP/2 → per CONNECT: validate (400 by the
+server itself) → handler (authorize, connect upstream, then `accept()` → 200, or `reject()`).
+
+A TLS or identity failure closes that connection only and is reported to `on_tls_failure(reason,
+remote_addr)`; the listener keeps serving. Every task is owned: the accept loop and connection
+handshakes by the server, handler tasks by their connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from typing import Awaitable, Callable, Iterable
+
+from certs.errors import PeerIdentityError
+from certs.spiffe import SpiffeId
+from certs.tls import classify_handshake_error, peer_identity
+
+from hbone import protocol as P
+from hbone._conn import HboneConnection, HboneStream
+from hbone.connect import ConnectRequest
+from hbone.protocol import ErrorCodes, TunnelState
+from hbone.settings import GOAWAY_FLUSH_S, HboneSettings
+from hbone.stream import StreamReset
+
+log = logging.getLogger("hbone.server")
+
+# Listen backlog: a burst of pooled clients reconnecting after a restart should not see SYN drops;
+# 1024 is a common server default (nginx uses 511, Envoy 1024... the kernel caps it at somaxconn).
+LISTEN_BACKLOG = 1024
+# Status when the handler returned (or failed) without answering: ztunnel answers upstream/lookup
+# failures 503, and a handler that did not decide is such a failure.
+UNANSWERED_STATUS = 503
+
+Handler = Callable[["InboundTunnel"], Awaitable[None]]
+TlsFailureCallback = Callable[[str, tuple[str, int]], None]
+
+
+class InboundTunnel:
+    """One CONNECT received: what the handler needs to decide, and how to answer."""
+
+    __slots__ = ("request", "peer_identity", "remote_addr", "local_addr", "_conn", "stream_id",
+                 "status", "reason", "_stream")
+
+    def __init__(self, conn: "_ServerConnection", stream_id: int, request: ConnectRequest):
+        self._conn = conn
+        self.stream_id = stream_id
+        self.request = request
+        self.peer_identity: SpiffeId = conn.peer_identity  # type: ignore[assignment]
+        self.remote_addr = conn.remote_addr
+        self.local_addr = conn.local_addr
+        self.status: int | None = None
+        self.reason = ""
+        self._stream: HboneStream | None = None
+
+    @property
+    def authority(self) -> tuple[str, int]:
+        return self.request.authority
+
+    @property
+    def answered(self) -> bool:
+        return self.status is not None
+
+    async def accept(self, headers: Iterable[tuple[str, str]] = ()) -> HboneStream:
+        """Send 200 and return the tunnel's byte stream (data the client sent early is in it)."""
+        stream = self._answer(200, tuple(headers))
+        assert stream is not None
+        return stream
+
+    async def reject(self, status: int, reason: str = "") -> None:
+        """Answer `status` (400/401/503...) with END_STREAM. `reason` is kept for logs only:
+        ztunnel sends no body, and a deny reason is not the client's business."""
+        if not 400 <= status <= 599:
+            raise ValueError(f"reject needs an error status, got {status}")
+        self.reason = reason
+        self._answer(status, ())
+
+    def _answer(self, status: int, headers: tuple[tuple[str, str], ...]) -> HboneStream | None:
+        if self.status is not None:
+            raise RuntimeError(f"tunnel {self.stream_id} already answered {self.status}")
+        self.status = status
+        return self._conn.answer(self, status, headers)
+
+    def __repr__(self) -> str:
+        return (f"<InboundTunnel id={self.stream_id} {self.request.authority_str} "
+                f"from={self.peer_identity} status={self.status}>")
+
+
+class _ServerConnection(HboneConnection):
+    core: P.ServerCore
+
+    def __init__(self, server: "HboneServer", loop: asyncio.AbstractEventLoop):
+        super().__init__(P.ServerCore(server.settings), server.settings, loop)
+        self.server = server
+        self.peer_identity: SpiffeId | None = None
+        self.handler_tasks: set[asyncio.Task] = set()
+        self.tunnels: dict[int, InboundTunnel] = {}
+        self.refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Identity is checked here, before any byte of HTTP/2 is read or written: asyncio may call
+        # data_received right after connection_made, before the awaiting code resumes.
+        sslobj = transport.get_extra_info("ssl_object")
+        peer = transport.get_extra_info("peername") or ("", 0)
+        try:
+            if sslobj is None:
+                raise PeerIdentityError("handshake", "not a TLS connection")
+            alpn = sslobj.selected_alpn_protocol()
+            if alpn not in (None, "h2"):
+                raise PeerIdentityError("alpn", f"peer negotiated ALPN {alpn!r}, HBONE needs h2")
+            self.peer_identity = peer_identity(sslobj, self.server.trust_domain)
+        except PeerIdentityError as err:
+            self.refused = True
+            self.transport = transport  # type: ignore[assignment]
+            self.server._tls_failed(err.reason, (peer[0], peer[1]))
+            transport.abort()
+            return
+        super().connection_made(transport)
+        self.server._conns.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.refused:
+            super().data_received(data)
+
+    def on_event(self, event: P.Event) -> None:
+        if event.__class__ is P.TunnelRequested:
+            tunnel = InboundTunnel(self, event.stream_id, event.request)
+            self.new_stream(event.stream_id)
+            self.tunnels[event.stream_id] = tunnel
+            task = self.loop.create_task(self._run_handler(tunnel))
+            self.handler_tasks.add(task)
+            task.add_done_callback(self.handler_tasks.discard)
+        elif event.__class__ is P.RequestRejected:
+            log.info("HBONE request from %s:%s rejected %d: %s", *self.remote_addr, event.status, event.reason)
+
+    async def _run_handler(self, tunnel: InboundTunnel) -> None:
+        try:
+            await self.server.handler(tunnel)
+        except asyncio.CancelledError:
+            self._settle(tunnel, "handler cancelled")
+            raise
+        except Exception:
+            log.exception("HBONE handler failed for %r", tunnel)
+            self._settle(tunnel, "handler failed")
+        else:
+            self._settle(tunnel, "handler returned without answering")
+
+    def _settle(self, tunnel: InboundTunnel, why: str) -> None:
+        if not tunnel.answered and not self.lost:
+            tunnel.reason = why
+            try:
+                tunnel._answer(UNANSWERED_STATUS, ())
+            except RuntimeError:
+                pass
+        self.tunnels.pop(tunnel.stream_id, None)
+
+    def answer(self, tunnel: InboundTunnel, status: int, headers) -> HboneStream | None:
+        sid = tunnel.stream_id
+        stream = self.streams.get(sid)
+        if self.core.tunnel_state(sid) is not TunnelState.REQUESTED or stream is None:
+            # The client reset the stream or the connection died while the handler worked.
+            if stream is None:
+                stream = HboneStream(self, sid)
+                stream._fail(StreamReset("the client went away before the tunnel was answered"))
+                stream._finish()
+            return stream if status == 200 else None
+        self.core.respond(sid, status, headers)
+        if status != 200:
+            self.stream_finished(sid)
+        self.flush_now()
+        return stream if status == 200 else None
+
+    def on_stream_finished(self, stream: HboneStream) -> None:
+        self.core.forget(stream.stream_id)
+        if self.core.goaway_sent and not self.streams:
+            self.loop.call_soon(self._close_if_drained)
+
+    def _close_if_drained(self) -> None:
+        if not self.streams and not self.lost and self.transport is not None:
+            self.flush_now()
+            self.transport.close()
+
+    def on_goaway(self, event: P.ConnectionTerminated) -> None:
+        if not event.by_peer:
+            log.info("HBONE connection from %s:%s: protocol error %d, closing", *self.remote_addr, event.code)
+        # A client GOAWAY means it opens no more streams; existing tunnels continue.
+
+    def on_lost(self) -> None:
+        self.server._conns.discard(self)
+
+    def start_drain(self) -> None:
+        self.goaway()
+        if not self.streams:
+            self._close_if_drained()
+
+    def __repr__(self) -> str:
+        return (f"<HboneServerConnection {self.remote_addr[0]}:{self.remote_addr[1]} "
+                f"peer={self.peer_identity} streams={len(self.streams)}>")
+
+
+class HboneServer:
+    """`await HboneServer(ctx_source, handler, trust_domain=...).start(host, port)`."""
+
+    def __init__(self, context_source: Callable[[], ssl.SSLContext], handler: Handler, *,
+                 trust_domain: str, settings: HboneSettings = HboneSettings(),
+                 on_tls_failure: TlsFailureCallback | None = None):
+        self.context_source = context_source
+        self.handler = handler
+        self.trust_domain = trust_domain
+        self.settings = settings
+        self.on_tls_failure = on_tls_failure
+        self.sockets: list[socket.socket] = []
+        self._conns: set[_ServerConnection] = set()
+        self._tasks: set[asyncio.Task] = set()  # accept loops and handshakes
+        self._accepting = False
+        self.tls_failures = 0
+
+    @property
+    def address(self) -> tuple[str, int]:
+        name = self.sockets[0].getsockname()
+        return (name[0], name[1])
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> "HboneServer":
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # --workers N
+            sock.bind((host, port))
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self.sockets.append(sock)
+        self._accepting = True
+        self._own(loop.create_task(self._accept_loop(sock)))
+        return self
+
+    def _own(self, task: asyncio.Task) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while self._accepting:
+            try:
+                conn_sock, addr = await loop.sock_accept(sock)
+            except (OSError, ValueError) as err:
+                if not self._accepting:
+                    return
+                # EMFILE and friends: back off a little instead of spinning (the listener lives on).
+                log.warning("HBONE accept failed: %s", err)
+                await asyncio.sleep(0.1)
+                continue
+            self._own(loop.create_task(self._handshake(conn_sock, (addr[0], addr[1]))))
+
+    async def _handshake(self, conn_sock: socket.socket, addr: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            ctx = self.context_source()
+            await loop.connect_accepted_socket(
+                lambda: _ServerConnection(self, loop), conn_sock, ssl=ctx,
+                ssl_handshake_timeout=self.settings.tls_handshake_timeout)
+        except asyncio.CancelledError:
+            conn_sock.close()
+            raise
+        except (OSError, ssl.SSLError, TimeoutError, EOFError) as err:
+            conn_sock.close()
+            reason = "timeout" if isinstance(err, TimeoutError) else classify_handshake_error(err)
+            self._tls_failed(reason, addr)
+
+    def _tls_failed(self, reason: str, addr: tuple[str, int]) -> None:
+        self.tls_failures += 1
+        log.info("HBONE TLS failure from %s:%s: %s", addr[0], addr[1], reason)
+        if self.on_tls_failure is not None:
+            try:
+                self.on_tls_failure(reason, addr)
+            except Exception:  # a broken callback must not take down the listener
+                log.exception("on_tls_failure callback failed")
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    @property
+    def active_tunnels(self) -> int:
+        return sum(len(c.streams) for c in self._conns)
+
+    async def close(self, drain_deadline: float = 0.0) -> None:
+        """Stop accepting, GOAWAY every connection, let in-flight tunnels finish for up to
+        `drain_deadline` seconds, then reset what is left and close (DESIGN §7, ztunnel drain)."""
+        self._accepting = False
+        for sock in self.sockets:
+            sock.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for conn in list(self._conns):
+            conn.start_drain()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + max(0.0, drain_deadline)
+        while any(c.streams or c.handler_tasks for c in self._conns) and loop.time() < end:
+            await asyncio.sleep(min(0.05, max(0.0, end - loop.time())))
+        tasks = []
+        for conn in list(self._conns):
+            for stream in list(conn.streams.values()):
+                stream.abort()
+            for task in list(conn.handler_tasks):
+                task.cancel()
+                tasks.append(task)
+            conn.flush_now()
+            if conn.transport is not None:
+                conn.transport.close()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        waits = [c.wait_lost() for c in list(self._conns)]
+        if waits:
+            done, pending = await asyncio.wait([asyncio.ensure_future(w) for w in waits],
+                                               timeout=GOAWAY_FLUSH_S)
+            for conn in list(self._conns):
+                conn.abort()
+            for fut in pending:
+                fut.cancel()
+        self.sockets.clear()
+
+    def __repr__(self) -> str:
+        where = f"{self.address[0]}:{self.address[1]}" if self.sockets else "closed"
+        return (f"<HboneServer {where} conns={self.connections} tunnels={self.active_tunnels} "
+                f"tls_failures={self.tls_failures}>")
