@@ -1,0 +1,324 @@
+"""Istio standard metrics plus the proxy's own counters, on a private prometheus_client registry.
+
+Names, label names, label order and value conventions follow Istio (reference/istio-semantics.md §4):
+``istio/proxy source/extensions/filters/http/istio_stats/istio_stats.cc`` for the HTTP metrics and
+ztunnel ``src/proxy/metrics.rs`` (``CommonTrafficLabels``) for the TCP ones.
+
+Hot path: the pipeline builds a label tuple once per tunnel (``traffic_labels``, memoised) and then
+calls ``tcp_opened`` / ``tcp_closed`` / ``http_request``; each resolves its prometheus_client children
+through a bounded dict keyed on the tuple, so a request costs a dict lookup and a few ``inc``/``observe``
+calls rather than prometheus_client's per-call label validation and lock.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:  # policy/ is a pure library; importing it only for types keeps telemetry import-light
+    from policy.inventory import Service, Workload
+
+# The exposition Content-Type Prometheus expects from /metrics and /stats/prometheus.
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+UNKNOWN = "unknown"   # istio_stats.cc / ztunnel DefaultedUnknown: a missing value is "unknown"
+LATEST = "latest"     # istio_stats.cc: a missing canonical revision is "latest"
+NO_FLAGS = "-"        # Envoy %RESPONSE_FLAGS% with no flag set
+
+# Envoy's default histogram buckets (source/common/stats/histogram_impl.cc
+# HistogramSettingsImpl::defaultBuckets); Istio uses them for durations (ms) and sizes (bytes) alike.
+ENVOY_DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
+    600000, 1800000, 3600000,
+)
+
+# Label cache bound: distinct (source, destination, service, flags, ...) tuples kept with their resolved
+# children. 4096 covers every pair in the seed's 2 ns x 25 deployments mesh with room for flag and status
+# variants; past it the oldest entry is forgotten (its series stays in the registry, only the shortcut goes).
+LABEL_CACHE_SIZE = 4096
+
+# Label names in the exact order istio_stats.cc pushes them for HTTP metrics.
+HTTP_LABELS: tuple[str, ...] = (
+    "reporter",
+    "source_workload", "source_canonical_service", "source_canonical_revision",
+    "source_workload_namespace", "source_principal", "source_app", "source_version", "source_cluster",
+    "destination_workload", "destination_workload_namespace", "destination_principal",
+    "destination_app", "destination_version", "destination_service",
+    "destination_canonical_service", "destination_canonical_revision",
+    "destination_service_name", "destination_service_namespace", "destination_cluster",
+    "request_protocol", "response_code", "grpc_response_status", "response_flags",
+    "connection_security_policy",
+)
+# TCP metrics carry the same labels minus response_code and grpc_response_status (ztunnel
+# CommonTrafficLabels; Istio's TCP metrics). ``traffic_labels`` returns values in this order.
+TCP_LABELS: tuple[str, ...] = tuple(n for n in HTTP_LABELS if n not in ("response_code", "grpc_response_status"))
+_HTTP_INSERT_AT = TCP_LABELS.index("response_flags")  # where response_code, grpc_response_status go
+
+REPORTERS = frozenset({"waypoint", "destination", "source"})
+SECURITY_POLICIES = frozenset({"mutual_tls", "none", "unknown"})
+REQUEST_PROTOCOLS = frozenset({"http", "grpc", "tcp"})
+
+# Canonical-service labels, in the order Istio reads them (pkg/model/labels; istio_stats peer metadata).
+CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+CANONICAL_REVISION_LABELS = ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
+
+
+def _v(value: str | None) -> str:
+    return value if value else UNKNOWN
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What the metrics say about one end of a connection (source or destination workload)."""
+
+    workload: str = UNKNOWN
+    namespace: str = UNKNOWN
+    principal: str = UNKNOWN            # full SPIFFE URI, e.g. spiffe://cluster.local/ns/default/sa/curl
+    app: str = UNKNOWN
+    version: str = UNKNOWN
+    canonical_service: str = UNKNOWN
+    canonical_revision: str = LATEST
+    cluster: str = UNKNOWN
+
+    @classmethod
+    def from_workload(cls, w: "Workload", *, principal: str | None = None) -> "PeerInfo":
+        """Labels for a known workload. ``principal`` overrides the workload's own identity: on the
+        source side Istio reports the *verified* peer certificate identity, not what the inventory says."""
+        labels = w.labels
+        canonical = w.canonical_name or next((labels[k] for k in CANONICAL_NAME_LABELS if labels.get(k)), "")
+        revision = w.canonical_revision or next((labels[k] for k in CANONICAL_REVISION_LABELS if labels.get(k)), "")
+        workload = w.workload_name or w.name
+        return cls(
+            workload=_v(workload),
+            namespace=_v(w.namespace),
+            principal=_v(w.identity if principal is None else principal),
+            app=_v(labels.get("app")),
+            version=_v(labels.get("version")),
+            # Istio: canonical service falls back to the workload name when no label names it.
+            canonical_service=_v(canonical or workload),
+            canonical_revision=revision or LATEST,
+            cluster=_v(w.cluster_id),
+        )
+
+    @classmethod
+    def from_identity(cls, identity: str | None) -> "PeerInfo":
+        """A peer known only by its verified SPIFFE identity (no workload in our inventory): as ztunnel's
+        DerivedWorkload, the namespace comes from the identity's ``/ns/<ns>/`` segment."""
+        if not identity:
+            return cls()
+        parts = identity.split("/")
+        ns = parts[parts.index("ns") + 1] if "ns" in parts[:-1] else ""
+        return cls(principal=identity, namespace=_v(ns))
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """The destination service as metrics name it."""
+
+    fqdn: str = UNKNOWN                 # destination_service: details.default.svc.cluster.local
+    name: str = UNKNOWN                 # destination_service_name: details
+    namespace: str = UNKNOWN            # destination_service_namespace
+
+    @classmethod
+    def from_service(cls, s: "Service") -> "ServiceInfo":
+        return cls(fqdn=_v(s.hostname), name=_v(s.name), namespace=_v(s.namespace))
+
+
+_NO_PEER = PeerInfo()
+_NO_SERVICE = ServiceInfo()
+
+
+@functools.lru_cache(maxsize=LABEL_CACHE_SIZE)
+def traffic_labels(
+    reporter: str,
+    *,
+    source: PeerInfo | None,
+    destination: PeerInfo | None,
+    service: ServiceInfo | None,
+    request_protocol: str,
+    response_flags: str | Iterable[str] = NO_FLAGS,
+    security_policy: str,
+) -> tuple[str, ...]:
+    """Label values in ``TCP_LABELS`` order. Pure and memoised (inputs are frozen dataclasses and str).
+
+    ``response_flags`` is an Envoy short string (``"UF,URX"``) or ``"-"``; ``http_request`` inserts
+    ``response_code`` and ``grpc_response_status`` at Istio's position for the HTTP metrics.
+    """
+    if reporter not in REPORTERS:
+        raise ValueError(f"reporter must be one of {sorted(REPORTERS)}, not {reporter!r}")
+    if security_policy not in SECURITY_POLICIES:
+        raise ValueError(f"connection_security_policy must be one of {sorted(SECURITY_POLICIES)}")
+    if request_protocol not in REQUEST_PROTOCOLS:
+        raise ValueError(f"request_protocol must be one of {sorted(REQUEST_PROTOCOLS)}")
+    s = source or _NO_PEER
+    d = destination or _NO_PEER
+    svc = service or _NO_SERVICE
+    return (
+        reporter,
+        s.workload, s.canonical_service, s.canonical_revision, s.namespace, s.principal, s.app, s.version,
+        s.cluster,
+        d.workload, d.namespace, d.principal, d.app, d.version,
+        svc.fqdn,
+        d.canonical_service, d.canonical_revision,
+        svc.name, svc.namespace,
+        d.cluster,
+        request_protocol,
+        format_flags(response_flags),
+        security_policy,
+    )
+
+
+def format_flags(flags: str | Iterable[str] | None) -> str:
+    """Envoy %RESPONSE_FLAGS%: short codes joined with ``,``; ``-`` when there are none."""
+    if not flags:
+        return NO_FLAGS
+    if isinstance(flags, str):
+        return flags
+    joined = ",".join(f for f in flags if f and f != NO_FLAGS)
+    return joined or NO_FLAGS
+
+
+class _BoundedCache(dict):
+    """A dict that forgets its oldest entry past ``limit`` (insertion order; cheap FIFO)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key, value):
+        if len(self) >= self.limit:
+            del self[next(iter(self))]
+        self[key] = value
+        return value
+
+
+class Metrics:
+    """All the proxy's metrics on one private registry (so tests and many proxies in one process
+    never share series). Thread-compatible as prometheus_client is; called from the event loop."""
+
+    def __init__(self, *, process_metrics: bool = True, cache_size: int = LABEL_CACHE_SIZE) -> None:
+        # Envoy and ztunnel expose no ``*_created`` series; prometheus_client's switch for them is
+        # process-wide (checked at collect time), and this process is the proxy, so turn them off.
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        # --- Istio standard metrics (names exactly as Istio exposes them; Counter adds "_total") ---
+        self.requests = Counter("istio_requests", "Requests processed by the proxy", HTTP_LABELS, registry=r)
+        self.request_duration = Histogram(
+            "istio_request_duration_milliseconds", "Request duration in milliseconds", HTTP_LABELS,
+            buckets=ENVOY_DEFAULT_BUCKETS, registry=r)
+        self.request_bytes = Histogram(
+            "istio_request_bytes", "Request size in bytes (headers and body as received)", HTTP_LABELS,
+            buckets=ENVOY_DEFAULT_BUCKETS, registry=r)
+        self.response_bytes = Histogram(
+            "istio_response_bytes", "Response size in bytes (headers and body as sent)", HTTP_LABELS,
+            buckets=ENVOY_DEFAULT_BUCKETS, registry=r)
+        self.tcp_opened_total = Counter(
+            "istio_tcp_connections_opened", "TCP connections opened", TCP_LABELS, registry=r)
+        self.tcp_closed_total = Counter(
+            "istio_tcp_connections_closed", "TCP connections closed", TCP_LABELS, registry=r)
+        self.tcp_sent = Counter(
+            "istio_tcp_sent_bytes", "Bytes sent to the downstream during the connection", TCP_LABELS, registry=r)
+        self.tcp_received = Counter(
+            "istio_tcp_received_bytes", "Bytes received from the downstream during the connection",
+            TCP_LABELS, registry=r)
+        # --- the proxy's own ---
+        self.config_reloads = Counter(
+            "hbone_config_reloads", "Configuration reloads by result", ("result",), registry=r)
+        self.tls_handshake_failures = Counter(
+            "hbone_tls_handshake_failures", "TLS handshakes that failed, by reason", ("reason",), registry=r)
+        self.h2_protocol_errors = Counter(
+            "hbone_h2_protocol_errors", "HTTP/2 protocol errors and abuse answered with GOAWAY/RST, by kind",
+            ("kind",), registry=r)
+        self.tunnels_active = Gauge("hbone_tunnels_active", "HBONE tunnels currently open", registry=r)
+        self.accesslog_dropped = Counter(
+            "hbone_accesslog_dropped_lines", "Access-log lines dropped because the writer fell behind",
+            registry=r)
+        for result in ("success", "failure"):   # both series exist from the start, so rate() works at once
+            self.config_reloads.labels(result=result)
+        if process_metrics:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        self._tcp_children = _BoundedCache(cache_size)
+        self._http_children = _BoundedCache(cache_size)
+
+    # ---- TCP (one per tunnel / connection) ----
+    def _tcp(self, labels: tuple[str, ...]):
+        c = self._tcp_children.get(labels)
+        if c is None:
+            if len(labels) != len(TCP_LABELS):
+                raise ValueError(f"expected {len(TCP_LABELS)} label values from traffic_labels(), got {len(labels)}")
+            c = self._tcp_children.put(labels, (
+                self.tcp_opened_total.labels(*labels), self.tcp_closed_total.labels(*labels),
+                self.tcp_sent.labels(*labels), self.tcp_received.labels(*labels)))
+        return c
+
+    def tcp_opened(self, labels: tuple[str, ...]) -> None:
+        self._tcp(labels)[0].inc()
+
+    def tcp_closed(self, labels: tuple[str, ...], sent: int, received: int) -> None:
+        """``sent``: bytes sent to the downstream (the client); ``received``: bytes received from it."""
+        _, closed, s, r = self._tcp(labels)
+        closed.inc()
+        if sent:
+            s.inc(sent)
+        if received:
+            r.inc(received)
+
+    # ---- HTTP (one per request) ----
+    def http_request(self, labels: tuple[str, ...], status: int, duration_ms: float,
+                     request_bytes: int, response_bytes: int, grpc_status: str = "") -> None:
+        """Record one finished request. ``status`` 0 means no response was sent (istio_stats.cc)."""
+        key = (labels, status, grpc_status)
+        c = self._http_children.get(key)
+        if c is None:
+            if len(labels) != len(TCP_LABELS):
+                raise ValueError(f"expected {len(TCP_LABELS)} label values from traffic_labels(), got {len(labels)}")
+            full = labels[:_HTTP_INSERT_AT] + (str(int(status)), grpc_status) + labels[_HTTP_INSERT_AT:]
+            c = self._http_children.put(key, (
+                self.requests.labels(*full), self.request_duration.labels(*full),
+                self.request_bytes.labels(*full), self.response_bytes.labels(*full)))
+        total, duration, req, resp = c
+        total.inc()
+        duration.observe(duration_ms)
+        req.observe(request_bytes)
+        resp.observe(response_bytes)
+
+    # ---- the proxy's own ----
+    def config_reload(self, ok: bool) -> None:
+        self.config_reloads.labels(result="success" if ok else "failure").inc()
+
+    def tls_handshake_failure(self, reason: str) -> None:
+        self.tls_handshake_failures.labels(reason=reason or UNKNOWN).inc()
+
+    def h2_protocol_error(self, kind: str) -> None:
+        self.h2_protocol_errors.labels(kind=kind or UNKNOWN).inc()
+
+    def tunnel_opened(self) -> None:
+        self.tunnels_active.inc()
+
+    def tunnel_closed(self) -> None:
+        self.tunnels_active.dec()
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format (``CONTENT_TYPE``) of everything in this registry."""
+        return generate_latest(self.registry)
+
+    def __repr__(self) -> str:
+        return (f"<Metrics tcp_label_sets={len(self._tcp_children)} "
+                f"http_label_sets={len(self._http_children)} tunnels_active={self.tunnels_active._value.get():g}>")
