@@ -50,6 +50,37 @@ class GatewayAddress:
 
 
 @dataclass(frozen=True)
+class ApplicationTunnel:
+    """ztunnel's ``applicationTunnel``: how the workload wants tunnelled traffic handed to it."""
+
+    protocol: str = "NONE"                      # "NONE" | "PROXY"
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class WeightedWaypoint:
+    """One entry of a service's ``weightedWaypoints`` (per-connection canary between waypoints)."""
+
+    destination: GatewayAddress
+    weight: int
+
+
+@dataclass(frozen=True)
+class LoadBalancer:
+    """A service's ``loadBalancer``: locality preferences, mode and health policy (ztunnel §5.5)."""
+
+    routing_preferences: tuple[str, ...] = ()   # each "Region"|"Zone"|"Subzone"|"Node"|"Cluster"|"Network"
+    mode: str = "Standard"                      # "Standard"|"Strict"|"Failover"|"Passthrough"
+    health_policy: str = "OnlyHealthy"          # "OnlyHealthy"|"AllowAll"
+
+
+@dataclass(frozen=True)
+class CidrVip:
+    network: str
+    cidr: str
+
+
+@dataclass(frozen=True)
 class Locality:
     region: str = ""
     zone: str = ""
@@ -81,6 +112,10 @@ class Workload:
     services: Mapping[str, Mapping[int, int]] = field(default_factory=_empty)
     authorization_policies: tuple[str, ...] = ()  # "ns/name" keys of selector-bound ztunnel policies
     hostname: str = ""
+    network_mode: str = "Standard"               # "Standard" | "HostNetwork"
+    network_gateway: GatewayAddress | None = None
+    native_tunnel: bool = False
+    application_tunnel: ApplicationTunnel | None = None
 
     @property
     def identity(self) -> str:
@@ -118,6 +153,11 @@ class Service:
     waypoint: GatewayAddress | None = None
     endpoints: Mapping[str, Endpoint] = field(default_factory=_empty)    # workload uid → endpoint (explicit ones, from the file)
     canonical: bool = False
+    cidr_vips: tuple[CidrVip, ...] = ()
+    weighted_waypoints: tuple[WeightedWaypoint, ...] = ()
+    load_balancer: LoadBalancer | None = None
+    ip_families: str | None = None               # "Dual" | "IPv4" | "IPv6"
+    visibility: str = "Public"                   # "Public" | "Namespace"
 
     @property
     def key(self) -> str:

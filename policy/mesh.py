@@ -1,0 +1,79 @@
+"""``MeshConfig``: everything one load of ``--config`` paths produced, as one frozen value.
+
+The inventory (workloads, services) plus the parsed Istio / Gateway API resources, the files they
+came from and the warnings the load produced. A proxy holds exactly one ``MeshConfig`` at a time
+(a waypoint holds the one ``policy.scope.scope_for_waypoint`` cut down to its scope); a reload
+builds a new one and swaps it in whole, or keeps the old one if loading failed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from policy.inventory import Inventory
+
+# Istio's default root namespace (MeshConfig.rootNamespace, pkg/config/mesh/mesh.go): policies here
+# apply mesh-wide (ztunnel: scope Global; waypoints: targetRefs to GatewayClass istio-waypoint).
+DEFAULT_ROOT_NAMESPACE = "istio-system"
+
+# The kinds `counts()` reports, in the order `config check` prints them.
+KINDS = ("Workload", "Service", "AuthorizationPolicy", "VirtualService", "DestinationRule", "HTTPRoute", "Gateway")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    inventory: Inventory = field(default_factory=Inventory)
+    authorization_policies: tuple[Any, ...] = ()   # policy.authz.model.AuthorizationPolicy (resources and ztunnel `policies:`)
+    virtual_services: tuple[Any, ...] = ()         # policy.routing models
+    destination_rules: tuple[Any, ...] = ()
+    http_routes: tuple[Any, ...] = ()
+    gateways: tuple[Any, ...] = ()
+    sources: tuple[str, ...] = ()                  # the files read, in order
+    warnings: tuple[str, ...] = ()                 # full lines: "FILE: document N (Kind ns/name): path: problem"
+    root_namespace: str = DEFAULT_ROOT_NAMESPACE
+
+    def resources(self, kind: str) -> tuple[Any, ...]:
+        """The objects of one kind (``KINDS``), workloads and services included."""
+        if kind == "Workload":
+            return tuple(self.inventory.workloads.values())
+        if kind == "Service":
+            return tuple(self.inventory.services.values())
+        return {
+            "AuthorizationPolicy": self.authorization_policies,
+            "VirtualService": self.virtual_services,
+            "DestinationRule": self.destination_rules,
+            "HTTPRoute": self.http_routes,
+            "Gateway": self.gateways,
+        }[kind]
+
+    def counts(self) -> dict[str, int]:
+        """Objects per kind, every kind of ``KINDS`` present (0 when none)."""
+        return {kind: len(self.resources(kind)) for kind in KINDS}
+
+    def counts_by_namespace(self) -> dict[str, dict[str, int]]:
+        """``{namespace: {kind: n}}``, namespaces sorted, only non-zero kinds."""
+        per: dict[str, Counter] = {}
+        for kind in KINDS:
+            for obj in self.resources(kind):
+                per.setdefault(getattr(obj, "namespace", "") or "", Counter())[kind] += 1
+        return {ns: dict(sorted(c.items(), key=lambda kv: KINDS.index(kv[0]))) for ns, c in sorted(per.items())}
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        return tuple(self.counts_by_namespace())
+
+    def __repr__(self) -> str:
+        shown = " ".join(f"{kind}={n}" for kind, n in self.counts().items() if n)
+        extra = f" warnings={len(self.warnings)}" if self.warnings else ""
+        return f"<MeshConfig {shown or 'empty'}{extra}>"
+
+
+def load_mesh_config(paths: Sequence[str], *, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> MeshConfig:
+    """Read the files/directories and build a ``MeshConfig``; raises ``ConfigErrors`` listing every problem."""
+    from policy.documents import load_documents, source_files
+    from policy.loader import build_mesh_config
+
+    docs = load_documents(paths)
+    return build_mesh_config(docs, sources=tuple(source_files(paths)), root_namespace=root_namespace)
