@@ -1,0 +1,94 @@
+"""Our HBONE terminator for the tunnel benchmarks, as its own process: the role nghttpx plays.
+
+``python -m benchmarks.relay --listen IP:PORT --ca-dir D [--stream-window BYTES] [--connection-window BYTES]``
+
+mTLS + HTTP/2 CONNECT from ``hbone.server.HboneServer``, a plain TCP connection to the CONNECT's
+``:authority`` (``TcpStream.connect``), then ``hbone.relay.relay`` between the two: the hot path of
+the node proxy's inbound side with no policy in between. It mints its own certificate
+(``spiffe://<td>/ns/bench/sa/relay``) from the mesh CA in ``--ca-dir``. Prints ``READY`` once
+listening.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from datetime import datetime, timezone
+
+from benchmarks.sink import parse_addr
+from benchmarks.tuning import raise_nofile
+
+MiB = 1024 * 1024
+# The same windows nghttpx gets in this benchmark (performance.md: 16 MiB / 64 MiB took nghttpx from
+# ~160-250 to ~690 MB/s); comparing at ztunnel's 4 / 16 MiB would measure the windows, not the code.
+BENCH_STREAM_WINDOW_BYTES = 16 * MiB
+BENCH_CONNECTION_WINDOW_BYTES = 64 * MiB
+# The idle-tunnel scenario holds 8 000 tunnels on one connection; nghttpx gets the same cap.
+BENCH_MAX_CONCURRENT_STREAMS = 10_000
+UPSTREAM_UNREACHABLE_STATUS = 503  # ztunnel: upstream connect failure → 503
+
+
+async def serve(args) -> None:
+    from certs.bundle import CertBundle
+    from certs.ca import MeshCA
+    from certs.spiffe import SpiffeId
+    from certs.tls import server_context
+    from hbone.relay import relay
+    from hbone.server import HboneServer
+    from hbone.settings import HboneSettings
+    from hbone.stream import TcpStream
+
+    ca = MeshCA.load(args.ca_dir)
+    issued = ca.issue(SpiffeId(ca.trust_domain, "bench", "relay"), now=datetime.now(timezone.utc))
+    bundle = CertBundle.from_issued(issued, ca.root_cert_pem)
+    ctx = server_context(bundle)
+
+    async def handler(tunnel) -> None:
+        host, port = tunnel.authority
+        try:
+            upstream = await TcpStream.connect(host, port)
+        except OSError as err:
+            await tunnel.reject(UPSTREAM_UNREACHABLE_STATUS, f"connect {host}:{port}: {err}")
+            return
+        down = await tunnel.accept()
+        try:
+            await relay(down, upstream)
+        finally:
+            upstream.close()
+            down.close()
+
+    settings = HboneSettings(stream_window=args.stream_window, connection_window=args.connection_window,
+                             server_max_concurrent_streams=args.max_streams)
+    server = HboneServer(lambda: ctx, handler, trust_domain=ca.trust_domain, settings=settings)
+    await server.start(*args.listen)
+    print("READY", flush=True)
+    await asyncio.Event().wait()  # until the harness terminates us
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.relay")
+    ap.add_argument("--listen", type=parse_addr, required=True)
+    ap.add_argument("--ca-dir", required=True)
+    ap.add_argument("--stream-window", type=int, default=BENCH_STREAM_WINDOW_BYTES)
+    ap.add_argument("--connection-window", type=int, default=BENCH_CONNECTION_WINDOW_BYTES)
+    ap.add_argument("--max-streams", type=int, default=BENCH_MAX_CONCURRENT_STREAMS)
+    ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    args = ap.parse_args(argv)
+    # The proxy's own start-up tuning (hbone/_malloc.py), exactly as `hbone-proxy run` applies it.
+    from hbone._malloc import tune_malloc
+    tune_malloc()
+    raise_nofile()
+    try:
+        if args.loop == "uvloop":
+            import uvloop
+            uvloop.run(serve(args))
+        else:
+            asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
