@@ -161,6 +161,7 @@ class _Core:
             normalize_inbound_headers=self.client_side,
         )
         self._h2 = _h2fast.H2Connection(config=config)
+        _h2fast.allow_streams_after_goaway(self._h2)
         header_list = (settings.client_max_header_list_size if self.client_side
                        else settings.server_max_header_list_size)
         initial = {
