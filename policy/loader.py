@@ -22,6 +22,7 @@ Defaults that differ from ztunnel's local file, on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import ipaddress
@@ -697,6 +698,9 @@ def _call_parser(spec: str, what: str, ctx: _Ctx, *args: Any) -> Any:
     except (ImportError, AttributeError):
         ctx.error("", f"{what} are not supported by this build (parser {spec} is missing)")
         return None
+    except Exception as err:  # noqa: BLE001 - a broken parser module must not become a traceback
+        ctx.error("", f"internal error loading the parser for {what} ({type(err).__name__}: {err}); please report this")
+        return None
     try:
         return parse(*args)
     except ConfigErrors as errs:
@@ -716,6 +720,12 @@ def _add_resource(obj: Any, kind: str, field_name: str, ctx: _Ctx, got: _Collect
         ctx.error(path, f"duplicate {kind} {key[1]}/{key[2]} (first defined at {first})")
         return
     got.seen[key] = ctx.where.describe()
+    if dataclasses.is_dataclass(obj) and "order" in {f.name for f in dataclasses.fields(obj)}:
+        # Routing precedence ties break on age ("oldest route first"); load order stands in for
+        # creationTimestamp, across all files.
+        obj = dataclasses.replace(obj, order=sum(len(v) for v in got.resources.values()))
+    for w in getattr(obj, "warnings", ()) or ():
+        ctx.warn(path if path != "metadata.name" else "", str(w))
     got.resources[field_name].append(obj)
 
 
