@@ -144,7 +144,7 @@ def _read(file: str) -> bytes:
     except OSError as err:
         raise ConfigError(FileWhere(file, 0), "", f"cannot read: {err.strerror or err}") from None
     if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(FileWhere(file, 0), "", f"file is larger than {MAX_FILE_BYTES // MiB} MiB")
+        raise ConfigError(FileWhere(file, 0), "", f"file is larger than {_size(MAX_FILE_BYTES)}")
     return data
 
 
@@ -161,7 +161,7 @@ def load_text(text: str | bytes, file: str = "<memory>") -> list[tuple[Where, di
     """Parse YAML text as if it were a file (for tests and for inline configuration)."""
     data = text.encode() if isinstance(text, str) else text
     if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(FileWhere(file, 0), "", f"text is larger than {MAX_FILE_BYTES // MiB} MiB")
+        raise ConfigError(FileWhere(file, 0), "", f"text is larger than {_size(MAX_FILE_BYTES)}")
     return _expand_documents(file, parse_yaml_stream(file, data))
 
 
@@ -334,6 +334,10 @@ def _expand_documents(file: str, docs: list[tuple[int, Any]]) -> list[tuple[Wher
     if errors:
         raise ConfigErrors(errors)
     return out
+
+
+def _size(n: int) -> str:
+    return f"{n // MiB} MiB" if n % MiB == 0 else f"{n} bytes"
 
 
 def _type_name(value: Any) -> str:
