@@ -1,0 +1,308 @@
+"""HTTP/1.1 to an upstream over a ``ByteStream``: send one request, stream its response back.
+
+``forward_request`` writes the head (framing chosen here: ``content-length`` when known, else
+chunked), streams the body concurrently with reading the response (an upstream may answer early),
+and returns an ``Http1Response`` once the final response head arrived (1xx are skipped).
+
+Failures say whether a retry is safe: ``UpstreamReset.before_response`` is True when the upstream
+closed or reset before any response byte — Envoy's ``retry_on: reset`` case, and the usual fate of a
+pooled keep-alive connection the upstream closed while idle. After the head, it is False: the
+response is broken and the downstream must be reset, not answered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import AsyncIterable, AsyncIterator, Callable, Hashable, Iterable
+
+from hbone.stream import KiB, ByteStream
+
+from .codec import (CHUNK_END, HOP_BY_HOP, LAST_CHUNK, Http1Error, MessageEnd, ResponseHead,
+                    ResponseReader, chunk_header, encode_request_head)
+
+# One socket read from the upstream; also the largest BodyChunk handed to the caller.
+READ_BYTES = 64 * KiB
+# Request framing and connection management are ours; Expect is answered by our own server side
+# (Envoy does not proxy 100-continue by default), so the upstream never sees it.
+_REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"expect", b"host"}
+_JOIN_BELOW = 16 * KiB
+
+BodySource = bytes | AsyncIterable[bytes] | None
+
+
+class UpstreamReset(ConnectionError):
+    """The upstream connection ended abnormally. ``before_response``: no response byte was
+    received, so the request can be retried elsewhere (if its body can be replayed:
+    ``body_bytes_sent`` tells how much of it left)."""
+
+    def __init__(self, message: str, *, before_response: bool, body_bytes_sent: int = 0):
+        super().__init__(message)
+        self.before_response = before_response
+        self.body_bytes_sent = body_bytes_sent
+
+
+class Http1Response:
+    """An upstream response: head fields now, body as it streams in."""
+
+    __slots__ = ("head", "_stream", "_reader", "_events", "_sender", "_sent", "done", "_failed")
+
+    def __init__(self, head: ResponseHead, stream: ByteStream, reader: ResponseReader,
+                 events: deque, sender: asyncio.Task | None, sent: list):
+        self.head = head
+        self._stream = stream
+        self._reader = reader
+        self._events = events
+        self._sender = sender
+        self._sent = sent
+        self.done = False
+        self._failed = False
+
+    status = property(lambda self: self.head.status)
+    reason = property(lambda self: self.head.reason)
+    headers = property(lambda self: self.head.headers)
+    content_length = property(lambda self: self.head.content_length)
+
+    @property
+    def reusable(self) -> bool:
+        """The upstream connection can carry another request: the response was read to its end,
+        both sides keep the connection alive, the request body went out whole, nothing extra
+        arrived."""
+        sender = self._sender
+        return (self.done and not self._failed and self.head.keep_alive and not self._events
+                and (sender is None or (sender.done() and not sender.cancelled()
+                                        and sender.exception() is None and self._sent[1])))
+
+    async def body_chunks(self) -> AsyncIterator[bytes]:
+        """The response body, as it arrives. Raises ``UpstreamReset(before_response=False)`` when
+        the upstream ends it early and ``Http1Error(502)`` when it is malformed."""
+        if self.done:
+            return
+        while True:
+            event = await _next_event(self._stream, self._reader, self._events, self._sender,
+                                      self._sent, before_response=False)
+            if event is MessageEnd:
+                self.done = True
+                await self._finish_sender()
+                return
+            yield event.data
+
+    async def _finish_sender(self) -> None:
+        sender = self._sender
+        if sender is None or sender.done():
+            if sender is not None and not sender.cancelled():
+                exc = sender.exception()
+                if exc is not None:
+                    self._failed = True
+                    raise exc
+            return
+        # The upstream answered before taking the whole body (e.g. an early 413): the request
+        # can never end cleanly on this connection, so stop sending and do not reuse it.
+        self._failed = True
+        sender.cancel()
+        try:
+            await sender
+        except BaseException:  # noqa: BLE001 — its failure is already accounted for
+            pass
+
+    def abort(self) -> None:
+        """Give up on this response (e.g. the downstream went away): reset the upstream."""
+        self._failed = True
+        if self._sender is not None:
+            self._sender.cancel()
+        self._stream.abort()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else "streaming"
+        return f"<Http1Response {self.head.status} {state} reusable={self.reusable}>"
+
+
+async def _next_event(stream: ByteStream, reader: ResponseReader, events: deque,
+                      sender: asyncio.Task | None, sent: list, *, before_response: bool):
+    while not events:
+        reset = None
+        try:
+            data = await stream.read(READ_BYTES)
+        except OSError as err:
+            data = None
+            reset = err
+        if data:
+            events.extend(reader.feed(data))  # Http1Error(502) on a malformed response
+            continue
+        # EOF or reset: a message that was still open is broken.
+        if data is not None:
+            try:
+                tail = reader.feed_eof()
+            except Http1Error:
+                tail = None
+            if tail:
+                events.extend(tail)
+                continue
+        if sender is not None and sender.done() and not sender.cancelled() and sender.exception():
+            raise sender.exception()  # the request body source failed: its error is the cause
+        what = "reset" if reset is not None else "closed the connection"
+        when = "before the response" if before_response else "mid-response"
+        raise UpstreamReset(f"upstream {what} {when}", before_response=before_response,
+                            body_bytes_sent=sent[0]) from reset
+    return events.popleft()
+
+
+async def _send_body(upstream: ByteStream, body: AsyncIterable[bytes], chunked: bool,
+                     sent: list) -> None:
+    try:
+        async for data in body:
+            n = len(data)
+            if not n:
+                continue
+            if chunked:
+                if n < _JOIN_BELOW:
+                    upstream.write(b"%x\r\n%b\r\n" % (n, data))
+                else:
+                    upstream.write(chunk_header(n))
+                    upstream.write(data)
+                    upstream.write(CHUNK_END)
+            else:
+                upstream.write(data)
+            sent[0] += n
+            await upstream.drain()
+        if chunked:
+            upstream.write(LAST_CHUNK)
+        await upstream.drain()
+        sent[1] = True
+    except OSError:
+        return  # the upstream went away: reading the response reports it
+    except BaseException:
+        # The body source failed (client reset, malformed chunk) or we were cancelled: the request
+        # cannot be completed, so the upstream must see a reset, not a short request.
+        upstream.abort()
+        raise
+
+
+def request_headers(headers: Iterable[tuple[bytes, bytes]], authority: bytes) -> list:
+    """End-to-end request headers for the upstream: hop-by-hop fields removed (RFC 9110 §7.6.1,
+    including those named in Connection), Host first."""
+    headers = list(headers)
+    drop = _REQUEST_DROP
+    for name, value in headers:
+        if name == b"connection":
+            drop = drop | {t.strip().lower() for t in value.split(b",")}
+    out = [(b"host", authority)]
+    out.extend((n, v) for n, v in headers if n not in drop)
+    return out
+
+
+async def forward_request(upstream: ByteStream, method: bytes, target: bytes, authority: bytes,
+                          headers: Iterable[tuple[bytes, bytes]], body: BodySource = None, *,
+                          content_length: int | None = None,
+                          reader: ResponseReader | None = None) -> Http1Response:
+    """Send one request on ``upstream`` and return the response once its final head arrived.
+
+    ``headers`` are lower-case end-to-end headers (hop-by-hop, framing, Host and Expect are
+    dropped here); ``authority`` becomes Host. ``body``: None, bytes, or an async iterable (e.g.
+    ``request.body_chunks()``), framed with ``content_length`` when given, else chunked.
+    ``reader`` lets a pooled connection keep its parser (must be idle)."""
+    if reader is None:
+        reader = ResponseReader()
+    reader.expect(method)
+    fields = request_headers(headers, authority)
+    sent = [0, body is None]   # [body bytes written, body complete]
+    sender = None
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        if content_length is not None and content_length != len(body):
+            raise ValueError("content_length does not match the body")
+        content_length = len(body)
+    if content_length is not None and (body is not None or content_length or
+                                       method in (b"POST", b"PUT", b"PATCH")):
+        fields.append((b"content-length", b"%d" % content_length))
+        chunked = False
+    else:
+        chunked = body is not None
+        if chunked:
+            fields.append((b"transfer-encoding", b"chunked"))
+    head = encode_request_head(method, target, fields)
+    try:
+        if body is None:
+            upstream.write(head)
+            await upstream.drain()
+        elif isinstance(body, (bytes, bytearray, memoryview)):
+            if len(body) < _JOIN_BELOW:
+                upstream.write(head + body)
+            else:
+                upstream.write(head)
+                upstream.write(body)
+            await upstream.drain()
+            sent[0] = len(body)
+            sent[1] = True
+        else:
+            upstream.write(head)
+            sender = asyncio.get_running_loop().create_task(
+                _send_body(upstream, body, chunked, sent))
+    except OSError as err:
+        raise UpstreamReset(f"upstream write failed: {err}", before_response=True) from err
+    events: deque = deque()
+    try:
+        while True:
+            event = await _next_event(upstream, reader, events, sender, sent, before_response=True)
+            if isinstance(event, ResponseHead) and event.status >= 200:
+                return Http1Response(event, upstream, reader, events, sender, sent)
+            # 1xx interim responses (RFC 9110 §15.2): skipped, with their MessageEnd.
+    except BaseException:
+        if sender is not None and not sender.done():
+            sender.cancel()
+        raise
+
+
+class Http1Pool:
+    """Idle upstream HTTP/1.1 connections per key (e.g. endpoint ip:port), bounded and aging out.
+
+    Decide, then act: ``take(key)`` returns an idle connection (and its parser) or None — the
+    caller dials then; ``put(key, stream, reader)`` returns a finished, reusable one. A pooled
+    connection the upstream closed meanwhile fails with ``UpstreamReset(before_response=True)``,
+    which the caller retries on a fresh connection (Envoy does the same)."""
+
+    # Envoy's cluster default has no idle-connection cap; a small one bounds file descriptors.
+    MAX_IDLE_PER_KEY = 16
+    # Envoy's upstream idle_timeout default is 1 h; upstream servers often close after 5–60 s of
+    # idleness (nginx keepalive_timeout 75 s), so older connections are likely dead anyway.
+    IDLE_TIMEOUT_S = 60.0
+
+    def __init__(self, *, max_idle_per_key: int = MAX_IDLE_PER_KEY,
+                 idle_timeout_s: float = IDLE_TIMEOUT_S,
+                 now: Callable[[], float] = time.monotonic):
+        self._idle: dict[Hashable, deque] = {}
+        self._max = max_idle_per_key
+        self._ttl = idle_timeout_s
+        self._now = now
+
+    def take(self, key: Hashable) -> tuple[ByteStream, ResponseReader] | None:
+        conns = self._idle.get(key)
+        now = self._now()
+        while conns:
+            stream, reader, since = conns.pop()  # most recently used first: likeliest alive
+            if now - since <= self._ttl:
+                if not conns:
+                    del self._idle[key]
+                return stream, reader
+            stream.close()
+        self._idle.pop(key, None)
+        return None
+
+    def put(self, key: Hashable, stream: ByteStream, reader: ResponseReader) -> None:
+        conns = self._idle.setdefault(key, deque())
+        conns.append((stream, reader, self._now()))
+        while len(conns) > self._max:
+            conns.popleft()[0].close()
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for stream, _, _ in conns:
+                stream.close()
+        self._idle.clear()
+
+    def __repr__(self) -> str:
+        return f"<Http1Pool keys={len(self._idle)} idle={sum(len(c) for c in self._idle.values())}>"
+
+
+__all__ = ["forward_request", "Http1Response", "UpstreamReset", "Http1Pool", "request_headers",
+           "READ_BYTES"]

@@ -1,0 +1,468 @@
+"""Sans-IO HTTP/1.1 codec: bytes in, plain events out; serializers for heads and chunked bodies.
+
+Parsing is llhttp through httptools (≈7× cheaper per request than h11; see
+``reference/performance.md``): callbacks append plain tuples to a list, no per-request objects.
+
+Events (``NamedTuple``s, cheap to build):
+    ``RequestHead`` / ``ResponseHead``, ``BodyChunk(data)``, ``MessageEnd`` (a singleton).
+Errors: ``Http1Error(status, reason)`` only — ``status`` is the answer the proxy gives
+(400/413/431/501 for a bad request; 502 for a bad upstream response).
+
+Rules (each is a decision a user of Envoy would recognise):
+- Header names are lower-cased (Envoy normalises HTTP/1 header keys to lower case); order is kept.
+- Request smuggling: ``Transfer-Encoding`` with ``Content-Length``, duplicate differing
+  ``Content-Length``, a bare LF line end or an obs-fold line are 400 (RFC 9112 §6.1: such a message
+  "ought to be handled as an error"; llhttp in strict mode refuses them all).
+- A transfer coding other than ``chunked`` → 501 (RFC 9112 §6.1: "A server that receives a request
+  message with a transfer coding it does not understand SHOULD respond with 501").
+- An HTTP/1.1 request without ``Host``, or with two, → 400 (RFC 9112 §3.2).
+- An unknown method → 501 (RFC 9110 §9.1).
+- Upgrade: ``Upgrade: h2c`` (RFC 7540 §3.2 upgrade) is ignored and the request served as HTTP/1.1,
+  as Envoy does; any other upgrade (WebSocket) and ``CONNECT`` → 501 (not supported yet: it needs a
+  byte relay after a 101/200; Envoy answers 403 for upgrades without ``upgrade_configs``).
+- Trailers of chunked messages are parsed, counted against the head limit and dropped (Envoy drops
+  HTTP/1 trailers unless ``enable_trailers`` is set).
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Iterable, NamedTuple
+
+import httptools
+
+from hbone.stream import KiB
+
+# Envoy's max_request_headers_kb default (60 KiB) — request line and all headers together. Past it:
+# 431 (RFC 6585 §5). Envoy applies the same limit to upstream response heads (→ 502 here).
+MAX_HEAD_BYTES = 60 * KiB
+# Envoy's max_headers_count default: 100 headers per message; one more → 431.
+MAX_HEADERS = 100
+# Request bodies are streamed, so no limit by default (Envoy's HCM has none either; a buffer filter
+# adds one). A number makes longer bodies a 413.
+MAX_BODY_BYTES: int | None = None
+# Chunk sizes: llhttp parses a chunk-size as a 64-bit hex number and refuses an overflow (400);
+# a huge chunk is never buffered, it arrives as BodyChunk pieces of at most one read each.
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+# RFC 9110 §7.6.1: hop-by-hop fields a proxy must not forward (plus Proxy-Connection, which Envoy
+# also removes, and the ones listed in Connection, removed by strip_hop_by_hop).
+HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade"))
+_FRAMING = frozenset((b"content-length", b"transfer-encoding"))
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+
+
+class Http1Error(Exception):
+    """A malformed or unacceptable message; ``status`` is the answer (or 502 for an upstream)."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class RequestHead(NamedTuple):
+    method: bytes
+    target: bytes
+    version: bytes            # b"1.1" or b"1.0"
+    headers: list             # list[tuple[bytes, bytes]], names lower-case, in order
+    keep_alive: bool          # llhttp's should_keep_alive: version default + Connection header
+    has_body: bool
+    chunked: bool
+    content_length: int | None
+    expect_continue: bool     # Expect: 100-continue
+    host: bytes               # the Host header (b"" only for an HTTP/1.0 request without one)
+
+
+class ResponseHead(NamedTuple):
+    status: int
+    reason: bytes
+    version: bytes
+    headers: list
+    keep_alive: bool
+    has_body: bool
+    chunked: bool
+    content_length: int | None
+
+
+class BodyChunk(NamedTuple):
+    data: bytes
+
+
+class _MessageEnd:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MessageEnd"
+
+
+MessageEnd = _MessageEnd()
+
+
+def _framing(headers: list, err_status: int) -> tuple[bool, int | None]:
+    """(chunked, content_length) from the headers; llhttp already refused conflicts and bad numbers."""
+    chunked = False
+    length = None
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            codings = [c.strip().lower() for c in value.split(b",")]
+            if codings != [b"chunked"]:
+                raise Http1Error(err_status, f"unsupported transfer-coding {value!r}")
+            if chunked:
+                raise Http1Error(400 if err_status == 501 else err_status,
+                                 "chunked applied more than once")
+            chunked = True
+        elif name == b"content-length":
+            length = int(value)
+    return chunked, length
+
+
+class _Reader:
+    """Shared callback machinery of the request and response readers."""
+
+    __slots__ = ("_parser", "_events", "_headers", "_head_bytes", "_raw_head", "_awaiting_head",
+                 "_in_message", "_body_bytes", "_error", "_cb_error", "max_head_bytes",
+                 "max_headers", "max_body_bytes", "__weakref__")
+
+    _err_status = 400
+    _too_large = 431
+
+    def __init__(self, *, max_head_bytes: int = MAX_HEAD_BYTES, max_headers: int = MAX_HEADERS,
+                 max_body_bytes: int | None = MAX_BODY_BYTES):
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
+        self.max_body_bytes = max_body_bytes
+        self._events: list = []
+        self._headers: list = []
+        self._head_bytes = 0
+        self._raw_head = 0
+        self._awaiting_head = True
+        self._in_message = False
+        self._body_bytes = 0
+        self._error: Http1Error | None = None
+        self._cb_error: Http1Error | None = None
+
+    @property
+    def failed(self) -> Http1Error | None:
+        """The error this reader stopped on (raised again by every later ``feed``)."""
+        return self._error
+
+    @property
+    def idle(self) -> bool:
+        """True between messages (nothing of a next message received yet)."""
+        return not self._in_message
+
+    def _fail(self, status: int, reason: str) -> None:
+        err = Http1Error(status, reason)
+        self._cb_error = err
+        raise err
+
+    # llhttp callbacks -------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._headers = []
+        self._head_bytes = 0
+        self._body_bytes = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self.max_head_bytes:
+            self._fail(self._too_large, "headers too large")
+        if not self._awaiting_head:
+            return  # a trailer: counted, then dropped
+        if len(self._headers) >= self.max_headers:
+            self._fail(self._too_large, "too many headers")
+        self._headers.append((name.lower(), value))
+
+    def on_body(self, body: bytes) -> None:
+        if self.max_body_bytes is not None:
+            self._body_bytes += len(body)
+            if self._body_bytes > self.max_body_bytes:
+                self._fail(413, "body too large")
+        self._events.append(BodyChunk(body))
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        self._awaiting_head = True
+        self._raw_head = 0
+        self._events.append(MessageEnd)
+
+    # driving ----------------------------------------------------------------------------------
+    def _execute(self, data: bytes) -> None:
+        self._parser.feed_data(data)
+
+    def feed(self, data: bytes) -> list:
+        """Parse ``data``; return the events it completes, in order.
+
+        On bad input the events before the error are returned and the error is raised by the
+        next ``feed``/``feed_eof`` (check ``failed`` before waiting for more bytes)."""
+        if self._error is not None:
+            raise self._error
+        events = self._events = []
+        try:
+            self._execute(data)
+            if self._awaiting_head and self._in_message:
+                # Bytes of a head still incomplete: bound them even where llhttp has no callback
+                # for them yet (long whitespace, a header name split across reads).
+                self._raw_head += len(data)
+                if self._raw_head > self.max_head_bytes:
+                    self._fail(self._too_large, "headers too large")
+        except Http1Error as err:
+            self._error = err
+        except httptools.HttpParserCallbackError as err:
+            self._error = self._cb_error or Http1Error(self._err_status, "invalid message")
+        except httptools.HttpParserInvalidMethodError:
+            self._error = Http1Error(501, "unknown method")
+        except httptools.HttpParserError as err:
+            self._error = Http1Error(self._err_status, str(err) or "invalid message")
+        except Exception as err:  # noqa: BLE001 — httptools' own oddities must not escape
+            self._error = Http1Error(self._err_status, f"invalid message ({type(err).__name__})")
+        if self._error is not None and not events:
+            raise self._error
+        return events
+
+    def feed_eof(self) -> list:
+        """The peer finished sending; a message cut short is an error."""
+        if self._error is not None:
+            raise self._error
+        if self._in_message:
+            self._error = Http1Error(self._err_status, "connection closed mid-message")
+            raise self._error
+        return []
+
+
+class RequestReader(_Reader):
+    """Incremental HTTP/1.x request parser for one downstream connection (keep-alive, pipelining)."""
+
+    __slots__ = ("_url",)
+
+    def __init__(self, **limits):
+        super().__init__(**limits)
+        self._url = b""
+        self._parser = httptools.HttpRequestParser(self)
+
+    def on_message_begin(self) -> None:
+        _Reader.on_message_begin(self)
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > self.max_head_bytes:
+            self._fail(431, "request line too long")
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        self._awaiting_head = False
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            self._fail(400, "unsupported HTTP version")
+        method = parser.get_method()
+        headers = self._headers
+        chunked, length = _framing(headers, 501)
+        host = None
+        expect = False
+        upgrade = None
+        for name, value in headers:
+            if name == b"host":
+                if host is not None:
+                    self._fail(400, "more than one Host header")
+                host = value
+            elif name == b"expect":
+                expect = value.lower() == b"100-continue"
+            elif name == b"upgrade":
+                upgrade = value
+        if host is None:
+            if version == b"1.1":
+                self._fail(400, "missing Host header")
+            host = b""
+        if parser.should_upgrade():
+            if method == b"CONNECT":
+                self._fail(501, "CONNECT is not supported on the HTTP/1 path")
+            tokens = {t.strip().lower() for t in (upgrade or b"").split(b",")}
+            if tokens != {b"h2c"} or chunked or length:
+                self._fail(501, "protocol upgrade is not supported")
+        has_body = chunked or bool(length)
+        self._events.append(RequestHead(method, self._url, version, headers,
+                                        parser.should_keep_alive(), has_body, chunked, length,
+                                        expect, host))
+
+    def _execute(self, data: bytes) -> None:
+        while True:
+            try:
+                self._parser.feed_data(data)
+                return
+            except httptools.HttpParserUpgrade as up:
+                # Only an h2c upgrade gets here (others failed in on_headers_complete); httptools
+                # has resumed the parser, so go on with the bytes after the request as HTTP/1.1.
+                offset = up.args[0] if up.args else len(data)
+                data = data[offset:]
+                if not data:
+                    return
+
+
+class ResponseReader(_Reader):
+    """Incremental HTTP/1.x response parser for one upstream connection.
+
+    Call ``expect(method)`` before each request's response: a response to HEAD has no body whatever
+    its Content-Length says (RFC 9110 §9.3.2), which llhttp cannot be told through httptools, so the
+    head is cut out here and the parser restarted after it."""
+
+    __slots__ = ("_reason", "_head_request", "_pending")
+
+    _err_status = 502
+    _too_large = 502
+
+    def __init__(self, **limits):
+        super().__init__(**limits)
+        self._reason = b""
+        self._head_request = False
+        self._pending = b""
+        self._parser = httptools.HttpResponseParser(self)
+
+    def expect(self, method: bytes) -> None:
+        self._head_request = method == b"HEAD"
+
+    def on_message_begin(self) -> None:
+        _Reader.on_message_begin(self)
+        self._reason = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+        self._head_bytes += len(reason)
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        self._awaiting_head = False
+        status = parser.get_status_code()
+        if status == 101:
+            self._fail(502, "unexpected 101 Switching Protocols")
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            self._fail(502, "unsupported HTTP version")
+        headers = self._headers
+        chunked, length = _framing(headers, 502)
+        no_body = status < 200 or status in (204, 304) or self._head_request
+        has_body = not no_body and (chunked or length is None or length > 0)
+        self._events.append(ResponseHead(status, self._reason, version, headers,
+                                         parser.should_keep_alive(), has_body, chunked, length))
+
+    def _execute(self, data: bytes) -> None:
+        if not self._head_request:
+            self._parser.feed_data(data)
+            return
+        data = self._pending + data
+        self._pending = b""
+        while data:
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > self.max_head_bytes:
+                    self._fail(502, "headers too large")
+                self._pending = data
+                return
+            head, data = data[:end + 4], data[end + 4:]
+            self._parser.feed_data(head)
+            if self._in_message:
+                # A final response to HEAD: its body is empty, so end it here and restart llhttp,
+                # which would otherwise wait for Content-Length bytes that never come.
+                keep_alive = self._parser.should_keep_alive()
+                self.on_message_complete()
+                self._parser = httptools.HttpResponseParser(self)
+                self._head_request = False
+                if not keep_alive:
+                    data = b""
+                self._parser.feed_data(data)
+                return
+
+    def feed_eof(self) -> list:
+        if self._error is not None:
+            raise self._error
+        if self._in_message and not self._awaiting_head and self._body_until_eof():
+            self._events = []
+            self.on_message_complete()
+            events, self._events = self._events, []
+            return events
+        return super().feed_eof()
+
+    def _body_until_eof(self) -> bool:
+        for name, _ in self._headers:
+            if name in _FRAMING:
+                return False
+        return True
+
+
+# ---- serializers ------------------------------------------------------------------------------
+
+def _encode_fields(parts: list, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    count = 0
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+        count += 1
+    parts.append(b"\r\n")
+    blob = b"".join(parts)
+    # One CRLF per line: a CR or LF inside a name or value would split the message (header
+    # injection, RFC 9110 §5.5: "a recipient ... MUST either reject the message or replace each of
+    # those characters with SP"). Counting is one C pass over the bytes.
+    if blob.count(b"\n") != count + 2 or blob.count(b"\r") != count + 2:
+        raise ValueError("CR or LF inside a header name or value")
+    return blob
+
+
+def encode_request_head(method: bytes, target: bytes,
+                        headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """``METHOD target HTTP/1.1`` and the headers, as given (callers add framing headers)."""
+    return _encode_fields([method, b" ", target, b" HTTP/1.1\r\n"], headers)
+
+
+def encode_response_head(status: int, reason: bytes | None,
+                         headers: Iterable[tuple[bytes, bytes]], version: bytes = b"1.1") -> bytes:
+    """``HTTP/1.1 status reason`` and the headers; ``reason=None`` takes the standard phrase."""
+    if reason is None:
+        reason = _REASONS.get(status, b"Unknown")
+    return _encode_fields([b"HTTP/", version, b" %d " % status, reason, b"\r\n"], headers)
+
+
+def reason_phrase(status: int) -> bytes:
+    return _REASONS.get(status, b"Unknown")
+
+
+# Chunked framing (RFC 9112 §7.1): "<hex size>\r\n<data>\r\n" ... "0\r\n\r\n".
+CHUNK_END = b"\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def chunk_header(size: int) -> bytes:
+    return b"%x\r\n" % size
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk as one buffer (for small data; large data: write header, data, CHUNK_END)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Headers without hop-by-hop fields (RFC 9110 §7.6.1) and without those named in Connection
+    ("a proxy ... MUST remove any header fields listed in the Connection header field")."""
+    headers = list(headers)
+    drop = HOP_BY_HOP
+    for name, value in headers:
+        if name == b"connection":
+            listed = {t.strip().lower() for t in value.split(b",")}
+            listed.discard(b"")
+            drop = drop | listed
+    return [(n, v) for n, v in headers if n not in drop]
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of ``name`` (lower-case), or None."""
+    for n, v in headers:
+        if n == name:
+            return v
+    return None
+
+
+__all__ = ["Http1Error", "RequestHead", "ResponseHead", "BodyChunk", "MessageEnd", "RequestReader",
+           "ResponseReader", "encode_request_head", "encode_response_head", "reason_phrase",
+           "chunk_header", "encode_chunk", "CHUNK_END", "LAST_CHUNK", "strip_hop_by_hop",
+           "header_value", "HOP_BY_HOP", "MAX_HEAD_BYTES", "MAX_HEADERS", "MAX_BODY_BYTES"]
