@@ -222,8 +222,8 @@ class HboneServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        name = self.sockets[0].getsockname()
-        return (name[0], name[1])
+        """The first listening address (kept after close, for logs)."""
+        return self._address
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> "HboneServer":
         loop = asyncio.get_running_loop()
@@ -240,6 +240,9 @@ class HboneServer:
             sock.close()
             raise
         self.sockets.append(sock)
+        if not hasattr(self, "_address"):
+            name = sock.getsockname()
+            self._address = (name[0], name[1])
         self._accepting = True
         self._own(loop.create_task(self._accept_loop(sock)))
         return self
@@ -297,7 +300,8 @@ class HboneServer:
 
     async def close(self, drain_deadline: float = 0.0) -> None:
         """Stop accepting, GOAWAY every connection, let in-flight tunnels finish for up to
-        `drain_deadline` seconds, then reset what is left and close (DESIGN §7, ztunnel drain)."""
+        `drain_deadline` seconds (a duration, not a clock time), then cut what is left
+        (DESIGN §7, ztunnel drain)."""
         self._accepting = False
         for sock in self.sockets:
             sock.close()
@@ -311,22 +315,24 @@ class HboneServer:
         end = loop.time() + max(0.0, drain_deadline)
         while any(c.streams or c.handler_tasks for c in self._conns) and loop.time() < end:
             await asyncio.sleep(min(0.05, max(0.0, end - loop.time())))
-        tasks = []
+        # Deadline passed: whatever is left is cut. The connection is aborted (TCP RST), not its
+        # streams reset with CANCEL, because a peer reads CANCEL as a clean end (ztunnel) and would
+        # take a truncated stream for a complete one.
         for conn in list(self._conns):
-            for stream in list(conn.streams.values()):
-                stream.abort()
-            for task in list(conn.handler_tasks):
-                task.cancel()
-                tasks.append(task)
-            conn.flush_now()
-            if conn.transport is not None:
-                conn.transport.close()
+            if conn.streams:
+                conn.abort()
+        tasks = [t for conn in self._conns for t in conn.handler_tasks]
+        for task in tasks:
+            task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        waits = [c.wait_lost() for c in list(self._conns)]
+        for conn in list(self._conns):
+            if conn.transport is not None and not conn.lost:
+                conn.flush_now()
+                conn.transport.close()
+        waits = [asyncio.ensure_future(c.wait_lost()) for c in list(self._conns)]
         if waits:
-            done, pending = await asyncio.wait([asyncio.ensure_future(w) for w in waits],
-                                               timeout=GOAWAY_FLUSH_S)
+            _, pending = await asyncio.wait(waits, timeout=GOAWAY_FLUSH_S)
             for conn in list(self._conns):
                 conn.abort()
             for fut in pending:
@@ -335,5 +341,6 @@ class HboneServer:
 
     def __repr__(self) -> str:
         where = f"{self.address[0]}:{self.address[1]}" if self.sockets else "closed"
+
         return (f"<HboneServer {where} conns={self.connections} tunnels={self.active_tunnels} "
                 f"tls_failures={self.tls_failures}>")
