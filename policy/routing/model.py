@@ -1,0 +1,614 @@
+"""Data for routing: the parsed resources (VirtualService, DestinationRule, HTTPRoute, Gateway) and the
+runtime values a route decision carries (destinations, retry policy, fault, header operations).
+
+Everything is a frozen dataclass; the few behaviours here (string matching, header edits, retry and
+fault decisions) are pure functions of their inputs, with randomness passed in.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+EMPTY: Mapping = MappingProxyType({})
+
+# ---------------------------------------------------------------------------------------------
+# Matching
+
+
+@dataclass(frozen=True)
+class StringMatch:
+    """Istio's StringMatch (``exact`` | ``prefix`` | ``regex``), also used for Gateway API ``Exact`` /
+    ``RegularExpression`` values. ``presence`` matches any value, even empty: Istio turns ``{}`` (and an
+    empty value) into Envoy's ``present_match``."""
+
+    kind: str  # "exact" | "prefix" | "regex" | "presence"
+    value: str = ""
+    ignore_case: bool = False
+    pattern: re.Pattern | None = field(default=None, compare=False, repr=False)
+
+    def matches(self, s: str | None) -> bool:
+        if s is None:
+            return False
+        if self.kind == "presence":
+            return True
+        if self.kind == "regex":
+            # Istio: "RE2 style regex-based match"; Envoy's safe_regex is a full match.
+            assert self.pattern is not None
+            return self.pattern.fullmatch(s) is not None
+        if self.ignore_case:
+            s, v = s.lower(), self.value.lower()
+        else:
+            v = self.value
+        if self.kind == "exact":
+            return s == v
+        return s.startswith(v)  # "prefix": a plain string prefix (VS), not element-wise
+
+    def describe(self) -> str:
+        return self.kind if self.kind == "presence" else f"{self.kind}:{self.value}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Header operations
+
+
+@dataclass(frozen=True)
+class HeaderOps:
+    """``set`` / ``add`` / ``remove`` on one header block (request or response).
+
+    Order of application: remove, then set, then add — Envoy removes first "as expected by users"
+    (``header_parser.cc evaluateHeaders``), and Istio emits ``set`` before ``add``.
+    """
+
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.add or self.remove)
+
+    def apply(self, headers: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        """Return a new header map (names lowercase) with the operations applied."""
+        out = {k.lower(): tuple(v) for k, v in headers.items()}
+        for name in self.remove:
+            out.pop(name, None)
+        for name, value in self.set:
+            out[name] = (value,)
+        for name, value in self.add:
+            # Istio: "Append the given values to the headers specified by keys (will create a
+            # comma-separated list of values)"; Gateway API: "my-header: foo,bar,baz".
+            old = out.get(name)
+            out[name] = (",".join(old + (value,)),) if old else (value,)
+        return out
+
+
+@dataclass(frozen=True)
+class HeaderRules:
+    request: HeaderOps = HeaderOps()
+    response: HeaderOps = HeaderOps()
+
+
+NO_HEADER_RULES = HeaderRules()
+
+# ---------------------------------------------------------------------------------------------
+# Retries
+
+# Envoy retry_on policy names (router docs, "x-envoy-retry-on" and "x-envoy-retry-grpc-on").
+HTTP_RETRY_ON = frozenset({
+    "5xx", "gateway-error", "reset", "reset-before-request", "connect-failure", "envoy-ratelimited",
+    "retriable-4xx", "refused-stream", "retriable-status-codes", "retriable-headers",
+    "http3-post-connect-failure",
+})
+GRPC_RETRY_ON = {"cancelled": 1, "deadline-exceeded": 4, "resource-exhausted": 8, "internal": 13,
+                 "unavailable": 14}
+KNOWN_RETRY_ON = HTTP_RETRY_ON | frozenset(GRPC_RETRY_ON)
+
+# Errors an attempt can end with instead of a response (names as Envoy's response-flag causes).
+CONNECT_FAILURE = "connect-failure"        # UF: TCP/TLS/HBONE dial failed
+REFUSED_STREAM = "refused-stream"          # upstream sent REFUSED_STREAM (nothing was processed)
+RESET = "reset"                            # UR: reset/disconnect after the request started
+RESET_BEFORE_REQUEST = "reset-before-request"
+PER_TRY_TIMEOUT = "per-try-timeout"        # UT on one attempt
+OUTCOME_ERRORS = frozenset({CONNECT_FAILURE, REFUSED_STREAM, RESET, RESET_BEFORE_REQUEST, PER_TRY_TIMEOUT})
+
+RETRY_BACKOFF_BASE_S = 0.025   # Envoy router: "base interval 25ms" unless the route sets one
+RETRY_BACKOFF_MAX_FACTOR = 10  # Envoy: "max interval ... default 10 times the base interval"
+HOST_SELECTION_MAX_ATTEMPTS = 5  # Istio retry.go: host_selection_retry_max_attempts: 5
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended: an HTTP status (with the ``grpc-status`` if any) or an error name."""
+
+    status: int | None = None
+    error: str | None = None
+    grpc_status: int | None = None
+
+    @classmethod
+    def of(cls, value: "Outcome | int | str") -> "Outcome":
+        if isinstance(value, Outcome):
+            return value
+        if isinstance(value, int):
+            return cls(status=value)
+        return cls(error=value)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Envoy's route retry policy as Istio generates it. ``attempts`` is the number of *retries*
+    (Envoy ``num_retries``): at most ``1 + attempts`` requests go upstream."""
+
+    attempts: int
+    retry_on: frozenset[str] = frozenset()
+    retriable_status_codes: frozenset[int] = frozenset()
+    per_try_timeout_s: float | None = None
+    retry_ignore_previous_hosts: bool = True
+    host_selection_max_attempts: int = HOST_SELECTION_MAX_ATTEMPTS
+    backoff_base_s: float = RETRY_BACKOFF_BASE_S
+    backoff_max_s: float = RETRY_BACKOFF_BASE_S * RETRY_BACKOFF_MAX_FACTOR
+
+    @property
+    def max_requests(self) -> int:
+        return 1 + self.attempts
+
+    def retriable(self, outcome: "Outcome | int | str") -> bool:
+        """Whether this outcome is one ``retry_on`` covers (ignoring how many tries are left)."""
+        o = Outcome.of(outcome)
+        on = self.retry_on
+        if o.error is not None:
+            if o.error == CONNECT_FAILURE:
+                return bool(on & {"connect-failure", "5xx", "gateway-error", "reset"})
+            if o.error == REFUSED_STREAM:
+                return bool(on & {"refused-stream", "5xx", "reset"})
+            if o.error == RESET_BEFORE_REQUEST:
+                return bool(on & {"reset-before-request", "reset", "5xx"})
+            if o.error == RESET:
+                # Envoy "5xx": "... or does not respond at all (disconnect/reset/read timeout)".
+                return bool(on & {"reset", "5xx"})
+            if o.error == PER_TRY_TIMEOUT:
+                # Envoy treats a per-try timeout like a 504 for "5xx" and "gateway-error".
+                return bool(on & {"5xx", "gateway-error"})
+            return False
+        status = o.status or 0
+        if "5xx" in on and 500 <= status <= 599:
+            return True
+        if "gateway-error" in on and status in (502, 503, 504):
+            return True
+        if "retriable-4xx" in on and status == 409:
+            return True
+        if "envoy-ratelimited" in on and status == 429:
+            return False  # only when Envoy itself rate-limited (x-envoy-ratelimited); we never do
+        if "retriable-status-codes" in on and status in self.retriable_status_codes:
+            return True
+        if o.grpc_status is not None:
+            for name, code in GRPC_RETRY_ON.items():
+                if name in on and o.grpc_status == code:
+                    return True
+        return False
+
+    def should_retry(self, attempt: int, outcome: "Outcome | int | str") -> bool:
+        """``attempt`` is the 1-based number of the request that just ended with ``outcome``."""
+        return attempt < self.max_requests and self.retriable(outcome)
+
+    def backoff_s(self, retry: int, rng: random.Random) -> float:
+        """Envoy's fully jittered exponential backoff before retry number ``retry`` (1-based):
+        uniform in [0, min(base × 2^(retry-1), max))."""
+        ceiling = min(self.backoff_base_s * (2 ** (retry - 1)), self.backoff_max_s)
+        return rng.random() * ceiling
+
+
+NO_RETRY = RetryPolicy(attempts=0)
+
+# Istio's default retry policy for routes without `retries` (pilot/pkg/networking/core/route/retry/
+# retry.go, cachedDefaultPolicy): num_retries 2, retry_on as below, previous_hosts predicate with
+# host_selection_retry_max_attempts 5.
+DEFAULT_RETRY_ON = frozenset({"connect-failure", "refused-stream", "unavailable", "cancelled",
+                              "retriable-status-codes"})
+# Version note (reference/istio-semantics.md §2.1): the seed's default retries 503 — that is Istio
+# before 1.24. Istio commit 65aaaf4f8c5 (release note 50506) added EXCLUDE_UNSAFE_503_FROM_DEFAULT_RETRY
+# and 748c90d41d4 removed the flag, so current Istio's default has *no* retriable status codes (503 is
+# not retried by default) although `retriable-status-codes` stays in retry_on. Issue #3 asks for the
+# seed's policy; to follow current Istio, switch the line below to ISTIO_CURRENT_DEFAULT_RETRIABLE_CODES.
+SEED_DEFAULT_RETRIABLE_CODES: frozenset[int] = frozenset({503})
+ISTIO_CURRENT_DEFAULT_RETRIABLE_CODES: frozenset[int] = frozenset()
+DEFAULT_RETRIABLE_STATUS_CODES = SEED_DEFAULT_RETRIABLE_CODES
+
+DEFAULT_RETRY_POLICY = RetryPolicy(
+    attempts=2,
+    retry_on=DEFAULT_RETRY_ON,
+    retriable_status_codes=DEFAULT_RETRIABLE_STATUS_CODES,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection
+
+
+@dataclass(frozen=True)
+class FaultDecision:
+    delay_s: float | None = None
+    abort_status: int | None = None       # HTTP status to answer with (flag FI)
+    abort_grpc_status: int | None = None  # gRPC status (answered as HTTP 200 + grpc-status)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """VirtualService ``fault``. Percentages are 0–100; Istio: "If left unspecified, no request will be
+    delayed/aborted" — an absent percentage is 0 %."""
+
+    delay_s: float | None = None
+    delay_percent: float = 0.0
+    abort_status: int | None = None
+    abort_grpc_status: int | None = None
+    abort_percent: float = 0.0
+
+    def decide(self, rng: random.Random) -> FaultDecision:
+        # Envoy draws each fault independently (fault filter: delay, then abort).
+        delay = self.delay_s if self.delay_s is not None and _hit(self.delay_percent, rng) else None
+        aborting = (self.abort_status is not None or self.abort_grpc_status is not None) and _hit(
+            self.abort_percent, rng)
+        return FaultDecision(
+            delay_s=delay,
+            abort_status=self.abort_status if aborting else None,
+            abort_grpc_status=self.abort_grpc_status if aborting else None,
+        )
+
+
+def _hit(percent: float, rng: random.Random) -> bool:
+    if percent <= 0:
+        return False
+    if percent >= 100:
+        return True
+    # Istio converts the percentage to a per-million fraction (route.go translatePercentToFractionalPercent).
+    return rng.randrange(1_000_000) < int(percent * 10_000)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resource models (as parsed)
+
+
+@dataclass(frozen=True)
+class PortSelector:
+    number: int
+
+
+@dataclass(frozen=True)
+class VsDestination:
+    """``route[].destination`` + ``weight`` + ``headers`` of a VirtualService (host not yet resolved)."""
+
+    host: str
+    subset: str | None = None
+    port: int | None = None
+    weight: int | None = None
+    headers: HeaderRules = NO_HEADER_RULES
+
+
+@dataclass(frozen=True)
+class HttpMatch:
+    """One VirtualService ``HTTPMatchRequest``; every set field must match (AND)."""
+
+    name: str = ""
+    uri: StringMatch | None = None
+    scheme: StringMatch | None = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
+    headers: tuple[tuple[str, StringMatch], ...] = ()
+    without_headers: tuple[tuple[str, StringMatch], ...] = ()
+    query_params: tuple[tuple[str, StringMatch], ...] = ()
+    port: int | None = None
+    source_labels: Mapping[str, str] = field(default_factory=lambda: EMPTY)
+    source_namespace: str = ""
+    gateways: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RewriteSpec:
+    """VS ``rewrite`` or Gateway API ``URLRewrite``.
+
+    ``path_kind``: "prefix" replaces the matched prefix (VS ``uri``: "If the original URI was matched
+    based on prefix, the value provided in this field will replace the corresponding matched prefix";
+    Gateway API ``ReplacePrefixMatch``), "full" the whole path (Gateway API ``ReplaceFullPath``),
+    "regex" applies ``uriRegexRewrite``."""
+
+    path_kind: str | None = None
+    path: str = ""
+    regex: re.Pattern | None = field(default=None, compare=False)
+    regex_substitution: str = ""
+    authority: str | None = None
+    element_wise: bool = False  # Gateway API prefixes are path-element prefixes
+
+
+@dataclass(frozen=True)
+class RedirectSpec:
+    status: int
+    scheme: str | None = None
+    authority: str | None = None     # VS authority / Gateway API hostname
+    port: int | None = None
+    derive_port: str | None = None   # VS derivePort FROM_PROTOCOL_DEFAULT | FROM_REQUEST_PORT
+    path_kind: str | None = None     # None | "full" | "prefix"
+    path: str = ""
+    element_wise: bool = False
+
+
+@dataclass(frozen=True)
+class MirrorSpec:
+    host: str
+    subset: str | None = None
+    port: int | None = None
+    percent: float = 100.0           # Istio: mirrorPercentage absent ⇒ 100 %
+
+
+@dataclass(frozen=True)
+class HttpRule:
+    """One VirtualService ``http[]`` entry."""
+
+    name: str = ""
+    matches: tuple[HttpMatch, ...] = ()
+    route: tuple[VsDestination, ...] = ()
+    redirect: RedirectSpec | None = None
+    direct_response: tuple[int, str] | None = None   # (status, body)
+    rewrite: RewriteSpec | None = None
+    timeout_s: float | None = None
+    retries: RetryPolicy | None = None                 # None ⇒ Istio's default policy
+    fault: Fault | None = None
+    mirrors: tuple[MirrorSpec, ...] = ()
+    headers: HeaderRules = NO_HEADER_RULES
+
+
+@dataclass(frozen=True)
+class TcpMatch:
+    port: int | None = None
+    destination_subnets: tuple[str, ...] = ()
+    source_labels: Mapping[str, str] = field(default_factory=lambda: EMPTY)
+    source_namespace: str = ""
+    gateways: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TcpRule:
+    matches: tuple[TcpMatch, ...] = ()
+    route: tuple[VsDestination, ...] = ()
+
+
+@dataclass(frozen=True)
+class VirtualService:
+    namespace: str
+    name: str
+    hosts: tuple[str, ...]
+    gateways: tuple[str, ...] = ()
+    http: tuple[HttpRule, ...] = ()
+    tcp: tuple[TcpRule, ...] = ()
+    export_to: tuple[str, ...] = ()
+    order: int = 0                       # load order, standing in for creationTimestamp
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ConnectionPool:
+    """DestinationRule ``connectionPool``; ``None`` means Envoy's default (effectively unlimited)."""
+
+    max_connections: int | None = None
+    connect_timeout_s: float | None = None
+    idle_timeout_s: float | None = None
+    max_connection_duration_s: float | None = None
+    http1_max_pending_requests: int | None = None
+    http2_max_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    max_retries: int | None = None
+    http_idle_timeout_s: float | None = None
+    max_concurrent_streams: int | None = None
+
+
+CONNECT_TIMEOUT_DEFAULT_S = 10.0   # MeshConfig.connectTimeout default (pkg/config/mesh/mesh.go)
+UNLIMITED = 2**32 - 1              # DestinationRule connectionPool defaults: "2^32-1"
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    consecutive_5xx_errors: int = 5          # DR docs: default 5; 0 disables
+    consecutive_gateway_errors: int = 0      # off unless set
+    interval_s: float = 10.0                 # DR docs: default 10s
+    base_ejection_time_s: float = 30.0       # DR docs: default 30s, × number of ejections
+    max_ejection_percent: float = 10.0       # DR docs: default 10 %
+    min_health_percent: float = 0.0          # Istio sets 0 (panic mode off) by default
+    max_ejection_time_s: float = 300.0       # Envoy default max_ejection_time 300s
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    load_balancer: str | None = None             # ROUND_ROBIN | RANDOM | LEAST_REQUEST | PASSTHROUGH
+    consistent_hash: Mapping | None = None       # parsed, not enforced (warning)
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+    tls_mode: str | None = None
+    port_level: tuple[tuple[int, "TrafficPolicy"], ...] = ()
+
+    def for_port(self, port: int | None) -> "TrafficPolicy":
+        """Top-level policy with the port-level entry for ``port`` applied. Istio (MergeTrafficPolicy):
+        "per the docs, port level policies do not inherit and instead to defaults if not provided"."""
+        for number, p in self.port_level:
+            if port is not None and number == port:
+                return TrafficPolicy(p.load_balancer, p.consistent_hash, p.connection_pool,
+                                     p.outlier_detection, p.tls_mode)
+        return TrafficPolicy(self.load_balancer, self.consistent_hash, self.connection_pool,
+                             self.outlier_detection, self.tls_mode)
+
+    def overridden_by(self, sub: "TrafficPolicy") -> "TrafficPolicy":
+        """Field-wise override: each field the subset sets replaces the top-level one."""
+        return TrafficPolicy(
+            load_balancer=sub.load_balancer if sub.load_balancer is not None or sub.consistent_hash else self.load_balancer,
+            consistent_hash=sub.consistent_hash if sub.load_balancer is not None or sub.consistent_hash else self.consistent_hash,
+            connection_pool=sub.connection_pool if sub.connection_pool is not None else self.connection_pool,
+            outlier_detection=sub.outlier_detection if sub.outlier_detection is not None else self.outlier_detection,
+            tls_mode=sub.tls_mode if sub.tls_mode is not None else self.tls_mode,
+        )
+
+    @property
+    def lb_algorithm(self) -> str:
+        # Istio: UNSPECIFIED ⇒ LEAST_REQUEST (cluster_traffic_policy.go defaultLBAlgorithm);
+        # LEAST_CONN is a deprecated alias of LEAST_REQUEST.
+        if self.load_balancer in (None, "UNSPECIFIED", "LEAST_CONN"):
+            return "LEAST_REQUEST"
+        return self.load_balancer
+
+
+NO_TRAFFIC_POLICY = TrafficPolicy()
+
+
+@dataclass(frozen=True)
+class Subset:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=lambda: EMPTY)
+    traffic_policy: TrafficPolicy | None = None
+
+
+@dataclass(frozen=True)
+class DestinationRule:
+    namespace: str
+    name: str
+    host: str
+    subsets: tuple[Subset, ...] = ()
+    traffic_policy: TrafficPolicy | None = None
+    export_to: tuple[str, ...] = ()
+    workload_selector: Mapping[str, str] | None = None
+    order: int = 0
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def subset(self, name: str) -> Subset | None:
+        for s in self.subsets:
+            if s.name == name:
+                return s
+        return None
+
+    def policy_for(self, subset: str | None, port: int | None) -> TrafficPolicy:
+        """The effective traffic policy for a (subset, port) cluster."""
+        # Istio MergeTrafficPolicy: top level, then its port-level entry (wholesale), then the subset's
+        # fields, then the subset's port-level fields (each field the subset sets wins).
+        base = (self.traffic_policy or NO_TRAFFIC_POLICY).for_port(port)
+        s = self.subset(subset) if subset else None
+        if s is not None and s.traffic_policy is not None:
+            base = base.overridden_by(s.traffic_policy).overridden_by(_port_only(s.traffic_policy, port))
+        return base
+
+
+def _port_only(tp: TrafficPolicy, port: int | None) -> TrafficPolicy:
+    for number, p in tp.port_level:
+        if number == port:
+            return p
+    return NO_TRAFFIC_POLICY
+
+
+@dataclass(frozen=True)
+class ParentRef:
+    group: str = "gateway.networking.k8s.io"
+    kind: str = "Gateway"
+    name: str = ""
+    namespace: str | None = None     # None ⇒ the route's namespace
+    port: int | None = None
+    section_name: str | None = None
+
+    @property
+    def is_service(self) -> bool:
+        return self.kind == "Service" and self.group in ("", "core")
+
+
+@dataclass(frozen=True)
+class GwHeaderMatch:
+    name: str                      # lowercased: header names are case-insensitive
+    match: StringMatch
+
+
+@dataclass(frozen=True)
+class GwMatch:
+    """One Gateway API ``HTTPRouteMatch``. ``path_type``: Exact | PathPrefix | RegularExpression."""
+
+    path_type: str = "PathPrefix"
+    path: str = "/"
+    path_match: StringMatch | None = field(default=None, compare=False)   # for Exact/RegularExpression
+    headers: tuple[GwHeaderMatch, ...] = ()
+    query_params: tuple[tuple[str, StringMatch], ...] = ()   # names case-sensitive
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class BackendRef:
+    name: str
+    namespace: str | None = None
+    port: int | None = None
+    weight: int = 1                 # Gateway API: "defaults to 1"
+    group: str = ""
+    kind: str = "Service"
+    headers: HeaderRules = NO_HEADER_RULES
+
+
+@dataclass(frozen=True)
+class GwRule:
+    name: str = ""
+    matches: tuple[GwMatch, ...] = (GwMatch(),)
+    backend_refs: tuple[BackendRef, ...] = ()
+    headers: HeaderRules = NO_HEADER_RULES
+    rewrite: RewriteSpec | None = None
+    redirect: RedirectSpec | None = None
+    mirrors: tuple[MirrorSpec, ...] = ()
+    request_timeout_s: float | None = None
+    backend_request_timeout_s: float | None = None
+    retries: RetryPolicy | None = None
+
+
+@dataclass(frozen=True)
+class HttpRoute:
+    namespace: str
+    name: str
+    parent_refs: tuple[ParentRef, ...]
+    hostnames: tuple[str, ...] = ()
+    rules: tuple[GwRule, ...] = ()
+    order: int = 0                   # load order, standing in for creationTimestamp ("oldest first")
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    port: int
+    protocol: str
+    hostname: str | None = None
+    allowed_routes_from: str = "Same"   # Gateway API default: Same namespace
+
+
+@dataclass(frozen=True)
+class Gateway:
+    namespace: str
+    name: str
+    gateway_class: str
+    listeners: tuple[Listener, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=lambda: EMPTY)
+    order: int = 0
+
+    WAYPOINT_CLASS = "istio-waypoint"   # constants.WaypointGatewayClassName
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def is_waypoint(self) -> bool:
+        return self.gateway_class == self.WAYPOINT_CLASS
+
+    @property
+    def waypoint_for(self) -> str:
+        # istio.io/waypoint-for: service (default) | workload | all | none
+        return self.labels.get("istio.io/waypoint-for", "service")

@@ -1,0 +1,997 @@
+"""Parsers for the routing resources users already write: ``networking.istio.io`` VirtualService and
+DestinationRule, ``gateway.networking.k8s.io`` HTTPRoute and Gateway.
+
+Each takes one decoded YAML document and returns a frozen model, or raises ``ConfigError`` naming the
+exact field (``spec.http[0].route[1].weight: expected an integer 0..``). Unknown fields inside ``spec``
+are errors, as ``kubectl apply`` does with its default strict field validation; fields we read but do
+not enforce (CORS, consistent hashing, TLS routes) are accepted and reported in ``.warnings``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from types import MappingProxyType
+from typing import Any, Callable, Iterable
+
+from policy.errors import ConfigError, Where
+
+from .model import (
+    BackendRef, ConnectionPool, DestinationRule, Fault, Gateway, GwHeaderMatch, GwMatch, GwRule,
+    HeaderOps, HeaderRules, HttpMatch, HttpRoute, HttpRule, KNOWN_RETRY_ON, Listener, MirrorSpec,
+    NO_HEADER_RULES, OutlierDetection, ParentRef, RedirectSpec, RetryPolicy, RewriteSpec, StringMatch,
+    Subset, TcpMatch, TcpRule, TrafficPolicy, VirtualService, VsDestination, DEFAULT_RETRY_POLICY,
+)
+
+ISTIO_NETWORKING_VERSIONS = ("networking.istio.io/v1", "networking.istio.io/v1beta1",
+                             "networking.istio.io/v1alpha3")
+GATEWAY_API_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1")
+DEFAULT_NAMESPACE = "default"   # what kubectl applies a namespaced resource to when metadata has none
+MAX_PORT = 65535
+MAX_U32 = 2**32 - 1
+GATEWAY_MAX_WEIGHT = 1_000_000  # Gateway API BackendRef.weight: "Maximum=1000000"
+MAX_DURATION_S = 315_576_000_000  # protobuf Duration's documented maximum (10 000 years)
+
+# gRPC status names Istio accepts for fault.abort.grpcStatus (grpc codes.proto).
+GRPC_CODES = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
+    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}
+LB_SIMPLE = ("UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST")
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed field readers: each either returns the value or raises ConfigError with the field's path.
+
+
+class _R:
+    """Field reader bound to one document; collects warnings."""
+
+    def __init__(self, where: Where):
+        self.where = where
+        self.warnings: list[str] = []
+
+    def fail(self, path: str, problem: str) -> ConfigError:
+        return ConfigError(self.where, path, problem)
+
+    def warn(self, path: str, problem: str) -> None:
+        self.warnings.append(f"{path}: {problem}")
+
+    def map(self, v: Any, path: str, allowed: Iterable[str] | None = None) -> dict:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise self.fail(path, "expected a mapping")
+        for k in v:
+            if not isinstance(k, str):
+                raise self.fail(path, f"expected string keys, got {k!r}")
+        if allowed is not None:
+            allowed = set(allowed)
+            for k in v:
+                if k not in allowed:
+                    raise self.fail(f"{path}.{k}" if path else k, "unknown field")
+        return v
+
+    def list(self, v: Any, path: str) -> list:
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            raise self.fail(path, "expected a list")
+        return v
+
+    def str(self, v: Any, path: str, *, empty_ok: bool = False) -> str:
+        if not isinstance(v, str) or (not empty_ok and v == ""):
+            raise self.fail(path, "expected a non-empty string" if not empty_ok else "expected a string")
+        return v
+
+    def opt_str(self, v: Any, path: str) -> str | None:
+        return None if v is None else self.str(v, path)
+
+    def strs(self, v: Any, path: str) -> tuple[str, ...]:
+        return tuple(self.str(x, f"{path}[{i}]") for i, x in enumerate(self.list(v, path)))
+
+    def int(self, v: Any, path: str, lo: int = 0, hi: int | None = None) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            rng = f"{lo}..{hi}" if hi is not None else f"{lo}.."
+            raise self.fail(path, f"expected an integer {rng}")
+        return v
+
+    def opt_int(self, v: Any, path: str, lo: int = 0, hi: int | None = None) -> int | None:
+        return None if v is None else self.int(v, path, lo, hi)
+
+    def bool(self, v: Any, path: str) -> bool:
+        if not isinstance(v, bool):
+            raise self.fail(path, "expected true or false")
+        return v
+
+    def percent(self, v: Any, path: str) -> float:
+        """Istio ``Percent {value: double}``, 0–100."""
+        m = self.map(v, path, ("value",))
+        x = m.get("value", 0.0)
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not (0.0 <= float(x) <= 100.0):
+            raise self.fail(f"{path}.value", "expected a number 0..100")
+        return float(x)
+
+    def duration(self, v: Any, path: str) -> float:
+        """Seconds from ``"10s"``, ``"0.5s"``, ``"100ms"``, ``"1h30m"`` (protobuf Duration and Gateway
+        API GEP-2257 durations both fit)."""
+        if not isinstance(v, str):
+            raise self.fail(path, 'expected a duration such as "10s" or "250ms"')
+        s = _parse_duration(v)
+        if s is None:
+            raise self.fail(path, f'expected a duration such as "10s" or "250ms", got {v!r}')
+        return s
+
+    def opt_duration(self, v: Any, path: str) -> float | None:
+        return None if v is None else self.duration(v, path)
+
+    def regex(self, v: Any, path: str) -> re.Pattern:
+        s = self.str(v, path, empty_ok=True)
+        try:
+            return re.compile(s)
+        except (re.error, RecursionError, OverflowError) as e:  # pragma: no branch
+            raise self.fail(path, f"invalid regular expression: {e}") from None
+
+    def labels(self, v: Any, path: str) -> MappingProxyType:
+        m = self.map(v, path)
+        for k, x in m.items():
+            if not isinstance(x, str):
+                if isinstance(x, (int, float)) and not isinstance(x, bool):
+                    raise self.fail(f"{path}.{k}", "expected a string (quote numbers in YAML)")
+                raise self.fail(f"{path}.{k}", "expected a string")
+        return MappingProxyType(dict(m))
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def _parse_duration(text: str) -> float | None:
+    if not text or len(text) > 64:
+        return None
+    pos, total = 0, 0.0
+    while pos < len(text):
+        m = _DURATION_PART.match(text, pos)
+        if m is None:
+            return None
+        total += float(m.group(1)) * _UNIT_S[m.group(2)]
+        pos = m.end()
+    return total if total <= MAX_DURATION_S else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Common document envelope
+
+
+def _envelope(doc: Any, where: Where, kinds: tuple[str, ...], versions: tuple[str, ...],
+              kind: str) -> tuple[_R, str, str, dict, dict]:
+    r = _R(where)
+    if not isinstance(doc, dict):
+        raise r.fail("", "expected a mapping (a Kubernetes resource)")
+    r.map(doc, "", ("apiVersion", "kind", "metadata", "spec", "status"))
+    if doc.get("kind") != kind:
+        raise r.fail("kind", f"expected {kind}")
+    api = doc.get("apiVersion")
+    if api not in versions:
+        raise r.fail("apiVersion", "expected one of " + ", ".join(versions))
+    meta = r.map(doc.get("metadata"), "metadata")
+    name = r.str(meta.get("name"), "metadata.name")
+    namespace = meta.get("namespace", DEFAULT_NAMESPACE)
+    namespace = r.str(namespace, "metadata.namespace")
+    r.where = where.with_resource(kind, f"{namespace}/{name}")
+    if "spec" not in doc:
+        raise r.fail("spec", "required")
+    spec = r.map(doc.get("spec"), "spec")
+    return r, namespace, name, meta, spec
+
+
+# ---------------------------------------------------------------------------------------------
+# VirtualService
+
+
+def parse_virtual_service(doc: dict, where: Where, *, order: int = 0) -> VirtualService:
+    r, ns, name, _, spec = _envelope(doc, where, (), ISTIO_NETWORKING_VERSIONS, "VirtualService")
+    r.map(spec, "spec", ("hosts", "gateways", "http", "tcp", "tls", "exportTo"))
+    hosts = r.strs(spec.get("hosts"), "spec.hosts")
+    if not hosts:
+        raise r.fail("spec.hosts", "at least one host is required")
+    gateways = r.strs(spec.get("gateways"), "spec.gateways")
+    http = tuple(_vs_http_rule(r, x, f"spec.http[{i}]") for i, x in enumerate(r.list(spec.get("http"), "spec.http")))
+    tcp = tuple(_vs_tcp_rule(r, x, f"spec.tcp[{i}]") for i, x in enumerate(r.list(spec.get("tcp"), "spec.tcp")))
+    if r.list(spec.get("tls"), "spec.tls"):
+        r.warn("spec.tls", "TLS (SNI) routes are not supported by this proxy; ignored")
+    export_to = r.strs(spec.get("exportTo"), "spec.exportTo")
+    return VirtualService(ns, name, hosts, gateways, http, tcp, export_to, order, tuple(r.warnings))
+
+
+_HTTP_MATCH_FIELDS = ("name", "uri", "scheme", "method", "authority", "headers", "port", "sourceLabels",
+                      "gateways", "queryParams", "ignoreUriCase", "withoutHeaders", "sourceNamespace",
+                      "statPrefix")
+_HTTP_RULE_FIELDS = ("name", "match", "route", "redirect", "directResponse", "delegate", "rewrite", "timeout",
+                     "retries", "fault", "mirror", "mirrorPercentage", "mirrorPercent", "mirrors",
+                     "corsPolicy", "headers")
+
+
+def _vs_http_rule(r: _R, v: Any, path: str) -> HttpRule:
+    m = r.map(v, path, _HTTP_RULE_FIELDS)
+    name = r.str(m.get("name", ""), f"{path}.name", empty_ok=True)
+    matches = tuple(_vs_match(r, x, f"{path}.match[{i}]") for i, x in enumerate(r.list(m.get("match"), f"{path}.match")))
+    if m.get("delegate") is not None:
+        # One-level delegation only works for gateways' root VirtualServices; waypoints never follow it.
+        raise r.fail(f"{path}.delegate", "delegate is not supported (only gateways follow delegation)")
+    route = tuple(_vs_route_dest(r, x, f"{path}.route[{i}]") for i, x in enumerate(r.list(m.get("route"), f"{path}.route")))
+    redirect = _vs_redirect(r, m.get("redirect"), f"{path}.redirect") if m.get("redirect") is not None else None
+    direct = _vs_direct_response(r, m.get("directResponse"), f"{path}.directResponse") \
+        if m.get("directResponse") is not None else None
+    # Istio validation: a rule needs exactly one of route / redirect / directResponse (or delegate).
+    actions = [k for k, x in (("route", route), ("redirect", redirect), ("directResponse", direct)) if x]
+    if not actions:
+        raise r.fail(path, "one of route, redirect or directResponse is required")
+    if len(actions) > 1:
+        raise r.fail(path, f"{' and '.join(actions)} cannot be used together")
+    if len(route) > 1 and sum(d.weight or 0 for d in route) == 0:
+        # Istio validation (validateHTTPRouteDestinations): "total destination weight = 0".
+        raise r.fail(f"{path}.route", "total destination weight = 0")
+    rewrite = _vs_rewrite(r, m.get("rewrite"), f"{path}.rewrite") if m.get("rewrite") is not None else None
+    if rewrite is not None and redirect is not None:
+        raise r.fail(f"{path}.rewrite", "rewrite cannot be used with redirect")
+    timeout = r.opt_duration(m.get("timeout"), f"{path}.timeout")
+    retries = _vs_retries(r, m.get("retries"), f"{path}.retries") if m.get("retries") is not None else None
+    fault = _vs_fault(r, m.get("fault"), f"{path}.fault") if m.get("fault") is not None else None
+    mirrors: list[MirrorSpec] = []
+    if m.get("mirror") is not None:
+        d = _vs_destination(r, m.get("mirror"), f"{path}.mirror")
+        pct = 100.0
+        if m.get("mirrorPercentage") is not None:
+            pct = r.percent(m.get("mirrorPercentage"), f"{path}.mirrorPercentage")
+        elif m.get("mirrorPercent") is not None:
+            pct = float(r.int(m.get("mirrorPercent"), f"{path}.mirrorPercent", 0, 100))
+        mirrors.append(MirrorSpec(d.host, d.subset, d.port, pct))
+    for i, x in enumerate(r.list(m.get("mirrors"), f"{path}.mirrors")):
+        p = f"{path}.mirrors[{i}]"
+        mm = r.map(x, p, ("destination", "percentage"))
+        d = _vs_destination(r, mm.get("destination"), f"{p}.destination")
+        pct = r.percent(mm["percentage"], f"{p}.percentage") if mm.get("percentage") is not None else 100.0
+        mirrors.append(MirrorSpec(d.host, d.subset, d.port, pct))
+    if m.get("corsPolicy") is not None:
+        r.map(m.get("corsPolicy"), f"{path}.corsPolicy")
+        r.warn(f"{path}.corsPolicy", "CORS is not enforced by this proxy; ignored")
+    headers = _vs_headers(r, m.get("headers"), f"{path}.headers")
+    return HttpRule(name, matches, route, redirect, direct, rewrite, timeout, retries, fault, tuple(mirrors), headers)
+
+
+def _string_match(r: _R, v: Any, path: str, *, empty_is_presence: bool, ignore_case: bool = False) -> StringMatch:
+    m = r.map(v, path, ("exact", "prefix", "regex"))
+    set_ = [k for k in ("exact", "prefix", "regex") if m.get(k) is not None]
+    if len(set_) > 1:
+        raise r.fail(path, "only one of exact, prefix, regex may be set")
+    if not set_:
+        if empty_is_presence:
+            return StringMatch("presence")
+        raise r.fail(path, "one of exact, prefix, regex is required")
+    kind = set_[0]
+    value = r.str(m[kind], f"{path}.{kind}", empty_ok=True)
+    if value == "" and empty_is_presence and kind != "exact":
+        # Istio: an empty prefix/regex value on a header is a presence match.
+        return StringMatch("presence")
+    if kind == "regex":
+        return StringMatch("regex", value, pattern=r.regex(value, f"{path}.regex"))
+    return StringMatch(kind, value, ignore_case=ignore_case)
+
+
+def _named_matches(r: _R, v: Any, path: str, *, lower: bool, without: bool = False) -> tuple[tuple[str, StringMatch], ...]:
+    out = []
+    for k, x in r.map(v, path).items():
+        p = f"{path}.{k}"
+        if without and isinstance(x, dict) and x.get("regex") == "*":
+            # Istio: withoutHeaders `regex: "*"` is converted to a presence test (routing.go
+            # "without headers regex convert to present_match").
+            out.append((k.lower() if lower else k, StringMatch("presence")))
+            continue
+        if lower and not without and isinstance(x, dict) and x.get("exact") == "":
+            # headers: {name: {exact: ""}} — Istio treats an empty value as "present".
+            out.append((k.lower(), StringMatch("presence")))
+            continue
+        out.append((k.lower() if lower else k, _string_match(r, x, p, empty_is_presence=True)))
+    return tuple(out)
+
+
+def _vs_match(r: _R, v: Any, path: str) -> HttpMatch:
+    m = r.map(v, path, _HTTP_MATCH_FIELDS)
+    ignore_case = r.bool(m.get("ignoreUriCase", False), f"{path}.ignoreUriCase")
+    uri = _string_match(r, m["uri"], f"{path}.uri", empty_is_presence=False,
+                        ignore_case=ignore_case) if m.get("uri") is not None else None
+    if uri is not None and uri.kind == "regex" and ignore_case:
+        # Istio: ignoreUriCase applies to exact and prefix only.
+        r.warn(f"{path}.ignoreUriCase", "has no effect on a regex uri match")
+
+    def sm(key: str) -> StringMatch | None:
+        return _string_match(r, m[key], f"{path}.{key}", empty_is_presence=False) if m.get(key) is not None else None
+
+    port = r.opt_int(m.get("port"), f"{path}.port", 1, MAX_PORT)
+    source_labels = r.labels(m.get("sourceLabels"), f"{path}.sourceLabels")
+    return HttpMatch(
+        name=r.str(m.get("name", ""), f"{path}.name", empty_ok=True),
+        uri=uri, scheme=sm("scheme"), method=sm("method"), authority=sm("authority"),
+        headers=_named_matches(r, m.get("headers"), f"{path}.headers", lower=True),
+        without_headers=_named_matches(r, m.get("withoutHeaders"), f"{path}.withoutHeaders", lower=True, without=True),
+        query_params=_named_matches(r, m.get("queryParams"), f"{path}.queryParams", lower=False),
+        port=port, source_labels=source_labels,
+        source_namespace=r.str(m.get("sourceNamespace", ""), f"{path}.sourceNamespace", empty_ok=True),
+        gateways=r.strs(m.get("gateways"), f"{path}.gateways"),
+    )
+
+
+def _vs_destination(r: _R, v: Any, path: str) -> VsDestination:
+    m = r.map(v, path, ("host", "subset", "port"))
+    host = r.str(m.get("host"), f"{path}.host")
+    subset = r.opt_str(m.get("subset"), f"{path}.subset")
+    port = None
+    if m.get("port") is not None:
+        pm = r.map(m.get("port"), f"{path}.port", ("number",))
+        port = r.int(pm.get("number"), f"{path}.port.number", 1, MAX_PORT)
+    return VsDestination(host, subset, port)
+
+
+def _vs_route_dest(r: _R, v: Any, path: str) -> VsDestination:
+    m = r.map(v, path, ("destination", "weight", "headers"))
+    d = _vs_destination(r, m.get("destination"), f"{path}.destination")
+    weight = r.opt_int(m.get("weight"), f"{path}.weight", 0, 2**31 - 1)
+    return VsDestination(d.host, d.subset, d.port, weight, _vs_headers(r, m.get("headers"), f"{path}.headers"))
+
+
+def _header_ops_map(r: _R, v: Any, path: str) -> HeaderOps:
+    m = r.map(v, path, ("set", "add", "remove"))
+
+    def pairs(key: str) -> tuple[tuple[str, str], ...]:
+        out = []
+        for k, x in r.map(m.get(key), f"{path}.{key}").items():
+            out.append((k.lower(), r.str(x, f"{path}.{key}.{k}", empty_ok=True)))
+        return tuple(out)
+
+    return HeaderOps(pairs("set"), pairs("add"), tuple(s.lower() for s in r.strs(m.get("remove"), f"{path}.remove")))
+
+
+def _vs_headers(r: _R, v: Any, path: str) -> HeaderRules:
+    if v is None:
+        return NO_HEADER_RULES
+    m = r.map(v, path, ("request", "response"))
+    return HeaderRules(_header_ops_map(r, m.get("request"), f"{path}.request"),
+                       _header_ops_map(r, m.get("response"), f"{path}.response"))
+
+
+def _vs_redirect(r: _R, v: Any, path: str) -> RedirectSpec:
+    m = r.map(v, path, ("uri", "authority", "port", "derivePort", "scheme", "redirectCode"))
+    if m.get("port") is not None and m.get("derivePort") is not None:
+        raise r.fail(path, "port and derivePort cannot be used together")
+    derive = m.get("derivePort")
+    if derive is not None and derive not in ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"):
+        raise r.fail(f"{path}.derivePort", "expected FROM_PROTOCOL_DEFAULT or FROM_REQUEST_PORT")
+    uri = r.opt_str(m.get("uri"), f"{path}.uri")
+    return RedirectSpec(
+        status=r.int(m.get("redirectCode", 301), f"{path}.redirectCode", 300, 399),  # Istio default 301
+        scheme=r.opt_str(m.get("scheme"), f"{path}.scheme"),
+        authority=r.opt_str(m.get("authority"), f"{path}.authority"),
+        port=r.opt_int(m.get("port"), f"{path}.port", 1, MAX_PORT),
+        derive_port=derive,
+        # VS redirect.uri: "On a redirect, overwrite the Path portion of the URL with this value."
+        path_kind="full" if uri is not None else None,
+        path=uri or "",
+    )
+
+
+def _vs_direct_response(r: _R, v: Any, path: str) -> tuple[int, str]:
+    m = r.map(v, path, ("status", "body"))
+    status = r.int(m.get("status"), f"{path}.status", 200, 599)
+    body = ""
+    if m.get("body") is not None:
+        b = r.map(m.get("body"), f"{path}.body", ("string", "bytes"))
+        if b.get("string") is not None and b.get("bytes") is not None:
+            raise r.fail(f"{path}.body", "only one of string, bytes may be set")
+        if b.get("string") is not None:
+            body = r.str(b["string"], f"{path}.body.string", empty_ok=True)
+        elif b.get("bytes") is not None:
+            raw = r.str(b["bytes"], f"{path}.body.bytes", empty_ok=True)
+            try:
+                body = base64.b64decode(raw, validate=True).decode("utf-8", "replace")
+            except (binascii.Error, ValueError):
+                raise r.fail(f"{path}.body.bytes", "expected base64") from None
+    return (status, body)
+
+
+def _vs_rewrite(r: _R, v: Any, path: str) -> RewriteSpec:
+    m = r.map(v, path, ("uri", "authority", "uriRegexRewrite"))
+    uri = r.opt_str(m.get("uri"), f"{path}.uri")
+    authority = r.opt_str(m.get("authority"), f"{path}.authority")
+    if m.get("uriRegexRewrite") is not None:
+        if uri is not None:
+            raise r.fail(path, "uri and uriRegexRewrite cannot be used together")
+        rr = r.map(m.get("uriRegexRewrite"), f"{path}.uriRegexRewrite", ("match", "rewrite"))
+        pat = r.regex(rr.get("match"), f"{path}.uriRegexRewrite.match")
+        sub = r.str(rr.get("rewrite"), f"{path}.uriRegexRewrite.rewrite", empty_ok=True)
+        return RewriteSpec("regex", "", pat, _re2_substitution(sub), authority)
+    return RewriteSpec("prefix" if uri is not None else None, uri or "", None, "", authority)
+
+
+def _re2_substitution(sub: str) -> str:
+    # Envoy's regex_rewrite substitution uses \1 for groups, like Python; escape nothing else.
+    return sub
+
+
+def _parse_retry_on(r: _R, v: Any, path: str) -> tuple[frozenset[str], frozenset[int]]:
+    text = r.str(v, path, empty_ok=True)
+    on: set[str] = set()
+    codes: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part.isdigit():
+            # Istio retry.go parseRetryOn: integers become retriable_status_codes and add
+            # "retriable-status-codes" to retry_on.
+            code = int(part)
+            if not 100 <= code <= 599:
+                raise r.fail(path, f"{part!r} is not an HTTP status code")
+            codes.add(code)
+            on.add("retriable-status-codes")
+        elif part in KNOWN_RETRY_ON:
+            on.add(part)
+        else:
+            raise r.fail(path, f"{part!r} is not a known retry policy")
+    return frozenset(on), frozenset(codes)
+
+
+def _vs_retries(r: _R, v: Any, path: str) -> RetryPolicy:
+    m = r.map(v, path, ("attempts", "perTryTimeout", "retryOn", "retryRemoteLocalities",
+                        "retryIgnorePreviousHosts", "backoff"))
+    # Istio: "MUST be >= 0. If 0, retries will be disabled."
+    attempts = r.int(m.get("attempts", 0), f"{path}.attempts", 0, 2**31 - 1)
+    per_try = r.opt_duration(m.get("perTryTimeout"), f"{path}.perTryTimeout")
+    ignore_prev = r.bool(m.get("retryIgnorePreviousHosts", True), f"{path}.retryIgnorePreviousHosts")
+    if m.get("retryRemoteLocalities") is not None:
+        r.bool(m.get("retryRemoteLocalities"), f"{path}.retryRemoteLocalities")
+    # retry.go ConvertPolicy starts from the default policy and overrides what the VS sets.
+    on, codes = DEFAULT_RETRY_POLICY.retry_on, DEFAULT_RETRY_POLICY.retriable_status_codes
+    if m.get("retryOn") is not None:
+        on, codes = _parse_retry_on(r, m.get("retryOn"), f"{path}.retryOn")
+    base = DEFAULT_RETRY_POLICY.backoff_base_s
+    if m.get("backoff") is not None:
+        base = r.duration(m.get("backoff"), f"{path}.backoff")
+        if base <= 0:
+            raise r.fail(f"{path}.backoff", "expected a positive duration")
+    return RetryPolicy(attempts, on, codes, per_try, ignore_prev, backoff_base_s=base, backoff_max_s=base * 10)
+
+
+def _vs_fault(r: _R, v: Any, path: str) -> Fault:
+    m = r.map(v, path, ("delay", "abort"))
+    delay_s, delay_pct = None, 0.0
+    if m.get("delay") is not None:
+        p = f"{path}.delay"
+        d = r.map(m.get("delay"), p, ("fixedDelay", "exponentialDelay", "percentage", "percent"))
+        if d.get("exponentialDelay") is not None:
+            raise r.fail(f"{p}.exponentialDelay", "not supported (Istio does not implement it either)")
+        delay_s = r.duration(d.get("fixedDelay"), f"{p}.fixedDelay")
+        delay_pct = _fault_percent(r, d, p)
+    abort_status = abort_grpc = None
+    abort_pct = 0.0
+    if m.get("abort") is not None:
+        p = f"{path}.abort"
+        a = r.map(m.get("abort"), p, ("httpStatus", "grpcStatus", "http2Error", "percentage"))
+        kinds = [k for k in ("httpStatus", "grpcStatus", "http2Error") if a.get(k) is not None]
+        if len(kinds) != 1:
+            raise r.fail(p, "exactly one of httpStatus, grpcStatus is required")
+        if kinds[0] == "http2Error":
+            raise r.fail(f"{p}.http2Error", "not supported")
+        if kinds[0] == "httpStatus":
+            abort_status = r.int(a["httpStatus"], f"{p}.httpStatus", 200, 599)
+        else:
+            g = a["grpcStatus"]
+            if isinstance(g, str) and g in GRPC_CODES:
+                abort_grpc = GRPC_CODES[g]
+            else:
+                raise r.fail(f"{p}.grpcStatus", "expected a gRPC status name such as UNAVAILABLE")
+        abort_pct = _fault_percent(r, a, p)
+    if delay_s is None and abort_status is None and abort_grpc is None:
+        raise r.fail(path, "one of delay, abort is required")
+    return Fault(delay_s, delay_pct, abort_status, abort_grpc, abort_pct)
+
+
+def _fault_percent(r: _R, m: dict, path: str) -> float:
+    # Istio: "If left unspecified, no request will be delayed/aborted" (route.go TranslateFault).
+    if m.get("percentage") is not None:
+        return r.percent(m["percentage"], f"{path}.percentage")
+    if m.get("percent") is not None:
+        return float(r.int(m["percent"], f"{path}.percent", 0, 100))
+    return 0.0
+
+
+def _vs_tcp_rule(r: _R, v: Any, path: str) -> TcpRule:
+    m = r.map(v, path, ("match", "route"))
+    matches = []
+    for i, x in enumerate(r.list(m.get("match"), f"{path}.match")):
+        p = f"{path}.match[{i}]"
+        mm = r.map(x, p, ("destinationSubnets", "port", "sourceLabels", "gateways", "sourceNamespace", "sourceSubnet"))
+        matches.append(TcpMatch(
+            port=r.opt_int(mm.get("port"), f"{p}.port", 1, MAX_PORT),
+            destination_subnets=r.strs(mm.get("destinationSubnets"), f"{p}.destinationSubnets"),
+            source_labels=r.labels(mm.get("sourceLabels"), f"{p}.sourceLabels"),
+            source_namespace=r.str(mm.get("sourceNamespace", ""), f"{p}.sourceNamespace", empty_ok=True),
+            gateways=r.strs(mm.get("gateways"), f"{p}.gateways"),
+        ))
+    route = []
+    for i, x in enumerate(r.list(m.get("route"), f"{path}.route")):
+        p = f"{path}.route[{i}]"
+        mm = r.map(x, p, ("destination", "weight"))
+        d = _vs_destination(r, mm.get("destination"), f"{p}.destination")
+        route.append(VsDestination(d.host, d.subset, d.port, r.opt_int(mm.get("weight"), f"{p}.weight", 0, 2**31 - 1)))
+    if not route:
+        raise r.fail(f"{path}.route", "at least one destination is required")
+    if len(route) > 1 and sum(d.weight or 0 for d in route) == 0:
+        raise r.fail(f"{path}.route", "total destination weight = 0")
+    return TcpRule(tuple(matches), tuple(route))
+
+
+# ---------------------------------------------------------------------------------------------
+# DestinationRule
+
+
+def parse_destination_rule(doc: dict, where: Where, *, order: int = 0) -> DestinationRule:
+    r, ns, name, _, spec = _envelope(doc, where, (), ISTIO_NETWORKING_VERSIONS, "DestinationRule")
+    r.map(spec, "spec", ("host", "trafficPolicy", "subsets", "exportTo", "workloadSelector"))
+    host = r.str(spec.get("host"), "spec.host")
+    tp = _traffic_policy(r, spec.get("trafficPolicy"), "spec.trafficPolicy", top=True) \
+        if spec.get("trafficPolicy") is not None else None
+    subsets = []
+    seen: set[str] = set()
+    for i, x in enumerate(r.list(spec.get("subsets"), "spec.subsets")):
+        p = f"spec.subsets[{i}]"
+        m = r.map(x, p, ("name", "labels", "trafficPolicy"))
+        sname = r.str(m.get("name"), f"{p}.name")
+        if sname in seen:
+            raise r.fail(f"{p}.name", f"duplicate subset {sname!r}")
+        seen.add(sname)
+        stp = _traffic_policy(r, m.get("trafficPolicy"), f"{p}.trafficPolicy", top=True) \
+            if m.get("trafficPolicy") is not None else None
+        subsets.append(Subset(sname, r.labels(m.get("labels"), f"{p}.labels"), stp))
+    selector = None
+    if spec.get("workloadSelector") is not None:
+        ws = r.map(spec.get("workloadSelector"), "spec.workloadSelector", ("matchLabels",))
+        selector = r.labels(ws.get("matchLabels"), "spec.workloadSelector.matchLabels")
+    return DestinationRule(ns, name, host, tuple(subsets), tp, r.strs(spec.get("exportTo"), "spec.exportTo"),
+                           selector, order, tuple(r.warnings))
+
+
+def _traffic_policy(r: _R, v: Any, path: str, *, top: bool) -> TrafficPolicy:
+    fields = ["loadBalancer", "connectionPool", "outlierDetection", "tls", "tunnel", "proxyProtocol"]
+    if top:
+        fields.append("portLevelSettings")
+    else:
+        fields.append("port")
+    m = r.map(v, path, fields)
+    lb, ch = None, None
+    if m.get("loadBalancer") is not None:
+        p = f"{path}.loadBalancer"
+        lbm = r.map(m.get("loadBalancer"), p, ("simple", "consistentHash", "localityLbSetting",
+                                                "warmupDurationSecs", "warmup"))
+        if lbm.get("simple") is not None and lbm.get("consistentHash") is not None:
+            raise r.fail(p, "only one of simple, consistentHash may be set")
+        if lbm.get("simple") is not None:
+            if lbm["simple"] not in LB_SIMPLE:
+                raise r.fail(f"{p}.simple", "expected one of " + ", ".join(LB_SIMPLE))
+            lb = lbm["simple"]
+        if lbm.get("consistentHash") is not None:
+            ch = MappingProxyType(dict(r.map(lbm["consistentHash"], f"{p}.consistentHash")))
+            r.warn(f"{p}.consistentHash", "consistent hashing is not supported; LEAST_REQUEST is used")
+        if lbm.get("localityLbSetting") is not None:
+            r.map(lbm["localityLbSetting"], f"{p}.localityLbSetting")
+            r.warn(f"{p}.localityLbSetting", "locality load balancing is not supported; ignored")
+        if lbm.get("warmupDurationSecs") is not None or lbm.get("warmup") is not None:
+            r.warn(p, "slow-start warmup is not supported; ignored")
+    pool = _connection_pool(r, m.get("connectionPool"), f"{path}.connectionPool") \
+        if m.get("connectionPool") is not None else None
+    od = _outlier(r, m.get("outlierDetection"), f"{path}.outlierDetection") \
+        if m.get("outlierDetection") is not None else None
+    tls_mode = None
+    if m.get("tls") is not None:
+        t = r.map(m.get("tls"), f"{path}.tls")
+        if t.get("mode") is not None:
+            if t["mode"] not in ("DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"):
+                raise r.fail(f"{path}.tls.mode", "expected DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL")
+            tls_mode = t["mode"]
+    for k in ("tunnel", "proxyProtocol"):
+        if m.get(k) is not None:
+            r.map(m.get(k), f"{path}.{k}")
+            r.warn(f"{path}.{k}", "not supported; ignored")
+    port_level = []
+    if top:
+        for i, x in enumerate(r.list(m.get("portLevelSettings"), f"{path}.portLevelSettings")):
+            p = f"{path}.portLevelSettings[{i}]"
+            sub = _traffic_policy(r, x, p, top=False)
+            pm = r.map(r.map(x, p).get("port"), f"{p}.port", ("number",))
+            port_level.append((r.int(pm.get("number"), f"{p}.port.number", 1, MAX_PORT), sub))
+    return TrafficPolicy(lb, ch, pool, od, tls_mode, tuple(port_level))
+
+
+def _connection_pool(r: _R, v: Any, path: str) -> ConnectionPool:
+    m = r.map(v, path, ("tcp", "http"))
+    t = r.map(m.get("tcp"), f"{path}.tcp", ("maxConnections", "connectTimeout", "tcpKeepalive",
+                                            "maxConnectionDuration", "idleTimeout"))
+    h = r.map(m.get("http"), f"{path}.http", ("http1MaxPendingRequests", "http2MaxRequests",
+                                              "maxRequestsPerConnection", "maxRetries", "idleTimeout",
+                                              "h2UpgradePolicy", "useClientProtocol", "maxConcurrentStreams"))
+    if t.get("tcpKeepalive") is not None:
+        r.map(t.get("tcpKeepalive"), f"{path}.tcp.tcpKeepalive")
+    if h.get("h2UpgradePolicy") is not None and h["h2UpgradePolicy"] not in ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"):
+        raise r.fail(f"{path}.http.h2UpgradePolicy", "expected DEFAULT, DO_NOT_UPGRADE or UPGRADE")
+    if h.get("useClientProtocol") is not None:
+        r.bool(h.get("useClientProtocol"), f"{path}.http.useClientProtocol")
+    return ConnectionPool(
+        max_connections=r.opt_int(t.get("maxConnections"), f"{path}.tcp.maxConnections", 1, MAX_U32),
+        connect_timeout_s=r.opt_duration(t.get("connectTimeout"), f"{path}.tcp.connectTimeout"),
+        idle_timeout_s=r.opt_duration(t.get("idleTimeout"), f"{path}.tcp.idleTimeout"),
+        max_connection_duration_s=r.opt_duration(t.get("maxConnectionDuration"), f"{path}.tcp.maxConnectionDuration"),
+        http1_max_pending_requests=r.opt_int(h.get("http1MaxPendingRequests"), f"{path}.http.http1MaxPendingRequests", 1, MAX_U32),
+        http2_max_requests=r.opt_int(h.get("http2MaxRequests"), f"{path}.http.http2MaxRequests", 1, MAX_U32),
+        max_requests_per_connection=r.opt_int(h.get("maxRequestsPerConnection"), f"{path}.http.maxRequestsPerConnection", 0, MAX_U32),
+        max_retries=r.opt_int(h.get("maxRetries"), f"{path}.http.maxRetries", 0, MAX_U32),
+        http_idle_timeout_s=r.opt_duration(h.get("idleTimeout"), f"{path}.http.idleTimeout"),
+        max_concurrent_streams=r.opt_int(h.get("maxConcurrentStreams"), f"{path}.http.maxConcurrentStreams", 1, MAX_U32),
+    )
+
+
+def _outlier(r: _R, v: Any, path: str) -> OutlierDetection:
+    m = r.map(v, path, ("consecutiveErrors", "consecutive5xxErrors", "consecutiveGatewayErrors", "interval",
+                        "baseEjectionTime", "maxEjectionPercent", "minHealthPercent",
+                        "splitExternalLocalOriginErrors", "consecutiveLocalOriginFailures"))
+    d = OutlierDetection()
+    c5 = m.get("consecutive5xxErrors", m.get("consecutiveErrors"))
+    if m.get("splitExternalLocalOriginErrors") is not None:
+        r.bool(m["splitExternalLocalOriginErrors"], f"{path}.splitExternalLocalOriginErrors")
+    r.opt_int(m.get("consecutiveLocalOriginFailures"), f"{path}.consecutiveLocalOriginFailures", 0, MAX_U32)
+
+    def pct(key: str, default: float) -> float:
+        x = m.get(key)
+        if x is None:
+            return default
+        return float(r.int(x, f"{path}.{key}", 0, 100))
+
+    return OutlierDetection(
+        consecutive_5xx_errors=d.consecutive_5xx_errors if c5 is None else r.int(
+            c5, f"{path}.{'consecutive5xxErrors' if 'consecutive5xxErrors' in m else 'consecutiveErrors'}", 0, MAX_U32),
+        consecutive_gateway_errors=r.int(m.get("consecutiveGatewayErrors", 0), f"{path}.consecutiveGatewayErrors", 0, MAX_U32),
+        interval_s=_positive(r, m.get("interval"), f"{path}.interval", d.interval_s),
+        base_ejection_time_s=_positive(r, m.get("baseEjectionTime"), f"{path}.baseEjectionTime", d.base_ejection_time_s),
+        max_ejection_percent=pct("maxEjectionPercent", d.max_ejection_percent),
+        min_health_percent=pct("minHealthPercent", d.min_health_percent),
+    )
+
+
+def _positive(r: _R, v: Any, path: str, default: float) -> float:
+    if v is None:
+        return default
+    s = r.duration(v, path)
+    if s <= 0:
+        raise r.fail(path, "expected a positive duration")
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Gateway API: HTTPRoute
+
+
+def parse_http_route(doc: dict, where: Where, *, order: int = 0) -> HttpRoute:
+    r, ns, name, _, spec = _envelope(doc, where, (), GATEWAY_API_VERSIONS, "HTTPRoute")
+    r.map(spec, "spec", ("parentRefs", "hostnames", "rules"))
+    parents = []
+    for i, x in enumerate(r.list(spec.get("parentRefs"), "spec.parentRefs")):
+        p = f"spec.parentRefs[{i}]"
+        m = r.map(x, p, ("group", "kind", "name", "namespace", "port", "sectionName"))
+        parents.append(ParentRef(
+            group=r.str(m.get("group", "gateway.networking.k8s.io"), f"{p}.group", empty_ok=True),
+            kind=r.str(m.get("kind", "Gateway"), f"{p}.kind"),
+            name=r.str(m.get("name"), f"{p}.name"),
+            namespace=r.opt_str(m.get("namespace"), f"{p}.namespace"),
+            port=r.opt_int(m.get("port"), f"{p}.port", 1, MAX_PORT),
+            section_name=r.opt_str(m.get("sectionName"), f"{p}.sectionName"),
+        ))
+    if not parents:
+        raise r.fail("spec.parentRefs", "at least one parentRef is required (a Service or the waypoint Gateway)")
+    hostnames = tuple(h.lower() for h in r.strs(spec.get("hostnames"), "spec.hostnames"))
+    rules_v = r.list(spec.get("rules"), "spec.rules")
+    # Gateway API: rules default to one rule matching PathPrefix "/" with no backends.
+    rules = tuple(_gw_rule(r, x, f"spec.rules[{i}]") for i, x in enumerate(rules_v)) if rules_v else (GwRule(),)
+    return HttpRoute(ns, name, tuple(parents), hostnames, rules, order, tuple(r.warnings))
+
+
+def _gw_rule(r: _R, v: Any, path: str) -> GwRule:
+    m = r.map(v, path, ("name", "matches", "filters", "backendRefs", "timeouts", "retry", "sessionPersistence"))
+    matches_v = r.list(m.get("matches"), f"{path}.matches")
+    # Gateway API: an empty matches list defaults to PathPrefix "/".
+    matches = tuple(_gw_match(r, x, f"{path}.matches[{i}]") for i, x in enumerate(matches_v)) or (GwMatch(),)
+    f = _gw_filters(r, m.get("filters"), f"{path}.filters", allow_redirect=True)
+    if f["rewrite"] is not None and f["rewrite"].path_kind == "prefix" or \
+            f["redirect"] is not None and f["redirect"].path_kind == "prefix":
+        for i, mm in enumerate(matches):
+            if mm.path_type != "PathPrefix":
+                # Gateway API: "ReplacePrefixMatch is only compatible with a PathPrefix HTTPRouteMatch."
+                raise r.fail(f"{path}.filters", "ReplacePrefixMatch needs every match to be a PathPrefix match")
+    if f["rewrite"] is not None and f["redirect"] is not None:
+        raise r.fail(f"{path}.filters", "URLRewrite and RequestRedirect cannot be used together")
+    backends = []
+    for i, x in enumerate(r.list(m.get("backendRefs"), f"{path}.backendRefs")):
+        p = f"{path}.backendRefs[{i}]"
+        b = r.map(x, p, ("group", "kind", "name", "namespace", "port", "weight", "filters"))
+        bf = _gw_filters(r, b.get("filters"), f"{p}.filters", allow_redirect=False)
+        backends.append(BackendRef(
+            name=r.str(b.get("name"), f"{p}.name"),
+            namespace=r.opt_str(b.get("namespace"), f"{p}.namespace"),
+            port=r.opt_int(b.get("port"), f"{p}.port", 1, MAX_PORT),
+            weight=r.int(b.get("weight", 1), f"{p}.weight", 0, GATEWAY_MAX_WEIGHT),
+            group=r.str(b.get("group", ""), f"{p}.group", empty_ok=True),
+            kind=r.str(b.get("kind", "Service"), f"{p}.kind"),
+            headers=bf["headers"],
+        ))
+    if f["redirect"] is not None and backends:
+        raise r.fail(f"{path}.backendRefs", "RequestRedirect cannot be used with backendRefs")
+    req_t = back_t = None
+    if m.get("timeouts") is not None:
+        t = r.map(m.get("timeouts"), f"{path}.timeouts", ("request", "backendRequest"))
+        req_t = r.opt_duration(t.get("request"), f"{path}.timeouts.request")
+        back_t = r.opt_duration(t.get("backendRequest"), f"{path}.timeouts.backendRequest")
+        # Gateway API: a zero duration ("0s") disables the timeout.
+        req_t = req_t or None
+        back_t = back_t or None
+        if req_t is not None and back_t is not None and back_t > req_t:
+            raise r.fail(f"{path}.timeouts.backendRequest", "must not be longer than timeouts.request")
+    retries = None
+    if m.get("retry") is not None:
+        retries = _gw_retry(r, m.get("retry"), f"{path}.retry", back_t)
+    elif back_t is not None:
+        retries = RetryPolicy(DEFAULT_RETRY_POLICY.attempts, DEFAULT_RETRY_POLICY.retry_on,
+                              DEFAULT_RETRY_POLICY.retriable_status_codes, back_t)
+    if m.get("sessionPersistence") is not None:
+        r.map(m.get("sessionPersistence"), f"{path}.sessionPersistence")
+        r.warn(f"{path}.sessionPersistence", "not supported; ignored")
+    return GwRule(
+        name=r.str(m.get("name", ""), f"{path}.name", empty_ok=True),
+        matches=matches, backend_refs=tuple(backends), headers=f["headers"], rewrite=f["rewrite"],
+        redirect=f["redirect"], mirrors=f["mirrors"], request_timeout_s=req_t,
+        backend_request_timeout_s=back_t, retries=retries,
+    )
+
+
+def _gw_retry(r: _R, v: Any, path: str, per_try: float | None) -> RetryPolicy:
+    m = r.map(v, path, ("codes", "attempts", "backoff"))
+    codes = frozenset(r.int(c, f"{path}.codes[{i}]", 400, 599) for i, c in enumerate(r.list(m.get("codes"), f"{path}.codes")))
+    # Istio's gateway conversion: attempts default 2; the default retry_on plus the codes given.
+    attempts = r.int(m.get("attempts", DEFAULT_RETRY_POLICY.attempts), f"{path}.attempts", 0, 2**31 - 1)
+    base = DEFAULT_RETRY_POLICY.backoff_base_s
+    if m.get("backoff") is not None:
+        base = r.duration(m.get("backoff"), f"{path}.backoff") or base
+    on = frozenset({"connect-failure", "refused-stream", "unavailable", "cancelled"})
+    if codes:
+        on |= {"retriable-status-codes"}
+    return RetryPolicy(attempts, on, codes, per_try, backoff_base_s=base, backoff_max_s=base * 10)
+
+
+def _gw_path_match_value(r: _R, v: Any, path: str) -> str:
+    s = r.str(v, path)
+    if not s.startswith("/"):
+        raise r.fail(path, 'expected a path starting with "/"')
+    return s
+
+
+def _gw_match(r: _R, v: Any, path: str) -> GwMatch:
+    m = r.map(v, path, ("path", "headers", "queryParams", "method"))
+    ptype, pvalue, pmatch = "PathPrefix", "/", None
+    if m.get("path") is not None:
+        pm = r.map(m.get("path"), f"{path}.path", ("type", "value"))
+        ptype = pm.get("type", "PathPrefix")
+        if ptype not in ("Exact", "PathPrefix", "RegularExpression"):
+            raise r.fail(f"{path}.path.type", "expected Exact, PathPrefix or RegularExpression")
+        if ptype == "RegularExpression":
+            pvalue = r.str(pm.get("value", "/"), f"{path}.path.value")
+            pmatch = StringMatch("regex", pvalue, pattern=r.regex(pvalue, f"{path}.path.value"))
+        else:
+            pvalue = _gw_path_match_value(r, pm.get("value", "/"), f"{path}.path.value")
+            if ptype == "Exact":
+                pmatch = StringMatch("exact", pvalue)
+    headers: list[GwHeaderMatch] = []
+    seen: set[str] = set()
+    for i, x in enumerate(r.list(m.get("headers"), f"{path}.headers")):
+        name, sm = _gw_kv_match(r, x, f"{path}.headers[{i}]")
+        lname = name.lower()
+        # Gateway API: "If multiple entries specify equivalent header names, only the first entry with
+        # an equivalent name MUST be considered for a match."
+        if lname not in seen:
+            seen.add(lname)
+            headers.append(GwHeaderMatch(lname, sm))
+    qps: list[tuple[str, StringMatch]] = []
+    seen_q: set[str] = set()
+    for i, x in enumerate(r.list(m.get("queryParams"), f"{path}.queryParams")):
+        name, sm = _gw_kv_match(r, x, f"{path}.queryParams[{i}]")
+        if name not in seen_q:  # query names are case-sensitive
+            seen_q.add(name)
+            qps.append((name, sm))
+    method = None
+    if m.get("method") is not None:
+        method = r.str(m.get("method"), f"{path}.method")
+        if method not in ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"):
+            raise r.fail(f"{path}.method", "expected an HTTP method (GET, POST, ...)")
+    return GwMatch(ptype, pvalue, pmatch, tuple(headers), tuple(qps), method)
+
+
+def _gw_kv_match(r: _R, v: Any, path: str) -> tuple[str, StringMatch]:
+    m = r.map(v, path, ("type", "name", "value"))
+    name = r.str(m.get("name"), f"{path}.name")
+    t = m.get("type", "Exact")
+    value = r.str(m.get("value"), f"{path}.value", empty_ok=True)
+    if t == "Exact":
+        return name, StringMatch("exact", value)
+    if t == "RegularExpression":
+        return name, StringMatch("regex", value, pattern=r.regex(value, f"{path}.value"))
+    raise r.fail(f"{path}.type", "expected Exact or RegularExpression")
+
+
+def _gw_header_ops(r: _R, v: Any, path: str) -> HeaderOps:
+    m = r.map(v, path, ("set", "add", "remove"))
+
+    def pairs(key: str) -> tuple[tuple[str, str], ...]:
+        out = []
+        for i, x in enumerate(r.list(m.get(key), f"{path}.{key}")):
+            p = f"{path}.{key}[{i}]"
+            e = r.map(x, p, ("name", "value"))
+            out.append((r.str(e.get("name"), f"{p}.name").lower(), r.str(e.get("value"), f"{p}.value", empty_ok=True)))
+        return tuple(out)
+
+    return HeaderOps(pairs("set"), pairs("add"), tuple(s.lower() for s in r.strs(m.get("remove"), f"{path}.remove")))
+
+
+_FILTER_FIELD = {
+    "RequestHeaderModifier": "requestHeaderModifier", "ResponseHeaderModifier": "responseHeaderModifier",
+    "URLRewrite": "urlRewrite", "RequestRedirect": "requestRedirect", "RequestMirror": "requestMirror",
+    "CORS": "cors", "ExtensionRef": "extensionRef",
+}
+
+
+def _gw_filters(r: _R, v: Any, path: str, *, allow_redirect: bool) -> dict:
+    req, resp = HeaderOps(), HeaderOps()
+    rewrite: RewriteSpec | None = None
+    redirect: RedirectSpec | None = None
+    mirrors: list[MirrorSpec] = []
+    for i, x in enumerate(r.list(v, path)):
+        p = f"{path}[{i}]"
+        m = r.map(x, p, ("type", *_FILTER_FIELD.values()))
+        t = m.get("type")
+        if t not in _FILTER_FIELD:
+            raise r.fail(f"{p}.type", "expected one of " + ", ".join(_FILTER_FIELD))
+        body_path = f"{p}.{_FILTER_FIELD[t]}"
+        body = m.get(_FILTER_FIELD[t])
+        if t != "ExtensionRef" and t != "CORS" and body is None:
+            raise r.fail(body_path, "required for this filter type")
+        if t == "RequestHeaderModifier":
+            req = _merge_ops(req, _gw_header_ops(r, body, body_path))
+        elif t == "ResponseHeaderModifier":
+            resp = _merge_ops(resp, _gw_header_ops(r, body, body_path))
+        elif t == "URLRewrite":
+            if rewrite is not None:
+                raise r.fail(p, "URLRewrite may appear only once")
+            rewrite = _gw_rewrite(r, body, body_path)
+        elif t == "RequestRedirect":
+            if not allow_redirect:
+                raise r.fail(p, "RequestRedirect is not allowed on a backendRef")
+            if redirect is not None:
+                raise r.fail(p, "RequestRedirect may appear only once")
+            redirect = _gw_redirect(r, body, body_path)
+        elif t == "RequestMirror":
+            mirrors.append(_gw_mirror(r, body, body_path))
+        elif t == "CORS":
+            r.warn(p, "CORS is not enforced by this proxy; ignored")
+        else:
+            raise r.fail(p, "ExtensionRef filters are not supported")
+    return {"headers": HeaderRules(req, resp) if (req or resp) else NO_HEADER_RULES,
+            "rewrite": rewrite, "redirect": redirect, "mirrors": tuple(mirrors)}
+
+
+def _merge_ops(a: HeaderOps, b: HeaderOps) -> HeaderOps:
+    return HeaderOps(a.set + b.set, a.add + b.add, a.remove + b.remove)
+
+
+def _gw_path_modifier(r: _R, v: Any, path: str) -> tuple[str, str]:
+    m = r.map(v, path, ("type", "replaceFullPath", "replacePrefixMatch"))
+    t = m.get("type")
+    if t == "ReplaceFullPath":
+        return "full", _gw_path_match_value(r, m.get("replaceFullPath"), f"{path}.replaceFullPath")
+    if t == "ReplacePrefixMatch":
+        return "prefix", _gw_path_match_value(r, m.get("replacePrefixMatch"), f"{path}.replacePrefixMatch")
+    raise r.fail(f"{path}.type", "expected ReplaceFullPath or ReplacePrefixMatch")
+
+
+def _gw_rewrite(r: _R, v: Any, path: str) -> RewriteSpec:
+    m = r.map(v, path, ("hostname", "path"))
+    kind, value = (None, "")
+    if m.get("path") is not None:
+        kind, value = _gw_path_modifier(r, m.get("path"), f"{path}.path")
+    return RewriteSpec(kind, value, None, "", r.opt_str(m.get("hostname"), f"{path}.hostname"), element_wise=True)
+
+
+def _gw_redirect(r: _R, v: Any, path: str) -> RedirectSpec:
+    m = r.map(v, path, ("scheme", "hostname", "path", "port", "statusCode"))
+    scheme = m.get("scheme")
+    if scheme is not None and scheme not in ("http", "https"):
+        raise r.fail(f"{path}.scheme", "expected http or https")
+    status = m.get("statusCode", 302)  # Gateway API default 302
+    if status not in (301, 302, 303, 307, 308) or isinstance(status, bool):
+        raise r.fail(f"{path}.statusCode", "expected one of 301, 302, 303, 307, 308")
+    kind, value = (None, "")
+    if m.get("path") is not None:
+        kind, value = _gw_path_modifier(r, m.get("path"), f"{path}.path")
+    return RedirectSpec(status, scheme, r.opt_str(m.get("hostname"), f"{path}.hostname"),
+                        r.opt_int(m.get("port"), f"{path}.port", 1, MAX_PORT), None, kind, value, element_wise=True)
+
+
+def _gw_mirror(r: _R, v: Any, path: str) -> MirrorSpec:
+    m = r.map(v, path, ("backendRef", "percent", "fraction"))
+    b = r.map(m.get("backendRef"), f"{path}.backendRef", ("group", "kind", "name", "namespace", "port"))
+    name = r.str(b.get("name"), f"{path}.backendRef.name")
+    ns = r.opt_str(b.get("namespace"), f"{path}.backendRef.namespace")
+    pct = 100.0
+    if m.get("percent") is not None:
+        pct = float(r.int(m.get("percent"), f"{path}.percent", 0, 100))
+    elif m.get("fraction") is not None:
+        fr = r.map(m.get("fraction"), f"{path}.fraction", ("numerator", "denominator"))
+        num = r.int(fr.get("numerator"), f"{path}.fraction.numerator", 0)
+        den = r.int(fr.get("denominator", 100), f"{path}.fraction.denominator", 1)
+        if num > den:
+            raise r.fail(f"{path}.fraction", "numerator must not exceed denominator")
+        pct = 100.0 * num / den
+    host = name if ns is None else f"{name}.{ns}"
+    return MirrorSpec(host, None, r.opt_int(b.get("port"), f"{path}.backendRef.port", 1, MAX_PORT), pct)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gateway API: Gateway (the waypoint)
+
+
+def parse_gateway(doc: dict, where: Where, *, order: int = 0) -> Gateway:
+    r, ns, name, meta, spec = _envelope(doc, where, (), GATEWAY_API_VERSIONS, "Gateway")
+    r.map(spec, "spec", ("gatewayClassName", "listeners", "addresses", "infrastructure", "backendTLS",
+                         "allowedListeners"))
+    labels = r.labels(meta.get("labels"), "metadata.labels")
+    cls = r.str(spec.get("gatewayClassName"), "spec.gatewayClassName")
+    listeners = []
+    for i, x in enumerate(r.list(spec.get("listeners"), "spec.listeners")):
+        p = f"spec.listeners[{i}]"
+        m = r.map(x, p, ("name", "hostname", "port", "protocol", "tls", "allowedRoutes"))
+        frm = "Same"
+        if m.get("allowedRoutes") is not None:
+            ar = r.map(m.get("allowedRoutes"), f"{p}.allowedRoutes", ("namespaces", "kinds"))
+            nsm = r.map(ar.get("namespaces"), f"{p}.allowedRoutes.namespaces", ("from", "selector"))
+            frm = nsm.get("from", "Same")
+            if frm not in ("All", "Same", "Selector", "None"):
+                raise r.fail(f"{p}.allowedRoutes.namespaces.from", "expected All, Same, Selector or None")
+        listeners.append(Listener(
+            name=r.str(m.get("name"), f"{p}.name"),
+            port=r.int(m.get("port"), f"{p}.port", 1, MAX_PORT),
+            protocol=r.str(m.get("protocol"), f"{p}.protocol"),
+            hostname=r.opt_str(m.get("hostname"), f"{p}.hostname"),
+            allowed_routes_from=frm,
+        ))
+    if cls == Gateway.WAYPOINT_CLASS:
+        wf = labels.get("istio.io/waypoint-for", "service")
+        if wf not in ("service", "workload", "all", "none"):
+            raise r.fail("metadata.labels.istio.io/waypoint-for", "expected service, workload, all or none")
+        if not any(lst.protocol == "HBONE" for lst in listeners):
+            # istioctl waypoint generate: listener "mesh", port 15008, protocol HBONE.
+            raise r.fail("spec.listeners", "a waypoint needs an HBONE listener (name mesh, port 15008, protocol HBONE)")
+    return Gateway(ns, name, cls, tuple(listeners), labels, order)
+
+
+PARSERS: dict[str, Callable[..., Any]] = {
+    "VirtualService": parse_virtual_service,
+    "DestinationRule": parse_destination_rule,
+    "HTTPRoute": parse_http_route,
+    "Gateway": parse_gateway,
+}

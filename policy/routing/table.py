@@ -1,0 +1,492 @@
+"""The compiled route table: per service port, the rules a waypoint evaluates, built once per config
+snapshot so the per-request work is only matching.
+
+Which configuration applies (reference/istio-semantics.md §2, §3):
+
+* HTTPRoutes whose ``parentRefs`` name the Service (group ``""``/core, kind Service, optional port) or
+  the waypoint Gateway, ordered by Gateway API precedence across all their rules (§2.3);
+* otherwise the VirtualServices for the service's host from the service's namespace or the waypoint's
+  namespace, merged in order (§2.1, ``getVirtualServiceForWaypoint``); match entries using
+  ``sourceLabels``/``sourceNamespace`` are dropped at waypoints (istio/istio#51565);
+* otherwise Istio's default route: all endpoints of the service, the default retry policy, no timeout.
+
+Mixing VirtualService and HTTPRoute for one service "is not supported and leads to undefined
+behavior" (istio.io migrate-policies); here HTTPRoutes win and a warning says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Iterable, Mapping
+
+import ipaddress
+
+from policy.inventory import Inventory, Service
+
+from .model import (
+    DEFAULT_RETRY_POLICY, EMPTY, NO_HEADER_RULES, NO_TRAFFIC_POLICY, DestinationRule, Gateway, GwRule,
+    HeaderRules, HttpRoute, HttpRule, RetryPolicy, TrafficPolicy, VirtualService,
+)
+from .select import DirectResponse, Forward, GwMatcher, VsMatcher
+
+CLUSTER_DOMAIN = "cluster.local"   # Kubernetes' default cluster domain (svc.cluster.local)
+NOT_FOUND_FLAG = "NC"              # Envoy: "NC: Upstream cluster not found"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One weighted upstream of a route: a service (or subset) port, named as Envoy names the cluster.
+
+    ``fail_status`` set means "answer this instead of forwarding": Istio routes to a subset no
+    DestinationRule defines (or an unknown host) produce a cluster that does not exist (503, flag NC);
+    an invalid Gateway API backendRef gets 500 for its share of the traffic (§2.3).
+    """
+
+    host: str
+    service_key: str | None
+    subset: str | None
+    port: int | None
+    weight: int
+    cluster_name: str
+    subset_labels: Mapping[str, str] | None = None
+    traffic_policy: TrafficPolicy = NO_TRAFFIC_POLICY
+    headers: HeaderRules = NO_HEADER_RULES
+    fail_status: int | None = None
+    fail_flag: str = ""
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class Mirror:
+    destination: Destination
+    percent: float
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    index: int                 # rule index within its resource
+    name: str
+    route_name: str            # "name.namespace" of the VirtualService / HTTPRoute, or "default"
+    matchers: tuple            # () = catch-all
+    action: object             # Forward | RedirectSpec | DirectResponse
+
+
+@dataclass(frozen=True)
+class ServiceRoutes:
+    route_config: str          # "inbound-vip|9080|http|reviews.default.svc.cluster.local"
+    service_key: str
+    port: int
+    kind: str                  # "VirtualService" | "HTTPRoute" | "default"
+    rules: tuple[CompiledRule, ...]
+    sources: tuple[str, ...] = ()       # "VirtualService default/reviews", ...
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TcpRule:
+    subnets: tuple              # ip_network objects; () = any destination
+    destinations: tuple[Destination, ...]
+
+
+@dataclass(frozen=True)
+class TcpRoutes:
+    route_config: str
+    service_key: str
+    port: int
+    rules: tuple[TcpRule, ...]
+    default: Destination
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    http: Mapping[tuple[str, int], ServiceRoutes]
+    tcp: Mapping[tuple[str, int], TcpRoutes]
+    warnings: tuple[str, ...] = ()
+    _ctx: object = field(default=None, compare=False, repr=False)
+
+    def http_routes_for(self, service: Service, port: int) -> ServiceRoutes:
+        got = self.http.get((service.key, port))
+        if got is None:
+            got = _default_http(self._ctx, service, port)
+        return got
+
+    def tcp_routes_for(self, service: Service, port: int) -> TcpRoutes:
+        got = self.tcp.get((service.key, port))
+        if got is None:
+            got = TcpRoutes(route_name(service, port, "tcp"), service.key, port, (),
+                            _self_destination(self._ctx, service, port, "tcp"))
+        return got
+
+    def __repr__(self) -> str:
+        kinds: dict[str, int] = {}
+        for r in self.http.values():
+            kinds[r.kind] = kinds.get(r.kind, 0) + 1
+        return f"<RouteTable http={len(self.http)} {kinds} tcp={len(self.tcp)} warnings={len(self.warnings)}>"
+
+
+def route_name(service: Service, port: int, proto: str) -> str:
+    return f"inbound-vip|{port}|{proto}|{service.hostname}"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Ctx:
+    inventory: Inventory
+    in_scope: set[str]                       # keys of services behind this waypoint
+    destination_rules: list[DestinationRule]
+    waypoint_namespace: str
+    warnings: list[str]
+
+
+def build_route_table(inventory: Inventory, services: Iterable[Service], virtual_services: Iterable[VirtualService],
+                      destination_rules: Iterable[DestinationRule], http_routes: Iterable[HttpRoute], *,
+                      waypoint_namespace: str, gateway: Gateway | str | None = None) -> RouteTable:
+    """Compile routes for every port of every service behind this waypoint.
+
+    ``gateway``: the waypoint's Gateway (or "ns/name"), so HTTPRoutes whose parentRef names it apply to
+    all these services."""
+    services = list(services)
+    vss = sorted(virtual_services, key=lambda v: (v.order, v.namespace, v.name))
+    drs = sorted(destination_rules, key=lambda d: (d.order, d.namespace, d.name))
+    # Gateway API precedence falls back to "oldest route, then {namespace}/{name}"; load order stands in
+    # for creationTimestamp.
+    hrs = sorted(http_routes, key=lambda h: (h.order, h.namespace, h.name))
+    gw_key = gateway.key if isinstance(gateway, Gateway) else gateway
+    warnings: list[str] = []
+    ctx = _Ctx(inventory, {s.key for s in services}, drs, waypoint_namespace, warnings)
+    for res in (*vss, *drs, *hrs):
+        kind = type(res).__name__
+        warnings.extend(f"{kind} {res.key}: {w}" for w in res.warnings)
+    http: dict[tuple[str, int], ServiceRoutes] = {}
+    tcp: dict[tuple[str, int], TcpRoutes] = {}
+    for svc in services:
+        svc_vss = [v for v in vss if _vs_applies(v, svc, waypoint_namespace)]
+        for port in sorted(svc.ports):
+            routes = [h for h in hrs if _hr_applies(h, svc, port, gw_key)]
+            if routes:
+                if svc_vss:
+                    warnings.append(f"service {svc.key}: both HTTPRoute and VirtualService attach; "
+                                    "using HTTPRoute (Istio: mixing them is undefined behavior)")
+                http[(svc.key, port)] = _compile_http_routes(ctx, svc, port, routes)
+            else:
+                http[(svc.key, port)] = _compile_vs(ctx, svc, port, svc_vss) or _default_http(ctx, svc, port)
+            tcp[(svc.key, port)] = _compile_tcp(ctx, svc, port, svc_vss)
+    return RouteTable(MappingProxyType(http), MappingProxyType(tcp), tuple(warnings), ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host resolution
+
+
+def fqdn(host: str, namespace: str) -> str:
+    """Istio resolves a short name (no dots) in the resource's namespace: ``reviews`` in ``default`` is
+    ``reviews.default.svc.cluster.local`` (ResolveShortnameToFQDN)."""
+    if "." in host or host == "*":
+        return host
+    return f"{host}.{namespace}.svc.{CLUSTER_DOMAIN}"
+
+
+def _host_matches(pattern: str, hostname: str) -> bool:
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return hostname.endswith(pattern[1:])
+    return pattern == hostname
+
+
+def _find_service(inv: Inventory, host: str, namespace: str) -> Service | None:
+    svc = inv.service_by_hostname.get(fqdn(host, namespace))
+    if svc is not None:
+        return svc
+    # Inventories in ztunnel's shape may use hostnames like "example.com"; also accept the Service's
+    # Kubernetes name, short ("reviews") or qualified ("reviews.default", "reviews.default.svc").
+    parts = host.split(".")
+    if len(parts) == 1:
+        name, ns = host, namespace
+    elif len(parts) == 2 or parts[2] == "svc":
+        name, ns = parts[0], parts[1]
+    else:
+        return None
+    return next((s for s in inv.services.values() if s.name == name and s.namespace == ns), None)
+
+
+def _vs_applies(vs: VirtualService, svc: Service, waypoint_ns: str) -> bool:
+    # Waypoints read VirtualServices from the service's namespace or their own (§2.1).
+    if vs.namespace not in (svc.namespace, waypoint_ns):
+        return False
+    if vs.gateways and "mesh" not in vs.gateways:
+        return False
+    for h in vs.hosts:
+        if _host_matches(fqdn(h, vs.namespace), svc.hostname):
+            return True
+        if "." not in h and h == svc.name and vs.namespace == svc.namespace:
+            return True
+    return False
+
+
+def _hr_applies(hr: HttpRoute, svc: Service, port: int, gw_key: str | None) -> bool:
+    for p in hr.parent_refs:
+        ns = p.namespace or hr.namespace
+        if p.is_service:
+            # GEP-1426: a route in the Service's namespace is a "producer route" and applies to all
+            # clients; consumer routes (other namespaces) only to their own clients, never at a waypoint.
+            if p.name == svc.name and ns == svc.namespace and hr.namespace == svc.namespace and \
+                    (p.port is None or p.port == port):
+                return True
+        elif p.kind == "Gateway" and p.group == "gateway.networking.k8s.io" and gw_key == f"{ns}/{p.name}":
+            if p.port is not None and p.port != port and p.port != 15008:
+                continue
+            # Hostnames apply to Gateway parents (matched against the service hostname); for Service
+            # parents GEP-1426 has the Service itself define the host.
+            if not hr.hostnames or any(_host_matches(h, svc.hostname) for h in hr.hostnames):
+                return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Destinations
+
+
+def _dr_for(ctx: _Ctx, svc: Service) -> DestinationRule | None:
+    """The DestinationRule for a host. Istio prefers the client's (here: the waypoint's) namespace, then
+    the service's namespace; exact hosts beat wildcards; DRs for the same host in one namespace merge
+    (subsets appended, first traffic policy wins)."""
+    best: list[DestinationRule] = []
+    best_rank = None
+    for dr in ctx.destination_rules:
+        h = fqdn(dr.host, dr.namespace)
+        exact = h == svc.hostname or ("." not in dr.host and dr.host == svc.name and dr.namespace == svc.namespace)
+        if not exact and not _host_matches(h, svc.hostname):
+            continue
+        if dr.namespace == ctx.waypoint_namespace:
+            ns_rank = 0
+        elif dr.namespace == svc.namespace:
+            ns_rank = 1
+        else:
+            ns_rank = 2
+        rank = (0 if exact else 1, ns_rank)
+        if best_rank is None or rank < best_rank:
+            best, best_rank = [dr], rank
+        elif rank == best_rank and dr.namespace == best[0].namespace:
+            best.append(dr)
+    if not best:
+        return None
+    if len(best) == 1:
+        return best[0]
+    subsets, names = [], set()
+    for dr in best:
+        for s in dr.subsets:
+            if s.name not in names:
+                names.add(s.name)
+                subsets.append(s)
+    tp = next((dr.traffic_policy for dr in best if dr.traffic_policy is not None), None)
+    first = best[0]
+    return DestinationRule(first.namespace, first.name, first.host, tuple(subsets), tp, first.export_to,
+                           first.workload_selector, first.order)
+
+
+def cluster_name(ctx: _Ctx, svc: Service, port: int, subset: str | None, proto: str) -> str:
+    if svc.key in ctx.in_scope:
+        # The waypoint's own services: inbound-vip|9080|http/v1|reviews.default.svc.cluster.local (§3).
+        return f"inbound-vip|{port}|{proto}{'/' + subset if subset else ''}|{svc.hostname}"
+    return f"outbound|{port}|{subset or ''}|{svc.hostname}"
+
+
+def _destination(ctx: _Ctx, host: str, namespace: str, subset: str | None, port: int | None, weight: int,
+                 addressed_port: int, proto: str, headers: HeaderRules = NO_HEADER_RULES,
+                 invalid_status: int = 503) -> Destination:
+    svc = _find_service(ctx.inventory, host, namespace)
+    name = fqdn(host, namespace)
+    if svc is None:
+        return Destination(name, None, subset, port, weight, f"outbound|{port or addressed_port}|{subset or ''}|{name}",
+                           headers=headers, fail_status=invalid_status,
+                           fail_flag=NOT_FOUND_FLAG if invalid_status == 503 else "",
+                           problem=f"unknown service {name}")
+    if port is None:
+        # Istio: "Port may be omitted if the service has a single port"; otherwise the port addressed.
+        if len(svc.ports) == 1:
+            port = next(iter(svc.ports))
+        elif addressed_port in svc.ports:
+            port = addressed_port
+    cname = cluster_name(ctx, svc, port or addressed_port, subset, proto)
+    if port is None or port not in svc.ports:
+        return Destination(svc.hostname, svc.key, subset, port, weight, cname, headers=headers,
+                           fail_status=invalid_status, fail_flag=NOT_FOUND_FLAG if invalid_status == 503 else "",
+                           problem=f"service {svc.key} has no port {port}")
+    dr = _dr_for(ctx, svc)
+    labels = None
+    if subset is not None:
+        s = dr.subset(subset) if dr is not None else None
+        if s is None:
+            # Istio: the subset "must exist in a DestinationRule for the host"; if not, the route names a
+            # cluster that was never built and Envoy answers 503 (NC).
+            return Destination(svc.hostname, svc.key, subset, port, weight, cname, headers=headers,
+                               fail_status=503, fail_flag=NOT_FOUND_FLAG,
+                               problem=f"subset {subset!r} is not defined by a DestinationRule for {svc.hostname}")
+        labels = s.labels
+    tp = dr.policy_for(subset, port) if dr is not None else NO_TRAFFIC_POLICY
+    return Destination(svc.hostname, svc.key, subset, port, weight, cname, labels, tp, headers)
+
+
+def _self_destination(ctx: _Ctx, svc: Service, port: int, proto: str) -> Destination:
+    dr = _dr_for(ctx, svc) if ctx is not None else None
+    in_scope = ctx.in_scope if ctx is not None else {svc.key}
+    cname = f"inbound-vip|{port}|{proto}|{svc.hostname}" if svc.key in in_scope else f"outbound|{port}||{svc.hostname}"
+    tp = dr.policy_for(None, port) if dr is not None else NO_TRAFFIC_POLICY
+    return Destination(svc.hostname, svc.key, None, port, 1, cname, None, tp)
+
+
+def _default_http(ctx: _Ctx | None, svc: Service, port: int) -> ServiceRoutes:
+    # Istio's default route: all endpoints, the default retry policy, no timeout ("default is disabled").
+    fwd = Forward((_self_destination(ctx, svc, port, "http"),), None, DEFAULT_RETRY_POLICY, headers=NO_HEADER_RULES)
+    rule = CompiledRule(-1, "default", "default", (), fwd)
+    return ServiceRoutes(route_name(svc, port, "http"), svc.key, port, "default", (rule,))
+
+
+# ---------------------------------------------------------------------------------------------
+# VirtualService
+
+
+def _compile_vs(ctx: _Ctx, svc: Service, port: int, vss: list[VirtualService]) -> ServiceRoutes | None:
+    rules: list[CompiledRule] = []
+    sources = []
+    warns = []
+    for vs in vss:
+        if vs.http:
+            sources.append(f"VirtualService {vs.key}")
+        for i, r in enumerate(vs.http):
+            matchers = []
+            for j, m in enumerate(r.matches):
+                if m.source_labels or m.source_namespace:
+                    # istio/istio#51565: waypoints drop match entries that select on the source.
+                    warns.append(f"VirtualService {vs.key}: spec.http[{i}].match[{j}]: sourceLabels/"
+                                 "sourceNamespace cannot be evaluated at a waypoint; match dropped")
+                    continue
+                if m.gateways and "mesh" not in m.gateways:
+                    continue
+                if m.port is not None and m.port != port:
+                    continue
+                matchers.append(VsMatcher(m))
+            if r.matches and not matchers:
+                continue   # every match was dropped: the rule does not apply (it is not a catch-all)
+            rules.append(CompiledRule(i, r.name, f"{vs.name}.{vs.namespace}", tuple(matchers),
+                                      _vs_action(ctx, vs, r, port)))
+    if not rules:
+        return None
+    ctx.warnings.extend(w for w in warns if w not in ctx.warnings)
+    return ServiceRoutes(route_name(svc, port, "http"), svc.key, port, "VirtualService", tuple(rules),
+                         tuple(sources), tuple(warns))
+
+
+def _vs_action(ctx: _Ctx, vs: VirtualService, r: HttpRule, port: int):
+    if r.redirect is not None:
+        return r.redirect
+    if r.direct_response is not None:
+        return DirectResponse(*r.direct_response)
+    dests = []
+    for d in r.route:
+        # "If there is only one destination in a rule, it will receive all traffic."
+        w = 1 if len(r.route) == 1 else (d.weight or 0)
+        dests.append(_destination(ctx, d.host, vs.namespace, d.subset, d.port, w, port, "http", d.headers))
+    mirrors = tuple(Mirror(_destination(ctx, m.host, vs.namespace, m.subset, m.port, 1, port, "http"), m.percent)
+                    for m in r.mirrors)
+    retry = r.retries if r.retries is not None else DEFAULT_RETRY_POLICY
+    return Forward(tuple(dests), r.timeout_s, retry, r.fault, r.rewrite, r.headers, mirrors)
+
+
+def _compile_tcp(ctx: _Ctx, svc: Service, port: int, vss: list[VirtualService]) -> TcpRoutes:
+    rules = []
+    sources = []
+    for vs in vss:
+        for r in vs.tcp:
+            subnets: list = []
+            applies = not r.matches
+            for m in r.matches:
+                if m.source_labels or m.source_namespace or (m.gateways and "mesh" not in m.gateways):
+                    continue
+                if m.port is not None and m.port != port:
+                    continue
+                applies = True
+                for s in m.destination_subnets:
+                    try:
+                        subnets.append(ipaddress.ip_network(s, strict=False))
+                    except ValueError:
+                        ctx.warnings.append(f"VirtualService {vs.key}: bad destinationSubnet {s!r}; ignored")
+            if not applies:
+                continue
+            n = len(r.route)
+            dests = tuple(_destination(ctx, d.host, vs.namespace, d.subset, d.port, 1 if n == 1 else (d.weight or 0),
+                                       port, "tcp") for d in r.route)
+            rules.append(TcpRule(tuple(subnets), dests))
+            if f"VirtualService {vs.key}" not in sources:
+                sources.append(f"VirtualService {vs.key}")
+    return TcpRoutes(route_name(svc, port, "tcp"), svc.key, port, tuple(rules),
+                     _self_destination(ctx, svc, port, "tcp"), tuple(sources))
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTPRoute
+
+
+_URI_RANK = {"Exact": 3, "PathPrefix": 2, "RegularExpression": 1}
+
+
+def _compile_http_routes(ctx: _Ctx, svc: Service, port: int, routes: list[HttpRoute]) -> ServiceRoutes:
+    entries = []
+    for ri, hr in enumerate(routes):
+        for i, rule in enumerate(hr.rules):
+            action = _gw_action(ctx, hr, rule, port)
+            for j, m in enumerate(rule.matches):
+                plen = len(m.path.rstrip("/")) if m.path_type == "PathPrefix" else len(m.path)
+                # Gateway API precedence (HTTPRouteRule.Matches): Exact path > longest PathPrefix > has
+                # method > most headers > most query params; then oldest route, then
+                # "{namespace}/{name}" alphabetical, then rule order. (Istio ranks Exact > Prefix > Regex.)
+                key = (-_URI_RANK[m.path_type], -plen, 0 if m.method else 1, -len(m.headers),
+                       -len(m.query_params), hr.order, f"{hr.namespace}/{hr.name}", i, j)
+                entries.append((key, CompiledRule(i, rule.name, f"{hr.name}.{hr.namespace}", (GwMatcher(m),), action)))
+    entries.sort(key=lambda e: e[0])
+    return ServiceRoutes(route_name(svc, port, "http"), svc.key, port, "HTTPRoute", tuple(e[1] for e in entries),
+                         tuple(f"HTTPRoute {h.key}" for h in routes))
+
+
+def _gw_action(ctx: _Ctx, hr: HttpRoute, rule: GwRule, port: int):
+    if rule.redirect is not None:
+        return rule.redirect
+    dests = []
+    for b in rule.backend_refs:
+        ns = b.namespace or hr.namespace
+        if b.kind != "Service" or b.group not in ("", "core"):
+            d = Destination(b.name, None, None, b.port, b.weight, f"unsupported|{b.kind}|{b.name}",
+                            fail_status=500, problem=f"backendRef kind {b.group}/{b.kind} is not supported")
+        elif ns != hr.namespace:
+            # Cross-namespace references need a ReferenceGrant, which this proxy does not read:
+            # Gateway API treats the ref as invalid (RefNotPermitted) ⇒ 500 for its share.
+            d = Destination(f"{b.name}.{ns}", None, None, b.port, b.weight, f"outbound|{b.port or port}||{b.name}.{ns}",
+                            fail_status=500, problem="cross-namespace backendRef without ReferenceGrant")
+        else:
+            d = _destination(ctx, b.name, ns, None, b.port, b.weight, port, "http", b.headers, invalid_status=500)
+        dests.append(d)
+    if not dests or all(d.weight == 0 for d in dests):
+        # Gateway API: "If all entries in BackendRefs are invalid, and there are also no filters specified
+        # in this route rule, all traffic which matches this rule MUST receive a 500 status code"; Istio
+        # answers 500 for a rule without backends too.
+        return DirectResponse(500, "", "")
+    if len(dests) == 1 and dests[0].weight > 0:
+        dests = [_reweight(dests[0], 1)]
+    mirrors = tuple(Mirror(_destination(ctx, m.host, hr.namespace, None, m.port, 1, port, "http"), m.percent)
+                    for m in rule.mirrors)
+    retry: RetryPolicy = rule.retries if rule.retries is not None else DEFAULT_RETRY_POLICY
+    return Forward(tuple(dests), rule.request_timeout_s, retry, None, rule.rewrite, rule.headers, mirrors)
+
+
+def _reweight(d: Destination, w: int) -> Destination:
+    return Destination(d.host, d.service_key, d.subset, d.port, w, d.cluster_name, d.subset_labels,
+                       d.traffic_policy, d.headers, d.fail_status, d.fail_flag, d.problem)
+
+
+__all__ = ["Destination", "Mirror", "CompiledRule", "ServiceRoutes", "TcpRoutes", "TcpRule", "RouteTable",
+           "build_route_table", "route_name", "fqdn", "EMPTY"]
