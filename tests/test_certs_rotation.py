@@ -18,7 +18,8 @@ from certs.ca import MeshCA
 from certs.errors import CertError
 from certs.rotation import FORCED_RECHECK_INTERVAL, FileCertSource, MintingCertSource, watch
 from certs.spiffe import SpiffeId
-from certs.tls import check_server_identity, client_context, peer_identity
+from certs.tls import check_server_identity, client_context
+from tests.test_certs_tls import Server, run_loop  # noqa: F401 - run_loop is a fixture
 
 T0 = datetime(2030, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
 TTL = timedelta(hours=24)
@@ -183,74 +184,60 @@ def test_first_load_errors_raise(files, tmp_path):
 # ---------------------------------------------------------------- live connections over real TLS
 
 
-async def test_rotation_reaches_new_connections_and_spares_live_ones(tmp_path, loopback_ip):
-    now = datetime.now(timezone.utc)  # OpenSSL checks validity with the real clock
-    ca = MeshCA.init(tmp_path / "ca", now=now - timedelta(days=1))
-    src = MintingCertSource(ca, ID, TTL, now - timedelta(hours=20))  # past half-life at `now`
-    client = client_context(CertBundle.from_issued(ca.issue(CLIENT_ID, now=now), ca.root_cert_pem))
+def test_rotation_reaches_new_connections_and_spares_live_ones(tmp_path, loopback_ip, run_loop):
+    async def main():
+        now = datetime.now(timezone.utc)  # OpenSSL checks validity with the real clock
+        ca = MeshCA.init(tmp_path / "ca", now=now - timedelta(days=1))
+        src = MintingCertSource(ca, ID, TTL, now - timedelta(hours=20))  # past half-life at `now`
+        client = client_context(CertBundle.from_issued(ca.issue(CLIENT_ID, now=now), ca.root_cert_pem))
 
-    handlers: set[asyncio.Task] = set()
+        async def open_conn(server):
+            reader, writer = await asyncio.open_connection(server.host, server.port, ssl=client, server_hostname="")
+            ssl_object = writer.get_extra_info("ssl_object")
+            assert check_server_identity(ssl_object, {ID}, "cluster.local") == ID
+            assert await asyncio.wait_for(reader.readline(), IO_TIMEOUT_S) == f"hello {CLIENT_ID}\n".encode()
+            return reader, writer, x509.load_der_x509_certificate(ssl_object.getpeercert(True)).serial_number
 
-    async def handle(reader, writer):
-        handlers.add(asyncio.current_task())
-        try:
-            await writer.start_tls(src.server_context())  # the context current at accept time
-            peer_identity(writer.get_extra_info("ssl_object"), "cluster.local")
-            while line := await reader.readline():
-                writer.write(line.upper())
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            writer.close()
+        async def roundtrip(reader, writer, msg: bytes):
+            writer.write(msg + b"\n")
+            await writer.drain()
+            assert await asyncio.wait_for(reader.readline(), IO_TIMEOUT_S) == msg.upper() + b"\n"
 
-    host = loopback_ip()
-    server = await asyncio.start_server(handle, host, 0)
-    port = server.sockets[0].getsockname()[1]
+        # the server asks the source for its context at each accept, as hbone/'s server does
+        async with Server(src.server_context, loopback_ip(), echo=True) as server:
+            r1, w1, serial1 = await open_conn(server)
+            await roundtrip(r1, w1, b"before")
+            assert serial1 == serial(src.current())
+            assert src.maybe_rotate(now)
+            r2, w2, serial2 = await open_conn(server)
+            assert serial2 == serial(src.current()) != serial1  # a new connection gets the new certificate
+            await roundtrip(r1, w1, b"live tunnel untouched")  # the old connection keeps working
+            await roundtrip(r2, w2, b"new")
+            for w in (w1, w2):
+                w.close()
+            assert [(await server.result())[:2] for _ in range(2)] == [("ok", CLIENT_ID)] * 2
 
-    async def open_conn():
-        reader, writer = await asyncio.open_connection(host, port, ssl=client, server_hostname="")
-        ssl_object = writer.get_extra_info("ssl_object")
-        assert check_server_identity(ssl_object, {ID}, "cluster.local") == ID
-        return reader, writer, x509.load_der_x509_certificate(ssl_object.getpeercert(True)).serial_number
-
-    async def roundtrip(reader, writer, msg: bytes):
-        writer.write(msg + b"\n")
-        await writer.drain()
-        assert await asyncio.wait_for(reader.readline(), IO_TIMEOUT_S) == msg.upper() + b"\n"
-
-    try:
-        r1, w1, serial1 = await open_conn()
-        await roundtrip(r1, w1, b"before")
-        assert serial1 == serial(src.current())
-        assert src.maybe_rotate(now)
-        r2, w2, serial2 = await open_conn()
-        assert serial2 == serial(src.current()) != serial1  # a new connection gets the new certificate
-        await roundtrip(r1, w1, b"live tunnel untouched")  # the old connection keeps working
-        await roundtrip(r2, w2, b"new")
-        for w in (w1, w2):
-            w.close()
-            await w.wait_closed()
-        await asyncio.wait_for(asyncio.gather(*handlers), IO_TIMEOUT_S)  # both server sides saw EOF and ended
-    finally:
-        server.close()
-        await server.wait_closed()
+    run_loop(main)
 
 
-async def test_watch_drives_rotation_and_reports_errors_once(ca, files):
-    src = FileCertSource(*files)
-    times = iter([T0, T0 + timedelta(minutes=1), T0 + timedelta(minutes=2), T0 + timedelta(minutes=3)] + [T0 + timedelta(minutes=4)] * 1000)
-    rotated, errors = [], []
-    files[0].write_text("broken")
-    task = asyncio.create_task(watch([src], interval_s=0, clock=lambda: next(times), on_rotate=rotated.append,
-                                     on_error=lambda s, e: errors.append(e)))
-    for _ in range(20):
-        await asyncio.sleep(0)
-    assert len(errors) == 1 and not rotated  # reported once, not on every tick
-    ca.issue(ID, now=T0 + timedelta(minutes=1), ttl=TTL).write(files[0].with_name("wl"))
-    for _ in range(20):
-        await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert rotated == [src] and src.last_error is None
+def test_watch_drives_rotation_and_reports_errors_once(ca, files, run_loop):
+    async def main():
+        src = FileCertSource(*files)
+        times = iter([T0, T0 + timedelta(minutes=1), T0 + timedelta(minutes=2), T0 + timedelta(minutes=3)] + [T0 + timedelta(minutes=4)] * 1000)
+        rotated, errors = [], []
+        files[0].write_text("broken")
+        task = asyncio.create_task(watch([src], interval_s=0, clock=lambda: next(times), on_rotate=rotated.append,
+                                         on_error=lambda s, e: errors.append(e)))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(errors) == 1 and not rotated  # reported once, not on every tick
+        ca.issue(ID, now=T0 + timedelta(minutes=1), ttl=TTL).write(files[0].with_name("wl"))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert rotated == [src] and src.last_error is None
+
+    run_loop(main)
+

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import uvloop
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certs import testing
@@ -25,6 +26,18 @@ NOW = datetime.now(timezone.utc)  # OpenSSL checks validity against the real clo
 SERVER_ID = SpiffeId(TD, "default", "reviews")
 CLIENT_ID = SpiffeId(TD, "default", "productpage")
 HANDSHAKE_TIMEOUT_S = 5.0  # loopback handshakes take milliseconds; this only bounds a broken test
+
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run_loop(request):
+    """Run a test's ``main`` coroutine on a fresh loop of each kind: hbone/ runs on uvloop, whose TLS
+    transport is its own code, and must behave the same on the stdlib loop."""
+
+    def run(main):
+        return uvloop.run(main()) if request.param == "uvloop" else asyncio.run(main())
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -54,31 +67,69 @@ def raw_context(issued: IssuedCert | None, trust: bytes, tmp: Path, *, server: b
 
 
 class Server:
-    """A TLS server on loopback that records, per connection, the peer identity or the refusal reason."""
+    """A TLS server on loopback that records, per connection, the peer identity or the refusal reason.
 
-    def __init__(self, ctx: ssl.SSLContext, host: str):
-        self.ctx, self.host = ctx, host
+    It accepts like hbone/'s server (``sock_accept`` + ``connect_accepted_socket(ssl=...)``), so a
+    failed handshake surfaces here as an exception on both loops (``StreamWriter.start_tls`` hangs
+    server-side on uvloop 0.23). ``context`` is called per connection, as a CertSource would be."""
+
+    def __init__(self, ctx, host: str, *, echo: bool = False):
+        self.context = ctx if callable(ctx) else (lambda: ctx)
+        self.host, self.echo = host, echo
         self.results: asyncio.Queue = asyncio.Queue()
+        self.handlers: set[asyncio.Task] = set()
 
     async def __aenter__(self):
-        self.server = await asyncio.start_server(self._handle, self.host, 0)
-        self.port = self.server.sockets[0].getsockname()[1]
+        self.sock = socket.create_server((self.host, 0))
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+        self.accepting = asyncio.create_task(self._accept())
         return self
 
     async def __aexit__(self, *exc):
-        self.server.close()
-        await self.server.wait_closed()
+        self.accepting.cancel()
+        for task in self.handlers:
+            task.cancel()
+        await asyncio.gather(self.accepting, *self.handlers, return_exceptions=True)
+        self.sock.close()
 
-    async def _handle(self, reader, writer):
+    async def _accept(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self.sock)
+            task = asyncio.create_task(self._handle(conn))
+            self.handlers.add(task)
+            task.add_done_callback(self.handlers.discard)
+
+    async def _handle(self, conn: socket.socket):
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            await writer.start_tls(self.ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S)
+            # uvloop returns its own SSLProtocol as the second value, so keep ours from here
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=self.context(), ssl_handshake_timeout=HANDSHAKE_TIMEOUT_S
+            )
+        except Exception as exc:  # noqa: BLE001 - the test asserts on the classification
+            conn.close()
+            self.results.put_nowait(("refused", classify_handshake_error(exc), exc))
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        try:
             ssl_object = writer.get_extra_info("ssl_object")
-            ident = peer_identity(ssl_object, TD)
+            try:
+                ident = peer_identity(ssl_object, TD)
+            except PeerIdentityError as exc:
+                self.results.put_nowait(("refused", classify_handshake_error(exc), exc))
+                return
             writer.write(f"hello {ident}\n".encode())
             await writer.drain()
             self.results.put_nowait(("ok", ident, ssl_object.selected_alpn_protocol(), ssl_object.version()))
-        except Exception as exc:  # noqa: BLE001 - the test asserts on the classification
-            self.results.put_nowait(("refused", classify_handshake_error(exc), exc))
+            while self.echo and (line := await reader.readline()):
+                writer.write(line.upper())
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
         finally:
             writer.close()
 
@@ -116,10 +167,13 @@ def good_client_ctx(cas):
     return client_context(bundle(ca.issue(CLIENT_ID, now=NOW), ca.root_cert_pem))
 
 
-async def test_good_client_and_server(server_ctx, good_client_ctx, loopback_ip):
-    async with Server(server_ctx, loopback_ip()) as server:
-        await good_exchange(server, good_client_ctx)
-        await good_exchange(server, good_client_ctx)  # and again: nothing is one-shot
+def test_good_client_and_server(server_ctx, good_client_ctx, loopback_ip, run_loop):
+    async def main():
+        async with Server(server_ctx, loopback_ip()) as server:
+            await good_exchange(server, good_client_ctx)
+            await good_exchange(server, good_client_ctx)  # and again: nothing is one-shot
+
+    run_loop(main)
 
 
 def _bad_clients(ca: MeshCA, other: MeshCA, tmp: Path) -> dict[str, tuple[ssl.SSLContext, str]]:
@@ -170,27 +224,30 @@ BAD_CASES = ["other_ca", "expired", "not_yet_valid", "wrong_trust_domain", "no_s
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
-async def test_server_refuses_bad_client_then_serves_good_one(case, cas, server_ctx, good_client_ctx, loopback_ip, tmp_path):
-    ca, other = cas
-    client_ctx, want_reason = _bad_clients(ca, other, tmp_path)[case]
-    async with Server(server_ctx, loopback_ip()) as server:
-        # In TLS 1.3 the client finishes its side of the handshake before the server has checked the
-        # client certificate, so the refusal reaches the client on its first read (alert or EOF).
-        try:
-            reader, writer = await connect(client_ctx, server)
-        except (ssl.SSLError, ConnectionError):
-            pass
-        else:
+def test_server_refuses_bad_client_then_serves_good_one(case, cas, server_ctx, good_client_ctx, loopback_ip, tmp_path, run_loop):
+    async def main():
+        ca, other = cas
+        client_ctx, want_reason = _bad_clients(ca, other, tmp_path)[case]
+        async with Server(server_ctx, loopback_ip()) as server:
+            # In TLS 1.3 the client finishes its side of the handshake before the server has checked the
+            # client certificate, so the refusal reaches the client on its first read (alert or EOF).
             try:
-                got = await asyncio.wait_for(reader.read(100), HANDSHAKE_TIMEOUT_S)
-                assert not got.startswith(b"hello"), "a refused client must never get application data"
+                reader, writer = await connect(client_ctx, server)
             except (ssl.SSLError, ConnectionError):
                 pass
-            writer.close()
-        status, reason, exc = await server.result()
-        assert (status, reason) == ("refused", want_reason), exc
-        # ... and the listener still serves a good client
-        await good_exchange(server, good_client_ctx)
+            else:
+                try:
+                    got = await asyncio.wait_for(reader.read(100), HANDSHAKE_TIMEOUT_S)
+                    assert not got.startswith(b"hello"), "a refused client must never get application data"
+                except (ssl.SSLError, ConnectionError):
+                    pass
+                writer.close()
+            status, reason, exc = await server.result()
+            assert (status, reason) == ("refused", want_reason), exc
+            # ... and the listener still serves a good client
+            await good_exchange(server, good_client_ctx)
+
+    run_loop(main)
 
 
 @pytest.mark.parametrize(
@@ -237,23 +294,26 @@ def test_refused_client_classifies_the_alert(case, reason_seen_by_client, cas, s
         assert server_error and classify_handshake_error(server_error[0]) != "handshake"
 
 
-async def test_client_refuses_unexpected_server_identity(server_ctx, good_client_ctx, loopback_ip):
-    async with Server(server_ctx, loopback_ip()) as server:
-        reader, writer = await connect(good_client_ctx, server)
-        ssl_object = writer.get_extra_info("ssl_object")
-        expected = {SpiffeId(TD, "default", "ratings"), SpiffeId(TD, "other", "reviews")}
-        with pytest.raises(PeerIdentityError) as info:
-            check_server_identity(ssl_object, expected, TD)
-        assert info.value.reason == "unexpected_identity"
-        assert str(SERVER_ID) in str(info.value) and "spiffe://cluster.local/ns/default/sa/ratings" in str(info.value)
-        assert classify_handshake_error(info.value) == "unexpected_identity"
-        with pytest.raises(PeerIdentityError) as info:
-            check_server_identity(ssl_object, [], TD)  # nothing expected: fail closed
-        assert info.value.reason == "unexpected_identity"
-        # the identity is accepted when listed (a service's subjectAltNames may list several)
-        assert check_server_identity(ssl_object, [SpiffeId(TD, "x", "y"), SERVER_ID], TD) == SERVER_ID
-        writer.close()
-        await server.result()
+def test_client_refuses_unexpected_server_identity(server_ctx, good_client_ctx, loopback_ip, run_loop):
+    async def main():
+        async with Server(server_ctx, loopback_ip()) as server:
+            reader, writer = await connect(good_client_ctx, server)
+            ssl_object = writer.get_extra_info("ssl_object")
+            expected = {SpiffeId(TD, "default", "ratings"), SpiffeId(TD, "other", "reviews")}
+            with pytest.raises(PeerIdentityError) as info:
+                check_server_identity(ssl_object, expected, TD)
+            assert info.value.reason == "unexpected_identity"
+            assert str(SERVER_ID) in str(info.value) and "spiffe://cluster.local/ns/default/sa/ratings" in str(info.value)
+            assert classify_handshake_error(info.value) == "unexpected_identity"
+            with pytest.raises(PeerIdentityError) as info:
+                check_server_identity(ssl_object, [], TD)  # nothing expected: fail closed
+            assert info.value.reason == "unexpected_identity"
+            # the identity is accepted when listed (a service's subjectAltNames may list several)
+            assert check_server_identity(ssl_object, [SpiffeId(TD, "x", "y"), SERVER_ID], TD) == SERVER_ID
+            writer.close()
+            await server.result()
+
+    run_loop(main)
 
 
 @pytest.mark.parametrize(
@@ -264,62 +324,74 @@ async def test_client_refuses_unexpected_server_identity(server_ctx, good_client
         (lambda ca: testing.issue_custom(ca, spiffe=SpiffeId("evil.local", "default", "reviews"), now=NOW), "wrong_trust_domain"),
     ],
 )
-async def test_client_refuses_server_with_bad_spiffe_san(make, reason, cas, good_client_ctx, loopback_ip, tmp_path):
-    ca, _ = cas
-    bad_server_ctx = raw_context(make(ca), ca.root_cert_pem, tmp_path, server=True)
-    async with Server(bad_server_ctx, loopback_ip()) as server:
-        reader, writer = await connect(good_client_ctx, server)
-        with pytest.raises(PeerIdentityError) as info:
-            check_server_identity(writer.get_extra_info("ssl_object"), {SERVER_ID}, TD)
-        assert info.value.reason == reason
-        writer.close()
-        await server.result()
+def test_client_refuses_server_with_bad_spiffe_san(make, reason, cas, good_client_ctx, loopback_ip, tmp_path, run_loop):
+    async def main():
+        ca, _ = cas
+        bad_server_ctx = raw_context(make(ca), ca.root_cert_pem, tmp_path, server=True)
+        async with Server(bad_server_ctx, loopback_ip()) as server:
+            reader, writer = await connect(good_client_ctx, server)
+            with pytest.raises(PeerIdentityError) as info:
+                check_server_identity(writer.get_extra_info("ssl_object"), {SERVER_ID}, TD)
+            assert info.value.reason == reason
+            writer.close()
+            await server.result()
+
+    run_loop(main)
 
 
-async def test_client_refuses_server_from_another_ca(cas, good_client_ctx, loopback_ip, tmp_path):
-    ca, other = cas
-    bad_server_ctx = raw_context(other.issue(SERVER_ID, now=NOW), ca.root_cert_pem, tmp_path, server=True)
-    async with Server(bad_server_ctx, loopback_ip()) as server:
-        with pytest.raises(ssl.SSLCertVerificationError) as info:
-            await connect(good_client_ctx, server)
-        assert classify_handshake_error(info.value) == "unknown_ca"
-        await server.result()
+def test_client_refuses_server_from_another_ca(cas, good_client_ctx, loopback_ip, tmp_path, run_loop):
+    async def main():
+        ca, other = cas
+        bad_server_ctx = raw_context(other.issue(SERVER_ID, now=NOW), ca.root_cert_pem, tmp_path, server=True)
+        async with Server(bad_server_ctx, loopback_ip()) as server:
+            with pytest.raises(ssl.SSLCertVerificationError) as info:
+                await connect(good_client_ctx, server)
+            assert classify_handshake_error(info.value) == "unknown_ca"
+            await server.result()
+
+    run_loop(main)
 
 
-async def test_client_refuses_client_auth_only_server(cas, good_client_ctx, loopback_ip, tmp_path):
-    ca, _ = cas
-    issued = testing.issue_custom(ca, spiffe=SERVER_ID, now=NOW, eku=[ExtendedKeyUsageOID.CLIENT_AUTH])
-    async with Server(raw_context(issued, ca.root_cert_pem, tmp_path, server=True), loopback_ip()) as server:
-        with pytest.raises(ssl.SSLCertVerificationError) as info:
-            await connect(good_client_ctx, server)
-        assert classify_handshake_error(info.value) == "bad_key_usage"
-        await server.result()
+def test_client_refuses_client_auth_only_server(cas, good_client_ctx, loopback_ip, tmp_path, run_loop):
+    async def main():
+        ca, _ = cas
+        issued = testing.issue_custom(ca, spiffe=SERVER_ID, now=NOW, eku=[ExtendedKeyUsageOID.CLIENT_AUTH])
+        async with Server(raw_context(issued, ca.root_cert_pem, tmp_path, server=True), loopback_ip()) as server:
+            with pytest.raises(ssl.SSLCertVerificationError) as info:
+                await connect(good_client_ctx, server)
+            assert classify_handshake_error(info.value) == "bad_key_usage"
+            await server.result()
+
+    run_loop(main)
 
 
-async def test_tls12_is_opt_in(cas, good_client_ctx, loopback_ip):
-    ca, _ = cas
-    server_bundle = bundle(ca.issue(SERVER_ID, now=NOW), ca.root_cert_pem)
-    client_bundle = bundle(ca.issue(CLIENT_ID, now=NOW), ca.root_cert_pem)
-    tls12_client = client_context(client_bundle, tls12=True)
-    tls12_client.maximum_version = ssl.TLSVersion.TLSv1_2  # a peer that only speaks 1.2
+def test_tls12_is_opt_in(cas, good_client_ctx, loopback_ip, run_loop):
+    async def main():
+        ca, _ = cas
+        server_bundle = bundle(ca.issue(SERVER_ID, now=NOW), ca.root_cert_pem)
+        client_bundle = bundle(ca.issue(CLIENT_ID, now=NOW), ca.root_cert_pem)
+        tls12_client = client_context(client_bundle, tls12=True)
+        tls12_client.maximum_version = ssl.TLSVersion.TLSv1_2  # a peer that only speaks 1.2
 
-    # default server: TLS 1.3 only (ztunnel without TLS12_ENABLED) → the 1.2 client is refused
-    async with Server(server_context(server_bundle), loopback_ip()) as server:
-        with pytest.raises((ssl.SSLError, ConnectionError)) as info:  # alert, or reset by asyncio's abort
-            await connect(tls12_client, server)
-        assert classify_handshake_error(info.value) == "handshake"
-        status, reason, _ = await server.result()
-        assert (status, reason) == ("refused", "handshake")
+        # default server: TLS 1.3 only (ztunnel without TLS12_ENABLED) → the 1.2 client is refused
+        async with Server(server_context(server_bundle), loopback_ip()) as server:
+            with pytest.raises((ssl.SSLError, ConnectionError)) as info:  # alert, or reset by asyncio's abort
+                await connect(tls12_client, server)
+            assert classify_handshake_error(info.value) == "handshake"
+            status, reason, _ = await server.result()
+            assert (status, reason) == ("refused", "handshake")
 
-    # opted in: 1.2 works, with ztunnel's ECDHE-ECDSA AES-GCM suites
-    async with Server(server_context(server_bundle, tls12=True), loopback_ip()) as server:
-        reader, writer = await connect(tls12_client, server)
-        ssl_object = writer.get_extra_info("ssl_object")
-        assert ssl_object.version() == "TLSv1.2"
-        assert ssl_object.cipher()[0] in ("ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256")
-        assert await reader.readline() == f"hello {CLIENT_ID}\n".encode()
-        writer.close()
-        assert (await server.result())[:3] == ("ok", CLIENT_ID, "h2")
+        # opted in: 1.2 works, with ztunnel's ECDHE-ECDSA AES-GCM suites
+        async with Server(server_context(server_bundle, tls12=True), loopback_ip()) as server:
+            reader, writer = await connect(tls12_client, server)
+            ssl_object = writer.get_extra_info("ssl_object")
+            assert ssl_object.version() == "TLSv1.2"
+            assert ssl_object.cipher()[0] in ("ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-AES128-GCM-SHA256")
+            assert await reader.readline() == f"hello {CLIENT_ID}\n".encode()
+            writer.close()
+            assert (await server.result())[:3] == ("ok", CLIENT_ID, "h2")
+
+    run_loop(main)
 
 
 def test_context_settings(cas):
