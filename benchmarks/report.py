@@ -44,6 +44,7 @@ class Column:
     metric: str
     fmt: Callable[[float], str] = lambda v: f"{v:.3g}"
     ratio_to: str | None = None  # a target name: show median / that target's median (same client)
+    delta_to: str | None = None  # a target name: show median - that target's median (same client)
 
 
 @dataclass
@@ -65,7 +66,14 @@ class ScenarioResult:
     def as_dict(self) -> dict:
         return {"title": self.title, "notes": self.notes, "rows": [r.as_dict() for r in self.rows],
                 "ratios": {f"{r.target}/{r.client}": {c.header: self.ratio(r, c) for c in self.columns if c.ratio_to}
+                           for r in self.rows if r.samples},
+                "deltas": {f"{r.target}/{r.client}": {c.header: self.delta(r, c) for c in self.columns if c.delta_to}
                            for r in self.rows if r.samples}}
+
+    def delta(self, row: Row, col: Column) -> float | None:
+        ref = self.reference(row, col.delta_to) if col.delta_to else None
+        mine, theirs = row.median(col.metric), (ref.median(col.metric) if ref else None)
+        return None if mine is None or theirs is None else mine - theirs
 
     def ratio(self, row: Row, col: Column) -> float | None:
         ref = self.reference(row, col.ratio_to) if col.ratio_to else None
@@ -94,7 +102,13 @@ def render(result: ScenarioResult) -> str:
             body.append(cells)
             continue
         for col in result.columns:
-            cells.append(fmt_ratio(result.ratio(row, col)) if col.ratio_to else fmt_summary(row.summary(col.metric), col.fmt))
+            if col.ratio_to:
+                cells.append(fmt_ratio(result.ratio(row, col)))
+            elif col.delta_to:
+                d = result.delta(row, col)
+                cells.append("-" if d is None else ("+" if d >= 0 else "") + col.fmt(d))
+            else:
+                cells.append(fmt_summary(row.summary(col.metric), col.fmt))
         body.append(cells)
     return format_table(result.title, headers, body, result.notes + [
         f"{r.target}/{r.client}: {r.note}" for r in result.rows if r.samples and r.note])
@@ -104,8 +118,9 @@ def format_table(title: str, headers: list[str], rows: list[list[str]], notes: l
     """A plain-text table. A row shorter than the headers (a "not available" row) spans the rest."""
     widths = [len(h) for h in headers]
     for r in rows:
-        if len(r) == len(headers):
-            widths = [max(w, len(c)) for w, c in zip(widths, r)]
+        # A short row's last cell spans; its leading cells still set their columns' widths.
+        cells = r if len(r) == len(headers) else r[:-1]
+        widths = [max(w, len(c)) for w, c in zip(widths, cells)] + widths[len(cells):]
     def line(cells: list[str]) -> str:
         if len(cells) < len(headers):
             head = [c.ljust(w) for c, w in zip(cells[:-1], widths)]
