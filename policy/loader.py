@@ -109,6 +109,17 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _key(path: str, key: Any) -> str:
+    """The path of a map entry: ``ports.9080``, ``labels.app``; keys with dots or slashes in
+    brackets: ``services['default/reviews.default.svc.cluster.local']``."""
+    if isinstance(key, int) or (isinstance(key, str) and _PLAIN_KEY.match(key)):
+        return _join(path, key)
+    return f"{path}[{key!r}]"
+
+
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
@@ -139,8 +150,9 @@ class _Fields:
             return
         for key in self.m:
             if key not in self.allowed:
-                hint = difflib.get_close_matches(str(key), self.allowed, n=1)
-                ctx.error(_join(path, key), "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                key_path = _key(path, key)
+                hint = difflib.get_close_matches(str(key), self.allowed, n=1, cutoff=0.75)
+                ctx.error(key_path, "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                           + f"; known fields: {', '.join(self.allowed)}")
 
     def get(self, key: str, conv: Callable[[Any, str], Any], default: Any = _MISSING) -> Any:
@@ -332,10 +344,10 @@ def _port_map(key_conv: Callable[[Any, str], int], value_conv: Callable[[Any, st
             raise _Invalid(path, f"expected a map of port: port, got {_type_name(v)}")
         out: dict[int, int] = {}
         for k, val in v.items():
-            kp = key_conv(k, f"{path}[{k!r}]")
+            kp = key_conv(k, _key(path, k))
             if kp in out:
-                raise _Invalid(f"{path}[{k!r}]", f"port {kp} listed twice")
-            out[kp] = value_conv(val, _join(path, k))
+                raise _Invalid(_key(path, k), f"port {kp} listed twice")
+            out[kp] = value_conv(val, _key(path, k))
         return MappingProxyType(out)
     return read
 
@@ -349,7 +361,7 @@ def _labels(v: Any, path: str) -> Mapping[str, str]:
         raise _Invalid(path, f"expected a map of label: value, got {_type_name(v)}")
     out: dict[str, str] = {}
     for k, val in v.items():
-        kp = _join(path, k)
+        kp = _key(path, k)
         if not isinstance(k, str):
             raise _Invalid(kp, f"label keys must be strings, got {_type_name(k)}")
         prefix, slash, name = k.rpartition("/")
@@ -414,7 +426,7 @@ def parse_workload(item: Any, ctx: _Ctx, path: str) -> Workload | None:
     uid = f.get("uid", _nonempty_str, "")
     cluster_id = f.get("clusterId", _str, "")
     ips = f.get("workloadIps", _list(_ip))
-    hostname = f.get("hostname", _hostname, "")
+    hostname = f.get("hostname", lambda v, p: _hostname(v, p) if v != "" else "", "")
     if ips == () and not hostname:
         ctx.error(_join(path, "workloadIps"), "needs at least one IP (or set hostname)")
     if not uid:
@@ -468,7 +480,7 @@ def _workload_services(v: Any, path: str, ctx: _Ctx) -> Mapping[str, Mapping[int
         raise _Invalid(path, f"expected a map of '<namespace>/<hostname>': {{port: targetPort}}, got {_type_name(v)}")
     out: dict[str, Mapping[int, int]] = {}
     for k, ports in v.items():
-        kp = f"{path}[{k!r}]"
+        kp = _key(path, k)
         if not isinstance(k, str) or "/" not in k:
             raise _Invalid(kp, f"expected a key '<namespace>/<hostname>', got {_type_name(k)}")
         ns, _, host = k.partition("/")
@@ -498,18 +510,13 @@ def parse_service(item: Any, ctx: _Ctx, path: str) -> Service | None:
     f = _Fields(ctx, item, path, SERVICE_FIELDS)
     if not f.ok:
         return None
-    ports = f.get("ports", _service_ports)
-    app_protocols = f.get("appProtocols", _app_protocols, MappingProxyType({}))
-    for p in app_protocols or {}:
-        if ports is not None and p not in ports:
-            ctx.error(f"{_join(path, 'appProtocols')}[{p}]", f"port {p} is not one of the service's ports {sorted(ports)}")
     s = dict(
         name=f.get("name", _dns_label),
         namespace=f.get("namespace", _namespace),
         hostname=f.get("hostname", _hostname),
         vips=f.get("vips", _list(_network_address)),
-        ports=ports,
-        app_protocols=app_protocols,
+        ports=f.get("ports", _service_ports),
+        app_protocols=f.get("appProtocols", _app_protocols, MappingProxyType({})),
         subject_alt_names=f.get("subjectAltNames", _list(_nonempty_str), ()),
         waypoint=f.get("waypoint", lambda v, p: _gateway_address(v, p, ctx), None),
         endpoints=f.get("endpoints", lambda v, p: _endpoints(v, p, ctx), MappingProxyType({})),
@@ -520,6 +527,10 @@ def parse_service(item: Any, ctx: _Ctx, path: str) -> Service | None:
         ip_families=f.get("ipFamilies", _enum("Dual", "IPv4", "IPv6"), None),
         visibility=f.get("visibility", _enum("Public", "Namespace"), "Public"),
     )
+    ports = s["ports"]
+    for p in s["app_protocols"] or {}:
+        if ports is not None and p not in ports:
+            ctx.error(_key(_join(path, "appProtocols"), p), f"port {p} is not one of the service's ports {sorted(ports)}")
     if ctx.failed:
         return None
     return Service(**s)
@@ -530,8 +541,8 @@ def _app_protocols(v: Any, path: str) -> Mapping[int, str]:
         raise _Invalid(path, f"expected a map of port: {'|'.join(APP_PROTOCOLS)}, got {_type_name(v)}")
     out = {}
     for k, proto in v.items():
-        port = _port(k, f"{path}[{k!r}]")
-        out[port] = _enum(*APP_PROTOCOLS)(proto, _join(path, k))
+        port = _port(k, _key(path, k))
+        out[port] = _enum(*APP_PROTOCOLS)(proto, _key(path, k))
     return MappingProxyType(out)
 
 
@@ -540,7 +551,7 @@ def _endpoints(v: Any, path: str, ctx: _Ctx) -> Mapping[str, Endpoint]:
         raise _Invalid(path, f"expected a map of workloadUid: endpoint, got {_type_name(v)}")
     out: dict[str, Endpoint] = {}
     for uid, ep in v.items():
-        ep_path = f"{path}[{uid!r}]"
+        ep_path = _key(path, uid)
         if not isinstance(uid, str) or not uid:
             raise _Invalid(ep_path, f"endpoint keys are workload uids (strings), got {_type_name(uid)}")
         # ztunnel: workloadUid, port and status are all required here.
@@ -734,29 +745,29 @@ def _build_inventory(got: _Collected, errors: list[ConfigError], warnings: list[
     workloads: dict[str, Workload] = {}
     first_at: dict[Any, str] = {}
 
-    def claim(key: Any, where: Where, path: str, what: str) -> bool:
+    def claim(key: Any, where: Where, item_path: str, path: str, what: str) -> bool:
         prev = first_at.get(key)
         if prev is not None:
             errors.append(ConfigError(where, path, f"duplicate {what} (first defined at {prev})"))
             return False
-        first_at[key] = f"{where.describe()}: {path}"
+        first_at[key] = f"{where.describe()}: {item_path}"
         return True
 
     for w, where, path in got.workloads:
-        if not claim(("uid", w.uid), where, _join(path, "uid"), f"workload uid {w.uid!r}"):
+        if not claim(("uid", w.uid), where, path, _join(path, "uid"), f"workload uid {w.uid!r}"):
             continue
         ok = True
         for i, ip in enumerate(w.workload_ips):
-            ok &= claim(("ip", w.network, ip), where, f"{path}.workloadIps[{i}]", f"workload IP {ip} (network {w.network!r})")
+            ok &= claim(("ip", w.network, ip), where, path, f"{path}.workloadIps[{i}]", f"workload IP {ip} (network {w.network!r})")
         if ok:
             workloads[w.uid] = w
     services: dict[str, Service] = {}
     for s, where, path in got.services:
-        if not claim(("svc", s.key), where, _join(path, "hostname"), f"service {s.key}"):
+        if not claim(("svc", s.key), where, path, _join(path, "hostname"), f"service {s.key}"):
             continue
         ok = True
         for i, vip in enumerate(s.vips):
-            ok &= claim(("vip", vip.network, vip.ip), where, f"{path}.vips[{i}]", f"service VIP {vip}")
+            ok &= claim(("vip", vip.network, vip.ip), where, path, f"{path}.vips[{i}]", f"service VIP {vip}")
         if ok:
             services[s.key] = s
     # References that ztunnel tolerates (it stages endpoints until the service appears, and skips
@@ -766,11 +777,11 @@ def _build_inventory(got: _Collected, errors: list[ConfigError], warnings: list[
         for key, ports in w.services.items():
             svc = services.get(key)
             if svc is None:
-                warnings.append(ConfigError(where, f"{path}.services[{key!r}]", "no such service; endpoint unused").message)
+                warnings.append(ConfigError(where, _key(f"{path}.services", key), "no such service; endpoint unused").message)
             else:
                 missing = sorted(set(ports) - set(svc.ports))
                 if missing:
-                    warnings.append(ConfigError(where, f"{path}.services[{key!r}]",
+                    warnings.append(ConfigError(where, _key(f"{path}.services", key),
                                                 f"port(s) {missing} are not ports of service {key}").message)
         for i, key in enumerate(w.authorization_policies):
             if key not in policy_keys:
@@ -779,7 +790,7 @@ def _build_inventory(got: _Collected, errors: list[ConfigError], warnings: list[
     for s, where, path in got.services:
         for uid in s.endpoints:
             if uid not in workloads:
-                warnings.append(ConfigError(where, f"{path}.endpoints[{uid!r}]", "no workload has this uid; endpoint unused").message)
+                warnings.append(ConfigError(where, _key(f"{path}.endpoints", uid), "no workload has this uid; endpoint unused").message)
     return Inventory.build(list(workloads.values()), list(services.values()))
 
 
