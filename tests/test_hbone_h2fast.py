@@ -1,0 +1,100 @@
+"""The h2 internals hbone/ relies on (h2 pinned to 4.4.1): the frame-repr workaround and graceful
+GOAWAY are in effect and h2 still works with them; the allocator tuning applies."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+import h2.connection
+import h2.config
+import hyperframe.frame
+import pytest
+
+from hbone import _h2fast, _malloc
+from hbone.connect import ConnectRequest
+from hbone.protocol import ClientCore, Data, ServerCore, StreamEnded
+
+
+def test_data_frame_repr_is_cheap_and_h2_still_parses_frames():
+    assert _h2fast.is_installed()
+    frame = hyperframe.frame.DataFrame(1, b"\xab" * (1 << 20))
+    text = repr(frame)
+    assert "1048576 bytes" in text and "abab" not in text  # no hex dump of the payload
+    # h2's receive path (which formats that repr for every frame) still delivers data intact
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "x")])
+    client.send_data(1, b"payload", end_stream=True)
+    events = server.receive_data(client.data_to_send())
+    assert [e.data for e in events if hasattr(e, "data") and isinstance(e.data, bytes)] == [b"payload"]
+
+
+def test_repr_is_not_called_with_a_hex_dump_on_the_hot_path(monkeypatch):
+    """If a future h2 stops routing DATA through our cheap repr, this fails instead of silently
+    halving upload throughput (performance.md)."""
+    calls = []
+    original = hyperframe.frame.DataFrame._body_repr
+    monkeypatch.setattr(hyperframe.frame.DataFrame, "_body_repr",
+                        lambda self: calls.append(len(self.data)) or original(self))
+    c, s = ClientCore(), ServerCore()
+    s.receive_data(c.data_to_send())
+    c.receive_data(s.data_to_send())
+    sid = c.open_tunnel(ConnectRequest.build("10.0.0.1:80"))
+    s.receive_data(c.data_to_send())
+    c.send(sid, b"x" * 1000)
+    c.flush()
+    events = s.receive_data(c.data_to_send())
+    assert [e.data for e in events if isinstance(e, Data)] == [b"x" * 1000]
+    assert calls == [1000]  # h2 did call repr on the DATA frame: our cheap one
+    assert original is _h2fast._data_body_repr
+
+
+def test_graceful_goaway_transitions_are_per_connection():
+    c = ClientCore()
+    assert c.h2.state_machine._transitions is _h2fast._GRACEFUL_TRANSITIONS
+    plain = h2.connection.H2Connection()
+    assert plain.state_machine._transitions is not _h2fast._GRACEFUL_TRANSITIONS
+    # after GOAWAY, existing streams still finish
+    s = ServerCore()
+    s.receive_data(c.data_to_send())
+    c.receive_data(s.data_to_send())
+    sid = c.open_tunnel(ConnectRequest.build("10.0.0.1:80"))
+    s.receive_data(c.data_to_send())
+    s.respond(sid, 200)
+    s.goaway()
+    c.receive_data(s.data_to_send())
+    c.send(sid, b"late")
+    c.flush()
+    c.end_stream(sid)
+    events = s.receive_data(c.data_to_send())
+    assert [type(e) for e in events] == [Data, StreamEnded]
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_malloc_tuning_applies_on_glibc():
+    assert _malloc.tune_malloc() is True
+    assert _malloc.tune_malloc() is True  # idempotent
+    assert _malloc.is_tuned()
+    # glibc has no getter for the thresholds; check that a 256 KiB block (a TLS read) now comes
+    # from the heap (brk/arena), not a fresh mmap: mallinfo2's hblkhd counts mmapped bytes.
+    libc = ctypes.CDLL("libc.so.6")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")]
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc < 2.33")
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = libc.mallinfo2().hblkhd
+    p = libc.malloc(256 * 1024)
+    during = libc.mallinfo2().hblkhd
+    libc.free(p)
+    assert during == before  # not mmapped
