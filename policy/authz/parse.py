@@ -403,8 +403,19 @@ def _set_keys(body: dict) -> set[str]:
     return {k for k, v in body.items() if v not in (None, [], {})}
 
 
+def _best_effort_name(meta: Any) -> str:
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
+        return ""
+    ns = meta.get("namespace", DEFAULT_NAMESPACE)
+    return f"{ns if isinstance(ns, str) and ns else DEFAULT_NAMESPACE}/{meta['name']}"
+
+
 def parse_authorization_policy(doc: dict, where: Where) -> m.AuthorizationPolicy:
     """One whole ``security.istio.io`` AuthorizationPolicy document → the model, or ConfigError."""
+    if not where.name and isinstance(doc, dict):
+        # Name the resource in every message as soon as it can be named, even before it validates.
+        where = where.with_resource(where.kind or (doc.get("kind") if isinstance(doc.get("kind"), str) else KIND),
+                                    _best_effort_name(doc.get("metadata")))
     r = _Reader(where)
     doc = r.fields(doc, "", TOP_FIELDS)
     api = doc.get("apiVersion")
@@ -419,8 +430,6 @@ def parse_authorization_policy(doc: dict, where: Where) -> m.AuthorizationPolicy
     namespace = r.string(meta.get("namespace", DEFAULT_NAMESPACE), "metadata.namespace")
     if name == "" or namespace == "":
         raise r.fail("metadata.name" if name == "" else "metadata.namespace", "must not be empty")
-    if not where.name:
-        where = where.with_resource(KIND, f"{namespace}/{name}")
     p = _PolicyParser(where, namespace)
 
     dry_run = False
