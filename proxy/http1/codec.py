@@ -26,6 +26,7 @@ Rules (each is a decision a user of Envoy would recognise):
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Iterable, NamedTuple
 
@@ -51,6 +52,7 @@ HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te"
                         b"transfer-encoding", b"upgrade"))
 _FRAMING = frozenset((b"content-length", b"transfer-encoding"))
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+_METHOD_LIKE = re.compile(rb"[A-Z][A-Z_-]{0,31}(?: |$)")
 
 
 class Http1Error(Exception):
@@ -122,7 +124,7 @@ class _Reader:
     """Shared callback machinery of the request and response readers."""
 
     __slots__ = ("_parser", "_events", "_headers", "_head_bytes", "_raw_head", "_awaiting_head",
-                 "_in_message", "_body_bytes", "_error", "_cb_error", "max_head_bytes",
+                 "_in_message", "_body_bytes", "_error", "_cb_error", "_lead", "max_head_bytes",
                  "max_headers", "max_body_bytes", "__weakref__")
 
     _err_status = 400
@@ -142,6 +144,7 @@ class _Reader:
         self._body_bytes = 0
         self._error: Http1Error | None = None
         self._cb_error: Http1Error | None = None
+        self._lead = b""   # the first bytes of the current message, to judge a bad method
 
     @property
     def failed(self) -> Http1Error | None:
@@ -200,6 +203,10 @@ class _Reader:
         if self._error is not None:
             raise self._error
         events = self._events = []
+        if not self._in_message:
+            self._lead = data[:32]
+        elif len(self._lead) < 32 and self._awaiting_head:
+            self._lead = (self._lead + data)[:32]
         try:
             self._execute(data)
             if self._awaiting_head and self._in_message:
@@ -210,14 +217,19 @@ class _Reader:
                     self._fail(self._too_large, "headers too large")
         except Http1Error as err:
             self._error = err
-        except httptools.HttpParserCallbackError as err:
-            self._error = self._cb_error or Http1Error(self._err_status, "invalid message")
         except httptools.HttpParserInvalidMethodError:
-            self._error = Http1Error(501, "unknown method")
+            # A well-formed but unknown method is 501 (RFC 9110 §9.1); bytes that are not a
+            # method at all (TLS to a plaintext port, binary) are a plain 400.
+            lead = self._lead if isinstance(self, RequestReader) else b""
+            status = 501 if _METHOD_LIKE.match(lead) else 400
+            self._error = self._cb_error or Http1Error(status, "unknown method")
         except httptools.HttpParserError as err:
-            self._error = Http1Error(self._err_status, str(err) or "invalid message")
+            # A callback's own Http1Error comes back wrapped (HPE_USER / HPE_CB_*): prefer it.
+            self._error = self._cb_error or Http1Error(self._err_status,
+                                                       str(err) or "invalid message")
         except Exception as err:  # noqa: BLE001 — httptools' own oddities must not escape
-            self._error = Http1Error(self._err_status, f"invalid message ({type(err).__name__})")
+            self._error = self._cb_error or Http1Error(
+                self._err_status, f"invalid message ({type(err).__name__})")
         if self._error is not None and not events:
             raise self._error
         return events
@@ -260,7 +272,11 @@ class RequestReader(_Reader):
             self._fail(400, "unsupported HTTP version")
         method = parser.get_method()
         headers = self._headers
-        chunked, length = _framing(headers, 501)
+        try:
+            chunked, length = _framing(headers, 501)
+        except Http1Error as err:
+            self._cb_error = err
+            raise
         host = None
         expect = False
         upgrade = None
@@ -283,6 +299,8 @@ class RequestReader(_Reader):
             tokens = {t.strip().lower() for t in (upgrade or b"").split(b",")}
             if tokens != {b"h2c"} or chunked or length:
                 self._fail(501, "protocol upgrade is not supported")
+        if length is not None and self.max_body_bytes is not None and length > self.max_body_bytes:
+            self._fail(413, "body too large")   # known up front: refuse before reading it
         has_body = chunked or bool(length)
         self._events.append(RequestHead(method, self._url, version, headers,
                                         parser.should_keep_alive(), has_body, chunked, length,
@@ -342,7 +360,11 @@ class ResponseReader(_Reader):
         if version is None:
             self._fail(502, "unsupported HTTP version")
         headers = self._headers
-        chunked, length = _framing(headers, 502)
+        try:
+            chunked, length = _framing(headers, 502)
+        except Http1Error as err:
+            self._cb_error = err
+            raise
         no_body = status < 200 or status in (204, 304) or self._head_request
         has_body = not no_body and (chunked or length is None or length > 0)
         self._events.append(ResponseHead(status, self._reason, version, headers,

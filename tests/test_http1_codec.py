@@ -1,0 +1,283 @@
+"""The sans-IO HTTP/1.1 codec: requests and responses whole, byte by byte, pipelined; every limit
+and smuggling rule answers with its status; hypothesis: only Http1Error escapes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from proxy.http1.codec import (LAST_CHUNK, MAX_HEAD_BYTES, MAX_HEADERS, BodyChunk, Http1Error,
+                               MessageEnd, RequestHead, RequestReader, ResponseHead,
+                               ResponseReader, encode_chunk, encode_request_head,
+                               encode_response_head, header_value, strip_hop_by_hop)
+
+GET = b"GET /reviews/1?u=x HTTP/1.1\r\nHost: reviews:9080\r\nUser-Agent: t\r\nX-Dup: a\r\nX-Dup: b\r\n\r\n"
+POST_CL = b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\nhello world"
+POST_CHUNKED = (b"POST /c HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
+HTTP10 = b"GET /old HTTP/1.0\r\n\r\n"
+
+
+def _collapse(events):
+    """Merge BodyChunks so that whole and byte-by-byte parses compare equal."""
+    out = []
+    for e in events:
+        if isinstance(e, BodyChunk) and out and isinstance(out[-1], BodyChunk):
+            out[-1] = BodyChunk(out[-1].data + e.data)
+        else:
+            out.append(e)
+    return out
+
+
+def _feed_bytewise(reader, data):
+    events = []
+    for i in range(len(data)):
+        events += reader.feed(data[i:i + 1])
+    return events
+
+
+def test_get_whole():
+    [head, end] = RequestReader().feed(GET)
+    assert head == RequestHead(b"GET", b"/reviews/1?u=x", b"1.1",
+                               [(b"host", b"reviews:9080"), (b"user-agent", b"t"),
+                                (b"x-dup", b"a"), (b"x-dup", b"b")],
+                               True, False, False, None, False, b"reviews:9080")
+    assert end is MessageEnd
+
+
+@pytest.mark.parametrize("msg", [GET, POST_CL, POST_CHUNKED, HTTP10])
+def test_whole_equals_bytewise(msg):
+    whole = _collapse(RequestReader().feed(msg))
+    assert _collapse(_feed_bytewise(RequestReader(), msg)) == whole
+    assert whole[-1] is MessageEnd
+
+
+def test_bodies():
+    head, body, end = _collapse(RequestReader().feed(POST_CL))
+    assert (head.has_body, head.chunked, head.content_length) == (True, False, 11)
+    assert body == BodyChunk(b"hello world") and end is MessageEnd
+    head, body, end = _collapse(RequestReader().feed(POST_CHUNKED))
+    assert (head.has_body, head.chunked) == (True, True)
+    assert body.data == b"hello world"     # chunk extensions and trailers dropped
+    assert end is MessageEnd
+
+
+def test_pipelined_requests_in_order_with_trailing_partial():
+    reader = RequestReader()
+    events = reader.feed(GET + POST_CHUNKED + POST_CL + GET[:10])
+    heads = [e for e in events if isinstance(e, RequestHead)]
+    assert [h.target for h in heads] == [b"/reviews/1?u=x", b"/c", b"/p"]
+    assert events.count(MessageEnd) == 3
+    assert not reader.idle                  # a fourth request has begun
+    rest = reader.feed(GET[10:])
+    assert rest[0].target == b"/reviews/1?u=x" and rest[1] is MessageEnd and reader.idle
+
+
+def test_http10_keep_alive_rules():
+    [head, _] = RequestReader().feed(HTTP10)
+    assert head.version == b"1.0" and head.keep_alive is False and head.host == b""
+    [head, _] = RequestReader().feed(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    assert head.keep_alive is True
+    [head, _] = RequestReader().feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert head.keep_alive is False
+
+
+def test_expect_continue_and_h2c_upgrade_ignored():
+    [head] = RequestReader().feed(b"PUT /u HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+                                  b"Expect: 100-continue\r\n\r\n")
+    assert head.expect_continue and head.has_body
+    reader = RequestReader()
+    events = reader.feed(b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                         b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n" + GET)
+    assert [e.target for e in events if isinstance(e, RequestHead)] == [b"/a", b"/reviews/1?u=x"]
+    assert events.count(MessageEnd) == 2
+
+
+BAD_REQUESTS = [
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 40 + b"\r\n", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),                                      # no Host
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\nHost: a\n\n", 400),                                 # bare LF
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400),             # obs-fold
+    (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 400),
+    (b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n", 501),
+    (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 501),
+    (b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 501),
+    (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(MAX_HEADERS)) + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * MAX_HEAD_BYTES + b"\r\n\r\n", 431),
+    (b"GET /" + b"a" * MAX_HEAD_BYTES + b" HTTP/1.1\r\n\r\n", 431),
+    (b"\x16\x03\x01\x00\x00", 400),
+]
+
+
+@pytest.mark.parametrize("data,status", BAD_REQUESTS)
+def test_bad_requests_whole_and_bytewise(data, status):
+    for size in (len(data), 1):
+        reader = RequestReader()
+        with pytest.raises(Http1Error) as err:
+            for i in range(0, len(data), size):
+                reader.feed(data[i:i + size])
+            reader.feed(b"")   # an error found after complete events surfaces on the next call
+        assert err.value.status == status
+        assert reader.failed is err.value
+        with pytest.raises(Http1Error):    # the reader stays failed
+            reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+
+
+def test_error_after_good_request_is_deferred():
+    reader = RequestReader()
+    events = reader.feed(GET + b"GET / HTTP/1.1\r\n\r\n")
+    assert events[0].target == b"/reviews/1?u=x" and events[1] is MessageEnd
+    assert reader.failed is not None and reader.failed.status == 400
+    with pytest.raises(Http1Error):
+        reader.feed(b"")
+
+
+def test_trickled_whitespace_is_bounded():
+    reader = RequestReader(max_head_bytes=1024)
+    reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX:")
+    with pytest.raises(Http1Error) as err:
+        for _ in range(2000):
+            reader.feed(b" ")
+    assert err.value.status == 431
+
+
+def test_body_limit_413():
+    reader = RequestReader(max_body_bytes=5)
+    with pytest.raises(Http1Error) as err:
+        reader.feed(POST_CL)      # Content-Length known up front: refused before any event
+    assert err.value.status == 413
+    reader = RequestReader(max_body_bytes=5)
+    events = reader.feed(POST_CHUNKED)
+    assert isinstance(events[0], RequestHead) and reader.failed.status == 413
+
+
+def test_eof_mid_message():
+    reader = RequestReader()
+    reader.feed(POST_CL[:-3])
+    with pytest.raises(Http1Error) as err:
+        reader.feed_eof()
+    assert err.value.status == 400
+    assert RequestReader().feed_eof() == []
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+RESP_CL = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nServer: x\r\n\r\nhello"
+RESP_CHUNKED = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+RESP_204 = b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+@pytest.mark.parametrize("msg", [RESP_CL, RESP_CHUNKED, RESP_204, b"HTTP/1.1 100 Continue\r\n\r\n" + RESP_CL])
+def test_response_whole_equals_bytewise(msg):
+    whole = _collapse(ResponseReader().feed(msg))
+    assert _collapse(_feed_bytewise(ResponseReader(), msg)) == whole
+    assert whole[-1] is MessageEnd
+
+
+def test_response_fields_and_keepalive_sequence():
+    reader = ResponseReader()
+    events = _collapse(reader.feed(RESP_CL + RESP_CHUNKED + RESP_204))
+    heads = [e for e in events if isinstance(e, ResponseHead)]
+    assert [h.status for h in heads] == [200, 201, 204]
+    assert heads[0] == ResponseHead(200, b"OK", b"1.1", [(b"content-length", b"5"), (b"server", b"x")],
+                                    True, True, False, 5)
+    assert heads[2].has_body is False
+    assert [e.data for e in events if isinstance(e, BodyChunk)] == [b"hello", b"abc"]
+
+
+def test_response_to_head_has_no_body_even_with_content_length():
+    for chunking in (1, 1000):
+        reader = ResponseReader()
+        reader.expect(b"HEAD")
+        data = b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"
+        events = []
+        for i in range(0, len(data), chunking):
+            events += reader.feed(data[i:i + chunking])
+        assert events[0].status == 200 and events[0].has_body is False
+        assert events[0].content_length == 1234 and events[1] is MessageEnd
+        reader.expect(b"GET")
+        assert _collapse(reader.feed(RESP_CL))[1] == BodyChunk(b"hello")
+
+
+def test_response_until_eof():
+    reader = ResponseReader()
+    events = reader.feed(b"HTTP/1.0 200 OK\r\n\r\npart")
+    assert events[0].keep_alive is False and events[1] == BodyChunk(b"part")
+    assert reader.feed_eof() == [MessageEnd]
+
+
+def test_response_truncated_and_malformed_are_502():
+    reader = ResponseReader()
+    reader.feed(RESP_CL[:-2])
+    with pytest.raises(Http1Error) as err:
+        reader.feed_eof()
+    assert err.value.status == 502
+    for bad in (b"HTTP/1.1 2000 OK\r\n\r\n", b"XTTP/1.1 200 OK\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"):
+        with pytest.raises(Http1Error) as err:
+            ResponseReader().feed(bad)
+        assert err.value.status == 502
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=8))
+def test_hypothesis_request_reader_only_http1error(pieces):
+    reader = RequestReader(max_head_bytes=256, max_headers=5)
+    try:
+        for p in [b"POST / HTTP/1.1\r\nHost: a\r\n"] + pieces:
+            for e in reader.feed(p):
+                assert e is MessageEnd or isinstance(e, (RequestHead, BodyChunk))
+        reader.feed_eof()
+    except Http1Error as err:
+        assert err.status in (400, 408, 413, 431, 501)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([b"GET", b"HEAD"]))
+def test_hypothesis_response_reader_only_http1error(data, method):
+    reader = ResponseReader(max_head_bytes=128)
+    reader.expect(method)
+    try:
+        reader.feed(b"HTTP/1.1 200 OK\r\n" + data)
+        reader.feed_eof()
+    except Http1Error as err:
+        assert err.status == 502
+
+
+# ---- serializers -------------------------------------------------------------------------------
+
+def test_encoders_exact_bytes():
+    assert encode_request_head(b"GET", b"/x", [(b"host", b"a"), (b"x-b", b"1")]) == \
+        b"GET /x HTTP/1.1\r\nhost: a\r\nx-b: 1\r\n\r\n"
+    assert encode_response_head(403, None, [(b"content-length", b"19")]) == \
+        b"HTTP/1.1 403 Forbidden\r\ncontent-length: 19\r\n\r\n"
+    assert encode_response_head(299, None, []) == b"HTTP/1.1 299 Unknown\r\n\r\n"
+    assert encode_chunk(b"hello") == b"5\r\nhello\r\n" and LAST_CHUNK == b"0\r\n\r\n"
+    with pytest.raises(ValueError):
+        encode_request_head(b"GET", b"/", [(b"x", b"a\r\ninjected: 1")])
+    with pytest.raises(ValueError):
+        encode_response_head(200, None, [(b"x\n", b"a")])
+
+
+def test_roundtrip_encoded_request():
+    data = encode_request_head(b"PUT", b"/r", [(b"host", b"h"), (b"transfer-encoding", b"chunked")])
+    data += encode_chunk(b"abc") + LAST_CHUNK
+    head, body, end = _collapse(RequestReader().feed(data))
+    assert head.method == b"PUT" and body.data == b"abc" and end is MessageEnd
+
+
+def test_strip_hop_by_hop():
+    headers = [(b"host", b"a"), (b"connection", b"keep-alive, X-Secret"), (b"keep-alive", b"5"),
+               (b"x-secret", b"s"), (b"te", b"trailers"), (b"transfer-encoding", b"chunked"),
+               (b"upgrade", b"h2c"), (b"proxy-connection", b"x"), (b"trailer", b"t"),
+               (b"x-keep", b"1")]
+    assert strip_hop_by_hop(headers) == [(b"host", b"a"), (b"x-keep", b"1")]
+    assert header_value(headers, b"x-keep") == b"1" and header_value(headers, b"nope") is None
