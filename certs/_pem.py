@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, ed448, rsa
 
@@ -38,10 +39,19 @@ def load_certs(data: bytes, where: str) -> list[x509.Certificate]:
         raise CertError(f"{where}: no PEM certificate found")
     try:
         certs = x509.load_pem_x509_certificates(data)
-    except ValueError as err:
+    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as err:
         raise CertError(f"{where}: malformed PEM certificate: {err}") from None
     if not certs:
         raise CertError(f"{where}: no PEM certificate found")
+    for i, cert in enumerate(certs):
+        # cryptography parses lazily: touch every field we use later, so a damaged certificate is
+        # reported here, naming the file, instead of as a ValueError deep in a handshake or a table.
+        try:
+            cert.subject, cert.issuer, cert.public_key(), cert.not_valid_before_utc, cert.not_valid_after_utc
+            cert.serial_number, cert.extensions
+        except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as err:
+            n = f" (certificate {i + 1})" if len(certs) > 1 else ""
+            raise CertError(f"{where}{n}: malformed certificate: {err}") from None
     return certs
 
 
@@ -55,7 +65,7 @@ def load_key(data: bytes, where: str) -> KeyTypes:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise CertError(f"{where}: the private key is encrypted; an unencrypted PEM key is required") from None
-    except (ValueError, Exception) as err:  # cryptography raises ValueError / UnsupportedAlgorithm
+    except (ValueError, UnsupportedAlgorithm) as err:
         raise CertError(f"{where}: malformed PEM private key: {err}") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
         raise CertError(f"{where}: unsupported private key type {type(key).__name__}")
@@ -84,9 +94,12 @@ def spiffe_uris(cert: x509.Certificate) -> list[str]:
 
 
 def single_spiffe_id(cert: x509.Certificate) -> SpiffeId:
-    """The one SPIFFE id of a leaf, else PeerIdentityError ("no_spiffe_san" / "multiple_spiffe_san"). Exactly one is required: SPIFFE X509-SVID §2
-    says "An X.509 SVID MUST contain exactly one URI SAN" and two SPIFFE ids would make the identity
-    ambiguous (ztunnel takes the first; we refuse instead, fail closed)."""
+    """The one SPIFFE id of a leaf, else PeerIdentityError ("no_spiffe_san" / "multiple_spiffe_san").
+
+    Exactly one spiffe:// URI is required: SPIFFE X509-SVID §2 says "An X.509 SVID MUST contain
+    exactly one URI SAN", and two SPIFFE ids would make the identity ambiguous (ztunnel takes the
+    first parseable one; we refuse instead: fail closed). Like ztunnel we ignore non-SPIFFE URI
+    SANs and DNS SANs rather than refuse them."""
     uris = spiffe_uris(cert)
     if not uris:
         raise PeerIdentityError("no_spiffe_san", "the certificate has no spiffe:// URI SAN")

@@ -44,6 +44,13 @@ def format_duration(d: timedelta) -> str:
     return "".join(shown) or "0s"
 
 
+def format_serial(n: int) -> str:
+    """Colon-separated hex bytes, as ``openssl x509 -text`` shows them (RFC 5280 serials are positive;
+    a broken certificate's negative one is shown with a sign rather than crashing)."""
+    sign, n = ("-", -n) if n < 0 else ("", n)
+    return sign + ":".join(f"{b:02x}" for b in n.to_bytes((n.bit_length() + 7) // 8 or 1, "big"))
+
+
 def _now_arg(text: str | None) -> datetime:
     if text is None:
         return datetime.now(timezone.utc)
@@ -147,7 +154,7 @@ def describe(cert: x509.Certificate, now: datetime) -> list[tuple[str, str]]:
         ("identity", identity),
         ("subject", cert.subject.rfc4514_string() or "(empty)"),
         ("issuer", cert.issuer.rfc4514_string() or "(empty)"),
-        ("serial", ":".join(f"{b:02x}" for b in cert.serial_number.to_bytes((cert.serial_number.bit_length() + 7) // 8 or 1, "big"))),
+        ("serial", format_serial(cert.serial_number)),
         ("not before", _fmt_time(start)),
         ("not after", _fmt_time(end)),
         ("status", status),

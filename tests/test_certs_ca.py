@@ -9,12 +9,16 @@ import stat
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from certs import testing
+from certs._pem import load_certs
 from certs.bundle import CertBundle
+from certs.cli import describe
 from certs.ca import MeshCA
 from certs.errors import CertError
 from certs.spiffe import SpiffeId
@@ -224,3 +228,56 @@ def test_bundle_refuses_encrypted_key(ca, tmp_path):
     enc = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw"))
     with pytest.raises(CertError, match="encrypted"):
         CertBundle.from_pem(issued.chain_pem, enc, ca.root_cert_pem)
+
+
+def test_bundle_pem_with_surrounding_text_is_normalised(ca):
+    issued = ca.issue(ID, now=NOW)
+    noisy = b"subject=...\nissuer=...\n" + issued.chain_pem + b"\ntrailing notes\n"
+    b = CertBundle.from_pem(noisy, b"# key\n" + issued.key_pem + b"junk", b"\n" + ca.root_cert_pem + b"\n\n")
+    assert b.chain_pem == issued.chain_pem  # only the certificate reaches OpenSSL
+    assert b.trust_pem == ca.root_cert_pem
+
+
+def test_bundle_truncated_at_every_length_only_raises_cert_error(ca):
+    """A half-written file (rotation in progress) is a CertError at every cut point, never a crash."""
+    issued = ca.issue(ID, now=NOW)
+    for blob_index in range(3):
+        blobs = [issued.chain_pem, issued.key_pem, ca.root_cert_pem]
+        full = blobs[blob_index]
+        for cut in range(0, len(full)):
+            blobs[blob_index] = full[:cut]
+            try:
+                CertBundle.from_pem(*blobs)
+            except CertError:
+                continue
+            # a cut that only drops the trailing newline still holds a whole PEM block
+            assert full[cut:].strip() == b"", (blob_index, cut)
+
+
+@pytest.fixture(scope="module")
+def fuzz_material(tmp_path_factory):
+    ca = MeshCA.init(tmp_path_factory.mktemp("fuzzca") / "ca", now=NOW)
+    return ca, ca.issue(ID, now=NOW)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::cryptography.utils.CryptographyDeprecationWarning")
+def test_bundle_from_mutated_pem_only_raises_cert_error(data, fuzz_material):
+    ca, issued = fuzz_material
+    which = data.draw(st.integers(0, 2))
+    blobs = [bytearray(issued.chain_pem), bytearray(issued.key_pem), bytearray(ca.root_cert_pem)]
+    blob = blobs[which]
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(blob) - 1))
+        blob[pos] = data.draw(st.integers(0, 255))
+    try:
+        CertBundle.from_pem(*(bytes(b) for b in blobs))
+    except CertError:
+        pass
+    if which != 1:  # `certs inspect` reads the same damaged certificate without crashing either
+        try:
+            for cert in load_certs(bytes(blob), "damaged.pem"):
+                assert describe(cert, NOW)
+        except CertError:
+            pass

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from certs.bundle import CertBundle
-from certs.cli import format_duration, parse_duration
+from certs.cli import format_duration, format_serial, parse_duration
 from certs.errors import CertError
 from certs.spiffe import SpiffeId
 
@@ -121,3 +121,9 @@ def test_format_duration():
     assert format_duration(timedelta(hours=23, minutes=59, seconds=59)) == "23h59m"
     assert format_duration(timedelta(seconds=45)) == "45s"
     assert format_duration(timedelta(0)) == "0s"
+
+
+def test_format_serial():
+    assert format_serial(0x0102FF) == "01:02:ff"
+    assert format_serial(0) == "00"
+    assert format_serial(-0x10) == "-10"  # RFC 5280 forbids it; a broken certificate must still print
