@@ -6,6 +6,7 @@ Errors print one line on stderr and exit 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from datetime import datetime, timedelta, timezone
@@ -244,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     except CertError as err:
         print(f"hbone-proxy certs {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `... | head`: the work is done, only the report was cut short
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush is silent
+        return 0
     except OSError as err:  # e.g. --out into a read-only directory
         where = f"{err.filename}: " if err.filename else ""
         print(f"hbone-proxy certs {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
