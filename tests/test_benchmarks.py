@@ -1,0 +1,237 @@
+"""The benchmark harness's machinery (untimed) and one tiny end-to-end tunnel run.
+
+No performance assertions: these check that the numbers the harness reports are computed right
+(statistics, CPU from /proc, tables, wrk parsing, tool discovery) and that bytes really flow through
+our relay and arrive at the sink."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from benchmarks import procstat, wire
+from benchmarks.__main__ import parse_args, run
+from benchmarks.http import parse_wrk
+from benchmarks.report import Column, Row, ScenarioResult, fmt_summary, format_table, render
+from benchmarks.stats import percentile, ratio, summarize
+from benchmarks.tools import Toolbox, which
+
+# ------------------------------------------------------------------------------------- statistics
+
+
+def test_summarize_median_odd_even_and_spread():
+    s = summarize([3, 1, 2])
+    assert (s.median, s.low, s.high, s.n) == (2, 1, 3, 3)
+    assert summarize([4, 1, 3, 2]).median == 2.5
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_percentile_interpolates_like_numpy():
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([10], 99) == 10
+    assert percentile(range(101), 99) == 99
+    assert percentile([1, 2, 3, 4], 100) == 4
+    with pytest.raises(ValueError):
+        percentile([1], 101)
+
+
+def test_ratio_missing_or_zero_reference_is_none():
+    assert ratio(3, 2) == 1.5
+    assert ratio(None, 2) is None and ratio(3, None) is None and ratio(3, 0) is None
+
+
+# ------------------------------------------------------------------------------------------ /proc
+
+
+def test_parse_stat_survives_parentheses_and_spaces_in_the_name():
+    fields = ["S"] + ["0"] * 10 + ["250", "50"] + ["0"] * 30  # utime=250, stime=50 ticks
+    line = "1234 (we(ird) na)me) " + " ".join(fields)
+    t = procstat.parse_stat(line)
+    hz = procstat.CLOCK_TICKS_PER_S
+    assert t.user_s == pytest.approx(250 / hz) and t.system_s == pytest.approx(50 / hz)
+
+
+def test_parse_vmrss():
+    assert procstat.parse_vmrss_kib("Name:\tx\nVmRSS:\t  1234 kB\nVmSwap: 0 kB\n") == 1234
+    assert procstat.parse_vmrss_kib("Name:\tzombie\n") == 0
+
+
+def test_cpu_of_a_busy_process_tree_is_counted_with_its_children():
+    # A parent that spins in a child: the tree's CPU grows although the parent itself sleeps.
+    code = ("import os,time\n"
+            "if os.fork()==0:\n"
+            "    t=time.time()\n"
+            "    while time.time()-t<0.6: pass\n"
+            "    os._exit(0)\n"
+            "time.sleep(3)\n")
+    p = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(0.7)
+        tree = procstat.cpu_times(p.pid)
+        alone = procstat.cpu_times(p.pid, tree=False)
+        assert len(procstat.descendants(p.pid)) >= 1
+        assert tree.total_s >= alone.total_s
+        assert procstat.rss_bytes(p.pid) > 1024 * 1024
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_self_cpu_and_subtraction():
+    a = procstat.self_cpu()
+    sum(i * i for i in range(200_000))
+    d = procstat.self_cpu() - a
+    assert d.total_s >= 0 and d.total_s == pytest.approx(d.user_s + d.system_s)
+
+
+# ------------------------------------------------------------------------------------------- wire
+
+
+def test_wire_header_roundtrip_and_errors():
+    h = wire.encode_header("upload", 2**40 + 5)
+    assert len(h) == wire.HEADER_BYTES and wire.decode_header(h + b"trailing") == ("upload", 2**40 + 5)
+    with pytest.raises(wire.WireError):
+        wire.decode_header(h[:-1])
+    with pytest.raises(wire.WireError):
+        wire.decode_header(b"X" + h[1:])
+    assert wire.find_http_head_end(b"CONNECT a:1 HTTP/1.1\r\n\r\nrest") == len(b"CONNECT a:1 HTTP/1.1\r\n\r\n")
+    assert wire.find_http_head_end(b"CONNECT a:1 HTTP/1.1\r\n") == -1
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+
+def _result() -> ScenarioResult:
+    res = ScenarioResult("t", "title", [Column("MB/s", "mbps", lambda v: f"{v:.0f}"),
+                                        Column("×ref", "mbps", ratio_to="nghttpx"),
+                                        Column("+p99", "p99", lambda v: f"{v:.1f}", delta_to="direct")])
+    ours, ref, other, direct = Row("ours", "c1"), Row("nghttpx", "c1"), Row("nghttpx", "c2"), Row("direct", "c1")
+    for v in (100, 90, 110):
+        ours.add("mbps", v)
+        ours.add("p99", 3)
+    for v in (50, 50, 50):
+        ref.add("mbps", v)
+        other.add("mbps", 1000)
+        direct.add("p99", 1)
+    res.rows = [direct, ours, ref, other, Row("ours-node", "c1", note="not available: not built yet")]
+    return res
+
+
+def test_ratio_uses_the_reference_row_of_the_same_client():
+    res = _result()
+    assert res.ratio(res.rows[1], res.columns[1]) == 2.0
+    assert res.delta(res.rows[1], res.columns[2]) == 2.0
+
+
+def test_render_shows_median_spread_ratio_and_unavailable_rows():
+    text = render(_result())
+    lines = text.splitlines()
+    assert lines[0] == "== title"
+    ours = next(line for line in lines if line.startswith("ours ") or line.startswith("ours  "))
+    assert "100 (90–110)" in ours and "2.00×" in ours and "+2.0" in ours
+    assert any("ours-node" in line and "not available: not built yet" in line for line in lines)
+    # header, separator and full rows line up
+    assert len(lines[1]) >= len(lines[2].rstrip()) - 1
+
+
+def test_format_table_aligns_columns():
+    t = format_table("x", ["a", "bb"], [["1", "2222"], ["333", "4"]]).splitlines()
+    assert t[1] == "a    bb" and t[2] == "---  ----" and t[3] == "1    2222" and t[4] == "333  4"
+
+
+def test_fmt_summary_single_value_has_no_spread():
+    assert fmt_summary(summarize([5]), str) == "5.0"
+    assert fmt_summary(None, str) == "-"
+
+
+# --------------------------------------------------------------------------------------------- wrk
+
+WRK_OUTPUT = """Running 3s test @ http://127.0.0.1:8080/
+  1 threads and 64 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   765.12us  300.00us   9.00ms   90.00%
+    Req/Sec    72.00k     3.00k   80.00k    70.00%
+  Latency Distribution
+     50%  712.00us
+     75%  800.00us
+     90%    1.00ms
+     99%    1.94ms
+  216000 requests in 3.00s, 30.00MB read
+Requests/sec:  72000.00
+Transfer/sec:     10.00MB
+"""
+
+
+def test_parse_wrk():
+    r = parse_wrk(WRK_OUTPUT)
+    assert r["rps"] == 72000.0 and r["requests"] == 216000
+    assert r["p50_ms"] == pytest.approx(0.712) and r["p99_ms"] == pytest.approx(1.94)
+    assert r["non2xx"] == 0 and r["socket_errors"] == 0
+    bad = parse_wrk(WRK_OUTPUT + "  Non-2xx or 3xx responses: 7\n  Socket errors: connect 1, read 2, write 0, timeout 0\n")
+    assert bad["non2xx"] == 7 and bad["socket_errors"] == 3
+
+
+# ------------------------------------------------------------------------------------------- tools
+
+
+def test_tool_discovery_in_path_and_missing_tool_is_reported(tmp_path):
+    exe = tmp_path / "nghttpx"
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    assert which("nghttpx", path=str(tmp_path)) == str(exe)
+    notes = []
+    box = Toolbox(allow_install=False, path=str(tmp_path), log=notes.append)
+    found = box.ensure(["nghttpx", "wrk"])
+    assert found["nghttpx"] == str(exe)
+    if which("wrk", path=str(tmp_path)) is None:  # not in tmp_path nor the sbin dirs
+        assert found["wrk"] is None
+        assert any("wrk" in n and "Debian package wrk" in n for n in notes)
+    assert not box.install_attempted
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_defaults_and_validation():
+    a = parse_args([])
+    assert a.full is False and a.repeat == 3 and a.json == "bench-results.json"
+    assert a.sizes.bulk_bytes == 256 * 1024 * 1024
+    assert parse_args(["--full"]).sizes.bulk_bytes == 1024 ** 3
+    assert parse_args(["--only", "upload,short", "--only", "http"]).only == ["upload", "short", "http"]
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "nonsense"])
+    with pytest.raises(SystemExit):
+        parse_args(["--repeat", "0"])
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.timeout(120)
+def test_tiny_tunnel_run_moves_the_bytes_through_our_relay(tmp_path):
+    """4 MiB upload, 1 repetition, our relay vs direct (and nghttpx if installed): the bytes arrive
+    (the client checks the sink's count; a short count would mark the row failed) and the table has
+    the rows. No performance assertion."""
+    args = parse_args(["--only", "upload", "--repeat", "1", "--bytes", str(4 * 1024 * 1024),
+                       "--clients", "python-h2", "--no-install", "--json", str(tmp_path / "r.json")])
+    out: list[str] = []
+    results = run(args, log=out.append)
+    (res,) = results
+    rows = {(r.target, r.client): r for r in res.rows}
+    for key in (("direct", "python-tcp"), ("ours-relay", "python-h2")):
+        row = rows[key]
+        assert row.note is None, row.note
+        assert row.samples["mbps"] and row.samples["mbps"][0] > 0
+    assert rows[("ours-relay", "python-h2")].info["client_frame_bytes"] == 1024 * 1024  # large frames in use
+    assert "proxy_cpu_s" in rows[("ours-relay", "python-h2")].samples
+    table = "\n".join(out)
+    assert "one tunnel upload, 4 MiB" in table
+    assert any(line.startswith("direct") for line in table.splitlines())
+    assert any(line.startswith("ours-relay") for line in table.splitlines())
+    assert "ours-node" in table  # present, with its reason, until the node proxy is wired in
