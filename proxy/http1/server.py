@@ -141,10 +141,12 @@ class Responder:
         request = self._request
         out = []
         length = None
+        at = 0                   # content-length keeps its place among the headers
         for name, value in headers:
             name = name.lower()
             if name == b"content-length":
                 length = int(value)
+                at = len(out)
             elif name not in _RESPONSE_DROP:
                 out.append((name, value))
         if request.head.method == b"HEAD" or status in _NO_BODY_STATUS or status < 200:
@@ -152,11 +154,11 @@ class Responder:
             # resource for HEAD and 304.
             self._mode = "none"
             if length is not None and status != 204:
-                out.append((b"content-length", b"%d" % length))
+                out.insert(at, (b"content-length", b"%d" % length))
         elif length is not None:
             self._mode = "length"
             self._remaining = length
-            out.append((b"content-length", b"%d" % length))
+            out.insert(at, (b"content-length", b"%d" % length))
         elif request.head.version == b"1.1":
             self._mode = "chunked"
             out.append((b"transfer-encoding", b"chunked"))
@@ -284,14 +286,20 @@ class _Conn:
         return events.popleft()
 
     async def next_head(self) -> RequestHead | None:
-        if self.events:
-            event = self.events.popleft()
+        events = self.events
+        while events and events[0] is MessageEnd:
+            events.popleft()   # the end of a bodiless request, parsed with its head
+        if events:
+            event = events.popleft()
         else:
             loop = asyncio.get_running_loop()
             started = False
             try:
                 async with asyncio.timeout(self.limits.idle_timeout_s) as deadline:
-                    while not self.events:
+                    while not self.events or self.events[0] is MessageEnd:
+                        if self.events:
+                            self.events.popleft()
+                            continue
                         if self.reader.failed is not None:
                             raise self.reader.failed
                         if self.eof:
