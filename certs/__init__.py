@@ -9,14 +9,18 @@ errors ``CertError``, ``PeerIdentityError``, ``SpiffeError``. Test-only bad cert
 from certs.bundle import CertBundle
 from certs.ca import IssuedCert, MeshCA
 from certs.errors import CertError, PeerIdentityError
+from certs.rotation import CertSource, FileCertSource, MintingCertSource
 from certs.spiffe import SpiffeError, SpiffeId
 from certs.tls import check_server_identity, classify_handshake_error, client_context, peer_identity, server_context
 
 __all__ = [
     "CertBundle",
     "CertError",
+    "CertSource",
+    "FileCertSource",
     "IssuedCert",
     "MeshCA",
+    "MintingCertSource",
     "PeerIdentityError",
     "SpiffeError",
     "SpiffeId",
