@@ -67,6 +67,11 @@ class Socks5Parser:
         self._state = "greeting"   # → "request" → "done"
         self.trailing = b""
 
+    @property
+    def greeted(self) -> bool:
+        """The greeting was accepted (its answer is due even if the request then fails)."""
+        return self._state != "greeting"
+
     def method_selection(self) -> bytes:
         """Our answer to the greeting: always "no authentication" (we offer nothing else)."""
         return bytes((VERSION, METHOD_NO_AUTH))
@@ -155,6 +160,7 @@ async def accept_socks5(stream: ByteStream, *,
     already sent after it (optimistic data). On a bad request the error reply has been sent and
     ``Socks5Error`` is raised; the caller closes the stream. Then ``reply`` and relay."""
     parser = Socks5Parser()
+    selected = False
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -164,6 +170,8 @@ async def accept_socks5(stream: ByteStream, *,
                 try:
                     events = parser.feed(data)
                 except Socks5Error as err:
+                    if parser.greeted and not selected:
+                        stream.write(parser.method_selection())
                     if err.code is not None:
                         stream.write(encode_reply(err.code))
                     elif err.response:
@@ -172,6 +180,7 @@ async def accept_socks5(stream: ByteStream, *,
                     raise
                 for event in events:
                     if isinstance(event, MethodsOffered):
+                        selected = True
                         stream.write(parser.method_selection())
                         await stream.drain()
                     else:
