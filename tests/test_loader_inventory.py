@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policy.documents import load_documents, load_text
+from policy.documents import load_text
 from policy.errors import ConfigError, ConfigErrors, Where
 from policy.inventory import ApplicationTunnel, GatewayAddress, LoadBalancer, Locality, NetworkAddress
 from policy.loader import build_mesh_config
