@@ -120,6 +120,8 @@ def _expand(path: str) -> list[str]:
         st = os.stat(path)
     except OSError as err:
         raise ConfigError(FileWhere(path, 0), "", f"cannot read: {err.strerror or err}") from None
+    except ValueError as err:  # e.g. "embedded null byte"
+        raise ConfigError(FileWhere(repr(path), 0), "", f"not a usable path: {err}") from None
     if stat.S_ISDIR(st.st_mode):
         try:
             names = sorted(os.listdir(path))
