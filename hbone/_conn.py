@@ -116,10 +116,14 @@ class HboneStream:
                 self._read_waiter = None
         chunk = self._recv[0]
         if len(chunk) <= max_bytes:
-            self._recv.popleft()
+            self._recv.popleft()  # the common case: hand h2's bytes object over, no copy
         else:
-            self._recv[0] = chunk[max_bytes:]
-            chunk = chunk[:max_bytes]
+            # Split through a memoryview so the remainder is not copied on every partial read.
+            view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+            self._recv[0] = view[max_bytes:]
+            chunk = view[:max_bytes]
+        if isinstance(chunk, memoryview):
+            chunk = chunk.tobytes()
         n = len(chunk)
         self._recv_bytes -= n
         self._conn.ack(self.stream_id, n)
@@ -172,10 +176,12 @@ class HboneStream:
             self._recv_bytes = 0
         self.write_eof()
 
-    def abort(self) -> None:
+    def abort(self, code: int = ErrorCodes.CANCEL) -> None:
+        """RST_STREAM `code`. CANCEL by default (ztunnel); a peer reads CANCEL as a clean end, so
+        a relay that lost its other side passes CONNECT_ERROR instead (RFC 9113 §8.5)."""
         if self._done:
             return
-        self._conn.core.reset(self.stream_id, ErrorCodes.CANCEL)
+        self._conn.core.reset(self.stream_id, code)
         self._fail(StreamReset("stream aborted locally"))
         self._conn.stream_finished(self.stream_id)
         self._conn.schedule_flush()

@@ -181,7 +181,7 @@ class _Core:
         extra = settings.connection_window - _H2_DEFAULT_CONNECTION_WINDOW
         if extra > 0:
             self._h2.increment_flow_control_window(extra)
-        self._queues: dict[int, deque[memoryview]] = {}
+        self._queues: dict[int, deque[bytes | memoryview]] = {}
         self._queued: dict[int, int] = {}
         self._eof_after_queue: set[int] = set()
         self.goaway_sent = False
@@ -298,7 +298,11 @@ class _Core:
         if q is None:
             q = self._queues[stream_id] = deque()
             self._queued[stream_id] = 0
-        q.append(memoryview(data))
+        # bytes are kept as given (immutable: no copy); a bytearray/memoryview is copied, since the
+        # caller may reuse its buffer after write() returns, as asyncio transports allow.
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        q.append(data)
         self._queued[stream_id] += len(data)
 
     def end_stream(self, stream_id: int) -> None:
@@ -342,7 +346,8 @@ class _Core:
                 n = min(window, max_frame, budget - total)
                 head = q[0]
                 if len(head) > n:
-                    chunk, q[0] = head[:n], head[n:]
+                    view = head if isinstance(head, memoryview) else memoryview(head)
+                    chunk, q[0] = view[:n], view[n:]
                 else:
                     chunk = q.popleft()
                     # Coalesce small queued writes into one frame, up to n.

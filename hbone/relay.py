@@ -12,7 +12,22 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from hbone.stream import DEFAULT_READ_BYTES, ByteStream, StreamReset
+from hbone._conn import HboneStream
+from hbone.protocol import ErrorCodes
+from hbone.stream import DEFAULT_READ_BYTES, ByteStream, PrefixedStream, StreamReset
+
+
+def _abort_as_error(stream: ByteStream) -> None:
+    """Abort so the peer sees an error, not an end. RFC 9113 §8.5: a proxy whose TCP connection
+    was reset "MUST send a RST_STREAM frame with CONNECT_ERROR"; plain abort() would send CANCEL,
+    which HBONE peers (ztunnel) read as a clean end — a silent truncation."""
+    inner = stream
+    while isinstance(inner, PrefixedStream):
+        inner = inner._inner
+    if isinstance(inner, HboneStream):
+        inner.abort(ErrorCodes.CONNECT_ERROR)
+    else:
+        stream.abort()
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +68,8 @@ async def relay(a: ByteStream, b: ByteStream, *, read_bytes: int = DEFAULT_READ_
                 reset = f"{side}: {exc.__class__.__name__}: {exc}"
                 for t in pending:
                     t.cancel()
-                a.abort()
-                b.abort()
+                _abort_as_error(a)
+                _abort_as_error(b)
                 if pending:
                     await asyncio.gather(*pending, return_exceptions=True)
                 for t in tasks:  # retrieve the other side's error, if any, so it is not logged
@@ -66,8 +81,8 @@ async def relay(a: ByteStream, b: ByteStream, *, read_bytes: int = DEFAULT_READ_
     except asyncio.CancelledError:
         for t in tasks:
             t.cancel()
-        a.abort()
-        b.abort()
+        _abort_as_error(a)
+        _abort_as_error(b)
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
     return RelayResult(counts[0], counts[1], reset)

@@ -19,6 +19,8 @@ Contract (every implementation):
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from typing import Protocol, runtime_checkable
 
 KiB = 1024
@@ -27,6 +29,10 @@ MiB = 1024 * KiB
 # Read size for relays: ztunnel grows its copy buffer to 256 KiB after 10 MiB of traffic; a single
 # large read amortises the per-call Python overhead. Bounded, so one read never holds more than this.
 DEFAULT_READ_BYTES = 256 * KiB
+
+
+# struct linger {l_onoff = 1, l_linger = 0}: close() discards unsent data and sends RST.
+_LINGER_RST = struct.pack("ii", 1, 0)
 
 
 class StreamReset(ConnectionError):
@@ -97,6 +103,15 @@ class TcpStream:
     def abort(self) -> None:
         transport = self._writer.transport
         if transport is not None:
+            # asyncio's abort() only closes the socket, which sends FIN: the peer would read a
+            # clean EOF. SO_LINGER {on, 0 s} makes close() send RST, so the peer learns the
+            # stream was cut (RFC 9113 §8.5 maps RST_STREAM CONNECT_ERROR ↔ TCP RST).
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                except OSError:
+                    pass
             transport.abort()
 
     async def wait_closed(self) -> None:
