@@ -222,6 +222,7 @@ class HboneConnection(asyncio.Protocol):
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_deadline: asyncio.TimerHandle | None = None
         self._ping_outstanding: bytes | None = None
+        self.pings_acked = 0
         self._closed_fut: asyncio.Future = loop.create_future()
 
     # -- asyncio.Protocol --
@@ -351,6 +352,7 @@ class HboneConnection(asyncio.Protocol):
         elif cls is P.PingAcked:
             if event.data == self._ping_outstanding:
                 self._ping_outstanding = None
+                self.pings_acked += 1
                 if self._ping_deadline is not None:
                     self._ping_deadline.cancel()
                     self._ping_deadline = None

@@ -11,6 +11,7 @@ from hbone.errors import ConnectFailed, TunnelRefused
 from hbone.pool import HbonePool
 from hbone.server import HboneServer, InboundTunnel
 from hbone.settings import HboneSettings
+from hbone.stream import StreamReset
 from hbone.testing import LOOPS, Mesh, run
 
 loops = pytest.mark.parametrize("loop", LOOPS)
@@ -191,4 +192,45 @@ def test_refused_tunnel_status(mesh, loop):
                 assert err.value.status == 401
             assert env.pool.dials == 1
             assert "streams=0" in repr(env.pool)
+    run(loop, main)
+
+
+@loops
+def test_ping_keepalive_and_dead_peer_detection(mesh, loop):
+    async def main():
+        fast = HboneSettings(ping_interval=0.05, ping_timeout=0.15)
+        async with PoolEnv(mesh, fast) as env:
+            s = await env.open()
+            await asyncio.sleep(0.3)
+            (conn,) = env.pool.connections()
+            assert conn.pings_acked >= 2 and not conn.lost  # healthy: pings answered
+            (sconn,) = env.server._conns
+            sconn.transport.pause_reading()  # the server stops answering anything
+            await asyncio.sleep(0.5)
+            assert conn.lost  # client gave up after ping_timeout (ztunnel: 20 s by default)
+            with pytest.raises(StreamReset):
+                await s.read()
+            s2 = await env.open()  # a fresh connection
+            assert env.pool.dials == 2
+            s2.close()
+            sconn.transport.resume_reading()
+    run(loop, main)
+
+
+@loops
+def test_local_host_is_part_of_the_key(mesh, loop, loopback_ip):
+    seen = []
+
+    async def handler(tunnel):
+        seen.append(tunnel.remote_addr[0])
+        await tunnel.reject(503)
+
+    async def main():
+        src_ip = loopback_ip()
+        async with PoolEnv(mesh, handler=handler) as env:
+            for local in (None, src_ip):
+                with pytest.raises(TunnelRefused):
+                    await env.pool.open_tunnel(src_identity=env.cli_id, dst_identities=frozenset({env.srv_id}),
+                                               dst=env.server.address, authority="10.0.0.1:80", local_host=local)
+            assert seen == ["127.0.0.1", src_ip] and env.pool.dials == 2
     run(loop, main)
