@@ -380,6 +380,9 @@ WHEN_TABLE = [
     ("destination.port", None, ["8080"], {}, False),
     ("connection.sni", ["outbound_.8080_._.svc*"], None, {"sni": "outbound_.8080_._.svc.default"}, True),
     ("connection.sni", ["*"], None, {}, False),
+    ("connection.sni", ["*"], None, {"sni": ""}, False),                           # presence needs non-empty
+    ("request.auth.presenter", ["*"], None, {"claims": {"azp": ""}}, False),
+    ("request.auth.claims[tier]", ["*"], None, {"claims": {"tier": ""}}, False),
 ]
 
 
