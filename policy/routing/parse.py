@@ -865,7 +865,7 @@ def _gw_filters(r: _R, v: Any, path: str, *, allow_redirect: bool) -> dict:
         p = f"{path}[{i}]"
         m = r.map(x, p, ("type", *_FILTER_FIELD.values()))
         t = m.get("type")
-        if t not in _FILTER_FIELD:
+        if not isinstance(t, str) or t not in _FILTER_FIELD:
             raise r.fail(f"{p}.type", "expected one of " + ", ".join(_FILTER_FIELD))
         body_path = f"{p}.{_FILTER_FIELD[t]}"
         body = m.get(_FILTER_FIELD[t])
