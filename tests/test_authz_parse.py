@@ -252,14 +252,20 @@ def test_the_error_message_names_document_kind_name_and_path():
                             "spec.rules[0].to[0].operation.methods: expected a list of strings")
 
 
-def test_deny_without_rules_is_rejected_as_istios_webhook_does():
+def test_deny_without_rules_is_accepted_with_istios_webhook_warning_and_never_matches():
+    from policy.authz.evaluate import AuthzRequest, Enforcement, authorize
     doc = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
            "metadata": {"name": "d", "namespace": "x"}, "spec": {"action": "DENY"}}
-    with pytest.raises(ConfigError, match="DENY action without `rules` is meaningless"):
-        parse_authorization_policy(doc, Where())
-    doc["spec"]["rules"] = []
-    with pytest.raises(ConfigError, match="DENY action without `rules`"):
-        parse_authorization_policy(doc, Where())
+    for rules in (None, []):
+        if rules is not None:
+            doc["spec"]["rules"] = rules
+        pol = parse_authorization_policy(doc, Where())
+        assert pol.rules == ()
+        assert any("DENY action without `rules` is meaningless" in w for w in pol.warnings)
+        req = AuthzRequest(source_ip="10.0.0.1", source_principal="cluster.local/ns/x/sa/y",
+                           destination_ip="10.0.0.2", destination_port=80)
+        for at in Enforcement:
+            assert authorize(req, [pol], at).allowed
 
 
 def test_selector_errors():

@@ -502,8 +502,10 @@ def parse_authorization_policy(doc: dict, where: Where) -> m.AuthorizationPolicy
             raise p.fail("spec.rules", f"may not have more than {MAX_RULES} items")
         rules = [p.rule(x if x is not None else {}, f"spec.rules[{i}]", i) for i, x in enumerate(rules_list)]
     if action == m.DENY and not rules:
-        raise p.fail("spec.rules", "DENY action without `rules` is meaningless as it will never be triggered, "
-                                   "add an empty rule `{}` if you want it be triggered for every request")
+        # Istio's webhook (validation.go) only WARNS here — the policy is accepted and, with no rules,
+        # never matches: "DENY with no rules does nothing" (istio-semantics §6 item 1).
+        p.warnings.append("spec.rules: DENY action without `rules` is meaningless as it will never be triggered, "
+                          "add an empty rule `{}` if you want it be triggered for every request")
 
     if action == m.DENY:
         _warn_http_only_deny(p, rules)
