@@ -412,13 +412,9 @@ def _vs_rewrite(r: _R, v: Any, path: str) -> RewriteSpec:
         rr = r.map(m.get("uriRegexRewrite"), f"{path}.uriRegexRewrite", ("match", "rewrite"))
         pat = r.regex(rr.get("match"), f"{path}.uriRegexRewrite.match")
         sub = r.str(rr.get("rewrite"), f"{path}.uriRegexRewrite.rewrite", empty_ok=True)
-        return RewriteSpec("regex", "", pat, _re2_substitution(sub), authority)
+        # Envoy regex_rewrite substitutions use \\1 for groups, as Python does.
+        return RewriteSpec("regex", "", pat, sub, authority)
     return RewriteSpec("prefix" if uri is not None else None, uri or "", None, "", authority)
-
-
-def _re2_substitution(sub: str) -> str:
-    # Envoy's regex_rewrite substitution uses \1 for groups, like Python; escape nothing else.
-    return sub
 
 
 def _parse_retry_on(r: _R, v: Any, path: str) -> tuple[frozenset[str], frozenset[int]]:

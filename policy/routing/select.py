@@ -10,10 +10,9 @@ import bisect
 import ipaddress
 import random
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Mapping, Sequence, TypeVar
 
-from .model import EMPTY, FaultDecision, GwMatch, HttpMatch, RedirectSpec, RewriteSpec, StringMatch
+from .model import EMPTY, NO_HEADER_RULES, FaultDecision, GwMatch, HttpMatch, RedirectSpec, RewriteSpec
 
 T = TypeVar("T")
 
@@ -157,7 +156,7 @@ class Forward:
     retry: object        # RetryPolicy
     fault: object | None = None          # Fault
     rewrite: RewriteSpec | None = None
-    headers: object = None               # HeaderRules (rule level)
+    headers: object = NO_HEADER_RULES    # HeaderRules (rule level)
     mirrors: tuple = ()                  # tuple[Mirror, ...]
 
 
@@ -381,5 +380,5 @@ def _in_subnets(ip: str, subnets: tuple) -> bool:
 __all__ = [
     "HttpRequestView", "VsMatcher", "GwMatcher", "Forward", "Redirect", "DirectResponse", "RouteDecision",
     "NoRoute", "route_http", "route_tcp", "pick_weighted", "choose_destination", "decide_fault",
-    "mirrors_for", "apply_rewrite", "redirect_for", "gw_prefix_matches", "StringMatch", "MappingProxyType",
+    "mirrors_for", "apply_rewrite", "redirect_for", "gw_prefix_matches",
 ]
