@@ -155,11 +155,14 @@ def test_connect_failures_are_classified(mesh, loop):
                 await env.open(dst=("127.0.0.1", closed_port))
             assert err.value.reason == "refused" and err.value.flag == "UF" and err.value.status == 503
             # timeout: a TCP listener that never answers the TLS handshake
-            silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+            writers = []
+            silent = await asyncio.start_server(lambda r, w: writers.append(w), "127.0.0.1", 0)
             with pytest.raises(ConnectFailed) as err:
                 await env.open(dst=silent.sockets[0].getsockname()[:2])
             assert err.value.reason == "timeout" and err.value.flag == "UT"
             silent.close()
+            for w in writers:
+                w.close()
             # identity: the server is not who we expect
             with pytest.raises(ConnectFailed) as err:
                 await env.open(dst_ids={mesh.identity("ns1", "someone-else")})

@@ -52,6 +52,9 @@ def test_relay_half_close_both_ways_and_counts(loop):
         assert back == b"late reply"
         result = await asyncio.wait_for(task, 5)
         assert (result.a_to_b, result.b_to_a, result.reset) == (6000, 10, None)
+        for s in (left_app, a, b, right_app):
+            s.close()
+            await s.wait_closed()
     run(loop, main)
 
 
@@ -69,6 +72,8 @@ def test_relay_reset_aborts_other_side(loop):
         with pytest.raises((StreamReset, ConnectionError)):
             while await right_app.read():
                 pass
+        for s in (left_app, a, b, right_app):
+            s.close()
     run(loop, main)
 
 
@@ -85,6 +90,7 @@ def test_upstream_reset_reaches_hbone_client_as_error(loop):
             await reader.read(10)
             stream = TcpStream(reader, writer)
             rst(stream)
+            writer.close()
             resets.set_result(True)
 
         up = await asyncio.start_server(upstream, "127.0.0.1", 0)

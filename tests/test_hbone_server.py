@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import os
 import ssl
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 
 import h2.config
@@ -187,8 +188,8 @@ def _raw_client_ctx(trust_pem: bytes, chain_pem: bytes | None = None, key_pem: b
         import tempfile
         with tempfile.TemporaryDirectory() as d:
             cert, key = os.path.join(d, "c.pem"), os.path.join(d, "k.pem")
-            open(cert, "wb").write(chain_pem)
-            open(key, "wb").write(key_pem)
+            Path(cert).write_bytes(chain_pem)
+            Path(key).write_bytes(key_pem)
             ctx.load_cert_chain(cert, key)
     return ctx
 
