@@ -130,17 +130,28 @@ class RequestParser:
     # httptools callbacks
     def on_message_begin(self) -> None:
         self._in_message = True
+        self._size = 0
         self._url.clear()
         self._headers = []
         self._body.clear()
 
+    def _count(self, n: int) -> None:
+        # Counted inside the callbacks so that a request completed by the same chunk that makes it
+        # too large is still refused (a check after feed_data would see a finished message).
+        self._size += n
+        if self._size > self._max:
+            raise BadRequest(413, f"request larger than {self._max} bytes")
+
     def on_url(self, url: bytes) -> None:
+        self._count(len(url))
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)   # + ": " and CRLF
         self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_body(self, body: bytes) -> None:
+        self._count(len(body))
         self._body += body
 
     def on_message_complete(self) -> None:
@@ -155,11 +166,9 @@ class RequestParser:
             headers=tuple(self._headers), body=bytes(self._body),
             http_version=self._p.get_http_version(), keep_alive=self._p.should_keep_alive()))
         self._in_message = False
-        self._size = 0
 
     def feed(self, data: bytes) -> list[Request]:
         """Feed bytes; return the requests completed by them (in order)."""
-        self._size += len(data)
         try:
             self._p.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -171,8 +180,6 @@ class RequestParser:
             raise BadRequest(400, f"malformed request: {err}") from None
         except httptools.HttpParserError as err:
             raise BadRequest(400, f"malformed request: {err}") from None
-        if self._in_message and self._size > self._max:
-            raise BadRequest(413, f"request larger than {self._max} bytes")
         done, self.done = self.done, []
         return done
 
@@ -188,7 +195,7 @@ class HttpServer:
             self._paths.setdefault(path, []).append(method)
         self.host, self.port = host, port
         self._server: asyncio.base_events.Server | None = None
-        self._conns: set[asyncio.Task] = set()
+        self._conns: dict[asyncio.Task, asyncio.StreamWriter] = {}
         self.served = 0
         self.rejected = 0
 
@@ -205,9 +212,12 @@ class HttpServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-            for t in list(self._conns):
-                t.cancel()
-            await asyncio.gather(*self._conns, return_exceptions=True)
+            # Close the transports rather than cancel the tasks: a blocked read then returns EOF and
+            # each connection task ends normally (asyncio logs an error for a cancelled one).
+            for w in list(self._conns.values()):
+                w.transport.abort()
+            if self._conns:
+                await asyncio.wait(list(self._conns), timeout=REQUEST_TIMEOUT_S)
             await self._server.wait_closed()
             self._server = None
 
@@ -219,13 +229,13 @@ class HttpServer:
             writer.write(encode_response(Response.text(503, "too many connections\n"), keep_alive=False))
             await _close(writer)
             return
-        self._conns.add(task)
+        self._conns[task] = writer
         try:
             await self._serve(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            self._conns.discard(task)
+            self._conns.pop(task, None)
             await _close(writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -249,6 +259,7 @@ class HttpServer:
                 except BadRequest as err:
                     writer.write(encode_response(Response.text(err.status, f"{err}\n"), keep_alive=False))
                     await writer.drain()
+                    await _lingering_close(reader, writer)
                     return
                 continue
             req = pending.pop(0)
@@ -293,6 +304,28 @@ class HttpServer:
         state = "listening" if self._server is not None else "stopped"
         host, port = self.address
         return f"<HttpServer {self.name} {host}:{port} {state} conns={len(self._conns)} served={self.served}>"
+
+
+# After an error answer, read and discard what the client is still sending for up to this long /
+# this much before closing: closing with unread input makes the kernel send RST, which can destroy
+# our answer before the client reads it (nginx's lingering_close, for the same reason).
+LINGER_S = 1.0
+LINGER_BYTES = 1024 * 1024
+
+
+async def _lingering_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+        seen = 0
+        async with asyncio.timeout(LINGER_S):
+            while seen < LINGER_BYTES:
+                chunk = await reader.read(READ_CHUNK_BYTES)
+                if not chunk:
+                    break
+                seen += len(chunk)
+    except (TimeoutError, ConnectionError, OSError):
+        pass
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
@@ -399,8 +432,8 @@ class AdminServer:
     servers: dict[str, HttpServer] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        from prometheus_client.exposition import CONTENT_TYPE_LATEST
-        self._metrics_ct = CONTENT_TYPE_LATEST
+        from proxy.telemetry.metrics import CONTENT_TYPE
+        self._metrics_ct = CONTENT_TYPE
         listeners = (("admin", self.admin_addr, self._admin_routes()),
                      ("metrics", self.metrics_addr, self._metrics_routes()),
                      ("readiness", self.readiness_addr, self._readiness_routes()))

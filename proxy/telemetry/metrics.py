@@ -27,13 +27,13 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:  # policy/ is a pure library; importing it only for types keeps telemetry import-light
     from policy.inventory import Service, Workload
 
-# The exposition Content-Type Prometheus expects from /metrics and /stats/prometheus.
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The exposition Content-Type of /metrics and /stats/prometheus: the classic text format 0.0.4, as
+# Envoy and pilot-agent serve it (generate_latest writes that format; every Prometheus reads it).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 UNKNOWN = "unknown"   # istio_stats.cc / ztunnel DefaultedUnknown: a missing value is "unknown"
 LATEST = "latest"     # istio_stats.cc: a missing canonical revision is "latest"
