@@ -98,3 +98,56 @@ def test_malloc_tuning_applies_on_glibc():
     during = libc.mallinfo2().hblkhd
     libc.free(p)
     assert during == before  # not mmapped
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from hbone.protocol import TunnelRequested  # noqa: E402
+from hbone.settings import HboneSettings  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["open", "c_end", "s_end", "c_reset", "s_reset"]),
+                          st.integers(0, 30)), max_size=80))
+def test_incremental_stream_count_matches_a_full_scan(ops):
+    many = HboneSettings(server_max_concurrent_streams=1000, client_max_streams_per_connection=1000)
+    c, s = ClientCore(many), ServerCore(many)
+    s.receive_data(c.data_to_send())
+    c.receive_data(s.data_to_send())
+    s.receive_data(c.data_to_send())
+    sids: list[int] = []
+    for op, pick in ops:
+        if op == "open":
+            sids.append(c.open_tunnel(ConnectRequest.build("10.0.0.1:80")))
+        elif sids:
+            sid = sids[pick % len(sids)]
+            {"c_end": lambda: c.end_stream(sid), "s_end": lambda: s.end_stream(sid),
+             "c_reset": lambda: c.reset(sid), "s_reset": lambda: s.reset(sid)}[op]()
+        for e in s.receive_data(c.data_to_send()):
+            if isinstance(e, TunnelRequested):
+                s.respond(e.stream_id, 200)
+        c.receive_data(s.data_to_send())
+        for core, prop in ((s, "open_inbound_streams"), (c, "open_outbound_streams")):
+            expected = sum(1 for st_ in core.h2.streams.values() if st_.open)
+            assert getattr(core.h2, prop) == expected
+
+
+def test_opening_thousands_of_streams_is_linear():
+    many = HboneSettings(server_max_concurrent_streams=100000, client_max_streams_per_connection=100000)
+    c, s = ClientCore(many), ServerCore(many)
+    s.receive_data(c.data_to_send())
+    c.receive_data(s.data_to_send())
+    s.receive_data(c.data_to_send())
+    req = ConnectRequest.build("10.0.0.1:80")
+    import time
+    times = []
+    for batch in (1000, 3000):  # cost per stream of the later, larger batch must not grow with n
+        t = time.process_time()
+        for _ in range(batch):
+            c.open_tunnel(req)
+            for e in s.receive_data(c.data_to_send()):
+                s.respond(e.stream_id, 200) if isinstance(e, TunnelRequested) else None
+            c.receive_data(s.data_to_send())
+        times.append((time.process_time() - t) / batch)
+    assert s.h2.open_inbound_streams == 4000
+    assert times[1] < times[0] * 2.5, times  # quadratic would be ~4x per stream
