@@ -81,7 +81,8 @@ class ExplainRequest:
             raise ValueError("method: must be an HTTP token such as GET")
         if not isinstance(path, str) or (path and not path.startswith("/")):
             raise ValueError("path: must start with /")
-        headers = obj.get("headers") or {}
+        headers = obj.get("headers")
+        headers = {} if headers is None else headers
         if not isinstance(headers, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
             raise ValueError("headers: must be an object of string values")
         if (method or path or headers) and not (method and path):
