@@ -31,6 +31,7 @@ class ProxySettings:
     node: str | None = None                      # node mode: serve workloads whose `node` is this
     scope: str | None = None                     # waypoint: NS | NS/SA (default: own identity's namespace)
     gateway: str | None = None                   # waypoint: NS/NAME of the Gateway it serves
+    identity: str | None = None                  # waypoint with --ca-dir: NS/SA to mint (default: its workload's)
     hbone_addr: tuple[str, int] = ("0.0.0.0", HBONE_PORT)
     outbound_addr: tuple[str, int] | None = ("127.0.0.1", OUTBOUND_PORT)
     inbound_plaintext_addr: tuple[str, int] | None = None

@@ -1,0 +1,149 @@
+"""Node mode (ztunnel): the L4 secure overlay for the workloads of one node.
+
+``NodeProxy`` wires the listeners: HBONE inbound on each local workload's ``<ip>:15008``
+(``inbound``), plaintext inbound 15006 (``inbound_plaintext``), outbound capture 15001 and SOCKS5
+15080 (``outbound``). It reads the config in force from the ``ConfigStore`` on every new connection,
+and on each reload re-checks live inbound tunnels (late rejection) and reconciles the per-pod
+listeners with the new set of local workloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import TYPE_CHECKING
+
+from hbone.settings import HboneSettings
+from policy.inventory import Workload
+from proxy.node.inbound import InboundProxy, InboundTracker
+from proxy.node.inbound_plaintext import InboundPlaintextProxy
+from proxy.node.outbound import OutboundProxy
+
+if TYPE_CHECKING:
+    from proxy.identity import Identities
+    from proxy.settings import ProxySettings
+    from proxy.snapshot import ConfigStore, Snapshot
+    from proxy.telemetry.accesslog import AccessLog
+    from proxy.telemetry.metrics import Metrics
+
+log = logging.getLogger("hbone.node")
+
+# Istio labels waypoint pods with the Gateway they implement; such pods terminate HBONE themselves
+# (they are not captured by the node proxy: ambient excludes waypoints from redirection).
+WAYPOINT_POD_LABEL = "gateway.networking.k8s.io/gateway-name"
+
+
+def local_workloads(snapshot: "Snapshot", node: str) -> dict[str, Workload]:
+    """IP → workload, for the workloads on ``node`` that this proxy serves (waypoint pods excluded)."""
+    inv = snapshot.mesh.inventory
+    waypoint_ips = {s.waypoint.address.ip for s in inv.services.values()
+                    if s.waypoint is not None and s.waypoint.address is not None}
+    out: dict[str, Workload] = {}
+    for _, wl in sorted(inv.workloads.items()):
+        if wl.node != node or WAYPOINT_POD_LABEL in wl.labels:
+            continue
+        for ip in wl.workload_ips:
+            if ip not in waypoint_ips:
+                out[ip] = wl
+    return out
+
+
+class NodeProxy:
+    def __init__(self, settings: "ProxySettings", store: "ConfigStore", identities: "Identities", *,
+                 metrics: "Metrics | None" = None, access_log: "AccessLog | None" = None,
+                 hbone_settings: HboneSettings = HboneSettings(), rng: random.Random | None = None):
+        if not settings.node:
+            raise ValueError("node mode needs --node NAME (the node whose workloads this proxy serves)")
+        self.settings = settings
+        self.store = store
+        self.identities = identities
+        self.node = settings.node
+        reuse = settings.workers > 1
+        self.tracker = InboundTracker(self.node)
+        self._local: dict[str, Workload] = {}
+        td = identities.trust_domain
+        self.inbound = InboundProxy(node=self.node, port=settings.hbone_addr[1], snapshot=self.snapshot,
+                                    identities=identities, trust_domain=td, tracker=self.tracker,
+                                    metrics=metrics, access_log=access_log, hbone_settings=hbone_settings,
+                                    reuse_port=reuse)
+        self.outbound = OutboundProxy(snapshot=self.snapshot, local_workloads=lambda: self._local,
+                                      identities=identities, trust_domain=td, metrics=metrics,
+                                      access_log=access_log, hbone_settings=hbone_settings, rng=rng)
+        self.plaintext = InboundPlaintextProxy(node=self.node, snapshot=self.snapshot, tracker=self.tracker,
+                                               access_log=access_log)
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self._reconciling: asyncio.Task | None = None
+        self._reuse = reuse
+        self.binding: tuple[str, tuple[str, int]] = ("", ("", 0))
+
+    def snapshot(self) -> "Snapshot":
+        snap = self.store.current
+        assert snap is not None, "NodeProxy used before the config was loaded"
+        return snap
+
+    async def start(self) -> None:
+        """Bind every listener. On OSError (address in use...) ``self.binding`` is the (flag, address)
+        being bound; a per-pod HBONE listener's error carries ``bind_addr``."""
+        s = self.settings
+        self._local = local_workloads(self.snapshot(), self.node)
+        if not self._local:
+            log.warning("no workloads on node %r in the inventory; inbound listeners: none", self.node)
+        self.binding = ("--hbone-addr", s.hbone_addr)
+        await self.inbound.reconcile(self._local)
+        if s.outbound_addr is not None:
+            self.binding = ("--outbound-addr", s.outbound_addr)
+            self.addresses["outbound"] = await self.outbound.start_outbound(*s.outbound_addr, reuse_port=self._reuse)
+        if s.socks5_addr is not None:
+            self.binding = ("--socks5-addr", s.socks5_addr)
+            self.addresses["socks5"] = await self.outbound.start_socks5(*s.socks5_addr, reuse_port=self._reuse)
+        if s.inbound_plaintext_addr is not None:
+            self.binding = ("--inbound-plaintext-addr", s.inbound_plaintext_addr)
+            self.addresses["inbound_plaintext"] = await self.plaintext.start(*s.inbound_plaintext_addr,
+                                                                             reuse_port=self._reuse)
+
+    def on_config(self, old: "Snapshot | None", new: "Snapshot") -> None:
+        """ConfigStore subscriber: new connections already see ``new``; here live tunnels are
+        re-checked (ztunnel PolicyWatcher) and listeners follow the new set of local workloads."""
+        self._local = local_workloads(new, self.node)
+        closed = self.tracker.recheck(new)
+        if closed:
+            log.info("config v%s: closed %d live tunnel(s) now denied", new.version, closed)
+        self._reconciling = asyncio.get_running_loop().create_task(self._reconcile())
+
+    async def _reconcile(self) -> None:
+        try:
+            await self.inbound.reconcile(self._local)
+        except OSError as err:
+            log.error("cannot listen for a new local workload: %s", err)
+
+    def cert_sources(self):
+        return [self.identities.for_workload(w) for w in self._local.values()]
+
+    def config_dump(self) -> dict:
+        snap = self.snapshot()
+        return {
+            "mode": "node",
+            "node": self.node,
+            "local_workloads": [{"ip": ip, "name": w.name, "namespace": w.namespace, "identity": w.identity,
+                                 "protocol": w.protocol} for ip, w in sorted(self._local.items())],
+            "listeners": {**{f"hbone {ip}": f"{ip}:{self.settings.hbone_addr[1]}" for ip in self.inbound.servers},
+                          **{k: f"{h}:{p}" for k, (h, p) in self.addresses.items()}},
+            "live_inbound_tunnels": len(self.tracker.live),
+            "late_rejections": self.tracker.late_rejections,
+            "outbound": repr(self.outbound),
+        }
+
+    async def close(self, drain_deadline: float = 0.0) -> None:
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+            await asyncio.gather(self._reconciling, return_exceptions=True)
+        self.outbound.stop_accepting()
+        await asyncio.gather(self.inbound.close(drain_deadline), self.plaintext.close(drain_deadline),
+                             self.outbound.close(drain_deadline))
+
+    def __repr__(self) -> str:
+        return f"<NodeProxy {self.node} local={len(self._local)} {self.inbound!r} {self.outbound!r}>"
+
+
+__all__ = ["NodeProxy", "local_workloads", "WAYPOINT_POD_LABEL"]

@@ -1,0 +1,297 @@
+"""Node proxy inbound: HBONE on ``<pod ip>:15008`` for each local workload (ztunnel ``src/proxy/inbound.rs``).
+
+One ``HboneServer`` per local workload IP, presenting that workload's certificate (ztunnel picks the
+certificate by destination pod). Per CONNECT, in ztunnel's order (reference/ztunnel.md §1.5):
+
+1. the ``:authority`` IP must be the workload this listener serves — the connection's destination IP
+   (``validate_destination``) — else **400** ``IpMismatch``: a client may not reach pod B through pod
+   A's listener, which would let it be authorized as B's traffic while presenting A's certificate;
+2. that workload must still be one this node serves (a reload may have removed it) — else **503**;
+3. the port must not be one of the proxy's own (15001/15006/15008) — else **503** ``SelfCall``;
+4. L4 authorization with ztunnel semantics over ``PolicyIndex.for_workload`` — deny → **401**;
+5. plaintext connect to ``<pod ip>:<port>`` (10 s) — failure → **503**;
+6. only then **200**, and relay with half-close.
+
+``plan_inbound`` is steps 1–4, pure. Live tunnels are registered before their first check (as
+ztunnel's connection manager does, to avoid a race with a policy change) and ``recheck(snapshot)``
+re-runs step 4 for each after a config change, closing those now denied (ztunnel
+``AuthorizationPolicyLateRejection``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from hbone.connect import format_authority
+from hbone.relay import relay
+from hbone.server import HboneServer, InboundTunnel
+from hbone.settings import CONNECT_TIMEOUT_S, HboneSettings
+from hbone.stream import ByteStream, TcpStream
+from policy.authz.evaluate import AuthzRequest, Decision, Enforcement, authorize
+from policy.inventory import Workload
+from proxy.errors import AuthorizationDenied, IpMismatch, ProxyError, SelfCall, UnknownDestination, UpstreamConnectFailure
+from proxy.settings import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+
+if TYPE_CHECKING:
+    from proxy.identity import Identities
+    from proxy.snapshot import Snapshot
+    from proxy.telemetry.accesslog import AccessLog
+    from proxy.telemetry.metrics import Metrics
+
+log = logging.getLogger("hbone.node.inbound")
+
+# ztunnel config.rs: inbound resolving to one of these is a SelfCall (503).
+INBOUND_ILLEGAL_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT})
+
+
+@dataclass(frozen=True)
+class InboundFacts:
+    """What an inbound decision is made from (kept per live tunnel for late re-checks)."""
+
+    node: str | None
+    local_ip: str                     # the IP the client connected to (the listener's pod)
+    authority: tuple[str, int]
+    src_ip: str
+    src_principal: str | None         # "td/ns/x/sa/y"; None for plaintext (15006)
+
+
+@dataclass(frozen=True)
+class InboundPlan:
+    workload: Workload
+    target: tuple[str, int]
+    decision: Decision
+
+
+def local_workload(snapshot: "Snapshot", node: str | None, ip: str) -> Workload | None:
+    wl = snapshot.mesh.inventory.workload_by_ip.get(ip)
+    if wl is None or (node is not None and wl.node != node):
+        return None
+    return wl
+
+
+def authorize_inbound(snapshot: "Snapshot", wl: Workload, facts: InboundFacts) -> Decision:
+    policies = snapshot.policies.for_workload(namespace=wl.namespace, labels=wl.labels,
+                                              workload_policy_keys=wl.authorization_policies)
+    req = AuthzRequest(source_ip=facts.src_ip, source_principal=facts.src_principal,
+                       destination_ip=facts.authority[0], destination_port=facts.authority[1])
+    return authorize(req, policies, Enforcement.ZTUNNEL)
+
+
+def plan_inbound(facts: InboundFacts, snapshot: "Snapshot") -> InboundPlan:
+    """Steps 1–4 above. Raises the ``ProxyError`` whose ``hbone_status`` is the answer."""
+    ip, port = facts.authority
+    if ip != facts.local_ip:
+        raise IpMismatch(f":authority {ip} is not the destination {facts.local_ip} of this connection")
+    wl = local_workload(snapshot, facts.node, ip)
+    if wl is None:
+        raise UnknownDestination(f"{ip} is not a workload on this node")
+    if port in INBOUND_ILLEGAL_PORTS:
+        raise SelfCall(f"port {port} is one of the proxy's own ports")
+    decision = authorize_inbound(snapshot, wl, facts)
+    if not decision.allowed:
+        raise AuthorizationDenied(f"{facts.src_principal or 'plaintext'} -> {ip}:{port}: {decision.reason}",
+                                  detail=decision.response_detail)
+    return InboundPlan(wl, (ip, port), decision)
+
+
+async def connect_workload(target: tuple[str, int], src_ip: str | None, timeout: float) -> TcpStream:
+    """Plaintext to the local workload. Like ztunnel's ``freebind_connect(Some(src_ip), dst)``, the
+    connection comes from the original client's IP when this host can bind it (every 127.x address
+    can, on loopback), so the app sees who called it; otherwise from our own address."""
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                return await TcpStream.connect(*target, local_host=src_ip)
+            except OSError as err:
+                if src_ip is None or err.errno not in (errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EINVAL):
+                    raise
+                return await TcpStream.connect(*target)
+    except (OSError, TimeoutError) as err:
+        raise UpstreamConnectFailure(f"{format_authority(*target)}: {err}") from err
+
+
+@dataclass(eq=False)
+class LiveTunnel:
+    facts: InboundFacts
+    streams: list[ByteStream] = field(default_factory=list)
+    rejected: str | None = None
+
+    def close_denied(self, why: str) -> None:
+        self.rejected = why
+        for s in self.streams:
+            s.abort()
+
+
+class InboundTracker:
+    """Live inbound tunnels (HBONE and plaintext), for late rejection on policy change."""
+
+    def __init__(self, node: str | None):
+        self.node = node
+        self._ids = itertools.count(1)
+        self.live: dict[int, LiveTunnel] = {}
+        self.late_rejections = 0
+
+    def register(self, facts: InboundFacts) -> tuple[int, LiveTunnel]:
+        t = LiveTunnel(facts)
+        tid = next(self._ids)
+        self.live[tid] = t
+        return tid, t
+
+    def forget(self, tid: int) -> None:
+        self.live.pop(tid, None)
+
+    def recheck(self, snapshot: "Snapshot") -> int:
+        """Re-run authorization for every live tunnel; close the denied ones. Returns how many."""
+        closed = 0
+        for tid, t in list(self.live.items()):
+            wl = local_workload(snapshot, self.node, t.facts.authority[0])
+            if wl is None:
+                why = "workload no longer on this node"
+            else:
+                d = authorize_inbound(snapshot, wl, t.facts)
+                if d.allowed:
+                    continue
+                why = d.reason
+            log.info("late rejection of %s -> %s:%s: %s", t.facts.src_principal, *t.facts.authority, why)
+            t.close_denied(why)
+            closed += 1
+        self.late_rejections += closed
+        return closed
+
+
+class InboundProxy:
+    """The HBONE listeners of one node proxy: one per local workload IP, reconciled on reload."""
+
+    def __init__(self, *, node: str | None, port: int, snapshot: Callable[[], "Snapshot"],
+                 identities: "Identities", trust_domain: str, tracker: InboundTracker,
+                 metrics: "Metrics | None" = None, access_log: "AccessLog | None" = None,
+                 hbone_settings: HboneSettings = HboneSettings(), reuse_port: bool = False,
+                 connect_timeout: float = CONNECT_TIMEOUT_S):
+        self.node = node
+        self.port = port
+        self.snapshot = snapshot
+        self.identities = identities
+        self.trust_domain = trust_domain
+        self.tracker = tracker
+        self.metrics = metrics
+        self.access_log = access_log
+        self.hbone_settings = hbone_settings
+        self.reuse_port = reuse_port
+        self.connect_timeout = connect_timeout
+        self.servers: dict[str, HboneServer] = {}   # pod ip → listener
+
+    async def reconcile(self, workloads: dict[str, Workload]) -> None:
+        """Listen on every local HBONE workload's IP; stop listening for ones that are gone.
+        Raises OSError when a new listener cannot bind (the caller reports it)."""
+        wanted = {ip: wl for ip, wl in workloads.items() if wl.protocol == "HBONE"}
+        for ip in [ip for ip in self.servers if ip not in wanted]:
+            server = self.servers.pop(ip)
+            await server.close(drain_deadline=0.0)
+        for ip, wl in wanted.items():
+            if ip in self.servers:
+                continue
+            cert = self.identities.for_workload(wl)
+            server = HboneServer(cert.server_context, self._handle, trust_domain=self.trust_domain,
+                                 settings=self.hbone_settings, on_tls_failure=self._tls_failed)
+            try:
+                await server.start(ip, self.port, reuse_port=self.reuse_port)
+            except OSError as err:
+                err.bind_addr = (ip, self.port)  # type: ignore[attr-defined]
+                raise
+            self.servers[ip] = server
+            log.info("HBONE inbound for %s (%s) on %s:%s", wl.name, wl.identity, ip, self.port)
+
+    def _tls_failed(self, reason: str, addr: tuple[str, int]) -> None:
+        if self.metrics is not None:
+            self.metrics.tls_handshake_failure(reason)
+
+    async def _handle(self, tunnel: InboundTunnel) -> None:
+        start = time.time()
+        facts = InboundFacts(self.node, tunnel.local_addr[0], tunnel.authority, tunnel.remote_addr[0],
+                             tunnel.peer_identity.principal)
+        tid, live = self.tracker.register(facts)   # before the check: a policy change cannot slip between
+        upstream: TcpStream | None = None
+        try:
+            snap = self.snapshot()
+            try:
+                plan = plan_inbound(facts, snap)
+                upstream = await connect_workload(plan.target, facts.src_ip, self.connect_timeout)
+            except ProxyError as err:
+                await tunnel.reject(err.hbone_status, str(err))
+                self._record(tunnel, facts, None, start, 0, 0, err.flag if err.hbone_status != 401 else "DENY",
+                             str(err), err.hbone_status, getattr(err, "detail", ""))
+                return
+            if live.rejected:
+                upstream.abort()
+                await tunnel.reject(401, live.rejected)
+                return
+            stream = await tunnel.accept()
+            live.streams.extend((stream, upstream))
+            labels = self._labels(tunnel, plan.workload)
+            if labels is not None:
+                self.metrics.tcp_opened(labels)  # type: ignore[union-attr]
+            result = None
+            try:
+                result = await relay(stream, upstream)
+            finally:
+                upstream.close()
+                sent = result.b_to_a if result else 0
+                recv = result.a_to_b if result else 0
+                if labels is not None:
+                    self.metrics.tcp_closed(labels, sent, recv)  # type: ignore[union-attr]
+                flags = "DENY" if live.rejected else ("-" if result and not result.reset else "UC")
+                error = f"late rejection: {live.rejected}" if live.rejected else (result.reset if result else "cancelled")
+                self._record(tunnel, facts, plan, start, sent, recv, flags, error, 200, plan.decision.policy or "")
+        finally:
+            self.tracker.forget(tid)
+
+    def _labels(self, tunnel: InboundTunnel, wl: Workload):
+        if self.metrics is None:
+            return None
+        from proxy.telemetry.metrics import PeerInfo, traffic_labels
+        snap = self.snapshot()
+        peer = snap.mesh.inventory.workload_by_ip.get(tunnel.remote_addr[0])
+        principal = str(tunnel.peer_identity)
+        src = PeerInfo.from_workload(peer, principal=principal) if peer is not None else PeerInfo.from_identity(principal)
+        return traffic_labels("destination", source=src, destination=PeerInfo.from_workload(wl), service=None,
+                              request_protocol="tcp", security_policy="mutual_tls")
+
+    def _record(self, tunnel: InboundTunnel, facts: InboundFacts, plan: InboundPlan | None, start: float,
+                sent: int, recv: int, flags: str, error: str | None, status: int, policy: str) -> None:
+        if self.access_log is None:
+            return
+        from proxy.telemetry.accesslog import AccessRecord
+        wl = plan.workload if plan else None
+        record = AccessRecord(
+            start_time=start, kind="tunnel", direction="inbound", reporter="destination",
+            src_addr=format_authority(*tunnel.remote_addr), src_identity=str(tunnel.peer_identity),
+            dst_addr=format_authority(*tunnel.local_addr), dst_hbone_addr=tunnel.request.authority_str,
+            dst_workload=wl.name if wl else "", dst_identity=wl.identity if wl else "",
+            authz="deny" if status == 401 or flags == "DENY" else ("allow" if plan else ""),
+            authz_policy=policy if plan else "", status=status,
+            bytes_sent=sent, bytes_received=recv, duration_ms=(time.time() - start) * 1000,
+            response_flags=flags, error=error or "")
+        self.access_log.emit(record)
+
+    @property
+    def active_tunnels(self) -> int:
+        return sum(s.active_tunnels for s in self.servers.values())
+
+    async def close(self, drain_deadline: float = 0.0) -> None:
+        """GOAWAY on every connection; in-flight tunnels finish up to the deadline (DESIGN §7)."""
+        servers = list(self.servers.values())
+        self.servers.clear()
+        await asyncio.gather(*(s.close(drain_deadline=drain_deadline) for s in servers))
+
+    def __repr__(self) -> str:
+        return f"<InboundProxy node={self.node} listeners={len(self.servers)} tunnels={self.active_tunnels}>"
+
+
+__all__ = ["InboundFacts", "InboundPlan", "InboundProxy", "InboundTracker", "plan_inbound", "authorize_inbound",
+           "local_workload", "INBOUND_ILLEGAL_PORTS"]

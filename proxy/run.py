@@ -1,0 +1,576 @@
+"""``hbone-proxy run``: start a waypoint or a node proxy (DESIGN §4, §7).
+
+Start-up order: parse flags (each with an ``HBONE_PROXY_*`` environment equivalent) → load the
+configuration (bad config: exit 2 with the ``FILE: document N (Kind name): field.path: problem``
+lines, no traceback) → certificates → admin/metrics/readiness listeners (readiness answers 503
+"starting") → the data-plane listeners → ready. An address already in use is one line naming the
+flag, exit 2.
+
+While running: the config files are polled every ``--config-poll-interval`` seconds (mtime, size)
+and SIGHUP reloads at once; a reload that fails keeps the last good config, logs why and counts
+``hbone_config_reloads_total{result="failure"}``. A successful reload is in force for the next
+tunnel at once; live tunnels continue, except those the new policies deny (ztunnel late rejection).
+Certificates rotate at half-life. SIGTERM, SIGINT or ``POST /quitquitquit`` drain (ztunnel
+``src/app.rs``): readiness 503, stop accepting, GOAWAY, in-flight tunnels finish up to
+``--drain-deadline``, then the rest is cut; exit 0. A second SIGINT exits at once.
+
+``--workers N`` forks N worker processes sharing the data-plane ports with SO_REUSEPORT; the parent
+supervises them (restarts a worker that dies, forwards SIGTERM/SIGHUP). Only worker 0 serves the
+admin, metrics and readiness listeners, so metrics and ``/config_dump`` describe that worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from typing import Any
+
+from certs.errors import CertError
+from policy.errors import ConfigError
+from proxy.settings import (ADMIN_PORT, CONFIG_POLL_INTERVAL_S, DRAIN_DEADLINE_S, HBONE_PORT,
+                            INBOUND_PLAINTEXT_PORT, METRICS_PORT, OUTBOUND_PORT, READINESS_PORT, SOCKS5_PORT,
+                            ProxySettings)
+
+log = logging.getLogger("hbone.run")
+
+EXIT_OK = 0
+EXIT_BAD_CONFIG = 2     # DESIGN §4: bad configuration (and bad usage, an address in use) exits 2
+ENV_PREFIX = "HBONE_PROXY_"
+# How often certificates are checked for rotation (files replaced, or half-life reached).
+CERT_CHECK_INTERVAL_S = 5.0
+# A worker that dies is restarted, but not faster than this (a crash loop must not spin the CPU).
+WORKER_RESTART_BACKOFF_S = 1.0
+# How long the parent waits for workers after forwarding SIGTERM, on top of the drain deadline.
+WORKER_EXIT_GRACE_S = 5.0
+OFF = ("off", "none", "")
+
+
+class UsageError(Exception):
+    pass
+
+
+class BindError(Exception):
+    def __init__(self, flag: str, addr: tuple[str, int], err: OSError):
+        why = {errno.EADDRINUSE: "address already in use",
+               errno.EADDRNOTAVAIL: "address not available on this machine",
+               errno.EACCES: "permission denied"}.get(err.errno or 0, err.strerror or str(err))
+        super().__init__(f"{flag} {addr[0]}:{addr[1]}: {why}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags
+
+
+def _addr(text: str) -> tuple[str, int] | None:
+    if text.strip().lower() in OFF:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected IP:PORT (or 'off')")
+    host = host.strip("[]") or "0.0.0.0"
+    import ipaddress
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {host!r} is not an IP address") from None
+    return host, int(port)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return v
+
+
+def _workers(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of workers 1..256")
+    return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line + usage, returned (not sys.exit) so main can return 2
+        raise UsageError(f"{self.prog}: {message}\n{self.format_usage().rstrip()}")
+
+
+# (flag, dest, type, default, help). The env equivalent is HBONE_PROXY_<DEST upper>.
+_FLAGS: list[tuple[str, str, Any, Any, str]] = [
+    ("--mode", "mode", str, None, "waypoint | node"),
+    ("--cert", "cert", str, None, "PEM certificate chain (identity is read from it)"),
+    ("--key", "key", str, None, "PEM private key"),
+    ("--ca", "ca", str, None, "PEM trust bundle"),
+    ("--ca-dir", "ca_dir", str, None, "mesh CA dir (`hbone-proxy certs init`): mint workload certificates"),
+    ("--node", "node", str, None, "node mode: serve the workloads whose `node` is NAME"),
+    ("--scope", "scope", str, None, "waypoint scope NS or NS/SA (default: its identity's namespace)"),
+    ("--gateway", "gateway", str, None, "waypoint: the Gateway it implements, NS/NAME"),
+    ("--identity", "identity", str, None, "waypoint with --ca-dir: NS/SA (default: the workload at its HBONE IP)"),
+    ("--trust-domain", "trust_domain", str, None, "trust domain (default: the certificate's / CA's)"),
+    ("--hbone-addr", "hbone_addr", _addr, f"0.0.0.0:{HBONE_PORT}",
+     "HBONE listener IP:PORT (node mode: the port, on each local workload's IP)"),
+    ("--outbound-addr", "outbound_addr", _addr, f"127.0.0.1:{OUTBOUND_PORT}", "node: outbound capture (SO_ORIGINAL_DST)"),
+    ("--inbound-plaintext-addr", "inbound_plaintext_addr", _addr, "off",
+     f"node: plaintext inbound (e.g. 0.0.0.0:{INBOUND_PLAINTEXT_PORT})"),
+    ("--socks5-addr", "socks5_addr", _addr, f"127.0.0.1:{SOCKS5_PORT}", "node: SOCKS5 outbound"),
+    ("--admin-addr", "admin_addr", _addr, f"127.0.0.1:{ADMIN_PORT}", "admin: /config_dump, /quitquitquit, /logging"),
+    ("--metrics-addr", "metrics_addr", _addr, f"0.0.0.0:{METRICS_PORT}", "Prometheus /metrics"),
+    ("--readiness-addr", "readiness_addr", _addr, f"0.0.0.0:{READINESS_PORT}", "readiness /healthz/ready"),
+    ("--workers", "workers", _workers, "1", "worker processes sharing the ports (SO_REUSEPORT)"),
+    ("--drain-deadline", "drain_deadline_s", _positive_float, str(DRAIN_DEADLINE_S),
+     "seconds in-flight tunnels get on shutdown"),
+    ("--config-poll-interval", "config_poll_interval_s", _positive_float, str(CONFIG_POLL_INTERVAL_S),
+     "seconds between config file checks (0: only SIGHUP)"),
+    ("--log-level", "log_level", str, "info", "debug | info | warning | error"),
+    ("--access-log", "access_log", str, "-", "'-' (stdout), a file path, or 'off'"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hbone-proxy run", description="Run a waypoint or node proxy. Every flag has an "
+                f"environment equivalent {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}SOCKS5_ADDR).")
+    p.add_argument("--config", dest="config", action="append", metavar="PATH",
+                   help=f"YAML file or directory (repeatable; env {ENV_PREFIX}CONFIG, paths separated by ':')")
+    for flag, dest, typ, default, help_ in _FLAGS:
+        kwargs: dict[str, Any] = {"dest": dest, "help": help_}
+        if typ is not str:
+            kwargs["type"] = typ
+        if flag == "--mode":
+            kwargs["choices"] = ("waypoint", "node")
+        p.add_argument(flag, **kwargs)
+    return p
+
+
+def parse_settings(argv: list[str], environ: dict[str, str] | None = None) -> ProxySettings:
+    """Flags, then environment, then defaults. Raises ``UsageError``."""
+    env = os.environ if environ is None else environ
+    p = build_parser()
+    ns = p.parse_args(argv)
+    values: dict[str, Any] = {}
+    for flag, dest, typ, default, _ in _FLAGS:
+        v = getattr(ns, dest)
+        if v is None:
+            raw = env.get(ENV_PREFIX + dest.upper().removesuffix("_S"))
+            if raw is None:
+                raw = default
+            if raw is not None and typ is not str:
+                try:
+                    v = typ(raw)
+                except argparse.ArgumentTypeError as err:
+                    raise UsageError(f"hbone-proxy run: {flag} / {ENV_PREFIX}{dest.upper().removesuffix('_S')}: "
+                                     f"{err}") from None
+            else:
+                v = raw
+        values[dest] = v
+    paths = ns.config or [x for x in env.get(ENV_PREFIX + "CONFIG", "").split(os.pathsep) if x]
+    if not paths:
+        raise UsageError("hbone-proxy run: --config PATH is required (a YAML file or a directory)")
+    mode = values.pop("mode")
+    if mode not in ("waypoint", "node"):
+        raise UsageError("hbone-proxy run: --mode waypoint|node is required")
+    if mode == "node" and not values["node"]:
+        raise UsageError("hbone-proxy run: node mode needs --node NAME (the node whose workloads it serves)")
+    if values["hbone_addr"] is None:
+        raise UsageError("hbone-proxy run: --hbone-addr cannot be off")
+    if values["access_log"].strip().lower() in OFF:
+        values["access_log"] = None
+    if values["log_level"].lower() not in ("debug", "info", "warning", "warn", "error", "critical"):
+        raise UsageError(f"hbone-proxy run: --log-level {values['log_level']!r}: use debug, info, warning or error")
+    td = values.pop("trust_domain")
+    settings = ProxySettings(mode=mode, config_paths=tuple(paths), **values)
+    if td:
+        settings = replace(settings, trust_domain=td)
+    return settings
+
+
+# ---------------------------------------------------------------------------------------------
+# Config file change detection
+
+
+def config_signature(paths: tuple[str, ...]) -> tuple:
+    """What the poller compares: each file's (path, mtime_ns, size); a directory's listing too, so
+    an added or removed file counts as a change."""
+    from policy.documents import source_files
+    sig = []
+    for f in source_files(list(paths)):
+        try:
+            st = os.stat(f)
+            sig.append((f, st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            sig.append((f, None))
+    for p in paths:   # a path that vanished or appeared
+        sig.append((p, os.path.exists(p)))
+    return tuple(sig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The running proxy
+
+
+class ProxyApp:
+    """One proxy process: config store, certificates, telemetry, admin and the mode's data plane."""
+
+    def __init__(self, settings: ProxySettings, *, worker: int = 0):
+        self.settings = settings
+        self.worker = worker
+        self.state = "starting"          # → "ready" → "draining"
+        self.store = None
+        self.identities = None
+        self.mode_proxy: Any = None
+        self.metrics = None
+        self.access_log = None
+        self.admin = None
+        self._stop: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._signals = 0
+
+    # ---- set-up that can fail with exit 2 (no event loop needed) ----
+    def prepare(self) -> None:
+        """Load config and certificates. Raises ConfigError / CertError / UsageError."""
+        from policy.mesh import load_mesh_config
+        from policy.scope import WaypointScope
+        from proxy.identity import Identities, waypoint_identity
+        from proxy.snapshot import ConfigStore
+        from proxy.telemetry.accesslog import AccessLog
+        from proxy.telemetry.metrics import Metrics
+
+        s = self.settings
+        mesh = load_mesh_config(list(s.config_paths))
+        for w in mesh.warnings:
+            log.warning("%s", w)
+        ids = Identities.from_settings(cert=s.cert, key=s.key, ca=s.ca, ca_dir=s.ca_dir)
+        td = ids.trust_domain
+        scope = None
+        self.cert_source = None
+        if s.mode == "waypoint":
+            hbone_ip = s.hbone_addr[0] if s.hbone_addr[0] not in ("0.0.0.0", "::") else None
+            if ids.file_source is not None:
+                ident = ids.file_source.identity
+                src = ids.file_source
+            else:
+                ident, _ = waypoint_identity(mesh.inventory, hbone_ip=hbone_ip, identity_flag=s.identity,
+                                             trust_domain=td)
+                src = ids.for_identity(ident)
+            self.cert_source = src
+            try:
+                scope = WaypointScope.parse(s.scope or ident.namespace, address_ip=hbone_ip, gateway=s.gateway)
+            except ValueError as err:
+                raise UsageError(f"hbone-proxy run: {err}") from None
+        self.identities = ids
+        self.settings = s = replace(s, trust_domain=td)
+        self.store = ConfigStore(list(s.config_paths), mode=s.mode, scope=scope, clock=time.time)
+        self.store.load()
+        self.metrics = Metrics()
+        sink: Any = None
+        if s.access_log == "-":
+            sink = sys.stdout
+        elif s.access_log:
+            sink = s.access_log
+        self.access_log = AccessLog(sink, metrics=self.metrics)
+
+    # ---- readiness ----
+    def not_ready(self) -> str | None:
+        if self.state == "ready":
+            return None
+        return self.state
+
+    # ---- the event loop part ----
+    async def run(self) -> int:
+        from proxy.admin.server import AdminServer, LoggingControl
+
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        s = self.settings
+        serve_admin = self.worker == 0
+        self.admin = AdminServer(
+            config_dump=self.config_dump, quit=self.request_stop,
+            logging=LoggingControl(self.access_log), readiness=self.not_ready,
+            metrics=self.metrics.exposition, explain=self._explain,
+            admin_addr=s.admin_addr if serve_admin else None,
+            metrics_addr=s.metrics_addr if serve_admin else None,
+            readiness_addr=s.readiness_addr if serve_admin else None)
+        flags = {"admin": "--admin-addr", "metrics": "--metrics-addr", "readiness": "--readiness-addr"}
+        started = []
+        try:
+            for name, server in self.admin.servers.items():
+                try:
+                    await server.start()
+                except OSError as err:
+                    raise BindError(flags[name], (server.host, server.port), err) from None
+                started.append(server)
+            await self._start_mode()
+        except BaseException:
+            for server in started:
+                await server.close()
+            await self._close_mode(0.0)
+            raise
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self._spawn(self._poll_config())
+        self._spawn(self._rotate_certs())
+        self.state = "ready"
+        log.info("%s proxy ready (config v%s%s)", s.mode, self.store.current.version,
+                 f", worker {self.worker}" if s.workers > 1 else "")
+        await self._stop.wait()
+        # ---- drain (ztunnel app.rs: readiness fails first, then listeners drain) ----
+        self.state = "draining"
+        log.info("draining: up to %gs for in-flight tunnels", s.drain_deadline_s)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._close_mode(s.drain_deadline_s)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await self.admin.close()
+        self.access_log.close()
+        log.info("drained; exiting")
+        return EXIT_OK
+
+    async def _start_mode(self) -> None:
+        s = self.settings
+        if s.mode == "node":
+            from proxy.node import NodeProxy
+            node = NodeProxy(s, self.store, self.identities, metrics=self.metrics, access_log=self.access_log)
+            self.mode_proxy = node
+            self.store.subscribe(node.on_config)
+            try:
+                await node.start()
+            except OSError as err:
+                flag, addr = node.binding
+                raise BindError(flag, getattr(err, "bind_addr", addr), err) from None
+        else:
+            from proxy.waypoint import Waypoint
+            try:
+                wp = await Waypoint.start(s, self.store, self.cert_source, self.metrics, self.access_log)
+            except OSError as err:
+                raise BindError("--hbone-addr", s.hbone_addr, err) from None
+            self.mode_proxy = wp
+            self.store.subscribe(lambda old, new: wp.recheck(new))
+
+    async def _close_mode(self, deadline: float) -> None:
+        if self.mode_proxy is not None:
+            await self.mode_proxy.close(deadline)
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        if sig == signal.SIGINT and self.state == "draining":
+            # ztunnel: "A second SIGINT exits immediately."
+            os._exit(130)
+        log.info("%s: starting graceful shutdown", signal.Signals(sig).name)
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        if self._stop is not None:
+            if not self._stop.is_set():
+                self.state = "draining"   # readiness fails at once, before the listeners close
+            self._stop.set()
+
+    def reload(self) -> bool:
+        ok = self.store.reload()
+        self.metrics.config_reload(ok)
+        if ok:
+            log.info("config reloaded: version %s", self.store.current.version)
+        return ok
+
+    async def _poll_config(self) -> None:
+        interval = self.settings.config_poll_interval_s
+        if interval <= 0:
+            return
+        paths = self.settings.config_paths
+        sig = config_signature(paths)
+        while True:
+            await asyncio.sleep(interval)
+            now = config_signature(paths)
+            if now != sig:
+                sig = now
+                self.reload()
+
+    async def _rotate_certs(self) -> None:
+        while True:
+            await asyncio.sleep(CERT_CHECK_INTERVAL_S)
+            now = datetime.now(timezone.utc)
+            for src in self.identities.all():
+                if src.maybe_rotate(now):
+                    log.info("certificate rotated: %s now valid until %s", src.identity, src.current().not_after)
+                elif src.last_error is not None:
+                    log.warning("certificate for %s not rotated: %s", src.identity, src.last_error)
+
+    def _explain(self, body: dict) -> Any:
+        fn = getattr(self.mode_proxy, "explain", None)
+        if fn is None:
+            raise ValueError(f"explain is not available in {self.settings.mode} mode")
+        return fn(body)
+
+    # ---- /config_dump ----
+    def config_dump(self) -> dict:
+        snap = self.store.current
+        inv = snap.mesh.inventory
+        m = snap.mesh
+        dump: dict[str, Any] = {
+            "mode": self.settings.mode,
+            "state": self.state,
+            "config": {"version": snap.version, "loaded_at": snap.loaded_at, "sources": list(snap.sources),
+                       "reloads_ok": self.store.reloads_ok, "reloads_failed": self.store.reloads_failed,
+                       "last_error": self.store.last_error, "scope": str(snap.scope) if snap.scope else None},
+            "workloads": [{"uid": w.uid, "name": w.name, "namespace": w.namespace, "ips": list(w.workload_ips),
+                           "identity": w.identity, "node": w.node, "protocol": w.protocol, "status": w.status}
+                          for _, w in sorted(inv.workloads.items())],
+            "services": [{"name": sv.name, "namespace": sv.namespace, "hostname": sv.hostname,
+                          "vips": [v.ip for v in sv.vips], "ports": {str(k): v for k, v in sv.ports.items()},
+                          "waypoint": str(sv.waypoint) if sv.waypoint else None,
+                          "endpoints": [w.uid for w, _ in inv.endpoints_of(sv)]}
+                         for _, sv in sorted(inv.services.items())],
+            "policies": sorted(f"{p.namespace}/{p.name}" for p in m.authorization_policies),
+            "virtual_services": sorted(f"{v.namespace}/{v.name}" for v in m.virtual_services),
+            "destination_rules": sorted(f"{d.namespace}/{d.name}" for d in m.destination_rules),
+            "http_routes": sorted(f"{r.namespace}/{r.name}" for r in m.http_routes),
+            "certificates": self.identities.describe(),
+        }
+        extra = getattr(self.mode_proxy, "config_dump", None)
+        if callable(extra):
+            part = extra()
+            if isinstance(part, dict):
+                for k, v in part.items():
+                    dump.setdefault(k, v)
+        return dump
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "warning": logging.WARNING,
+               "error": logging.ERROR, "critical": logging.CRITICAL}
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=_LOG_LEVELS.get(level.lower(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _run_one(settings: ProxySettings, worker: int = 0) -> int:
+    """Prepare and run one proxy process; every expected failure is one line and exit 2."""
+    app = ProxyApp(settings, worker=worker)
+    try:
+        app.prepare()
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except (CertError, UsageError) as err:
+        print(f"hbone-proxy run: {err}" if isinstance(err, CertError) else str(err), file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    try:
+        import uvloop
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio's loop still works
+        loop_factory = None
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(app.run())
+    except BindError as err:
+        print(f"hbone-proxy run: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    finally:
+        if app.access_log is not None:
+            app.access_log.close()
+
+
+def _supervise(settings: ProxySettings) -> int:
+    """``--workers N``: fork N workers (each a full proxy on SO_REUSEPORT sockets), restart any that
+    dies unexpectedly, forward SIGTERM/SIGINT/SIGHUP, and exit 0 once all exited after a stop."""
+    children: dict[int, int] = {}   # pid → worker index
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                code = _run_one(settings, worker=index)
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    def forward(sig, _frame) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    for i in range(settings.workers):
+        spawn(i)
+    worst = EXIT_OK
+    last_restart = 0.0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        index = children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        if index is None:
+            continue
+        if stopping:
+            worst = max(worst, code if code > 0 else 0)
+            continue
+        if code == EXIT_BAD_CONFIG:
+            # Bad config or an address in use: restarting would fail the same way.
+            stopping = True
+            worst = EXIT_BAD_CONFIG
+            forward(signal.SIGTERM, None)
+            continue
+        log.error("worker %d (pid %d) exited with %d; restarting", index, pid, code)
+        wait = last_restart + WORKER_RESTART_BACKOFF_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        last_restart = time.monotonic()
+        spawn(index)
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = parse_settings(argv)
+    except UsageError as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except SystemExit as exit_:   # --help
+        return int(exit_.code or 0)
+    _setup_logging(settings.log_level)
+    from hbone._malloc import tune_malloc
+    tune_malloc()   # performance.md: before the first big TLS read buffer
+    if settings.workers > 1:
+        return _supervise(settings)
+    return _run_one(settings)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
