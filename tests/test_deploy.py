@@ -230,6 +230,20 @@ def test_flags_are_ones_run_accepts(kind):
 
 
 @pytest.mark.parametrize("kind", WORKLOAD_KINDS)
+def test_args_are_parsed_by_run_itself(kind):
+    """Once proxy/run.py exists: its own parser turns each container's args into settings."""
+    run = pytest.importorskip("proxy.run", reason="proxy/run.py not there yet")
+    for w in of_kind(kind):
+        env = {e["name"]: "worker-1" for e in container(w).get("env", [])}  # the kubelet expands $(VAR)
+        argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container(w)["args"][1:]]
+        s = run.parse_settings(argv, {})
+        assert s.mode == parse_args(container(w)["args"])["--mode"][0]
+        assert s.readiness_addr == ("0.0.0.0", S.READINESS_PORT)
+        if s.mode == "node":
+            assert s.node == "worker-1"
+
+
+@pytest.mark.parametrize("kind", WORKLOAD_KINDS)
 def test_container_ports_are_the_listeners_the_args_open(kind):
     for w in of_kind(kind):
         c = container(w)
