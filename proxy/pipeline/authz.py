@@ -1,0 +1,62 @@
+"""Authorization at the waypoint (pure): which policies apply to a chain, and the L4 / L7 requests.
+
+Istio's waypoint puts AuthorizationPolicy in two places (reference/istio-semantics.md §1.4–1.6):
+
+* TCP chains get Envoy's *network* RBAC filter: evaluated once per tunnel, before any byte is relayed,
+  with HTTP-only fields handled as Envoy does on TCP (ALLOW rules using them dropped; DENY fields
+  ignored — a broader deny). Here a deny answers the CONNECT **401** (ztunnel's answer to an L4
+  deny, DESIGN §3) — before the 200, so the client never gets a half-open tunnel.
+* HTTP chains get only the *HTTP* RBAC filter: evaluated per request, when method, path, host and
+  headers are known. Nothing is decided at the tunnel level for an HTTP chain: evaluating the same
+  policies without the HTTP attributes would drop every ALLOW rule that names a path or method and
+  wrongly deny (or, for DENY, wrongly widen) — exactly what Envoy avoids by not installing a network
+  RBAC filter on HTTP chains. A deny is 403 ``RBAC: access denied`` with no response flag.
+
+Which policies: ``targetRefs`` to the waypoint's Gateway, to the Service addressed (inbound-vip
+chains), and root-namespace policies targeting GatewayClass ``istio-waypoint`` (``PolicyIndex.for_waypoint``;
+"waypoints never use selector"). A pod-addressed (direct) tunnel did not address a Service, so only
+the Gateway-level and GatewayClass-level policies apply to it.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from policy.authz.evaluate import AuthzRequest, Decision, Enforcement, HttpAttributes, authorize
+
+from proxy.snapshot import Snapshot
+
+from .chains import INBOUND_VIP, Chain
+
+
+def policies_for(chain: Chain, snapshot: Snapshot) -> tuple:
+    scope = snapshot.scope
+    gateway = scope.gateway if scope is not None else None
+    services = []
+    if chain.kind == INBOUND_VIP and chain.service is not None:
+        services.append((chain.service.namespace, chain.service.name))
+    return snapshot.policies.for_waypoint(gateway=gateway, services=services)
+
+
+def authz_request(chain: Chain, source_ip: str, principal: str | None,
+                  http: HttpAttributes | None = None) -> AuthzRequest:
+    # Istio §6 item 7: at a waypoint chain, `ports` are the Service port addressed (the :authority's).
+    return AuthzRequest(source_ip=source_ip, source_principal=principal,
+                        destination_ip=chain.destination[0], destination_port=chain.destination[1], http=http)
+
+
+def l4_decision(chain: Chain, snapshot: Snapshot, source_ip: str, principal: str | None) -> Decision | None:
+    """The per-tunnel decision for a TCP chain; None for HTTP chains (decided per request)."""
+    if chain.protocol != "tcp":
+        return None
+    return authorize(authz_request(chain, source_ip, principal), policies_for(chain, snapshot), Enforcement.WAYPOINT)
+
+
+def l7_decision(chain: Chain, snapshot: Snapshot, source_ip: str, principal: str | None, *, method: str,
+                path: str, host: str, headers: Mapping[str, tuple[str, ...]]) -> Decision:
+    http = HttpAttributes(method=method, path=path, host=host, headers=headers)
+    return authorize(authz_request(chain, source_ip, principal, http), policies_for(chain, snapshot),
+                     Enforcement.WAYPOINT)
+
+
+__all__ = ["policies_for", "authz_request", "l4_decision", "l7_decision"]

@@ -1,0 +1,442 @@
+"""HTTP chains: each request inside the tunnel goes through Envoy's HTTP filter chain and router.
+
+Per request (decide, then do): ``plan_request`` (pure) runs L7 authorization (403 ``RBAC: access
+denied``), route selection (404 ``NR``; redirect; direct response), the fault decision and the weighted
+destination, and lists the candidate endpoints. ``HttpPipeline`` then executes the plan: fault delay
+(``DI``) / abort (``FI``), endpoint pick with previous-host exclusion, connect_originate, forward with
+the route timeout (504 ``UT``), per-try timeout and retries (``RetryPolicy``; exhausted → the last
+failure's flag plus ``URX``, or the last upstream response when a retriable status was the reason, as
+Envoy does), header operations, and a response streamed back chunk by chunk.
+
+Upstream HTTP/1.1 connections are kept per endpoint (``Http1Pool``: one HBONE stream per upstream
+HTTP/1.1 connection — HBONE streams are cheap, the TLS connection under them is pooled by HbonePool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Iterable
+
+from hbone.stream import MiB, ByteStream
+from policy.authz.evaluate import Decision
+from policy.inventory import Service
+from policy.routing.endpoints import Candidate, LoadBalancer, OutlierDetector, endpoints_for
+from policy.routing.model import (CONNECT_FAILURE, DEFAULT_RETRY_POLICY, PER_TRY_TIMEOUT, RESET, FaultDecision,
+                                  HeaderOps, Outcome, OutlierDetection, RetryPolicy)
+from policy.routing.select import (DirectResponse, Forward, HttpRequestView, NoRoute as NoRouteDecision, Redirect,
+                                   RouteDecision, choose_destination, decide_fault, route_http)
+from proxy.errors import (AuthorizationDenied, NoHealthyUpstream, NoRoute, ProxyError, UnknownDestination,
+                          UpstreamReset, UpstreamTimeout)
+from proxy.http1.client import Http1Pool, forward_request
+from proxy.http1.client import UpstreamReset as ClientUpstreamReset
+from proxy.http1.codec import Http1Error
+from proxy.http1.server import serve_http1
+from proxy.snapshot import Snapshot
+from proxy.telemetry.accesslog import AccessRecord
+from proxy.telemetry.metrics import PeerInfo, ServiceInfo, traffic_labels
+
+from .answers import BadUpstreamResponse, DestinationUnavailable, FaultAbort, exhausted, local_reply
+from .authz import l7_decision
+from .chains import INBOUND_VIP, Chain, match_chain
+from .context import TunnelContext, addr_str
+from .originate import CONNECT_TIMEOUT_S, OriginateFailed, Originator
+
+# Envoy per_connection_buffer_limit_bytes default (1 MiB): a request body up to this is buffered so a
+# retry can replay it; a longer one is streamed and the request is not retried once it was sent.
+REQUEST_BUFFER_LIMIT_BYTES = 1 * MiB
+
+
+# ---------------------------------------------------------------------------------------------
+# Decide
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The cluster a request goes to and how (everything the router needs, resolved from the config)."""
+
+    cluster: str
+    service: Service | None
+    candidates: tuple[Candidate, ...]
+    retry: RetryPolicy
+    timeout_s: float | None
+    connect_timeout_s: float
+    lb: str
+    request_ops: tuple[HeaderOps, ...] = ()
+    response_ops: tuple[HeaderOps, ...] = ()
+    outlier: OutlierDetection | None = None
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    chain: Chain | None
+    view: HttpRequestView
+    decision: Decision | None
+    route: RouteDecision | NoRouteDecision | None = None
+    fault: FaultDecision = FaultDecision()
+    upstream: Upstream | None = None
+    local: Redirect | DirectResponse | None = None
+    error: ProxyError | None = None      # answer this instead of forwarding
+
+
+def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, dest) -> Upstream | ProxyError:
+    inv = snapshot.mesh.inventory
+    if chain.kind != INBOUND_VIP:
+        # direct-http: the pod addressed, at the port addressed (Envoy's original-destination cluster).
+        wl = chain.workload
+        assert wl is not None
+        cand = Candidate(wl, chain.destination[0], chain.destination[1], wl.uid)
+        return Upstream(f"inbound-pod|{chain.port}||{chain.destination[0]}", None, (cand,),
+                        DEFAULT_RETRY_POLICY, None, CONNECT_TIMEOUT_S, "LEAST_REQUEST")
+    assert forward is not None
+    if dest.fail_status is not None:
+        return DestinationUnavailable(dest.fail_status, dest.fail_flag, dest.problem)
+    svc = inv.services.get(dest.service_key) if dest.service_key else None
+    if svc is None:
+        return DestinationUnavailable(503, "NC", f"unknown service {dest.host}")
+    tp = dest.traffic_policy
+    pool = tp.connection_pool
+    connect_timeout = pool.connect_timeout_s if pool is not None and pool.connect_timeout_s else CONNECT_TIMEOUT_S
+    rule_headers = forward.headers
+    req_ops = tuple(o for o in (getattr(rule_headers, "request", None), dest.headers.request) if o)
+    resp_ops = tuple(o for o in (getattr(rule_headers, "response", None), dest.headers.response) if o)
+    return Upstream(dest.cluster_name, svc, endpoints_for(inv, svc, dest.port, dest.subset_labels),
+                    forward.retry, forward.timeout_s, connect_timeout, tp.lb_algorithm, req_ops, resp_ops,
+                    tp.outlier_detection)
+
+
+def plan_request(ctx: TunnelContext, snapshot: Snapshot, view: HttpRequestView, *, rng: random.Random) -> RequestPlan:
+    """One request against the snapshot: authorize → route → fault → destination → endpoints. Pure."""
+    try:
+        chain = match_chain(ctx.authority, snapshot).resolved("http")
+    except UnknownDestination as err:
+        # The service left this waypoint's scope since the tunnel opened (config reload).
+        return RequestPlan(None, view, None, error=err)
+    decision = l7_decision(chain, snapshot, ctx.source_ip, ctx.peer_identity, method=view.method,
+                           path=view.path, host=view.authority, headers=view.headers)
+    if not decision.allowed:
+        return RequestPlan(chain, view, decision, error=AuthorizationDenied(detail=decision.response_detail))
+    if chain.kind != INBOUND_VIP:
+        up = _upstream_for(chain, snapshot, None, None)
+        assert isinstance(up, Upstream)
+        return RequestPlan(chain, view, decision, upstream=up)
+    assert chain.service is not None and snapshot.routes is not None
+    routes = snapshot.routes.http_routes_for(chain.service, chain.port)
+    route = route_http(view, routes)
+    if isinstance(route, NoRouteDecision):
+        return RequestPlan(chain, view, decision, route, error=NoRoute(route.reason))
+    action = route.action
+    if isinstance(action, (Redirect, DirectResponse)):
+        return RequestPlan(chain, view, decision, route, local=action)
+    fault = decide_fault(action, rng)
+    up = _upstream_for(chain, snapshot, action, choose_destination(action, rng))
+    if isinstance(up, ProxyError):
+        return RequestPlan(chain, view, decision, route, fault, error=up)
+    return RequestPlan(chain, view, decision, route, fault, up)
+
+
+def request_view(method: bytes, target: bytes, host: bytes, headers: Iterable[tuple[bytes, bytes]],
+                 port: int) -> HttpRequestView:
+    hmap: dict[str, tuple[str, ...]] = {}
+    for name, value in headers:
+        n = name.decode("latin-1")
+        hmap[n] = hmap.get(n, ()) + (value.decode("latin-1"),)
+    return HttpRequestView(method.decode("latin-1"), target.decode("latin-1"), host.decode("latin-1"), hmap, port)
+
+
+def apply_ops(headers: list[tuple[bytes, bytes]], ops: tuple[HeaderOps, ...]) -> list[tuple[bytes, bytes]]:
+    """Rule-level, then destination-level header operations (Istio applies both; order kept otherwise)."""
+    if not ops:
+        return headers
+    hmap: dict[str, tuple[str, ...]] = {}
+    for name, value in headers:
+        n = name.decode("latin-1")
+        hmap[n] = hmap.get(n, ()) + (value.decode("latin-1"),)
+    for op in ops:
+        hmap = op.apply(hmap)
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, vs in hmap.items() for v in vs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Do
+
+
+@dataclass
+class _Log:
+    """What one request's access-log line and metrics will say (filled in as the request proceeds)."""
+
+    start: float
+    flags: list[str] = field(default_factory=list)
+    status: int = 0
+    detail: str = ""
+    route: str = ""
+    cluster: str = ""
+    host: str = ""
+    attempts: int = 0
+    candidate: Candidate | None = None
+    error: str = ""
+
+
+async def _prefix_then(prefix: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield prefix
+    async for chunk in rest:
+        yield chunk
+
+
+async def read_body(request, limit: int) -> tuple[object, int | None, bool]:
+    """(body, content_length, replayable): bytes when the whole body fits in ``limit`` (a retry can
+    send it again), else the part read followed by the rest, streamed (no retry after sending it)."""
+    if not request.has_body:
+        return None, None, True
+    buf = bytearray()
+    chunks = request.body_chunks().__aiter__()
+    async for chunk in chunks:
+        buf += chunk
+        if len(buf) > limit:
+            return _prefix_then(bytes(buf), chunks), request.content_length, False
+    return bytes(buf), None, True
+
+
+class HttpPipeline:
+    """Serves HTTP/1.1 on a tunnel's stream; state shared by all tunnels (pools, load balancing)."""
+
+    def __init__(self, originator: Originator, *, metrics=None, access_log=None, rng: random.Random | None = None,
+                 buffer_limit: int = REQUEST_BUFFER_LIMIT_BYTES, clock: Callable[[], float] = time.time):
+        self.originator = originator
+        self.metrics = metrics
+        self.access_log = access_log
+        self.rng = rng or random.Random()
+        self.buffer_limit = buffer_limit
+        self.clock = clock
+        self.h1pool = Http1Pool()
+        self.lb = LoadBalancer()
+        self.active: dict[str, int] = {}
+        self.outliers: dict[tuple[str, OutlierDetection], OutlierDetector] = {}
+        self.requests = 0
+
+    def __repr__(self) -> str:
+        return (f"<HttpPipeline requests={self.requests} in_flight={sum(self.active.values())} {self.h1pool!r} "
+                f"{self.lb!r}>")
+
+    async def serve(self, stream: ByteStream, ctx: TunnelContext, chain: Chain,
+                    snapshot: Callable[[], Snapshot], protocol: str = "http/1.1") -> None:
+        async def handler(request, responder) -> None:
+            await self.handle(request, responder, ctx, chain, snapshot(), protocol)
+        await serve_http1(stream, handler)
+
+    # -- one request --
+    async def handle(self, request, responder, ctx: TunnelContext, chain: Chain, snapshot: Snapshot,
+                     protocol: str) -> None:
+        self.requests += 1
+        log = _Log(self.clock())
+        t0 = time.monotonic()
+        view = request_view(request.method, request.target, request.host, request.headers, chain.port)
+        plan = plan_request(ctx, snapshot, view, rng=self.rng)
+        if plan.route is not None:
+            log.route = plan.route.route_config
+        try:
+            await self._execute(plan, request, responder, ctx, log)
+        except ProxyError as err:
+            reply = local_reply(err)
+            log.flags.extend(f for f in reply.flags if f not in log.flags)
+            log.detail, log.status, log.error = reply.detail, reply.status, str(err)
+            if responder.head_sent:
+                raise
+            await responder.send_local_reply(reply.status, reply.body)
+        except OSError as err:
+            log.error = f"{err.__class__.__name__}: {err}"
+            if not log.flags:
+                log.flags.append("DC")   # Envoy: downstream connection termination
+            raise
+        finally:
+            self._report(plan, ctx, log, request, responder, protocol, t0)
+
+    async def _execute(self, plan: RequestPlan, request, responder, ctx: TunnelContext, log: _Log) -> None:
+        if plan.error is not None:
+            raise plan.error
+        local = plan.local
+        if isinstance(local, Redirect):
+            log.status = local.status
+            await responder.send_local_reply(local.status, b"", [(b"location", local.location.encode("latin-1"))])
+            return
+        if isinstance(local, DirectResponse):
+            log.status = local.status
+            await responder.send_local_reply(local.status, local.body.encode())
+            return
+        up = plan.upstream
+        assert up is not None
+        log.cluster = up.cluster
+        fault = plan.fault
+        if fault.delay_s:
+            log.flags.append("DI")   # Envoy fault filter: DelayInjected
+            await asyncio.sleep(fault.delay_s)
+        if fault.abort_status is not None:
+            raise FaultAbort(fault.abort_status)
+        body, clen, replayable = await read_body(request, self.buffer_limit)
+        headers = apply_ops(list(request.headers), up.request_ops)
+        names = {n for n, _ in headers}
+        if b"x-request-id" not in names:   # Envoy generates one when the request has none
+            headers.append((b"x-request-id", str(uuid.UUID(int=self.rng.getrandbits(128), version=4)).encode()))
+        if b"x-forwarded-proto" not in names:
+            headers.append((b"x-forwarded-proto", b"http"))
+        route = plan.route
+        target = (route.path if isinstance(route, RouteDecision) else plan.view.path).encode("latin-1")
+        authority = (route.authority if isinstance(route, RouteDecision) else plan.view.authority).encode("latin-1")
+        loop = asyncio.get_running_loop()
+        deadline = None if not up.timeout_s else loop.time() + up.timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                resp, stream, key = await self._forward(up, ctx, request.method, target, authority, headers,
+                                                        body, clen, replayable, log)
+        except TimeoutError:
+            raise UpstreamTimeout(f"route timeout {up.timeout_s:g}s") from None
+        # Stream the response back; the route timeout still bounds it (Envoy: the whole response).
+        log.status = resp.status
+        try:
+            out_headers = apply_ops(list(resp.headers), up.response_ops)
+            await responder.send_head(resp.status, out_headers, reason=resp.reason or None)
+            async with asyncio.timeout_at(deadline):
+                async for chunk in resp.body_chunks():
+                    await responder.send_body(chunk)
+            await responder.end()
+        except BaseException as err:
+            resp.abort()
+            if isinstance(err, TimeoutError):
+                log.flags.append("UT")
+                raise ConnectionAbortedError("route timeout mid-response") from None
+            if isinstance(err, ClientUpstreamReset):
+                log.flags.append("UC")   # upstream connection termination mid-response: reset the client
+            raise
+        if resp.reusable:
+            self.h1pool.put(key, stream, resp._reader)
+        else:
+            stream.close()
+
+    async def _forward(self, up: Upstream, ctx: TunnelContext, method: bytes, target: bytes, authority: bytes,
+                       headers: list, body, clen, replayable: bool, log: _Log):
+        """The router's retry loop: pick a host (avoiding previous ones), try, classify, maybe retry."""
+        policy = up.retry
+        tried: set[str] = set()
+        detector = None
+        if up.outlier is not None:
+            detector = self.outliers.setdefault((up.cluster, up.outlier), OutlierDetector(up.outlier))
+        attempt = 0
+        last: ProxyError | None = None
+        while True:
+            attempt += 1
+            now = time.monotonic()
+            cand = self.lb.pick(up.candidates, rng=self.rng,
+                                exclude=frozenset(tried) if policy.retry_ignore_previous_hosts else frozenset(),
+                                active_requests=self.active, lb=up.lb, cluster=up.cluster,
+                                ejected=detector.ejected(now) if detector else frozenset(),
+                                host_selection_max_attempts=policy.host_selection_max_attempts)
+            if cand is None:
+                raise exhausted(last, attempt - 1) if last is not None else NoHealthyUpstream(
+                    f"cluster {up.cluster} has no healthy endpoint")
+            tried.add(cand.key)
+            log.attempts, log.host, log.candidate = attempt, cand.key, cand
+            sent = [False]
+            self.active[cand.key] = self.active.get(cand.key, 0) + 1
+            try:
+                async with asyncio.timeout(policy.per_try_timeout_s):
+                    resp, stream, key = await self._attempt(cand, up, ctx, method, target, authority, headers,
+                                                            body, clen, replayable, sent)
+            except TimeoutError:
+                outcome, err = Outcome(error=PER_TRY_TIMEOUT), UpstreamTimeout("per-try timeout")
+            except OriginateFailed as e:
+                outcome, err = Outcome(error=CONNECT_FAILURE), e
+            except ClientUpstreamReset as e:
+                outcome, err = Outcome(error=RESET), UpstreamReset(str(e))
+            except Http1Error as e:
+                outcome, err = Outcome(status=502), BadUpstreamResponse(str(e))
+            else:
+                outcome, err = Outcome(status=resp.status), None
+            finally:
+                self.active[cand.key] -= 1
+                if not self.active[cand.key]:
+                    del self.active[cand.key]
+            if detector is not None:
+                detector.record(cand.key, outcome, now, total_hosts=len(up.candidates))
+            can_replay = replayable or not sent[0]
+            if can_replay and policy.should_retry(attempt, outcome):
+                if err is None:
+                    resp.abort()   # a retriable status: discard this answer, try another host
+                else:
+                    last = err
+                await asyncio.sleep(policy.backoff_s(attempt, self.rng))
+                continue
+            if err is None:
+                return resp, stream, key
+            raise exhausted(err, attempt)
+
+    async def _attempt(self, cand: Candidate, up: Upstream, ctx: TunnelContext, method, target, authority,
+                       headers, body, clen, replayable: bool, sent: list):
+        key = cand.key
+        pooled = self.h1pool.take(key)
+        if pooled is not None:
+            stream, reader = pooled
+            try:
+                sent[0] = True
+                return await forward_request(stream, method, target, authority, headers, body,
+                                             content_length=clen, reader=reader), stream, key
+            except ClientUpstreamReset as err:
+                stream.abort()
+                # A pooled connection the upstream closed while idle: retry on a fresh one (as Envoy
+                # does), if nothing of the request can have been processed.
+                if not (err.before_response and replayable):
+                    raise
+            except BaseException:
+                stream.abort()
+                raise
+        svc = up.service
+        stream = await self.originator.open(
+            cand, source=ctx.client_addr, service_hostname=svc.hostname if svc else None,
+            timeout=up.connect_timeout_s, subject_alt_names=svc.subject_alt_names if svc else ())
+        try:
+            sent[0] = True
+            resp = await forward_request(stream, method, target, authority, headers, body, content_length=clen)
+        except BaseException:
+            stream.abort()
+            raise
+        return resp, stream, key
+
+    # -- telemetry --
+    def _report(self, plan: RequestPlan, ctx: TunnelContext, log: _Log, request, responder, protocol: str,
+                t0: float) -> None:
+        duration_ms = (time.monotonic() - t0) * 1000.0
+        status = responder.status if responder.head_sent else 0
+        flags = tuple(log.flags)
+        chain = plan.chain
+        svc = chain.service if chain is not None else None
+        if self.metrics is not None:
+            labels = traffic_labels(
+                "waypoint", source=PeerInfo.from_identity(ctx.peer_identity),
+                destination=PeerInfo.from_workload(log.candidate.workload) if log.candidate else None,
+                service=ServiceInfo.from_service(svc) if svc else None, request_protocol="http",
+                response_flags=",".join(flags) if flags else "-", security_policy="mutual_tls")
+            self.metrics.http_request(labels, status, duration_ms, request.body_bytes, responder.body_bytes)
+        if self.access_log is not None and self.access_log.enabled():
+            d = plan.decision
+            self.access_log.emit(AccessRecord(
+                start_time=log.start, kind="http", direction="inbound", reporter="waypoint",
+                src_addr=addr_str(ctx.client_addr), src_identity=ctx.peer_identity or "",
+                dst_hbone_addr=addr_str(ctx.authority), dst_service=svc.hostname if svc else "",
+                dst_workload=log.candidate.workload.name if log.candidate else "",
+                chain=chain.name if chain else "", protocol=protocol,
+                authz=("allow" if d.allowed else "deny") if d is not None else "",
+                authz_policy=(d.policy or "") if d is not None else "",
+                response_code_details=log.detail, route=log.route, upstream_cluster=log.cluster,
+                upstream_host=log.host, attempts=log.attempts or None, method=plan.view.method,
+                path=plan.view.path, authority=plan.view.authority, status=status,
+                bytes_sent=responder.body_bytes, bytes_received=request.body_bytes, duration_ms=duration_ms,
+                response_flags=flags or "-", error=log.error if status == 0 or status >= 500 else ""))
+
+    async def close(self) -> None:
+        self.h1pool.close()
+
+
+__all__ = ["HttpPipeline", "RequestPlan", "Upstream", "plan_request", "request_view", "apply_ops", "read_body",
+           "REQUEST_BUFFER_LIMIT_BYTES"]

@@ -1,0 +1,88 @@
+"""TCP chains: weighted tcp route → endpoint → connect_originate → byte relay with half-close.
+
+Envoy's TCP proxy decides the upstream once per connection. As ztunnel does, the CONNECT is answered
+200 "only after it has connected to the upstream" — so a client whose upstream is down gets a 503
+(``UF``) on the CONNECT instead of a tunnel that dies at once. Connect attempts go to different hosts
+(previous ones excluded): Envoy's tcp_proxy ``max_connect_attempts`` — flags ``UF,URX`` when all failed.
+The relay (hbone.relay) maps EOF ↔ END_STREAM per direction and turns a reset on either side into a
+reset of the other: a byte stream is never silently truncated.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from hbone.stream import ByteStream
+from policy.routing.endpoints import Candidate, LoadBalancer, endpoints_for
+from policy.routing.select import route_tcp
+from proxy.errors import NoHealthyUpstream, ProxyError
+from proxy.snapshot import Snapshot
+
+from .answers import DestinationUnavailable, exhausted
+from .chains import INBOUND_VIP, Chain
+from .context import TunnelContext
+from .originate import CONNECT_TIMEOUT_S, OriginateFailed, Originator
+
+# Envoy tcp_proxy max_connect_attempts defaults to 1; we allow 1 + Istio's default num_retries (2), the
+# same budget an HTTP route gets for connect failures, so one dead pod does not fail a TCP connection
+# while its siblings are up.
+TCP_MAX_CONNECT_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class TcpPlan:
+    cluster: str
+    service_hostname: str | None
+    candidates: tuple[Candidate, ...]
+    connect_timeout_s: float
+    subject_alt_names: tuple[str, ...] = ()
+    lb: str = "LEAST_REQUEST"
+
+
+def plan_tcp(chain: Chain, snapshot: Snapshot, *, rng: random.Random) -> TcpPlan:
+    """Pure: the cluster and candidate endpoints for one TCP tunnel. Raises a ProxyError."""
+    inv = snapshot.mesh.inventory
+    if chain.kind != INBOUND_VIP:
+        wl = chain.workload
+        assert wl is not None
+        return TcpPlan(f"inbound-pod|{chain.port}||{chain.destination[0]}", None,
+                       (Candidate(wl, chain.destination[0], chain.port, wl.uid),), CONNECT_TIMEOUT_S)
+    assert chain.service is not None and snapshot.routes is not None
+    routes = snapshot.routes.tcp_routes_for(chain.service, chain.port)
+    dest = route_tcp(routes, rng, destination_ip=chain.destination[0])
+    if dest.fail_status is not None:
+        raise DestinationUnavailable(dest.fail_status, dest.fail_flag, dest.problem)
+    svc = inv.services.get(dest.service_key) if dest.service_key else None
+    if svc is None:
+        raise DestinationUnavailable(503, "NC", f"unknown service {dest.host}")
+    pool = dest.traffic_policy.connection_pool
+    timeout = pool.connect_timeout_s if pool is not None and pool.connect_timeout_s else CONNECT_TIMEOUT_S
+    return TcpPlan(dest.cluster_name, svc.hostname, endpoints_for(inv, svc, dest.port, dest.subset_labels),
+                   timeout, tuple(svc.subject_alt_names), dest.traffic_policy.lb_algorithm)
+
+
+async def connect_upstream(plan: TcpPlan, ctx: TunnelContext, originator: Originator, lb: LoadBalancer,
+                           rng: random.Random, attempts: int = TCP_MAX_CONNECT_ATTEMPTS
+                           ) -> tuple[ByteStream, Candidate, int]:
+    """Open the upstream, trying up to ``attempts`` distinct hosts. Raises ProxyError (UF / UF,URX / UH)."""
+    tried: set[str] = set()
+    last: ProxyError | None = None
+    for attempt in range(1, attempts + 1):
+        cand = lb.pick(plan.candidates, rng=rng, exclude=frozenset(tried), lb=plan.lb, cluster=plan.cluster)
+        if cand is None:
+            raise NoHealthyUpstream(f"cluster {plan.cluster} has no healthy endpoint")
+        if cand.key in tried:
+            break   # every host was tried: no point dialing a dead one again
+        tried.add(cand.key)
+        try:
+            stream = await originator.open(cand, source=ctx.client_addr, service_hostname=plan.service_hostname,
+                                           timeout=plan.connect_timeout_s, subject_alt_names=plan.subject_alt_names)
+            return stream, cand, attempt
+        except OriginateFailed as err:
+            last = err
+    assert last is not None
+    raise exhausted(last, len(tried))
+
+
+__all__ = ["TcpPlan", "plan_tcp", "connect_upstream", "TCP_MAX_CONNECT_ATTEMPTS"]
