@@ -117,13 +117,29 @@ class HttpBackend:
             def handle_error(self, request, client_address):  # a client reset at teardown is not news
                 pass
 
+            def process_request(self, request, client_address):
+                conns.add(request)
+                super().process_request(request, client_address)
+
+            def shutdown_request(self, request):
+                conns.discard(request)
+                super().shutdown_request(request)
+
+        conns: set[socket.socket] = set()
+        self.conns = conns
         self.server = Server((ip, port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
     def close(self) -> None:
+        """Like a pod being killed: the listener goes and so does every open connection."""
         self.server.shutdown()
         self.server.server_close()
+        for c in list(self.conns):
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class EchoBackend:
@@ -181,7 +197,7 @@ class Mesh:
             raise RuntimeError("no free 127.x block for the mesh")
         self.a, self.b = a, b
         self.config_dir = self.tmp / "config"
-        self.config_dir.mkdir()
+        self.config_dir.mkdir(parents=True)
         for name in self.fixtures:
             self.write(name, (FIXTURES / "bookinfo" / name).read_text())
         for i, text in enumerate(self.extra_yaml):
