@@ -226,3 +226,23 @@ async def test_timeout_fault_headers_noroute_streaming(tmp_path, loopback_ip):
         assert by_path["/nowhere"]["response_flags"] == "NR"
     finally:
         await h.close()
+
+
+async def test_recheck_closes_tcp_tunnels_denied_after_a_policy_change(tmp_path, loopback_ip):
+    h = await start_harness(tmp_path, loopback_ip, tcp_pod=True, extra=TCP_DENY)
+    try:
+        client = h.client()
+        stream = await client.tunnel(f"{TCP_VIP}:9000")
+        stream.write(b"ping")
+        await stream.drain()
+        assert await stream.read() == b"ping"
+        assert [t.chain.protocol for t in h.waypoint.tunnels()] == ["tcp"]
+        assert h.waypoint.recheck(h.store.current) == 0     # still allowed
+        (tmp_path / "config" / "extra.yaml").write_text(TCP_DENY.replace("bookinfo-productpage", "nobody"))
+        h.store.load()
+        assert h.waypoint.recheck(h.store.current) == 1
+        with pytest.raises(ConnectionError):   # reset, not a clean end
+            while await stream.read():
+                pass
+    finally:
+        await h.close()
