@@ -143,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", dest="config", action="append", metavar="PATH",
                    help=f"YAML file or directory (repeatable; env {ENV_PREFIX}CONFIG, paths separated by ':')")
     for flag, dest, typ, default, help_ in _FLAGS:
+        # Values stay strings here and are converted in parse_settings, after the environment
+        # fallback: "off" (None) given as a flag must not fall through to the environment.
         kwargs: dict[str, Any] = {"dest": dest, "help": help_}
-        if typ is not str:
-            kwargs["type"] = typ
         if flag == "--mode":
             kwargs["choices"] = ("waypoint", "node")
         p.add_argument(flag, **kwargs)
@@ -159,19 +159,18 @@ def parse_settings(argv: list[str], environ: dict[str, str] | None = None) -> Pr
     ns = p.parse_args(argv)
     values: dict[str, Any] = {}
     for flag, dest, typ, default, _ in _FLAGS:
-        v = getattr(ns, dest)
-        if v is None:
-            raw = env.get(ENV_PREFIX + dest.upper().removesuffix("_S"))
-            if raw is None:
-                raw = default
-            if raw is not None and typ is not str:
-                try:
-                    v = typ(raw)
-                except argparse.ArgumentTypeError as err:
-                    raise UsageError(f"hbone-proxy run: {flag} / {ENV_PREFIX}{dest.upper().removesuffix('_S')}: "
-                                     f"{err}") from None
-            else:
-                v = raw
+        env_name = ENV_PREFIX + dest.upper().removesuffix("_S")
+        raw, source = getattr(ns, dest), flag
+        if raw is None:
+            raw, source = env.get(env_name), env_name
+        if raw is None:
+            raw, source = default, f"{flag} default"
+        v = raw
+        if raw is not None and typ is not str:
+            try:
+                v = typ(raw)
+            except argparse.ArgumentTypeError as err:
+                raise UsageError(f"hbone-proxy run: {source}: {err}") from None
         values[dest] = v
     paths = ns.config or [x for x in env.get(ENV_PREFIX + "CONFIG", "").split(os.pathsep) if x]
     if not paths:
