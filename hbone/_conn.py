@@ -39,14 +39,16 @@ class HboneStream:
 
     __slots__ = ("_conn", "stream_id", "local_addr", "remote_addr", "_recv", "_recv_bytes",
                  "_recv_eof", "_error", "_read_waiter", "_drain_waiter", "_eof_sent", "_closing",
-                 "_done", "_done_fut", "bytes_received", "bytes_sent", "__weakref__")
+                 "_done", "_done_fut", "bytes_received", "bytes_sent", "_splice", "__weakref__")
 
     def __init__(self, conn: "HboneConnection", stream_id: int):
         self._conn = conn
         self.stream_id = stream_id
         self.local_addr: tuple[str, int] = conn.local_addr
         self.remote_addr: tuple[str, int] = conn.remote_addr
-        self._recv: deque[bytes] = deque()
+        # Created on first buffered chunk: an empty deque is 624 bytes, and a spliced stream
+        # (hbone/relay.py) never buffers.
+        self._recv: deque[bytes] | None = None
         self._recv_bytes = 0
         self._recv_eof = False
         self._error: StreamReset | None = None
@@ -58,24 +60,37 @@ class HboneStream:
         self._done_fut: asyncio.Future | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
+        self._splice = None  # hbone.relay._Splice while spliced to a TcpConnection
 
     # -- fed by the connection --
     def _feed(self, data: bytes) -> None:
         if self._closing and self._eof_sent:
             self._conn.core.ack(self.stream_id, len(data))  # close(): we read no more
             return
-        self._recv.append(data)
+        splice = self._splice
+        if splice is not None:
+            self.bytes_received += len(data)
+            splice.h_data(data)
+            return
+        recv = self._recv
+        if recv is None:
+            recv = self._recv = deque()
+        recv.append(data)
         self._recv_bytes += len(data)
         self.bytes_received += len(data)
         self._wake_reader()
 
     def _feed_eof(self) -> None:
         self._recv_eof = True
+        if self._splice is not None:
+            self._splice.h_eof()
         self._wake_reader()
 
     def _fail(self, err: StreamReset) -> None:
         if self._error is None and not self._done:
             self._error = err
+            if self._splice is not None:
+                self._splice.h_error(err)
         self._wake_reader()
         self._wake_drain()
 
@@ -85,6 +100,8 @@ class HboneStream:
             w.set_result(None)
 
     def _wake_drain(self) -> None:
+        if self._splice is not None:
+            self._splice.h_writable()
         w = self._drain_waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -172,7 +189,7 @@ class HboneStream:
         # Anything unread will never be read: hand its window back now.
         if self._recv_bytes:
             self._conn.ack(self.stream_id, self._recv_bytes)
-            self._recv.clear()
+            self._recv = None
             self._recv_bytes = 0
         self.write_eof()
 

@@ -5,6 +5,17 @@ ztunnel `src/copy.rs` `copy_bidirectional`: the two directions run concurrently 
 the other direction keeps flowing. A reset (RST, RST_STREAM with an error) on either side aborts
 the other side, so its peer learns the bytes did not all arrive — never a silent truncation.
 Buffering is bounded: read at most `read_bytes`, write, then `drain()` before reading again.
+
+Two ways to run it, same semantics:
+- the splice (`_Splice`): an `HboneStream` and a `TcpConnection` (what `TcpStream.connect` returns),
+  the pair every HBONE terminator and originator relays. Bytes move inside the protocol callbacks
+  (h2 DATA → `transport.write`; TCP `data_received` → stream send queue): no pump tasks, no future
+  per read, no `asyncio.wait`. Backpressure is kept: HBONE DATA is acknowledged only once the TCP
+  transport took it below its high-water mark (else when it resumes writing), and TCP reading pauses
+  while the HBONE stream's send queue is above `stream_send_buffer`. Measured against the pump path
+  (see the perf report in git history of this file): idle tunnel ~11.7 → ~5.5 KiB Python heap,
+  short tunnel CPU and bulk CPU per GiB lower (no task wake-ups per chunk).
+- the pumps: any other pair of `ByteStream`s (PrefixedStream, TcpStream over asyncio streams...).
 """
 
 from __future__ import annotations
@@ -14,7 +25,7 @@ from dataclasses import dataclass
 
 from hbone._conn import HboneStream
 from hbone.protocol import ErrorCodes
-from hbone.stream import DEFAULT_READ_BYTES, ByteStream, PrefixedStream, StreamReset
+from hbone.stream import DEFAULT_READ_BYTES, ByteStream, PrefixedStream, StreamReset, TcpConnection
 
 
 def _abort_as_error(stream: ByteStream) -> None:
@@ -41,6 +52,194 @@ class RelayResult:
 async def relay(a: ByteStream, b: ByteStream, *, read_bytes: int = DEFAULT_READ_BYTES) -> RelayResult:
     """Relay until both directions hit EOF, or one side resets (then both are aborted).
     Does not close the streams: the caller owns them."""
+    ca, cb = a.__class__, b.__class__
+    if ca is HboneStream and cb is TcpConnection:
+        splice = _Splice(a, b, True)  # type: ignore[arg-type]
+    elif ca is TcpConnection and cb is HboneStream:
+        splice = _Splice(b, a, False)  # type: ignore[arg-type]
+    else:
+        return await _pump_relay(a, b, read_bytes)
+    # Awaited here rather than in a method coroutine: one coroutine frame less per idle tunnel.
+    fut = splice.start()
+    try:
+        await fut
+    except asyncio.CancelledError:
+        splice.cancel()
+        raise
+    return splice.result()
+
+
+class _Splice:
+    """An HboneStream `h` and a TcpConnection `t` relayed inside their callbacks (see the module
+    docstring). `h_is_a` maps the two directions back to relay()'s (a, b) for the result."""
+
+    __slots__ = ("h", "t", "h_is_a", "h_to_t", "t_to_h", "h_done", "t_done", "unacked", "reset",
+                 "fut", "t_paused")
+
+    def __init__(self, h: HboneStream, t: TcpConnection, h_is_a: bool):
+        self.h = h
+        self.t = t
+        self.h_is_a = h_is_a
+        self.h_to_t = 0  # bytes moved HBONE → TCP
+        self.t_to_h = 0
+        self.h_done = False  # HBONE → TCP direction finished (EOF passed on)
+        self.t_done = False
+        self.unacked = 0  # HBONE bytes written to TCP, to acknowledge once TCP drains
+        self.reset: str | None = None
+        self.fut: asyncio.Future | None = None
+        self.t_paused = False  # we paused TCP reading: the HBONE send queue is full
+
+    def start(self) -> asyncio.Future:
+        """Hook into both streams; the future is done when the relay is over."""
+        h, t = self.h, self.t
+        fut = self.fut = h._conn.loop.create_future()
+        h._splice = self
+        t._splice = self
+        self._pass_on_early()
+        return fut
+
+    def cancel(self) -> None:
+        self._unhook()
+        _abort_as_error(self.h)
+        _abort_as_error(self.t)
+
+    def result(self) -> RelayResult:
+        self._unhook()
+        if self.h_is_a:
+            return RelayResult(self.h_to_t, self.t_to_h, self.reset)
+        return RelayResult(self.t_to_h, self.h_to_t, self.reset)
+
+    def _pass_on_early(self) -> None:
+        """Pass on what arrived before the splice: buffered bytes, EOFs, errors."""
+        h, t = self.h, self.t
+        if h._error is not None:
+            return self.h_error(h._error)
+        if t._error is not None:
+            return self.tcp_lost(None)
+        if h._recv:
+            chunks = list(h._recv)
+            h._recv = None
+            h._recv_bytes = 0
+            for chunk in chunks:
+                self.h_data(bytes(chunk))
+        if t._chunks:
+            chunks = t._chunks
+            t._chunks = []
+            t._nbuf = 0
+            if t._reading_paused:
+                t._reading_paused = False
+                t.transport.resume_reading()
+            for chunk in chunks:
+                self.tcp_data(chunk)
+        if h._recv_eof or (h._done and h._error is None):
+            self.h_eof()
+        if t._eof:
+            self.tcp_eof()
+        elif t._lost:
+            self.tcp_lost(None)
+
+    def _unhook(self) -> None:
+        if self.h._splice is self:
+            self.h._splice = None
+        if self.t._splice is self:
+            self.t._splice = None
+        self.h._conn.drain_waiting.discard(self.h)
+        if self.t_paused:
+            self.t_paused = False
+            if not self.t._lost:
+                self.t.transport.resume_reading()
+
+    def _check_done(self) -> None:
+        if self.h_done and self.t_done and not self.fut.done():
+            self.fut.set_result(None)
+
+    def _fail(self, side: str, err: BaseException) -> None:
+        if self.fut.done():
+            return
+        self.reset = f"{side}: {err.__class__.__name__}: {err}"
+        self._unhook()
+        _abort_as_error(self.h)
+        _abort_as_error(self.t)
+        self.fut.set_result(None)
+
+    def _side(self, h_to_t: bool) -> str:
+        return "a->b" if h_to_t == self.h_is_a else "b->a"
+
+    # -- HBONE → TCP --
+    def h_data(self, data: bytes) -> None:
+        if self.h_done:
+            return
+        t = self.t
+        if t._lost:
+            self._fail(self._side(True), t._error or StreamReset("TCP connection lost"))
+            return
+        t.transport.write(data)
+        n = len(data)
+        self.h_to_t += n
+        if t._write_paused:
+            self.unacked += n  # acknowledged when the TCP transport drains (tcp_writable)
+        else:
+            self.h._conn.ack(self.h.stream_id, n)
+
+    def h_eof(self) -> None:
+        if self.h_done:
+            return
+        self.h_done = True
+        if self.unacked:
+            self.h._conn.ack(self.h.stream_id, self.unacked)
+            self.unacked = 0
+        self.t.write_eof()
+        self._check_done()
+
+    def h_error(self, err: StreamReset) -> None:
+        self._fail(self._side(True), err)
+
+    def tcp_writable(self) -> None:
+        if self.unacked:
+            n, self.unacked = self.unacked, 0
+            self.h._conn.ack(self.h.stream_id, n)
+
+    # -- TCP → HBONE --
+    def tcp_data(self, data: bytes) -> None:
+        if self.t_done:
+            return
+        h = self.h
+        try:
+            h.write(data)
+        except StreamReset as err:
+            self._fail(self._side(False), err)
+            return
+        self.t_to_h += len(data)
+        conn = h._conn
+        if not self.t_paused and conn.core.pending(h.stream_id) > conn.settings.stream_send_buffer:
+            self.t_paused = True
+            self.t.transport.pause_reading()
+            conn.drain_waiting.add(h)  # flush_now calls h._wake_drain → h_writable
+
+    def h_writable(self) -> None:
+        h = self.h
+        if self.t_paused and h._conn.core.pending(h.stream_id) <= h._conn.settings.stream_send_buffer:
+            self.t_paused = False
+            h._conn.drain_waiting.discard(h)
+            if not self.t._lost:
+                self.t.transport.resume_reading()
+
+    def tcp_eof(self) -> None:
+        if self.t_done:
+            return
+        self.t_done = True
+        self.h.write_eof()
+        self._check_done()
+
+    def tcp_lost(self, exc: BaseException | None) -> None:
+        t = self.t
+        if t._error is not None:
+            self._fail(self._side(False), t._error)
+        elif not (self.t_done and self.h_done):
+            self._fail(self._side(False), StreamReset("TCP connection closed"))
+
+
+async def _pump_relay(a: ByteStream, b: ByteStream, read_bytes: int) -> RelayResult:
     counts = [0, 0]
 
     async def pump(src: ByteStream, dst: ByteStream, idx: int) -> None:
