@@ -412,10 +412,23 @@ class ProxyApp:
                     log.warning("certificate for %s not rotated: %s", src.identity, src.last_error)
 
     def _explain(self, body: dict) -> Any:
-        fn = getattr(self.mode_proxy, "explain", None)
-        if fn is None:
-            raise ValueError(f"explain is not available in {self.settings.mode} mode")
-        return fn(body)
+        """``POST /explain`` (schema: proxy.admin.explain): the waypoint's answer for a request."""
+        if self.settings.mode != "waypoint":
+            raise ValueError("explain answers for a waypoint; this is a node proxy")
+        from proxy.admin.explain import ExplainRequest
+        from proxy.pipeline.explain import explain_request
+        req = ExplainRequest.from_json(body)
+        return explain_request(self.store.current, req.source, (req.host, req.port), req.method or None,
+                               req.path or None, dict(req.headers) or None)
+
+    def _waypoint_views(self) -> dict:
+        """Envoy-style listeners/clusters/routes/endpoints for ``proxy-config`` (seed's shape)."""
+        from proxy.admin.views import build_waypoint_views
+        from proxy.pipeline.views_input import views_input
+        s = self.settings
+        fmt = lambda a: f"{a[0]}:{a[1]}" if a else None  # noqa: E731
+        return build_waypoint_views(**views_input(self.store.current), hbone_addr=fmt(s.hbone_addr),
+                                    admin_addr=fmt(s.admin_addr), metrics_addr=fmt(s.metrics_addr)).to_dict()
 
     # ---- /config_dump ----
     def config_dump(self) -> dict:
@@ -442,6 +455,8 @@ class ProxyApp:
             "http_routes": sorted(f"{r.namespace}/{r.name}" for r in m.http_routes),
             "certificates": self.identities.describe(),
         }
+        if self.settings.mode == "waypoint":
+            dump.update(self._waypoint_views())
         extra = getattr(self.mode_proxy, "config_dump", None)
         if callable(extra):
             part = extra()

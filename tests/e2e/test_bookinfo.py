@@ -292,3 +292,17 @@ def test_pod_killed_retries_then_all_down_503(make_mesh):
         time.sleep(0.05)
     flags = set(failed[-1]["response_flags"].split(","))
     assert flags & {"UF", "URX"}, failed[-1]
+
+
+def test_proxy_config_and_explain_against_the_running_waypoint(bookinfo):
+    from tests.e2e.mesh import REPO, _cli
+    admin = "{}:{}".format(*bookinfo.waypoint.admin)
+    r = subprocess.run(_cli() + ["proxy-config", "clusters", "--admin", admin], capture_output=True, text=True,
+                       cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "reviews.default.svc.cluster.local" in r.stdout and "outbound" not in r.stdout
+    r = subprocess.run(_cli() + ["explain", "--admin", admin, "--from",
+                                 "spiffe://cluster.local/ns/default/sa/other", "--to", f"{bookinfo.vip(20)}:9080",
+                                 "--method", "GET", "--path", "/"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "reviews-allow-productpage" in r.stdout
