@@ -20,6 +20,7 @@ exception out of `receive_data`.
 from __future__ import annotations
 
 import enum
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -32,12 +33,13 @@ from h2.settings import SettingCodes, Settings
 from hbone import _h2fast
 from hbone.connect import ConnectRequest
 from hbone.errors import HboneError
-from hbone.settings import HboneSettings
+from hbone.limits import Abuse, InboundGuard
+from hbone.settings import H2_STREAM_BACKSTOP_FACTOR, HboneSettings
 
 __all__ = [
     "Event", "TunnelRequested", "RequestRejected", "TunnelResponse", "Data", "StreamEnded",
-    "StreamReset", "ConnectionTerminated", "PingAcked", "SettingsChanged", "ServerCore",
-    "ClientCore", "ErrorCodes", "TunnelState",
+    "StreamReset", "ConnectionTerminated", "PingAcked", "SettingsChanged", "StreamRefused",
+    "ServerCore", "ClientCore", "ErrorCodes", "TunnelState", "header_list_size",
 ]
 
 # RFC 9113 §6.9.2: the connection window starts at 65 535 whatever SETTINGS say; only a
@@ -104,11 +106,23 @@ class StreamReset(Event):
 
 @dataclass(frozen=True, slots=True)
 class ConnectionTerminated(Event):
-    """GOAWAY received (or sent by us on a protocol error). Streams above `last_stream_id` were
-    never processed by the peer; no new streams may be opened on this connection."""
+    """GOAWAY received (or sent by us on a protocol error or abuse). Streams above
+    `last_stream_id` were never processed by the peer; no new streams may be opened on this
+    connection. `reason` names why we sent it (hbone/limits.py `Abuse.reason`, or
+    `protocol_error`); empty when the peer sent it."""
     code: int
     last_stream_id: int
     by_peer: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRefused(Event):
+    """Server: a new stream was refused with RST_STREAM `code` (REFUSED_STREAM: over the
+    concurrent-stream or pending-tunnel limit; the client may retry it, RFC 9113 §8.7)."""
+    stream_id: int
+    code: int
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +195,7 @@ class _Core:
         extra = settings.connection_window - _H2_DEFAULT_CONNECTION_WINDOW
         if extra > 0:
             self._h2.increment_flow_control_window(extra)
+        self.data_frames_sent = 0  # DATA frames framed by flush() (abuse ratios; stats)
         self._queues: dict[int, deque[bytes | memoryview]] = {}
         self._queued: dict[int, int] = {}
         self._eof_after_queue: set[int] = set()
@@ -227,8 +242,10 @@ class _Core:
             # h2 has queued GOAWAY with the right code (e.g. FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR).
             self.closed = True
             self._drop_all_queues()
-            code = getattr(err, "error_code", ErrorCodes.PROTOCOL_ERROR)
-            return [ConnectionTerminated(int(code), self._h2.highest_inbound_stream_id, False)]
+            code = getattr(err, "error_code", None) or ErrorCodes.PROTOCOL_ERROR
+            reason = ("header_list_too_large" if isinstance(err, h2.exceptions.DenialOfServiceError)
+                      else "protocol_error")
+            return [ConnectionTerminated(int(code), self._h2.highest_inbound_stream_id, False, reason)]
         out: list[Event] = []
         for event in h2_events:
             self._translate(event, out)
@@ -256,6 +273,7 @@ class _Core:
         elif cls is ev.StreamReset:
             self._drop_queue(event.stream_id)
             out.append(StreamReset(event.stream_id, int(event.error_code)))
+            self._on_reset(event.stream_id, out)
         elif cls is ev.RemoteSettingsChanged:
             self.peer_settings_received = True
             out.append(SettingsChanged(self._h2.remote_settings.max_concurrent_streams))
@@ -270,6 +288,9 @@ class _Core:
 
     def _on_request(self, event: ev.RequestReceived, out: list[Event]) -> None:
         self._protocol_violation(out, "a client received a request")
+
+    def _on_reset(self, stream_id: int, out: list[Event]) -> None:
+        pass
 
     def _on_response(self, event: ev.ResponseReceived, out: list[Event]) -> None:
         self._protocol_violation(out, "a server received a response")
@@ -366,6 +387,7 @@ class _Core:
                     self._drop_queue(sid)
                     continue
                 total += size
+                self.data_frames_sent += 1
                 progress = True
                 self._queued[sid] -= size
                 if not q:
@@ -419,9 +441,71 @@ class ServerCore(_Core):
 
     client_side = False
 
-    def __init__(self, settings: HboneSettings = HboneSettings()):
+    def __init__(self, settings: HboneSettings = HboneSettings(), *, clock=time.monotonic):
         super().__init__(settings)
         self._tunnels: dict[int, TunnelState] = {}
+        self._pending: set[int] = set()  # streams in TunnelState.REQUESTED
+        self.clock = clock
+        self.guard = InboundGuard(settings)
+        self.abuse: Abuse | None = None
+        # HPACK decoding stops (h2 DenialOfServiceError → GOAWAY ENHANCE_YOUR_CALM) only at the
+        # hard limit, so a list between the advertised SETTINGS_MAX_HEADER_LIST_SIZE and it can
+        # still be answered 431 on its stream. h2 sets its decoder only from *changed* local
+        # settings; our initial values never change, so this stays.
+        self._h2.decoder.max_header_list_size = settings.header_list_hard_limit
+        self._advertised_streams = settings.server_max_concurrent_streams
+        self._stream_backstop = settings.server_max_concurrent_streams * H2_STREAM_BACKSTOP_FACTOR
+
+    def receive_data(self, data: bytes, now: float | None = None) -> list[Event]:
+        if self.closed:
+            return []
+        abuse = self.guard.feed(data, self.clock() if now is None else now)
+        if abuse is not None:
+            return self._shut_for(abuse)
+        # h2 refuses a stream over local_settings.max_concurrent_streams with a connection error.
+        # While it reads, it enforces a backstop above what we advertised, so the stream over our
+        # advertised limit reaches _on_request and is refused alone (REFUSED_STREAM); outside
+        # this call local_settings shows what we advertised. Settings.acknowledge() commits the
+        # value without sending a SETTINGS frame (h2's public Settings API).
+        ls = self._h2.local_settings
+        ls[SettingCodes.MAX_CONCURRENT_STREAMS] = self._stream_backstop
+        ls.acknowledge()
+        try:
+            events = super().receive_data(data)
+        finally:
+            ls[SettingCodes.MAX_CONCURRENT_STREAMS] = self._advertised_streams
+            ls.acknowledge()
+        if self.abuse is not None and not self.closed:
+            return events + self._shut_for(self.abuse)
+        return events
+
+    def _shut_for(self, abuse: Abuse) -> list[Event]:
+        """GOAWAY with the abuse's code; the shell closes the connection."""
+        self.abuse = abuse
+        self.close_connection(abuse.code)
+        return [ConnectionTerminated(int(abuse.code), self._h2.highest_inbound_stream_id, False, abuse.reason)]
+
+    def flush(self, budget: int = 1 << 62) -> int:
+        before = self.data_frames_sent
+        n = super().flush(budget)
+        if self.data_frames_sent != before:
+            self.guard.data_frame_sent(self.data_frames_sent - before)
+        return n
+
+    def _premature(self) -> None:
+        verdict = self.guard.premature_reset(self.clock())
+        if verdict is not None and self.abuse is None:
+            self.abuse = verdict
+
+    def _on_reset(self, stream_id: int, out: list[Event]) -> None:
+        # Reset by the client before we answered: the rapid-reset pattern (CVE-2023-44487).
+        if self._tunnels.get(stream_id) is TunnelState.REQUESTED:
+            self._premature()
+
+    def _refuse(self, sid: int, reason: str, out: list[Event]) -> None:
+        self.reset(sid, ErrorCodes.REFUSED_STREAM)
+        out.append(StreamRefused(sid, int(ErrorCodes.REFUSED_STREAM), reason))
+        self._premature()  # a client that keeps overrunning our limits is resetting streams too
 
     def _on_request(self, event: ev.RequestReceived, out: list[Event]) -> None:
         sid = event.stream_id
@@ -430,6 +514,20 @@ class ServerCore(_Core):
             # request was not processed and can be retried.
             self.reset(sid, ErrorCodes.REFUSED_STREAM)
             return
+        if self._h2.open_inbound_streams > self._advertised_streams:
+            # RFC 9113 §5.1.2: over SETTINGS_MAX_CONCURRENT_STREAMS → REFUSED_STREAM, this stream only.
+            self._refuse(sid, "max_concurrent_streams", out)
+            return
+        if len(self._pending) >= self.settings.max_pending_tunnels:
+            self._refuse(sid, "max_pending_tunnels", out)
+            return
+        size = header_list_size(event.headers)
+        if size > self.settings.server_max_header_list_size:
+            # RFC 6585 §5 431 Request Header Fields Too Large; the connection keeps serving.
+            self._answer_error(sid, 431)
+            out.append(RequestRejected(sid, 431, f"header list of {size} bytes over "
+                                                 f"{self.settings.server_max_header_list_size}"))
+            return
         try:
             request = ConnectRequest.from_h2_headers(event.headers)
         except HboneError as err:
@@ -437,6 +535,7 @@ class ServerCore(_Core):
             out.append(RequestRejected(sid, err.status, err.reason))
             return
         self._tunnels[sid] = TunnelState.REQUESTED
+        self._pending.add(sid)
         out.append(TunnelRequested(sid, request))
 
     def _answer_error(self, sid: int, status: int) -> None:
@@ -461,6 +560,7 @@ class ServerCore(_Core):
         nxt = _TUNNEL_TRANSITIONS.get((state, act)) if state is not None else None
         if nxt is None:
             raise RuntimeError(f"stream {stream_id}: cannot {act.value} in state {state}")
+        self._pending.discard(stream_id)
         if nxt is TunnelState.ANSWERED:
             del self._tunnels[stream_id]
             self._answer_error(stream_id, status)
@@ -476,7 +576,19 @@ class ServerCore(_Core):
     def forget(self, stream_id: int) -> None:
         """The shell is done with this stream (both directions ended or reset)."""
         self._tunnels.pop(stream_id, None)
+        self._pending.discard(stream_id)
         self._drop_queue(stream_id)
+
+    @property
+    def pending_tunnels(self) -> int:
+        """CONNECTs received and not yet answered."""
+        return len(self._pending)
+
+
+def header_list_size(headers) -> int:
+    """RFC 9113 §6.5.2 SETTINGS_MAX_HEADER_LIST_SIZE: "the uncompressed size of header fields,
+    including the length of the name and value in octets plus an overhead of 32 octets for each"."""
+    return sum(len(k) + len(v) + 32 for k, v in headers)
 
 
 class ClientCore(_Core):

@@ -49,6 +49,75 @@ TRANSPORT_WRITE_HIGH_WATER_BYTES = 1 * MiB
 # How long close() waits for GOAWAY and queued frames to leave before dropping the transport.
 GOAWAY_FLUSH_S = 1.0
 
+# ---- abuse limits (issue 8: "make the HBONE listener impossible to knock over") ---------------
+# Each trips per connection and ends only that connection (GOAWAY, then close), except where a
+# stream-level answer exists (REFUSED_STREAM, 431). hbone/limits.py does the counting.
+
+# h2 itself enforces this many open inbound streams (a PROTOCOL_ERROR beyond it, killing the
+# connection). We advertise SERVER_MAX_CONCURRENT_STREAMS and refuse streams above it ourselves
+# with RST_STREAM REFUSED_STREAM (RFC 9113 §5.1.2: "MUST treat this as a stream error ... of type
+# PROTOCOL_ERROR or REFUSED_STREAM"), so one over-eager client loses a stream, not its connection.
+# Refused streams close at once, so h2's count never gets near this backstop.
+H2_STREAM_BACKSTOP_FACTOR = 2
+# Unanswered CONNECTs (handler still deciding: authorizing, dialing upstream with its 10 s connect
+# timeout) per connection. Excess: RST_STREAM REFUSED_STREAM (retryable, RFC 9113 §8.7). By default
+# equal to the stream limit: a pool that opens its whole allowance at once on a burst is honest
+# (our own pool with client_max_streams_per_connection=200 does), and each pending tunnel already
+# counts as an open stream. Lower it to cap concurrent upstream dials per client connection.
+MAX_PENDING_TUNNELS = SERVER_MAX_CONCURRENT_STREAMS
+# Rapid reset (CVE-2023-44487): streams that end before we answered them (the client's RST_STREAM,
+# or our REFUSED_STREAM) within RESET_WINDOW_S. Envoy counts the same "premature resets"
+# (overload.premature_reset_total_stream_count = 500, min lifetime 1 s); the h2 crate ztunnel
+# serves with allows 20 *pending* reset streams; nghttp2 a 1000 burst refilled at 33/s. HBONE
+# clients cancel a CONNECT only when their app gives up before the answer, so 100 in 10 s (10/s
+# sustained) is far above honest use. Over it: GOAWAY ENHANCE_YOUR_CALM.
+RESET_WINDOW_S = 10.0
+MAX_PREMATURE_RESETS = 100
+# Header block (HEADERS + CONTINUATION, HPACK-compressed bytes): over it, GOAWAY ENHANCE_YOUR_CALM
+# before h2 buffers it (h2 4.4.1 keeps up to 64 frames x 1 MiB). HPACK never makes an honest block
+# bigger than the header list it decodes to, so the decoder's hard limit below is the right cap.
+HEADER_BLOCK_MAX_BYTES = 128 * KiB
+# nghttp2 1.61.0 (CVE-2024-28182) default max_continuations: "If more than those frames are
+# received, the remote endpoint is considered to be misbehaving and session will be closed."
+MAX_CONTINUATION_FRAMES = 8
+# Decoded header list (RFC 9113 §6.5.2 size: name + value + 32 per field). Above the advertised
+# SERVER_MAX_HEADER_LIST_BYTES a CONNECT is answered 431 (RFC 6585; Go's http2 server answers 431
+# when MaxHeaderBytes is exceeded); above this hard limit HPACK decoding stops (an HPACK bomb) and
+# h2 sends GOAWAY ENHANCE_YOUR_CALM. Twice the advertised size leaves room to answer a 431.
+HEADER_LIST_HARD_BYTES = 2 * SERVER_MAX_HEADER_LIST_BYTES
+# Control-frame floods (CVE-2019-9512 PING, -9515 SETTINGS): per connection, per FLOOD_WINDOW_S.
+# An honest peer sends one SETTINGS at start and a PING every 10 s (ztunnel keepalive): 100 per
+# 10 s is 100x that. Unknown frame types (RFC 9113 §5.5: ignored) are counted likewise.
+FLOOD_WINDOW_S = 10.0
+MAX_SETTINGS_FRAMES = 100
+MAX_PING_FRAMES = 100
+MAX_UNKNOWN_FRAMES = 100
+# Envoy max_consecutive_inbound_frames_with_empty_payload default 1 (CVE-2019-9518): HEADERS,
+# CONTINUATION or DATA with no payload and no END_STREAM, in a row.
+MAX_EMPTY_FRAMES = 1
+# Envoy max_inbound_priority_frames_per_stream default 100 (CVE-2019-9513): PRIORITY frames allowed
+# = 100 x (1 + streams opened). RFC 9113 deprecated priority signalling; h2 still processes them.
+PRIORITY_FRAMES_PER_STREAM = 100
+# Envoy max_inbound_window_update_frames_per_data_frame_sent default 10 (CVE-2019-9517 class):
+# WINDOW_UPDATEs allowed = 5 + 2 x (streams opened + 10 x DATA frames we sent).
+WINDOW_UPDATES_PER_DATA_FRAME = 10
+# Frames the peer made us owe (PING ACK, SETTINGS ACK) while our transport is paused because the
+# peer does not read (CVE-2019-9512/9515 "reflection"). Envoy max_outbound_control_frames default
+# 1000; Go's maxQueuedControlFrames is 10000. Over it: the connection is aborted (a GOAWAY would
+# sit behind the unread bytes).
+MAX_OUTBOUND_CONTROL_FRAMES = 1000
+# A connection with no tunnel for this long is closed (GOAWAY NO_ERROR). ztunnel has none (users
+# ask for one: ztunnel #1662, #1699); Envoy's HTTP connection manager defaults idle_timeout to 1 h
+# ("Disabling this timeout has a high likelihood of yielding connection leaks due to lost TCP FIN
+# packets"). PINGs do not count as activity (Envoy likewise). ztunnel's pool drops its own unused
+# connections after 5 min (POOL_IDLE_TIMEOUT_S), so this only reaps abandoned ones.
+CONNECTION_IDLE_TIMEOUT_S = 3600.0
+# Connections (in TLS handshake or established) per listener; beyond it a new connection is
+# accepted and closed at once, and counted. ztunnel and Envoy set no default; a node proxy sees
+# about one pooled connection per (source, destination) workload pair, each carrying up to 200
+# tunnels, so 4096 is ample and keeps us well inside a 65536 fd limit with two sockets per tunnel.
+MAX_CONNECTIONS = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class HboneSettings:
@@ -68,6 +137,23 @@ class HboneSettings:
     pool_idle_timeout: float = POOL_IDLE_TIMEOUT_S
     stream_send_buffer: int = STREAM_SEND_BUFFER_BYTES
     transport_write_high_water: int = TRANSPORT_WRITE_HIGH_WATER_BYTES
+    # abuse limits (see the constants above)
+    max_pending_tunnels: int = MAX_PENDING_TUNNELS
+    reset_window: float = RESET_WINDOW_S
+    max_premature_resets: int = MAX_PREMATURE_RESETS
+    max_header_block: int = HEADER_BLOCK_MAX_BYTES
+    max_continuation_frames: int = MAX_CONTINUATION_FRAMES
+    header_list_hard_limit: int = HEADER_LIST_HARD_BYTES
+    flood_window: float = FLOOD_WINDOW_S
+    max_settings_frames: int = MAX_SETTINGS_FRAMES
+    max_ping_frames: int = MAX_PING_FRAMES
+    max_unknown_frames: int = MAX_UNKNOWN_FRAMES
+    max_empty_frames: int = MAX_EMPTY_FRAMES
+    priority_frames_per_stream: int = PRIORITY_FRAMES_PER_STREAM
+    window_updates_per_data_frame: int = WINDOW_UPDATES_PER_DATA_FRAME
+    max_outbound_control_frames: int = MAX_OUTBOUND_CONTROL_FRAMES
+    idle_timeout: float = CONNECTION_IDLE_TIMEOUT_S
+    max_connections: int = MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
         # RFC 9113 §6.5.2: SETTINGS_MAX_FRAME_SIZE must be within [2^14, 2^24-1]; §6.9.1: windows
@@ -80,3 +166,8 @@ class HboneSettings:
                 raise ValueError(f"{name} {value} outside [65535, 2147483647]")
         if self.ping_timeout <= 0 or self.ping_interval <= 0:
             raise ValueError("ping interval and timeout must be positive")
+        if self.header_list_hard_limit < self.server_max_header_list_size:
+            raise ValueError("header_list_hard_limit must be at least server_max_header_list_size")
+        for name in ("reset_window", "flood_window", "idle_timeout", "tls_handshake_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
