@@ -514,8 +514,10 @@ class ServerCore(_Core):
             # request was not processed and can be retried.
             self.reset(sid, ErrorCodes.REFUSED_STREAM)
             return
-        if self._h2.open_inbound_streams > self._advertised_streams:
-            # RFC 9113 §5.1.2: over SETTINGS_MAX_CONCURRENT_STREAMS → REFUSED_STREAM, this stream only.
+        if len(self._tunnels) >= self._advertised_streams:
+            # RFC 9113 §5.1.2: over SETTINGS_MAX_CONCURRENT_STREAMS → REFUSED_STREAM, this stream
+            # only. Counted on our tunnels (live until the shell forgets them), not h2's open
+            # streams: h2 has already read the whole chunk, later HEADERS included.
             self._refuse(sid, "max_concurrent_streams", out)
             return
         if len(self._pending) >= self.settings.max_pending_tunnels:

@@ -15,6 +15,8 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections import Counter
+from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 
 from certs.errors import PeerIdentityError
@@ -39,6 +41,36 @@ UNANSWERED_STATUS = 503
 
 Handler = Callable[["InboundTunnel"], Awaitable[None]]
 TlsFailureCallback = Callable[[str, tuple[str, int]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Something the listener refused, for counters and one access-log line each.
+
+    kind: ``tls`` (handshake or peer identity: reason is a certs PeerIdentityError reason, or
+    ``timeout``), ``listener`` (``max_connections``), ``connection`` (GOAWAY for abuse: reason is
+    an hbone.limits Abuse reason, ``protocol_error``, ``header_list_too_large``,
+    ``outbound_control_flood``), ``stream`` (``max_concurrent_streams``, ``max_pending_tunnels``:
+    RST_STREAM REFUSED_STREAM; ``431``), or ``idle`` (``idle_timeout``: a clean GOAWAY, counted for
+    visibility). ``code`` is the HTTP/2 error code or HTTP status sent, when there is one."""
+    kind: str
+    reason: str
+    remote_addr: tuple[str, int]
+    detail: str = ""
+    code: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.reason}"
+
+    def log_line(self) -> str:
+        code = f" code={self.code}" if self.code is not None else ""
+        detail = f" ({self.detail})" if self.detail else ""
+        return (f"HBONE refused {self.kind} from {self.remote_addr[0]}:{self.remote_addr[1]}: "
+                f"{self.reason}{code}{detail}")
+
+
+RefusalCallback = Callable[[Refusal], None]
 
 
 class InboundTunnel:
@@ -101,6 +133,9 @@ class _ServerConnection(HboneConnection):
         self.handler_tasks: set[asyncio.Task] = set()
         self.tunnels: dict[int, InboundTunnel] = {}
         self.refused = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
+        self._paused_control_mark: int | None = None  # guard.provoked_control_frames at pause
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Identity is checked here, before any byte of HTTP/2 is read or written: asyncio may call
@@ -117,18 +152,58 @@ class _ServerConnection(HboneConnection):
         except PeerIdentityError as err:
             self.refused = True
             self.transport = transport  # type: ignore[assignment]
-            self.server._tls_failed(err.reason, (peer[0], peer[1]))
+            self.server._tls_failed(err.reason, (peer[0], peer[1]), str(err))
             transport.abort()
             return
         super().connection_made(transport)
         self.server._conns.add(self)
+        self._arm_idle()
 
     def data_received(self, data: bytes) -> None:
-        if not self.refused:
-            super().data_received(data)
+        if self.refused:
+            return
+        super().data_received(data)
+        mark = self._paused_control_mark
+        if mark is not None and not self.lost and (
+                self.core.guard.provoked_control_frames - mark > self.settings.max_outbound_control_frames):
+            # The peer makes us owe PING/SETTINGS ACKs while it reads nothing (Envoy
+            # max_outbound_control_frames): a GOAWAY would queue behind the unread bytes; abort.
+            self.server._refused(Refusal("connection", "outbound_control_flood", self.remote_addr,
+                                         f"over {self.settings.max_outbound_control_frames} control frames "
+                                         "owed to a peer that does not read",
+                                         int(ErrorCodes.ENHANCE_YOUR_CALM)))
+            self.core.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+            self.abort()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._paused_control_mark = self.core.guard.provoked_control_frames
+
+    def resume_writing(self) -> None:
+        self._paused_control_mark = None
+        super().resume_writing()
+
+    # -- idle timeout (settings.CONNECTION_IDLE_TIMEOUT_S) --
+    def _arm_idle(self) -> None:
+        if self._idle_timer is None and not self.lost:
+            self._idle_timer = self.loop.call_later(self.settings.idle_timeout, self._idle_expired)
+
+    def _disarm_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if self.streams or self.handler_tasks or self.lost:
+            return
+        self.server._refused(Refusal("idle", "idle_timeout", self.remote_addr,
+                                     f"no tunnel for {self.settings.idle_timeout:g}s", int(ErrorCodes.NO_ERROR)))
+        self.start_drain()
 
     def on_event(self, event: P.Event) -> None:
         if event.__class__ is P.TunnelRequested:
+            self._disarm_idle()
             tunnel = InboundTunnel(self, event.stream_id, event.request)
             self.new_stream(event.stream_id)
             self.tunnels[event.stream_id] = tunnel
@@ -137,6 +212,11 @@ class _ServerConnection(HboneConnection):
             task.add_done_callback(self.handler_tasks.discard)
         elif event.__class__ is P.RequestRejected:
             log.info("HBONE request from %s:%s rejected %d: %s", *self.remote_addr, event.status, event.reason)
+            if event.status == 431:
+                self.server._refused(Refusal("stream", "431", self.remote_addr, event.reason, 431))
+        elif event.__class__ is P.StreamRefused:
+            self.server._refused(Refusal("stream", event.reason, self.remote_addr,
+                                         f"stream {event.stream_id}", event.code))
 
     async def _run_handler(self, tunnel: InboundTunnel) -> None:
         try:
@@ -179,6 +259,8 @@ class _ServerConnection(HboneConnection):
         self.core.forget(stream.stream_id)
         if self.core.goaway_sent and not self.streams:
             self.loop.call_soon(self._close_if_drained)
+        elif not self.streams:
+            self._arm_idle()
 
     def _close_if_drained(self) -> None:
         if not self.streams and not self.lost and self.transport is not None:
@@ -187,11 +269,20 @@ class _ServerConnection(HboneConnection):
 
     def on_goaway(self, event: P.ConnectionTerminated) -> None:
         if not event.by_peer:
-            log.info("HBONE connection from %s:%s: protocol error %d, closing", *self.remote_addr, event.code)
+            self.server._refused(Refusal("connection", event.reason or "protocol_error", self.remote_addr,
+                                         getattr(self.core.abuse, "detail", ""), event.code))
+            # The shell closes the transport after writing GOAWAY; a peer that does not read would
+            # hold that close (and its buffers) open, so cut it after GOAWAY_FLUSH_S.
+            if self._abort_timer is None:
+                self._abort_timer = self.loop.call_later(GOAWAY_FLUSH_S, self.abort)
         # A client GOAWAY means it opens no more streams; existing tunnels continue.
 
     def on_lost(self) -> None:
         self.server._conns.discard(self)
+        self._disarm_idle()
+        if self._abort_timer is not None:
+            self._abort_timer.cancel()
+            self._abort_timer = None
 
     def start_drain(self) -> None:
         self.goaway()
@@ -200,7 +291,8 @@ class _ServerConnection(HboneConnection):
 
     def __repr__(self) -> str:
         return (f"<HboneServerConnection {self.remote_addr[0]}:{self.remote_addr[1]} "
-                f"peer={self.peer_identity} streams={len(self.streams)}>")
+                f"peer={self.peer_identity} streams={len(self.streams)} "
+                f"pending={self.core.pending_tunnels} abuse={self.core.abuse and self.core.abuse.reason}>")
 
 
 class HboneServer:
@@ -208,12 +300,18 @@ class HboneServer:
 
     def __init__(self, context_source: Callable[[], ssl.SSLContext], handler: Handler, *,
                  trust_domain: str, settings: HboneSettings = HboneSettings(),
-                 on_tls_failure: TlsFailureCallback | None = None):
+                 on_tls_failure: TlsFailureCallback | None = None,
+                 on_refusal: RefusalCallback | None = None):
         self.context_source = context_source
         self.handler = handler
         self.trust_domain = trust_domain
         self.settings = settings
         self.on_tls_failure = on_tls_failure
+        # One call per refusal of any kind (TLS, listener, connection, stream): the proxy turns
+        # it into an access-log line and a metric. Refusal.log_line() is a ready-made text.
+        self.on_refusal = on_refusal
+        self.refusals: Counter[str] = Counter()  # Refusal.key -> count
+        self._handshaking = 0
         self.sockets: list[socket.socket] = []
         self._conns: set[_ServerConnection] = set()
         self._tasks: set[asyncio.Task] = set()  # accept loops and handshakes
@@ -263,13 +361,23 @@ class HboneServer:
                 log.warning("HBONE accept failed: %s", err)
                 await asyncio.sleep(0.1)
                 continue
+            if self._handshaking + len(self._conns) >= self.settings.max_connections:
+                # Accept-then-close: leaving it in the backlog would only delay the refusal.
+                conn_sock.close()
+                self._refused(Refusal("listener", "max_connections", (addr[0], addr[1]),
+                                      f"{self.settings.max_connections} connections open"))
+                continue
             self._own(loop.create_task(self._handshake(conn_sock, (addr[0], addr[1]))))
 
     async def _handshake(self, conn_sock: socket.socket, addr: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
         conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._handshaking += 1
+        started = loop.time()
         try:
             ctx = self.context_source()
+            # ssl_handshake_timeout also bounds a slowloris client (silent, or a ClientHello
+            # trickled byte by byte): asyncio and uvloop abort the handshake at the deadline.
             await loop.connect_accepted_socket(
                 lambda: _ServerConnection(self, loop), conn_sock, ssl=ctx,
                 ssl_handshake_timeout=self.settings.tls_handshake_timeout)
@@ -278,17 +386,33 @@ class HboneServer:
             raise
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as err:
             conn_sock.close()
-            reason = "timeout" if isinstance(err, TimeoutError) else classify_handshake_error(err)
-            self._tls_failed(reason, addr)
+            # asyncio's and uvloop's sslproto end a slow handshake with ConnectionAbortedError("SSL
+            # handshake is taking longer than N seconds"), not TimeoutError: tell it by the clock.
+            timed_out = isinstance(err, TimeoutError) or (
+                isinstance(err, ConnectionAbortedError)
+                and loop.time() - started >= self.settings.tls_handshake_timeout)
+            reason = "timeout" if timed_out else classify_handshake_error(err)
+            self._tls_failed(reason, addr, str(err))
+        finally:
+            self._handshaking -= 1
 
-    def _tls_failed(self, reason: str, addr: tuple[str, int]) -> None:
+    def _tls_failed(self, reason: str, addr: tuple[str, int], detail: str = "") -> None:
         self.tls_failures += 1
-        log.info("HBONE TLS failure from %s:%s: %s", addr[0], addr[1], reason)
         if self.on_tls_failure is not None:
             try:
                 self.on_tls_failure(reason, addr)
             except Exception:  # a broken callback must not take down the listener
                 log.exception("on_tls_failure callback failed")
+        self._refused(Refusal("tls", reason, addr, detail))
+
+    def _refused(self, refusal: Refusal) -> None:
+        self.refusals[refusal.key] += 1
+        log.info("%s", refusal.log_line())
+        if self.on_refusal is not None:
+            try:
+                self.on_refusal(refusal)
+            except Exception:  # a broken callback must not take down the listener
+                log.exception("on_refusal callback failed")
 
     @property
     def connections(self) -> int:
@@ -342,5 +466,6 @@ class HboneServer:
     def __repr__(self) -> str:
         where = f"{self.address[0]}:{self.address[1]}" if self.sockets else "closed"
 
+        refused = " ".join(f"{k}={v}" for k, v in sorted(self.refusals.items()))
         return (f"<HboneServer {where} conns={self.connections} tunnels={self.active_tunnels} "
-                f"tls_failures={self.tls_failures}>")
+                f"tls_failures={self.tls_failures} refused[{refused}]>")
