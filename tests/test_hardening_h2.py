@@ -538,3 +538,46 @@ def test_max_connections_accept_then_close(tight, pki):
             c.close()
     time.sleep(0.2)
     good_tunnel(tight.addr, mesh)
+
+
+# ---- a peer that never reads ----------------------------------------------------------------------
+
+def test_peer_that_never_reads_cannot_grow_our_control_queue(pki):
+    """The peer opens tunnels, makes the echo send back 8 MiB it never reads (our transport
+    pauses), then sends PINGs: each owes it a PING ACK that could only pile up in our memory.
+    Over max_outbound_control_frames the connection is aborted. (PING rate limit raised here so
+    that the outbound bound, not the inbound one, is what trips.)"""
+    mesh = pki[0]
+    srv = Server(pki[1], {"max_ping_frames": 100_000, "max_outbound_control_frames": 200})
+    try:
+        rss0 = srv.rss_kib()
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # read nothing, buffer little
+        raw.settimeout(5)
+        raw.connect(srv.addr)
+        c = Raw.__new__(Raw)
+        c.sock = client_ctx(mesh).wrap_socket(raw, server_hostname=None)
+        c.enc, c.dec, c.buf, c.closed, c.auto_window, c.next_sid = hpack.Encoder(), hpack.Decoder(), bytearray(), False, False, 1
+        s = SettingsFrame(0)
+        s.settings = {SettingsFrame.INITIAL_WINDOW_SIZE: 2**31 - 1}
+        c.send(CLIENT_PREFACE + s.serialize() + WindowUpdateFrame(0, window_increment=2**31 - 1 - 65535).serialize())
+        block = os.urandom(1 * MiB - 16)
+        for _ in range(2):
+            sid = c.new_sid()
+            c.send(c.connect_frame(sid))
+            for _ in range(4):  # 4 MiB: the server's stream window
+                if not c.send(DataFrame(sid, data=block).serialize()):
+                    break
+        time.sleep(0.5)  # let the echo fill every buffer on the way back
+        ping = PingFrame(0, opaque_data=b"12345678").serialize()
+        for _ in range(50):
+            if not c.send(ping * 10):
+                break
+            time.sleep(0.005)
+        r = srv.wait_refusal("connection", "outbound_control_flood")
+        assert r["code"] == ENHANCE_YOUR_CALM
+        c.close()
+        assert srv.rss_kib() - rss0 < RSS_BOUND_KIB
+        good_tunnel(srv.addr, mesh)
+    finally:
+        srv.stop()
