@@ -136,6 +136,7 @@ class _ServerConnection(HboneConnection):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
         self._paused_control_mark: int | None = None  # guard.provoked_control_frames at pause
+        self._lingering = False  # after our error GOAWAY: read and discard until closed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Identity is checked here, before any byte of HTTP/2 is read or written: asyncio may call
@@ -174,6 +175,15 @@ class _ServerConnection(HboneConnection):
                                          int(ErrorCodes.ENHANCE_YOUR_CALM)))
             self.core.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
             self.abort()
+
+    def should_close_transport(self) -> bool:
+        return not self._lingering
+
+    def eof_received(self) -> bool:
+        if self._lingering and self.transport is not None:
+            self.flush_now()
+            self.transport.close()  # the peer is done: our GOAWAY went out before its EOF
+        return False
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -271,8 +281,11 @@ class _ServerConnection(HboneConnection):
         if not event.by_peer:
             self.server._refused(Refusal("connection", event.reason or "protocol_error", self.remote_addr,
                                          getattr(self.core.abuse, "detail", ""), event.code))
-            # The shell closes the transport after writing GOAWAY; a peer that does not read would
-            # hold that close (and its buffers) open, so cut it after GOAWAY_FLUSH_S.
+            # Lingering close: keep reading (and discarding: the core is closed) so the GOAWAY is
+            # not lost to the TCP RST that closing with unread input would send; the peer sees
+            # GOAWAY, then EOF when it stops. A peer that neither stops nor reads is cut after
+            # GOAWAY_FLUSH_S.
+            self._lingering = True
             if self._abort_timer is None:
                 self._abort_timer = self.loop.call_later(GOAWAY_FLUSH_S, self.abort)
         # A client GOAWAY means it opens no more streams; existing tunnels continue.

@@ -41,7 +41,8 @@ class Server:
 
     def __init__(self, cert_dir: Path, settings: dict | None = None):
         self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / "hardening_server.py"), str(cert_dir), json.dumps(settings or {})],
+            [sys.executable, str(HERE / "hardening_server.py"), str(cert_dir), json.dumps(settings or {}),
+             os.environ.get("HBONE_HARDENING_LOOP", "uvloop")],  # asyncio: run the file again with it
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         first = json.loads(self.proc.stdout.readline())
         self.port, self.pid = first["port"], first["pid"]
