@@ -80,7 +80,11 @@ def main(argv: list[str]) -> int:
     except SystemExit as exit_:   # --help, or a usage error argparse already printed
         return int(exit_.code or 0)
     demo = Demo(args, sys.stdout)
-    return demo.run()
+    try:
+        return demo.run()
+    except Interrupted as stop:   # a signal in the instant between two handlers: still no traceback
+        demo.cleanup()
+        return stop.code
 
 
 class Demo:
@@ -96,6 +100,7 @@ class Demo:
     # ---- signals: every stop request becomes one exception in the main thread ----
     def _install_signals(self) -> dict:
         def raise_interrupted(signum, _frame):
+            self._ignore_signals()   # the first stop request wins; a second one must not cut the cleanup
             raise Interrupted(signum)
         old = {}
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -125,6 +130,14 @@ class Demo:
             where = f" (logs in {self.workdir})" if self.workdir and err.code == EXIT_FAILED else ""
             print(f"hbone-proxy demo: {err}{where}", file=sys.stderr)
             code = err.code
+        except BrokenPipeError:   # `hbone-proxy demo | head`: the reader left; stop quietly
+            self._ignore_signals()
+            self.cleanup()
+            try:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except OSError:
+                pass
+            code = EXIT_FAILED
         except Exception as err:   # no traceback on any path: one line, and the logs
             self._ignore_signals()
             self.cleanup()
@@ -209,6 +222,7 @@ class Demo:
             raise DemoError(str(err), EXIT_USAGE if "already in use" in str(err) else EXIT_FAILED) from None
         out.write(f"started:   CA, node-a, node-b, waypoint in {time.monotonic() - started:.1f} s "
                   f"(logs: {self.workdir}/<proxy>.err, access logs: <proxy>.access.log)\n")
+        out.flush()
 
         mesh = tour.DemoMesh(layout, nodes, waypoint, str(self.workdir))
         try:
