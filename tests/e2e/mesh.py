@@ -4,7 +4,8 @@
 with ``hbone-proxy certs init``, and starts proxies (``start_node``, ``start_waypoint``) on their own
 addresses with their own admin/metrics/readiness ports, waiting for ``/healthz/ready``. Tiny backends
 (``http_backend``, ``echo_backend``) bind the pod IPs. ``close()`` stops every process and backend —
-the ``mesh`` fixture calls it even when a test fails.
+the ``mesh`` fixture calls it even when a test fails. The backends, the SOCKS5 client and the console
+script lookup are the ones ``hbone-proxy demo`` uses (``proxy/demo/mesh.py``).
 
 The fixtures' addresses (pods 127.1.0.x, VIPs 127.2.0.x) are remapped to a random 127.A.B.x / 127.A.B+1.x
 block per mesh, so parallel runs (and other test files using the fixtures' own addresses) never collide.
@@ -13,22 +14,20 @@ Proxy infrastructure listeners live in 127.A.B+2.x.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import random
 import re
 import signal
 import socket
-import struct
 import subprocess
-import sys
-import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from proxy.demo.mesh import Proc as _DemoProc
+from proxy.demo.mesh import (EchoBackend, HttpBackend, SocksError, SocksHTTPConnection, get, hbone_proxy_command,
+                             recv_exact, socks5_connect)
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -40,9 +39,8 @@ STOP_TIMEOUT_S = 10.0
 _rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "big"))
 
 
-def _cli() -> list[str]:
-    script = Path(sys.executable).parent / "hbone-proxy"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "proxy.cli"]
+_cli = hbone_proxy_command
+_recv_exact = recv_exact
 
 
 def _block_free(a: int, b: int) -> bool:
@@ -55,28 +53,8 @@ def _block_free(a: int, b: int) -> bool:
     return True
 
 
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen
-    stdout: Path
-    stderr: Path
-    admin: tuple[str, int]
-    metrics: tuple[str, int]
-    readiness: tuple[str, int]
-    socks5: tuple[str, int] | None = None
-    access_log: Path | None = None
-
-    def url(self, which: str, path: str) -> str:
-        host, port = getattr(self, which)
-        return f"http://{host}:{port}{path}"
-
-    def get(self, which: str, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(self.url(which, path), timeout=timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as err:
-            return err.code, err.read()
+class Proc(_DemoProc):
+    """``proxy.demo.mesh.Proc`` plus what tests read: the config dump and the access-log lines."""
 
     def config_dump(self) -> dict:
         status, body = self.get("admin", "/config_dump")
@@ -87,97 +65,6 @@ class Proc:
         if self.access_log is None or not self.access_log.exists():
             return []
         return [json.loads(line) for line in self.access_log.read_text().splitlines() if line.strip()]
-
-    def logs(self) -> str:
-        return self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
-
-
-class HttpBackend:
-    """An HTTP/1.1 keep-alive server answering ``body`` to every request (a "reviews vN" pod)."""
-
-    def __init__(self, ip: str, port: int, body: bytes):
-        answer = body
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):  # noqa: N802
-                # One write for head and body: two small writes meet Nagle + delayed ACK (40 ms each).
-                head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(answer)}\r\n"
-                        f"X-Client: {self.client_address[0]}\r\n\r\n").encode()
-                self.wfile.write(head + answer)
-
-            def log_message(self, *args):  # quiet
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-            def handle_error(self, request, client_address):  # a client reset at teardown is not news
-                pass
-
-            def process_request(self, request, client_address):
-                conns.add(request)
-                super().process_request(request, client_address)
-
-            def shutdown_request(self, request):
-                conns.discard(request)
-                super().shutdown_request(request)
-
-        conns: set[socket.socket] = set()
-        self.conns = conns
-        self.server = Server((ip, port), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        """Like a pod being killed: the listener goes and so does every open connection."""
-        self.server.shutdown()
-        self.server.server_close()
-        for c in list(self.conns):
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-class EchoBackend:
-    """TCP echo that preserves half-close: echoes until the client's FIN, then sends its own FIN."""
-
-    def __init__(self, ip: str, port: int):
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((ip, port))
-        self.sock.listen(64)
-        self.closed = False
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.closed:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            try:
-                while True:
-                    data = conn.recv(256 * 1024)
-                    if not data:
-                        break
-                    conn.sendall(data)
-                conn.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.closed = True
-        self.sock.close()
 
 
 @dataclass
@@ -312,71 +199,6 @@ class Mesh:
             except OSError:
                 pass
         self.backends.clear()
-
-
-# ---------------------------------------------------------------------------------------------
-# Clients
-
-
-class SocksError(ConnectionError):
-    def __init__(self, code: int):
-        super().__init__(f"SOCKS5 reply {code:#04x}")
-        self.code = code
-
-
-def socks5_connect(proxy: tuple[str, int], host: str, port: int, *, source_ip: str,
-                   timeout: float = 10.0) -> socket.socket:
-    """A TCP connection through a SOCKS5 proxy, made from ``source_ip`` (the client pod's IP).
-    Raises ``SocksError(reply code)`` when the proxy refuses."""
-    s = socket.socket()
-    s.settimeout(timeout)
-    try:
-        s.bind((source_ip, 0))
-        s.connect(proxy)
-        s.sendall(b"\x05\x01\x00")
-        assert _recv_exact(s, 2) == b"\x05\x00"
-        try:
-            addr = b"\x01" + socket.inet_aton(host)
-        except OSError:
-            addr = b"\x03" + bytes([len(host)]) + host.encode()
-        s.sendall(b"\x05\x01\x00" + addr + struct.pack("!H", port))
-        head = _recv_exact(s, 4)
-        if head[1] != 0:
-            raise SocksError(head[1])
-        _recv_exact(s, {1: 4, 4: 16}[head[3]] + 2)
-        return s
-    except BaseException:
-        s.close()
-        raise
-
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
-
-
-class SocksHTTPConnection(http.client.HTTPConnection):
-    """``http.client`` over SOCKS5 from a pod IP: keep-alive, so many requests share one tunnel."""
-
-    def __init__(self, proxy: tuple[str, int], host: str, port: int, *, source_ip: str, timeout: float = 10.0):
-        super().__init__(host, port, timeout=timeout)
-        self._proxy = proxy
-        self._source_ip = source_ip
-
-    def connect(self) -> None:
-        self.sock = socks5_connect(self._proxy, self.host, self.port, source_ip=self._source_ip,
-                                   timeout=self.timeout)
-
-
-def get(conn: http.client.HTTPConnection, path: str = "/", headers: dict | None = None) -> tuple[int, bytes]:
-    conn.request("GET", path, headers=headers or {})
-    r = conn.getresponse()
-    return r.status, r.read()
 
 
 __all__ = ["Mesh", "Proc", "HttpBackend", "EchoBackend", "SocksError", "SocksHTTPConnection",
