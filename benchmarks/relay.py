@@ -58,8 +58,11 @@ async def serve(args) -> None:
             upstream.close()
             down.close()
 
+    # max_pending_tunnels too: the idle scenario opens 8 000 CONNECTs at once, all pending until their
+    # upstream dial completes (hbone's default caps that at the stream limit, 200).
     settings = HboneSettings(stream_window=args.stream_window, connection_window=args.connection_window,
-                             server_max_concurrent_streams=args.max_streams)
+                             server_max_concurrent_streams=args.max_streams,
+                             max_pending_tunnels=args.max_streams)
     server = HboneServer(lambda: ctx, handler, trust_domain=ca.trust_domain, settings=settings)
     await server.start(*args.listen)
     print("READY", flush=True)

@@ -286,6 +286,14 @@ def run_idle(lab: TunnelLab, opts: TunnelOptions, count: int) -> ScenarioResult:
             if _is_unavailable(row):
                 continue
             proxy = lab.parties[row.target]
+            # A fresh proxy process per measurement: heap freed by the previous idle run is reused by
+            # the next one, so without a restart repetitions after the first read ~0 KiB/tunnel.
+            try:
+                proxy.stop()
+                proxy.start()
+            except PartyError as err:
+                row.note = f"failed: restart: {err}"
+                continue
             conv = Conversation(lab.client_argv(row.target, row.client, "idle", tunnels=count))
             try:
                 conv.expect("WARM")
@@ -305,7 +313,8 @@ def run_idle(lab: TunnelLab, opts: TunnelOptions, count: int) -> ScenarioResult:
             row.add("kib_per_tunnel", (rss1 - rss0) / KiB / count)
             _ = opened
     res.notes.append("KiB/tunnel = proxy RSS (VmRSS, whole process tree) after opening the tunnels minus before, "
-                     "over the count; includes the proxy's TCP connection to the sink for each tunnel")
+                     "over the count, in a freshly started proxy; includes the proxy's TCP connection to the sink "
+                     "for each tunnel")
     return res
 
 
