@@ -176,7 +176,7 @@ class Demo:
     # ---- the demo ----
     def _run(self, started: float) -> int:
         from . import tour
-        from .bookinfo import INFRA, NODES, PODS, WAYPOINT_SCOPE, GATEWAY, ECHO_PORT, APP_PORT, Layout, write_config
+        from .bookinfo import APP_PORT, ECHO_PORT, GATEWAY, INFRA, NODES, PODS, WAYPOINT_SCOPE, write_config
         from .mesh import EchoBackend, HttpBackend, StartError, Supervisor, address_free, hbone_proxy_command
 
         out = self.out

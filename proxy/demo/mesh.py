@@ -126,6 +126,7 @@ class Supervisor:
     logdir: Path
     cwd: Path | None = None
     procs: list[Proc] = field(default_factory=list)
+    proc_type: type = Proc          # tests use a subclass that also reads /config_dump and access logs
 
     def start(self, name: str, infra_ip: str, args: list[str], *, config: Path,
               drain_deadline: float = 2.0, poll_interval: float = 0.2) -> Proc:
@@ -141,8 +142,8 @@ class Supervisor:
         with out.open("wb") as fout, err.open("wb") as ferr:
             popen = subprocess.Popen(cmd, stdout=fout, stderr=ferr, stdin=subprocess.DEVNULL, cwd=self.cwd,
                                      start_new_session=True, preexec_fn=_die_with_parent)
-        proc = Proc(name, popen, out, err, (infra_ip, 15000), (infra_ip, 15020), (infra_ip, 15021),
-                    access_log=access)
+        proc = self.proc_type(name, popen, out, err, (infra_ip, 15000), (infra_ip, 15020), (infra_ip, 15021),
+                              access_log=access)
         self.procs.append(proc)
         return proc
 

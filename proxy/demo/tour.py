@@ -15,13 +15,13 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, TextIO
+from typing import TextIO
 
 from policy.scope import MeshShape, config_scaling
 from proxy.admin.explain import ExplainRequest, format_answer
 from proxy.admin.proxy_config import FetchError, fetch_json, render
 
-from .bookinfo import (APP_PORT, AUTHZ_POLICY, ECHO_PORT, GATEWAY, NODES, PODS, SERVICES, WAYPOINT_SA,
+from .bookinfo import (APP_PORT, AUTHZ_POLICY, ECHO_PORT, GATEWAY, NAMESPACE, NODES, PODS, SERVICES, WAYPOINT_SA,
                        WAYPOINT_SCOPE, Layout, fqdn, spiffe)
 from .mesh import Proc, SocksError, SocksHTTPConnection, get, socks5_connect
 
@@ -175,7 +175,7 @@ def step_deny(m: DemoMesh, out: TextIO) -> dict:
     out.write(indent(format_answer(req, ans), "  | "))
     decided = authz.get("decidedBy")
     evaluated = [p.get("name") for p in authz.get("policies", [])]
-    policy = f"{'default'}/{AUTHZ_POLICY}"
+    policy = f"{NAMESPACE}/{AUTHZ_POLICY}"
     if ans.get("decision") != "deny" or policy not in (decided, *evaluated):
         raise TourError(f"explain did not name {policy} for the deny: {authz}")
     if decided:
@@ -372,5 +372,3 @@ def step_metrics(m: DemoMesh, out: TextIO, counts: collections.Counter) -> list[
         raise TourError(f"the waypoint's istio_requests_total lacks response_code 200 and 403: {codes}")
     return lines
 
-
-STEPS: tuple[Callable, ...] = (step_topology, step_split, step_deny, step_tcp, step_proxy_config)

@@ -21,21 +21,17 @@ import re
 import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxy.demo.mesh import READY_TIMEOUT_S, STOP_TIMEOUT_S
 from proxy.demo.mesh import Proc as _DemoProc
-from proxy.demo.mesh import (EchoBackend, HttpBackend, SocksError, SocksHTTPConnection, get, hbone_proxy_command,
-                             recv_exact, socks5_connect)
+from proxy.demo.mesh import (EchoBackend, HttpBackend, SocksError, SocksHTTPConnection, StartError, Supervisor, get,
+                             hbone_proxy_command, recv_exact, socks5_connect)
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
 BOOKINFO = ("inventory.yaml", "authz.yaml", "reviews-routing.yaml", "waypoint.yaml")
-# A proxy must be ready within this time on a loaded 2-core machine (import + config + certs + bind).
-READY_TIMEOUT_S = 30.0
-# SIGTERM → exit: drain deadline (set short by the harness) plus interpreter shutdown.
-STOP_TIMEOUT_S = 10.0
 _rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "big"))
 
 
@@ -89,6 +85,7 @@ class Mesh:
             self.write(name, (FIXTURES / "bookinfo" / name).read_text())
         for i, text in enumerate(self.extra_yaml):
             self.write(f"extra-{i}.yaml", text)
+        self.supervisor = Supervisor(self.tmp, cwd=REPO, procs=self.procs, proc_type=Proc)
         self.ca_dir = self.tmp / "ca"
         r = subprocess.run(_cli() + ["certs", "init", "--dir", str(self.ca_dir)], capture_output=True, text=True,
                            cwd=REPO, timeout=60)
@@ -119,20 +116,10 @@ class Mesh:
     def remove(self, name: str) -> None:
         (self.config_dir / name).unlink()
 
-    # ---- proxies ----
+    # ---- proxies (started and stopped by proxy.demo.mesh.Supervisor, as the demo's) ----
     def _start(self, name: str, infra_ip: str, args: list[str], *, wait: bool = True,
                drain_deadline: float = 2.0) -> Proc:
-        out, err = self.tmp / f"{name}.out", self.tmp / f"{name}.err"
-        access = self.tmp / f"{name}.access.log"
-        cmd = _cli() + ["run", "--config", str(self.config_dir), "--admin-addr", f"{infra_ip}:15000",
-                        "--metrics-addr", f"{infra_ip}:15020", "--readiness-addr", f"{infra_ip}:15021",
-                        "--access-log", str(access), "--drain-deadline", str(drain_deadline),
-                        "--config-poll-interval", "0.2", *args]
-        popen = subprocess.Popen(cmd, stdout=out.open("wb"), stderr=err.open("wb"), cwd=REPO,
-                                 start_new_session=True)
-        proc = Proc(name, popen, out, err, (infra_ip, 15000), (infra_ip, 15020), (infra_ip, 15021),
-                    access_log=access)
-        self.procs.append(proc)
+        proc = self.supervisor.start(name, infra_ip, args, config=self.config_dir, drain_deadline=drain_deadline)
         if wait:
             self.wait_ready(proc)
         return proc
@@ -151,28 +138,13 @@ class Mesh:
                             "--hbone-addr", f"{self.pod(pod_last)}:15008", *extra], **kw)
 
     def wait_ready(self, proc: Proc, timeout: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.popen.poll() is not None:
-                raise AssertionError(f"{proc.name} exited {proc.popen.returncode}:\n{proc.logs()}")
-            try:
-                status, _ = proc.get("readiness", "/healthz/ready", timeout=1.0)
-                if status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"{proc.name} not ready within {timeout}s:\n{proc.logs()}")
+        try:
+            self.supervisor.wait_ready(proc, timeout)
+        except StartError as err:
+            raise AssertionError(f"{err}:\n{proc.logs()}") from None
 
     def stop(self, proc: Proc, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int:
-        if proc.popen.poll() is None:
-            proc.popen.send_signal(sig)
-            try:
-                proc.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.popen.kill()
-                proc.popen.wait(5)
-        return proc.popen.returncode
+        return self.supervisor.stop(proc, sig, timeout)
 
     # ---- backends ----
     def http_backend(self, pod_last: int, port: int, body: bytes) -> HttpBackend:
@@ -186,13 +158,7 @@ class Mesh:
         return b
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.popen.poll() is None:
-                try:
-                    os.killpg(proc.popen.pid, signal.SIGKILL)   # its own session: the proxy and its workers
-                except ProcessLookupError:
-                    pass
-                proc.popen.wait(5)
+        self.supervisor.stop_all()   # SIGKILL to each proxy's process group (its own session)
         for b in self.backends:
             try:
                 b.close()
