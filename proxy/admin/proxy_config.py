@@ -177,6 +177,35 @@ def endpoints_table(dump: Mapping[str, Any], *, direction: str | None = None) ->
     return tabwrite(endpoint_rows(dump, direction=direction), TABLE_PADDING)
 
 
+def _named(kind: str, header: tuple[str, ...], rows: list[tuple[str, ...]], names: list[str]) -> list[tuple[str, ...]]:
+    return [("NAME", *header), *((f"{kind}/{n}", *r) for n, r in zip(names, rows))]
+
+
+def all_tables(dump: Mapping[str, Any], *, waypoint: bool = False, direction: str | None = None) -> str:
+    """``proxy-config all``: istioctl's ``PrintFullSummary`` — clusters, listeners, routes, endpoints,
+    each table separated by a blank line and each row led by a NAME cell naming the resource
+    (``cluster/<name>``, ``listener/<name>``, ``route/<name>``, ``endpoint/<address>``)."""
+    # clusters: the full Envoy name, in the table's order
+    clusters = [c for c in dump.get("clusters", []) if not direction or direction in c["name"]]
+    named = []
+    for c in clusters:
+        fqdn, port, subset, dirn = _split_cluster(c["name"])
+        named.append((c["name"], (fqdn, port, subset, dirn, c.get("type", ""), c.get("destinationRule", ""))))
+    named.sort(key=lambda nr: (nr[1][0], nr[1][2], int(nr[1][1]) if nr[1][1].isdigit() else -1, nr[1][3]))
+    c_table = _named("cluster", cluster_rows({})[0], [r for _, r in named], [n for n, _ in named])
+    # listeners: one row per filter chain, named by its listener
+    l_rows = listener_rows(dump, waypoint=waypoint)
+    l_names = [lst["name"] for lst in dump.get("listeners", []) for _ in lst.get("filterChains", [])]
+    l_table = _named("listener", l_rows[0], l_rows[1:], l_names)
+    # routes already lead with NAME (the route configuration's name): it gains the prefix in place
+    r_rows = route_rows(dump)
+    r_table = [r_rows[0], *((f"route/{r[0]}", *r[1:]) for r in r_rows[1:])]
+    e_rows = endpoint_rows(dump, direction=direction)
+    e_table = _named("endpoint", e_rows[0], e_rows[1:], [r[0] for r in e_rows[1:]])
+    return "\n".join((tabwrite(c_table, TABLE_PADDING), tabwrite(l_table, LISTENER_PADDING),
+                      tabwrite(r_table, TABLE_PADDING), tabwrite(e_table, TABLE_PADDING)))
+
+
 def select(dump: Mapping[str, Any], kind: str, *, name: str | None = None,
            direction: str | None = None) -> list[dict]:
     """The raw JSON objects a table would show (for ``-o json|yaml``), filtered the same way."""
@@ -264,13 +293,15 @@ def render(dump: Mapping[str, Any], kind: str, *, output: str = "table", name: s
         picked: Any = ({k: select(dump, k, name=name, direction=direction) for k in kinds} if kind == "all"
                        else select(dump, kind, name=name, direction=direction))
         return json.dumps(picked, indent=4) + "\n" if output == "json" else to_yaml(picked)
+    if kind == "all":
+        return all_tables(dump, waypoint=waypoint, direction=direction)
     tables = {
         "listeners": lambda: listeners_table(dump, waypoint=waypoint),
         "clusters": lambda: clusters_table(dump, direction=direction),
         "routes": lambda: routes_table(dump, name=name),
         "endpoints": lambda: endpoints_table(dump, direction=direction),
     }
-    return "\n".join(tables[k]() for k in kinds)
+    return tables[kind]()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -177,6 +177,23 @@ class Cluster:
         return d
 
 
+# Envoy ``retryOn`` conditions in the order Istio writes them (pilot/pkg/networking/core/route/retry
+# ``DefaultPolicy`` then ``parseRetryOn`` appending retriable-status-codes), so the seed's
+# "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes" reads back as it was,
+# whatever order the routing library keeps its set in. Unknown conditions follow, alphabetically.
+RETRY_ON_ORDER: tuple[str, ...] = (
+    "connect-failure", "refused-stream", "unavailable", "cancelled", "5xx", "gateway-error", "reset",
+    "reset-before-request", "deadline-exceeded", "internal", "resource-exhausted", "retriable-4xx",
+    "envoy-ratelimited", "retriable-headers", "http3-post-connect-failure", "retriable-status-codes",
+)
+_RETRY_RANK = {c: i for i, c in enumerate(RETRY_ON_ORDER)}
+
+
+def ordered_retry_on(conditions) -> tuple[str, ...]:
+    """``conditions`` in Istio's order (``RETRY_ON_ORDER``), duplicates dropped."""
+    return tuple(sorted(set(conditions), key=lambda c: (_RETRY_RANK.get(c, len(RETRY_ON_ORDER)), c)))
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     num_retries: int
@@ -196,7 +213,7 @@ class RetryPolicy:
             d["retriableStatusCodes"] = list(self.retriable_status_codes)
         # Istio always avoids the hosts already tried (retry.go: previous_hosts predicate).
         d["retryHostPredicate"] = [{"name": PREVIOUS_HOSTS, "typedConfig": {"@type": PREVIOUS_HOSTS_TYPE}}]
-        d["retryOn"] = ",".join(self.retry_on)
+        d["retryOn"] = ",".join(ordered_retry_on(self.retry_on))
         return d
 
 
