@@ -310,19 +310,28 @@ class HboneConnection(asyncio.Protocol):
                 if core.pending(stream.stream_id) <= bound:
                     stream._wake_drain()
         if self._watch:
-            for sid in list(self._watch):
+            # Each watched stream is checked once, then dropped unless it still has queued bytes
+            # (its END_STREAM leaves after them). Whatever else can close it is an event that
+            # re-adds it (peer END_STREAM) or a call that does (write_eof/close). Rechecking every
+            # watched stream on every flush made short tunnels O(in-flight) per flush: 70 000
+            # stream_closed() calls for 3 000 tunnels at 64 in flight (cProfile, perf report).
+            watch = self._watch
+            for sid in list(watch):
                 if core.stream_closed(sid):
                     self.stream_finished(sid)
-                else:
-                    stream = self.streams.get(sid)
-                    if stream is not None and stream._closing and stream._eof_sent \
-                            and not stream._recv_eof and core.pending(sid) == 0:
-                        # close(): our END_STREAM left; stop the peer's upload with a clean reset.
-                        core.reset(sid, ErrorCodes.NO_ERROR)
-                        self.stream_finished(sid)
-                        data = core.data_to_send()
-                        if data:
-                            transport.write(data)
+                    continue
+                pending = core.pending(sid)
+                stream = self.streams.get(sid)
+                if stream is not None and stream._closing and stream._eof_sent \
+                        and not stream._recv_eof and pending == 0:
+                    # close(): our END_STREAM left; stop the peer's upload with a clean reset.
+                    core.reset(sid, ErrorCodes.NO_ERROR)
+                    self.stream_finished(sid)
+                    data = core.data_to_send()
+                    if data:
+                        transport.write(data)
+                elif pending == 0:
+                    watch.discard(sid)
         if core.closed and not self.lost and self.should_close_transport():
             transport.close()
 

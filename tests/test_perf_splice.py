@@ -1,0 +1,108 @@
+"""The splice relay (hbone/relay.py `_Splice`: HboneStream <-> TcpConnection inside their callbacks)
+keeps the relay contract: byte-exact both ways under backpressure, early data, half-close, counts,
+and no pump tasks. Real mTLS HBONE client (our pool) and a real TCP echo on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+from hbone.relay import RelayResult, relay
+from hbone.stream import TcpConnection, TcpStream
+from hbone.testing import LOOPS, Mesh, run, start_echo
+from tests.test_hbone_server import Env
+
+MiB = 1024 * 1024
+loops = pytest.mark.parametrize("loop", LOOPS)
+
+
+async def _splice_env(mesh: Mesh, results: list, spliced: list):
+    echo, echo_addr = await start_echo()
+
+    async def handler(tunnel):
+        tcp = await TcpStream.connect(*echo_addr)
+        stream = await tunnel.accept()
+        task = asyncio.current_task()
+        relaying = asyncio.get_running_loop().create_task(relay(stream, tcp))
+        await asyncio.sleep(0)
+        spliced.append((stream._splice is not None and tcp._splice is stream._splice, type(tcp),
+                        {t for t in asyncio.all_tasks() if t is not task and t is not relaying}))
+        try:
+            results.append(await relaying)
+        finally:
+            tcp.close()
+            stream.close()
+
+    env = Env(mesh)
+    await env.start(handler)
+    return env, echo
+
+
+@loops
+def test_splice_is_byte_exact_both_ways_with_early_data_and_half_close(loop):
+    async def main():
+        results: list[RelayResult] = []
+        spliced: list = []
+        env, echo = await _splice_env(Mesh.create(), results, spliced)
+        try:
+            s = await env.open()
+            payload = os.urandom(8 * MiB + 12345)  # above every window and buffer: backpressure
+            sent, got = hashlib.sha256(), hashlib.sha256()
+            n_got = 0
+
+            async def reader():
+                nonlocal n_got
+                while chunk := await s.read():
+                    got.update(chunk)
+                    n_got += len(chunk)
+
+            r = asyncio.get_running_loop().create_task(reader())
+            for i in range(0, len(payload), 300_001):  # odd sizes: frames split and coalesce
+                block = payload[i:i + 300_001]
+                sent.update(block)
+                s.write(block)
+                await s.drain()
+            s.write_eof()  # half-close: the echo answers EOF after echoing everything
+            await asyncio.wait_for(r, 60)
+            assert n_got == len(payload) and got.digest() == sent.digest()
+            await asyncio.wait_for(_until(lambda: results), 10)
+            assert results == [RelayResult(len(payload), len(payload), None)]
+            ok, tcp_type, _ = spliced[0]
+            assert ok and tcp_type is TcpConnection
+        finally:
+            await env.__aexit__()
+            echo.close()
+    run(loop, main)
+
+
+@loops
+def test_splice_runs_without_pump_tasks(loop):
+    async def main():
+        results: list = []
+        spliced: list = []
+        env, echo = await _splice_env(Mesh.create(), results, spliced)
+        try:
+            streams = [await env.open() for _ in range(5)]
+            await asyncio.wait_for(_until(lambda: len(spliced) == 5), 10)
+            # Besides handler and relay() tasks, nothing per tunnel: the pumps were two tasks each.
+            extra = set().union(*(tasks for _, _, tasks in spliced))
+            pumps = [t for t in extra if t.get_coro().__qualname__ == "_pump_relay.<locals>.pump"]
+            assert pumps == []
+            for s in streams:
+                s.write(b"ping")
+                await s.drain()
+                assert await s.read() == b"ping"
+                s.write_eof()
+                assert await s.read() == b""
+        finally:
+            await env.__aexit__()
+            echo.close()
+    run(loop, main)
+
+
+async def _until(predicate) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
