@@ -46,7 +46,7 @@ class Identities:
 
     @classmethod
     def from_settings(cls, *, cert: str | None, key: str | None, ca: str | None, ca_dir: str | None,
-                      clock: Callable[[], datetime] = _utcnow) -> "Identities":
+                      clock: Callable[[], datetime] = _utcnow, ttl: timedelta = WORKLOAD_TTL) -> "Identities":
         """Raises ``CertError`` with a one-line reason (missing file, key mismatch, not a CA...)."""
         if cert or key or ca:
             missing = [flag for flag, v in (("--cert", cert), ("--key", key), ("--ca", ca)) if not v]
@@ -57,7 +57,7 @@ class Identities:
             ids.sources[src.identity] = src
             return ids
         if ca_dir:
-            return cls(ca=MeshCA.load(ca_dir), clock=clock)
+            return cls(ca=MeshCA.load(ca_dir), clock=clock, ttl=ttl)
         raise CertError("no certificates: give --cert/--key/--ca, or --ca-dir (a CA made by `hbone-proxy certs init`)")
 
     @property
@@ -97,6 +97,7 @@ class Identities:
             b = src.current()
             out.append({"identity": str(ident), "not_before": b.not_before.isoformat(),
                         "not_after": b.not_after.isoformat(), "refresh_at": b.refresh_at().isoformat(),
+                        "serial_number": serial_of(b),
                         "rotations": src.rotations, "source": "file" if src is self.file_source else "ca",
                         **({"last_error": str(src.last_error)} if src.last_error else {})})
         return out
@@ -104,6 +105,13 @@ class Identities:
     def __repr__(self) -> str:
         kind = "files" if self.file_source is not None else "ca"
         return f"<Identities {kind} identities={len(self.sources)}>"
+
+
+def serial_of(bundle) -> str:
+    """The leaf certificate's serial number in hex, as ztunnel's config dump shows it (``serialNumber``)
+    and as a client sees it in the handshake."""
+    from cryptography import x509
+    return format(x509.load_pem_x509_certificate(bundle.chain_pem).serial_number, "x")
 
 
 def workload_identity(workload: Workload) -> SpiffeId:
@@ -126,4 +134,4 @@ def waypoint_identity(inventory: Inventory, *, hbone_ip: str | None, identity_fl
     return workload_identity(wl), wl
 
 
-__all__ = ["Identities", "workload_identity", "waypoint_identity"]
+__all__ = ["Identities", "serial_of", "workload_identity", "waypoint_identity"]

@@ -31,7 +31,7 @@ import signal
 import sys
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from certs.errors import CertError
@@ -45,8 +45,13 @@ log = logging.getLogger("hbone.run")
 EXIT_OK = 0
 EXIT_BAD_CONFIG = 2     # DESIGN §4: bad configuration (and bad usage, an address in use) exits 2
 ENV_PREFIX = "HBONE_PROXY_"
-# How often certificates are checked for rotation (files replaced, or half-life reached).
-CERT_CHECK_INTERVAL_S = 5.0
+# How often certificates are checked for rotation (files replaced, or half-life reached): a stat() of
+# three files or a clock comparison per identity, so once a second costs nothing and a replaced
+# Secret is in use within a second (kubelet's own Secret refresh takes up to a minute).
+CERT_CHECK_INTERVAL_S = 1.0
+# With a short --workload-cert-ttl the check must come well before half-life: at least 8 checks per TTL.
+CERT_CHECKS_PER_TTL = 8
+CERT_CHECK_MIN_INTERVAL_S = 0.1   # floor: a 1 s TTL (certs.ca.MIN_TTL) still checks at a sane rate
 # A worker that dies is restarted, but not faster than this (a crash loop must not spin the CPU).
 WORKER_RESTART_BACKOFF_S = 1.0
 # How long the parent waits for workers after forwarding SIGTERM, on top of the drain deadline.
@@ -95,6 +100,19 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _ttl(text: str) -> float:
+    """A duration as ``hbone-proxy certs issue --ttl`` takes it (30s, 15m, 24h, 7d) → seconds."""
+    from certs.ca import MIN_TTL
+    from certs.cli import parse_duration
+    try:
+        td = parse_duration(text)
+    except CertError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if td < MIN_TTL:
+        raise argparse.ArgumentTypeError(f"{text!r}: a certificate lives at least {MIN_TTL.total_seconds():g}s")
+    return td.total_seconds()
+
+
 def _workers(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 256:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number of workers 1..256")
@@ -132,6 +150,8 @@ _FLAGS: list[tuple[str, str, Any, Any, str]] = [
      "seconds in-flight tunnels get on shutdown"),
     ("--config-poll-interval", "config_poll_interval_s", _positive_float, str(CONFIG_POLL_INTERVAL_S),
      "seconds between config file checks (0: only SIGHUP)"),
+    ("--workload-cert-ttl", "workload_cert_ttl_s", _ttl, "24h",
+     "validity of certificates minted from --ca-dir (30s, 15m, 24h); rotated at half-life"),
     ("--log-level", "log_level", str, "info", "debug | info | warning | error"),
     ("--access-log", "access_log", str, "-", "'-' (stdout), a file path, or 'off'"),
 ]
@@ -248,7 +268,8 @@ class ProxyApp:
         mesh = load_mesh_config(list(s.config_paths))
         for w in mesh.warnings:
             log.warning("%s", w)
-        ids = Identities.from_settings(cert=s.cert, key=s.key, ca=s.ca, ca_dir=s.ca_dir)
+        ids = Identities.from_settings(cert=s.cert, key=s.key, ca=s.ca, ca_dir=s.ca_dir,
+                                       ttl=timedelta(seconds=s.workload_cert_ttl_s))
         td = ids.trust_domain
         scope = None
         self.cert_source = None
@@ -402,14 +423,21 @@ class ProxyApp:
                 self.reload()
 
     async def _rotate_certs(self) -> None:
+        from proxy.identity import serial_of
+        interval = max(CERT_CHECK_MIN_INTERVAL_S,
+                       min(CERT_CHECK_INTERVAL_S, self.settings.workload_cert_ttl_s / CERT_CHECKS_PER_TTL))
+        reported: dict[int, Any] = {}   # id(source) → the last error logged (each error is said once)
         while True:
-            await asyncio.sleep(CERT_CHECK_INTERVAL_S)
+            await asyncio.sleep(interval)
             now = datetime.now(timezone.utc)
             for src in self.identities.all():
                 if src.maybe_rotate(now):
-                    log.info("certificate rotated: %s now valid until %s", src.identity, src.current().not_after)
-                elif src.last_error is not None:
-                    log.warning("certificate for %s not rotated: %s", src.identity, src.last_error)
+                    log.info("certificate rotated: %s serial %s now valid until %s", src.identity,
+                             serial_of(src.current()), src.current().not_after)
+                err = src.last_error
+                if err is not None and reported.get(id(src)) is not err:
+                    log.warning("certificate for %s not rotated: %s", src.identity, err)
+                reported[id(src)] = err
 
     def _explain(self, body: dict) -> Any:
         """``POST /explain`` (schema: proxy.admin.explain): the waypoint's answer for a request."""

@@ -45,3 +45,5 @@ class ProxySettings:
     trust_domain: str = "cluster.local"
     access_log: str | None = "-"                 # "-" = stdout, a path, or None/"off"
     log_level: str = "info"
+    # --workload-cert-ttl: validity of certificates minted from --ca-dir (rotated at half-life).
+    workload_cert_ttl_s: float = 24 * 3600.0
