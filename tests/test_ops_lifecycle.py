@@ -78,9 +78,16 @@ def _echo_tunnel(mesh: Mesh, node_a) -> socket.socket:
 # 4. SIGTERM with 50 tunnels in flight
 
 
-def test_sigterm_drains_50_tunnels_byte_exact(make_mesh):
+@pytest.mark.parametrize("which", ["waypoint", "node-a"])
+def test_sigterm_drains_50_tunnels_byte_exact(make_mesh, which):
+    """The tunnels go app → node-a (SOCKS5) → waypoint (HBONE) → node-b → echo; SIGTERM one hop."""
     mesh: Mesh = make_mesh(extra_yaml=(ECHO,))
     node_a, _, waypoint = _start(mesh, waypoint_args=("--ca-dir", str(mesh.ca_dir)), drain_deadline=DRAIN_DEADLINE_S)
+    if which == "node-a":   # restart node-a with the long deadline (the harness default is short)
+        mesh.stop(node_a)
+        node_a = mesh.start_node("node-a", 1, drain_deadline=DRAIN_DEADLINE_S)
+    victim = waypoint if which == "waypoint" else node_a
+    listener = (mesh.pod(100), 15008) if which == "waypoint" else node_a.socks5
     socks = [_echo_tunnel(mesh, node_a) for _ in range(TUNNELS)]
     payloads = [(os.urandom(CHUNK), os.urandom(CHUNK)) for _ in range(TUNNELS)]
     try:
@@ -88,22 +95,22 @@ def test_sigterm_drains_50_tunnels_byte_exact(make_mesh):
             s.sendall(first)
             assert _recv_exact(s, CHUNK) == first
         t_term = time.monotonic()
-        waypoint.popen.send_signal(signal.SIGTERM)
-        # Readiness fails first (ztunnel app.rs), then the HBONE listener stops accepting.
+        victim.popen.send_signal(signal.SIGTERM)
+        # Readiness fails first (ztunnel app.rs), then the listener stops accepting.
         deadline = time.monotonic() + 5
-        while waypoint.get("readiness", "/healthz/ready")[0] != 503:
+        while victim.get("readiness", "/healthz/ready")[0] != 503:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert waypoint.get("readiness", "/healthz/ready") == (503, b"not ready: draining\n")
+        assert victim.get("readiness", "/healthz/ready") == (503, b"not ready: draining\n")
         deadline = time.monotonic() + 5
         while True:   # the listener closes just after readiness flips
             try:
-                socket.create_connection((mesh.pod(100), 15008), timeout=2).close()
+                socket.create_connection(listener, timeout=2).close()
             except ConnectionRefusedError:
                 break
-            assert time.monotonic() < deadline, "the HBONE listener still accepts during the drain"
+            assert time.monotonic() < deadline, f"{which} still accepts during the drain"
             time.sleep(0.02)
-        with pytest.raises((SocksError, OSError)):   # so a new tunnel through the waypoint is refused
+        with pytest.raises((SocksError, OSError)):   # so a new tunnel is refused
             _echo_tunnel(mesh, node_a).close()
 
         # Every in-flight tunnel finishes: the second half both ways, then a clean half-close.
@@ -129,15 +136,15 @@ def test_sigterm_drains_50_tunnels_byte_exact(make_mesh):
         done = time.monotonic() - t_term
         for i, r in enumerate(results):
             assert r == payloads[i][1], f"tunnel {i}: {r!r:.80}"
-        assert waypoint.popen.poll() is None or done < DRAIN_DEADLINE_S
+        assert done < DRAIN_DEADLINE_S
     finally:
         for s in socks:
             s.close()
-    # With every tunnel done the waypoint exits 0 well before the deadline.
-    assert waypoint.popen.wait(DRAIN_DEADLINE_S + 5) == 0
-    assert time.monotonic() - t_term < DRAIN_DEADLINE_S, waypoint.logs()
-    assert "drained; exiting" in waypoint.logs()
-    finished = [l for l in waypoint.access_lines() if l.get("kind") == "tunnel" and l.get("bytes_received") == 2 * CHUNK]
+    # With every tunnel done the proxy exits 0 well before the deadline.
+    assert victim.popen.wait(DRAIN_DEADLINE_S + 5) == 0
+    assert time.monotonic() - t_term < DRAIN_DEADLINE_S, victim.logs()
+    assert "drained; exiting" in victim.logs()
+    finished = [l for l in victim.access_lines() if l.get("kind") == "tunnel" and l.get("bytes_received") == 2 * CHUNK]
     assert len(finished) == TUNNELS and all(l["bytes_sent"] == 2 * CHUNK for l in finished)
 
 

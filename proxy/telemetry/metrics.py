@@ -125,6 +125,25 @@ class PeerInfo:
         return cls(principal=identity, namespace=_v(ns))
 
 
+    @classmethod
+    def from_baggage(cls, identity: str | None, baggage) -> "PeerInfo":
+        """A peer known by its verified identity plus the ``baggage`` its node proxy put on the CONNECT
+        (``hbone.connect.Baggage``: ztunnel ``src/baggage.rs``), as ztunnel's ``with_derived_source``:
+        workload name, canonical service (``service.name``) and revision (``service.version``) and
+        cluster come from the baggage; the principal and namespace only from the certificate, since
+        baggage is unauthenticated. ``source_app``/``source_version`` stay unknown (no such keys)."""
+        base = cls.from_identity(identity)
+        if baggage is None:
+            return base
+        workload = getattr(baggage, "workload_name", "") or ""
+        return cls(
+            workload=_v(workload), namespace=base.namespace if identity else _v(getattr(baggage, "namespace", "")),
+            principal=base.principal,
+            canonical_service=_v(getattr(baggage, "service_name", "") or workload),
+            canonical_revision=getattr(baggage, "service_version", "") or LATEST,
+            cluster=_v(getattr(baggage, "cluster", "")))
+
+
 @dataclass(frozen=True)
 class ServiceInfo:
     """The destination service as metrics name it."""
