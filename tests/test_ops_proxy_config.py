@@ -164,3 +164,17 @@ def test_json_and_yaml_for_each_kind(seed_waypoint, kind, fmt):
         assert data == {k: dump[k] for k in ("listeners", "clusters", "routes", "endpoints")}
     else:
         assert data == dump[kind] and data
+
+
+def test_explain_against_the_seed_waypoint(seed_waypoint):
+    r = subprocess.run(_cli() + ["explain", "--admin", _admin(seed_waypoint), "--from",
+                                 "spiffe://cluster.local/ns/default/sa/bookinfo-productpage",
+                                 "--to", "10.96.104.108:9080", "--path", "/reviews/1"],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[1] == f"chain       inbound-vip|9080||{REVIEWS}-http (service {REVIEWS}, protocol http)"
+    assert f"route       {ROUTE} (reviews.default) rule 0" in lines
+    assert "  retries 2 on connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes" in lines
+    assert f"  10.244.1.6:9080 HEALTHY inbound-vip|9080|http/v2|{REVIEWS} via HBONE" in lines
+    assert lines[-1] == "decision    allow"

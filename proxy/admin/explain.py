@@ -40,6 +40,7 @@ from typing import Any, Mapping
 
 from .proxy_config import FETCH_TIMEOUT_S, FetchError, fetch_json
 from .server import ADMIN_ADDR
+from .views import ordered_retry_on
 
 HTTP_TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
@@ -129,12 +130,16 @@ def format_answer(req: ExplainRequest, ans: Mapping[str, Any]) -> str:
     route = ans.get("route")
     if route:
         cfg = f" ({route['config']})" if route.get("config") else ""
-        out.append(f"route       {route.get('name', '')}{cfg} match {route.get('match', '')}")
+        # The pipeline names the rule that matched (its index in the route); a view may give the match text.
+        which = (f" match {route['match']}" if route.get("match") else
+                 f" rule {route['rule']}" if route.get("rule") is not None else "")
+        out.append(f"route       {route.get('name', '')}{cfg}{which}")
         if route.get("timeout"):
             out.append(f"  timeout {route['timeout']}")
         if route.get("retries"):
             r = route["retries"]
-            out.append(f"  retries {r.get('attempts')} on {r.get('retryOn', '')}")
+            on = ",".join(ordered_retry_on(c for c in str(r.get("retryOn", "")).split(",") if c))
+            out.append(f"  retries {r.get('attempts')} on {on}")
         for c in route.get("clusters", []):
             out.append(f"  -> {c.get('name')} weight {c.get('weight')}")
     eps = ans.get("endpoints")
