@@ -148,6 +148,30 @@ def test_sigterm_drains_50_tunnels_byte_exact(make_mesh, which):
     assert len(finished) == TUNNELS and all(l["bytes_sent"] == 2 * CHUNK for l in finished)
 
 
+def test_drain_deadline_cuts_what_did_not_finish_and_exits_0(make_mesh):
+    """A tunnel that is still open at --drain-deadline is cut (ztunnel: "drain duration expired with
+    pending connections, forcefully shutting down"); the proxy still exits 0, at the deadline."""
+    mesh: Mesh = make_mesh(extra_yaml=(ECHO,))
+    node_a, _, waypoint = _start(mesh, waypoint_args=("--ca-dir", str(mesh.ca_dir)), drain_deadline=1.5)
+    s = _echo_tunnel(mesh, node_a)
+    try:
+        s.sendall(b"open")
+        assert _recv_exact(s, 4) == b"open"
+        t0 = time.monotonic()
+        waypoint.popen.send_signal(signal.SIGTERM)
+        assert waypoint.popen.wait(10) == 0
+        took = time.monotonic() - t0
+        assert 1.4 <= took < 6, took
+        s.settimeout(10)
+        try:
+            cut = s.recv(1) == b""
+        except OSError:
+            cut = True
+        assert cut
+    finally:
+        s.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. rotation under traffic
 
