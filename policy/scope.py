@@ -326,19 +326,26 @@ class ConfigScaling:
     def ratio(self) -> float:
         return self.waypoint_total / self.sidecar_total if self.sidecar_total else 0.0
 
-    def table(self) -> str:
-        """The seed's table: per namespace, then the total."""
+    def table(self, indent: str = "") -> str:
+        """The seed's table: per namespace, then the total (right-aligned)."""
         head = ["config distribution"] + [r.namespace for r in self.rows] + ["total"]
         side = ["Sidecars"] + [f"{r.configs_per_sidecar} configurations * {r.sidecars} sidecars" for r in self.rows] + [f"{self.sidecar_total}"]
         way = ["Waypoints"] + [f"{r.configs_per_waypoint} configurations * {r.waypoints} waypoints" for r in self.rows] + [f"{self.waypoint_total}"]
-        pct = ["Waypoints / Sidecars"] + [f"{_pct(r.waypoint_total, r.sidecar_total)}" for r in self.rows] + [_pct(self.waypoint_total, self.sidecar_total)]
-        widths = [max(len(row[i]) for row in (head, side, way, pct)) for i in range(len(head))]
-        lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in (head, side, way, pct)]
-        return "\n".join(lines)
+        pct = ["Waypoints / Sidecars"] + [format_pct(r.waypoint_total, r.sidecar_total) for r in self.rows] + [format_pct(self.waypoint_total, self.sidecar_total)]
+        rows = (head, side, way, pct)
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        last = len(head) - 1
+        return "\n".join(indent + " | ".join(c.rjust(w) if i == last else c.ljust(w)
+                                             for i, (c, w) in enumerate(zip(row, widths))) for row in rows)
 
 
-def _pct(a: int, b: int) -> str:
-    return f"{100 * a / b:.1f}%" if b else "-"
+def format_pct(part: float, whole: float) -> str:
+    """``part/whole`` as a percentage with two significant digits: the seed prints 0.8 %, and a mesh
+    ten times larger must show 0.08 %, not round up to 0.1 %."""
+    if not whole:
+        return "-"
+    pct = 100 * part / whole
+    return f"{pct:.2g}%" if pct < 10 else f"{pct:.0f}%"
 
 
 def synthetic_mesh(shape: MeshShape) -> MeshConfig:

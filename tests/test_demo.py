@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from policy.scope import format_pct
 from proxy.demo import tour
 from proxy.demo.bookinfo import PODS, SERVICES, Layout, parse_block, write_config
 from proxy.demo.mesh import address_free
@@ -332,10 +333,11 @@ def test_parse_block_rejects_what_it_cannot_use():
 
 def test_scaling_table_keeps_two_significant_digits():
     seed = tour.config_scaling(tour.SEED_SHAPE)
-    text = tour.scaling_table(seed)
+    text = seed.table()
     assert (seed.sidecar_total, seed.waypoint_total) == (12500, 100)
     assert "0.8%" in text and "12500" in text
-    assert tour._pct(0.0008, "") == "0.08%"   # not rounded up to 0.1%
+    assert format_pct(1000, 1250000) == "0.08%"   # not rounded up to 0.1%
+    assert format_pct(4, 16) == "25%"
 
 
 def test_metric_label_parsing_handles_commas_in_values():

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from policy.scope import MeshShape, config_scaling
+from policy.scope import MeshShape, config_scaling, format_pct
 from proxy.admin.explain import ExplainRequest, format_answer
 from proxy.admin.proxy_config import FetchError, fetch_json, render
 
@@ -286,34 +286,14 @@ def step_scaling(out: TextIO) -> tuple:
         s = scaling.shape
         out.write(f"\n{what}: {s.namespaces} namespaces x {s.deployments} deployments x {s.pods} pods, "
                   f"{s.waypoint_replicas} waypoint replicas per namespace\n\n")
-        out.write(scaling_table(scaling))
+        out.write(scaling.table(indent="  ") + "\n")
     out.write(f"\nCounted by the proxy's own scoping code (policy.scope.scope_for_waypoint) on generated meshes:\n"
               f"a sidecar carries every service of its namespace, a waypoint only the services bound to it.\n"
-              f"Seed: {seed.sidecar_total:,} vs {seed.waypoint_total:,} ({_pct(seed.ratio)}). "
+              f"Seed: {seed.sidecar_total:,} vs {seed.waypoint_total:,} ({format_pct(seed.waypoint_total, seed.sidecar_total)}). "
               f"10x the deployments: {larger.sidecar_total:,} vs {larger.waypoint_total:,} "
-              f"({_pct(larger.ratio)}) -\nsidecar config grows with the square of the deployments, "
+              f"({format_pct(larger.waypoint_total, larger.sidecar_total)}) -\nsidecar config grows with the square of the deployments, "
               "waypoint config linearly.\n")
     return seed, larger
-
-
-def _pct(ratio: float, space: str = " ") -> str:
-    # Two significant digits: the seed prints 0.8%, and 0.08% must not round to 0.1%.
-    return f"{100 * ratio:.2g}{space}%"
-
-
-def scaling_table(scaling) -> str:
-    """The seed's table (its rows and wording), from ``ConfigScaling.rows``."""
-    rows = [("config distribution", *(r.namespace for r in scaling.rows), "total")]
-    rows.append(("Sidecars", *(f"{r.configs_per_sidecar} configurations * {r.sidecars} sidecars" for r in scaling.rows),
-                 str(scaling.sidecar_total)))
-    rows.append(("Waypoints", *(f"{r.configs_per_waypoint} configurations * {r.waypoints} waypoints"
-                                for r in scaling.rows), str(scaling.waypoint_total)))
-    rows.append(("Waypoints / Sidecars", *(_pct(r.waypoint_total / r.sidecar_total, "") for r in scaling.rows),
-                 _pct(scaling.ratio, "")))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    right = {len(widths) - 1}
-    return "".join("  " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
-                                     for i, (c, w) in enumerate(zip(r, widths))) + "\n" for r in rows)
 
 
 # ---------------------------------------------------------------------------------------------
