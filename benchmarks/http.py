@@ -4,14 +4,25 @@ Rows (each proxy a separate process with one worker, backends one nginx process 
 ``v2`` on two ports, small bodies):
 
 - ``direct``: wrk → backend v1, no proxy.
-- ``ours``: wrk → node proxy → HBONE → waypoint (L7 authz + 90/10 route) → backends. Needs
-  ``hbone-proxy run --mode waypoint``; until the harness can drive it the row says why, no numbers.
+- ``ours``: the real mesh — three ``hbone-proxy run`` processes on loopback pod addresses, from the
+  bookinfo fixtures (``tests/e2e/mesh.py``): client (productpage's IP) → node-a's SOCKS5 → HBONE →
+  the reviews waypoint (L7 authz: only productpage may call, plus a DENY on ``x-deny``; the 90/10
+  v1/v2 route) → HBONE → node-b → nginx backends on the reviews-v1/v2 pod IPs. wrk cannot speak
+  SOCKS5, so these rows are driven by ``benchmarks.httpload`` (uvloop + httptools, keep-alive),
+  which also drives nginx, haproxy and direct in the same run for same-client ratios.
+  "proxy CPU" of ``ours`` is the sum of all three proxies (node-a + waypoint + node-b: every hop a
+  request takes); the waypoint's own share is its own column. Access logs off (as nginx's).
 - ``nginx``: ``upstream`` with ``weight=9`` / ``weight=1`` (smooth weighted round robin), keep-alive to
   the backends, ``if ($http_x_deny) { return 403; }``.
 - ``haproxy``: ``balance roundrobin`` with weights 9 / 1, ``http-reuse always``,
   ``http-request deny if { req.hdr(x-deny) -m found }``.
 
-Before timing, each proxy is checked: 20 requests must split 18 / 2 and ``x-deny: 1`` must get 403.
+Before timing, each proxy is checked: 20 requests must split 18 / 2 (ours: 200 requests, 90/10 by a
+random pick, must give ≥ 150 v1 and ≥ 5 v2) and ``x-deny: 1`` must get 403.
+
+Rows by client: ``wrk c=1`` / ``wrk c=64`` (closed loop); ``load c=1`` / ``load c=64`` (httpload,
+closed loop); ``load 1000/s`` (httpload open loop at a fixed 1 000 requests/s over
+``RATE_CONNECTIONS`` connections, latency from the scheduled send time).
 """
 
 from __future__ import annotations
@@ -26,7 +37,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import Party, PartyError, free_port
+from benchmarks import procstat
+from benchmarks.harness import Party, PartyError, free_port, parse_last_json, python_argv
 from benchmarks.report import Column, Row, ScenarioResult, f0, f2
 from benchmarks.tools import Toolbox
 
@@ -35,6 +47,39 @@ CONCURRENCY = (1, 64)  # the issue: requests/s at c=1 and c=64
 WRK_THREADS = 1  # one wrk thread leaves the other core to the proxy and the backends
 SPLIT_CHECK_REQUESTS = 20  # 9:1 smooth weighted round robin: exactly 18 v1 and 2 v2
 WRK_TIMEOUT_MARGIN_S = 30.0
+LOAD_CONCURRENCY = (1, 64)  # httpload closed-loop rows: the same two points as wrk
+FIXED_RATE = 1000  # the issue: added p99 at a fixed 1 000 req/s
+# Open loop: enough connections that 1 000 req/s never waits for a free one at ~1 ms each.
+RATE_CONNECTIONS = 16
+# The bookinfo fixtures' addresses (tests/fixtures/bookinfo, remapped per mesh): reviews VIP :9080 and
+# its v1/v2 pods on node-b; productpage (node-a) is the only allowed caller.
+REVIEWS_VIP, REVIEWS_PORT, REVIEWS_V1, REVIEWS_V2, PRODUCTPAGE = 20, 9080, 21, 22, 10
+OURS_SPLIT_CHECK = 200  # random 90/10 pick: P(v1 < 150 or v2 < 5) is ~1e-4
+# The DENY rule the reference proxies implement with `if ($http_x_deny)` / `http-request deny`.
+DENY_POLICY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bench-deny-x-deny, namespace: default}
+spec:
+  targetRefs: [{kind: Service, group: "", name: reviews}]
+  action: DENY
+  rules:
+  - when:
+    - key: request.headers[x-deny]
+      values: ["*"]
+"""
+
+NGINX_MESH_BACKEND_CONF = """
+daemon off; worker_processes 1; pid {dir}/mesh-backend.pid; error_log {dir}/mesh-backend-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off; keepalive_requests 1000000;
+  client_body_temp_path {dir}/m-body; proxy_temp_path {dir}/m-proxy; fastcgi_temp_path {dir}/m-fcgi;
+  uwsgi_temp_path {dir}/m-uwsgi; scgi_temp_path {dir}/m-scgi;
+  server {{ listen {v1}:{port}; location / {{ return 200 "v1\\n"; }} }}
+  server {{ listen {v2}:{port}; location / {{ return 200 "v2\\n"; }} }}
+}}
+"""
 
 NGINX_BACKEND_CONF = """
 daemon off; worker_processes 1; pid {dir}/backend.pid; error_log {dir}/backend-error.log warn;
@@ -97,19 +142,77 @@ COLUMNS = [
     Column("+p50 vs direct", "p50_ms", f2, delta_to="direct"),
     Column("+p99 vs direct", "p99_ms", f2, delta_to="direct"),
     Column("proxy CPU s", "proxy_cpu_s", f2),
-    Column("wrk CPU s", "client_cpu_s", f2),
+    Column("client CPU s", "client_cpu_s", f2),
     Column("proxy µs/req", "proxy_us_per_req", f0),
+    Column("waypoint µs/req", "waypoint_us_per_req", f0),
 ]
 
 
-def ours_waypoint_status() -> str:
+def ours_waypoint_status() -> str | None:
+    """None when the real mesh can be started; else why the ``ours`` rows have no numbers."""
     if importlib.util.find_spec("proxy.run") is None:
         return "not available: hbone-proxy waypoint not built yet"
-    return "not available: hbone-proxy run --mode waypoint exists but the harness does not drive it yet"
+    if importlib.util.find_spec("tests.e2e.mesh") is None:
+        return "not available: needs the repository's tests/e2e/mesh.py (bookinfo mesh launcher)"
+    return None
+
+
+class OursMesh:
+    """node-a, the reviews waypoint and node-b as ``hbone-proxy run`` processes (see the module docstring)."""
+
+    def __init__(self, workdir: Path, nginx: str):
+        from tests.e2e.mesh import Mesh
+        self.mesh = Mesh(workdir / "mesh", extra_yaml=(DENY_POLICY,))
+        m = self.mesh
+        self.backend: Party | None = None
+        try:
+            conf = NGINX_MESH_BACKEND_CONF.format(dir=workdir, v1=m.pod(REVIEWS_V1), v2=m.pod(REVIEWS_V2),
+                                                  port=REVIEWS_PORT)
+            self.backend = _nginx(nginx, workdir, "mesh-backend", conf, (m.pod(REVIEWS_V1), REVIEWS_PORT))
+            quiet = ("--access-log", "off", "--log-level", "warning")
+            self.node_a = m.start_node("node-a", 1, extra=quiet)
+            self.node_b = m.start_node("node-b", 2, extra=quiet)
+            self.waypoint = m.start_waypoint(3, extra=quiet)
+        except (AssertionError, PartyError, OSError) as err:
+            self.close()
+            raise PartyError(f"mesh did not start: {str(err).splitlines()[0]}") from None
+        self.pids = {"node-a": self.node_a.popen.pid, "waypoint": self.waypoint.popen.pid,
+                     "node-b": self.node_b.popen.pid}
+
+    def load_args(self) -> list[str]:
+        m = self.mesh
+        return ["--target", f"{m.vip(REVIEWS_VIP)}:{REVIEWS_PORT}", "--socks", f"{self.node_a.socks5[0]}:{self.node_a.socks5[1]}",
+                "--source-ip", m.pod(PRODUCTPAGE), "--host", f"reviews:{REVIEWS_PORT}"]
+
+    def cpu(self) -> dict[str, float]:
+        return {name: procstat.cpu_times(pid).total_s for name, pid in self.pids.items()}
+
+    def check_split_and_deny(self) -> None:
+        from proxy.demo.mesh import SocksHTTPConnection, get
+        m = self.mesh
+        counts: dict[str, int] = {}
+        conn = SocksHTTPConnection(self.node_a.socks5, m.vip(REVIEWS_VIP), REVIEWS_PORT, source_ip=m.pod(PRODUCTPAGE))
+        try:
+            for _ in range(OURS_SPLIT_CHECK):
+                status, body = get(conn)
+                key = body.decode().strip() if status == 200 else str(status)
+                counts[key] = counts.get(key, 0) + 1
+            denied, _ = get(conn, headers={"x-deny": "1"})
+        except (OSError, http.client.HTTPException) as err:
+            raise PartyError(f"check requests through the mesh failed: {err}") from None
+        finally:
+            conn.close()
+        if counts.get("v1", 0) < 150 or counts.get("v2", 0) < 5 or denied != 403:
+            raise PartyError(f"split/deny check through the mesh failed: {counts}, x-deny → {denied}")
+
+    def close(self) -> None:
+        self.mesh.close()
+        if self.backend is not None:
+            self.backend.stop()
 
 
 def run_http(toolbox: Toolbox, *, repeat: int, seconds: float) -> ScenarioResult:
-    res = ScenarioResult("http", f"HTTP/1.1, 90/10 split + header deny rule, wrk {seconds:g} s per run",
+    res = ScenarioResult("http", f"HTTP/1.1, 90/10 split + header deny rule, {seconds:g} s per run",
                          COLUMNS)
     tools = toolbox.ensure(["wrk", "nginx", "haproxy"])
     if tools["wrk"] is None or tools["nginx"] is None:
@@ -117,12 +220,22 @@ def run_http(toolbox: Toolbox, *, repeat: int, seconds: float) -> ScenarioResult
         return res
     workdir = Path(tempfile.mkdtemp(prefix="hbone-bench-http-"))
     parties: list[Party] = []
+    ours: OursMesh | None = None
     try:
         v1, v2 = free_port(), free_port()
         backend = _nginx(tools["nginx"], workdir, "backend", NGINX_BACKEND_CONF.format(dir=workdir, host=HOST, v1=v1, v2=v2), (HOST, v1))
         parties.append(backend)
-        targets: dict[str, Party | str] = {"direct": f"{HOST}:{v1}"}
-        targets["ours"] = ours_waypoint_status()
+        targets: dict[str, Party | OursMesh | str] = {"direct": f"{HOST}:{v1}"}
+        why = ours_waypoint_status()
+        if why is None:
+            try:
+                ours = OursMesh(workdir, tools["nginx"])
+                ours.check_split_and_deny()
+                targets["ours"] = ours
+            except PartyError as err:
+                targets["ours"] = f"not available: {err}"
+        else:
+            targets["ours"] = why
         port = free_port()
         try:
             p = _nginx(tools["nginx"], workdir, "nginx", NGINX_PROXY_CONF.format(dir=workdir, host=HOST, v1=v1, v2=v2, port=port), (HOST, port))
@@ -145,30 +258,83 @@ def run_http(toolbox: Toolbox, *, repeat: int, seconds: float) -> ScenarioResult
                 targets["haproxy"] = p
             except PartyError as err:
                 targets["haproxy"] = f"not available: {err}"
-        for c in CONCURRENCY:
+        clients = [f"wrk c={c}" for c in CONCURRENCY] + [f"load c={c}" for c in LOAD_CONCURRENCY] + [f"load {FIXED_RATE}/s"]
+        for client in clients:
             for name, t in targets.items():
-                res.rows.append(Row(name, f"wrk c={c}", note=t if isinstance(t, str) and name != "direct" else None))
+                if name == "ours" and client.startswith("wrk"):
+                    continue  # wrk cannot reach the mesh (no SOCKS5): ours is in the load rows
+                if name == "haproxy" and client == "load c=1":
+                    continue  # keeps quick mode short; haproxy's c=1 is in the wrk rows
+                res.rows.append(Row(name, client, note=t if isinstance(t, str) and name != "direct" else None))
         for _ in range(repeat):
             for row in res.rows:
                 if row.note and row.note.startswith("not available"):
                     continue
                 t = targets[row.target]
-                url_addr = t if isinstance(t, str) else f"{HOST}:{t.port[1]}"
-                proxy = t if isinstance(t, Party) else None
-                c = int(row.client.split("=")[1])
                 try:
-                    _measure(row, tools["wrk"], url_addr, c, seconds, proxy)
+                    if row.client.startswith("wrk"):
+                        url_addr = t if isinstance(t, str) else f"{HOST}:{t.port[1]}"  # type: ignore[union-attr]
+                        _measure(row, tools["wrk"], url_addr, int(row.client.split("=")[1]), seconds,
+                                 t if isinstance(t, Party) else None)
+                    else:
+                        _measure_load(row, t, seconds)
                 except PartyError as err:
                     row.note = f"failed: {err}"
     except PartyError as err:
         res.rows = [Row("all", "wrk", note=f"not available: {err}")]
     finally:
+        if ours is not None:
+            ours.close()
         for p in reversed(parties):
             p.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    res.notes.append("one wrk thread; backends: one nginx process (1 worker) serving v1 and v2; each proxy "
-                     "checked before timing: 20 requests split 18/2, x-deny → 403")
+    res.notes.append("wrk: one thread; load: benchmarks.httpload (one uvloop process; open loop at "
+                     f"{FIXED_RATE}/s over {RATE_CONNECTIONS} connections, latency from the scheduled time); "
+                     "backends: one nginx process (1 worker) serving v1 and v2; each proxy checked before timing "
+                     "(split, x-deny → 403)")
+    res.notes.append("ours = node-a (SOCKS5) → HBONE → waypoint (authz + 90/10) → HBONE → node-b → nginx: "
+                     "proxy CPU is all three processes; nginx/haproxy are one plain-HTTP hop")
     return res
+
+
+def _measure_load(row: Row, target, seconds: float) -> None:
+    if isinstance(target, OursMesh):
+        args = target.load_args()
+    else:
+        addr = target if isinstance(target, str) else f"{HOST}:{target.port[1]}"
+        args = ["--target", addr]
+    if row.client.endswith("/s"):
+        args += ["--rate", str(FIXED_RATE), "--connections", str(RATE_CONNECTIONS)]
+    else:
+        args += ["--connections", row.client.split("=")[1]]
+    argv = python_argv("benchmarks.httpload", *args, "--seconds", f"{seconds:g}")
+    proxy_cpu = (lambda: target.cpu()) if isinstance(target, OursMesh) else (
+        (lambda: {"proxy": target.cpu().total_s}) if isinstance(target, Party) else None)
+    before = proxy_cpu() if proxy_cpu else None
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + WRK_TIMEOUT_MARGIN_S,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise PartyError("httpload timed out") from None
+    after = proxy_cpu() if proxy_cpu else None
+    if proc.returncode != 0:
+        raise PartyError(f"httpload exited {proc.returncode}: {proc.stderr.strip()[-200:]}")
+    r = parse_last_json(proc.stdout)
+    bad = {k: v for k, v in r["statuses"].items() if k != "200"}
+    if bad:
+        raise PartyError(f"httpload saw non-200 responses: {bad}")
+    row.add("rps", r["rps"])
+    row.add("client_cpu_s", r["cpu_user_s"] + r["cpu_sys_s"])
+    for k in ("p50_ms", "p99_ms"):
+        if r.get(k) is not None:
+            row.add(k, r[k])
+    if before is not None and after is not None and r["requests"]:
+        cpu = sum(after.values()) - sum(before.values())
+        row.add("proxy_cpu_s", cpu)
+        row.add("proxy_us_per_req", cpu / r["requests"] * 1e6)
+        if "waypoint" in after:
+            row.add("waypoint_us_per_req", (after["waypoint"] - before["waypoint"]) / r["requests"] * 1e6)
+    row.info["bodies"] = r.get("bodies", {})
 
 
 def _nginx(exe: str, workdir: Path, name: str, conf: str, port: tuple[str, int]) -> Party:
