@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,9 +29,22 @@ from pathlib import Path
 
 from benchmarks.harness import Conversation, Party, PartyError, free_port, python_argv, run_client
 from benchmarks.report import Column, Row, ScenarioResult, f0, f1, f2, f3
+from hbone.settings import SERVER_MAX_CONCURRENT_STREAMS
 
 KiB, MiB = 1024, 1024 * 1024
 HOST = "127.0.0.1"
+NODE_NAME = "bench-node"
+NODE_HBONE_PORT = 15008  # ztunnel's inbound port, on the pod's IP
+# The sink as a workload of the node proxy's node (DESIGN §4 inventory shape).
+NODE_INVENTORY = """workloads:
+- uid: Kubernetes//v1/Pod/bench/sink-0
+  name: sink-0
+  namespace: bench
+  serviceAccount: sink
+  workloadIps: ["{pod}"]
+  protocol: HBONE
+  node: bench-node
+"""
 NODE_CLIENT_JS = Path(__file__).with_name("node_client.js")
 # The frontend window nghttpx gets: performance.md measured ~690 MB/s with 16 MiB / 64 MiB against
 # ~160-250 with its 64 KiB default; the relay gets the same (benchmarks.relay).
@@ -64,7 +79,7 @@ class TunnelLab:
 
     def __enter__(self) -> "TunnelLab":
         self._make_pki()
-        self.sink_addr = (HOST, free_port())
+        self.sink_addr = (pick_pod_ip(), free_port())
         self.sink_connect_addr = (HOST, free_port())
         self.sink = Party("sink", python_argv("benchmarks.sink", "--listen", addr(self.sink_addr),
                                               "--connect-listen", addr(self.sink_connect_addr)), self.dir)
@@ -101,9 +116,30 @@ class TunnelLab:
             self._try_start(Party("nghttpx", nghttpx_argv(nghttpx, nx_addr, self.sink_connect_addr, self.ca_pem,
                                                           self.server_cert, self.server_key, self.dir),
                                   self.dir, port=nx_addr), nx_addr)
-        self.unavailable["ours-node"] = ours_node_status()
+        why = ours_node_status()
+        if why is None:
+            self._start_node()
+        else:
+            self.unavailable["ours-node"] = why
         if self.toolbox.ensure(["node"])["node"] is None:
             self.unavailable["node-http2"] = "not available: node not installed"
+
+    def _start_node(self) -> None:
+        """``hbone-proxy run --mode node`` serving one local workload, the sink's pod: it terminates
+        HBONE on ``<pod ip>:15008`` with that workload's minted certificate, runs the whole inbound
+        pipeline (plan, L4 authz — no policies: allow — connect from the client's IP, metrics) and
+        relays to the sink. ztunnel's HTTP/2 defaults (4 MiB / 16 MiB windows, 200 streams), not the
+        16 / 64 MiB given to nghttpx and ours-relay: this row is the proxy as users run it."""
+        inv = self.dir / "node-inventory.yaml"
+        inv.write_text(NODE_INVENTORY.format(pod=self.sink_addr[0]))
+        metrics = (HOST, free_port())
+        argv = [*hbone_proxy_command(), "run", "--mode", "node", "--node", NODE_NAME, "--config", str(inv),
+                "--ca-dir", str(self.ca_dir), "--hbone-addr", f"0.0.0.0:{NODE_HBONE_PORT}",
+                "--outbound-addr", "off", "--socks5-addr", "off", "--inbound-plaintext-addr", "off",
+                "--admin-addr", "off", "--readiness-addr", "off", "--metrics-addr", addr(metrics),
+                "--access-log", "off", "--log-level", "warning", "--config-poll-interval", "0"]
+        node_addr = (self.sink_addr[0], NODE_HBONE_PORT)
+        self._try_start(Party("ours-node", argv, self.dir, port=node_addr), node_addr)
 
     def _try_start(self, party: Party, address: tuple[str, int]) -> None:
         try:
@@ -173,11 +209,30 @@ def nghttpx_argv(exe: str, listen, backend, ca_pem, cert, key, workdir: Path) ->
             str(key), str(cert)]
 
 
-def ours_node_status() -> str:
-    """Why there is no `hbone-proxy run --mode node` row (the full node proxy as terminator)."""
+def ours_node_status() -> str | None:
+    """None when `hbone-proxy run --mode node` can run as a terminator, else why there is no row."""
     if importlib.util.find_spec("proxy.run") is None:
         return "not available: hbone-proxy run --mode node not built yet"
-    return "not available: hbone-proxy run --mode node exists but is not wired into the harness yet"
+    return None
+
+
+def hbone_proxy_command() -> list[str]:
+    from proxy.demo.mesh import hbone_proxy_command as cmd
+    return cmd()
+
+
+def pick_pod_ip() -> str:
+    """A 127.x address free on NODE_HBONE_PORT (all of 127/8 is loopback): the sink's "pod", so the
+    node proxy can listen on <pod>:15008 as ztunnel does without colliding with other meshes."""
+    for _ in range(200):
+        ip = f"127.{random.randint(60, 120)}.{random.randint(0, 255)}.{random.randint(2, 254)}"
+        with socket.socket() as s:
+            try:
+                s.bind((ip, NODE_HBONE_PORT))
+                return ip
+            except OSError:
+                continue
+    return HOST
 
 
 # -------------------------------------------------------------------------------------- scenarios
@@ -281,6 +336,10 @@ def run_idle(lab: TunnelLab, opts: TunnelOptions, count: int) -> ScenarioResult:
     res = ScenarioResult(f"idle{count}", f"{count} idle tunnels on one connection (RSS growth of the proxy, "
                                          f"time to open them all)", IDLE_COLUMNS)
     res.rows = lab.rows_for(["python-h2"], direct=False)
+    for row in res.rows:
+        if row.target == "ours-node" and not row.note:
+            row.note = (f"not available: {count} tunnels on one connection exceed the node proxy's "
+                        f"{SERVER_MAX_CONCURRENT_STREAMS}-stream limit (ztunnel's default); see ours-relay")
     for _ in range(opts.repeat):
         for row in res.rows:
             if _is_unavailable(row):
