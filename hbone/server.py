@@ -262,7 +262,9 @@ class _ServerConnection(HboneConnection):
         self.core.respond(sid, status, headers)
         if status != 200:
             self.stream_finished(sid)
-        self.flush_now()
+        # One write per loop turn for all the answers of that turn (with 64 CONNECTs in flight most
+        # turns answer several): the 200 goes out with the turn's other frames.
+        self.schedule_flush()
         return stream if status == 200 else None
 
     def on_stream_finished(self, stream: HboneStream) -> None:

@@ -142,9 +142,9 @@ class TcpConnection(asyncio.Protocol):
 
     __slots__ = ("transport", "_chunks", "_nbuf", "_limit", "_eof",
                  "_error", "_lost", "_read_waiter", "_write_paused", "_drain_waiter", "_closed_fut",
-                 "_eof_sent", "_reading_paused", "_splice")
+                 "_eof_sent", "_reading_paused", "_splice", "_on_made")
 
-    def __init__(self, limit: int = DEFAULT_READ_BYTES):
+    def __init__(self, limit: int = DEFAULT_READ_BYTES, on_made=None):
         self.transport: asyncio.Transport | None = None
         self._chunks: list[bytes] = []
         self._nbuf = 0
@@ -159,10 +159,23 @@ class TcpConnection(asyncio.Protocol):
         self._eof_sent = False
         self._reading_paused = False
         self._splice = None  # hbone.relay._Splice while spliced to an HBONE stream
+        self._on_made = on_made  # accepted connections: start_tcp_server's per-connection callback
 
     # -- asyncio.Protocol --
     def connection_made(self, transport) -> None:
         self.transport = transport
+        on_made = self._on_made
+        if on_made is not None:
+            self._on_made = None
+            on_made(self)
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front of the read buffer: what a handshake parser (SOCKS5) read past
+        its end belongs to the relay. Keeps the connection a plain ``TcpConnection``, so
+        ``hbone.relay`` can still splice it (a ``PrefixedStream`` wrapper would force the pumps)."""
+        if data:
+            self._chunks.insert(0, data)
+            self._nbuf += len(data)
 
     # Addresses are read from the transport when asked (logs, access records), not stored: two
     # tuples per connection saved (~290 bytes measured) on what is mostly never read.
@@ -311,6 +324,18 @@ class TcpConnection(asyncio.Protocol):
         state = "lost" if self._lost else "eof" if self._eof else "open"
         return (f"<TcpConnection {self.local_addr[0]}:{self.local_addr[1]}->"
                 f"{self.remote_addr[0]}:{self.remote_addr[1]} {state} buffered={self._nbuf}>")
+
+
+async def start_tcp_server(on_connection, host: str, port: int, **kw) -> asyncio.base_events.Server:
+    """Listen on ``host:port``; each accepted connection is a ``TcpConnection`` handed to
+    ``on_connection(conn)`` once connected (the callback owns it: typically it starts a task).
+
+    What node mode's outbound listeners (15001, SOCKS5) accept with instead of
+    ``asyncio.start_server``: a ``TcpConnection`` is what ``hbone.relay`` splices to an HBONE stream
+    in the protocol callbacks, while a StreamReader/StreamWriter pair takes the pump path (two
+    tasks, a future per read). ``kw`` goes to ``loop.create_server`` (backlog, reuse_port...)."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: TcpConnection(DEFAULT_READ_BYTES, on_connection), host, port, **kw)
 
 
 class PrefixedStream:

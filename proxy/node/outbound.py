@@ -40,7 +40,7 @@ from hbone.errors import ConnectFailed, HboneError, TunnelRefused
 from hbone.pool import HbonePool
 from hbone.relay import relay
 from hbone.settings import CONNECT_TIMEOUT_S, HboneSettings
-from hbone.stream import ByteStream, PrefixedStream, TcpStream
+from hbone.stream import ByteStream, PrefixedStream, TcpConnection, TcpStream, start_tcp_server
 from policy.inventory import GatewayAddress, Inventory, Service, Workload
 from policy.routing.endpoints import endpoints_for
 from policy.routing.select import pick_weighted
@@ -353,18 +353,24 @@ class OutboundProxy:
         return await self._listen(host, port, self._on_socks5, reuse_port)
 
     async def _listen(self, host: str, port: int, cb, reuse_port: bool) -> tuple[str, int]:
-        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self._conn_tasks.add(task)
-            task.add_done_callback(self._conn_tasks.discard)
-            stream = TcpStream(reader, writer)
+        # Accepted as hbone.stream.TcpConnection (not asyncio.start_server's reader/writer pair) so
+        # that relay() splices it to the HBONE stream in the protocol callbacks: no pump tasks, no
+        # future per read (hbone/relay.py; measured in the benchmarks' perf notes).
+        async def serve(stream: TcpConnection) -> None:
             try:
-                await cb(stream, writer.get_extra_info("socket"))
+                await cb(stream, stream.transport.get_extra_info("socket"))
             except Exception:
                 log.exception("outbound connection from %s failed", stream.remote_addr)
                 stream.abort()
-        server = await asyncio.start_server(accept, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port or None)
+
+        loop = asyncio.get_running_loop()
+
+        def accept(stream: TcpConnection) -> None:
+            task = loop.create_task(serve(stream))
+            self._conn_tasks.add(task)
+            task.add_done_callback(self._conn_tasks.discard)
+
+        server = await start_tcp_server(accept, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port or None)
         self.servers.append(server)
         name = server.sockets[0].getsockname()
         return name[0], name[1]
@@ -439,7 +445,11 @@ class OutboundProxy:
         labels = self._labels(source, plan)
         if self.metrics is not None and labels is not None:
             self.metrics.tcp_opened(labels)
-        down: ByteStream = PrefixedStream(client, early) if early else client
+        if isinstance(client, TcpConnection):
+            client.unread(early)  # stays a TcpConnection: relay() can splice it
+            down: ByteStream = client
+        else:
+            down = PrefixedStream(client, early) if early else client
         result = None
         try:
             result = await relay(down, upstream)
