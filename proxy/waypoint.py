@@ -8,7 +8,8 @@ them are the only I/O:
     →  TCP:  plan = plan_tcp(...)  →  upstream = await connect_upstream(...)            (503 UF / UF,URX)
              →  200  →  relay (half-close; reset ↔ reset)
     →  HTTP / unknown: 200  →  protocol = sniff (or appProtocol)
-             →  http/1.1: HttpPipeline.serve — per request L7 authz, route, fault, retries (pipeline/http.py)
+             →  http/1.1 or h2c: HttpPipeline.serve — per request L7 authz, route, fault, retries, mirrors
+                (pipeline/http.py; h2c's front-end and upstream connections in pipeline/h2c.py)
              →  tcp (sniffed): the L4 decision now (a deny closes the stream, as Envoy's network RBAC does)
 """
 
@@ -167,11 +168,7 @@ class Waypoint:
                     stream.abort()
                     return
                 await self._tcp(tunnel, stream, ctx, chain, snapshot, rec, live)
-            elif proto == "h2c":
-                # Not supported yet: h2c prior knowledge needs an h2 server on the tunnel stream.
-                rec.error, rec.flags = "h2c (HTTP/2 prior knowledge) is not supported yet", ("DPE",)
-                stream.abort()
-            else:
+            else:   # http/1.1 or h2c: the same per-request path (pipeline/http.py)
                 chain = chain.resolved("http")
                 rec.chain = chain.name
                 live.chain = chain

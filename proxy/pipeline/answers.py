@@ -74,15 +74,65 @@ def exhausted(last: ProxyError, attempts: int) -> ProxyError:
 
 
 class FaultAbort(ProxyError):
-    """VirtualService fault abort (Envoy fault filter): the configured status, flag ``FI``."""
+    """VirtualService fault abort (Envoy fault filter): the configured status, flag ``FI``.
+
+    ``abort.grpcStatus``: Envoy's fault filter answers HTTP 200 with that gRPC status
+    (``abortWithStatus``: ``sendLocalReply`` with the gRPC status and "fault filter abort"): a gRPC client sees
+    ``grpc-status``; a non-gRPC request gets the plain local reply, HTTP 200 with the body."""
     flag = "FI"
     detail = "fault_filter_abort"
 
-    def __init__(self, status: int):
-        super().__init__(f"fault injected: abort {status}")
-        self.http_status = status
-        self.hbone_status = status
+    def __init__(self, status: int | None, *, grpc_status: int | None = None):
+        super().__init__(f"fault injected: abort {status if status is not None else f'grpc {grpc_status}'}")
+        self.http_status = status if status is not None else 200
+        self.hbone_status = self.http_status
+        self.grpc_status = grpc_status
         self.body_override = b"fault filter abort"
+
+
+# Envoy Grpc::Utility::httpToGrpcStatus (source/common/grpc/common.cc), after the gRPC spec's
+# doc/http-grpc-status-mapping.md: the status a gRPC client sees for a local reply's HTTP status.
+HTTP_TO_GRPC_STATUS: dict[int, int] = {
+    400: 13,   # INTERNAL
+    401: 16,   # UNAUTHENTICATED
+    403: 7,    # PERMISSION_DENIED  (istio-semantics §1.6: RBAC deny → grpc-status 7)
+    404: 12,   # UNIMPLEMENTED      (no route)
+    429: 14,   # UNAVAILABLE
+    502: 14,   # UNAVAILABLE
+    503: 14,   # UNAVAILABLE
+    504: 14,   # UNAVAILABLE        (Envoy maps a route timeout's 504 to UNAVAILABLE, not DEADLINE_EXCEEDED)
+}
+GRPC_UNKNOWN = 2
+
+
+def http_to_grpc_status(status: int) -> int:
+    return HTTP_TO_GRPC_STATUS.get(status, GRPC_UNKNOWN)
+
+
+def is_grpc(headers) -> bool:
+    """Envoy Grpc::Common::isGrpcRequestHeaders/hasGrpcContentType: ``application/grpc`` or
+    ``application/grpc+<subtype>`` (``application/grpc-web`` is not gRPC)."""
+    for name, value in headers:
+        if name == b"content-type":
+            v = value.split(b";", 1)[0].strip().lower()
+            return v == b"application/grpc" or v.startswith(b"application/grpc+")
+    return False
+
+
+def _percent_encode(text: bytes) -> bytes:
+    # gRPC spec (PROTOCOL-HTTP2.md): grpc-message is percent-encoded outside 0x20-0x7E and '%'.
+    return b"".join(bytes([c]) if 0x20 <= c <= 0x7E and c != 0x25 else b"%%%02X" % c for c in text)
+
+
+def grpc_local_reply(status: int, body: bytes, grpc_status: int | None = None) -> tuple[int, list]:
+    """Envoy's local reply for a gRPC request (Utility::sendLocalReply, is_grpc): HTTP 200, a
+    trailers-only response carrying ``grpc-status`` (from the HTTP status unless given) and the body
+    as ``grpc-message``. Returns (http status, headers); headers[1] is grpc-status."""
+    code = grpc_status if grpc_status is not None else http_to_grpc_status(status)
+    fields = [(b"content-type", b"application/grpc"), (b"grpc-status", b"%d" % code)]
+    if body:
+        fields.append((b"grpc-message", _percent_encode(body)))
+    return 200, fields
 
 
 class DestinationUnavailable(ProxyError):
@@ -102,5 +152,5 @@ class BadUpstreamResponse(ProxyError):
     detail = "upstream_protocol_error"
 
 
-__all__ = ["LocalReply", "local_reply", "connect_status", "flags_of", "exhausted", "FaultAbort",
+__all__ = ["HTTP_TO_GRPC_STATUS", "http_to_grpc_status", "is_grpc", "grpc_local_reply", "LocalReply", "local_reply", "connect_status", "flags_of", "exhausted", "FaultAbort",
            "DestinationUnavailable", "BadUpstreamResponse", "NO_FLAGS"]

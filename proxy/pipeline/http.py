@@ -8,8 +8,21 @@ the route timeout (504 ``UT``), per-try timeout and retries (``RetryPolicy``; ex
 failure's flag plus ``URX``, or the last upstream response when a retriable status was the reason, as
 Envoy does), header operations, and a response streamed back chunk by chunk.
 
+One request executor serves both front-ends: ``serve`` runs the HTTP/1.1 server (``proxy.http1``) or
+the h2c server (``proxy.pipeline.h2c``) on the tunnel's stream and both hand each request to
+``handle`` — the request/responder objects share one duck-typed interface.
+
+Upstream protocol (Istio's cluster protocol): a destination port declared ``http2``/``grpc`` gets
+HTTP/2 (h2c, one multiplexed connection per endpoint: ``H2UpstreamPool``); one declared ``http`` gets
+HTTP/1.1; an undeclared (sniffed) port gets the downstream's protocol (Envoy ``USE_DOWNSTREAM_PROTOCOL``).
 Upstream HTTP/1.1 connections are kept per endpoint (``Http1Pool``: one HBONE stream per upstream
 HTTP/1.1 connection — HBONE streams are cheap, the TLS connection under them is pooled by HbonePool).
+
+gRPC (``content-type: application/grpc*``): local replies are converted as Envoy does
+(``Grpc::Utility::httpToGrpcStatus``: HTTP 200 with ``grpc-status``/``grpc-message``, no body), a
+``fault.abort.grpcStatus`` answers that status, metrics say ``request_protocol="grpc"`` with the
+``grpc_response_status`` of the answer (trailers, or the trailers-only head), and response trailers
+pass through. Mirrors (``proxy.pipeline.mirror``) get a copy of each mirrored request.
 """
 
 from __future__ import annotations
@@ -39,11 +52,21 @@ from proxy.snapshot import Snapshot
 from proxy.telemetry.accesslog import AccessRecord
 from proxy.telemetry.metrics import PeerInfo, ServiceInfo, traffic_labels
 
-from .answers import BadUpstreamResponse, DestinationUnavailable, FaultAbort, exhausted, local_reply
+from policy.routing.model import REFUSED_STREAM
+from policy.routing.select import mirrors_for
+
+from .answers import (BadUpstreamResponse, DestinationUnavailable, FaultAbort, exhausted, grpc_local_reply,
+                      is_grpc, local_reply)
 from .authz import l7_decision
 from .chains import INBOUND_VIP, Chain, match_chain
 from .context import TunnelContext, addr_str
+from .h2c import H2UpstreamPool, H2UpstreamReset, serve_h2c
+from .mirror import Mirrorer
 from .originate import CONNECT_TIMEOUT_S, OriginateFailed, Originator
+
+# Kubernetes appProtocol values whose upstream speaks HTTP/2 with prior knowledge (Istio builds
+# those clusters with http2_protocol_options).
+H2_APP_PROTOCOLS = frozenset({"http2", "grpc", "h2c"})
 
 # Envoy per_connection_buffer_limit_bytes default (1 MiB): a request body up to this is buffered so a
 # retry can replay it; a longer one is streamed and the request is not retried once it was sent.
@@ -68,6 +91,13 @@ class Upstream:
     request_ops: tuple[HeaderOps, ...] = ()
     response_ops: tuple[HeaderOps, ...] = ()
     outlier: OutlierDetection | None = None
+    app_protocol: str | None = None     # the destination port's appProtocol (None: undeclared)
+
+    def uses_h2(self, downstream: str) -> bool:
+        """HTTP/2 upstream for http2/grpc ports; the downstream's protocol for undeclared ones."""
+        if self.app_protocol is None:
+            return downstream == "h2c"
+        return self.app_protocol.lower() in H2_APP_PROTOCOLS
 
 
 @dataclass(frozen=True)
@@ -80,6 +110,7 @@ class RequestPlan:
     upstream: Upstream | None = None
     local: Redirect | DirectResponse | None = None
     error: ProxyError | None = None      # answer this instead of forwarding
+    mirrors: tuple[Upstream, ...] = ()   # copies of the request go there (responses discarded)
 
 
 def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, dest) -> Upstream | ProxyError:
@@ -90,7 +121,7 @@ def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, des
         assert wl is not None
         cand = Candidate(wl, chain.destination[0], chain.destination[1], wl.uid)
         return Upstream(f"inbound-pod|{chain.port}||{chain.destination[0]}", None, (cand,),
-                        DEFAULT_RETRY_POLICY, None, CONNECT_TIMEOUT_S, "LEAST_REQUEST")
+                        DEFAULT_RETRY_POLICY, None, CONNECT_TIMEOUT_S, "LEAST_REQUEST", app_protocol=chain.declared)
     assert forward is not None
     if dest.fail_status is not None:
         return DestinationUnavailable(dest.fail_status, dest.fail_flag, dest.problem)
@@ -105,7 +136,7 @@ def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, des
     resp_ops = tuple(o for o in (getattr(rule_headers, "response", None), dest.headers.response) if o)
     return Upstream(dest.cluster_name, svc, endpoints_for(inv, svc, dest.port, dest.subset_labels),
                     forward.retry, forward.timeout_s, connect_timeout, tp.lb_algorithm, req_ops, resp_ops,
-                    tp.outlier_detection)
+                    tp.outlier_detection, svc.app_protocols.get(dest.port) if dest.port is not None else None)
 
 
 def plan_request(ctx: TunnelContext, snapshot: Snapshot, view: HttpRequestView, *, rng: random.Random) -> RequestPlan:
@@ -135,7 +166,11 @@ def plan_request(ctx: TunnelContext, snapshot: Snapshot, view: HttpRequestView, 
     up = _upstream_for(chain, snapshot, action, choose_destination(action, rng))
     if isinstance(up, ProxyError):
         return RequestPlan(chain, view, decision, route, fault, error=up)
-    return RequestPlan(chain, view, decision, route, fault, up)
+    # Mirrors: each drawn against its percentage; a mirror destination that cannot be served is
+    # skipped (Envoy: a missing shadow cluster is ignored, the main request is unaffected).
+    mirrors = tuple(m for m in (_upstream_for(chain, snapshot, action, d) for d in mirrors_for(action, rng))
+                    if isinstance(m, Upstream) and m.candidates)
+    return RequestPlan(chain, view, decision, route, fault, up, mirrors=mirrors)
 
 
 def request_view(method: bytes, target: bytes, host: bytes, headers: Iterable[tuple[bytes, bytes]],
@@ -178,6 +213,8 @@ class _Log:
     attempts: int = 0
     candidate: Candidate | None = None
     error: str = ""
+    grpc_status: str = ""      # the answer's grpc-status (gRPC requests only)
+    mirrors: int = 0
 
 
 async def _prefix_then(prefix: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -212,6 +249,8 @@ class HttpPipeline:
         self.buffer_limit = buffer_limit
         self.clock = clock
         self.h1pool = Http1Pool()
+        self.h2pool = H2UpstreamPool()
+        self.mirrorer = Mirrorer(self._mirror_send, on_done=self._mirror_done)
         self.lb = LoadBalancer()
         self.active: dict[str, int] = {}
         self.outliers: dict[tuple[str, OutlierDetection], OutlierDetector] = {}
@@ -219,13 +258,16 @@ class HttpPipeline:
 
     def __repr__(self) -> str:
         return (f"<HttpPipeline requests={self.requests} in_flight={sum(self.active.values())} {self.h1pool!r} "
-                f"{self.lb!r}>")
+                f"{self.h2pool!r} {self.mirrorer!r} {self.lb!r}>")
 
     async def serve(self, stream: ByteStream, ctx: TunnelContext, chain: Chain,
                     snapshot: Callable[[], Snapshot], protocol: str = "http/1.1") -> None:
         async def handler(request, responder) -> None:
             await self.handle(request, responder, ctx, chain, snapshot(), protocol)
-        await serve_http1(stream, handler)
+        if protocol == "h2c":
+            await serve_h2c(stream, handler)
+        else:
+            await serve_http1(stream, handler)
 
     # -- one request --
     async def handle(self, request, responder, ctx: TunnelContext, chain: Chain, snapshot: Snapshot,
@@ -237,24 +279,32 @@ class HttpPipeline:
         plan = plan_request(ctx, snapshot, view, rng=self.rng)
         if plan.route is not None:
             log.route = plan.route.route_config
+        grpc = is_grpc(request.headers)
         try:
-            await self._execute(plan, request, responder, ctx, log)
+            await self._execute(plan, request, responder, ctx, log, protocol, grpc)
         except ProxyError as err:
             reply = local_reply(err)
             log.flags.extend(f for f in reply.flags if f not in log.flags)
             log.detail, log.status, log.error = reply.detail, reply.status, str(err)
             if responder.head_sent:
                 raise
-            await responder.send_local_reply(reply.status, reply.body)
+            if grpc:
+                # Envoy sendLocalReply for a gRPC request: trailers-only 200 with grpc-status/-message.
+                status, fields = grpc_local_reply(reply.status, reply.body, getattr(err, "grpc_status", None))
+                log.grpc_status = fields[1][1].decode()
+                await responder.send_local_reply(status, b"", fields)
+            else:
+                await responder.send_local_reply(reply.status, reply.body)
         except OSError as err:
             log.error = f"{err.__class__.__name__}: {err}"
             if not log.flags:
                 log.flags.append("DC")   # Envoy: downstream connection termination
             raise
         finally:
-            self._report(plan, ctx, log, request, responder, protocol, t0)
+            self._report(plan, ctx, log, request, responder, protocol, t0, grpc)
 
-    async def _execute(self, plan: RequestPlan, request, responder, ctx: TunnelContext, log: _Log) -> None:
+    async def _execute(self, plan: RequestPlan, request, responder, ctx: TunnelContext, log: _Log,
+                       protocol: str = "http/1.1", grpc: bool = False) -> None:
         if plan.error is not None:
             raise plan.error
         local = plan.local
@@ -273,8 +323,8 @@ class HttpPipeline:
         if fault.delay_s:
             log.flags.append("DI")   # Envoy fault filter: DelayInjected
             await asyncio.sleep(fault.delay_s)
-        if fault.abort_status is not None:
-            raise FaultAbort(fault.abort_status)
+        if fault.abort_status is not None or fault.abort_grpc_status is not None:
+            raise FaultAbort(fault.abort_status, grpc_status=fault.abort_grpc_status)
         body, clen, replayable = await read_body(request, self.buffer_limit)
         headers = apply_ops(list(request.headers), up.request_ops)
         names = {n for n, _ in headers}
@@ -285,12 +335,18 @@ class HttpPipeline:
         route = plan.route
         target = (route.path if isinstance(route, RouteDecision) else plan.view.path).encode("latin-1")
         authority = (route.authority if isinstance(route, RouteDecision) else plan.view.authority).encode("latin-1")
+        if plan.mirrors:
+            # Envoy shadows with the body it buffered; a body past the buffer limit is not mirrored.
+            log.mirrors = self.mirrorer.fire(plan.mirrors, ctx, request.method, target, authority, headers,
+                                             body if replayable else None, protocol,
+                                             skip=not replayable)
+        h2 = up.uses_h2(protocol)
         loop = asyncio.get_running_loop()
         deadline = None if not up.timeout_s else loop.time() + up.timeout_s
         try:
             async with asyncio.timeout_at(deadline):
                 resp, stream, key = await self._forward(up, ctx, request.method, target, authority, headers,
-                                                        body, clen, replayable, log)
+                                                        body, clen, replayable, log, h2)
         except TimeoutError:
             raise UpstreamTimeout(f"route timeout {up.timeout_s:g}s") from None
         # Stream the response back; the route timeout still bounds it (Envoy: the whole response).
@@ -301,22 +357,30 @@ class HttpPipeline:
             async with asyncio.timeout_at(deadline):
                 async for chunk in resp.body_chunks():
                     await responder.send_body(chunk)
-            await responder.end()
+            trailers = list(getattr(resp, "trailers", ()) or ())
+            if grpc:
+                log.grpc_status = _grpc_status_of(trailers) or _grpc_status_of(out_headers)
+            if trailers and hasattr(responder, "conn"):   # h2c downstream: trailers pass through
+                await responder.end(trailers)
+            else:
+                await responder.end()   # HTTP/1.1 downstream: upstream trailers are dropped
         except BaseException as err:
             resp.abort()
             if isinstance(err, TimeoutError):
                 log.flags.append("UT")
                 raise ConnectionAbortedError("route timeout mid-response") from None
-            if isinstance(err, ClientUpstreamReset):
+            if isinstance(err, (ClientUpstreamReset, H2UpstreamReset)):
                 log.flags.append("UC")   # upstream connection termination mid-response: reset the client
             raise
+        if stream is None:
+            return   # HTTP/2: the connection is shared, its stream was released
         if resp.reusable:
             self.h1pool.put(key, stream, resp._reader)
         else:
             stream.close()
 
     async def _forward(self, up: Upstream, ctx: TunnelContext, method: bytes, target: bytes, authority: bytes,
-                       headers: list, body, clen, replayable: bool, log: _Log):
+                       headers: list, body, clen, replayable: bool, log: _Log, h2: bool = False):
         """The router's retry loop: pick a host (avoiding previous ones), try, classify, maybe retry."""
         policy = up.retry
         tried: set[str] = set()
@@ -342,18 +406,27 @@ class HttpPipeline:
             self.active[cand.key] = self.active.get(cand.key, 0) + 1
             try:
                 async with asyncio.timeout(policy.per_try_timeout_s):
-                    resp, stream, key = await self._attempt(cand, up, ctx, method, target, authority, headers,
-                                                            body, clen, replayable, sent)
+                    if h2:
+                        resp, stream, key = await self._attempt_h2(cand, up, ctx, method, target, authority,
+                                                                   headers, body, sent)
+                    else:
+                        resp, stream, key = await self._attempt(cand, up, ctx, method, target, authority, headers,
+                                                                body, clen, replayable, sent)
             except TimeoutError:
                 outcome, err = Outcome(error=PER_TRY_TIMEOUT), UpstreamTimeout("per-try timeout")
             except OriginateFailed as e:
                 outcome, err = Outcome(error=CONNECT_FAILURE), e
             except ClientUpstreamReset as e:
                 outcome, err = Outcome(error=RESET), UpstreamReset(str(e))
+            except H2UpstreamReset as e:
+                outcome, err = Outcome(error=REFUSED_STREAM if e.refused else RESET), UpstreamReset(str(e))
+                if e.refused:
+                    sent[0] = False   # RFC 9113 §8.7: a refused stream was not processed
             except Http1Error as e:
                 outcome, err = Outcome(status=502), BadUpstreamResponse(str(e))
             else:
-                outcome, err = Outcome(status=resp.status), None
+                gs = _grpc_status_of(resp.headers)
+                outcome, err = Outcome(status=resp.status, grpc_status=int(gs) if gs.isdigit() else None), None
             finally:
                 self.active[cand.key] -= 1
                 if not self.active[cand.key]:
@@ -403,9 +476,57 @@ class HttpPipeline:
             raise
         return resp, stream, key
 
+    async def _upstream_stream(self, cand: Candidate, up: Upstream, ctx: TunnelContext) -> ByteStream:
+        svc = up.service
+        return await self.originator.open(
+            cand, source=ctx.client_addr, service_hostname=svc.hostname if svc else None,
+            timeout=up.connect_timeout_s, subject_alt_names=svc.subject_alt_names if svc else ())
+
+    async def _attempt_h2(self, cand: Candidate, up: Upstream, ctx: TunnelContext, method, target, authority,
+                          headers, body, sent: list):
+        conn = self.h2pool.get(cand.key)
+        if conn is None:
+            conn = self.h2pool.add(cand.key, await self._upstream_stream(cand, up, ctx))
+        sent[0] = True
+        resp = await conn.request(method, target, authority, headers, body)
+        return resp, None, cand.key
+
+    async def _mirror_send(self, up: Upstream, ctx: TunnelContext, method: bytes, target: bytes, authority: bytes,
+                           headers: list, body, protocol: str) -> int:
+        """One shadow request: pick a host, send, read and discard the response; its status."""
+        cand = self.lb.pick(up.candidates, rng=self.rng, lb=up.lb, cluster=up.cluster)
+        if cand is None:
+            raise NoHealthyUpstream(f"mirror cluster {up.cluster} has no healthy endpoint")
+        if up.uses_h2(protocol):
+            resp, _, _ = await self._attempt_h2(cand, up, ctx, method, target, authority, headers, body, [False])
+            stream = None
+        else:
+            stream = await self._upstream_stream(cand, up, ctx)
+            resp = await forward_request(stream, method, target, authority, headers, body)
+        try:
+            async for _ in resp.body_chunks():
+                pass
+        finally:
+            if stream is not None:
+                stream.close()
+            else:
+                resp.abort()
+        return resp.status
+
     # -- telemetry --
+    def _mirror_done(self, up: Upstream, authority: bytes, status: int, error: str) -> None:
+        """One access-log line per shadow request (kind "http", direction "outbound", the mirror's
+        cluster and ``-shadow`` authority): mirrors are counted and visible, never in the metrics
+        of the main request (Envoy does not count shadows in the downstream's stats either)."""
+        if self.access_log is not None and self.access_log.enabled():
+            self.access_log.emit(AccessRecord(
+                start_time=self.clock(), kind="http", direction="outbound", reporter="waypoint",
+                dst_service=up.service.hostname if up.service else "", route="mirror",
+                upstream_cluster=up.cluster, authority=authority.decode("latin-1"), status=status,
+                response_flags="-", error=error))
+
     def _report(self, plan: RequestPlan, ctx: TunnelContext, log: _Log, request, responder, protocol: str,
-                t0: float) -> None:
+                t0: float, grpc: bool = False) -> None:
         duration_ms = (time.monotonic() - t0) * 1000.0
         status = responder.status if responder.head_sent else 0
         flags = tuple(log.flags)
@@ -415,9 +536,11 @@ class HttpPipeline:
             labels = traffic_labels(
                 "waypoint", source=PeerInfo.from_identity(ctx.peer_identity),
                 destination=PeerInfo.from_workload(log.candidate.workload) if log.candidate else None,
-                service=ServiceInfo.from_service(svc) if svc else None, request_protocol="http",
+                service=ServiceInfo.from_service(svc) if svc else None, request_protocol="grpc" if grpc else "http",
                 response_flags=",".join(flags) if flags else "-", security_policy="mutual_tls")
-            self.metrics.http_request(labels, status, duration_ms, request.body_bytes, responder.body_bytes)
+            # istio_stats.cc: grpc_response_status is the gRPC status for gRPC requests, "" otherwise.
+            self.metrics.http_request(labels, status, duration_ms, request.body_bytes, responder.body_bytes,
+                                      log.grpc_status if grpc else "")
         if self.access_log is not None and self.access_log.enabled():
             d = plan.decision
             self.access_log.emit(AccessRecord(
@@ -435,7 +558,16 @@ class HttpPipeline:
                 response_flags=flags or "-", error=log.error if status == 0 or status >= 500 else ""))
 
     async def close(self) -> None:
+        await self.mirrorer.close()
         self.h1pool.close()
+        await self.h2pool.close()
+
+
+def _grpc_status_of(headers) -> str:
+    for name, value in headers:
+        if name == b"grpc-status":
+            return value.decode("latin-1").strip()
+    return ""
 
 
 __all__ = ["HttpPipeline", "RequestPlan", "Upstream", "plan_request", "request_view", "apply_ops", "read_body",
