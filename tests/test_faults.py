@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import make_mesh  # noqa: F401 - the fixture: meshes cleaned up even on failure
-from tests.e2e.mesh import Mesh, SocksError, socks5_connect
+from tests.e2e.mesh import Mesh, SocksError, SocksHTTPConnection, get, socks5_connect
 
 KiB, MiB = 1024, 1024 * 1024
 SOCKS_CONNECTION_REFUSED, SOCKS_HOST_UNREACHABLE = 0x05, 0x04
@@ -49,6 +49,7 @@ LOG_SETTLE_S = 10.0
 
 # Ports on the faulty pod (node-b, HBONE) and on the legacy pod (node-b, not in the mesh).
 CLOSED, RESET, BLACKHOLE, SINK, ECHO, HTTP_CUT, HTTP_CLOSED = 7000, 7001, 7002, 7003, 7004, 8080, 8082
+HTTP_OK = 8081
 # A port with no appProtocol: the waypoint sniffs it, so its 200 goes out before the upstream is dialled.
 SNIFFED_CLOSED = 7005
 
@@ -64,7 +65,7 @@ workloads:
   labels: {{app: faulty}}
   services:
     default/faults.default.svc.cluster.local: {{{CLOSED}: {CLOSED}, {RESET}: {RESET}, {BLACKHOLE}: {BLACKHOLE}, {SINK}: {SINK}, {ECHO}: {ECHO}}}
-    default/faults-wp.default.svc.cluster.local: {{{CLOSED}: {CLOSED}, {RESET}: {RESET}, {BLACKHOLE}: {BLACKHOLE}, {SINK}: {SINK}, {ECHO}: {ECHO}, {HTTP_CUT}: {HTTP_CUT}, {HTTP_CLOSED}: {HTTP_CLOSED}, {SNIFFED_CLOSED}: {SNIFFED_CLOSED}}}
+    default/faults-wp.default.svc.cluster.local: {{{CLOSED}: {CLOSED}, {RESET}: {RESET}, {BLACKHOLE}: {BLACKHOLE}, {SINK}: {SINK}, {ECHO}: {ECHO}, {HTTP_CUT}: {HTTP_CUT}, {HTTP_OK}: {HTTP_OK}, {HTTP_CLOSED}: {HTTP_CLOSED}, {SNIFFED_CLOSED}: {SNIFFED_CLOSED}}}
 - uid: Kubernetes//v1/Pod/default/legacy-0
   name: legacy-0
   namespace: default
@@ -86,8 +87,8 @@ services:
   namespace: default
   hostname: faults-wp.default.svc.cluster.local
   vips: ["/127.2.0.51"]
-  ports: {{{CLOSED}: {CLOSED}, {RESET}: {RESET}, {BLACKHOLE}: {BLACKHOLE}, {SINK}: {SINK}, {ECHO}: {ECHO}, {HTTP_CUT}: {HTTP_CUT}, {HTTP_CLOSED}: {HTTP_CLOSED}, {SNIFFED_CLOSED}: {SNIFFED_CLOSED}}}
-  appProtocols: {{{CLOSED}: tcp, {RESET}: tcp, {BLACKHOLE}: tcp, {SINK}: tcp, {ECHO}: tcp, {HTTP_CUT}: http, {HTTP_CLOSED}: http}}
+  ports: {{{CLOSED}: {CLOSED}, {RESET}: {RESET}, {BLACKHOLE}: {BLACKHOLE}, {SINK}: {SINK}, {ECHO}: {ECHO}, {HTTP_CUT}: {HTTP_CUT}, {HTTP_OK}: {HTTP_OK}, {HTTP_CLOSED}: {HTTP_CLOSED}, {SNIFFED_CLOSED}: {SNIFFED_CLOSED}}}
+  appProtocols: {{{CLOSED}: tcp, {RESET}: tcp, {BLACKHOLE}: tcp, {SINK}: tcp, {ECHO}: tcp, {HTTP_CUT}: http, {HTTP_OK}: http, {HTTP_CLOSED}: http}}
   waypoint: {{destination: "default/reviews-waypoint.default.svc.cluster.local", hboneMtlsPort: 15008}}
 - name: legacy-wp
   namespace: default
@@ -549,3 +550,90 @@ def test_blackhole_at_the_node_proxy_503_within_10s(faults):
     line = wait_log(m.node_b, lambda l: has(l, dst_hbone_addr=f"{m.pod(50)}:{BLACKHOLE}", status=503),
                     "the black-holed inbound tunnel")
     assert line["response_flags"] == "UF", line
+
+
+# ---- a proxy SIGKILLed mid-traffic, then restarted ---------------------------------------------
+
+# Tunnels held open across the kill, per path.
+IN_FLIGHT = 8
+
+
+@pytest.fixture(scope="module")
+def restartable(tmp_path_factory):
+    mesh = Mesh(tmp_path_factory.mktemp("restart"), extra_yaml=(FAULTS_YAML,))
+    try:
+        procs = [mesh.start_node("node-a", 1, wait=False), mesh.start_node("node-b", 2, wait=False),
+                 mesh.start_waypoint(3, wait=False)]
+        for p in procs:
+            mesh.wait_ready(p)
+        mesh.node_a, mesh.node_b, mesh.waypoint = procs
+        mesh.backends.append(Backend(mesh.pod(50), ECHO, serve_echo))
+        mesh.http_backend(50, HTTP_OK, b"ok")
+        yield mesh
+    finally:
+        mesh.close()
+
+
+def _open_echo_tunnels(m: Mesh, vip_last: int, n: int) -> list[socket.socket]:
+    socks = []
+    for i in range(n):
+        s = socks5_connect(m.node_a.socks5, m.vip(vip_last), ECHO, source_ip=m.pod(10))
+        socks.append(s)
+        s.sendall(b"before %d" % i)
+        s.settimeout(10)
+        assert s.recv(64) == b"before %d" % i
+    return socks
+
+
+def _sigkill(proc) -> None:
+    os.killpg(proc.popen.pid, signal.SIGKILL)   # its own session: the whole group
+    proc.popen.wait(10)
+
+
+def _endings(socks: list[socket.socket]) -> list[str]:
+    """How each tunnel ended. A write goes first (a client that only reads would also learn of a
+    reset, but one that writes is the harder case): Linux reports a received RST once, to whichever
+    call comes next, so a write that fails with ECONNRESET/EPIPE is the reset; after it, recv() reads
+    0 — which is why the write's outcome must be counted."""
+    out = []
+    for s in socks:
+        try:
+            s.sendall(b"after the kill")
+        except (ConnectionResetError, BrokenPipeError):
+            out.append("reset")
+        else:
+            out.append(read_until_end(s, timeout=20)[0])
+        s.close()
+    return out
+
+
+def _new_tunnels_work(m: Mesh) -> None:
+    for vip_last in (50, 51):     # straight to node-b, and through the waypoint
+        echo_ok(m, m.node_a, m.vip(vip_last), ECHO, payload=b"after the restart")
+    conn = SocksHTTPConnection(m.node_a.socks5, m.vip(51), HTTP_OK, source_ip=m.pod(10))
+    try:
+        assert get(conn, "/after-restart") == (200, b"ok")
+    finally:
+        conn.close()
+
+
+def test_node_proxy_killed_in_flight_tunnels_reset_then_new_tunnels_work(restartable):
+    m = restartable
+    _new_tunnels_work(m)   # node-a's and the waypoint's pools now hold connections to node-b
+    direct, via_wp = _open_echo_tunnels(m, 50, IN_FLIGHT), _open_echo_tunnels(m, 51, IN_FLIGHT)
+    _sigkill(m.node_b)
+    assert _endings(direct) == ["reset"] * IN_FLIGHT, "a tunnel through the killed node proxy ended cleanly"
+    assert _endings(via_wp) == ["reset"] * IN_FLIGHT, "a tunnel via the waypoint to the killed node ended cleanly"
+    m.node_b = m.start_node("node-b", 2)
+    _new_tunnels_work(m)
+    assert m.node_a.popen.poll() is None and m.waypoint.popen.poll() is None
+
+
+def test_waypoint_killed_in_flight_tunnels_reset_then_new_tunnels_work(restartable):
+    m = restartable
+    _new_tunnels_work(m)
+    via_wp = _open_echo_tunnels(m, 51, IN_FLIGHT)
+    _sigkill(m.waypoint)
+    assert _endings(via_wp) == ["reset"] * IN_FLIGHT, "a tunnel through the killed waypoint ended cleanly"
+    m.waypoint = m.start_waypoint(3)
+    _new_tunnels_work(m)
