@@ -75,7 +75,7 @@ class _Splice:
     docstring). `h_is_a` maps the two directions back to relay()'s (a, b) for the result."""
 
     __slots__ = ("h", "t", "h_is_a", "h_to_t", "t_to_h", "h_done", "t_done", "unacked", "reset",
-                 "fut", "t_paused")
+                 "fut", "t_paused", "h_buf")
 
     def __init__(self, h: HboneStream, t: TcpConnection, h_is_a: bool):
         self.h = h
@@ -89,6 +89,9 @@ class _Splice:
         self.reset: str | None = None
         self.fut: asyncio.Future | None = None
         self.t_paused = False  # we paused TCP reading: the HBONE send queue is full
+        # HBONE DATA of the current data_received batch, not yet written (None: nothing; no list
+        # kept per idle tunnel)
+        self.h_buf: list[bytes] | None = None
 
     def start(self) -> asyncio.Future:
         """Hook into both streams; the future is done when the relay is over."""
@@ -168,14 +171,42 @@ class _Splice:
 
     # -- HBONE → TCP --
     def h_data(self, data: bytes) -> None:
+        """PERF NOTE: a 16 KiB-frame peer (Node/nghttp2, Envoy) sends 16 frames per 256 KiB TLS
+        read; writing each to TCP was one send() syscall and one h2 ack per frame. Within one
+        HboneConnection.data_received the frames are collected and written with one writelines
+        (uvloop: one writev) and one ack, after the whole batch (`h_flush`). Measured in-process
+        (/tmp/perf/prof_relay.py upload 1 GiB, node-http2 client, this 2-core machine, medians of 3):
+        1.69 → 1.61 proxy CPU-s per GiB (635 → 667 MB per CPU-second)."""
         if self.h_done:
             return
+        batch = self.h._conn.splice_writes
+        buf = self.h_buf
+        if buf is None:
+            buf = self.h_buf = [data]
+            if batch is None:
+                self.h_flush()
+            else:
+                batch.append(self)
+        else:
+            buf.append(data)
+
+    def h_flush(self) -> None:
+        buf = self.h_buf
+        if buf is None:
+            return
+        self.h_buf = None
+        if self.h_done or self.fut.done():
+            return  # ended or failed meanwhile
         t = self.t
         if t._lost:
             self._fail(self._side(True), t._error or StreamReset("TCP connection lost"))
             return
-        t.transport.write(data)
-        n = len(data)
+        if len(buf) == 1:
+            n = len(buf[0])
+            t.transport.write(buf[0])
+        else:
+            n = sum(map(len, buf))
+            t.transport.writelines(buf)
         self.h_to_t += n
         if t._write_paused:
             self.unacked += n  # acknowledged when the TCP transport drains (tcp_writable)
@@ -185,6 +216,9 @@ class _Splice:
     def h_eof(self) -> None:
         if self.h_done:
             return
+        self.h_flush()  # bytes before the EOF go first
+        if self.fut.done():
+            return  # the flush found TCP gone and failed the relay
         self.h_done = True
         if self.unacked:
             self.h._conn.ack(self.h.stream_id, self.unacked)
