@@ -340,11 +340,13 @@ class H2cConn:
     """One h2c connection over a ``ByteStream`` (downstream: a tunnel; upstream: a stream to a pod)."""
 
     def __init__(self, stream: ByteStream, core: H2Core, *,
-                 on_request: Callable[[int, tuple], None] | None = None):
+                 on_request: Callable[[int, tuple, bool], None] | None = None,
+                 on_reset: Callable[[int], None] | None = None):
         self.stream = stream
         self.core = core
         self.streams: dict[int, _Stream] = {}
         self.on_request = on_request
+        self.on_reset = on_reset
         self.terminated: Terminated | None = None
         self.error: str = ""
         self.requests = 0
@@ -387,7 +389,7 @@ class H2cConn:
                     if e.end_stream:
                         st.ended = True
                     assert self.on_request is not None
-                    self.on_request(e.stream_id, e.headers)
+                    self.on_request(e.stream_id, e.headers, e.end_stream)
                     continue
                 if e.end_stream:
                     st.ended = True
@@ -421,6 +423,8 @@ class H2cConn:
                     _wake(st.waiter)
                     _wake(st.head, None)
                     _wake(st.window)
+                    if self.on_reset is not None:
+                        self.on_reset(e.stream_id)
             elif isinstance(e, WindowOpened):
                 if e.stream_id == 0:
                     for st in self.streams.values():
@@ -522,6 +526,11 @@ class H2cConn:
             return   # finished both ways: nothing to reset
         if st is not None:
             st.local_done = True
+            if st.reset is None:   # our own reset also ends what waits on this stream here
+                st.reset = int(code)
+            _wake(st.waiter)
+            _wake(st.head, None)
+            _wake(st.window)
         self.core.reset(sid, code)
         self.flush()
 
@@ -676,10 +685,21 @@ async def serve_h2c(stream: ByteStream, handler: Handler, *, limits: H2Limits = 
     core = H2Core(client_side=False, limits=limits)
     async with asyncio.TaskGroup() as tg:
         conn: H2cConn
+        handlers: dict[int, asyncio.Task] = {}
 
-        async def one(sid: int, raw: tuple) -> None:
+        def start(sid: int, raw: tuple, end: bool) -> None:
+            handlers[sid] = tg.create_task(one(sid, raw, end))
+
+        def downstream_reset(sid: int) -> None:
+            # RST_STREAM from the client: stop its request (Envoy: downstream remote reset → the
+            # upstream request is reset too; the cancellation reaches it through the executor).
+            task = handlers.get(sid)
+            if task is not None and not task.done():
+                task.cancel()
+
+        async def one(sid: int, raw: tuple, bodiless: bool) -> None:
             st = conn.streams.get(sid)
-            request = H2Request(conn, sid, raw, st is not None and st.ended)
+            request = H2Request(conn, sid, raw, bodiless)
             responder = H2Responder(conn, sid, request.method)
             try:
                 await handler(request, responder)
@@ -700,14 +720,21 @@ async def serve_h2c(stream: ByteStream, handler: Handler, *, limits: H2Limits = 
                 else:
                     conn.reset(sid, ErrorCodes.INTERNAL_ERROR)
             finally:
+                handlers.pop(sid, None)
                 conn.forget(sid)
 
-        conn = H2cConn(stream, core, on_request=lambda sid, raw: tg.create_task(one(sid, raw)))
+        conn = H2cConn(stream, core, on_request=start, on_reset=downstream_reset)
         try:
             await conn.run()
         finally:
             if not core.closed:
                 conn.close()
+    # Every stream is answered (or reset): the GOAWAY goes out, then the tunnel ends (END_STREAM).
+    try:
+        await stream.drain()
+    except OSError:
+        pass
+    stream.close()
     return conn
 
 
@@ -729,7 +756,7 @@ class H2UpstreamReset(ConnectionError):
 class H2Response:
     """An upstream response: status and headers now, body streamed, trailers after the body."""
 
-    __slots__ = ("up", "sid", "status", "headers", "reason", "_sender", "done", "reusable")
+    __slots__ = ("up", "sid", "status", "headers", "reason", "_sender", "done", "reusable", "trailers")
 
     def __init__(self, up: "H2Upstream", sid: int, head: tuple, sender: asyncio.Task | None):
         pseudo, regular = _pseudo(head)
@@ -741,11 +768,7 @@ class H2Response:
         self._sender = sender
         self.done = False
         self.reusable = False   # the connection is shared: never returned to an HTTP/1.1 pool
-
-    @property
-    def trailers(self) -> tuple[tuple[bytes, bytes], ...]:
-        st = self.up.conn.streams.get(self.sid)
-        return st.trailers if st is not None else ()
+        self.trailers: tuple[tuple[bytes, bytes], ...] = ()   # set once the body ended
 
     async def body_chunks(self) -> AsyncIterator[bytes]:
         if self.done:
@@ -759,6 +782,8 @@ class H2Response:
                     raise H2UpstreamReset(f"upstream reset mid-response: {err}", before_response=False) from None
                 if not data:
                     self.done = True
+                    st = conn.streams.get(self.sid)
+                    self.trailers = st.trailers if st is not None else ()
                     return
                 yield data
         finally:

@@ -166,10 +166,11 @@ def plan_request(ctx: TunnelContext, snapshot: Snapshot, view: HttpRequestView, 
     up = _upstream_for(chain, snapshot, action, choose_destination(action, rng))
     if isinstance(up, ProxyError):
         return RequestPlan(chain, view, decision, route, fault, error=up)
-    # Mirrors: each drawn against its percentage; a mirror destination that cannot be served is
-    # skipped (Envoy: a missing shadow cluster is ignored, the main request is unaffected).
+    # Mirrors: each drawn against its percentage; a mirror destination that cannot be served (no
+    # such cluster) is skipped — Envoy ignores a missing shadow cluster, the main request is unaffected.
+    # One with no endpoint is still fired, and fails (counted), as Envoy's shadow would with UH.
     mirrors = tuple(m for m in (_upstream_for(chain, snapshot, action, d) for d in mirrors_for(action, rng))
-                    if isinstance(m, Upstream) and m.candidates)
+                    if isinstance(m, Upstream))
     return RequestPlan(chain, view, decision, route, fault, up, mirrors=mirrors)
 
 
@@ -300,6 +301,11 @@ class HttpPipeline:
             if not log.flags:
                 log.flags.append("DC")   # Envoy: downstream connection termination
             raise
+        except asyncio.CancelledError:
+            log.error = log.error or "downstream reset"
+            if not log.flags:
+                log.flags.append("DR")   # Envoy: DownstreamRemoteReset (h2c RST_STREAM from the client)
+            raise
         finally:
             self._report(plan, ctx, log, request, responder, protocol, t0, grpc)
 
@@ -325,7 +331,13 @@ class HttpPipeline:
             await asyncio.sleep(fault.delay_s)
         if fault.abort_status is not None or fault.abort_grpc_status is not None:
             raise FaultAbort(fault.abort_status, grpc_status=fault.abort_grpc_status)
-        body, clen, replayable = await read_body(request, self.buffer_limit)
+        if grpc:
+            # gRPC streams messages both ways (client/bidi streaming): the body must flow upstream as
+            # it arrives, not after END_STREAM. Such a request is retried only while nothing of it
+            # was sent (connect failures, refused streams), and is not mirrored.
+            body, clen, replayable = (request.body_chunks() if request.has_body else None), None, False
+        else:
+            body, clen, replayable = await read_body(request, self.buffer_limit)
         headers = apply_ops(list(request.headers), up.request_ops)
         names = {n for n, _ in headers}
         if b"x-request-id" not in names:   # Envoy generates one when the request has none
