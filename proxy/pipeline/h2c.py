@@ -56,9 +56,10 @@ STREAM_WINDOW_BYTES = 1 * MiB
 CONNECTION_WINDOW_BYTES = 4 * MiB
 # One read from the tunnel stream.
 READ_BYTES = 64 * KiB
-# Upstream: at most this many concurrent streams per endpoint connection (ztunnel's client bound;
-# lowered to the peer's own SETTINGS_MAX_CONCURRENT_STREAMS when smaller). A request over the
-# bound waits for a slot (up to the route's timeout), as Envoy's pool queues pending requests.
+# Upstream: at most this many concurrent streams per endpoint connection (ztunnel's client bound).
+# A request over the bound waits for a slot (up to the route's timeout), as Envoy's pool queues
+# pending requests. A peer advertising a lower SETTINGS_MAX_CONCURRENT_STREAMS makes h2 refuse the
+# extra stream locally: that is a refused stream (retriable), not a wait.
 UPSTREAM_MAX_STREAMS = 100
 
 # RFC 9113 §8.2.2: connection-specific fields must not appear in HTTP/2 messages.
