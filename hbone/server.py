@@ -437,13 +437,18 @@ class HboneServer:
     def active_tunnels(self) -> int:
         return sum(len(c.streams) for c in self._conns)
 
+    def stop_accepting(self) -> None:
+        """Close the listening sockets now, synchronously: a drain that has already flipped readiness
+        to 503 must not accept one more connection while it waits for its first await."""
+        self._accepting = False
+        for sock in self.sockets:
+            sock.close()
+
     async def close(self, drain_deadline: float = 0.0) -> None:
         """Stop accepting, GOAWAY every connection, let in-flight tunnels finish for up to
         `drain_deadline` seconds (a duration, not a clock time), then cut what is left
         (DESIGN §7, ztunnel drain)."""
-        self._accepting = False
-        for sock in self.sockets:
-            sock.close()
+        self.stop_accepting()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
