@@ -399,7 +399,11 @@ class ProxyApp:
     def request_stop(self) -> None:
         if self._stop is not None:
             if not self._stop.is_set():
-                self.state = "draining"   # readiness fails at once, before the listeners close
+                # Readiness fails and the listeners stop accepting in the same loop turn, so nothing
+                # can slip in between "503 draining" and the first await of the drain.
+                self.state = "draining"
+                if self.mode_proxy is not None:
+                    self.mode_proxy.stop_accepting()
             self._stop.set()
 
     def reload(self) -> bool:

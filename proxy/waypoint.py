@@ -261,6 +261,9 @@ class Waypoint:
                 closed += 1
         return closed
 
+    def stop_accepting(self) -> None:
+        self.server.stop_accepting()
+
     async def close(self, drain_deadline: float = 0.0) -> None:
         await self.server.close(drain_deadline)
         await self.http.close()

@@ -134,11 +134,17 @@ class NodeProxy:
             "outbound": repr(self.outbound),
         }
 
+    def stop_accepting(self) -> None:
+        """Every listener stops accepting at once (drain: readiness is already 503)."""
+        self.outbound.stop_accepting()
+        self.inbound.stop_accepting()
+        self.plaintext.stop_accepting()
+
     async def close(self, drain_deadline: float = 0.0) -> None:
         if self._reconciling is not None:
             self._reconciling.cancel()
             await asyncio.gather(self._reconciling, return_exceptions=True)
-        self.outbound.stop_accepting()
+        self.stop_accepting()
         await asyncio.gather(self.inbound.close(drain_deadline), self.plaintext.close(drain_deadline),
                              self.outbound.close(drain_deadline))
 

@@ -283,6 +283,10 @@ class InboundProxy:
     def active_tunnels(self) -> int:
         return sum(s.active_tunnels for s in self.servers.values())
 
+    def stop_accepting(self) -> None:
+        for server in self.servers.values():
+            server.stop_accepting()
+
     async def close(self, drain_deadline: float = 0.0) -> None:
         """GOAWAY on every connection; in-flight tunnels finish up to the deadline (DESIGN §7)."""
         servers = list(self.servers.values())

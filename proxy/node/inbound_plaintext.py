@@ -93,9 +93,12 @@ class InboundPlaintextProxy:
             bytes_sent=sent, bytes_received=recv, duration_ms=(time.time() - start) * 1000,
             response_flags=flags, error=error or ""))
 
-    async def close(self, drain_deadline: float = 0.0) -> None:
+    def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()
+
+    async def close(self, drain_deadline: float = 0.0) -> None:
+        self.stop_accepting()
         loop = asyncio.get_running_loop()
         end = loop.time() + max(0.0, drain_deadline)
         while self._tasks and loop.time() < end:
