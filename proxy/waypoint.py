@@ -41,6 +41,7 @@ from proxy.snapshot import ConfigStore, Snapshot
 from proxy.sniff import SNIFF_TIMEOUT_S, sniff
 from proxy.telemetry.accesslog import AccessRecord
 from proxy.telemetry.metrics import PeerInfo, ServiceInfo, traffic_labels
+from proxy.telemetry.refusals import refusal_recorder
 
 log = logging.getLogger("hbone.waypoint")
 
@@ -95,7 +96,8 @@ class Waypoint:
         self.live: set[LiveTunnel] = set()
         self.server = HboneServer(lambda: cert_source.server_context(), self.main_internal,
                                   trust_domain=cert_source.trust_domain, settings=hbone_settings,
-                                  on_tls_failure=self._tls_failure)
+                                  on_refusal=refusal_recorder(metrics, access_log, reporter="waypoint",
+                                                              listener=settings.hbone_addr))
 
     @classmethod
     async def start(cls, settings: ProxySettings, store: ConfigStore, cert_source: CertSource, metrics, access_log,
@@ -107,10 +109,6 @@ class Waypoint:
     @property
     def address(self) -> tuple[str, int]:
         return self.server.address
-
-    def _tls_failure(self, reason: str, addr: tuple[str, int]) -> None:
-        if self.metrics is not None:
-            self.metrics.tls_handshake_failure(reason)
 
     def _snapshot(self) -> Snapshot:
         snap = self.store.current

@@ -37,6 +37,7 @@ from policy.authz.evaluate import AuthzRequest, Decision, Enforcement, authorize
 from policy.inventory import Workload
 from proxy.errors import AuthorizationDenied, IpMismatch, ProxyError, SelfCall, UnknownDestination, UpstreamConnectFailure
 from proxy.settings import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from proxy.telemetry.refusals import refusal_recorder
 
 if TYPE_CHECKING:
     from proxy.identity import Identities
@@ -198,7 +199,9 @@ class InboundProxy:
                 continue
             cert = self.identities.for_workload(wl)
             server = HboneServer(cert.server_context, self._handle, trust_domain=self.trust_domain,
-                                 settings=self.hbone_settings, on_tls_failure=self._tls_failed)
+                                 settings=self.hbone_settings,
+                                 on_refusal=refusal_recorder(self.metrics, self.access_log, reporter="destination",
+                                                             listener=(ip, self.port)))
             try:
                 await server.start(ip, self.port, reuse_port=self.reuse_port)
             except OSError as err:
@@ -206,10 +209,6 @@ class InboundProxy:
                 raise
             self.servers[ip] = server
             log.info("HBONE inbound for %s (%s) on %s:%s", wl.name, wl.identity, ip, self.port)
-
-    def _tls_failed(self, reason: str, addr: tuple[str, int]) -> None:
-        if self.metrics is not None:
-            self.metrics.tls_handshake_failure(reason)
 
     async def _handle(self, tunnel: InboundTunnel) -> None:
         start = time.time()

@@ -61,14 +61,15 @@ def rbac_denied_detail(namespace: str, name: str, rule: int | None = None) -> st
 
 @dataclass(frozen=True)
 class AccessRecord:
-    """One access-log line. ``kind`` "tunnel" for a connection/tunnel, "http" for one request.
+    """One access-log line. ``kind`` "tunnel" for a connection/tunnel, "http" for one request,
+    "connection" for a connection a listener refused before any tunnel (TLS, HTTP/2 abuse).
 
     Unset optional fields are left out of the line (HTTP fields on a tunnel line, for instance), so
     lines stay short and a field's presence means something.
     """
 
     start_time: float                     # epoch seconds when the tunnel/request started
-    kind: str                             # "tunnel" | "http"
+    kind: str                             # "tunnel" | "http" | "connection"
     direction: str = ""                   # "inbound" | "outbound"
     reporter: str = ""                    # "waypoint" | "destination" | "source"
     src_addr: str = ""                    # downstream ip:port

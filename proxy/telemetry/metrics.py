@@ -263,6 +263,9 @@ class Metrics:
         self.h2_protocol_errors = Counter(
             "hbone_h2_protocol_errors", "HTTP/2 protocol errors and abuse answered with GOAWAY/RST, by kind",
             ("kind",), registry=r)
+        self.listener_refusals = Counter(
+            "hbone_listener_refusals", "Everything an HBONE listener refused (hbone.server.Refusal), by kind and reason",
+            ("kind", "reason"), registry=r)
         self.tunnels_active = Gauge("hbone_tunnels_active", "HBONE tunnels currently open", registry=r)
         self.accesslog_dropped = Counter(
             "hbone_accesslog_dropped_lines", "Access-log lines dropped because the writer fell behind",
@@ -327,6 +330,15 @@ class Metrics:
 
     def h2_protocol_error(self, kind: str) -> None:
         self.h2_protocol_errors.labels(kind=kind or UNKNOWN).inc()
+
+    def listener_refusal(self, kind: str, reason: str) -> None:
+        """One refusal of an HBONE listener: the total by kind/reason, plus the TLS or HTTP/2 counter
+        it belongs to (``tls`` → handshake failures; ``connection``/``stream`` → protocol errors)."""
+        self.listener_refusals.labels(kind=kind or UNKNOWN, reason=reason or UNKNOWN).inc()
+        if kind == "tls":
+            self.tls_handshake_failure(reason)
+        elif kind in ("connection", "stream"):
+            self.h2_protocol_error(reason)
 
     def tunnel_opened(self) -> None:
         self.tunnels_active.inc()
