@@ -202,7 +202,7 @@ class Waypoint:
         labels = None
         if self.metrics is not None:
             labels = traffic_labels(
-                "waypoint", source=PeerInfo.from_identity(ctx.peer_identity),
+                "waypoint", source=PeerInfo.from_baggage(ctx.peer_identity, ctx.baggage),
                 destination=PeerInfo.from_workload(cand.workload),
                 service=ServiceInfo.from_service(chain.service) if chain.service else None,
                 request_protocol="tcp", security_policy="mutual_tls")

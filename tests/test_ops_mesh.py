@@ -264,6 +264,9 @@ def test_metrics_count_and_bytes_exactly_with_istio_labels(mesh):
     labels = ok_series.labels
     assert labels == labels | {
         "source_principal": PRODUCTPAGE, "source_workload_namespace": "default",
+        # The waypoint holds only its scope: it names the caller from the baggage node-a put on the CONNECT.
+        "source_workload": "productpage-v1", "source_canonical_service": "productpage",
+        "source_canonical_revision": "v1",
         "destination_principal": REVIEWS_SA, "destination_workload": "reviews-v1",
         "destination_workload_namespace": "default", "destination_app": "reviews", "destination_version": "v1",
         "destination_service": REVIEWS, "destination_service_name": "reviews",

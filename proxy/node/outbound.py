@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from certs.spiffe import SpiffeError, SpiffeId
-from hbone.connect import build_forwarded, format_authority, new_traceparent
+from hbone.connect import Baggage, build_baggage, build_forwarded, format_authority, new_traceparent
 from hbone.errors import ConnectFailed, HboneError, TunnelRefused
 from hbone.pool import HbonePool
 from hbone.relay import relay
@@ -109,6 +109,16 @@ def _ident(uri: str) -> SpiffeId | None:
         return SpiffeId.parse(uri)
     except SpiffeError:
         return None
+
+
+def source_baggage(w: Workload) -> str:
+    """ztunnel's ``baggage`` for the source workload (src/baggage.rs ``baggage_header_val``): the
+    destination side names the caller in its metrics from it."""
+    return build_baggage(Baggage(
+        cluster=w.cluster_id, namespace=w.namespace, workload_name=w.workload_name or w.name,
+        workload_type=w.workload_type or "pod",
+        service_name=w.canonical_name or w.labels.get("app", "") or w.workload_name or w.name,
+        service_version=w.canonical_revision or w.labels.get("version", "")))
 
 
 def _workload_id(w: Workload) -> SpiffeId:
@@ -477,7 +487,8 @@ class OutboundProxy:
         pool = self._pool(source)
         # ztunnel create_hbone_request: forwarded (client address, service host) and a fresh traceparent.
         headers = {"forwarded": build_forwarded(client_addr, plan.host),
-                   "traceparent": str(new_traceparent(self.rng))}
+                   "traceparent": str(new_traceparent(self.rng)),
+                   "baggage": source_baggage(source)}
         assert plan.authority is not None
         return await pool.open_tunnel(src_identity=_workload_id(source), dst_identities=plan.identities,
                                       dst=plan.dst, authority=plan.authority, headers=headers,

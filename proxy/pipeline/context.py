@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hbone.connect import parse_forwarded
+from hbone.connect import Baggage, parse_forwarded
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,10 @@ class TunnelContext:
     service_host: str | None = None     # `forwarded: ;host=` (the service the client addressed)
     traceparent: str | None = None
     start_time: float = 0.0             # time.time() at CONNECT
+    # The source workload's metadata its node proxy put on the CONNECT (ztunnel src/baggage.rs): a
+    # waypoint holds only its own scope, so this is how it names the caller in metrics. Unverified —
+    # telemetry only, never authorization.
+    baggage: Baggage | None = None
 
     @property
     def source_ip(self) -> str:
@@ -29,7 +33,8 @@ class TunnelContext:
         fwd = parse_forwarded(req.header("forwarded") or "")
         peer = str(tunnel.peer_identity) if tunnel.peer_identity is not None else None
         return cls(tuple(req.authority), peer, tuple(tunnel.remote_addr), tuple(tunnel.local_addr),
-                   fwd.for_addr or tuple(tunnel.remote_addr), fwd.host, req.header("traceparent"), now)
+                   fwd.for_addr or tuple(tunnel.remote_addr), fwd.host, req.header("traceparent"), now,
+                   req.baggage if req.header("baggage") else None)
 
 
 def addr_str(addr: tuple[str, int]) -> str:

@@ -546,7 +546,7 @@ class HttpPipeline:
         svc = chain.service if chain is not None else None
         if self.metrics is not None:
             labels = traffic_labels(
-                "waypoint", source=PeerInfo.from_identity(ctx.peer_identity),
+                "waypoint", source=PeerInfo.from_baggage(ctx.peer_identity, ctx.baggage),
                 destination=PeerInfo.from_workload(log.candidate.workload) if log.candidate else None,
                 service=ServiceInfo.from_service(svc) if svc else None, request_protocol="grpc" if grpc else "http",
                 response_flags=",".join(flags) if flags else "-", security_policy="mutual_tls")
