@@ -1,0 +1,121 @@
+"""benchmarks.httpload, the HTTP scenario's load client (untimed): closed loop, fixed-rate open loop,
+and the SOCKS5 path the ``ours`` rows use, against real sockets on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+
+from benchmarks import httpload
+from benchmarks.tunnel import NODE_INVENTORY, pick_pod_ip
+
+
+async def _http_server():
+    """Keep-alive HTTP/1.1 server answering every GET with 'v1\\n'; counts requests."""
+    count = [0]
+
+    async def serve(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head:
+                    break
+                count[0] += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nv1\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], count
+
+
+async def _socks_server(seen: list):
+    """Minimal RFC 1928 server (no auth, CONNECT IPv4): records (source ip, target), then relays."""
+    async def pipe(r, w):
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except ConnectionError:
+            pass
+        w.close()
+
+    async def serve(reader, writer):
+        assert await reader.readexactly(3) == b"\x05\x01\x00"
+        writer.write(b"\x05\x00")
+        head = await reader.readexactly(10)
+        assert head[:4] == b"\x05\x01\x00\x01"
+        host, port = socket.inet_ntoa(head[4:8]), struct.unpack("!H", head[8:10])[0]
+        seen.append((writer.get_extra_info("peername")[0], host, port))
+        r2, w2 = await asyncio.open_connection(host, port)
+        writer.write(b"\x05\x00\x00\x01" + socket.inet_aton("127.0.0.1") + b"\x00\x00")
+        await asyncio.gather(pipe(reader, w2), pipe(r2, writer))
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def _args(**kw):
+    base = dict(host=None, socks=None, source_ip=None, connections=2, rate=None, seconds=0.3, header=[])
+    base.update(kw)
+    return type("Args", (), base)
+
+
+async def test_closed_loop_counts_every_response():
+    server, port, count = await _http_server()
+    async with server:
+        out = await httpload.run(_args(target=("127.0.0.1", port), connections=4))
+    assert out["requests"] > 0 and out["statuses"] == {"200": out["requests"]}
+    assert out["bodies"] == {"v1": out["requests"]}
+    assert count[0] >= out["requests"]  # warm-up requests are served but not counted
+    assert out["p50_ms"] <= out["p99_ms"]
+
+
+async def test_open_loop_never_sends_ahead_of_its_schedule():
+    server, port, count = await _http_server()
+    rate, seconds = 200.0, 0.3
+    async with server:
+        out = await httpload.run(_args(target=("127.0.0.1", port), rate=rate, seconds=seconds, connections=4))
+    scheduled_max = rate * (seconds + httpload.WARMUP_S) + 1
+    assert 0 < out["requests"] <= scheduled_max and count[0] <= scheduled_max
+    assert out["statuses"] == {"200": out["requests"]}
+
+
+async def test_socks5_path_binds_the_source_ip_and_reaches_the_target(loopback_ip):
+    server, port, count = await _http_server()
+    seen: list = []
+    socks, socks_port = await _socks_server(seen)
+    src = loopback_ip()
+    async with server, socks:
+        out = await httpload.run(_args(target=("127.0.0.1", port), socks=("127.0.0.1", socks_port),
+                                       source_ip=src, connections=3))
+    assert out["requests"] > 0 and out["statuses"] == {"200": out["requests"]}
+    assert seen == [(src, "127.0.0.1", port)] * 3
+
+
+async def test_socks5_refusal_is_a_load_error():
+    async def refuse(reader, writer):
+        await reader.readexactly(3)
+        writer.write(b"\x05\x00")
+        await reader.readexactly(10)
+        writer.write(b"\x05\x02\x00\x01\x00\x00\x00\x00\x00\x00")  # 0x02: not allowed by ruleset
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    async with server:
+        with pytest.raises(httpload.LoadError, match="0x02"):
+            await httpload.run(_args(target=("127.0.0.1", 9), socks=("127.0.0.1", server.sockets[0].getsockname()[1])))
+
+
+def test_node_row_sink_pod_is_a_free_loopback_address_in_the_inventory():
+    import yaml
+    ip = pick_pod_ip()
+    assert ip.startswith("127.")
+    doc = yaml.safe_load(NODE_INVENTORY.format(pod=ip))
+    (wl,) = doc["workloads"]
+    assert wl["workloadIps"] == [ip] and wl["protocol"] == "HBONE" and wl["node"] == "bench-node"
