@@ -130,7 +130,7 @@ class Waypoint:
         try:
             try:
                 chain = match_chain(ctx.authority, snapshot)
-                rec.chain = chain.name
+                rec.chain = chain.envoy_name
                 live = LiveTunnel(ctx, chain)
                 self.live.add(live)
                 decision = l4_decision(chain, snapshot, ctx.source_ip, ctx.peer_identity)
@@ -155,7 +155,7 @@ class Waypoint:
             rec.protocol = proto
             if proto == "tcp":
                 chain = chain.resolved("tcp")
-                rec.chain = chain.name
+                rec.chain = chain.envoy_name
                 live.chain = chain
                 decision = l4_decision(chain, snapshot, ctx.source_ip, ctx.peer_identity)
                 rec.decision = decision
@@ -168,7 +168,7 @@ class Waypoint:
                 await self._tcp(tunnel, stream, ctx, chain, snapshot, rec, live)
             else:   # http/1.1 or h2c: the same per-request path (pipeline/http.py)
                 chain = chain.resolved("http")
-                rec.chain = chain.name
+                rec.chain = chain.envoy_name
                 live.chain = chain
                 await self.http.serve(stream, ctx, chain, lambda: self.store.current or snapshot, proto)
         except (OSError, asyncio.IncompleteReadError) as err:

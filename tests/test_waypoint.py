@@ -34,7 +34,7 @@ async def test_90_10_split_keepalive_and_authz(tmp_path, loopback_ip):
         deny = [x for x in lines if x.get("status") == 403]
         assert deny and deny[0]["response_flags"] == "-"
         assert deny[0]["response_code_details"] == "rbac_access_denied_matched_policy[none]"
-        assert deny[0]["chain"] == "inbound-vip|9080|http|reviews.default.svc.cluster.local"
+        assert deny[0]["chain"] == "inbound-vip|9080||reviews.default.svc.cluster.local-http"
         ok = [x for x in lines if x.get("status") == 200 and x["kind"] == "http"]
         assert ok[0]["upstream_cluster"].startswith("inbound-vip|9080|http/v")
         text = h.metrics.exposition().decode()
@@ -116,7 +116,7 @@ async def test_tcp_service_byte_exact_half_close_and_l4_deny(tmp_path, loopback_
             await other.tunnel(f"{TCP_VIP}:9000")
         assert err.value.status == 401
         lines = await h.log_lines(2)
-        tcp = [x for x in lines if x.get("chain") == "inbound-vip|9000|tcp|tcp-echo.default.svc.cluster.local"]
+        tcp = [x for x in lines if x.get("chain") == "inbound-vip|9000||tcp-echo.default.svc.cluster.local-tcp"]
         assert any(x["status"] == 200 and x["bytes_received"] == len(payload) for x in tcp)
         assert any(x["status"] == 401 and x["authz"] == "deny" for x in tcp)
     finally:

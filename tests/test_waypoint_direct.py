@@ -69,9 +69,9 @@ async def test_sniffed_port_http_takes_l7_path_tcp_takes_l4_decision(tmp_path, l
         assert got == b""
         lines = await h.log_lines(4)
         http = [x for x in lines if x["kind"] == "http"]
-        assert http[0]["chain"] == "inbound-vip|7000|http|plain-http.default.svc.cluster.local"
+        assert http[0]["chain"] == "inbound-vip|7000||plain-http.default.svc.cluster.local-http"
         tunnels = [x for x in lines if x["kind"] == "tunnel" and "plain-tcp" in x["chain"]]
-        assert {x["chain"] for x in tunnels} == {"inbound-vip|7100|tcp|plain-tcp.default.svc.cluster.local"}
+        assert {x["chain"] for x in tunnels} == {"inbound-vip|7100||plain-tcp.default.svc.cluster.local-tcp"}
         assert any(x["authz"] == "deny" and x["bytes_sent"] == 0 for x in tunnels)
         assert any(x["authz"] == "allow" and x["bytes_sent"] == 18 for x in tunnels)
         # TCP chains report Istio's TCP metrics; the HTTP chain's tunnel does not (no double count).

@@ -302,7 +302,7 @@ async def test_grpc_over_h2c_multiplexed_to_h2c_upstream(tmp_path, loopback_ip):
         lines = await h.log_lines(41)
         http = [x for x in lines if x["kind"] == "http"]
         assert {x["protocol"] for x in http} == {"h2c"}
-        assert http[0]["chain"] == "inbound-vip|9090|http|greeter.default.svc.cluster.local"
+        assert http[0]["chain"] == "inbound-vip|9090||greeter.default.svc.cluster.local-http"
     finally:
         await h.close()
 

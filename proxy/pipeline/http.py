@@ -560,7 +560,7 @@ class HttpPipeline:
                 src_addr=addr_str(ctx.client_addr), src_identity=ctx.peer_identity or "",
                 dst_hbone_addr=addr_str(ctx.authority), dst_service=svc.hostname if svc else "",
                 dst_workload=log.candidate.workload.name if log.candidate else "",
-                chain=chain.name if chain else "", protocol=protocol,
+                chain=chain.envoy_name if chain else "", protocol=protocol,
                 authz=("allow" if d.allowed else "deny") if d is not None else "",
                 authz_policy=(d.policy or "") if d is not None else "",
                 response_code_details=log.detail, route=log.route, upstream_cluster=log.cluster,
