@@ -4,6 +4,11 @@ Who carries the bytes (one row each, all in one run, on the same sink and client
 
 - ``direct``: the client connects to the sink over plain TCP; no proxy, no TLS (the ceiling).
 - ``ours-relay``: ``python -m benchmarks.relay`` (hbone.server + TcpStream + hbone.relay).
+- ``ours-node``: ``hbone-proxy run --mode node`` as the terminator, the proxy users run: the sink is a
+  workload of its node (``NODE_INVENTORY``, on a 127.x pod address), so the client's CONNECT to the
+  sink pod IP goes through the whole inbound pipeline (plan, L4 authz, connect, metrics; access log
+  off) on ``<pod>:15008``, with ztunnel's HTTP/2 defaults (4 / 16 MiB windows, 200 streams: no idle
+  rows).
 - ``nghttpx``: nghttpx 1.5x from Debian's nghttp2-proxy, mTLS with client verification, HTTP/2
   frontend windows 16 MiB / 64 MiB. nghttpx never dials a CONNECT's authority itself: in its default
   (reverse proxy) mode a CONNECT is routed to the catch-all backend as an HTTP/1.1 CONNECT request, so
