@@ -90,7 +90,9 @@ class Waypoint:
         self.metrics = metrics
         self.access_log = access_log
         self.rng = rng or random.Random()
-        self.originator = Originator(cert_source, settings=hbone_settings, rng=self.rng)
+        bind_ip = settings.hbone_addr[0]
+        self.originator = Originator(cert_source, settings=hbone_settings, rng=self.rng,
+                                     source_ip=None if bind_ip in ("0.0.0.0", "::", "") else bind_ip)
         self.http = HttpPipeline(self.originator, metrics=metrics, access_log=access_log, rng=self.rng)
         self.lb = LoadBalancer()
         self.live: set[LiveTunnel] = set()

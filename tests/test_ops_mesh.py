@@ -386,6 +386,8 @@ def test_access_log_one_line_per_request_and_tunnel(mesh):
     assert w[-1]["authz"] == "allow" and w[-1]["upstream_host"] == f"{mesh.pod(52)}:{SINK_PORT}"
     assert w[-1]["upstream_cluster"] == f"inbound-vip|{SINK_PORT}|tcp|sink.default.svc.cluster.local"
     assert b[-1]["direction"] == "inbound" and b[-1]["src.identity"] == WAYPOINT_SA and b[-1]["authz"] == "allow"
+    # The waypoint dials from its own pod IP, so node-b sees (and authorizes) the waypoint's address.
+    assert b[-1]["src.addr"].rsplit(":", 1)[0] == mesh.pod(100)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,8 +66,11 @@ class Originator:
 
     def __init__(self, cert_source: CertSource, *, settings: HboneSettings = HboneSettings(),
                  pool: HbonePool | None = None, rng: random.Random | None = None,
-                 hbone_port: int = HBONE_PORT):
+                 hbone_port: int = HBONE_PORT, source_ip: str | None = None):
         self.cert_source = cert_source
+        # Dial from our own pod IP (the waypoint's HBONE address), as a pod's traffic leaves from its
+        # IP: the destination node proxy then logs and authorizes the waypoint's address, not 127.0.0.1.
+        self.source_ip = source_ip
         self.pool = pool or HbonePool(cert_source.client_context, trust_domain=cert_source.trust_domain,
                                       settings=settings)
         self.rng = rng or random.Random()
@@ -85,6 +88,7 @@ class Originator:
         candidate's target port). ``source`` is the downstream client's address (for ``forwarded``),
         ``service_hostname`` the service it addressed (``;host=``). Raises ``OriginateFailed``."""
         port = candidate.target_port if authority_port is None else authority_port
+        local_host = local_host or self.source_ip
         workload = candidate.workload
         if workload.protocol != "HBONE":
             return await self._open_tcp(candidate.ip, port, timeout, local_host)
