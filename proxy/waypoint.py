@@ -180,6 +180,12 @@ class Waypoint:
                 self.live.discard(live)
                 if live.closed_by_policy:
                     rec.error = "closed: denied by a policy change"
+                if rec.protocol in ("http/1.1", "h2c") and live.streams:
+                    # HTTP tunnels: the tunnel line carries the tunnel's own byte counts (the per-request
+                    # lines carry each request's); TCP chains set them from the relay result.
+                    tunnel_stream = live.streams[0]
+                    rec.received = getattr(tunnel_stream, "bytes_received", 0)
+                    rec.sent = getattr(tunnel_stream, "bytes_sent", 0)
             if self.metrics is not None:
                 self.metrics.tunnel_closed()
             self._log_tunnel(ctx, rec, t0)

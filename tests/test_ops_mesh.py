@@ -335,9 +335,18 @@ def test_metrics_endpoints_and_proxy_counters(mesh):
 
 
 def test_access_log_one_line_per_request_and_tunnel(mesh):
+    wp = mesh.waypoint
+
+    def tunnel(proc, **match):
+        return [l for l in proc.access_lines() if l.get("kind") == "tunnel"
+                and all(l.get(k) == v for k, v in match.items()) and l.get("bytes_received") == SINK_IN]
+
+    hops = ((mesh.node_a, {"dst.service": "sink.default.svc.cluster.local"}),
+            (wp, {"dst.hbone_addr": f"{mesh.vip(52)}:{SINK_PORT}"}),
+            (mesh.node_b, {"dst.workload": "sink-0"}))
+    before = [len(tunnel(proc, **match)) for proc, match in hops]
     send_known_http(mesh, "log")
     assert tcp_flow(mesh) == b"s" * SINK_OUT
-    wp = mesh.waypoint
 
     def http_lines():
         return [l for l in wp.access_lines() if l.get("kind") == "http" and l.get("path", "").startswith("/log/")]
@@ -360,24 +369,21 @@ def test_access_log_one_line_per_request_and_tunnel(mesh):
         assert l["upstream_host"] == f"{mesh.pod(20 + int(version[1]))}:9080"
         assert l["response_flags"] == "-" and l["attempts"] == 1 and l["duration_ms"] >= 0
         assert l["start_time"].endswith("Z")
+    # The HTTP tunnel's own line counts the tunnel's bytes (heads included, so at least the bodies).
+    http_tunnels = wait_for(lambda: [l for l in wp.access_lines() if l.get("kind") == "tunnel"
+                                     and l.get("chain") == f"inbound-vip|9080||{REVIEWS}-http"
+                                     and l.get("bytes_received", 0) >= sum(r for _, r, _ in ALLOWED)], "tunnel line")
+    assert any(l["bytes_sent"] >= sum(r for _, _, r in ALLOWED) for l in http_tunnels)
     for l in (l for l in lines if l["status"] == 403):
         assert l["src.identity"] == OTHER and l["authz"] == "deny" and l["bytes_sent"] == len(RBAC_BODY)
         assert l["response_code_details"].startswith("rbac_access_denied_matched_policy[")
         assert "upstream_host" not in l and l["response_flags"] == "-"
 
-    # One tunnel line per tunnel at each hop, bytes in each direction (access logs are not flipped:
-    # bytes_sent is what went to the downstream).
-    def tunnel(proc, **match):
-        return [l for l in proc.access_lines() if l.get("kind") == "tunnel"
-                and all(l.get(k) == v for k, v in match.items()) and l.get("bytes_received") == SINK_IN]
-
-    # this flow and the metrics test's: two lines at each hop, no more
-    a = wait_for(lambda: (x := tunnel(mesh.node_a, **{"dst.service": "sink.default.svc.cluster.local"}))
-                 and len(x) >= 2 and x, "node-a lines")
-    w = wait_for(lambda: (x := tunnel(wp, **{"dst.hbone_addr": f"{mesh.vip(52)}:{SINK_PORT}"})) and len(x) >= 2 and x,
-                 "waypoint lines")
-    b = wait_for(lambda: (x := tunnel(mesh.node_b, **{"dst.workload": "sink-0"})) and len(x) >= 2 and x, "node-b lines")
-    assert len(a) == len(w) == len(b) == 2
+    # One new tunnel line at each hop for this flow, bytes in each direction (access logs are not
+    # flipped: bytes_sent is what went to the downstream).
+    a, w, b = (wait_for(lambda p=proc, m=match, n=n: (x := tunnel(p, **m)) and len(x) > n and x, f"{proc.name} line")
+               for (proc, match), n in zip(hops, before))
+    assert [len(x) - n for x, n in zip((a, w, b), before)] == [1, 1, 1]
     for l in (a[-1], w[-1], b[-1]):
         assert (l["bytes_received"], l["bytes_sent"], l["response_flags"]) == (SINK_IN, SINK_OUT, "-")
         assert l["duration_ms"] > 0 and l["level"] == "info"
