@@ -10,6 +10,7 @@ from typing import Any, Mapping
 from policy.authz.evaluate import Enforcement, HttpAttributes, authorize, explain
 from policy.routing.endpoints import endpoints_for
 from policy.routing.select import DirectResponse, Forward, HttpRequestView, NoRoute, Redirect, route_http
+from proxy.admin.views import ordered_retry_on
 from proxy.errors import ProxyError
 from proxy.snapshot import Snapshot
 
@@ -92,7 +93,7 @@ def explain_request(snapshot: Snapshot, from_principal: str | None, to: tuple[st
                                  "rule": decided.rule_index}
         if isinstance(action, Forward):
             route["timeout"] = f"{action.timeout_s or 0:g}s"
-            route["retries"] = {"attempts": action.retry.attempts, "retryOn": ",".join(sorted(action.retry.retry_on))}
+            route["retries"] = {"attempts": action.retry.attempts, "retryOn": ",".join(ordered_retry_on(action.retry.retry_on))}
             route["clusters"] = [{"name": d.cluster_name, "weight": d.weight} for d in action.destinations]
             destinations = list(action.destinations)
         elif isinstance(action, Redirect):
