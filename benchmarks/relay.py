@@ -34,7 +34,7 @@ async def serve(args) -> None:
     from certs.ca import MeshCA
     from certs.spiffe import SpiffeId
     from certs.tls import server_context
-    from hbone.relay import relay
+    from hbone.relay import relay, relay_detached
     from hbone.server import HboneServer
     from hbone.settings import HboneSettings
     from hbone.stream import TcpStream
@@ -52,11 +52,19 @@ async def serve(args) -> None:
             await tunnel.reject(UPSTREAM_UNREACHABLE_STATUS, f"connect {host}:{port}: {err}")
             return
         down = await tunnel.accept()
+
+        def finished(_result) -> None:
+            upstream.close()
+            down.close()
+
+        # The splice runs on without this handler's task (hbone.relay.relay_detached): no task and
+        # coroutine frames kept per tunnel. Any other pair of streams: await the pumps as before.
+        if relay_detached(down, upstream, finished):
+            return
         try:
             await relay(down, upstream)
         finally:
-            upstream.close()
-            down.close()
+            finished(None)
 
     # max_pending_tunnels too: the idle scenario opens 8 000 CONNECTs at once, all pending until their
     # upstream dial completes (hbone's default caps that at the stream limit, 200).

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from hbone.relay import RelayResult, relay
+from hbone.relay import RelayResult, relay, relay_detached
 from hbone.stream import TcpConnection, TcpStream
 from hbone.testing import LOOPS, Mesh, run, start_echo
 from tests.test_hbone_server import Env
@@ -106,3 +106,87 @@ def test_splice_runs_without_pump_tasks(loop):
 async def _until(predicate) -> None:
     while not predicate():
         await asyncio.sleep(0.01)
+
+
+async def _detached_env(mesh: Mesh, results: list, handlers_done: list):
+    echo, echo_addr = await start_echo()
+
+    async def handler(tunnel):
+        tcp = await TcpStream.connect(*echo_addr)
+        stream = await tunnel.accept()
+
+        def finished(result):
+            results.append(result)
+            tcp.close()
+            stream.close()
+
+        assert relay_detached(stream, tcp, finished)
+        handlers_done.append(tunnel.stream_id)  # the handler returns while the tunnel lives on
+
+    env = Env(mesh)
+    await env.start(handler)
+    return env, echo
+
+
+@loops
+def test_detached_relay_is_byte_exact_and_reports_once_after_the_handler_returned(loop):
+    async def main():
+        results: list[RelayResult] = []
+        handlers_done: list = []
+        env, echo = await _detached_env(Mesh.create(), results, handlers_done)
+        try:
+            s = await env.open()
+            await asyncio.wait_for(_until(lambda: handlers_done), 10)
+            await asyncio.sleep(0.05)
+            # no handler task left for this live tunnel: the splice is owned by its streams
+            assert all(not conn.handler_tasks for conn in env.server._conns)
+            payload = os.urandom(3 * MiB + 7)
+            got = bytearray()
+
+            async def reader():
+                while chunk := await s.read():
+                    got.extend(chunk)
+
+            r = asyncio.get_running_loop().create_task(reader())
+            for i in range(0, len(payload), 200_003):
+                s.write(payload[i:i + 200_003])
+                await s.drain()
+            s.write_eof()
+            await asyncio.wait_for(r, 60)
+            assert bytes(got) == payload
+            await asyncio.wait_for(_until(lambda: results), 10)
+            await asyncio.sleep(0.05)
+            assert results == [RelayResult(len(payload), len(payload), None)]  # once
+        finally:
+            await env.__aexit__()
+            echo.close()
+    run(loop, main)
+
+
+@loops
+def test_detached_relay_reports_a_cut_connection(loop):
+    async def main():
+        results: list[RelayResult] = []
+        handlers_done: list = []
+        env, echo = await _detached_env(Mesh.create(), results, handlers_done)
+        try:
+            s = await env.open()
+            s.write(b"hello")
+            await s.drain()
+            assert await s.read() == b"hello"
+            for conn in list(env.server._conns):
+                conn.abort()  # the HBONE connection is cut: the splice must fail and report
+            await asyncio.wait_for(_until(lambda: results), 10)
+            assert results[0].a_to_b == 5 and results[0].reset is not None
+        finally:
+            await env.__aexit__()
+            echo.close()
+    run(loop, main)
+
+
+def test_detached_relay_refuses_pairs_it_cannot_splice():
+    class NotSpliceable:
+        pass
+    called = []
+    assert relay_detached(NotSpliceable(), NotSpliceable(), called.append) is False  # type: ignore[arg-type]
+    assert called == []
