@@ -193,9 +193,11 @@ class HboneStream:
             self._recv_bytes = 0
         self.write_eof()
 
-    def abort(self, code: int = ErrorCodes.CANCEL) -> None:
-        """RST_STREAM `code`. CANCEL by default (ztunnel); a peer reads CANCEL as a clean end, so
-        a relay that lost its other side passes CONNECT_ERROR instead (RFC 9113 §8.5)."""
+    def abort(self, code: int = ErrorCodes.CONNECT_ERROR) -> None:
+        """RST_STREAM `code`. The ByteStream contract says abort() must tell the peer that bytes did
+        not all arrive, and HBONE peers (ztunnel, ours) read CANCEL/NO_ERROR as a clean end; so the
+        default is CONNECT_ERROR, what RFC 9113 §8.5 asks of a proxy whose other side failed.
+        Pass CANCEL explicitly to say "no longer needed" without claiming an error."""
         if self._done:
             return
         self._conn.core.reset(self.stream_id, code)

@@ -205,12 +205,12 @@ class _ClientConnection(HboneConnection):
             response: P.TunnelResponse = await fut
         except asyncio.CancelledError:
             self.pending_opens.pop(sid, None)
-            stream.abort()
+            stream.abort(ErrorCodes.CANCEL)   # no byte was sent: "no longer needed", not an error
             raise
         if response.status != 200:
             # Error answers come with END_STREAM; make sure the stream is gone either way.
             if not stream._done:
-                stream.abort()
+                stream.abort(ErrorCodes.CANCEL)
             raise TunnelRefused(response.status)
         return stream
 

@@ -11,8 +11,8 @@ Contract (every implementation):
   Callers that write in a loop must ``await drain()`` between writes: that is the backpressure.
 - ``write_eof()`` half-closes our sending side (TCP SHUT_WR / END_STREAM); reading may continue.
 - ``close()`` ends both directions gracefully once queued bytes are flushed;
-  ``abort()`` ends them at once (TCP RST / RST_STREAM CANCEL): the peer must learn the bytes did not
-  all arrive. ``await wait_closed()`` waits until the transport is gone.
+  ``abort()`` ends them at once (TCP RST / RST_STREAM CONNECT_ERROR): the peer must learn the bytes
+  did not all arrive (HBONE peers read CANCEL as a clean end, so it is not used for this). ``await wait_closed()`` waits until the transport is gone.
 - ``local_addr`` / ``remote_addr`` are ``(host, port)`` tuples.
 """
 

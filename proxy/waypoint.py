@@ -167,7 +167,11 @@ class Waypoint:
                     rec.detail = decision.response_detail
                     stream.abort()
                     return
-                await self._tcp(tunnel, stream, ctx, chain, snapshot, rec, live)
+                try:
+                    await self._tcp(tunnel, stream, ctx, chain, snapshot, rec, live)
+                except ProxyError as err:
+                    # After the 200 (sniffed): _tcp has reset the stream; only the log is left to say why.
+                    rec.detail, rec.flags, rec.error = err.detail, flags_of(err), str(err)
             else:   # http/1.1 or h2c: the same per-request path (pipeline/http.py)
                 chain = chain.resolved("http")
                 rec.chain = chain.envoy_name
