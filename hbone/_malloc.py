@@ -24,6 +24,7 @@ MMAP_THRESHOLD_BYTES = 32 * MiB
 TRIM_THRESHOLD_BYTES = 128 * MiB
 
 _applied: bool | None = None
+_libc = None
 
 
 def tune_malloc() -> bool:
@@ -39,6 +40,8 @@ def tune_malloc() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
+    global _libc
+    _libc = libc
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
@@ -49,3 +52,19 @@ def tune_malloc() -> bool:
 
 def is_tuned() -> bool:
     return bool(_applied)
+
+
+def release_free_memory() -> bool:
+    """``malloc_trim(0)``: give the heap's free pages back to the OS.
+
+    The thresholds above deliberately keep up to 128 MiB of freed heap for the next burst, so after
+    a load spike RSS stays at its high-water mark (ztunnel users read that as a leak, ztunnel #1630).
+    The proxy calls this once when it has gone idle (no live tunnels), so RSS then shows what is
+    really live. A no-op (False) where the tuning was not applied (not glibc)."""
+    if not _applied or _libc is None:
+        return False
+    trim = _libc.malloc_trim
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True

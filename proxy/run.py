@@ -49,6 +49,10 @@ ENV_PREFIX = "HBONE_PROXY_"
 # three files or a clock comparison per identity, so once a second costs nothing and a replaced
 # Secret is in use within a second (kubelet's own Secret refresh takes up to a minute).
 CERT_CHECK_INTERVAL_S = 1.0
+# How often the proxy looks for an idle moment to return freed heap to the OS (two idle checks in a
+# row, i.e. 4-6 s without a live tunnel): rare enough to cost nothing, soon enough that RSS after a
+# load test reflects live memory.
+IDLE_TRIM_CHECK_S = 2.0
 # With a short --workload-cert-ttl the check must come well before half-life: at least 8 checks per TTL.
 CERT_CHECKS_PER_TTL = 8
 CERT_CHECK_MIN_INTERVAL_S = 0.1   # floor: a 1 s TTL (certs.ca.MIN_TTL) still checks at a sane rate
@@ -340,6 +344,7 @@ class ProxyApp:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._spawn(self._poll_config())
         self._spawn(self._rotate_certs())
+        self._spawn(self._trim_when_idle())
         self.state = "ready"
         log.info("%s proxy ready (config v%s%s)", s.mode, self.store.current.version,
                  f", worker {self.worker}" if s.workers > 1 else "")
@@ -425,6 +430,23 @@ class ProxyApp:
             if now != sig:
                 sig = now
                 self.reload()
+
+    async def _trim_when_idle(self) -> None:
+        """Once per idle period (no live tunnels for two checks in a row), hand freed heap back to the
+        OS (hbone._malloc.release_free_memory): RSS after a burst then returns to what is live."""
+        from hbone._malloc import release_free_memory
+        idle_checks, trimmed = 0, True
+        while True:
+            await asyncio.sleep(IDLE_TRIM_CHECK_S)
+            active = getattr(self.mode_proxy, "active_tunnels", 0)
+            if active:
+                idle_checks, trimmed = 0, False
+                continue
+            idle_checks += 1
+            if idle_checks >= 2 and not trimmed:
+                release_free_memory()
+                trimmed = True
+                log.debug("idle: released free heap memory to the OS")
 
     async def _rotate_certs(self) -> None:
         from proxy.identity import serial_of

@@ -271,6 +271,10 @@ class Waypoint:
                 closed += 1
         return closed
 
+    @property
+    def active_tunnels(self) -> int:
+        return len(self.live)
+
     def stop_accepting(self) -> None:
         self.server.stop_accepting()
 

@@ -134,6 +134,11 @@ class NodeProxy:
             "outbound": repr(self.outbound),
         }
 
+    @property
+    def active_tunnels(self) -> int:
+        """Live connections through this node proxy, inbound and outbound."""
+        return self.inbound.active_tunnels + self.outbound.active + self.plaintext.active
+
     def stop_accepting(self) -> None:
         """Every listener stops accepting at once (drain: readiness is already 503)."""
         self.outbound.stop_accepting()

@@ -93,6 +93,10 @@ class InboundPlaintextProxy:
             bytes_sent=sent, bytes_received=recv, duration_ms=(time.time() - start) * 1000,
             response_flags=flags, error=error or ""))
 
+    @property
+    def active(self) -> int:
+        return len(self._tasks)
+
     def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()
