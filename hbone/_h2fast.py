@@ -54,10 +54,9 @@ from h2.exceptions import ProtocolError
 from h2.stream import StreamInputs, StreamState
 
 _PATCHED = False
-# 5. below, off by default until tests/test_hbone_h2fast.py::test_repr_is_not_called_with_a_hex_dump_
-# on_the_hot_path is updated: it asserts h2 formats the repr of an unpadded DATA frame, which the
-# fast path no longer builds at all. tests/test_perf_h2data.py tests the fast path itself.
-DATA_FAST_PATH = False
+# 5. below; tests/test_perf_h2data.py checks it against h2's own path event by event, and
+# tests/test_perf_h2data.py::test_fast_path_is_on that it is in effect.
+DATA_FAST_PATH = True
 _STATUS_200 = ((b":status", b"200"),)
 # A HEADERS frame header (RFC 9113 §4.1): length 1 (24 bits), type HEADERS (0x1), flags END_HEADERS
 # (0x4), then the stream id; the first 5 bytes are fixed.

@@ -50,7 +50,9 @@ def test_repr_is_not_called_with_a_hex_dump_on_the_hot_path(monkeypatch):
     c.flush()
     events = s.receive_data(c.data_to_send())
     assert [e.data for e in events if isinstance(e, Data)] == [b"x" * 1000]
-    assert calls == [1000]  # h2 did call repr on the DATA frame: our cheap one
+    # Either way no hex dump is built: with the DATA fast path (on) the unpadded frame never reaches
+    # hyperframe at all; without it, h2 calls repr on the frame and gets our cheap one.
+    assert calls == ([] if _h2fast.DATA_FAST_PATH else [1000])
     assert original is _h2fast._data_body_repr
 
 

@@ -211,9 +211,9 @@ def _data(sid: int, payload: bytes) -> hyperframe.frame.DataFrame:
     return f
 
 
-def test_fast_path_is_off_by_default():
-    """Until tests/test_hbone_h2fast.py's repr assertion is updated (see hbone/_h2fast.py)."""
-    assert _h2fast.DATA_FAST_PATH is False
+def test_fast_path_is_on():
+    """Regression check (issue 7): the measured DATA fast path is in effect."""
+    assert _h2fast.DATA_FAST_PATH is True
 
 
 def test_unpadded_data_skips_hyperframe_padded_data_does_not(monkeypatch):
