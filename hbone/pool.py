@@ -260,6 +260,12 @@ class HbonePool:
                     conn.reserved += 1
                     return conn
             dial = self._dials.get(key)
+            if dial is not None and dial.done():
+                # Finished, but its done-callback (which removes it) has not run yet. Awaiting a done
+                # task does not yield, so waiting on it again would spin forever without letting
+                # that callback run: the connection it made is full, so start the next dial.
+                del self._dials[key]
+                dial = None
             if dial is None:
                 dial = asyncio.get_running_loop().create_task(self._dial(key))
                 self._dials[key] = dial

@@ -94,6 +94,27 @@ def test_50_concurrent_opens_share_one_dial(mesh, loop):
 
 
 @loops
+@pytest.mark.timeout(20)   # the bug this pins down never yields: only the timeout can end it
+def test_an_opener_that_finds_a_finished_dial_and_a_full_connection_dials_again(mesh, loop):
+    """A dial has finished but its done-callback (which forgets it) has not run yet, and the
+    connection it made is already full: a new opener must start the next dial. Awaiting the finished
+    dial never yields, so re-awaiting it spun forever (seen under 2 000 concurrent SOCKS5 clients)."""
+    async def main():
+        async with PoolEnv(mesh, settings=HboneSettings(client_max_streams_per_connection=2)) as env:
+            first = await asyncio.gather(env.open(), env.open())          # connection 1: full
+            [key] = list(env.pool._conns)
+            finished = asyncio.get_running_loop().create_future()
+            finished.set_result(None)
+            env.pool._dials[key] = finished                                # the window, made to stay open
+            conn = await env.pool._checkout(key)
+            assert conn not in {s._conn for s in first} and env.pool.dials == 2
+            conn.reserved -= 1
+            for s in first:
+                s.close()
+    run(loop, main)
+
+
+@loops
 def test_keys_are_separate(mesh, loop):
     async def main():
         async with PoolEnv(mesh) as env:
