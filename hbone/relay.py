@@ -3,7 +3,8 @@
 ztunnel `src/copy.rs` `copy_bidirectional`: the two directions run concurrently and independently
 (`join!`, not `try_join!`): one side's EOF half-closes the other side (TCP FIN ↔ END_STREAM) while
 the other direction keeps flowing. A reset (RST, RST_STREAM with an error) on either side aborts
-the other side, so its peer learns the bytes did not all arrive — never a silent truncation.
+the other side — TCP RST, or RST_STREAM CONNECT_ERROR (RFC 9113 §8.5; `HboneStream.abort`'s default)
+— so its peer learns the bytes did not all arrive: never a silent truncation.
 Buffering is bounded: read at most `read_bytes`, write, then `drain()` before reading again.
 
 Two ways to run it, same semantics:
@@ -26,21 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from hbone._conn import HboneStream
-from hbone.protocol import ErrorCodes
-from hbone.stream import DEFAULT_READ_BYTES, ByteStream, PrefixedStream, StreamReset, TcpConnection
-
-
-def _abort_as_error(stream: ByteStream) -> None:
-    """Abort so the peer sees an error, not an end. RFC 9113 §8.5: a proxy whose TCP connection
-    was reset "MUST send a RST_STREAM frame with CONNECT_ERROR"; plain abort() would send CANCEL,
-    which HBONE peers (ztunnel) read as a clean end — a silent truncation."""
-    inner = stream
-    while isinstance(inner, PrefixedStream):
-        inner = inner._inner
-    if isinstance(inner, HboneStream):
-        inner.abort(ErrorCodes.CONNECT_ERROR)
-    else:
-        stream.abort()
+from hbone.stream import DEFAULT_READ_BYTES, ByteStream, StreamReset, TcpConnection
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +139,8 @@ class _Splice:
 
     def cancel(self) -> None:
         self._unhook()
-        _abort_as_error(self.h)
-        _abort_as_error(self.t)
+        self.h.abort()
+        self.t.abort()
 
     def result(self) -> RelayResult:
         self._unhook()
@@ -210,8 +197,8 @@ class _Splice:
             return
         self.reset = f"{side}: {err.__class__.__name__}: {err}"
         self._unhook()
-        _abort_as_error(self.h)
-        _abort_as_error(self.t)
+        self.h.abort()
+        self.t.abort()
         self._finish()
 
     def _side(self, h_to_t: bool) -> str:
@@ -350,8 +337,8 @@ async def _pump_relay(a: ByteStream, b: ByteStream, read_bytes: int) -> RelayRes
                 reset = f"{side}: {exc.__class__.__name__}: {exc}"
                 for t in pending:
                     t.cancel()
-                _abort_as_error(a)
-                _abort_as_error(b)
+                a.abort()
+                b.abort()
                 if pending:
                     await asyncio.gather(*pending, return_exceptions=True)
                 for t in tasks:  # retrieve the other side's error, if any, so it is not logged
@@ -363,8 +350,8 @@ async def _pump_relay(a: ByteStream, b: ByteStream, read_bytes: int) -> RelayRes
     except asyncio.CancelledError:
         for t in tasks:
             t.cancel()
-        _abort_as_error(a)
-        _abort_as_error(b)
+        a.abort()
+        b.abort()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
     return RelayResult(counts[0], counts[1], reset)

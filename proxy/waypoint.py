@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from certs.rotation import CertSource
-from hbone.relay import _abort_as_error, relay
+from hbone.relay import relay
 from hbone.server import HboneServer, InboundTunnel
 from hbone.settings import HboneSettings
 from hbone.stream import ByteStream
@@ -58,9 +58,9 @@ class LiveTunnel:
     def abort(self) -> None:
         self.closed_by_policy = True
         for s in self.streams:
-            # RST_STREAM CONNECT_ERROR (RFC 9113 §8.5), not CANCEL: HBONE peers read CANCEL as a clean
-            # end, and a tunnel cut by policy must not pass for a finished one.
-            _abort_as_error(s)
+            # abort() is RST_STREAM CONNECT_ERROR (RFC 9113 §8.5), not CANCEL: HBONE peers read CANCEL
+            # as a clean end, and a tunnel cut by policy must not pass for a finished one.
+            s.abort()
 
 
 @dataclass
