@@ -15,6 +15,7 @@ from certs.errors import CertError, PeerIdentityError
 from certs.spiffe import SCHEME_PREFIX, SpiffeError, SpiffeId
 
 PRIVATE_FILE_MODE = 0o600  # keys: readable by the owner only
+PUBLIC_FILE_MODE = 0o644   # certificates and CA metadata: public by nature
 PRIVATE_DIR_MODE = 0o700  # the CA directory holds the root key
 
 
@@ -114,25 +115,20 @@ def single_spiffe_id(cert: x509.Certificate) -> SpiffeId:
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` with mode 0600, atomically (temp file in the same directory, then
     rename), so a reader (FileCertSource) never sees half a key and the key is never world-readable."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_atomic(path, data, PRIVATE_FILE_MODE)
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Atomic write, mode 0644 (certificates are public)."""
+    _write_atomic(path, data, PUBLIC_FILE_MODE)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    # The temp file is created with its final mode (O_EXCL: never someone else's file), synced, then
+    # renamed over the target: a reader sees the old file or the whole new one, never a part.
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
