@@ -112,6 +112,18 @@ def single_spiffe_id(cert: x509.Certificate) -> SpiffeId:
         raise PeerIdentityError("no_spiffe_san", f"the certificate's URI SAN is not a valid SPIFFE id: {err}") from None
 
 
+def read_pem_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a PEM file; a missing, directory or unreadable path is a CertError that names it."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CertError(f"{path}: not found") from None
+    except IsADirectoryError:
+        raise CertError(f"{path}: is a directory, expected a PEM file") from None
+    except OSError as err:
+        raise CertError(f"{path}: cannot read: {err.strerror}") from None
+
+
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` with mode 0600, atomically (temp file in the same directory, then
     rename), so a reader (FileCertSource) never sees half a key and the key is never world-readable."""

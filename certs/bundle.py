@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from certs._pem import load_certs, load_key, single_spiffe_id
+from certs._pem import load_certs, load_key, read_pem_file, single_spiffe_id
 from certs.ca import IssuedCert
 from certs.errors import CertError, PeerIdentityError
 from certs.spiffe import SpiffeId
@@ -45,7 +44,7 @@ class CertBundle:
     @classmethod
     def from_files(cls, cert: str | os.PathLike[str], key: str | os.PathLike[str], ca: str | os.PathLike[str]) -> "CertBundle":
         """Load PEM chain (leaf first), PEM key and PEM trust bundle. CertError naming the file on any problem."""
-        return cls.from_pem(_read(cert), _read(key), _read(ca), names=(str(cert), str(key), str(ca)))
+        return cls.from_pem(read_pem_file(cert), read_pem_file(key), read_pem_file(ca), names=(str(cert), str(key), str(ca)))
 
     @classmethod
     def from_issued(cls, issued: IssuedCert, trust_pem: bytes) -> "CertBundle":
@@ -76,17 +75,6 @@ class CertBundle:
             not_before=leaf.not_valid_before_utc,
             not_after=leaf.not_valid_after_utc,
         )
-
-
-def _read(path: str | os.PathLike[str]) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise CertError(f"{path}: not found") from None
-    except IsADirectoryError:
-        raise CertError(f"{path}: is a directory, expected a PEM file") from None
-    except OSError as err:
-        raise CertError(f"{path}: cannot read: {err.strerror}") from None
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:

@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from certs._pem import load_certs, spiffe_uris, utc
+from certs._pem import load_certs, read_pem_file, spiffe_uris, utc
 from certs.ca import ROOT_CERT_FILE, ROOT_KEY_FILE, ROOT_TTL, WORKLOAD_TTL, MeshCA
 from certs.errors import CertError
 from certs.spiffe import DEFAULT_TRUST_DOMAIN, SpiffeError, SpiffeId
@@ -170,15 +170,7 @@ def describe(cert: x509.Certificate, now: datetime) -> list[tuple[str, str]]:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.file)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CertError(f"{path}: not found") from None
-    except IsADirectoryError:
-        raise CertError(f"{path}: is a directory, expected a PEM file") from None
-    except OSError as err:
-        raise CertError(f"{path}: cannot read: {err.strerror}") from None
-    certs = load_certs(data, str(path))
+    certs = load_certs(read_pem_file(path), str(path))
     now = utc(_now_arg(args.now))
     for i, cert in enumerate(certs):
         if i:
