@@ -382,11 +382,7 @@ def faults(tmp_path_factory):
     mesh = Mesh(tmp_path_factory.mktemp("faults"), extra_yaml=(FAULTS_YAML,))
     holes: list[BlackHole] = []
     try:
-        procs = [mesh.start_node("node-a", 1, wait=False), mesh.start_node("node-b", 2, wait=False),
-                 mesh.start_waypoint(3, wait=False)]
-        for p in procs:
-            mesh.wait_ready(p)
-        mesh.node_a, mesh.node_b, mesh.waypoint = procs
+        mesh.start_proxies()
         faulty, legacy = mesh.pod(50), mesh.pod(60)
         mesh.reset = Backend(faulty, RESET, serve_reset_mid_stream)
         mesh.legacy_reset = Backend(legacy, RESET, serve_reset_mid_stream)
@@ -554,11 +550,7 @@ IN_FLIGHT = 8
 def restartable(tmp_path_factory):
     mesh = Mesh(tmp_path_factory.mktemp("restart"), extra_yaml=(FAULTS_YAML,))
     try:
-        procs = [mesh.start_node("node-a", 1, wait=False), mesh.start_node("node-b", 2, wait=False),
-                 mesh.start_waypoint(3, wait=False)]
-        for p in procs:
-            mesh.wait_ready(p)
-        mesh.node_a, mesh.node_b, mesh.waypoint = procs
+        mesh.start_proxies()
         mesh.backends.append(Backend(mesh.pod(50), ECHO, serve_echo))
         mesh.http_backend(50, HTTP_OK, b"ok")
         yield mesh

@@ -96,11 +96,7 @@ spec:
 def live(tmp_path_factory):
     mesh = Mesh(tmp_path_factory.mktemp("fuzz"))
     try:
-        procs = [mesh.start_node("node-a", 1, wait=False), mesh.start_node("node-b", 2, wait=False),
-                 mesh.start_waypoint(3, wait=False)]
-        for p in procs:
-            mesh.wait_ready(p)
-        mesh.node_a, mesh.node_b, mesh.waypoint = procs
+        mesh.start_proxies()
         mesh.backends.append(Backend(mesh.pod(21), ECHO_PORT, serve_echo))   # reviews-v1 (direct: TCP echo)
         mesh.http_backend(22, ECHO_PORT, b"reviews-v2")
         ca = MeshCA.load(mesh.ca_dir)

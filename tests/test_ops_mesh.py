@@ -145,11 +145,7 @@ class SinkBackend:
 def mesh(tmp_path_factory):
     m = Mesh(tmp_path_factory.mktemp("ops"), extra_yaml=(EXTRA,))
     try:
-        procs = [m.start_node("node-a", 1, wait=False), m.start_node("node-b", 2, wait=False),
-                 m.start_waypoint(3, wait=False)]
-        for p in procs:
-            m.wait_ready(p)
-        m.node_a, m.node_b, m.waypoint = procs
+        m.start_proxies()
         for v in (1, 2, 3):
             m.backends.append(SizedBackend(m.pod(20 + v), 9080, f"v{v}"))
         m.sink = SinkBackend(m.pod(52), SINK_PORT)

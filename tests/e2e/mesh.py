@@ -137,6 +137,16 @@ class Mesh:
                            ["--mode", "waypoint", "--ca-dir", str(self.ca_dir), "--gateway", gateway,
                             "--hbone-addr", f"{self.pod(pod_last)}:15008", *extra], **kw)
 
+    def start_proxies(self, *, node_a_extra: tuple[str, ...] = ()) -> tuple[Proc, Proc, Proc]:
+        """The bookinfo mesh's three proxies (node-a, node-b, the reviews waypoint), started together
+        (their start-ups overlap) and then each waited for; also kept as node_a, node_b, waypoint."""
+        procs = (self.start_node("node-a", 1, wait=False, extra=node_a_extra),
+                 self.start_node("node-b", 2, wait=False), self.start_waypoint(3, wait=False))
+        for p in procs:
+            self.wait_ready(p)
+        self.node_a, self.node_b, self.waypoint = procs
+        return procs
+
     def wait_ready(self, proc: Proc, timeout: float = READY_TIMEOUT_S) -> None:
         try:
             self.supervisor.wait_ready(proc, timeout)

@@ -26,10 +26,7 @@ def main() -> int:
         # locally generated packets to 127.0.0.1:15001).
         subprocess.run(["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-s", mesh.pod(10), "-d", vips,
                         "-j", "REDIRECT", "--to-ports", "15001"], check=True, capture_output=True)
-        procs = [mesh.start_node("node-a", 1, wait=False, extra=("--outbound-addr", "127.0.0.1:15001")),
-                 mesh.start_node("node-b", 2, wait=False), mesh.start_waypoint(3, wait=False)]
-        for p in procs:
-            mesh.wait_ready(p)
+        procs = mesh.start_proxies(node_a_extra=("--outbound-addr", "127.0.0.1:15001"))
         for v in (1, 2, 3):
             mesh.http_backend(20 + v, 9080, f"reviews-v{v}".encode())
         counts: collections.Counter = collections.Counter()

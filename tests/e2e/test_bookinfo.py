@@ -95,11 +95,7 @@ spec:
 def bookinfo(tmp_path_factory):
     mesh = Mesh(tmp_path_factory.mktemp("bookinfo"), extra_yaml=(EXTRA,))
     try:
-        procs = [mesh.start_node("node-a", 1, wait=False), mesh.start_node("node-b", 2, wait=False),
-                 mesh.start_waypoint(3, wait=False)]
-        for p in procs:
-            mesh.wait_ready(p)
-        mesh.node_a, mesh.node_b, mesh.waypoint = procs
+        mesh.start_proxies()
         for v in (1, 2, 3):
             mesh.http_backend(20 + v, 9080, f"reviews-v{v}".encode())
         mesh.http_backend(30, 9080, b"ratings-v1")
@@ -251,11 +247,7 @@ def test_httproute_90_10(make_mesh):
     from tests.e2e.mesh import FIXTURES
     mesh = make_mesh(fixtures=("inventory.yaml", "authz.yaml", "waypoint.yaml"),
                      extra_yaml=((FIXTURES / "bookinfo-httproute.yaml").read_text(),))
-    procs = [mesh.start_node("node-a", 1, wait=False), mesh.start_node("node-b", 2, wait=False),
-             mesh.start_waypoint(3, wait=False)]
-    for p in procs:
-        mesh.wait_ready(p)
-    mesh.node_a = procs[0]
+    mesh.start_proxies()
     for v in (1, 2, 3):
         mesh.http_backend(20 + v, 9080, f"reviews-v{v}".encode())
     counts = _split(mesh, REQUESTS)
@@ -267,11 +259,7 @@ def test_pod_killed_retries_then_all_down_503(make_mesh):
     """No VirtualService: reviews is one cluster of three pods. One pod down → Istio's default retry
     (connect-failure, another host) hides it; all down → 503 with UF/URX in the waypoint's log."""
     mesh = make_mesh(fixtures=("inventory.yaml", "authz.yaml", "waypoint.yaml"))
-    procs = [mesh.start_node("node-a", 1, wait=False), mesh.start_node("node-b", 2, wait=False),
-             mesh.start_waypoint(3, wait=False)]
-    for p in procs:
-        mesh.wait_ready(p)
-    mesh.node_a, _, waypoint = procs
+    _, _, waypoint = mesh.start_proxies()
     backends = [mesh.http_backend(20 + v, 9080, f"reviews-v{v}".encode()) for v in (1, 2, 3)]
     backends[0].close()                     # reviews-v1 killed: its node proxy answers the CONNECT 503
     counts = _split(mesh, 60)
