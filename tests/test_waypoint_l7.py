@@ -14,11 +14,9 @@ import h2.connection
 import h2.events as ev
 from h2.errors import ErrorCodes
 
-from hbone.relay import relay
-from hbone.server import HboneServer
 from hbone.stream import TcpStream
 from proxy.pipeline.h2c import serve_h2c
-from tests.waypoint_harness import REVIEWS_VIP, Pod, cert_source, start_harness, start_pod
+from tests.waypoint_harness import REVIEWS_VIP, Pod, start_harness, start_node_inbound, start_pod
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GREETER_VIP = "127.2.0.90"
@@ -205,22 +203,7 @@ async def start_h2c_pod(ip: str, version: str, port: int = 9090) -> tuple[Pod, H
             stream.close()
 
     pod.backend = await asyncio.start_server(serve, ip, port)
-
-    async def node_inbound(tunnel):
-        try:
-            up = await TcpStream.connect(ip, tunnel.authority[1])
-        except OSError:
-            await tunnel.reject(503, "upstream connect failed")
-            return
-        stream = await tunnel.accept()
-        try:
-            await relay(stream, up)
-        finally:
-            up.close()
-            stream.close()
-
-    src = cert_source("default", "greeter")
-    pod.hbone = await HboneServer(src.server_context, node_inbound, trust_domain="cluster.local").start(ip, 15008)
+    pod.hbone = await start_node_inbound(ip, "greeter")
     return pod, backend
 
 

@@ -127,8 +127,14 @@ async def start_pod(ip: str, version: str, sa: str = "bookinfo-reviews", port: i
                 stream.close()
 
     pod.backend = await asyncio.start_server(serve, ip, port, limit=256 * 1024)
+    pod.hbone = await start_node_inbound(ip, sa)
+    return pod
 
-    async def node_inbound(tunnel):   # the destination node proxy: terminate, then plaintext to the pod
+
+async def start_node_inbound(ip: str, sa: str) -> HboneServer:
+    """The destination node proxy in front of the pod at ip (identity sa): terminate, then plaintext to
+    the pod's port from the CONNECT authority; a refused port is answered 503."""
+    async def node_inbound(tunnel):
         try:
             up = await TcpStream.connect(ip, tunnel.authority[1])
         except OSError:
@@ -142,8 +148,7 @@ async def start_pod(ip: str, version: str, sa: str = "bookinfo-reviews", port: i
             stream.close()
 
     src = cert_source("default", sa)
-    pod.hbone = await HboneServer(src.server_context, node_inbound, trust_domain="cluster.local").start(ip, 15008)
-    return pod
+    return await HboneServer(src.server_context, node_inbound, trust_domain="cluster.local").start(ip, 15008)
 
 
 @dataclass
