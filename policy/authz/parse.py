@@ -342,33 +342,29 @@ class _PolicyParser(_Reader):
         hint = difflib.get_close_matches(key, sorted(simple) + ["request.headers[]", "request.auth.claims[]"], n=1)
         raise self.fail(path, f"unknown attribute: {key}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
 
+    def clause(self, raw: Any, path: str, index: int, key: str, field: str,
+               parse: Callable[[Any, str, int], Any]) -> m.Clause:
+        """A rule's ``from`` (items ``{source: ...}``) or ``to`` (items ``{operation: ...}``): a
+        non-empty list whose every item holds its one field, as Istio's validation requires."""
+        items = self.list(raw, _join(path, key))
+        if not items:
+            raise self.fail(_join(path, key), f"`{key}` must not be empty, found at rule {index}")
+        parsed = []
+        for i, item in enumerate(items):
+            ipath = f"{path}.{key}[{i}]"
+            item = self.fields(item, ipath, frozenset({field}))
+            if item.get(field) is None:
+                raise self.fail(_join(ipath, field), f"`{key}.{field}` must not be nil, found at rule {index}")
+            parsed.append(parse(item[field], _join(ipath, field), index))
+        return m.Clause(key, tuple(parsed))
+
     def rule(self, raw: Any, path: str, index: int) -> m.Rule:
         body = self.fields(raw, path, RULE_FIELDS)
         clauses = []
         if body.get("from") is not None:
-            froms = self.list(body["from"], _join(path, "from"))
-            if not froms:
-                raise self.fail(_join(path, "from"), f"`from` must not be empty, found at rule {index}")
-            sources = []
-            for i, item in enumerate(froms):
-                ipath = f"{path}.from[{i}]"
-                item = self.fields(item, ipath, frozenset({"source"}))
-                if item.get("source") is None:
-                    raise self.fail(_join(ipath, "source"), f"`from.source` must not be nil, found at rule {index}")
-                sources.append(self.source(item["source"], _join(ipath, "source"), index))
-            clauses.append(m.Clause("from", tuple(sources)))
+            clauses.append(self.clause(body["from"], path, index, "from", "source", self.source))
         if body.get("to") is not None:
-            tos = self.list(body["to"], _join(path, "to"))
-            if not tos:
-                raise self.fail(_join(path, "to"), f"`to` must not be empty, found at rule {index}")
-            ops = []
-            for i, item in enumerate(tos):
-                ipath = f"{path}.to[{i}]"
-                item = self.fields(item, ipath, frozenset({"operation"}))
-                if item.get("operation") is None:
-                    raise self.fail(_join(ipath, "operation"), f"`to.operation` must not be nil, found at rule {index}")
-                ops.append(self.operation(item["operation"], _join(ipath, "operation"), index))
-            clauses.append(m.Clause("to", tuple(ops)))
+            clauses.append(self.clause(body["to"], path, index, "to", "operation", self.operation))
         if body.get("when") is not None:
             for i, item in enumerate(self.list(body["when"], _join(path, "when"))):
                 clauses.append(m.Clause(f"when[{i}]", (self.condition(item, f"{path}.when[{i}]"),)))
