@@ -363,12 +363,18 @@ class HttpPipeline:
             raise UpstreamTimeout(f"route timeout {up.timeout_s:g}s") from None
         # Stream the response back; the route timeout still bounds it (Envoy: the whole response).
         log.status = resp.status
+        released = False   # the HTTP/1.1 connection went back to the pool: never abort it then
         try:
             out_headers = apply_ops(list(resp.headers), up.response_ops)
             await responder.send_head(resp.status, out_headers, reason=resp.reason or None)
             async with asyncio.timeout_at(deadline):
                 async for chunk in resp.body_chunks():
                     await responder.send_body(chunk)
+            if stream is not None:
+                # The upstream response is complete: pool its connection now, not after our own
+                # end() — another downstream's request may want it meanwhile (fewer re-dials).
+                self._release(key, stream, resp)
+                stream, released = None, True
             trailers = list(getattr(resp, "trailers", ()) or ())
             if grpc:
                 log.grpc_status = _grpc_status_of(trailers) or _grpc_status_of(out_headers)
@@ -377,15 +383,18 @@ class HttpPipeline:
             else:
                 await responder.end()   # HTTP/1.1 downstream: upstream trailers are dropped
         except BaseException as err:
-            resp.abort()
+            if not released:
+                resp.abort()
             if isinstance(err, TimeoutError):
                 log.flags.append("UT")
                 raise ConnectionAbortedError("route timeout mid-response") from None
             if isinstance(err, (ClientUpstreamReset, H2UpstreamReset)):
                 log.flags.append("UC")   # upstream connection termination mid-response: reset the client
             raise
-        if stream is None:
-            return   # HTTP/2: the connection is shared, its stream was released
+        if stream is not None:   # (HTTP/2: None, the connection is shared, its stream was released)
+            self._release(key, stream, resp)
+
+    def _release(self, key: str, stream: ByteStream, resp) -> None:
         if resp.reusable:
             self.h1pool.put(key, stream, resp._reader)
         else:
