@@ -64,3 +64,25 @@ async def test_concurrent_keepalive_clients_do_not_churn_upstream_connections(tm
         assert repr(h.waypoint.http.h1pool) == f"<Http1Pool keys=2 idle={first}>"
     finally:
         await h.close()
+
+
+async def test_routing_reload_applies_to_the_next_request_on_a_kept_alive_tunnel(tmp_path, loopback_ip):
+    """Resolved upstreams are remembered per config snapshot: a reload that moves all traffic to v2
+    takes effect on the very next request of an open keep-alive tunnel, on v2's own pooled connection."""
+    h = await start_harness(tmp_path, loopback_ip)
+    try:
+        c = h.client()
+        stream = await c.tunnel(f"{REVIEWS_VIP}:9080")
+        before = {(await c.request(stream))[2] for _ in range(40)}
+        assert b"v1" in before
+        routing = tmp_path / "config" / "routing.yaml"
+        text = routing.read_text()
+        assert "weight: 90" in text and "weight: 10" in text
+        routing.write_text(text.replace("weight: 90", "weight: 0").replace("weight: 10", "weight: 100"))
+        h.store.load()
+        after = [(await c.request(stream))[2] for _ in range(40)]
+        assert after == [b"v2"] * 40
+        stream.close()
+        assert h.waypoint.originator.opened_hbone <= 2   # one per endpoint, kept across the reload
+    finally:
+        await h.close()

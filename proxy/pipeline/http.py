@@ -139,8 +139,35 @@ def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, des
                     tp.outlier_detection, svc.app_protocols.get(dest.port) if dest.port is not None else None)
 
 
-def plan_request(ctx: TunnelContext, snapshot: Snapshot, view: HttpRequestView, *, rng: random.Random) -> RequestPlan:
-    """One request against the snapshot: authorize → route → fault → destination → endpoints. Pure."""
+# Upstream memo entries per snapshot: a snapshot holds finitely many (route action, destination) pairs;
+# the bound only protects against a pathological config (the memo is then simply restarted).
+UPSTREAM_MEMO_ENTRIES = 4096
+
+
+def _upstream_memo(memo: dict | None, chain: Chain, snapshot: Snapshot, forward: Forward, dest) -> Upstream | ProxyError:
+    """``_upstream_for`` for a VIP chain, remembered per snapshot: the same route action and destination
+    always give the same Upstream (endpoints_for walks the inventory: ~20 µs per request otherwise).
+    Keyed by identity — the memo holds both objects, so their ids cannot be reused while cached.
+
+    Measured with the timeout-context skips and the peer-label memo (python -m benchmarks --only http,
+    load c=64): waypoint 170 → 140 µs per request, 6 467 → 7 867 req/s through the three proxies."""
+    if memo is None:
+        return _upstream_for(chain, snapshot, forward, dest)
+    key = (id(forward), id(dest))
+    hit = memo.get(key)
+    if hit is not None and hit[0] is forward and hit[1] is dest:
+        return hit[2]
+    up = _upstream_for(chain, snapshot, forward, dest)
+    if len(memo) >= UPSTREAM_MEMO_ENTRIES:
+        memo.clear()
+    memo[key] = (forward, dest, up)
+    return up
+
+
+def plan_request(ctx: TunnelContext, snapshot: Snapshot, view: HttpRequestView, *, rng: random.Random,
+                 memo: dict | None = None) -> RequestPlan:
+    """One request against the snapshot: authorize → route → fault → destination → endpoints. Pure
+    (``memo``: an optional per-snapshot cache of resolved upstreams, owned by the caller)."""
     try:
         chain = match_chain(ctx.authority, snapshot).resolved("http")
     except UnknownDestination as err:
@@ -163,13 +190,13 @@ def plan_request(ctx: TunnelContext, snapshot: Snapshot, view: HttpRequestView, 
     if isinstance(action, (Redirect, DirectResponse)):
         return RequestPlan(chain, view, decision, route, local=action)
     fault = decide_fault(action, rng)
-    up = _upstream_for(chain, snapshot, action, choose_destination(action, rng))
+    up = _upstream_memo(memo, chain, snapshot, action, choose_destination(action, rng))
     if isinstance(up, ProxyError):
         return RequestPlan(chain, view, decision, route, fault, error=up)
     # Mirrors: each drawn against its percentage; a mirror destination that cannot be served (no
     # such cluster) is skipped — Envoy ignores a missing shadow cluster, the main request is unaffected.
     # One with no endpoint is still fired, and fails (counted), as Envoy's shadow would with UH.
-    mirrors = tuple(m for m in (_upstream_for(chain, snapshot, action, d) for d in mirrors_for(action, rng))
+    mirrors = tuple(m for m in (_upstream_memo(memo, chain, snapshot, action, d) for d in mirrors_for(action, rng))
                     if isinstance(m, Upstream))
     return RequestPlan(chain, view, decision, route, fault, up, mirrors=mirrors)
 
@@ -256,6 +283,11 @@ class HttpPipeline:
         self.active: dict[str, int] = {}
         self.outliers: dict[tuple[str, OutlierDetection], OutlierDetector] = {}
         self.requests = 0
+        # Per-request work that only depends on the config or the peer, done once (see plan_request,
+        # _report): the snapshot the upstream memo belongs to, and metrics peer labels by identity.
+        self._memo_snapshot: Snapshot | None = None
+        self._upstream_memo: dict = {}
+        self._peer_memo: dict = {}
 
     def __repr__(self) -> str:
         return (f"<HttpPipeline requests={self.requests} in_flight={sum(self.active.values())} {self.h1pool!r} "
@@ -277,7 +309,9 @@ class HttpPipeline:
         log = _Log(self.clock())
         t0 = time.monotonic()
         view = request_view(request.method, request.target, request.host, request.headers, chain.port)
-        plan = plan_request(ctx, snapshot, view, rng=self.rng)
+        if snapshot is not self._memo_snapshot:   # a config reload: resolve upstreams afresh
+            self._memo_snapshot, self._upstream_memo = snapshot, {}
+        plan = plan_request(ctx, snapshot, view, rng=self.rng, memo=self._upstream_memo)
         if plan.route is not None:
             log.route = plan.route.route_config
         grpc = is_grpc(request.headers)
@@ -355,10 +389,16 @@ class HttpPipeline:
         h2 = up.uses_h2(protocol)
         loop = asyncio.get_running_loop()
         deadline = None if not up.timeout_s else loop.time() + up.timeout_s
+        # No route timeout (Istio's default): no timeout context either — asyncio.timeout_at(None)
+        # still builds and enters one per request, for nothing.
+        forward = self._forward(up, ctx, request.method, target, authority, headers, body, clen, replayable,
+                                log, h2)
         try:
-            async with asyncio.timeout_at(deadline):
-                resp, stream, key = await self._forward(up, ctx, request.method, target, authority, headers,
-                                                        body, clen, replayable, log, h2)
+            if deadline is None:
+                resp, stream, key = await forward
+            else:
+                async with asyncio.timeout_at(deadline):
+                    resp, stream, key = await forward
         except TimeoutError:
             raise UpstreamTimeout(f"route timeout {up.timeout_s:g}s") from None
         # Stream the response back; the route timeout still bounds it (Envoy: the whole response).
@@ -367,9 +407,13 @@ class HttpPipeline:
         try:
             out_headers = apply_ops(list(resp.headers), up.response_ops)
             await responder.send_head(resp.status, out_headers, reason=resp.reason or None)
-            async with asyncio.timeout_at(deadline):
+            if deadline is None:
                 async for chunk in resp.body_chunks():
                     await responder.send_body(chunk)
+            else:
+                async with asyncio.timeout_at(deadline):
+                    async for chunk in resp.body_chunks():
+                        await responder.send_body(chunk)
             if stream is not None:
                 # The upstream response is complete: pool its connection now, not after our own
                 # end() — another downstream's request may want it meanwhile (fewer re-dials).
@@ -425,14 +469,17 @@ class HttpPipeline:
             log.attempts, log.host, log.candidate = attempt, cand.key, cand
             sent = [False]
             self.active[cand.key] = self.active.get(cand.key, 0) + 1
+            if h2:
+                attempt_coro = self._attempt_h2(cand, up, ctx, method, target, authority, headers, body, sent)
+            else:
+                attempt_coro = self._attempt(cand, up, ctx, method, target, authority, headers, body, clen,
+                                             replayable, sent)
             try:
-                async with asyncio.timeout(policy.per_try_timeout_s):
-                    if h2:
-                        resp, stream, key = await self._attempt_h2(cand, up, ctx, method, target, authority,
-                                                                   headers, body, sent)
-                    else:
-                        resp, stream, key = await self._attempt(cand, up, ctx, method, target, authority, headers,
-                                                                body, clen, replayable, sent)
+                if policy.per_try_timeout_s is None:   # no per-try timeout: no timeout context
+                    resp, stream, key = await attempt_coro
+                else:
+                    async with asyncio.timeout(policy.per_try_timeout_s):
+                        resp, stream, key = await attempt_coro
             except TimeoutError:
                 outcome, err = Outcome(error=PER_TRY_TIMEOUT), UpstreamTimeout("per-try timeout")
             except OriginateFailed as e:
@@ -546,6 +593,21 @@ class HttpPipeline:
                 upstream_cluster=up.cluster, authority=authority.decode("latin-1"), status=status,
                 response_flags="-", error=error))
 
+    # Metrics peer labels remembered (a waypoint sees few distinct peers; the bound is for the rest).
+    PEER_MEMO_ENTRIES = 4096
+
+    def _peer(self, key: tuple, source, build: Callable[[], object]):
+        """The label record ``build()`` makes from ``source``, remembered under ``key`` while ``source`` is the
+        very same object (a workload, service or baggage from the config or the tunnel)."""
+        hit = self._peer_memo.get(key)
+        if hit is not None and hit[0] is source:
+            return hit[1]
+        info = build()
+        if len(self._peer_memo) >= self.PEER_MEMO_ENTRIES:
+            self._peer_memo.clear()
+        self._peer_memo[key] = (source, info)
+        return info
+
     def _report(self, plan: RequestPlan, ctx: TunnelContext, log: _Log, request, responder, protocol: str,
                 t0: float, grpc: bool = False) -> None:
         duration_ms = (time.monotonic() - t0) * 1000.0
@@ -555,9 +617,13 @@ class HttpPipeline:
         svc = chain.service if chain is not None else None
         if self.metrics is not None:
             labels = traffic_labels(
-                "waypoint", source=PeerInfo.from_baggage(ctx.peer_identity, ctx.baggage),
-                destination=PeerInfo.from_workload(log.candidate.workload) if log.candidate else None,
-                service=ServiceInfo.from_service(svc) if svc else None, request_protocol="grpc" if grpc else "http",
+                "waypoint", source=self._peer(("src", ctx.peer_identity), ctx.baggage,
+                                              lambda: PeerInfo.from_baggage(ctx.peer_identity, ctx.baggage)),
+                destination=self._peer(("dst", log.candidate.key), log.candidate.workload,
+                                       lambda: PeerInfo.from_workload(log.candidate.workload))
+                if log.candidate else None,
+                service=self._peer(("svc", svc.hostname), svc, lambda: ServiceInfo.from_service(svc)) if svc else None,
+                request_protocol="grpc" if grpc else "http",
                 response_flags=",".join(flags) if flags else "-", security_policy="mutual_tls")
             # istio_stats.cc: grpc_response_status is the gRPC status for gRPC requests, "" otherwise.
             self.metrics.http_request(labels, status, duration_ms, request.body_bytes, responder.body_bytes,
