@@ -167,12 +167,21 @@ def _upstream_memo(memo: dict | None, chain: Chain, snapshot: Snapshot, forward:
 def plan_request(ctx: TunnelContext, snapshot: Snapshot, view: HttpRequestView, *, rng: random.Random,
                  memo: dict | None = None) -> RequestPlan:
     """One request against the snapshot: authorize → route → fault → destination → endpoints. Pure
-    (``memo``: an optional per-snapshot cache of resolved upstreams, owned by the caller)."""
-    try:
-        chain = match_chain(ctx.authority, snapshot).resolved("http")
-    except UnknownDestination as err:
-        # The service left this waypoint's scope since the tunnel opened (config reload).
-        return RequestPlan(None, view, None, error=err)
+    (``memo``: an optional per-snapshot cache of resolved chains and upstreams, owned by the caller)."""
+    chain = memo.get(ctx.authority) if memo is not None else None
+    if chain is None:
+        try:
+            chain = match_chain(ctx.authority, snapshot).resolved("http")
+        except UnknownDestination as err:
+            # The service left this waypoint's scope since the tunnel opened (config reload).
+            return RequestPlan(None, view, None, error=err)
+        # The chain depends only on the authority and the snapshot. Under cProfile (64 keep-alive
+        # clients) plan_request went 278 → 216 ms per 2 560 requests; the benchmark cannot see it
+        # (load c=64: 7 240 and 7 371 req/s, waypoint 153 / 149 µs per request, within run-to-run noise).
+        if memo is not None:
+            if len(memo) >= UPSTREAM_MEMO_ENTRIES:
+                memo.clear()
+            memo[ctx.authority] = chain
     decision = l7_decision(chain, snapshot, ctx.source_ip, ctx.peer_identity, method=view.method,
                            path=view.path, host=view.authority, headers=view.headers)
     if not decision.allowed:
