@@ -626,7 +626,9 @@ class HttpPipeline:
         svc = chain.service if chain is not None else None
         if self.metrics is not None:
             labels = traffic_labels(
-                "waypoint", source=self._peer(("src", ctx.peer_identity), ctx.baggage,
+                # Keyed by value: every tunnel brings its own (equal) Baggage object, so an identity
+                # check would miss on each tunnel switch at 64 keep-alive connections.
+                "waypoint", source=self._peer(("src", ctx.peer_identity, ctx.baggage), None,
                                               lambda: PeerInfo.from_baggage(ctx.peer_identity, ctx.baggage)),
                 destination=self._peer(("dst", log.candidate.key), log.candidate.workload,
                                        lambda: PeerInfo.from_workload(log.candidate.workload))
