@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -124,8 +125,15 @@ def run(args: argparse.Namespace, log=print) -> list[report.ScenarioResult]:
     return results
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # Python's default SIGTERM kills without unwinding, so the parties' `finally: stop()` would never
+    # run and sinks, relays and nghttpx/nginx would outlive the harness (seen after `timeout`).
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     started = time.time()
     print(f"hbone-proxy benchmarks ({'full' if args.full else 'quick'}; {args.repeat} repetition(s); "
           f"{os.cpu_count()} CPUs; Python {platform.python_version()}): {', '.join(args.only)}\n", flush=True)
