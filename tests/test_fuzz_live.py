@@ -15,6 +15,7 @@ subject is the process. Examples are bounded so the file runs in well under a mi
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import ssl
@@ -37,7 +38,7 @@ from tests.test_faults import Backend, read_exactly_then_eof, serve_echo
 from tests.test_hardening_h2 import Raw
 
 ECHO_PORT = 9080
-LIVE = settings(max_examples=150, deadline=None, database=None,
+LIVE = settings(max_examples=int(os.environ.get("HBONE_FUZZ_EXAMPLES", "150")), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 CONNECT_ANSWERS = {200, 400, 401, 431, 503}
 SOCKS_REPLY_CODES = set(range(0, 9)) | {0xFF}
@@ -180,7 +181,10 @@ def test_fuzzed_connect_requests_get_an_answer_in_the_expected_set(checked, auth
 # is 1 MiB; a larger declared length is refused on the header alone), then form DATA frames on
 # stream 0, a connection error (RFC 9113 §6.1) — so the server must end every connection.
 FRAME_FLUSH = b"\x00" * (1024 * 1024 + 64)
-CLOSE_WAIT_S = 5.0
+# The answer normally comes within milliseconds; the margin is for a loaded 2-core CI box (one full
+# run under extra benchmark load saw a miss at 5 s that 2 000 isolated and loaded examples did not
+# reproduce).
+CLOSE_WAIT_S = 15.0
 
 
 @LIVE
