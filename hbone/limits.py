@@ -143,11 +143,14 @@ class InboundGuard:
                              int.from_bytes(raw[5:9], "big") & 0x7FFFFFFF)
             self._body_left = head.length
             if head.type == DATA and head.flags & FLAG_PADDED and head.length:
-                if pos < n:
-                    verdict = self._on_data(head, view[pos])
-                else:
-                    self._pad_head = head  # decided when the pad-length byte arrives
-                    verdict = self._check_frame(head, now)
+                # What the header alone tells comes first (frame size above all): a padded DATA frame
+                # must not skip it (found by live fuzzing: an 8.9 MB padded frame hung the connection).
+                verdict = self._check_frame(head, now)
+                if verdict is None:
+                    if pos < n:
+                        verdict = self._on_data(head, view[pos])
+                    else:
+                        self._pad_head = head  # decided when the pad-length byte arrives
             else:
                 verdict = self._check_frame(head, now)
                 if verdict is None and head.type == DATA:

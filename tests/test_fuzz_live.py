@@ -23,7 +23,7 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame
 from prometheus_client.parser import text_string_to_metric_families
@@ -38,7 +38,11 @@ from tests.test_faults import Backend, read_exactly_then_eof, serve_echo
 from tests.test_hardening_h2 import Raw
 
 ECHO_PORT = 9080
+# No shrink phase: every example against a live proxy may wait CLOSE_WAIT_S, so shrinking a failure
+# would outlast the test timeout; the failing input is printed as found (it found the padded-DATA
+# frame-size bug fixed in hbone/limits.py).
 LIVE = settings(max_examples=int(os.environ.get("HBONE_FUZZ_EXAMPLES", "150")), deadline=None, database=None,
+                phases=(Phase.explicit, Phase.generate),
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 CONNECT_ANSWERS = {200, 400, 401, 431, 503}
 SOCKS_REPLY_CODES = set(range(0, 9)) | {0xFF}
@@ -181,10 +185,7 @@ def test_fuzzed_connect_requests_get_an_answer_in_the_expected_set(checked, auth
 # is 1 MiB; a larger declared length is refused on the header alone), then form DATA frames on
 # stream 0, a connection error (RFC 9113 §6.1) — so the server must end every connection.
 FRAME_FLUSH = b"\x00" * (1024 * 1024 + 64)
-# The answer normally comes within milliseconds; the margin is for a loaded 2-core CI box (one full
-# run under extra benchmark load saw a miss at 5 s that 2 000 isolated and loaded examples did not
-# reproduce).
-CLOSE_WAIT_S = 15.0
+CLOSE_WAIT_S = 5.0
 
 
 @LIVE

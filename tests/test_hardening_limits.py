@@ -69,6 +69,15 @@ def test_oversized_frame_judged_on_header_alone():
     assert v is not None and v.reason == "frame_too_large" and v.code == FRAME_SIZE
 
 
+def test_oversized_padded_data_frame_judged_on_header_too():
+    """Regression (live fuzzing): a PADDED DATA header skipped the size check when its pad-length byte
+    came in the same read, so an 8.9 MB frame was waited for instead of refused."""
+    garbage = b"\x88&\x06\x00\xaeV*>\xc3"          # length 0x882606, DATA, flags incl. PADDED
+    for tail in (b"", b"\x00" * 64):                   # pad-length byte later / in the same read
+        v = both(CLIENT_PREFACE + garbage + tail)
+        assert v is not None and v.reason == "frame_too_large" and v.code == FRAME_SIZE
+
+
 def test_continuation_count_and_block_size():
     many = [headers(1, end_headers=False)] + [ContinuationFrame(1, data=b"\x00")] * (S.max_continuation_frames + 1)
     assert both(frames(*many)).reason == "continuation_flood"
