@@ -114,11 +114,12 @@ def _ident(uri: str) -> SpiffeId | None:
 def source_baggage(w: Workload) -> str:
     """ztunnel's ``baggage`` for the source workload (src/baggage.rs ``baggage_header_val``): the
     destination side names the caller in its metrics from it."""
+    from proxy.telemetry.metrics import PeerInfo
+    peer = PeerInfo.from_workload(w)   # canonical service/revision derived once, as the metrics do
     return build_baggage(Baggage(
         cluster=w.cluster_id, namespace=w.namespace, workload_name=w.workload_name or w.name,
         workload_type=w.workload_type or "pod",
-        service_name=w.canonical_name or w.labels.get("app", "") or w.workload_name or w.name,
-        service_version=w.canonical_revision or w.labels.get("version", "")))
+        service_name=peer.canonical_service, service_version=peer.canonical_revision))
 
 
 def _workload_id(w: Workload) -> SpiffeId:
