@@ -438,8 +438,7 @@ class ProxyApp:
         idle_checks, trimmed = 0, True
         while True:
             await asyncio.sleep(IDLE_TRIM_CHECK_S)
-            active = getattr(self.mode_proxy, "active_tunnels", 0)
-            if active:
+            if self.mode_proxy.active_tunnels:   # Waypoint and NodeProxy both count their live tunnels
                 idle_checks, trimmed = 0, False
                 continue
             idle_checks += 1
