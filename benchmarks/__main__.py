@@ -31,17 +31,20 @@ class Sizes:
     idle_counts: tuple[int, ...]
     http_seconds: float
     config_workloads: int
+    conn_count: int  # new connections per run in the workers scenario
 
 
 # Quick: the config scenario loads 20 000 workloads, not 100 000 (PyYAML takes ~0.5 ms per workload
 # here, so 100 000 loaded twice per repetition alone would take ~2 of the 5 minutes).
+# Workers: 1 000 new connections take ~1-2 s per row here (each is a full mTLS handshake on both
+# sides), so 4 rows × 3 repetitions stay under ~40 s.
 QUICK = Sizes(bulk_bytes=256 * MiB, short_count=3_000, idle_counts=(1_000, 8_000), http_seconds=3.0,
-              config_workloads=20_000)
+              config_workloads=20_000, conn_count=1_000)
 FULL = Sizes(bulk_bytes=1024 * MiB, short_count=20_000, idle_counts=(1_000, 8_000), http_seconds=10.0,
-             config_workloads=100_000)
+             config_workloads=100_000, conn_count=5_000)
 
 # Scenario names for --only, in run order.
-SCENARIOS = ("upload", "download", "multi64", "short", "idle", "authz", "http", "config")
+SCENARIOS = ("upload", "download", "multi64", "short", "idle", "workers", "authz", "http", "config")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -64,6 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--idle-counts", help="comma-separated idle tunnel counts")
     ap.add_argument("--http-seconds", type=float, help="wrk duration per HTTP run")
     ap.add_argument("--config-workloads", type=int, help="inventory size for the config scenario")
+    ap.add_argument("--conn-count", type=int, help="new connections per run in the workers scenario")
     args = ap.parse_args(argv)
     only: list[str] = []
     for item in args.only or []:
@@ -81,6 +85,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         idle_counts=tuple(int(x) for x in args.idle_counts.split(",")) if args.idle_counts else base.idle_counts,
         http_seconds=args.http_seconds or base.http_seconds,
         config_workloads=args.config_workloads or base.config_workloads,
+        conn_count=args.conn_count or base.conn_count,
     )
     args.clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     bad = [c for c in args.clients if c not in ("python-h2", "node-http2")]
@@ -113,6 +118,10 @@ def run(args: argparse.Namespace, log=print) -> list[report.ScenarioResult]:
                 else:
                     for count in opts.idle_counts:
                         emit(run_idle(lab, opts, count))
+    if "workers" in args.only:
+        from benchmarks.workers import Options, WorkersLab, run_workers
+        with WorkersLab(toolbox, log=log) as lab:
+            emit(run_workers(lab, Options(count=args.sizes.conn_count, repeat=args.repeat)))
     if "authz" in args.only:
         from benchmarks.authz_scenario import run_authz
         emit(run_authz(quick=not args.full))
