@@ -86,8 +86,9 @@ class Target:
 class WorkersLab:
     """Certificates, one sink, and every proxy under test (all running for the whole scenario)."""
 
-    def __init__(self, toolbox, log=print, worker_counts=WORKER_COUNTS):
+    def __init__(self, toolbox, log=print, worker_counts=WORKER_COUNTS, *, nghttpx: bool = True):
         self.toolbox = toolbox
+        self.with_nghttpx = nghttpx
         self.log = log
         self.worker_counts = tuple(worker_counts)
         self.dir = Path(tempfile.mkdtemp(prefix="hbone-bench-workers-"))
@@ -105,7 +106,8 @@ class WorkersLab:
                                                   "--connect-listen", addr(self.sink_connect_addr)), self.dir)
             self.sink.start()
             self._start_ours()
-            self._start_nghttpx()
+            if self.with_nghttpx:
+                self._start_nghttpx()
         except BaseException:
             self.__exit__()
             raise
@@ -288,7 +290,7 @@ def run_workers(lab: WorkersLab, opts: Options) -> ScenarioResult:
                          same_group=lambda a, b: a.target.split(" ")[0] == b.target.split(" ")[0])
     by_name = {t.name: t for t in lab.targets}
     rows: dict[str, Row] = {}
-    for kind in ("ours-node", "nghttpx"):
+    for kind in ("ours-node", "nghttpx") if lab.with_nghttpx else ("ours-node",):
         for n in lab.worker_counts:
             name = f"{kind} ×{n}"
             row = rows[name] = Row(name, "python-conn")
