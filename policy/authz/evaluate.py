@@ -8,6 +8,7 @@ evaluation rule by rule, for ``hbone-proxy explain`` and for humans reading an a
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
@@ -76,37 +77,69 @@ class _Facts:
     """Everything a field can look at, extracted once per request."""
 
     __slots__ = ("principal", "trust_domain", "namespace", "service_account", "source_ip", "remote_ip",
-                 "destination_ip", "destination_port", "sni", "http", "path", "host", "claims",
-                 "request_principal")
+                 "destination_ip", "destination_port", "sni", "http", "method", "raw_path", "path", "host",
+                 "headers", "claims", "request_principal")
 
-    def __init__(self, req: AuthzRequest):
-        principal = req.source_principal or None
-        if principal and principal.startswith("spiffe://"):
-            # ztunnel matches_principal strips spiffe:// ("Istio matches all assumes spiffe:// prefix").
-            principal = principal[len("spiffe://"):]
-        self.principal = principal
-        self.trust_domain = self.namespace = self.service_account = None
-        if principal:
-            parts = principal.split("/")
-            # td/ns/<ns>/sa/<sa> (ztunnel Identity::Spiffe); anything else has a principal but no ns/sa.
-            if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa":
-                self.trust_domain, self.namespace, self.service_account = parts[0], parts[2], parts[4]
-            elif parts:
-                self.trust_domain = parts[0]
+    def __init__(self, req: AuthzRequest | None = None):
+        if req is None:
+            return   # filled in by _Facts.l7 (the waypoint's per-request fast path)
+        self.principal, self.trust_domain, self.namespace, self.service_account = _peer(req.source_principal)
         self.source_ip = parse_ip(req.source_ip)
         self.remote_ip = parse_ip(req.remote_ip) if req.remote_ip else self.source_ip
         self.destination_ip = parse_ip(req.destination_ip)
         self.destination_port = req.destination_port
         self.sni = req.sni
         http = self.http = req.http
-        self.path = normalize_path(http.path) if http is not None else None
-        self.host = http.host if http is not None else None
-        claims = http.jwt_claims if http is not None and http.jwt_claims is not None else None
-        self.claims = claims
-        rp = http.request_principal if http is not None else None
+        if http is None:
+            self.method = self.raw_path = self.path = self.host = self.headers = None
+            self.claims = self.request_principal = None
+            return
+        self.method, self.raw_path, self.host, self.headers = http.method, http.path, http.host, http.headers
+        self.path = normalize_path(http.path)
+        claims = self.claims = http.jwt_claims
+        rp = http.request_principal
         if rp is None and claims is not None and isinstance(claims.get("iss"), str) and isinstance(claims.get("sub"), str):
             rp = f"{claims['iss']}/{claims['sub']}"  # Istio: request principal = "<iss>/<sub>"
         self.request_principal = rp
+
+    @classmethod
+    def l7(cls, source_ip: str, principal: str | None, destination_ip: str, destination_port: int, method: str,
+           path: str, host: str, headers: Mapping[str, tuple[str, ...]]) -> "_Facts":
+        """The facts of ``AuthzRequest(source_ip, principal, destination_ip, destination_port,
+        http=HttpAttributes(method, path, host, headers))`` without building those two objects (no JWT,
+        no SNI, no remote IP: what a waypoint's HTTP request carries)."""
+        f = cls()
+        f.principal, f.trust_domain, f.namespace, f.service_account = _peer(principal)
+        f.source_ip = f.remote_ip = parse_ip(source_ip)
+        f.destination_ip = parse_ip(destination_ip)
+        f.destination_port = destination_port
+        f.sni = None
+        f.http = True   # only tested for "is this HTTP"; the attributes are the fields below
+        f.method, f.raw_path, f.host, f.headers = method, path, host, headers
+        f.path = normalize_path(path)
+        f.claims = f.request_principal = None
+        return f
+
+
+# Distinct peer principals remembered with their parsed parts (a proxy sees few; the bound is for the rest).
+PEER_CACHE_ENTRIES = 4096
+
+
+@functools.lru_cache(maxsize=PEER_CACHE_ENTRIES)
+def _peer(source_principal: str | None) -> tuple[str | None, str | None, str | None, str | None]:
+    """(principal, trust domain, namespace, service account) of a peer identity; memoised because every
+    request of a tunnel brings the same one."""
+    principal = source_principal or None
+    if principal and principal.startswith("spiffe://"):
+        # ztunnel matches_principal strips spiffe:// ("Istio matches all assumes spiffe:// prefix").
+        principal = principal[len("spiffe://"):]
+    if principal:
+        parts = principal.split("/")
+        # td/ns/<ns>/sa/<sa> (ztunnel Identity::Spiffe); anything else has a principal but no ns/sa.
+        if len(parts) == 5 and parts[1] == "ns" and parts[3] == "sa":
+            return principal, parts[0], parts[2], parts[4]
+        return principal, parts[0], None, None
+    return principal, None, None, None
 
 
 def _one(v) -> tuple:
@@ -121,20 +154,20 @@ def _strings(v) -> tuple:
     return ()
 
 
-_PSEUDO_HEADERS = {":authority": "host", "host": "host", ":method": "method", ":path": "path"}
+# Pseudo-headers read the request line's fields (the raw path, as HttpAttributes.path is).
+_PSEUDO_HEADERS = {":authority": "host", "host": "host", ":method": "method", ":path": "raw_path"}
 
 
 def _header(f: _Facts, arg: tuple) -> tuple:
-    http = f.http
-    if http is None:
+    if f.http is None:
         return ()
     name = arg[0]
-    vals = http.headers.get(name)
+    vals = f.headers.get(name)
     if vals is None:
         alias = _PSEUDO_HEADERS.get(name)
         if alias is None:
             return ()
-        return (getattr(http, alias),)
+        return (getattr(f, alias),)
     # Envoy matches a repeated header on its values joined with "," (HeaderUtility getAllOfHeaderAsString).
     return (",".join(vals),)
 
@@ -159,7 +192,7 @@ _GETTERS = {
     m.A_DESTINATION_PORT: lambda f, a: (f.destination_port,),
     m.A_SNI: lambda f, a: _one(f.sni),
     m.A_HOST: lambda f, a: _one(f.host),
-    m.A_METHOD: lambda f, a: () if f.http is None else (f.http.method,),
+    m.A_METHOD: lambda f, a: () if f.http is None else (f.method,),
     m.A_PATH: lambda f, a: _one(f.path),
     m.A_REQUEST_HEADER: _header,
     m.A_REQUEST_PRINCIPAL: lambda f, a: _one(f.request_principal),
@@ -203,30 +236,93 @@ def _rules_at(policy: m.AuthorizationPolicy, enforcement: Enforcement, is_http: 
     return policy.rules if is_http else policy.envoy_tcp_rules
 
 
+def _compiled_at(policy: m.AuthorizationPolicy, enforcement: Enforcement, is_http: bool) -> tuple:
+    """``_rules_at`` as the policy's compiled tables (model.compile_rules, built on first use)."""
+    if enforcement is Enforcement.ZTUNNEL:
+        return policy.compiled_ztunnel_rules
+    return policy.compiled_rules if is_http else policy.compiled_envoy_tcp_rules
+
+
+def _fields_ok(fields: tuple, facts: _Facts) -> bool:
+    """``_match_ok`` over one compiled match (a non-empty AND of (attr, arg, values, not_values))."""
+    for attr, arg, values, not_values in fields:
+        got = _GETTERS[attr](facts, arg)
+        # "any of values" and "none of notValues"; an absent attribute fails every positive test and
+        # passes every negative one (§1.7 plaintext peers).
+        if values:
+            for x in got:
+                for matches in values:
+                    if matches(x):
+                        break
+                else:
+                    continue
+                break
+            else:
+                return False
+        if not_values:
+            for x in got:
+                for matches in not_values:
+                    if matches(x):
+                        return False
+    return True
+
+
 def _matched_rule(policy: m.AuthorizationPolicy, facts: _Facts, enforcement: Enforcement) -> int | None:
+    """The index of the first rule of ``policy`` the request matches (``_rule_ok`` on the compiled
+    rules: the same AND/OR structure, walked with loops instead of a call per clause, match and field)."""
     # Istio: rules are ORed; "If not set, the match will never occur".
-    for rule in _rules_at(policy, enforcement, facts.http is not None):
-        if _rule_ok(rule, facts):
-            return rule.index
+    for index, clauses in _compiled_at(policy, enforcement, facts.http is not None):
+        for matches in clauses:
+            # A clause is an OR of matches (an empty match never matches: compile_rules leaves it out).
+            for fields in matches:
+                if _fields_ok(fields, facts):
+                    break
+            else:
+                break   # this clause failed: the rule does not match
+        else:
+            return index   # every clause matched (Istio: "An empty rule is always matched")
     return None
 
 
-def _decide(denies, allows, facts, enforcement) -> Decision:
+def _decision(memo: dict | None, case: str, policy: m.AuthorizationPolicy | None, rule: int | None) -> Decision:
+    """The Decision for one outcome of ``_decide``; ``memo`` (an Authorizer's) returns the same frozen
+    object for the same outcome instead of building it and its reason string again."""
+    key = (case, id(policy), rule)
+    if memo is not None:
+        hit = memo.get(key)
+        if hit is not None:
+            return hit
+    if case == "deny":
+        assert policy is not None
+        d = Decision(False, policy.key, rule, m.DENY, f"denied by DENY policy {policy.key} rule {rule}")
+    elif case == "allow":
+        assert policy is not None
+        d = Decision(True, policy.key, rule, m.ALLOW, f"allowed by ALLOW policy {policy.key} rule {rule}")
+    elif case == "no-allow":
+        d = Decision(True, None, None, None, "no ALLOW policy applies")
+    else:
+        d = Decision(False, None, None, None, "allow policies exist, but none matched")
+    if memo is not None:
+        memo[key] = d
+    return d
+
+
+def _decide(denies, allows, facts, enforcement, memo: dict | None = None) -> Decision:
     # Istio: "If there are any DENY policies that match the request, deny the request."
     for p in denies:
         i = _matched_rule(p, facts, enforcement)
         if i is not None:
-            return Decision(False, p.key, i, m.DENY, f"denied by DENY policy {p.key} rule {i}")
+            return _decision(memo, "deny", p, i)
     # Istio: "If there are no ALLOW policies for the workload, allow the request."
     if not allows:
-        return Decision(True, None, None, None, "no ALLOW policy applies")
+        return _decision(memo, "no-allow", None, None)
     # Istio: "If any of the ALLOW policies match the request, allow the request."
     for p in allows:
         i = _matched_rule(p, facts, enforcement)
         if i is not None:
-            return Decision(True, p.key, i, m.ALLOW, f"allowed by ALLOW policy {p.key} rule {i}")
+            return _decision(memo, "allow", p, i)
     # Istio: "Deny the request."
-    return Decision(False, None, None, None, "allow policies exist, but none matched")
+    return _decision(memo, "none-matched", None, None)
 
 
 def _applies(p: m.AuthorizationPolicy, enforcement: Enforcement) -> bool:
@@ -234,34 +330,69 @@ def _applies(p: m.AuthorizationPolicy, enforcement: Enforcement) -> bool:
     return not (enforcement is Enforcement.ZTUNNEL and p.action == m.AUDIT)
 
 
+class Authorizer:
+    """``authorize`` for one policy set at one enforcement point, with the per-set work done once: the
+    policies sorted into enforced DENY / ALLOW, dry-run and AUDIT, and the few distinct Decisions
+    remembered. For a caller that decides many requests against the same set (the waypoint keeps one
+    per config snapshot and chain); ``authorize`` builds a throw-away one. The gain, measured with the
+    waypoint's other authz shortcuts: ``proxy/pipeline/authz.py`` ``l7_authorizer``."""
+
+    __slots__ = ("enforcement", "denies", "allows", "dry_denies", "dry_allows", "audits", "_decisions")
+
+    def __init__(self, policies: Sequence[m.AuthorizationPolicy], enforcement: Enforcement):
+        self.enforcement = enforcement
+        denies, allows, dry_denies, dry_allows, audits = [], [], [], [], []
+        for p in policies:
+            if not _applies(p, enforcement):
+                continue
+            if p.action == m.AUDIT:
+                # AUDIT never changes the decision (Envoy RBAC_LOG). A dry-run AUDIT is inert.
+                if not p.dry_run:
+                    audits.append(p)
+            elif p.dry_run:
+                # dry-run: shadow only; and step 3 counts only *enforced* ALLOW policies.
+                (dry_denies if p.action == m.DENY else dry_allows).append(p)
+            else:
+                (denies if p.action == m.DENY else allows).append(p)
+        self.denies, self.allows = tuple(denies), tuple(allows)
+        self.dry_denies, self.dry_allows, self.audits = tuple(dry_denies), tuple(dry_allows), tuple(audits)
+        self._decisions: dict = {}
+
+    def decide(self, request: AuthzRequest) -> Decision:
+        return self._decide(_Facts(request))
+
+    def decide_http(self, source_ip: str, principal: str | None, destination_ip: str, destination_port: int, *,
+                    method: str, path: str, host: str, headers: Mapping[str, tuple[str, ...]]) -> Decision:
+        """``decide(AuthzRequest(source_ip, principal, destination_ip, destination_port,
+        http=HttpAttributes(method, path, host, headers)))``, without building the request objects."""
+        return self._decide(_Facts.l7(source_ip, principal, destination_ip, destination_port, method, path, host,
+                                      headers))
+
+    def _decide(self, facts: _Facts) -> Decision:
+        enforcement = self.enforcement
+        decision = _decide(self.denies, self.allows, facts, enforcement, self._decisions)
+        audits, dry_denies, dry_allows = self.audits, self.dry_denies, self.dry_allows
+        if not (audits or dry_denies or dry_allows):
+            return decision
+        extras: dict[str, Any] = {}
+        if audits:
+            extras["audit"] = tuple(p.key for p in audits if _matched_rule(p, facts, enforcement) is not None)
+        if dry_denies or dry_allows:
+            extras["dry_run"] = tuple(p.key for p in dry_denies + dry_allows
+                                      if _matched_rule(p, facts, enforcement) is not None)
+            extras["shadow_allowed"] = _decide(self.denies + dry_denies, self.allows + dry_allows, facts,
+                                               enforcement).allowed
+        return Decision(decision.allowed, decision.policy, decision.rule, decision.action, decision.reason,
+                        extras.get("dry_run", ()), extras.get("audit", ()), extras.get("shadow_allowed"))
+
+    def __repr__(self) -> str:
+        return (f"<Authorizer {self.enforcement.value} deny={len(self.denies)} allow={len(self.allows)} "
+                f"dry_run={len(self.dry_denies) + len(self.dry_allows)} audit={len(self.audits)}>")
+
+
 def authorize(request: AuthzRequest, policies: Sequence[m.AuthorizationPolicy], enforcement: Enforcement) -> Decision:
     """Evaluate ``policies`` (those that apply here; see PolicyIndex) in Istio's order (§1.3)."""
-    facts = _Facts(request)
-    denies, allows, dry_denies, dry_allows, audits = [], [], [], [], []
-    for p in policies:
-        if not _applies(p, enforcement):
-            continue
-        if p.action == m.AUDIT:
-            # AUDIT never changes the decision (Envoy RBAC_LOG). A dry-run AUDIT is inert.
-            if not p.dry_run:
-                audits.append(p)
-        elif p.dry_run:
-            # dry-run: shadow only; and step 3 counts only *enforced* ALLOW policies.
-            (dry_denies if p.action == m.DENY else dry_allows).append(p)
-        else:
-            (denies if p.action == m.DENY else allows).append(p)
-    decision = _decide(denies, allows, facts, enforcement)
-    extras: dict[str, Any] = {}
-    if audits:
-        extras["audit"] = tuple(p.key for p in audits if _matched_rule(p, facts, enforcement) is not None)
-    if dry_denies or dry_allows:
-        extras["dry_run"] = tuple(p.key for p in dry_denies + dry_allows
-                                  if _matched_rule(p, facts, enforcement) is not None)
-        extras["shadow_allowed"] = _decide(denies + dry_denies, allows + dry_allows, facts, enforcement).allowed
-    if extras:
-        decision = Decision(decision.allowed, decision.policy, decision.rule, decision.action, decision.reason,
-                            extras.get("dry_run", ()), extras.get("audit", ()), extras.get("shadow_allowed"))
-    return decision
+    return Authorizer(policies, enforcement).decide(request)
 
 
 # ---- explain ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ views of §1.5 are computed once, here, when the policy is built.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -266,6 +267,25 @@ def _ztunnel_view(action: str, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
     return tuple(out)
 
 
+def compile_rules(rules: tuple[Rule, ...]) -> tuple:
+    """Rules as nested tuples for the evaluator's loops: ``((index, clauses), ...)``, a clause a tuple
+    of matches, a match a tuple of ``(attr, arg, values, not_values)`` with each matcher's bound
+    ``matches``. Same meaning, less walking: a clause with no match (always true) is left out, and so
+    is a match with no field (never true) — a clause left with no match then never matches."""
+    out = []
+    for rule in rules:
+        clauses = []
+        for clause in rule.clauses:
+            if not clause.matches:
+                continue
+            clauses.append(tuple(
+                tuple((f.attr, f.arg, tuple(v.matches for v in f.values), tuple(v.matches for v in f.not_values))
+                      for f in mt.fields)
+                for mt in clause.matches if mt.fields))
+        out.append((rule.index, tuple(clauses)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class AuthorizationPolicy:
     namespace: str
@@ -286,7 +306,22 @@ class AuthorizationPolicy:
         object.__setattr__(self, "envoy_tcp_rules", _envoy_tcp_view(self.action, self.rules))
         object.__setattr__(self, "ztunnel_rules", _ztunnel_view(self.action, self.rules))
 
-    @property
+    # The views compiled for evaluation (evaluate._matched_rule), built on first use — a policy that
+    # is loaded but never evaluated (most of a 10 000-policy mesh, at one proxy) costs nothing more.
+    # functools.cached_property stores into the instance __dict__, which a frozen dataclass allows.
+    @functools.cached_property
+    def compiled_rules(self) -> tuple:
+        return compile_rules(self.rules)
+
+    @functools.cached_property
+    def compiled_envoy_tcp_rules(self) -> tuple:
+        return compile_rules(self.envoy_tcp_rules)
+
+    @functools.cached_property
+    def compiled_ztunnel_rules(self) -> tuple:
+        return compile_rules(self.ztunnel_rules)
+
+    @functools.cached_property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 

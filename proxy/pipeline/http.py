@@ -183,7 +183,7 @@ def plan_request(ctx: TunnelContext, snapshot: Snapshot, view: HttpRequestView, 
                 memo.clear()
             memo[ctx.authority] = chain
     decision = l7_decision(chain, snapshot, ctx.source_ip, ctx.peer_identity, method=view.method,
-                           path=view.path, host=view.authority, headers=view.headers)
+                           path=view.path, host=view.authority, headers=view.headers, memo=memo)
     if not decision.allowed:
         return RequestPlan(chain, view, decision, error=AuthorizationDenied(detail=decision.response_detail))
     if chain.kind != INBOUND_VIP:
