@@ -68,6 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--http-seconds", type=float, help="wrk duration per HTTP run")
     ap.add_argument("--config-workloads", type=int, help="inventory size for the config scenario")
     ap.add_argument("--conn-count", type=int, help="new connections per run in the workers scenario")
+    ap.add_argument("--conn-client", choices=("auto", "c", "python"), default="auto",
+                    help="workers scenario client: C (built at start with cc + libssl-dev), Python, or C where it builds")
     args = ap.parse_args(argv)
     only: list[str] = []
     for item in args.only or []:
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace, log=print) -> list[report.ScenarioResult]:
                         emit(run_idle(lab, opts, count))
     if "workers" in args.only:
         from benchmarks.workers import Options, WorkersLab, run_workers
-        with WorkersLab(toolbox, log=log) as lab:
+        with WorkersLab(toolbox, log=log, client=args.conn_client) as lab:
             emit(run_workers(lab, Options(count=args.sizes.conn_count, repeat=args.repeat)))
     if "authz" in args.only:
         from benchmarks.authz_scenario import run_authz

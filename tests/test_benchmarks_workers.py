@@ -15,9 +15,10 @@ import pytest
 from hyperframe.frame import Frame
 
 from benchmarks import conn_client, procstat
-from benchmarks.report import render
+from benchmarks.report import Row, ScenarioResult, render
 from benchmarks.tools import Toolbox
-from benchmarks.workers import Options, WorkersLab, busiest_share, listening_sockets, run_workers
+from benchmarks.workers import (COLUMNS, Options, WorkersLab, busiest_share, cpu_bound_ratio, listening_sockets,
+                                projected_scale, run_workers, verdict_notes)
 
 # ------------------------------------------------------------------------------ the client's bytes
 
@@ -99,16 +100,60 @@ def test_machine_busy_is_monotonic_and_cpu_count_matches():
     assert conn_client.cpu_count() == os.cpu_count()
 
 
+def test_cpu_bound_ratio_and_projection():
+    # Nothing but the proxy on many cores, even spread, same cost per connection: ×2 is 2×.
+    assert cpu_bound_ratio(1000, 1000, 0, 0, 2, 0.5, 64) == pytest.approx(2.0)
+    # An uneven spread: the busiest worker (75 %) at a full core sets the rate.
+    assert cpu_bound_ratio(1000, 1000, 0, 0, 2, 0.75, 64) == pytest.approx(1 / 0.75)
+    # 2 cores shared with a client as costly as the proxy: ×1 is held to 1 core, ×2 to all the box.
+    assert cpu_bound_ratio(1000, 1000, 1000, 0, 2, 0.5, 2) == pytest.approx(1.0)
+    assert projected_scale(0.9, 0.5) == pytest.approx(1.8)
+
+
+def _row(name, **metrics):
+    row = Row(name, "c-conn")
+    for k, v in metrics.items():
+        row.add(k, v)
+    return row
+
+
+def test_verdict_says_when_the_machine_was_the_limit_and_never_passes_then():
+    base = dict(proxy_us_per_conn=2000, client_us_per_conn=800, sink_us_per_conn=80, busiest_pct=50)
+    res = ScenarioResult("workers", "t", COLUMNS, rows=[
+        _row("ours-node ×1", conn_s=500, bench_cores=1.9, machine_cores=1.95, **base),
+        _row("ours-node ×2", conn_s=650, scale_wall=1.3, scale_per_cpu=1.0, bench_cores=1.95, machine_cores=1.98,
+             **base)])
+    (note, legend) = verdict_notes(res, (1, 2), cores=2)
+    assert note.startswith("ours-node ×2: 1.30× the ×1 wall rate, 1.00× its connections per proxy CPU-s")
+    assert "MACHINE WAS THE LIMIT" in note and "cannot be shown on this machine" in note
+    assert "project ~2.00× (a projection, not a measurement)" in note and "meets" not in note
+    assert "busiest worker %" in legend
+    # Not saturated: the wall ratio is judged against the target.
+    res.rows[1].samples["machine_cores"] = [1.2]
+    assert "misses the ≥ 1.7× target" in verdict_notes(res, (1, 2), cores=2)[0]
+    res.rows[1].samples["scale_wall"] = [1.8]
+    assert "meets the ≥ 1.7× target" in verdict_notes(res, (1, 2), cores=2)[0]
+
+
 # ------------------------------------------------------------------------------------ end to end
 
 
+def _c_client_buildable() -> bool:
+    import shutil
+    return bool(shutil.which("cc") or shutil.which("gcc")) and os.path.exists("/usr/include/openssl/ssl.h")
+
+
 @pytest.mark.timeout(120)
-def test_tiny_workers_run_spreads_connections_over_both_workers():
+@pytest.mark.parametrize("client", [
+    "python", pytest.param("c", marks=pytest.mark.skipif(not _c_client_buildable(), reason="no cc / OpenSSL headers"))])
+def test_tiny_workers_run_spreads_connections_over_both_workers(client):
     """120 connections per row, 1 repetition, our node proxy with 1 and with 2 workers (no nghttpx:
-    the tunnel tests cover it): every connection completes (a short count fails the row), both
-    workers of ×2 served some (worker 0's /metrics count is neither 0 nor all), the ratios and the
-    verdict note are there, and stopping the lab leaves no worker behind. No performance assertion."""
-    with WorkersLab(Toolbox(allow_install=False), nghttpx=False) as lab:
+    the tunnel tests cover it), with each client: every connection completes (a short count fails
+    the row), both workers of ×2 served some (worker 0's /metrics count is neither 0 nor all), the
+    ratios and the verdict note are there, and stopping the lab leaves no worker behind. No
+    performance assertion."""
+    with WorkersLab(Toolbox(allow_install=False), nghttpx=False, client=client) as lab:
+        assert lab.client == f"{client}-conn"
         assert [t.name for t in lab.targets] == ["ours-node ×1", "ours-node ×2"], lab.unavailable
         two = lab.targets[1]
         assert listening_sockets(two.address) == 2
