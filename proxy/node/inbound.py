@@ -36,6 +36,7 @@ from hbone.stream import ByteStream, TcpStream
 from policy.authz.evaluate import AuthzRequest, Decision, Enforcement, authorize
 from policy.inventory import Workload
 from proxy.errors import AuthorizationDenied, IpMismatch, ProxyError, SelfCall, UnknownDestination, UpstreamConnectFailure
+from proxy.node.dial import connect_from
 from proxy.settings import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from proxy.telemetry.refusals import refusal_recorder
 
@@ -107,10 +108,12 @@ async def connect_workload(target: tuple[str, int], src_ip: str | None, timeout:
     can, on loopback), so the app sees who called it; otherwise from our own address."""
     try:
         async with asyncio.timeout(timeout):
+            if src_ip is None:
+                return await TcpStream.connect(*target)
             try:
-                return await TcpStream.connect(*target, local_host=src_ip)
+                return await connect_from(*target, src_ip)
             except OSError as err:
-                if src_ip is None or err.errno not in (errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EINVAL):
+                if err.errno not in (errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EINVAL):
                     raise
                 return await TcpStream.connect(*target)
     except (OSError, TimeoutError) as err:

@@ -47,6 +47,7 @@ from policy.routing.select import pick_weighted
 from proxy import socks5
 from proxy.errors import (AuthorizationDenied, NoHealthyUpstream, ProxyError, SelfCall,
                           UnknownDestination, UpstreamConnectFailure)
+from proxy.node.dial import connect_from
 from proxy.origdst import original_dst
 from proxy.settings import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, SOCKS5_PORT
 
@@ -482,7 +483,9 @@ class OutboundProxy:
         if plan.protocol == "tcp":
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    return await TcpStream.connect(plan.dst[0], plan.dst[1], local_host=local_ip)
+                    if local_ip is None:
+                        return await TcpStream.connect(plan.dst[0], plan.dst[1])
+                    return await connect_from(plan.dst[0], plan.dst[1], local_ip)
             except OSError as err:
                 raise UpstreamConnectFailure(f"{plan.dst[0]}:{plan.dst[1]}: {err.strerror or err}") from err
         pool = self._pool(source)
