@@ -41,6 +41,25 @@
    (/tmp/perf/prof_relay.py: benchmarks.relay in-process, 1 GiB upload from the node-http2 client,
    16 KiB frames, this 2-core machine, medians of 3): 1.61 → 1.13 proxy CPU-s per GiB
    (667 → 950 MB per CPU-second; nghttpx ~840 in the same harness). Switched by DATA_FAST_PATH.
+
+6. The HEADERS that open a tunnel (a short tunnel's first cost). In the same walk as 5., a complete
+   HEADERS frame with END_HEADERS and neither PADDED nor PRIORITY that opens a new client stream is
+   handled with exactly h2's `_receive_headers_frame` steps (stream limit, HPACK decode with h2's
+   own decoder and error mapping, connection RECV_HEADERS, `_begin_new_stream`,
+   `H2Stream.receive_headers`), minus the FrameBuffer walk, the HeadersFrame/Flags objects and the
+   eager `repr(frame)` of the trace log. Anything else (CONTINUATION, padding, priority, a known or
+   lower stream id) is h2's. Switched by HEADERS_FAST_PATH.
+
+7. Sending DATA. `send_data` / `end_stream` on an existing stream, without padding, make h2's state
+   transitions (connection SEND_DATA; stream SEND_DATA and SEND_END_STREAM) and window accounting
+   themselves and append the 9-byte frame header and the payload to h2's send buffer: no DataFrame,
+   Flags or serialize(), and the payload is copied once instead of twice. Any case h2 would refuse
+   (window, frame size, unknown stream, padding) goes to h2's own method, so its errors are h2's.
+   Switched by SEND_FAST_PATH.
+
+   Measured for 6. + 7. (/tmp/hb7/core_short.py: ServerCore alone, sans-IO, driven by an h2 client
+   in-process, 64 short tunnels — CONNECT, 1 KiB each way, END_STREAM both ways — per batch, median
+   of 5 x 6 400 tunnels, this 2-core machine): see PERF NOTE at HEADERS_FAST_PATH below.
 """
 
 from __future__ import annotations
@@ -48,15 +67,21 @@ from __future__ import annotations
 import struct
 
 import hyperframe.frame
-from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 from h2.connection import H2Connection as _H2Connection
-from h2.exceptions import ProtocolError
+from h2.connection import _decode_headers
+from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.stream import StreamInputs, StreamState
 
 _PATCHED = False
 # 5. below; tests/test_perf_h2data.py checks it against h2's own path event by event, and
 # tests/test_perf_h2data.py::test_fast_path_is_on that it is in effect.
 DATA_FAST_PATH = True
+# 6. and 7. below; tests/test_perf_h2data.py compares each with h2's own path byte for byte.
+# PERF NOTE (/tmp/hb7/core_short.py, see 6./7. in the module docstring): ServerCore CPU per short
+# tunnel 41 -> 30 us (HEADERS alone: 41 -> 33.5; send alone: 41 -> 38).
+HEADERS_FAST_PATH = True
+SEND_FAST_PATH = True
 _STATUS_200 = ((b":status", b"200"),)
 # A HEADERS frame header (RFC 9113 §4.1): length 1 (24 bits), type HEADERS (0x1), flags END_HEADERS
 # (0x4), then the stream id; the first 5 bytes are fixed.
@@ -65,6 +90,10 @@ _HEADERS_200_PREFIX = b"\x00\x00\x01\x01\x04"
 # RFC 9113 §4.1 frame header: 24-bit length (as 8 + 16 bits), type, flags, R + 31-bit stream id.
 _FRAME_HEADER = struct.Struct(">BHBBL")
 _END_STREAM, _PADDED = 0x1, 0x8  # DATA flags (RFC 9113 §6.1)
+# HEADERS flags (RFC 9113 §6.2): END_HEADERS, PADDED, PRIORITY. The fast path takes END_HEADERS
+# without the other two: (flags & _HEADERS_MASK) == _END_HEADERS.
+_END_HEADERS, _HEADERS_MASK = 0x4, 0x4 | 0x8 | 0x20
+_DATA_HEADER = struct.Struct(">BHBBL")  # = _FRAME_HEADER, for frames we build
 # Stream states in which h2 accepts DATA without an error (RECV_DATA is a valid input).
 _RECV_DATA_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
 # The safety-net full scan runs after this many stream opens (or len(streams), if larger).
@@ -79,6 +108,7 @@ class H2Connection(_H2Connection):
         self._hb_counts = [0, 0]  # streams in self.streams, by stream id parity
         self._hb_dirty: set[int] = set()  # streams that may have closed since the last count
         self._hb_opens = 0
+        self._hb_server = not self.config.client_side
 
     def _begin_new_stream(self, stream_id, allowed_ids):
         stream = super()._begin_new_stream(stream_id, allowed_ids)
@@ -138,36 +168,65 @@ class H2Connection(_H2Connection):
         slow = -1  # start of frames not yet handed to h2
         unpack = _FRAME_HEADER.unpack_from
         streams = self.streams
-        try:
-            while i + 9 <= n:
-                hi, lo, ftype, flags, sid = unpack(data, i)
-                length = (hi << 16) | lo
-                end = i + 9 + length
-                if end > n:
-                    break  # partial frame: h2 buffers it below
-                if ftype == 0 and not flags & _PADDED:
-                    if slow >= 0:  # frames before this one first: they may change the stream's state
-                        events += super().receive_data(data[slow:i])
-                        slow = -1
-                    stream = streams.get(sid & 0x7FFFFFFF)
-                    if (stream is not None and stream.state_machine.state in _RECV_DATA_STATES
-                            and length <= self.max_inbound_frame_size and not buf._headers_buffer):
-                        # h2's _receive_data_frame, minus the DataFrame it would have parsed
-                        events += self.state_machine.process_input(ConnectionInputs.RECV_DATA)
-                        self._inbound_flow_control_window_manager.window_consumed(length)
-                        events += stream.receive_data(data[i + 9:end], bool(flags & _END_STREAM), length)[1]
+        max_size = self.max_inbound_frame_size
+        while i + 9 <= n:
+            hi, lo, ftype, flags, sid = unpack(data, i)
+            length = (hi << 16) | lo
+            end = i + 9 + length
+            if end > n:
+                break  # partial frame: h2 buffers it below
+            if ftype == 0:
+                fast = not flags & _PADDED
+            elif ftype == 1:
+                fast = (flags & _HEADERS_MASK) == _END_HEADERS and HEADERS_FAST_PATH and self._hb_server
+            else:
+                fast = False
+            if fast:
+                if slow >= 0:
+                    # Frames before this one first: they may change the stream's state. An error
+                    # in them is h2's own (GOAWAY already queued by h2's receive_data).
+                    events += super().receive_data(data[slow:i])
+                    slow = -1
+                    max_size = self.max_inbound_frame_size
+                sid &= 0x7FFFFFFF
+                try:
+                    if ftype == 0:
+                        stream = streams.get(sid)
+                        if (stream is not None and stream.state_machine.state in _RECV_DATA_STATES
+                                and length <= max_size and not buf._headers_buffer):
+                            # h2's _receive_data_frame, minus the DataFrame it would have parsed
+                            events += self.state_machine.process_input(ConnectionInputs.RECV_DATA)
+                            self._inbound_flow_control_window_manager.window_consumed(length)
+                            events += stream.receive_data(data[i + 9:end], bool(flags & _END_STREAM), length)[1]
+                            i = end
+                            continue
+                    elif (sid & 1 and sid > self.highest_inbound_stream_id and sid not in streams
+                            and length <= max_size and not buf._headers_buffer):
+                        events += self._receive_new_request(sid, data[i + 9:end], flags & _END_STREAM)
                         i = end
                         continue
-                if slow < 0:
-                    slow = i
-                i = end
-        except ProtocolError as e:  # as h2's receive_data: GOAWAY queued, then raise
-            self._terminate_connection(e.error_code)
-            raise
+                except ProtocolError as e:  # as h2's receive_data: GOAWAY queued, then raise
+                    self._terminate_connection(e.error_code)
+                    raise
+            if slow < 0:
+                slow = i
+            i = end
         rest = data[slow if slow >= 0 else i:]
         if rest:
             events += super().receive_data(rest)
         return events
+
+    def _receive_new_request(self, sid: int, block: bytes, end_stream: int) -> list:
+        """h2's _receive_headers_frame for a HEADERS frame opening stream `sid` (see 6. above)."""
+        max_open = self.local_settings.max_concurrent_streams
+        if self.open_inbound_streams + 1 > max_open:
+            raise TooManyStreamsError(f"Max inbound streams is {max_open}, {self.open_inbound_streams} open")
+        headers = _decode_headers(self.decoder, block)
+        events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        stream = self._begin_new_stream(sid, AllowedStreamIDs.ODD)
+        frames, stream_events = stream.receive_headers(headers, bool(end_stream), self.config.header_encoding)
+        self._prepare_for_sending(frames)
+        return events + stream_events
 
     def send_response_200(self, stream_id: int) -> None:
         """HEADERS(:status 200, END_HEADERS) on a stream the peer opened (see 4. above)."""
@@ -180,13 +239,37 @@ class H2Connection(_H2Connection):
         stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
         self._data_to_send += _HEADERS_200.pack(_HEADERS_200_PREFIX, stream_id & 0x7FFFFFFF) + b"\x88"
 
-    def send_data(self, stream_id, *args, **kwargs):
+    def send_data(self, stream_id, data, end_stream=False, pad_length=None):
+        """h2's send_data for unpadded DATA on an existing stream (see 7. above)."""
         self._hb_dirty.add(stream_id)
-        return super().send_data(stream_id, *args, **kwargs)
+        stream = self.streams.get(stream_id)
+        size = len(data)
+        if (pad_length is not None or stream is None or not SEND_FAST_PATH
+                or size > self.max_outbound_frame_size
+                or size > self.outbound_flow_control_window or size > stream.outbound_flow_control_window):
+            return super().send_data(stream_id, data, end_stream, pad_length)
+        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        machine = stream.state_machine
+        machine.process_input(StreamInputs.SEND_DATA)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
+        out = self._data_to_send
+        out += _DATA_HEADER.pack(size >> 16, size & 0xFFFF, 0, _END_STREAM if end_stream else 0, stream_id)
+        out += data
+        return None
 
     def end_stream(self, stream_id):
+        """h2's end_stream (an empty DATA frame with END_STREAM) on an existing stream (see 7.)."""
         self._hb_dirty.add(stream_id)
-        return super().end_stream(stream_id)
+        stream = self.streams.get(stream_id)
+        if stream is None or not SEND_FAST_PATH:
+            return super().end_stream(stream_id)
+        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+        self._data_to_send += _DATA_HEADER.pack(0, 0, 0, _END_STREAM, stream_id)
+        return None
 
     def reset_stream(self, stream_id, *args, **kwargs):
         self._hb_dirty.add(stream_id)

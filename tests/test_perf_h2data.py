@@ -1,4 +1,5 @@
-"""The DATA-frame receive fast path (hbone/_h2fast.py 5.) against h2's own path, byte for byte.
+"""The receive fast paths of hbone/_h2fast.py (5. DATA, 6. HEADERS opening a stream) and its send
+fast path (7. DATA / END_STREAM) against h2's own path, byte for byte.
 
 The same wire bytes — real h2 client output: DATA of many sizes, padded DATA, PING, SETTINGS,
 WINDOW_UPDATE, RST_STREAM, new streams, END_STREAM, and hand-made protocol errors — are fed, split
@@ -43,8 +44,20 @@ def _norm(events) -> list:
 
 def _state(s: _h2fast.H2Connection) -> tuple:
     return (s.state_machine.state, s._inbound_flow_control_window_manager.current_window_size,
-            sorted((sid, st.state_machine.state, st._inbound_window_manager.current_window_size)
-                   for sid, st in s.streams.items()))
+            s.outbound_flow_control_window, s.highest_inbound_stream_id, s.open_inbound_streams,
+            list(s.decoder.header_table.dynamic_entries),
+            sorted((sid, st.state_machine.state, st._inbound_window_manager.current_window_size,
+                    st.outbound_flow_control_window, st.state_machine.stream_closed_by)
+                   for sid, st in s.streams.items()),
+            sorted(s._closed_streams.items()))
+
+
+_SWITCHES = ("DATA_FAST_PATH", "HEADERS_FAST_PATH", "SEND_FAST_PATH")
+
+
+def _switch(monkeypatch, on: bool) -> None:
+    for name in _SWITCHES:
+        monkeypatch.setattr(_h2fast, name, on)
 
 
 class Twin:
@@ -67,7 +80,7 @@ class Twin:
         for piece in pieces:
             outcome = []
             for flag, server in ((True, self.fast), (False, self.slow)):
-                self.monkeypatch.setattr(_h2fast, "DATA_FAST_PATH", flag)
+                _switch(self.monkeypatch, flag)
                 try:
                     outcome.append(("ok", _norm(server.receive_data(piece))))
                 except h2.exceptions.ProtocolError as err:
@@ -88,6 +101,23 @@ class Twin:
     def take(self) -> bytes:
         out, self.outbox = self.outbox, b""
         return out
+
+    def both(self, call) -> None:
+        """The same send-side call on both servers (fast, then h2's own path): same outcome, same
+        state, same bytes."""
+        outcome = []
+        for flag, server in ((True, self.fast), (False, self.slow)):
+            _switch(self.monkeypatch, flag)
+            try:
+                call(server)
+                outcome.append("ok")
+            except (h2.exceptions.H2Error, ValueError) as err:
+                outcome.append(type(err).__name__)
+        assert outcome[0] == outcome[1]
+        assert _state(self.fast) == _state(self.slow)
+        out = self.fast.data_to_send()
+        assert out == self.slow.data_to_send()
+        self.outbox += out
 
     def ack(self, events) -> None:
         for e in events:
@@ -212,25 +242,132 @@ def _data(sid: int, payload: bytes) -> hyperframe.frame.DataFrame:
 
 
 def test_fast_path_is_on():
-    """Regression check (issue 7): the measured DATA fast path is in effect."""
+    """Regression check (issue 7): the measured fast paths are in effect."""
     assert _h2fast.DATA_FAST_PATH is True
+    assert _h2fast.HEADERS_FAST_PATH is True
+    assert _h2fast.SEND_FAST_PATH is True
 
 
-def test_unpadded_data_skips_hyperframe_padded_data_does_not(monkeypatch):
-    """The fast path really is taken (else the twin tests would compare h2 with itself)."""
-    parsed = []
-    original = hyperframe.frame.DataFrame.parse_body
-    monkeypatch.setattr(hyperframe.frame.DataFrame, "parse_body",
-                        lambda self, data: parsed.append(len(data)) or original(self, data))
-    monkeypatch.setattr(_h2fast, "DATA_FAST_PATH", True)
+def _headers(sid: int, *, flags=("END_HEADERS",), block: bytes | None = None, pad: int | None = None,
+             priority: bool = False) -> bytes:
+    f = hyperframe.frame.HeadersFrame(sid)
+    f.data = block if block is not None else _ENCODER.encode(REQUEST)
+    for flag in flags:
+        f.flags.add(flag)
+    if pad is not None:
+        f.flags.add("PADDED")
+        f.pad_length = pad
+    if priority:
+        f.flags.add("PRIORITY")
+        f.depends_on, f.stream_weight = 0, 15
+    return f.serialize()
+
+
+_ENCODER = __import__("hpack").Encoder()
+
+
+@pytest.mark.parametrize("case", [
+    "plain", "end_stream", "padded", "priority", "continuation", "many", "too_many", "reused_id",
+    "even_id", "lower_id", "bad_hpack", "dynamic_table", "too_large", "data_before_end_headers",
+])
+def test_headers_fast_path_matches_h2(monkeypatch, case):
+    """6.: every HEADERS shape, honest or not, gives the same events, state, answer and errors."""
+    rng = random.Random(3)
+    twin, c = Twin(monkeypatch, rng), _client()
+    twin.feed(c.data_to_send())
+    if case == "plain":
+        wire = _headers(1)
+    elif case == "end_stream":
+        wire = _headers(1, flags=("END_HEADERS", "END_STREAM"))
+    elif case == "padded":
+        wire = _headers(1, pad=7)
+    elif case == "priority":
+        wire = _headers(1, priority=True)
+    elif case == "continuation":
+        block = _ENCODER.encode(REQUEST + [(b"x-long", b"v" * 300)])
+        cont = hyperframe.frame.ContinuationFrame(1)
+        cont.data = block[100:]
+        cont.flags.add("END_HEADERS")
+        wire = _headers(1, flags=(), block=block[:100]) + cont.serialize()
+    elif case == "many":
+        wire = b"".join(_headers(sid) for sid in range(1, 200, 2))
+    elif case == "too_many":  # h2's own limit: the default local max_concurrent_streams is 100
+        twin.both(lambda s: s.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 3}))
+        c.receive_data(twin.take())
+        twin.feed(c.data_to_send())  # the client's SETTINGS ACK commits the limit
+        wire = b"".join(_headers(sid) for sid in (1, 3, 5, 7))
+    elif case == "reused_id":
+        wire = _headers(1) + _headers(1)
+    elif case == "even_id":
+        wire = _headers(2)
+    elif case == "lower_id":
+        wire = _headers(5) + _headers(3)
+    elif case == "bad_hpack":
+        wire = _headers(1, block=b"\xff\xff\xff\xff\xff")
+    elif case == "dynamic_table":  # literal with incremental indexing, then the indexed form
+        wire = b"".join(_headers(sid, block=_ENCODER.encode(REQUEST + [(b"x-trace", b"abc")]))
+                        for sid in (1, 3, 5))
+    elif case == "too_large":
+        wire = _headers(1, block=_ENCODER.encode(REQUEST + [(b"x-big", b"v" * 20_000)]))
+    else:  # a DATA frame in the middle of a header block: PROTOCOL_ERROR
+        wire = _headers(1, flags=()) + _raw(_data(1, b"x")) + _headers(3)
+    events = twin.feed(wire)
+    assert events
+
+
+def test_send_fast_path_matches_h2(monkeypatch):
+    """7.: DATA with and without END_STREAM, memoryviews, empty frames, END_STREAM alone, and the
+    calls h2 refuses (over the window, over the frame size, on a closed or unknown stream, padded)."""
+    rng = random.Random(5)
+    twin, c = Twin(monkeypatch, rng), _client()
+    twin.feed(c.data_to_send())
+    for sid in range(1, 16, 2):
+        c.send_headers(sid, REQUEST)
+    twin.feed(c.data_to_send())
+    for sid in range(1, 16, 2):
+        twin.both(lambda s, sid=sid: s.send_headers(sid, [(b":status", b"200")]))
+    payload = os.urandom(20_000)
+    twin.both(lambda s: s.send_data(1, payload[:1000]))
+    twin.both(lambda s: s.send_data(1, memoryview(payload)[1000:3000], end_stream=True))
+    twin.both(lambda s: s.send_data(1, b"after end"))          # StreamClosedError
+    twin.both(lambda s: s.send_data(3, b""))                   # empty DATA
+    twin.both(lambda s: s.end_stream(3))                       # empty DATA + END_STREAM
+    twin.both(lambda s: s.end_stream(3))                       # twice: h2's error
+    twin.both(lambda s: s.send_data(5, payload[:17_000]))      # over the 16 384 max frame size
+    twin.both(lambda s: s.send_data(5, payload[:100], pad_length=10))
+    twin.both(lambda s: s.send_data(99, b"x"))                 # a stream that never existed
+    for _ in range(4):                                          # the 65 535 windows run out
+        twin.both(lambda s: s.send_data(7, payload[:16_384]))
+    twin.both(lambda s: s.send_data(9, payload[:16_384]))
+    twin.both(lambda s: s.reset_stream(11))
+    twin.both(lambda s: s.send_data(11, b"x"))                 # after our own reset
+    # the client reads exactly what h2 itself would have framed
+    events = c.receive_data(twin.take())
+    got: dict[int, bytes] = {}
+    for e in events:
+        if isinstance(e, h2.events.DataReceived):
+            got[e.stream_id] = got.get(e.stream_id, b"") + e.data
+    assert got[1] == payload[:3000]
+    assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == 3 for e in events)
+
+
+def test_headers_and_send_fast_paths_are_taken(monkeypatch):
+    """The fast paths really run (else the twin tests would compare h2 with itself)."""
+    _switch(monkeypatch, True)
     c, s = _client(), _server()
     s.receive_data(c.data_to_send())
     c.send_headers(1, REQUEST)
-    c.send_data(1, b"a" * 1000)
-    c.send_data(1, b"b" * 1000, pad_length=10)
-    c.send_data(1, b"c" * 1000, end_stream=True)
-    events = s.receive_data(c.data_to_send())
-    data = [e.data for e in events if isinstance(e, h2.events.DataReceived)]
-    assert data == [b"a" * 1000, b"b" * 1000, b"c" * 1000]
-    assert parsed == [1011]  # only the padded frame (1 pad-length byte + 1000 + 10) went through h2
-    assert any(isinstance(e, h2.events.StreamEnded) for e in events)
+    wire = c.data_to_send()
+    with monkeypatch.context() as m:  # the server side only: the client parses with hyperframe
+        m.setattr(hyperframe.frame.HeadersFrame, "parse_body",
+                  lambda self, data: pytest.fail("HEADERS went through hyperframe"))
+        m.setattr(hyperframe.frame.DataFrame, "serialize",
+                  lambda self: pytest.fail("DATA was framed by hyperframe"))
+        events = s.receive_data(wire)
+        assert [type(e).__name__ for e in events] == ["RequestReceived"]
+        s.send_response_200(1)
+        s.send_data(1, b"hello")
+        s.end_stream(1)
+        out = s.data_to_send()
+    events = [type(e).__name__ for e in c.receive_data(out)]
+    assert events[1:] == ["ResponseReceived", "DataReceived", "DataReceived", "StreamEnded"], events
