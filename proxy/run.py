@@ -616,7 +616,11 @@ def _supervise(settings: ProxySettings) -> int:
         log.error("worker %d (pid %d) exited with %d; restarting", index, pid, code)
         wait = last_restart + WORKER_RESTART_BACKOFF_S - time.monotonic()
         if wait > 0:
-            time.sleep(wait)
+            time.sleep(wait)   # signals are handled during it (PEP 475 resumes the sleep)
+        if stopping:
+            # SIGTERM/SIGINT came during the back-off: forward() could not reach a worker not yet
+            # started, so starting it now would leave one that nobody stops (and us waiting for it).
+            continue
         last_restart = time.monotonic()
         spawn(index)
     return worst

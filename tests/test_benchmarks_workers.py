@@ -176,3 +176,54 @@ def test_tiny_workers_run_spreads_connections_over_both_workers(client):
     assert any(n.startswith("ours-node ×2: ") for n in res.notes)
     table = render(res)
     assert "ours-node ×2" in table and "busiest worker %" in table
+
+
+# ------------------------------------------------------------- proxy/run.py's --workers supervisor
+
+_SUPERVISOR_SCRIPT = """
+import sys, time
+import proxy.run as run
+spawns = sys.argv[1]
+
+def fake_worker(settings, worker=0):
+    with open(spawns, "a") as f:
+        f.write(f"{worker}\\n")
+    with open(spawns) as f:
+        if len(f.read().splitlines()) <= 2:
+            return 1          # a crash: the supervisor restarts it (the 2nd time after a back-off)
+    time.sleep(60)            # a worker nobody will signal sits here
+    return 0
+
+run._run_one = fake_worker
+settings = run.parse_settings(["--mode", "node", "--node", "n", "--config", spawns, "--workers", "1"])
+sys.exit(run._supervise(settings))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_does_not_restart_a_worker_after_sigterm_during_the_back_off(tmp_path):
+    """A worker that crashes twice in a row is restarted after WORKER_RESTART_BACKOFF_S; a SIGTERM
+    arriving during that back-off must stop the supervisor, not start a worker that no one will
+    signal (which kept the supervisor waiting for it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    spawns = tmp_path / "spawns"
+    proc = subprocess.Popen([sys.executable, "-c", _SUPERVISOR_SCRIPT, str(spawns)], start_new_session=True,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (spawns.exists() and len(spawns.read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "the worker was not restarted"
+            time.sleep(0.02)
+        time.sleep(0.3)   # the 2nd crash is seen at once; the supervisor is now in its 1 s back-off
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert len(spawns.read_text().splitlines()) == 2, "a worker was started after SIGTERM"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
