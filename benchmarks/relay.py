@@ -52,19 +52,16 @@ async def serve(args) -> None:
             await tunnel.reject(UPSTREAM_UNREACHABLE_STATUS, f"connect {host}:{port}: {err}")
             return
         down = await tunnel.accept()
-
-        def finished(_result) -> None:
-            upstream.close()
-            down.close()
-
-        # The splice runs on without this handler's task (hbone.relay.relay_detached): no task and
-        # coroutine frames kept per tunnel. Any other pair of streams: await the pumps as before.
-        if relay_detached(down, upstream, finished):
+        # The splice runs on without this handler's task (hbone.relay.relay_detached), and closes
+        # both streams itself when over: no task, coroutine frames or closure kept per tunnel. Any
+        # other pair of streams: await the pumps as before.
+        if relay_detached(down, upstream):
             return
         try:
             await relay(down, upstream)
         finally:
-            finished(None)
+            upstream.close()
+            down.close()
 
     # max_pending_tunnels too: the idle scenario opens 8 000 CONNECTs at once, all pending until their
     # upstream dial completes (hbone's default caps that at the stream limit, 200).

@@ -190,3 +190,75 @@ def test_detached_relay_refuses_pairs_it_cannot_splice():
     called = []
     assert relay_detached(NotSpliceable(), NotSpliceable(), called.append) is False  # type: ignore[arg-type]
     assert called == []
+
+
+@loops
+def test_detached_relay_without_on_done_closes_both_streams(loop):
+    """relay_detached(a, b) with no callback: byte-exact, and both streams closed once it is over."""
+    async def main():
+        echo, echo_addr = await start_echo()
+        pairs: list = []
+
+        async def handler(tunnel):
+            tcp = await TcpStream.connect(*echo_addr)
+            stream = await tunnel.accept()
+            pairs.append((stream, tcp))
+            assert relay_detached(stream, tcp)
+
+        env = Env(Mesh.create())
+        await env.start(handler)
+        try:
+            s = await env.open()
+            payload = os.urandom(300_000)
+            s.write(payload)
+            s.write_eof()
+            got = bytearray()
+            while chunk := await s.read():
+                got.extend(chunk)
+            assert bytes(got) == payload
+            stream, tcp = pairs[0]
+            await asyncio.wait_for(tcp.wait_closed(), 10)
+            await asyncio.wait_for(stream.wait_closed(), 10)
+            assert stream._splice is None and tcp._splice is None
+        finally:
+            await env.__aexit__()
+            echo.close()
+    run(loop, main)
+
+
+@loops
+def test_plain_function_handler_runs_without_a_task(loop):
+    """A handler that is a plain function answers from its own callbacks; the server keeps no task
+    for it, and one that raises is answered 503 like an async handler that fails."""
+    async def main():
+        echo, echo_addr = await start_echo()
+        seen: list = []
+
+        def handler(tunnel):
+            seen.append(asyncio.current_task())
+            if tunnel.authority[1] == 1:
+                raise RuntimeError("boom")
+            loop_ = asyncio.get_running_loop()
+
+            async def dial():  # the test's own task, not the server's
+                tcp = await TcpStream.connect(*echo_addr)
+                assert relay_detached(await tunnel.accept(), tcp)
+            loop_.create_task(dial())
+
+        env = Env(Mesh.create())
+        await env.start(handler)
+        try:
+            s = await env.open()
+            assert all(not conn.handler_tasks for conn in env.server._conns)
+            s.write(b"ping")
+            s.write_eof()
+            assert await s.read() == b"ping"
+            assert await s.read() == b""
+            with pytest.raises(Exception) as err:
+                await env.open(authority=f"{echo_addr[0]}:1")
+            assert "503" in str(err.value)
+            assert len(seen) == 2 and seen == [None, None]  # called from data_received, in no task
+        finally:
+            await env.__aexit__()
+            echo.close()
+    run(loop, main)
