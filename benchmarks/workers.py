@@ -5,8 +5,8 @@ limit.)
 Each connection is what a new HBONE peer costs: TCP + a full mTLS handshake (client certificate from
 our CA, no resumption) + one CONNECT + 1 KiB each way + close, driven by ``benchmarks/conn_client.c``
 (compiled at start where ``cc`` and the OpenSSL headers exist; else the same exchange in
-``benchmarks/conn_client.py``), forked copies with many connections in flight. Rows, all running at once and measured interleaved, so load from
-elsewhere on the machine falls on every row alike:
+``benchmarks/conn_client.py``), forked copies with many connections in flight. Rows, all running
+at once and measured interleaved, so load from elsewhere on the machine falls on every row alike:
 
 - ``ours-node ×1`` / ``×2``: ``hbone-proxy run --mode node --workers 1`` / ``--workers 2`` as in the
   tunnel scenarios' ``ours-node`` row: the sink is a workload of the node on a 127.x pod address and
@@ -42,7 +42,7 @@ from pathlib import Path
 from benchmarks import procstat
 from benchmarks.conn_client import cpu_count
 from benchmarks.harness import Party, PartyError, free_port, python_argv, run_client
-from benchmarks.report import Column, Row, ScenarioResult, f0, f1, f2
+from benchmarks.report import Column, Row, ScenarioResult, f0, f2
 from benchmarks.tunnel import (NODE_HBONE_PORT, addr, hbone_proxy_command, nghttpx_argv, ours_node_status,
                                pick_pod_ip)
 
@@ -57,8 +57,8 @@ CLIENT_PROCS = 2
 WARMUP_CONNECTIONS = 200   # per proxy, unmeasured: first-use imports and caches in every worker
 LISTEN_WAIT_S = 30.0       # all N workers have their SO_REUSEPORT listener (each imports and mints certs)
 SATURATED_CORES_FRACTION = 0.9  # machine busy ≥ 90 % of its cores: the machine, not one party, was the cap
-# The issue's target, and the per-CPU ratio that would allow it with a free core per worker
-# (2 workers × 0.85 = 1.7×).
+# The issue's target: ×2 ≥ 1.7× ×1 in wall connections/s where the client is not the limit (with a core
+# per worker that needs a per-CPU ratio ≥ 0.85 and an even spread).
 TARGET_SCALE = 1.7
 SINK_START_ATTEMPTS = 3
 # The client: "c" (benchmarks/conn_client.c, built at start), "python" (benchmarks/conn_client.py), or
@@ -158,7 +158,8 @@ class WorkersLab:
         if self.client_choice == "c":
             raise PartyError(f"C client: {why}")
         self.client_note = (f"client: python-conn, because the C client could not be built ({why}; it needs cc "
-                            f"and the OpenSSL headers, Debian libssl-dev) — the Python client costs ~20 % more CPU per connection")
+                            f"and the OpenSSL headers, Debian libssl-dev) — the Python client costs ~20 % more "
+                            f"CPU per connection")
         self.log(f"note: workers scenario: {self.client_note}")
 
     def _start_sink(self) -> None:
@@ -291,7 +292,8 @@ def worker_cpu(target: Target) -> dict[int, float]:
             continue
         for tid in tids:
             try:
-                out[tid] = procstat.parse_stat((procstat.PROC / str(pid) / "task" / str(tid) / "stat").read_text()).total_s
+                stat = (procstat.PROC / str(pid) / "task" / str(tid) / "stat").read_text()
+                out[tid] = procstat.parse_stat(stat).total_s
             except (OSError, ValueError, IndexError):
                 pass
     return out
@@ -306,8 +308,11 @@ def busiest_share(before: dict[int, float], after: dict[int, float], workers: in
 
 def opened_connections(metrics: tuple[str, int]) -> float:
     """Worker 0's count of tunnels opened (only worker 0 serves /metrics: its share of the total)."""
-    with urllib.request.urlopen(f"http://{addr(metrics)}/metrics", timeout=METRICS_TIMEOUT_S) as resp:
-        text = resp.read().decode()
+    try:
+        with urllib.request.urlopen(f"http://{addr(metrics)}/metrics", timeout=METRICS_TIMEOUT_S) as resp:
+            text = resp.read().decode()
+    except OSError as err:   # URLError, timeouts, refused: the row says so instead of a number
+        raise PartyError(f"worker 0's /metrics: {err}") from None
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(METRIC_OPENED + "{"))
 
 
@@ -382,8 +387,9 @@ def run_workers(lab: WorkersLab, opts: Options) -> ScenarioResult:
                 if one and m:
                     rows[f"{kind} ×{n}"].add("scale_wall", m["conn_s"] / one["conn_s"])
                     rows[f"{kind} ×{n}"].add("scale_per_cpu", one["proxy_us_per_conn"] / m["proxy_us_per_conn"])
-    res.notes.append(f"client: {lab.client} ({'benchmarks/conn_client.c, built at start' if lab.c_client else 'benchmarks/conn_client.py'}), "
-                     f"{opts.procs} forked copies, full handshakes (no resumption), peer chain not verified")
+    source = "benchmarks/conn_client.c, built at start" if lab.c_client else "benchmarks/conn_client.py"
+    res.notes.append(f"client: {lab.client} ({source}), {opts.procs} forked copies, full handshakes (no resumption), "
+                     f"peer chain not verified")
     if lab.client_note:
         res.notes.append(lab.client_note)
     res.notes += verdict_notes(res, lab.worker_counts)
@@ -402,7 +408,8 @@ def measure(lab: WorkersLab, t: Target, opts: Options) -> dict:
     out = {"conn_s": opts.count / wall, "proxy_cpu_s": m.cpu["proxy"], "client_cpu_s": m.cpu["client"],
            "sink_cpu_s": m.cpu["sink"], "proxy_us_per_conn": m.cpu["proxy"] / opts.count * 1e6,
            "client_us_per_conn": m.cpu["client"] / opts.count * 1e6,
-           "sink_us_per_conn": m.cpu["sink"] / opts.count * 1e6, "proxy_cores": m.cpu["proxy"] / wall, "p99_ms": m.report.get("p99_ms"),
+           "sink_us_per_conn": m.cpu["sink"] / opts.count * 1e6, "proxy_cores": m.cpu["proxy"] / wall,
+           "p99_ms": m.report.get("p99_ms"),
            # the cores this benchmark's parties kept busy during the measured phase, and the whole machine's
            "bench_cores": (m.cpu["proxy"] + m.cpu["client"] + m.cpu["sink"]) / wall,
            "machine_cores": m.report.get("machine_busy_cores")}
@@ -411,8 +418,6 @@ def measure(lab: WorkersLab, t: Target, opts: Options) -> dict:
     if w0_before is not None:
         out["w0_conn_pct"] = (opened_connections(t.metrics) - w0_before) / opts.count * 100
     return out
-
-
 
 
 def cpu_bound_ratio(p1: float, pn: float, client: float, sink: float, n: int, busiest: float, cores: int) -> float:
