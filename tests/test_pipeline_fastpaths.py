@@ -34,3 +34,12 @@ def test_plans_with_the_memo_equal_plans_without_it(snap):
     a1 = plan_request(_ctx(), snap, views[0], rng=random.Random(1), memo=memo)
     a2 = plan_request(_ctx(), snap, views[0], rng=random.Random(2), memo=memo)
     assert a1.decision.allowed and a1.decision is a2.decision
+
+
+def test_request_id_is_the_uuid4_text_uuid_would_give():
+    import uuid
+
+    from proxy.pipeline.http import request_id
+    a, b = random.Random(3), random.Random(3)
+    for _ in range(500):
+        assert request_id(a) == str(uuid.UUID(int=b.getrandbits(128), version=4)).encode()

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass, field
@@ -31,7 +32,11 @@ class Candidate:
     target_port: int
     uid: str = ""
 
-    @property
+    # Cached: a request asks for it ~10 times (pick, exclusion, active counts, pool key, logs) and the
+    # candidates are memoised per snapshot, so it is formatted once per endpoint, not per call
+    # (sampling profile of the waypoint under load: the f-string was ~1.6 % of its CPU). A frozen
+    # dataclass allows it: cached_property writes the instance __dict__ directly.
+    @functools.cached_property
     def key(self) -> str:
         """The host as Envoy names it (``ip:port``); what ``exclude`` and outlier state are keyed by."""
         return f"[{self.ip}]:{self.target_port}" if ":" in self.ip else f"{self.ip}:{self.target_port}"

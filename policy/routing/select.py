@@ -346,9 +346,12 @@ def choose_destination(forward: Forward, rng: random.Random):
     return pick_weighted([(d, d.weight) for d in forward.destinations], rng)
 
 
+_NO_FAULT = FaultDecision()   # frozen: one shared "no fault" answer instead of one per request
+
+
 def decide_fault(forward: Forward, rng: random.Random) -> FaultDecision:
     if forward.fault is None:
-        return FaultDecision()
+        return _NO_FAULT
     return forward.fault.decide(rng)
 
 

@@ -88,6 +88,25 @@ class Http1Response:
                 return
             yield event.data
 
+    def complete_body(self) -> bytes | None:
+        """The whole body when the response already arrived in full with its head (the usual small
+        response: one read held head, body and end) and no request body is still being sent; it is
+        then done, as if ``body_chunks`` had been read to the end. None otherwise: stream it.
+
+        Lets the caller answer with one write instead of an async generator, a write and a drain per
+        chunk (see HttpPipeline._execute for the measured gain)."""
+        if self.done:
+            return b""
+        if self._sender is not None:
+            return None   # the request body is still going out: body_chunks ends it properly
+        events = self._events
+        if not events or events[-1] is not MessageEnd or events.count(MessageEnd) != 1:
+            return None   # still streaming, or more than this message buffered (a misbehaving upstream)
+        parts = [events.popleft().data for _ in range(len(events) - 1)]
+        events.popleft()
+        self.done = True
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     async def _finish_sender(self) -> None:
         sender = self._sender
         if sender is None or sender.done():

