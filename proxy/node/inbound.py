@@ -25,11 +25,11 @@ import errno
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from hbone.connect import format_authority
-from hbone.relay import relay
+from hbone.relay import RelayResult, relay, relay_detached
 from hbone.server import HboneServer, InboundTunnel
 from hbone.settings import CONNECT_TIMEOUT_S, HboneSettings
 from hbone.stream import ByteStream, TcpStream
@@ -47,6 +47,11 @@ if TYPE_CHECKING:
     from proxy.telemetry.metrics import Metrics
 
 log = logging.getLogger("hbone.node.inbound")
+
+# Allowed (pod IP, :authority, client IP, peer identity) combinations remembered per config
+# snapshot (InboundProxy._handle); past this many the memo starts over, so a scan of many ports or
+# clients cannot grow it without bound (an entry is ~0.5 KiB; a node's steady traffic needs far fewer).
+INBOUND_MEMO_ENTRIES = 4096
 
 # ztunnel config.rs: inbound resolving to one of these is a SelfCall (503).
 INBOUND_ILLEGAL_PORTS = frozenset({OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT})
@@ -120,11 +125,31 @@ async def connect_workload(target: tuple[str, int], src_ip: str | None, timeout:
         raise UpstreamConnectFailure(f"{format_authority(*target)}: {err}") from err
 
 
-@dataclass(eq=False)
 class LiveTunnel:
-    facts: InboundFacts
-    streams: list[ByteStream] = field(default_factory=list)
-    rejected: str | None = None
+    """One live inbound tunnel as the tracker sees it (late rejection aborts its streams).
+
+    HBONE tunnels relayed without a task (``hbone.relay.relay_detached``) also keep here what their
+    end-of-relay report needs (``InboundProxy._relay_done``): one object per tunnel instead of a
+    task, coroutine frames and a closure."""
+
+    __slots__ = ("facts", "streams", "rejected", "tid", "plan", "labels", "start", "tunnel", "upstream", "owner")
+
+    def __init__(self, facts: InboundFacts):
+        self.facts = facts
+        self.streams: list[ByteStream] = []
+        self.rejected: str | None = None
+        self.tid = 0
+        self.plan: InboundPlan | None = None
+        self.labels: tuple[str, ...] | None = None
+        self.start = 0.0
+        self.tunnel: InboundTunnel | None = None   # kept only while the access log wants it
+        self.upstream: TcpStream | None = None
+        self.owner: "InboundProxy | None" = None
+
+    def relay_done(self, result: RelayResult | None) -> None:
+        """``relay_detached``'s on_done (a bound method: no closure per tunnel)."""
+        if self.owner is not None:
+            self.owner._relay_done(self, result)
 
     def close_denied(self, why: str) -> None:
         self.rejected = why
@@ -143,7 +168,7 @@ class InboundTracker:
 
     def register(self, facts: InboundFacts) -> tuple[int, LiveTunnel]:
         t = LiveTunnel(facts)
-        tid = next(self._ids)
+        tid = t.tid = next(self._ids)
         self.live[tid] = t
         return tid, t
 
@@ -189,6 +214,8 @@ class InboundProxy:
         self.reuse_port = reuse_port
         self.connect_timeout = connect_timeout
         self.servers: dict[str, HboneServer] = {}   # pod ip → listener
+        self._memo_snap: "Snapshot | None" = None
+        self._memo: dict = {}
 
     async def reconcile(self, workloads: dict[str, Workload]) -> None:
         """Listen on every local HBONE workload's IP; stop listening for ones that are gone.
@@ -213,51 +240,93 @@ class InboundProxy:
             self.servers[ip] = server
             log.info("HBONE inbound for %s (%s) on %s:%s", wl.name, wl.identity, ip, self.port)
 
+    def _memo_for(self, snap: "Snapshot") -> dict:
+        """The per-snapshot memo of allowed tunnels' (facts, plan, labels) (see ``_handle``)."""
+        if self._memo_snap is not snap:
+            self._memo_snap = snap
+            self._memo = {}
+        elif len(self._memo) >= INBOUND_MEMO_ENTRIES:
+            self._memo.clear()
+        return self._memo
+
     async def _handle(self, tunnel: InboundTunnel) -> None:
+        """PERF NOTE: per tunnel, steps 1–4 and the metrics labels are pure functions of the
+        snapshot and (pod IP, :authority, client IP, peer identity), so an allowed tunnel's facts,
+        plan and labels are memoised per snapshot under that key (denials are rare and carry their
+        own messages: computed each time); the relay runs detached (no task per live tunnel); the
+        access record is built only when the access log would write it."""
         start = time.time()
-        facts = InboundFacts(self.node, tunnel.local_addr[0], tunnel.authority, tunnel.remote_addr[0],
-                             tunnel.peer_identity.principal)
+        peer = tunnel.peer_identity
+        src_ip = tunnel.remote_addr[0]
+        snap = self.snapshot()
+        memo = self._memo_for(snap)
+        key = (tunnel.local_addr[0], tunnel.authority, src_ip, peer)
+        hit = memo.get(key)
+        if hit is not None:
+            facts, plan, labels = hit
+        else:
+            facts = InboundFacts(self.node, key[0], key[1], src_ip, peer.principal)
+            plan = labels = None
         tid, live = self.tracker.register(facts)   # before the check: a policy change cannot slip between
         upstream: TcpStream | None = None
         try:
-            snap = self.snapshot()
             try:
-                plan = plan_inbound(facts, snap)
-                upstream = await connect_workload(plan.target, facts.src_ip, self.connect_timeout)
+                if plan is None:
+                    plan = plan_inbound(facts, snap)
+                    labels = self._labels(snap, tunnel, plan.workload)
+                    memo[key] = (facts, plan, labels)
+                upstream = await connect_workload(plan.target, src_ip, self.connect_timeout)
             except ProxyError as err:
                 await tunnel.reject(err.hbone_status, str(err))
                 self._record(tunnel, facts, None, start, 0, 0, err.flag if err.hbone_status != 401 else "DENY",
                              str(err), err.hbone_status, getattr(err, "detail", ""))
+                self.tracker.forget(tid)
                 return
             if live.rejected:
                 upstream.abort()
                 await tunnel.reject(401, live.rejected)
+                self.tracker.forget(tid)
                 return
             stream = await tunnel.accept()
             live.streams.extend((stream, upstream))
-            labels = self._labels(tunnel, plan.workload)
             if labels is not None:
                 self.metrics.tcp_opened(labels)  # type: ignore[union-attr]
-            result = None
-            try:
-                result = await relay(stream, upstream)
-            finally:
-                upstream.close()
-                sent = result.b_to_a if result else 0
-                recv = result.a_to_b if result else 0
-                if labels is not None:
-                    self.metrics.tcp_closed(labels, sent, recv)  # type: ignore[union-attr]
-                flags = "DENY" if live.rejected else ("-" if result and not result.reset else "UC")
-                error = f"late rejection: {live.rejected}" if live.rejected else (result.reset if result else "cancelled")
-                self._record(tunnel, facts, plan, start, sent, recv, flags, error, 200, plan.decision.policy or "")
-        finally:
+        except BaseException:
             self.tracker.forget(tid)
+            raise
+        live.plan, live.labels, live.start, live.upstream, live.owner = plan, labels, start, upstream, self
+        if self.access_log is not None:
+            live.tunnel = tunnel
+        if relay_detached(stream, upstream, live.relay_done):
+            return
+        result = None
+        try:
+            result = await relay(stream, upstream)
+        finally:
+            self._relay_done(live, result)
 
-    def _labels(self, tunnel: InboundTunnel, wl: Workload):
+    def _relay_done(self, live: LiveTunnel, result: RelayResult | None) -> None:
+        """The end of a relayed tunnel: close upstream, metrics, access log, forget it."""
+        upstream = live.upstream
+        if upstream is not None:
+            upstream.close()
+        sent = result.b_to_a if result else 0
+        recv = result.a_to_b if result else 0
+        if live.labels is not None:
+            self.metrics.tcp_closed(live.labels, sent, recv)  # type: ignore[union-attr]
+        tunnel, plan = live.tunnel, live.plan
+        if tunnel is not None and plan is not None:
+            flags = "DENY" if live.rejected else ("-" if result and not result.reset else "UC")
+            error = f"late rejection: {live.rejected}" if live.rejected else (result.reset if result else "cancelled")
+            self._record(tunnel, live.facts, plan, live.start, sent, recv, flags, error, 200,
+                         plan.decision.policy or "")
+        live.tunnel = live.upstream = live.owner = None
+        self.tracker.forget(live.tid)
+
+    def _labels(self, snap: "Snapshot", tunnel: InboundTunnel, wl: Workload):
         if self.metrics is None:
             return None
         from proxy.telemetry.metrics import PeerInfo, traffic_labels
-        snap = self.snapshot()
         peer = snap.mesh.inventory.workload_by_ip.get(tunnel.remote_addr[0])
         principal = str(tunnel.peer_identity)
         src = PeerInfo.from_workload(peer, principal=principal) if peer is not None else PeerInfo.from_identity(principal)
@@ -266,7 +335,7 @@ class InboundProxy:
 
     def _record(self, tunnel: InboundTunnel, facts: InboundFacts, plan: InboundPlan | None, start: float,
                 sent: int, recv: int, flags: str, error: str | None, status: int, policy: str) -> None:
-        if self.access_log is None:
+        if self.access_log is None or not self.access_log.enabled("error" if error else "info"):
             return
         from proxy.telemetry.accesslog import AccessRecord
         wl = plan.workload if plan else None
