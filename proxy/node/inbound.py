@@ -254,7 +254,10 @@ class InboundProxy:
         snapshot and (pod IP, :authority, client IP, peer identity), so an allowed tunnel's facts,
         plan and labels are memoised per snapshot under that key (denials are rare and carry their
         own messages: computed each time); the relay runs detached (no task per live tunnel); the
-        access record is built only when the access log would write it."""
+        access record is built only when the access log would write it. Measured A/B (ours-node of
+        `python -m benchmarks --only short --repeat 1 --clients python-h2 --short-count 3000`,
+        alternating old/new trees 3 times, 3 runs each, this 2-core box): 160 → 137 µs proxy CPU
+        per stream. Checked (not timed) by tests/test_node_inbound_fastpath.py."""
         start = time.time()
         peer = tunnel.peer_identity
         src_ip = tunnel.remote_addr[0]

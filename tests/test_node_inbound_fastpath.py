@@ -1,0 +1,150 @@
+"""The node proxy's inbound fast paths are in effect on a live InboundProxy (real mTLS, real HBONE
+client, real sockets; not timed): the relay runs without a task per live tunnel, an allowed
+tunnel's decision and metrics labels are memoised per config snapshot (a reload starts over), the
+end-of-tunnel bookkeeping (metrics, tracker) still happens, and a policy reload still closes a
+live tunnel it now denies (late rejection reaches detached relays)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from hbone.pool import HbonePool
+from proxy.identity import Identities
+from proxy.node import local_workloads
+from proxy.node.inbound import InboundProxy, InboundTracker
+from proxy.snapshot import ConfigStore
+from proxy.telemetry.metrics import Metrics
+from tests.waypoint_harness import MESH, cert_source
+
+NODE = "node-x"
+PORT = 9000
+
+INVENTORY = """
+workloads:
+- uid: Kubernetes//v1/Pod/default/sink-0
+  name: sink-0
+  namespace: default
+  serviceAccount: sink
+  workloadIps: ["{pod}"]
+  protocol: HBONE
+  node: {node}
+- uid: Kubernetes//v1/Pod/default/client-0
+  name: client-0
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["{client}"]
+  protocol: HBONE
+  node: other-node
+"""
+
+DENY_CLIENT = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: default}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: ["cluster.local/ns/default/sa/client"]}
+"""
+
+
+async def _echo(reader, writer):
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def _wait(cond, what: str, timeout: float = 5.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def node(tmp_path: Path, loopback_ip):
+    pod, client = loopback_ip(), loopback_ip()
+    cfg = tmp_path / "mesh"
+    cfg.mkdir()
+    (cfg / "inventory.yaml").write_text(INVENTORY.format(pod=pod, client=client, node=NODE))
+    store = ConfigStore([str(cfg)], mode="node", scope=None, clock=time.time)
+    store.load()
+    metrics = Metrics(process_metrics=False)
+    tracker = InboundTracker(NODE)
+    proxy = InboundProxy(node=NODE, port=15008, snapshot=lambda: store.current, identities=Identities(ca=MESH.ca),
+                         trust_domain="cluster.local", tracker=tracker, metrics=metrics)
+    await proxy.reconcile(local_workloads(store.current, NODE))
+    backend = await asyncio.start_server(_echo, pod, PORT)
+    src = cert_source("default", "client")
+    pool = HbonePool(src.client_context, trust_domain="cluster.local")
+
+    async def tunnel():
+        return await pool.open_tunnel(src_identity=src.identity, dst_identities=frozenset({MESH.identity("default", "sink")}),
+                                      dst=(pod, 15008), authority=f"{pod}:{PORT}", local_host=client)
+
+    try:
+        yield proxy, store, tracker, metrics, tunnel, cfg
+    finally:
+        await pool.close()
+        await proxy.close()
+        backend.close()
+
+
+def _closed_total(metrics: Metrics) -> float:
+    return sum(s.value for m in metrics.tcp_closed_total.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+async def _echoes(stream, data: bytes) -> bytes:
+    stream.write(data)
+    await stream.drain()
+    got = b""
+    while len(got) < len(data):
+        got += await asyncio.wait_for(stream.read(), 5)
+    return got
+
+
+async def test_live_tunnels_hold_no_handler_task_and_share_one_memoised_decision(node):
+    proxy, store, tracker, metrics, tunnel, _ = node
+    a, b = await tunnel(), await tunnel()
+    assert await _echoes(a, b"one") == b"one" and await _echoes(b, b"two") == b"two"
+    conns = list(next(iter(proxy.servers.values()))._conns)
+    await _wait(lambda: all(not c.handler_tasks for c in conns), "handlers to return")
+    assert sum(len(c.streams) for c in conns) == 2            # the tunnels live on without their tasks
+    assert len(tracker.live) == 2
+    facts = [t.facts for t in tracker.live.values()]
+    assert facts[0] is facts[1]                                 # the second tunnel hit the memo
+    assert len(proxy._memo) == 1 and proxy._memo_snap is store.current
+    for s in (a, b):
+        s.write_eof()
+        assert await asyncio.wait_for(s.read(), 5) == b""
+    await _wait(lambda: not tracker.live, "tracker to forget both tunnels")
+    assert _closed_total(metrics) == 2                          # the detached relays reported their end
+
+
+async def test_a_reload_starts_the_memo_over_and_late_rejection_reaches_a_detached_relay(node):
+    proxy, store, tracker, metrics, tunnel, cfg = node
+    a = await tunnel()
+    assert await _echoes(a, b"x") == b"x"
+    first_snap = store.current
+    (cfg / "deny.yaml").write_text(DENY_CLIENT)
+    store.load()
+    closed = tracker.recheck(store.current)                     # what NodeProxy.on_config does
+    assert closed == 1
+    with pytest.raises(ConnectionError):
+        while await asyncio.wait_for(a.read(), 5):
+            pass
+    await _wait(lambda: not tracker.live, "the rejected tunnel's end")
+    assert _closed_total(metrics) == 1
+    assert proxy._memo_snap is first_snap                       # nothing new dialled yet
+    from hbone.errors import TunnelRefused
+    with pytest.raises(TunnelRefused) as info:
+        await tunnel()
+    assert info.value.status == 401                             # decided afresh on the new snapshot
+    assert proxy._memo_snap is store.current and not proxy._memo   # denials are not memoised
