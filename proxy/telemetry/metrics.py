@@ -5,14 +5,17 @@ Names, label names, label order and value conventions follow Istio (reference/is
 ztunnel ``src/proxy/metrics.rs`` (``CommonTrafficLabels``) for the TCP ones.
 
 Hot path: the pipeline builds a label tuple once per tunnel (``traffic_labels``, memoised) and then
-calls ``tcp_opened`` / ``tcp_closed`` / ``http_request``; each resolves its prometheus_client children
-through a bounded dict keyed on the tuple, so a request costs a dict lookup and a few ``inc``/``observe``
-calls rather than prometheus_client's per-call label validation and lock.
+calls ``tcp_opened`` / ``tcp_closed`` / ``http_request``. The TCP ones resolve their prometheus_client
+children through a bounded dict keyed on the tuple; ``http_request`` (once per request) adds to plain
+numbers that a custom collector (``_HttpMetrics``) turns into the four HTTP families when scraped.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
+import math
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
@@ -20,13 +23,14 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     GCCollector,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:  # policy/ is a pure library; importing it only for types keeps telemetry import-light
     from policy.inventory import Service, Workload
@@ -225,6 +229,63 @@ class _BoundedCache(dict):
         return value
 
 
+# Upper bounds of the HTTP histograms' buckets, +Inf last (as prometheus_client appends it).
+_BOUNDS: tuple[float, ...] = tuple(float(b) for b in ENVOY_DEFAULT_BUCKETS) + (math.inf,)
+_LE = tuple(floatToGoString(b) for b in _BOUNDS)
+
+
+class _HttpSeries:
+    """One HTTP label set's observations: a count, and per histogram a sum and per-bucket counts (not yet
+    cumulative). An observation goes into the first bucket whose bound is >= it, as Histogram.observe."""
+
+    __slots__ = ("labels", "count", "duration_sum", "duration", "request_sum", "request", "response_sum",
+                 "response")
+
+    def __init__(self, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+        self.count = 0
+        self.duration_sum = self.request_sum = self.response_sum = 0.0
+        self.duration = [0] * len(_BOUNDS)
+        self.request = [0] * len(_BOUNDS)
+        self.response = [0] * len(_BOUNDS)
+
+
+class _HttpMetrics:
+    """``istio_requests_total`` and the three HTTP histograms, as a prometheus_client custom collector.
+
+    Why not Counter/Histogram children: each request made one ``inc`` and three ``observe`` calls, each
+    taking locks (a histogram: its sum and its bucket) and walking the bucket list in Python — ~7 µs of
+    the waypoint's per-request CPU (in-process HttpPipeline.handle, metrics on vs off: 41.0 vs 34.3 µs).
+    Here a request adds to plain numbers (one bisect per histogram, 41.0 → 36.4 µs) and the families are
+    built when scraped, with the same names, help, label order, buckets and sample order as before."""
+
+    def __init__(self, *, registry: CollectorRegistry) -> None:
+        self.series: dict[tuple, _HttpSeries] = {}   # (labels, status, grpc_status) → its series
+        self._labelnames = HTTP_LABELS
+        registry.register(self)
+
+    def _families(self):
+        return (CounterMetricFamily("istio_requests", "Requests processed by the proxy", labels=HTTP_LABELS),
+                HistogramMetricFamily("istio_request_duration_milliseconds", "Request duration in milliseconds",
+                                      labels=HTTP_LABELS),
+                HistogramMetricFamily("istio_request_bytes", "Request size in bytes (headers and body as received)",
+                                      labels=HTTP_LABELS),
+                HistogramMetricFamily("istio_response_bytes", "Response size in bytes (headers and body as sent)",
+                                      labels=HTTP_LABELS))
+
+    def describe(self):
+        return list(self._families())
+
+    def collect(self):
+        total, duration, req, resp = self._families()
+        for s in list(self.series.values()):
+            total.add_metric(s.labels, s.count)
+            for family, counts, value_sum in ((duration, s.duration, s.duration_sum), (req, s.request, s.request_sum),
+                                              (resp, s.response, s.response_sum)):
+                family.add_metric(s.labels, list(zip(_LE, itertools.accumulate(counts))), value_sum)
+        return [total, duration, req, resp]
+
+
 class Metrics:
     """All the proxy's metrics on one private registry (so tests and many proxies in one process
     never share series). Thread-compatible as prometheus_client is; called from the event loop."""
@@ -236,16 +297,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         # --- Istio standard metrics (names exactly as Istio exposes them; Counter adds "_total") ---
-        self.requests = Counter("istio_requests", "Requests processed by the proxy", HTTP_LABELS, registry=r)
-        self.request_duration = Histogram(
-            "istio_request_duration_milliseconds", "Request duration in milliseconds", HTTP_LABELS,
-            buckets=ENVOY_DEFAULT_BUCKETS, registry=r)
-        self.request_bytes = Histogram(
-            "istio_request_bytes", "Request size in bytes (headers and body as received)", HTTP_LABELS,
-            buckets=ENVOY_DEFAULT_BUCKETS, registry=r)
-        self.response_bytes = Histogram(
-            "istio_response_bytes", "Response size in bytes (headers and body as sent)", HTTP_LABELS,
-            buckets=ENVOY_DEFAULT_BUCKETS, registry=r)
+        # The four per-request HTTP metrics: plain numbers per label set, exposed by a collector (below).
+        self.requests = _HttpMetrics(registry=r)
         self.tcp_opened_total = Counter(
             "istio_tcp_connections_opened", "TCP connections opened", TCP_LABELS, registry=r)
         self.tcp_closed_total = Counter(
@@ -277,7 +330,6 @@ class Metrics:
             PlatformCollector(registry=r)
             GCCollector(registry=r)
         self._tcp_children = _BoundedCache(cache_size)
-        self._http_children = _BoundedCache(cache_size)
 
     # ---- TCP (one per tunnel / connection) ----
     def _tcp(self, labels: tuple[str, ...]):
@@ -307,19 +359,19 @@ class Metrics:
                      request_bytes: int, response_bytes: int, grpc_status: str = "") -> None:
         """Record one finished request. ``status`` 0 means no response was sent (istio_stats.cc)."""
         key = (labels, status, grpc_status)
-        c = self._http_children.get(key)
-        if c is None:
+        series = self.requests.series.get(key)
+        if series is None:
             if len(labels) != len(TCP_LABELS):
                 raise ValueError(f"expected {len(TCP_LABELS)} label values from traffic_labels(), got {len(labels)}")
             full = labels[:_HTTP_INSERT_AT] + (str(int(status)), grpc_status) + labels[_HTTP_INSERT_AT:]
-            c = self._http_children.put(key, (
-                self.requests.labels(*full), self.request_duration.labels(*full),
-                self.request_bytes.labels(*full), self.response_bytes.labels(*full)))
-        total, duration, req, resp = c
-        total.inc()
-        duration.observe(duration_ms)
-        req.observe(request_bytes)
-        resp.observe(response_bytes)
+            series = self.requests.series[key] = _HttpSeries(full)
+        series.count += 1
+        series.duration_sum += duration_ms
+        series.duration[bisect_left(_BOUNDS, duration_ms)] += 1
+        series.request_sum += request_bytes
+        series.request[bisect_left(_BOUNDS, request_bytes)] += 1
+        series.response_sum += response_bytes
+        series.response[bisect_left(_BOUNDS, response_bytes)] += 1
 
     # ---- the proxy's own ----
     def config_reload(self, ok: bool) -> None:
@@ -352,4 +404,4 @@ class Metrics:
 
     def __repr__(self) -> str:
         return (f"<Metrics tcp_label_sets={len(self._tcp_children)} "
-                f"http_label_sets={len(self._http_children)} tunnels_active={self.tunnels_active._value.get():g}>")
+                f"http_label_sets={len(self.requests.series)} tunnels_active={self.tunnels_active._value.get():g}>")
