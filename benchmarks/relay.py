@@ -3,7 +3,7 @@
 ``python -m benchmarks.relay --listen IP:PORT --ca-dir D [--stream-window BYTES] [--connection-window BYTES]``
 
 mTLS + HTTP/2 CONNECT from ``hbone.server.HboneServer``, a plain TCP connection to the CONNECT's
-``:authority`` (``TcpStream.connect``), then ``hbone.relay.relay`` between the two: the hot path of
+``:authority`` (``hbone.stream.dial_tcp``), then ``hbone.relay.relay_detached`` between the two: the hot path of
 the node proxy's inbound side with no policy in between. It mints its own certificate
 (``spiffe://<td>/ns/bench/sa/relay``) from the mesh CA in ``--ca-dir``. Prints ``READY`` once
 listening.
@@ -34,34 +34,31 @@ async def serve(args) -> None:
     from certs.ca import MeshCA
     from certs.spiffe import SpiffeId
     from certs.tls import server_context
-    from hbone.relay import relay, relay_detached
+    from hbone.relay import relay_detached
     from hbone.server import HboneServer
     from hbone.settings import HboneSettings
-    from hbone.stream import TcpStream
+    from hbone.stream import dial_tcp
 
     ca = MeshCA.load(args.ca_dir)
     issued = ca.issue(SpiffeId(ca.trust_domain, "bench", "relay"), now=datetime.now(timezone.utc))
     bundle = CertBundle.from_issued(issued, ca.root_cert_pem)
     ctx = server_context(bundle)
 
-    async def handler(tunnel) -> None:
+    def handler(tunnel) -> None:
+        # A plain-function handler (hbone.server runs it with no task) that dials with a callback
+        # (hbone.stream.dial_tcp: no task either) and splices with relay_detached, which closes
+        # both streams when over: nothing per tunnel but the streams and the splice once open.
         host, port = tunnel.authority
-        try:
-            upstream = await TcpStream.connect(host, port)
-        except OSError as err:
-            await tunnel.reject(UPSTREAM_UNREACHABLE_STATUS, f"connect {host}:{port}: {err}")
-            return
-        down = await tunnel.accept()
-        # The splice runs on without this handler's task (hbone.relay.relay_detached), and closes
-        # both streams itself when over: no task, coroutine frames or closure kept per tunnel. Any
-        # other pair of streams: await the pumps as before.
-        if relay_detached(down, upstream):
-            return
-        try:
-            await relay(down, upstream)
-        finally:
-            upstream.close()
-            down.close()
+
+        def connected(upstream, err) -> None:
+            if err is not None:
+                tunnel.reject_nowait(UPSTREAM_UNREACHABLE_STATUS, f"connect {host}:{port}: {err}")
+                return
+            down = tunnel.accept_nowait()
+            if not relay_detached(down, upstream):  # always spliceable: HboneStream + TcpConnection
+                raise AssertionError("dial_tcp and accept_nowait give a spliceable pair")
+
+        dial_tcp(host, port, connected)
 
     # max_pending_tunnels too: the idle scenario opens 8 000 CONNECTs at once, all pending until their
     # upstream dial completes (hbone's default caps that at the stream limit, 200).

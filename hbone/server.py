@@ -103,13 +103,20 @@ class InboundTunnel:
 
     async def accept(self, headers: Iterable[tuple[str, str]] = ()) -> HboneStream:
         """Send 200 and return the tunnel's byte stream (data the client sent early is in it)."""
-        stream = self._answer(200, tuple(headers))
-        assert stream is not None
-        return stream
+        return self.accept_nowait(headers)
 
     async def reject(self, status: int, reason: str = "") -> None:
         """Answer `status` (400/401/503...) with END_STREAM. `reason` is kept for logs only:
         ztunnel sends no body, and a deny reason is not the client's business."""
+        self.reject_nowait(status, reason)
+
+    # The same answers for a plain-function handler answering from a callback (no await there).
+    def accept_nowait(self, headers: Iterable[tuple[str, str]] = ()) -> HboneStream:
+        stream = self._answer(200, tuple(headers))
+        assert stream is not None
+        return stream
+
+    def reject_nowait(self, status: int, reason: str = "") -> None:
         if not 400 <= status <= 599:
             raise ValueError(f"reject needs an error status, got {status}")
         self.reason = reason

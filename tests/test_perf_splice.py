@@ -11,7 +11,7 @@ import os
 import pytest
 
 from hbone.relay import RelayResult, relay, relay_detached
-from hbone.stream import TcpConnection, TcpStream
+from hbone.stream import TcpConnection, TcpStream, dial_tcp
 from hbone.testing import LOOPS, Mesh, run, start_echo
 from tests.test_hbone_server import Env
 
@@ -258,6 +258,71 @@ def test_plain_function_handler_runs_without_a_task(loop):
                 await env.open(authority=f"{echo_addr[0]}:1")
             assert "503" in str(err.value)
             assert len(seen) == 2 and seen == [None, None]  # called from data_received, in no task
+        finally:
+            await env.__aexit__()
+            echo.close()
+    run(loop, main)
+
+
+@loops
+def test_dial_tcp_reports_a_connection_or_the_error_without_a_task(loop):
+    async def main():
+        echo, echo_addr = await start_echo()
+        done = asyncio.get_running_loop().create_future()
+        tasks_before = len(asyncio.all_tasks())
+        dial_tcp(*echo_addr, lambda conn, err: done.set_result((conn, err)))
+        assert len(asyncio.all_tasks()) == tasks_before  # no task for the dial
+        conn, err = await asyncio.wait_for(done, 10)
+        assert err is None and type(conn) is TcpConnection
+        conn.write(b"hi")
+        conn.write_eof()
+        assert await conn.read() == b"hi"
+        conn.close()
+        # a refused dial reports its OSError
+        sock = __import__("socket").socket()
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+        sock.close()
+        failed = asyncio.get_running_loop().create_future()
+        dial_tcp("127.0.0.1", closed_port, lambda conn, err: failed.set_result((conn, err)))
+        conn, err = await asyncio.wait_for(failed, 10)
+        assert conn is None and isinstance(err, OSError)
+        echo.close()
+    run(loop, main)
+
+
+@loops
+def test_benchmark_relay_handler_shape_answers_503_when_the_upstream_is_down(loop):
+    """benchmarks/relay.py's handler shape (plain function + dial_tcp + reject_nowait/accept_nowait):
+    a refused upstream is a 503, a live one relays."""
+    async def main():
+        echo, echo_addr = await start_echo()
+
+        def handler(tunnel):
+            host, port = tunnel.authority
+
+            def connected(upstream, err):
+                if err is not None:
+                    tunnel.reject_nowait(503, f"connect {host}:{port}: {err}")
+                    return
+                assert relay_detached(tunnel.accept_nowait(), upstream)
+            dial_tcp(host, port, connected)
+
+        env = Env(Mesh.create())
+        await env.start(handler)
+        try:
+            s = await env.open(authority=f"{echo_addr[0]}:{echo_addr[1]}")
+            s.write(b"ping")
+            s.write_eof()
+            assert await s.read() == b"ping"
+            assert await s.read() == b""
+            sock = __import__("socket").socket()
+            sock.bind(("127.0.0.1", 0))
+            closed_port = sock.getsockname()[1]
+            sock.close()
+            with pytest.raises(Exception) as err:
+                await env.open(authority=f"127.0.0.1:{closed_port}")
+            assert "503" in str(err.value)
         finally:
             await env.__aexit__()
             echo.close()
