@@ -116,3 +116,26 @@ async def test_complete_body_waits_for_a_request_body_still_being_sent():
     resp = await forward_request(up, b"POST", b"/", b"a", [], body())
     assert resp.complete_body() is None
     assert b"".join([c async for c in resp.body_chunks()]) == b"hello"
+
+
+async def test_one_idle_timer_per_connection_still_times_out_each_wait():
+    """The lazy idle timer: a request inside each idle period keeps the connection (the timer armed at
+    the first wait fires, finds a later deadline and re-arms), silence for a whole period closes it."""
+    import asyncio
+
+    from hbone.stream import TcpStream
+    from proxy.http1.server import Http1Limits
+    from tests.test_http1_server import echo_handler, http1_server, read_until_close
+
+    async with http1_server(echo_handler, limits=Http1Limits(idle_timeout_s=0.4, head_timeout_s=0.4)) as (port, _):
+        client = await TcpStream.connect("127.0.0.1", port)
+        for _ in range(3):   # 3 × 0.25 s > one idle period, each wait shorter than it
+            await asyncio.sleep(0.25)
+            client.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            reply = await client.read(65536)
+            assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"GET /x 0:")
+        assert await read_until_close(client) == b""   # then idle: closed quietly
+        client = await TcpStream.connect("127.0.0.1", port)
+        await asyncio.sleep(0.25)
+        client.write(b"GET / HTTP/1.1\r\nHo")            # a head started late in the idle period
+        assert (await read_until_close(client)).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
