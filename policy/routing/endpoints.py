@@ -92,6 +92,11 @@ class LoadBalancer:
         ``exclude``: hosts tried by earlier attempts of this request. As Envoy's previous_hosts predicate,
         a pick that lands on one is redone up to ``host_selection_max_attempts`` times; after that the last
         pick is used (so a single-host cluster still gets its retries)."""
+        if len(candidates) == 1:
+            # One host (e.g. a one-pod subset): it, if usable — no algorithm can choose otherwise, and
+            # reselection for ``exclude`` would land on it again (then Envoy uses the last pick).
+            only = candidates[0]
+            return only if only.key not in ejected and only.weight > 0 else None
         usable = [c for c in candidates if c.key not in ejected and c.weight > 0]
         if not usable:
             return None

@@ -333,6 +333,8 @@ class _Conn:
     # of and then either ends the wait (deadline passed: the task is cancelled and next_head turns that
     # into "idle" / 408, as asyncio.timeout would) or re-arms itself for the current deadline. With a
     # 1 h idle timeout that is one timer per connection per hour instead of one per request.
+    # Measured in-process (HttpPipeline.serve over faked streams, 10 000 keep-alive requests, the
+    # waypoint's whole HTTP path without HBONE): 52.1 → 45.5 µs per request.
     def _arm(self, at: float) -> None:
         timer = self._timer
         if timer is not None:

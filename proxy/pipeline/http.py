@@ -138,6 +138,8 @@ def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, des
                     tp.outlier_detection, svc.app_protocols.get(dest.port) if dest.port is not None else None)
 
 
+_NONE: frozenset = frozenset()   # no hosts excluded / ejected (one shared empty set, not two per attempt)
+
 # Upstream memo entries per snapshot: a snapshot holds finitely many (route action, destination) pairs;
 # the bound only protects against a pathological config (the memo is then simply restarted).
 UPSTREAM_MEMO_ENTRIES = 4096
@@ -393,6 +395,8 @@ class HttpPipeline:
             # it arrives, not after END_STREAM. Such a request is retried only while nothing of it
             # was sent (connect failures, refused streams), and is not mirrored.
             body, clen, replayable = (request.body_chunks() if request.has_body else None), None, False
+        elif not request.has_body:   # (read_body's first answer, without a coroutine per request)
+            body, clen, replayable = None, None, True
         else:
             body, clen, replayable = await read_body(request, self.buffer_limit)
         headers = apply_ops(list(request.headers), up.request_ops)
@@ -402,7 +406,9 @@ class HttpPipeline:
         if b"x-forwarded-proto" not in names:
             headers.append((b"x-forwarded-proto", b"http"))
         route = plan.route
-        target = (route.path if isinstance(route, RouteDecision) else plan.view.path).encode("latin-1")
+        path = route.path if isinstance(route, RouteDecision) else plan.view.path
+        # Not rewritten (the view's own str): the request's bytes as they came, not decoded and re-encoded.
+        target = request.target if path is plan.view.path else path.encode("latin-1")
         authority = (route.authority if isinstance(route, RouteDecision) else plan.view.authority).encode("latin-1")
         if plan.mirrors:
             # Envoy shadows with the body it buffered; a body past the buffer limit is not mirrored.
@@ -500,9 +506,9 @@ class HttpPipeline:
             attempt += 1
             now = time.monotonic()
             cand = self.lb.pick(up.candidates, rng=self.rng,
-                                exclude=frozenset(tried) if policy.retry_ignore_previous_hosts else frozenset(),
+                                exclude=frozenset(tried) if tried and policy.retry_ignore_previous_hosts else _NONE,
                                 active_requests=self.active, lb=up.lb, cluster=up.cluster,
-                                ejected=detector.ejected(now) if detector else frozenset(),
+                                ejected=detector.ejected(now) if detector else _NONE,
                                 host_selection_max_attempts=policy.host_selection_max_attempts)
             if cand is None:
                 raise exhausted(last, attempt - 1) if last is not None else NoHealthyUpstream(
