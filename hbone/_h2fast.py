@@ -42,6 +42,15 @@
    16 KiB frames, this 2-core machine, medians of 3): 1.61 → 1.13 proxy CPU-s per GiB
    (667 → 950 MB per CPU-second; nghttpx ~840 in the same harness). Switched by DATA_FAST_PATH.
 
+5b. Bulk DATA (no END_STREAM) on an open stream of an open connection, whose request had no
+   content-length (a CONNECT tunnel never has one): h2's own steps reduce to two window
+   accountings, the received-length count and a DataReceived event — the connection machine stays
+   in its open state with no callback, the stream machine stays in OPEN/HALF_CLOSED_LOCAL and only
+   checks that headers came first (`headers_received`). Those are done here directly, without the
+   two state-machine lookups (each hashes Python-level Enum members) and the event plumbing;
+   an END_STREAM frame, or any other state, takes 5. as before. Measured: see PERF NOTE at
+   DATA_FAST_PATH.
+
 6. The HEADERS that open a tunnel (a short tunnel's first cost). In the same walk as 5., a complete
    HEADERS frame with END_HEADERS and neither PADDED nor PRIORITY that opens a new client stream is
    handled with exactly h2's `_receive_headers_frame` steps (stream limit, HPACK decode with h2's
@@ -70,11 +79,16 @@ import hyperframe.frame
 from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 from h2.connection import H2Connection as _H2Connection
 from h2.connection import _decode_headers
+from h2.events import DataReceived
 from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.stream import StreamInputs, StreamState
 
 _PATCHED = False
-# 5. below; tests/test_perf_h2data.py checks it against h2's own path event by event, and
+# 5. and 5b. below. PERF NOTE (5b. with the inline DATA check of hbone/limits.py InboundGuard.feed;
+# /tmp/hb7/prof_relay.py upload 1 GiB, node-http2 client, 16 KiB frames, benchmarks.relay
+# in-process, alternating with the session's starting tree, medians of 3, this 2-core machine):
+# 1.25 -> 1.11 proxy CPU-s per GiB.
+# tests/test_perf_h2data.py checks it against h2's own path event by event, and
 # tests/test_perf_h2data.py::test_fast_path_is_on that it is in effect.
 DATA_FAST_PATH = True
 # 6. and 7. below; tests/test_perf_h2data.py compares each with h2's own path byte for byte.
@@ -96,6 +110,9 @@ _END_HEADERS, _HEADERS_MASK = 0x4, 0x4 | 0x8 | 0x20
 _DATA_HEADER = struct.Struct(">BHBBL")  # = _FRAME_HEADER, for frames we build
 # Stream states in which h2 accepts DATA without an error (RECV_DATA is a valid input).
 _RECV_DATA_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
+# Connection states in which RECV_DATA leaves the connection state machine where it is, with no
+# side effect (h2 4.4.1 H2ConnectionStateMachine._transitions; also in _GRACEFUL_TRANSITIONS).
+_OPEN_CONNECTION = (ConnectionState.SERVER_OPEN, ConnectionState.CLIENT_OPEN)
 # The safety-net full scan runs after this many stream opens (or len(streams), if larger).
 _FULL_SCAN_MIN_OPENS = 64
 
@@ -194,6 +211,17 @@ class H2Connection(_H2Connection):
                         stream = streams.get(sid)
                         if (stream is not None and stream.state_machine.state in _RECV_DATA_STATES
                                 and length <= max_size and not buf._headers_buffer):
+                            if (not flags & _END_STREAM and self.state_machine.state in _OPEN_CONNECTION
+                                    and stream.state_machine.headers_received
+                                    and stream._expected_content_length is None):
+                                # 5b. (see the module docstring): the bulk of a tunnel's DATA
+                                self._inbound_flow_control_window_manager.window_consumed(length)
+                                stream._inbound_window_manager.window_consumed(length)
+                                stream._actual_content_length += length
+                                events.append(DataReceived(stream_id=sid, data=data[i + 9:end],
+                                                           flow_controlled_length=length))
+                                i = end
+                                continue
                             # h2's _receive_data_frame, minus the DataFrame it would have parsed
                             events += self.state_machine.process_input(ConnectionInputs.RECV_DATA)
                             self._inbound_flow_control_window_manager.window_consumed(length)

@@ -214,14 +214,20 @@ def _raw(frame: hyperframe.frame.Frame) -> bytes:
     return frame.serialize()
 
 
-@pytest.mark.parametrize("case", ["over_window", "unknown_stream", "after_end", "too_large", "stream_zero"])
+@pytest.mark.parametrize("case", ["over_window", "unknown_stream", "after_end", "too_large", "stream_zero",
+                                  "content_length_over", "content_length_exact"])
 def test_protocol_errors_are_h2s_own(monkeypatch, case):
     rng = random.Random(1)
     twin, c = Twin(monkeypatch, rng), _client()
     twin.feed(c.data_to_send())
-    c.send_headers(1, REQUEST, end_stream=(case == "after_end"))
+    headers = REQUEST + [(b"content-length", b"10")] if case.startswith("content_length") else REQUEST
+    c.send_headers(1, headers, end_stream=(case == "after_end"))
     twin.feed(c.data_to_send())
-    if case == "over_window":
+    if case == "content_length_over":  # 5b. must not take a stream with a declared length
+        wire = _raw(_data(1, b"x" * 6)) + _raw(_data(1, b"x" * 6))
+    elif case == "content_length_exact":
+        wire = _raw(_data(1, b"x" * 6)) + _raw(_data(1, b"x" * 4))
+    elif case == "over_window":
         wire = b"".join(_raw(_data(1, b"x" * 16_384)) for _ in range(5))  # 80 KiB > 64 KiB window
     elif case == "unknown_stream":
         wire = _raw(_data(7, b"late"))
