@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import socket
 
 import pytest
 
 from hbone.stream import TcpConnection
 from proxy.errors import UpstreamConnectFailure
-from proxy.node.dial import IP_BIND_ADDRESS_NO_PORT, connect_from
+from proxy.node.dial import IP_BIND_ADDRESS_NO_PORT, connect_from, dial_from
 from proxy.node.inbound import connect_workload
 
 
@@ -83,3 +84,95 @@ async def test_an_unbindable_source_ip_falls_back_to_our_own_address(loopback_ip
             assert up.local_addr[0] != "192.0.2.1"
         finally:
             up.abort()
+
+
+# ---- dial_from: the callback dial of the node's inbound handler (no task) ----
+
+async def _dial(host: str, port: int, local_ip: str | None, timeout: float = 5.0):
+    """dial_from as an awaitable for the tests: (conn, err), and whether it answered before returning."""
+    fut = asyncio.get_running_loop().create_future()
+    dial_from(host, port, local_ip, lambda c, e: fut.set_result((c, e)), timeout=timeout)
+    answered_at_once = fut.done()
+    conn, err = await asyncio.wait_for(fut, timeout + 5)
+    return conn, err, answered_at_once
+
+
+def _full_listener(ip: str) -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full (backlog 0, one connection queued and not accepted):
+    the kernel drops further SYNs, so a new dial stays in its handshake (the slow path)."""
+    lsock = socket.socket()
+    lsock.bind((ip, 0))
+    lsock.listen(0)
+    filler = socket.socket()
+    filler.setblocking(False)
+    filler.connect_ex(lsock.getsockname())
+    return lsock, [filler]
+
+
+async def test_dial_from_a_local_pod_keeps_the_source_ip(loopback_ip):
+    pod, client = loopback_ip(), loopback_ip()
+    server, port, peers = await _listener(pod)
+    async with server:
+        conn, err, _ = await _dial(pod, port, client)
+        try:
+            assert err is None and conn.__class__ is TcpConnection   # what hbone.relay splices
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT) == 1
+            conn.write(b"hi")
+            assert await asyncio.wait_for(conn.read(100), 5) == b"hi"
+            assert peers == [conn.local_addr] and conn.local_addr[0] == client
+        finally:
+            conn.abort()
+
+
+async def test_dial_from_waits_for_a_handshake_in_flight(loopback_ip):
+    pod, client = loopback_ip(), loopback_ip()
+    lsock, held = _full_listener(pod)
+    try:
+        task = asyncio.ensure_future(_dial(*lsock.getsockname(), client))
+        await asyncio.sleep(0.1)
+        assert not task.done()                   # the SYN was dropped: still waiting
+        lsock.setblocking(False)
+        held.append(lsock.accept()[0])           # room in the queue: the SYN retransmit gets in
+        conn, err, _ = await asyncio.wait_for(task, 10)
+        assert err is None and conn.local_addr[0] == client
+        conn.abort()
+    finally:
+        for s in (*held, lsock):
+            s.close()
+
+
+async def test_dial_from_times_out_a_handshake_that_never_completes(loopback_ip):
+    pod, client = loopback_ip(), loopback_ip()
+    lsock, held = _full_listener(pod)
+    try:
+        conn, err, _ = await _dial(*lsock.getsockname(), client, timeout=0.2)
+        assert conn is None and isinstance(err, TimeoutError)
+    finally:
+        for s in (*held, lsock):
+            s.close()
+
+
+async def test_dial_from_reports_refusal_and_an_unbindable_source(loopback_ip):
+    pod, client = loopback_ip(), loopback_ip()
+    with socket.socket() as s:
+        s.bind((pod, 0))
+        port = s.getsockname()[1]
+    conn, err, _ = await _dial(pod, port, client)
+    assert conn is None and isinstance(err, OSError) and err.errno == errno.ECONNREFUSED
+    conn, err, at_once = await _dial(pod, port, "192.0.2.1")
+    assert conn is None and err.errno == errno.EADDRNOTAVAIL and at_once   # found at bind(): at once
+
+
+async def test_dial_from_without_a_source_ip_uses_our_own_address(loopback_ip):
+    pod = loopback_ip()
+    server, port, peers = await _listener(pod)
+    async with server:
+        conn, err, _ = await _dial(pod, port, None)
+        try:
+            assert err is None and ipaddress.ip_address(conn.local_addr[0]).is_loopback
+            conn.write(b"hi")
+            assert await asyncio.wait_for(conn.read(100), 5) == b"hi"
+            assert peers == [conn.local_addr]
+        finally:
+            conn.abort()

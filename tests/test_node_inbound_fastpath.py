@@ -148,3 +148,21 @@ async def test_a_reload_starts_the_memo_over_and_late_rejection_reaches_a_detach
         await tunnel()
     assert info.value.status == 401                             # decided afresh on the new snapshot
     assert proxy._memo_snap is store.current and not proxy._memo   # denials are not memoised
+
+
+async def test_an_unreachable_pod_port_is_answered_503_from_the_dial_callback(node, loopback_ip):
+    proxy, store, tracker, metrics, tunnel, _ = node
+    from hbone.errors import TunnelRefused
+    pod = next(iter(proxy.servers))
+    src = cert_source("default", "client")
+    pool = HbonePool(src.client_context, trust_domain="cluster.local")
+    try:
+        with pytest.raises(TunnelRefused) as info:    # nothing listens on the pod's port 9001
+            await pool.open_tunnel(src_identity=src.identity, dst_identities=frozenset({MESH.identity("default", "sink")}),
+                                   dst=(pod, 15008), authority=f"{pod}:{PORT + 1}", local_host=loopback_ip())
+        assert info.value.status == 503
+    finally:
+        await pool.close()
+    await _wait(lambda: not tracker.live, "the refused tunnel to be forgotten")
+    assert _closed_total(metrics) == 0
+    assert all(not c.handler_tasks for s in proxy.servers.values() for c in s._conns)

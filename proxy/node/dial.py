@@ -28,6 +28,7 @@ import asyncio
 import errno
 import os
 import socket
+from typing import Callable
 
 from hbone.stream import DEFAULT_READ_BYTES, TcpConnection
 
@@ -81,4 +82,105 @@ async def connect_from(host: str, port: int, local_ip: str, *, limit: int = DEFA
     return conn
 
 
-__all__ = ["connect_from", "bound_socket", "IP_BIND_ADDRESS_NO_PORT"]
+DialCallback = Callable[["TcpConnection | None", "BaseException | None"], None]
+
+
+def dial_from(host: str, port: int, local_ip: str | None, on_done: DialCallback, *, timeout: float,
+              limit: int = DEFAULT_READ_BYTES) -> None:
+    """``connect_from`` for callback code (a plain-function HBONE handler): no task, no coroutine
+    frame held while the dial is in flight. ``local_ip`` None: from our own address (no bind). Calls ``on_done(conn, None)`` or ``on_done(None, err)``
+    exactly once — possibly before returning (an error found at once, or an established socket
+    wrapped without waiting) — with ``err`` an ``OSError``, or ``TimeoutError`` after ``timeout``
+    seconds of a handshake that has not completed.
+
+    PERF NOTE: see ``InboundProxy._handle`` (the node's inbound handler dials with this)."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        if local_ip is None:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+        else:
+            sock = bound_socket(local_ip, family)
+    except OSError as err:
+        on_done(None, err)
+        return
+    try:
+        err = sock.connect_ex((host, port))
+        if err == errno.EINPROGRESS:
+            try:
+                sock.getpeername()          # established already (a local pod): no need to wait
+                err = 0
+            except OSError:
+                pass
+    except OSError as exc:                  # e.g. an address of the wrong family
+        sock.close()
+        on_done(None, exc)
+        return
+    if err == 0:
+        _Wrap(loop.create_connection(lambda: TcpConnection(limit), sock=sock), sock, on_done).step()
+    elif err == errno.EINPROGRESS:
+        _Handshake(loop, sock, (host, port), on_done, timeout, limit)
+    else:
+        sock.close()
+        on_done(None, OSError(err, f"connect to {host}:{port} failed: {os.strerror(err)}"))
+
+
+class _Handshake:
+    """A non-blocking connect still in flight: wait for writability (or the timeout), then read its
+    outcome from SO_ERROR, as ``loop.sock_connect`` does."""
+
+    __slots__ = ("loop", "sock", "addr", "on_done", "limit", "timer")
+
+    def __init__(self, loop, sock: socket.socket, addr: tuple[str, int], on_done: DialCallback, timeout: float,
+                 limit: int):
+        self.loop, self.sock, self.addr, self.on_done, self.limit = loop, sock, addr, on_done, limit
+        loop.add_writer(sock.fileno(), self.writable)
+        self.timer = loop.call_later(timeout, self.expired)
+
+    def writable(self) -> None:
+        self.loop.remove_writer(self.sock.fileno())
+        self.timer.cancel()
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.sock.close()
+            self.on_done(None, OSError(err, f"connect to {self.addr[0]}:{self.addr[1]} failed: {os.strerror(err)}"))
+            return
+        limit = self.limit
+        _Wrap(self.loop.create_connection(lambda: TcpConnection(limit), sock=self.sock), self.sock, self.on_done).step()
+
+    def expired(self) -> None:
+        self.loop.remove_writer(self.sock.fileno())
+        self.sock.close()
+        self.on_done(None, TimeoutError(f"connect to {self.addr[0]}:{self.addr[1]} timed out"))
+
+
+class _Wrap:
+    """Steps ``create_connection(sock=)`` (a coroutine that only waits for ``connection_made``, one
+    loop turn) to its end without a task, then reports."""
+
+    __slots__ = ("coro", "sock", "on_done")
+
+    def __init__(self, coro, sock: socket.socket, on_done: DialCallback):
+        self.coro, self.sock, self.on_done = coro, sock, on_done
+
+    def step(self, _fut: object = None) -> None:
+        try:
+            fut = self.coro.send(None)
+        except StopIteration as stop:
+            self.coro = None
+            self.on_done(stop.value[1], None)
+            return
+        except Exception as err:  # noqa: BLE001 — any failure is the dial's answer
+            self.coro = None
+            self.sock.close()
+            self.on_done(None, err)
+            return
+        if fut is None:   # a bare yield: resume on the next loop turn
+            asyncio.get_running_loop().call_soon(self.step)
+            return
+        fut._asyncio_future_blocking = False   # as asyncio.Task does with a future it waits on
+        fut.add_done_callback(self.step)
+
+
+__all__ = ["connect_from", "dial_from", "bound_socket", "IP_BIND_ADDRESS_NO_PORT"]
