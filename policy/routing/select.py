@@ -7,6 +7,7 @@ Pure functions. ``route_http`` is deterministic (first match / precedence); weig
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
 import random
 from dataclasses import dataclass, field
@@ -158,6 +159,17 @@ class Forward:
     rewrite: RewriteSpec | None = None
     headers: object = NO_HEADER_RULES    # HeaderRules (rule level)
     mirrors: tuple = ()                  # tuple[Mirror, ...]
+
+    @functools.cached_property
+    def cumulative_weights(self) -> tuple[list[float], float]:
+        """(running sums of the destinations' weights, negative ones counted as 0; their total), for
+        ``choose_destination``. Cached: a frozen dataclass allows cached_property (instance __dict__)."""
+        cum: list[float] = []
+        total = 0.0
+        for d in self.destinations:
+            total += max(d.weight, 0)
+            cum.append(total)
+        return cum, total
 
 
 @dataclass(frozen=True)
@@ -342,8 +354,18 @@ def pick_weighted(choices: Sequence[tuple[T, int | float]], rng: random.Random) 
 
 
 def choose_destination(forward: Forward, rng: random.Random):
-    """The weighted destination for one request (Envoy weighted_clusters)."""
-    return pick_weighted([(d, d.weight) for d in forward.destinations], rng)
+    """The weighted destination for one request (Envoy weighted_clusters): ``pick_weighted`` over the
+    destinations and their weights, with the cumulative weights worked out once per route action
+    (``Forward.cumulative_weights``) instead of a list of pairs and a running sum per request — the
+    same draw from ``rng`` and the same answer."""
+    dests = forward.destinations
+    if len(dests) <= 1:
+        return pick_weighted([(d, d.weight) for d in dests], rng)
+    cum, total = forward.cumulative_weights
+    if total <= 0:
+        raise ValueError("all weights are 0")
+    i = bisect.bisect_right(cum, rng.random() * total)
+    return dests[min(i, len(dests) - 1)]
 
 
 _NO_FAULT = FaultDecision()   # frozen: one shared "no fault" answer instead of one per request
