@@ -272,23 +272,30 @@ class RequestReader(_Reader):
             self._fail(400, "unsupported HTTP version")
         method = parser.get_method()
         headers = self._headers
-        try:
-            chunked, length = _framing(headers, 501)
-        except Http1Error as err:
-            self._cb_error = err
-            raise
         host = None
         expect = False
         upgrade = None
-        for name, value in headers:
+        framing = two_hosts = False
+        for name, value in headers:   # one pass; _framing only when a framing header is there
             if name == b"host":
-                if host is not None:
-                    self._fail(400, "more than one Host header")
+                two_hosts = host is not None
                 host = value
             elif name == b"expect":
                 expect = value.lower() == b"100-continue"
             elif name == b"upgrade":
                 upgrade = value
+            elif name in _FRAMING:
+                framing = True
+        if framing:
+            try:
+                chunked, length = _framing(headers, 501)
+            except Http1Error as err:
+                self._cb_error = err
+                raise
+        else:
+            chunked, length = False, None
+        if two_hosts:   # (after the framing checks, whose answer comes first)
+            self._fail(400, "more than one Host header")
         if host is None:
             if version == b"1.1":
                 self._fail(400, "missing Host header")

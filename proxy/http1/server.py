@@ -69,23 +69,20 @@ Handler = Callable[["Http1Request", "Responder"], Awaitable[None]]
 class Http1Request:
     """One request on the connection: the parsed head and its streamed body."""
 
-    __slots__ = ("head", "_conn", "body_done", "body_bytes", "continue_sent")
+    # The head's fields are copied into slots once (one tuple unpacking) rather than read through a
+    # property per access: the pipeline reads method, target, headers, host, has_body ~12 times a request.
+    # With the request head's one-pass header scan (codec.py): in-process HttpPipeline.serve 44.5 → 43.3 µs.
+    __slots__ = ("head", "_conn", "body_done", "body_bytes", "continue_sent", "method", "target", "version",
+                 "headers", "keep_alive", "has_body", "content_length", "host")
 
     def __init__(self, head: RequestHead, conn: "_Conn"):
         self.head = head
+        (self.method, self.target, self.version, self.headers, self.keep_alive, self.has_body, _,
+         self.content_length, _, self.host) = head
         self._conn = conn
         self.body_done = not head.has_body
         self.body_bytes = 0
         self.continue_sent = False
-
-    method = property(lambda self: self.head.method)
-    target = property(lambda self: self.head.target)
-    version = property(lambda self: self.head.version)
-    headers = property(lambda self: self.head.headers)
-    host = property(lambda self: self.head.host)
-    keep_alive = property(lambda self: self.head.keep_alive)
-    has_body = property(lambda self: self.head.has_body)
-    content_length = property(lambda self: self.head.content_length)
 
     @property
     def remote_addr(self) -> tuple[str, int]:
