@@ -52,7 +52,7 @@ def _state(s: _h2fast.H2Connection) -> tuple:
             sorted(s._closed_streams.items()))
 
 
-_SWITCHES = ("DATA_FAST_PATH", "HEADERS_FAST_PATH", "SEND_FAST_PATH")
+_SWITCHES = ("DATA_FAST_PATH", "HEADERS_FAST_PATH", "SEND_FAST_PATH", "HPACK_MEMO")
 
 
 def _switch(monkeypatch, on: bool) -> None:
@@ -252,6 +252,44 @@ def test_fast_path_is_on():
     assert _h2fast.DATA_FAST_PATH is True
     assert _h2fast.HEADERS_FAST_PATH is True
     assert _h2fast.SEND_FAST_PATH is True
+    assert _h2fast.HPACK_MEMO is True
+    s = _server()
+    assert isinstance(s.decoder, _h2fast._MemoDecoder)  # on a live h2 connection of ours
+
+
+def test_hpack_memo_follows_every_dynamic_table_change():
+    """8.: the same indexed-only bytes mean other headers once the table changed (insertions
+    shift the indices; a size update evicts); the memo must never answer for an older table."""
+    import hpack
+    enc = hpack.Encoder()
+    plain, memo = hpack.Decoder(), _h2fast.H2Connection(config=h2.config.H2Configuration(
+        client_side=False, header_encoding=None)).decoder
+    rng = random.Random(11)
+    names = [b":authority", b"x-a", b"x-b"]
+    for step in range(400):
+        roll = rng.random()
+        if roll < 0.15:  # a new value: literal with incremental indexing, shifts every index
+            block = enc.encode([(rng.choice(names), str(rng.randint(0, 30)).encode())])
+        elif roll < 0.2:
+            enc.header_table_size = rng.choice([0, 64, 4096])
+            block = enc.encode([(b":method", b"CONNECT")])
+            plain.header_table_size = memo.header_table_size = 4096
+        else:  # indexed-only blocks, repeated: the memo's case
+            dyn = len(enc.header_table.dynamic_entries)
+            if not dyn:
+                continue
+            block = bytes(0x80 | (62 + rng.randrange(min(dyn, 60))) for _ in range(rng.randint(1, 3)))
+        try:
+            want = ("ok", plain.decode(block, raw=True))
+        except hpack.HPACKError as err:
+            want = ("error", type(err))
+        try:
+            got = ("ok", memo.decode(block, raw=True))
+        except hpack.HPACKError as err:
+            got = ("error", type(err))
+        assert got == want, step
+        assert list(memo.header_table.dynamic_entries) == list(plain.header_table.dynamic_entries)
+    assert memo._hb_memo  # the memo was used
 
 
 def _headers(sid: int, *, flags=("END_HEADERS",), block: bytes | None = None, pad: int | None = None,
