@@ -258,9 +258,13 @@ class ConnectRequest:
         connection error that would take down every other tunnel on the connection."""
         pseudo: dict[bytes, bytes] = {}
         regular: list[tuple[str, str]] = []
-        for raw_name, raw_value in headers:
-            name = raw_name.encode("latin-1") if isinstance(raw_name, str) else bytes(raw_name)
-            value = raw_value.encode("latin-1") if isinstance(raw_value, str) else bytes(raw_value)
+        for name, value in headers:
+            # h2 hands over bytes (header_encoding=None): converted only when they are not. PERF
+            # NOTE (/tmp/hb7/core_short.py): ServerCore CPU per short tunnel 23.1 -> 21.5 us.
+            if name.__class__ is not bytes:
+                name = name.encode("latin-1") if isinstance(name, str) else bytes(name)
+            if value.__class__ is not bytes:
+                value = value.encode("latin-1") if isinstance(value, str) else bytes(value)
             if b"\r" in value or b"\n" in value or b"\0" in value:
                 raise BadRequest(f"header {name!r} has a control character")  # RFC 9113 §8.2.1
             if name.startswith(b":"):
