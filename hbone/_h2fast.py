@@ -48,8 +48,9 @@
    in its open state with no callback, the stream machine stays in OPEN/HALF_CLOSED_LOCAL and only
    checks that headers came first (`headers_received`). Those are done here directly, without the
    two state-machine lookups (each hashes Python-level Enum members) and the event plumbing;
-   an END_STREAM frame, or any other state, takes 5. as before. Measured: see PERF NOTE at
-   DATA_FAST_PATH.
+   an END_STREAM frame, or any other state, takes 5. as before. With `data_event` set (the HBONE
+   core sets its `Data` event class), the event made is the core's own, not h2's DataReceived
+   (the core passes it through untranslated). Measured: see PERF NOTE at DATA_FAST_PATH.
 
 6. The HEADERS that open a tunnel (a short tunnel's first cost). In the same walk as 5., a complete
    HEADERS frame with END_HEADERS and neither PADDED nor PRIORITY that opens a new client stream is
@@ -144,6 +145,10 @@ class H2Connection(_H2Connection):
         self._hb_dirty: set[int] = set()  # streams that may have closed since the last count
         self._hb_opens = 0
         self._hb_server = not self.config.client_side
+        # 5b.: a class the bulk DATA path builds instead of h2's DataReceived, called as
+        # data_event(stream_id, data, flow_len): the HBONE core sets its own `Data` event here, so
+        # the bulk of a tunnel's frames is one object each, not two and a translation.
+        self.data_event = None
         if HPACK_MEMO:  # 8. above: same decoder object and state, memoising subclass
             self.decoder.__class__ = _MemoDecoder
             self.decoder.header_table.__class__ = _CountingTable
@@ -209,6 +214,7 @@ class H2Connection(_H2Connection):
         unpack = _FRAME_HEADER.unpack_from
         streams = self.streams
         max_size = self.max_inbound_frame_size
+        data_event = self.data_event
         while i + 9 <= n:
             hi, lo, ftype, flags, sid = unpack(data, i)
             length = (hi << 16) | lo
@@ -241,8 +247,12 @@ class H2Connection(_H2Connection):
                                 self._inbound_flow_control_window_manager.window_consumed(length)
                                 stream._inbound_window_manager.window_consumed(length)
                                 stream._actual_content_length += length
-                                events.append(DataReceived(stream_id=sid, data=data[i + 9:end],
-                                                           flow_controlled_length=length))
+                                if data_event is None:
+                                    events.append(DataReceived(stream_id=sid, data=data[i + 9:end],
+                                                               flow_controlled_length=length))
+                                elif length:  # the HBONE core's own event (see 5b.); the core
+                                    # drops empty DATA as well (nothing to deliver or acknowledge)
+                                    events.append(data_event(sid, data[i + 9:end], length))
                                 i = end
                                 continue
                             # h2's _receive_data_frame, minus the DataFrame it would have parsed

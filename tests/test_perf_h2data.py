@@ -415,3 +415,36 @@ def test_headers_and_send_fast_paths_are_taken(monkeypatch):
         out = s.data_to_send()
     events = [type(e).__name__ for e in c.receive_data(out)]
     assert events[1:] == ["ResponseReceived", "DataReceived", "DataReceived", "StreamEnded"], events
+
+
+def test_core_gets_its_data_events_from_the_bulk_path_exactly_as_translated():
+    """5b. with the core's data_event: the same Data events (empty frames dropped) as h2's
+    DataReceived translated by the core, and the same acknowledgement accounting."""
+    from hbone.protocol import Data, ServerCore, StreamEnded, TunnelRequested
+
+    def run(fast: bool) -> list:
+        core = ServerCore()
+        if not fast:
+            core._h2.data_event = None
+        c = _client()
+        core.receive_data(c.data_to_send())
+        c.receive_data(core.data_to_send())
+        c.send_headers(1, REQUEST)
+        out = []
+        for e in core.receive_data(c.data_to_send()):
+            if isinstance(e, TunnelRequested):
+                core.respond(1, 200)
+        c.receive_data(core.data_to_send())
+        for payload in (b"a" * 100, b"", b"b" * 16_384, b"c"):
+            c.send_data(1, payload)
+        c.send_data(1, b"last", end_stream=True)
+        for e in core.receive_data(c.data_to_send()):
+            out.append(e)
+            if isinstance(e, Data):
+                core.ack(1, e.flow_len)
+        out.append(core._h2._inbound_flow_control_window_manager.current_window_size)
+        return out
+
+    fast, slow = run(True), run(False)
+    assert fast == slow
+    assert [type(e).__name__ for e in fast[:-1]] == ["Data", "Data", "Data", "Data", "StreamEnded"]
