@@ -128,3 +128,29 @@ def test_inbound_order(snap):
         assert e.value.hbone_status == 401
     # No policy selects productpage: default allow, even for plaintext.
     assert plan_inbound(_facts("127.1.0.10", ("127.1.0.10", 9080), None), snap).decision.allowed
+
+
+def test_a_per_snapshot_memo_changes_no_plan_and_no_random_draw(snap):
+    """plan_outbound(memo=) remembers the endpoint choices (deterministic per snapshot) but still
+    draws the weighted pick from rng each time: with the same seed, the same plans in the same order."""
+    from dataclasses import replace
+    from proxy.node.outbound import _to_service
+    src = _wl(snap, "127.1.0.10")
+    dsts = [("reviews-v1.default.svc.cluster.local", 9080), ("127.2.0.20", 9080), ("127.2.0.30", 9080),
+            ("127.1.0.21", 9080), ("ratings.default", 9080), ("203.0.113.9", 443)] * 20
+    rng_plain, rng_memo = random.Random(11), random.Random(11)
+    memo: dict = {}
+    plain = [plan_outbound(d, src, snap, rng_plain) for d in dsts]
+    memoised = [plan_outbound(d, src, snap, rng_memo, memo=memo) for d in dsts]
+    assert memoised == plain
+    assert any(k[0] == "endpoints" for k in memo)       # the memo is in effect
+    # Three weighted endpoints (reviews without its waypoint): the same picks, draw for draw.
+    svc = replace(snap.mesh.inventory.services["default/reviews.default.svc.cluster.local"], waypoint=None)
+    inv = snap.mesh.inventory
+    picks_plain = [_to_service(inv, svc, "127.2.0.20", 9080, src, rng_plain).dst for _ in range(300)]
+    picks_memo = [_to_service(inv, svc, "127.2.0.20", 9080, src, rng_memo, memo).dst for _ in range(300)]
+    assert picks_memo == picks_plain and len(set(picks_plain)) == 3
+    assert rng_plain.random() == rng_memo.random()      # the same number of draws
+    for _ in range(2):                                  # failures are not remembered as answers
+        with pytest.raises(NoHealthyUpstream):
+            plan_outbound(("127.2.0.30", 9999), src, snap, rng_memo, memo=memo)
