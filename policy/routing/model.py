@@ -11,7 +11,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 EMPTY: Mapping = MappingProxyType({})
 
@@ -119,9 +119,9 @@ RETRY_BACKOFF_MAX_FACTOR = 10  # Envoy: "max interval ... default 10 times the b
 HOST_SELECTION_MAX_ATTEMPTS = 5  # Istio retry.go: host_selection_retry_max_attempts: 5
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """How one attempt ended: an HTTP status (with the ``grpc-status`` if any) or an error name."""
+class Outcome(NamedTuple):
+    """How one attempt ended: an HTTP status (with the ``grpc-status`` if any) or an error name.
+    A NamedTuple (one per upstream attempt): see HttpRequestView in select.py for why."""
 
     status: int | None = None
     error: str | None = None

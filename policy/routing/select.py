@@ -11,21 +11,27 @@ import functools
 import ipaddress
 import random
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence, TypeVar
+from typing import Mapping, NamedTuple, Sequence, TypeVar
 
 from .model import EMPTY, NO_HEADER_RULES, FaultDecision, GwMatch, HttpMatch, RedirectSpec, RewriteSpec
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class HttpRequestView:
+# Per-request records (HttpRequestView, RouteDecision) are NamedTuples rather than frozen dataclasses:
+# immutable all the same, and built ~2.5x cheaper (a frozen dataclass sets each field through
+# object.__setattr__: 1.0 µs for 7 fields against 0.4 µs). The waypoint builds both for every request;
+# with RequestPlan and Outcome (proxy/pipeline/http.py, policy/routing/model.py) they were ~4 % of its
+# CPU in a sampling profile under load (benchmarks http, load c=64).
+
+
+class HttpRequestView(NamedTuple):
     """What routing reads from a request. ``headers``: lowercase names → values (one per header line)."""
 
     method: str
     path: str                                  # raw, with the query string
     authority: str
-    headers: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: EMPTY)
+    headers: Mapping[str, tuple[str, ...]] = EMPTY
     port: int = 0                              # the service port addressed
     scheme: str = "http"
 
@@ -193,8 +199,7 @@ class DirectResponse:
     flag: str = ""       # Envoy response flag, if any (e.g. "" for a configured directResponse)
 
 
-@dataclass(frozen=True)
-class RouteDecision:
+class RouteDecision(NamedTuple):
     route_config: str        # "inbound-vip|9080|http|reviews.default.svc.cluster.local"
     route_name: str          # "reviews.default" (VirtualService name.namespace), HTTPRoute name.namespace, or "default"
     rule_index: int          # index of the rule within its resource (-1 for the default route)
@@ -369,12 +374,12 @@ def choose_destination(forward: Forward, rng: random.Random):
     return dests[min(i, len(dests) - 1)]
 
 
-_NO_FAULT = FaultDecision()   # frozen: one shared "no fault" answer instead of one per request
+NO_FAULT = FaultDecision()   # frozen: one shared "no fault" answer instead of one per request
 
 
 def decide_fault(forward: Forward, rng: random.Random) -> FaultDecision:
     if forward.fault is None:
-        return _NO_FAULT
+        return NO_FAULT
     return forward.fault.decide(rng)
 
 

@@ -46,11 +46,14 @@ class UpstreamReset(ConnectionError):
 class Http1Response:
     """An upstream response: head fields now, body as it streams in."""
 
-    __slots__ = ("head", "_stream", "_reader", "_events", "_sender", "_sent", "done", "_failed")
+    # The head's fields in slots, set once, rather than a property per access (see Http1Request).
+    __slots__ = ("head", "_stream", "_reader", "_events", "_sender", "_sent", "done", "_failed", "status",
+                 "reason", "headers", "content_length")
 
     def __init__(self, head: ResponseHead, stream: ByteStream, reader: ResponseReader,
                  events: deque, sender: asyncio.Task | None, sent: list):
         self.head = head
+        self.status, self.reason, _, self.headers, _, _, _, self.content_length = head
         self._stream = stream
         self._reader = reader
         self._events = events
@@ -58,11 +61,6 @@ class Http1Response:
         self._sent = sent
         self.done = False
         self._failed = False
-
-    status = property(lambda self: self.head.status)
-    reason = property(lambda self: self.head.reason)
-    headers = property(lambda self: self.head.headers)
-    content_length = property(lambda self: self.head.content_length)
 
     @property
     def reusable(self) -> bool:
