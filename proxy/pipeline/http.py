@@ -242,9 +242,9 @@ _UUID4_SET = (0x8000 << 48) | (4 << 76)
 
 def request_id(rng: random.Random) -> bytes:
     """A random UUID4 for ``x-request-id``: ``str(uuid.UUID(int=rng.getrandbits(128), version=4))``
-    without the UUID object (same bits, same text; 2.9 → 1.6 µs)."""
-    h = "%032x" % (rng.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET)
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}".encode()
+    without the UUID object (same bits, same text; timeit 2.9 → 0.5 µs)."""
+    h = (rng.getrandbits(128) & _UUID4_CLEAR | _UUID4_SET).to_bytes(16, "big").hex().encode()
+    return b"-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
 
 
 # ---------------------------------------------------------------------------------------------
