@@ -60,12 +60,14 @@
    eager `repr(frame)` of the trace log. Anything else (CONTINUATION, padding, priority, a known or
    lower stream id) is h2's. Switched by HEADERS_FAST_PATH.
 
-7. Sending DATA. `send_data` / `end_stream` on an existing stream, without padding, make h2's state
+7. Sending DATA (and handing window back). `send_data` / `end_stream` on an existing stream,
+   without padding, make h2's state
    transitions (connection SEND_DATA; stream SEND_DATA and SEND_END_STREAM) and window accounting
    themselves and append the 9-byte frame header and the payload to h2's send buffer: no DataFrame,
    Flags or serialize(), and the payload is copied once instead of twice. Any case h2 would refuse
    (window, frame size, unknown stream, padding) goes to h2's own method, so its errors are h2's.
-   Switched by SEND_FAST_PATH.
+   `acknowledge_received_data` likewise asks h2's own window managers and frames the
+   WINDOW_UPDATEs they ask for directly (9 + 4 bytes each). Switched by SEND_FAST_PATH.
 
 8. HPACK blocks of indexed fields only. A pooled client's CONNECTs to the same destination encode
    as a few one-byte indexed fields (RFC 7541 §6.1): after the first request, `:method CONNECT`
@@ -127,6 +129,8 @@ _END_STREAM, _PADDED = 0x1, 0x8  # DATA flags (RFC 9113 §6.1)
 # without the other two: (flags & _HEADERS_MASK) == _END_HEADERS.
 _END_HEADERS, _HEADERS_MASK = 0x4, 0x4 | 0x8 | 0x20
 _DATA_HEADER = struct.Struct(">BHBBL")  # = _FRAME_HEADER, for frames we build
+# WINDOW_UPDATE (RFC 9113 §6.9): the frame header (length 4, type 0x8) and R + 31-bit increment.
+_WINDOW_UPDATE = struct.Struct(">BHBBLL")
 # Stream states in which h2 accepts DATA without an error (RECV_DATA is a valid input).
 _RECV_DATA_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
 # Connection states in which RECV_DATA leaves the connection state machine where it is, with no
@@ -319,6 +323,21 @@ class H2Connection(_H2Connection):
         out = self._data_to_send
         out += _DATA_HEADER.pack(size >> 16, size & 0xFFFF, 0, _END_STREAM if end_stream else 0, stream_id)
         out += data
+        return None
+
+    def acknowledge_received_data(self, acknowledged_size, stream_id):
+        """h2's acknowledge_received_data on a stream h2 still holds (see 7. above): the same two
+        window managers decide, and their WINDOW_UPDATEs are framed directly."""
+        stream = self.streams.get(stream_id)
+        if stream is None or not SEND_FAST_PATH or acknowledged_size < 0 or stream_id <= 0:
+            return super().acknowledge_received_data(acknowledged_size, stream_id)
+        conn_increment = self._inbound_flow_control_window_manager.process_bytes(acknowledged_size)
+        if conn_increment:
+            self._data_to_send += _WINDOW_UPDATE.pack(0, 4, 8, 0, 0, conn_increment & 0x7FFFFFFF)
+        if stream.open:  # "No point incrementing the windows of closed streams" (h2)
+            increment = stream._inbound_window_manager.process_bytes(acknowledged_size)
+            if increment:
+                self._data_to_send += _WINDOW_UPDATE.pack(0, 4, 8, 0, stream_id, increment & 0x7FFFFFFF)
         return None
 
     def end_stream(self, stream_id):

@@ -385,6 +385,9 @@ def test_send_fast_path_matches_h2(monkeypatch):
     twin.both(lambda s: s.send_data(9, payload[:16_384]))
     twin.both(lambda s: s.reset_stream(11))
     twin.both(lambda s: s.send_data(11, b"x"))                 # after our own reset
+    # handing window back: small, large (WINDOW_UPDATEs due), on a reset stream, unknown, bad sizes
+    for sid, n in ((13, 100), (13, 40_000), (15, 65_535), (11, 500), (1, 10), (99, 5), (13, -1), (13, 0)):
+        twin.both(lambda s, sid=sid, n=n: s.acknowledge_received_data(n, sid))
     # the client reads exactly what h2 itself would have framed
     events = c.receive_data(twin.take())
     got: dict[int, bytes] = {}
