@@ -36,11 +36,22 @@ from hbone.stream import DEFAULT_READ_BYTES, TcpConnection
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
+# Linux creates the socket non-blocking in the socket() call itself (one ioctl(FIONBIO) less than
+# setblocking(False) afterwards; Python reads the flag and keeps .type SOCK_STREAM).
+_SOCK_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+def nonblocking_socket(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM | _SOCK_NONBLOCK)
+    if not _SOCK_NONBLOCK:
+        sock.setblocking(False)
+    return sock
+
+
 def bound_socket(local_ip: str, family: int) -> socket.socket:
     """A non-blocking TCP socket bound to ``local_ip`` with the port left to ``connect()``."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = nonblocking_socket(family)
     try:
-        sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         except OSError:
@@ -98,8 +109,7 @@ def dial_from(host: str, port: int, local_ip: str | None, on_done: DialCallback,
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         if local_ip is None:
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
+            sock = nonblocking_socket(family)
         else:
             sock = bound_socket(local_ip, family)
     except OSError as err:

@@ -274,16 +274,16 @@ class InboundProxy:
         per stream. Then no task and no coroutine per tunnel at all (this plain function,
         ``proxy.node.dial.dial_from``, ``accept_nowait``), same A/B: 137 → 122. Checked (not timed) by tests/test_node_inbound_fastpath.py."""
         start = time.time()
-        peer = tunnel.peer_identity
+        principal = tunnel.peer_identity.principal   # "td/ns/N/sa/S": the whole identity, as a str key
         src_ip = tunnel.remote_addr[0]
         snap = self.snapshot()
         memo = self._memo_for(snap)
-        key = (tunnel.local_addr[0], tunnel.authority, src_ip, peer)
+        key = (tunnel.local_addr[0], tunnel.authority, src_ip, principal)
         hit = memo.get(key)
         if hit is not None:
             facts, plan, labels = hit
         else:
-            facts = InboundFacts(self.node, key[0], key[1], src_ip, peer.principal)
+            facts = InboundFacts(self.node, key[0], key[1], src_ip, principal)
             plan = labels = None
         tid, live = self.tracker.register(facts)   # before the check: a policy change cannot slip between
         try:
