@@ -44,6 +44,8 @@ async def serve(args) -> None:
     bundle = CertBundle.from_issued(issued, ca.root_cert_pem)
     ctx = server_context(bundle)
 
+    loop = asyncio.get_running_loop()
+
     def handler(tunnel) -> None:
         # A plain-function handler (hbone.server runs it with no task) that dials with a callback
         # (hbone.stream.dial_tcp: no task either) and splices with relay_detached, which closes
@@ -58,7 +60,7 @@ async def serve(args) -> None:
             if not relay_detached(down, upstream):  # always spliceable: HboneStream + TcpConnection
                 raise AssertionError("dial_tcp and accept_nowait give a spliceable pair")
 
-        dial_tcp(host, port, connected)
+        dial_tcp(host, port, connected, loop=loop)
 
     # max_pending_tunnels too: the idle scenario opens 8 000 CONNECTs at once, all pending until their
     # upstream dial completes (hbone's default caps that at the stream limit, 200).

@@ -134,8 +134,13 @@ class _Splice:
         if self.fut is not None:
             if not self.fut.done():  # cancelled with its awaiting task: relay() handles that
                 self.fut.set_result(None)
+        elif self.on_done is None:
+            # relay_detached without a callback: close both now. Closing is safe inside their
+            # protocol callbacks (the transports close on a later loop turn) and saves a loop
+            # callback per tunnel.
+            self._report()
         else:
-            # call_soon: on_done closes streams; not from inside their protocol callbacks.
+            # call_soon: on_done is the caller's code; not from inside the streams' callbacks.
             self.h._conn.loop.call_soon(self._report)
 
     def _report(self) -> None:

@@ -128,7 +128,8 @@ class TcpStream:
 
 
 def dial_tcp(host: str, port: int, on_done: "Callable[[TcpConnection | None, BaseException | None], None]",
-             *, local_host: str | None = None, limit: int = DEFAULT_READ_BYTES) -> None:
+             *, local_host: str | None = None, limit: int = DEFAULT_READ_BYTES,
+             loop: asyncio.AbstractEventLoop | None = None) -> None:
     """``TcpStream.connect`` for callback code: dial ``host:port`` and call ``on_done(conn, None)``
     or ``on_done(None, error)`` from the event loop. No task: the dial coroutine is stepped by the
     futures it waits on (`_Dial`), which is what a Task would do, minus the Task, its coroutine
@@ -140,9 +141,11 @@ def dial_tcp(host: str, port: int, on_done: "Callable[[TcpConnection | None, Bas
     this 2-core machine): Python heap peak while opening 5 342 -> 4 353 bytes per tunnel, steady
     2 505 -> 2 438; `python -m benchmarks --only idle --idle-counts 1000,8000 --repeat 1`: RSS per
     idle tunnel 4.32 -> 4.06 KiB (1 000) and 4.95 -> 4.58 KiB (8 000)."""
-    loop = asyncio.get_running_loop()
-    coro = loop.create_connection(lambda: TcpConnection(limit), host, port,
-                                  local_addr=(local_host, 0) if local_host else None)
+    # `loop`: the caller's, when it has it (asyncio.get_running_loop() costs a getpid() syscall).
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    factory = TcpConnection if limit == DEFAULT_READ_BYTES else (lambda: TcpConnection(limit))
+    coro = loop.create_connection(factory, host, port, local_addr=(local_host, 0) if local_host else None)
     _Dial(coro, on_done).step()
 
 
