@@ -409,17 +409,18 @@ class HttpPipeline:
             headers.append((b"x-forwarded-proto", b"http"))
         route = plan.route
         path = route.path if isinstance(route, RouteDecision) else plan.view.path
-        # Not rewritten (the view's own str): the request's bytes as they came, not decoded and re-encoded.
+        # Not rewritten (the view's own str): the request's bytes as they came, not decoded and re-encoded
+        # (the same for the authority below).
         target = request.target if path is plan.view.path else path.encode("latin-1")
-        authority = (route.authority if isinstance(route, RouteDecision) else plan.view.authority).encode("latin-1")
+        host = route.authority if isinstance(route, RouteDecision) else plan.view.authority
+        authority = request.host if host is plan.view.authority else host.encode("latin-1")
         if plan.mirrors:
             # Envoy shadows with the body it buffered; a body past the buffer limit is not mirrored.
             log.mirrors = self.mirrorer.fire(plan.mirrors, ctx, request.method, target, authority, headers,
                                              body if replayable else None, protocol,
                                              skip=not replayable)
         h2 = up.uses_h2(protocol)
-        loop = asyncio.get_running_loop()
-        deadline = None if not up.timeout_s else loop.time() + up.timeout_s
+        deadline = None if not up.timeout_s else asyncio.get_running_loop().time() + up.timeout_s
         # No route timeout (Istio's default): no timeout context either — asyncio.timeout_at(None)
         # still builds and enters one per request, for nothing.
         forward = self._forward(up, ctx, request.method, target, authority, headers, body, clen, replayable,
