@@ -139,3 +139,22 @@ async def test_one_idle_timer_per_connection_still_times_out_each_wait():
         await asyncio.sleep(0.25)
         client.write(b"GET / HTTP/1.1\r\nHo")            # a head started late in the idle period
         assert (await read_until_close(client)).startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+
+
+async def test_a_started_head_gets_the_head_timeout_even_past_the_idle_deadline():
+    """As with one asyncio.timeout per wait: the first bytes of a head replace the idle deadline by
+    the head's own, also when that one is later (a slow but progressing head is not cut as idle)."""
+    import asyncio
+
+    from hbone.stream import TcpStream
+    from proxy.http1.server import Http1Limits
+    from tests.test_http1_server import echo_handler, http1_server
+
+    async with http1_server(echo_handler, limits=Http1Limits(idle_timeout_s=0.3, head_timeout_s=1.0)) as (port, _):
+        client = await TcpStream.connect("127.0.0.1", port)
+        await asyncio.sleep(0.1)
+        client.write(b"GET /slow HTTP/1.1\r\n")          # head started at ~0.1 s: deadline ~1.1 s
+        await asyncio.sleep(0.5)                          # past the idle deadline (0.3 s)
+        client.write(b"Host: a\r\n\r\n")
+        reply = await client.read(65536)
+        assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"GET /slow 0:")

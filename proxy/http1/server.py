@@ -342,10 +342,12 @@ class _Conn:
         self._timer = asyncio.get_running_loop().call_at(at, self._on_timer)
 
     def _deadline(self) -> float:
+        """The idle deadline until a head's first bytes come, then the head's own (which replaces it,
+        later or not: a head that started has head_timeout_s, as the asyncio.timeout version had)."""
         started = self._started_at
         if started is None:
             return self._wait_deadline
-        return min(self._wait_deadline, started + self.limits.head_timeout_s)
+        return started + self.limits.head_timeout_s
 
     def _on_timer(self) -> None:
         self._timer = None
