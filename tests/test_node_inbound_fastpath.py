@@ -86,8 +86,8 @@ async def node(tmp_path: Path, loopback_ip):
     pool = HbonePool(src.client_context, trust_domain="cluster.local")
 
     async def tunnel():
-        return await pool.open_tunnel(src_identity=src.identity, dst_identities=frozenset({MESH.identity("default", "sink")}),
-                                      dst=(pod, 15008), authority=f"{pod}:{PORT}", local_host=client)
+        return await pool.open_tunnel(src_identity=src.identity, dst=(pod, 15008), authority=f"{pod}:{PORT}",
+                                      dst_identities=frozenset({MESH.identity("default", "sink")}), local_host=client)
 
     try:
         yield proxy, store, tracker, metrics, tunnel, cfg
@@ -158,8 +158,9 @@ async def test_an_unreachable_pod_port_is_answered_503_from_the_dial_callback(no
     pool = HbonePool(src.client_context, trust_domain="cluster.local")
     try:
         with pytest.raises(TunnelRefused) as info:    # nothing listens on the pod's port 9001
-            await pool.open_tunnel(src_identity=src.identity, dst_identities=frozenset({MESH.identity("default", "sink")}),
-                                   dst=(pod, 15008), authority=f"{pod}:{PORT + 1}", local_host=loopback_ip())
+            await pool.open_tunnel(src_identity=src.identity, dst=(pod, 15008), authority=f"{pod}:{PORT + 1}",
+                                   dst_identities=frozenset({MESH.identity("default", "sink")}),
+                                   local_host=loopback_ip())
         assert info.value.status == 503
     finally:
         await pool.close()

@@ -272,7 +272,8 @@ class InboundProxy:
         `python -m benchmarks --only short --repeat 1 --clients python-h2 --short-count 3000`,
         alternating old/new trees 3 times, 3 runs each, this 2-core box): 160 → 137 µs proxy CPU
         per stream. Then no task and no coroutine per tunnel at all (this plain function,
-        ``proxy.node.dial.dial_from``, ``accept_nowait``), same A/B: 137 → 122. Checked (not timed) by tests/test_node_inbound_fastpath.py."""
+        ``proxy.node.dial.dial_from``, ``accept_nowait``), same A/B: 137 → 122. Checked (not
+        timed) by tests/test_node_inbound_fastpath.py."""
         start = time.time()
         principal = tunnel.peer_identity.principal   # "td/ns/N/sa/S": the whole identity, as a str key
         src_ip = tunnel.remote_addr[0]
@@ -334,8 +335,8 @@ class InboundProxy:
                 raise TypeError(f"not a spliceable pair: {stream!r}, {upstream!r}")
         except Exception:
             log.exception("inbound tunnel %s -> %s failed", live.facts.src_ip, format_authority(*plan.target))
-            if upstream is not None:
-                upstream.abort()
+            for s in (*live.streams, *((upstream,) if upstream is not None else ())):
+                s.abort()
             if not tunnel.answered:
                 tunnel.reject_nowait(UpstreamConnectFailure.hbone_status, "internal error")
             self._forget(live)
