@@ -3,7 +3,7 @@
 ``python -m benchmarks.relay --listen IP:PORT --ca-dir D [--stream-window BYTES] [--connection-window BYTES]``
 
 mTLS + HTTP/2 CONNECT from ``hbone.server.HboneServer``, a plain TCP connection to the CONNECT's
-``:authority`` (``hbone.stream.dial_tcp``), then ``hbone.relay.relay_detached`` between the two: the hot path of
+``:authority`` (``hbone.stream.Dialer``: at most 256 dials at once), then ``hbone.relay.relay_detached`` between the two: the hot path of
 the node proxy's inbound side with no policy in between. It mints its own certificate
 (``spiffe://<td>/ns/bench/sa/relay``) from the mesh CA in ``--ca-dir``. Prints ``READY`` once
 listening.
@@ -37,18 +37,20 @@ async def serve(args) -> None:
     from hbone.relay import relay_detached
     from hbone.server import HboneServer
     from hbone.settings import HboneSettings
-    from hbone.stream import dial_tcp
+    from hbone.stream import Dialer
 
     ca = MeshCA.load(args.ca_dir)
     issued = ca.issue(SpiffeId(ca.trust_domain, "bench", "relay"), now=datetime.now(timezone.utc))
     bundle = CertBundle.from_issued(issued, ca.root_cert_pem)
     ctx = server_context(bundle)
 
-    loop = asyncio.get_running_loop()
+    # At most hbone.stream.MAX_CONCURRENT_DIALS upstream dials at once; a burst of CONNECTs waits
+    # for a slot in order (see the PERF NOTE there: RSS per idle tunnel and open time).
+    dialer = Dialer(loop=asyncio.get_running_loop())
 
     def handler(tunnel) -> None:
         # A plain-function handler (hbone.server runs it with no task) that dials with a callback
-        # (hbone.stream.dial_tcp: no task either) and splices with relay_detached, which closes
+        # (hbone.stream.Dialer / dial_tcp: no task either) and splices with relay_detached, which closes
         # both streams when over: nothing per tunnel but the streams and the splice once open.
         host, port = tunnel.authority
 
@@ -60,7 +62,7 @@ async def serve(args) -> None:
             if not relay_detached(down, upstream):  # always spliceable: HboneStream + TcpConnection
                 raise AssertionError("dial_tcp and accept_nowait give a spliceable pair")
 
-        dial_tcp(host, port, connected, loop=loop)
+        dialer.dial(host, port, connected)
 
     # max_pending_tunnels too: the idle scenario opens 8 000 CONNECTs at once, all pending until their
     # upstream dial completes (hbone's default caps that at the stream limit, 200).

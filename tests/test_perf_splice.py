@@ -11,7 +11,7 @@ import os
 import pytest
 
 from hbone.relay import RelayResult, relay, relay_detached
-from hbone.stream import TcpConnection, TcpStream, dial_tcp
+from hbone.stream import Dialer, TcpConnection, TcpStream, dial_tcp
 from hbone.testing import LOOPS, Mesh, run, start_echo
 from tests.test_hbone_server import Env
 
@@ -326,4 +326,41 @@ def test_benchmark_relay_handler_shape_answers_503_when_the_upstream_is_down(loo
         finally:
             await env.__aexit__()
             echo.close()
+    run(loop, main)
+
+
+@loops
+def test_dialer_keeps_at_most_max_concurrent_dials_in_flight_and_serves_all_in_order(loop):
+    async def main():
+        echo, echo_addr = await start_echo()
+        sock = __import__("socket").socket()
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+        sock.close()
+        dialer = Dialer(2)
+        seen: list = []
+        peak = [0]
+        all_done = asyncio.get_running_loop().create_future()
+        targets = [echo_addr[1], closed_port, echo_addr[1], echo_addr[1], closed_port, echo_addr[1]]
+
+        def on_done(i):
+            def report(conn, err):
+                peak[0] = max(peak[0], dialer.in_flight + 1)
+                seen.append((i, conn is not None, err is not None))
+                if conn is not None:
+                    conn.close()
+                if len(seen) == len(targets):
+                    all_done.set_result(None)
+            return report
+
+        for i, port in enumerate(targets):
+            dialer.dial("127.0.0.1", port, on_done(i))
+            assert dialer.in_flight <= 2
+        assert dialer.in_flight == 2 and dialer.waiting == len(targets) - 2
+        await asyncio.wait_for(all_done, 10)
+        assert peak[0] <= 2 and dialer.in_flight == 0 and dialer.waiting == 0
+        assert sorted(seen) == [(i, port == echo_addr[1], port != echo_addr[1]) for i, port in enumerate(targets)]
+        with pytest.raises(ValueError):
+            Dialer(0)
+        echo.close()
     run(loop, main)
