@@ -14,6 +14,7 @@ chain whose protocol is still unknown has ``protocol=None`` and ``resolved(proto
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from policy.inventory import Service, Workload
@@ -56,8 +57,9 @@ class Chain:
             return f"{INBOUND_VIP}|{self.destination[1]}||{self.service.hostname}-{self.protocol or 'unknown'}"
         return self.name
 
-    @property
+    @functools.cached_property
     def port(self) -> int:
+        # Cached (read a few times per request; a frozen dataclass allows cached_property).
         return self.destination[1]
 
     def resolved(self, protocol: str) -> "Chain":
