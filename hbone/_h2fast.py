@@ -93,8 +93,9 @@ from hpack.table import HeaderTable
 from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 from h2.connection import H2Connection as _H2Connection
 from h2.connection import _decode_headers
-from h2.events import DataReceived
+from h2.events import DataReceived, TrailersReceived
 from h2.exceptions import ProtocolError, TooManyStreamsError
+from h2.utilities import is_informational_response
 from h2.stream import StreamInputs, StreamState
 
 _PATCHED = False
@@ -289,8 +290,26 @@ class H2Connection(_H2Connection):
         headers = _decode_headers(self.decoder, block)
         events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
         stream = self._begin_new_stream(sid, AllowedStreamIDs.ODD)
-        frames, stream_events = stream.receive_headers(headers, bool(end_stream), self.config.header_encoding)
-        self._prepare_for_sending(frames)
+        config = self.config
+        if (config.validate_inbound_headers or config.normalize_inbound_headers or config.header_encoding
+                or is_informational_response(headers)):
+            frames, stream_events = stream.receive_headers(headers, bool(end_stream), config.header_encoding)
+            self._prepare_for_sending(frames)
+            return events + stream_events
+        # H2Stream.receive_headers when inbound validation, normalisation and decoding are all off
+        # (the HBONE server's configuration): its steps in its order, minus building the validation
+        # flags and the empty processing pipeline that only those would use. PERF NOTE
+        # (/tmp/hb7/core_short.py, alternating 3x): 22.6 -> 21.5 us per short tunnel.
+        machine = stream.state_machine
+        stream_events = machine.process_input(StreamInputs.RECV_HEADERS)
+        if end_stream:
+            ended = machine.process_input(StreamInputs.RECV_END_STREAM)
+            stream_events[0].stream_ended = ended[0]
+            stream_events += ended
+        stream._initialize_content_length(headers)
+        if isinstance(stream_events[0], TrailersReceived) and not end_stream:
+            raise ProtocolError("Trailers must have END_STREAM set")
+        stream_events[0].headers = list(headers)
         return events + stream_events
 
     def send_response_200(self, stream_id: int) -> None:

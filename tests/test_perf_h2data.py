@@ -24,9 +24,11 @@ from hbone import _h2fast
 REQUEST = [(b":method", b"CONNECT"), (b":authority", b"10.0.0.1:80")]
 
 
-def _server() -> _h2fast.H2Connection:
+def _server(normalize: bool = True) -> _h2fast.H2Connection:
+    # normalize=False is the HBONE ServerCore's own configuration (6.'s lean receive_headers).
     s = _h2fast.H2Connection(config=h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                                              validate_inbound_headers=False))
+                                                              validate_inbound_headers=False,
+                                                              normalize_inbound_headers=normalize))
     s.initiate_connection()
     s.data_to_send()
     return s
@@ -38,6 +40,8 @@ def _norm(events) -> list:
         item = [type(e).__name__, getattr(e, "stream_id", None)]
         if isinstance(e, h2.events.DataReceived):
             item += [e.data, e.flow_controlled_length, e.stream_ended is not None]
+        if isinstance(e, h2.events.RequestReceived):
+            item += [[tuple(h) for h in e.headers], e.stream_ended is not None, e.priority_updated is not None]
         out.append(tuple(item))
     return out
 
@@ -63,10 +67,10 @@ def _switch(monkeypatch, on: bool) -> None:
 class Twin:
     """A fast-path server and an h2-only server fed the same bytes."""
 
-    def __init__(self, monkeypatch, rng: random.Random):
+    def __init__(self, monkeypatch, rng: random.Random, normalize: bool = True):
         self.monkeypatch = monkeypatch
         self.rng = rng
-        self.fast, self.slow = _server(), _server()
+        self.fast, self.slow = _server(normalize), _server(normalize)
         self.got: dict[int, bytes] = {}   # stream → bytes delivered (identical on both servers)
         self.outbox = b""                 # what the servers answered (identical), for the client
 
@@ -310,14 +314,16 @@ def _headers(sid: int, *, flags=("END_HEADERS",), block: bytes | None = None, pa
 _ENCODER = __import__("hpack").Encoder()
 
 
+@pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("case", [
     "plain", "end_stream", "padded", "priority", "continuation", "many", "too_many", "reused_id",
     "even_id", "lower_id", "bad_hpack", "dynamic_table", "too_large", "data_before_end_headers",
+    "informational", "content_length",
 ])
-def test_headers_fast_path_matches_h2(monkeypatch, case):
+def test_headers_fast_path_matches_h2(monkeypatch, case, normalize):
     """6.: every HEADERS shape, honest or not, gives the same events, state, answer and errors."""
     rng = random.Random(3)
-    twin, c = Twin(monkeypatch, rng), _client()
+    twin, c = Twin(monkeypatch, rng, normalize), _client()
     twin.feed(c.data_to_send())
     if case == "plain":
         wire = _headers(1)
@@ -353,6 +359,11 @@ def test_headers_fast_path_matches_h2(monkeypatch, case):
                         for sid in (1, 3, 5))
     elif case == "too_large":
         wire = _headers(1, block=_ENCODER.encode(REQUEST + [(b"x-big", b"v" * 20_000)]))
+    elif case == "informational":  # a request carrying a 1xx :status, with END_STREAM: h2's error
+        wire = _headers(1, flags=("END_HEADERS", "END_STREAM"),
+                        block=_ENCODER.encode([(b":status", b"100")] + REQUEST))
+    elif case == "content_length":
+        wire = _headers(1, block=_ENCODER.encode(REQUEST + [(b"content-length", b"12")]))
     else:  # a DATA frame in the middle of a header block: PROTOCOL_ERROR
         wire = _headers(1, flags=()) + _raw(_data(1, b"x")) + _headers(3)
     events = twin.feed(wire)
