@@ -444,7 +444,8 @@ class HttpPipeline:
         log.status = resp.status
         released = False   # the HTTP/1.1 connection went back to the pool: never abort it then
         try:
-            out_headers = apply_ops(list(resp.headers), up.response_ops)
+            ops = up.response_ops   # (no ops: the head's own list, only read from here on)
+            out_headers = apply_ops(list(resp.headers), ops) if ops else resp.headers
             # A small response usually arrives whole with its head: answer it with one write (HTTP/1.1
             # downstream) instead of a head, an async generator, a write and a drain per chunk, and an
             # end. Measured: in-process HttpPipeline.handle with faked streams (whose writes cost nothing)
