@@ -227,10 +227,12 @@ class InboundProxy:
         self.servers: dict[str, HboneServer] = {}   # pod ip → listener
         self._memo_snap: "Snapshot | None" = None
         self._memo: dict = {}
+        self._loop: asyncio.AbstractEventLoop | None = None   # set by reconcile(), before any listener
 
     async def reconcile(self, workloads: dict[str, Workload]) -> None:
         """Listen on every local HBONE workload's IP; stop listening for ones that are gone.
         Raises OSError when a new listener cannot bind (the caller reports it)."""
+        self._loop = asyncio.get_running_loop()
         wanted = {ip: wl for ip, wl in workloads.items() if wl.protocol == "HBONE"}
         for ip in [ip for ip in self.servers if ip not in wanted]:
             server = self.servers.pop(ip)
@@ -297,7 +299,7 @@ class InboundProxy:
                 labels = self._labels(snap, tunnel, plan.workload)
                 memo[key] = (facts, plan, labels)
             live.plan, live.labels, live.start, live.tunnel, live.owner = plan, labels, start, tunnel, self
-            dial_from(*plan.target, src_ip, live.dialled, timeout=self.connect_timeout)
+            dial_from(*plan.target, src_ip, live.dialled, timeout=self.connect_timeout, loop=self._loop)
         except BaseException:
             self.tracker.forget(tid)
             raise
@@ -312,7 +314,7 @@ class InboundProxy:
             if err is not None:
                 if may_fall_back and isinstance(err, OSError) and err.errno in FREEBIND_FALLBACK_ERRNOS:
                     # ztunnel freebind: the client's IP cannot be bound here; dial from our own address.
-                    dial_from(*plan.target, None, live.dialled_plain, timeout=self.connect_timeout)
+                    dial_from(*plan.target, None, live.dialled_plain, timeout=self.connect_timeout, loop=self._loop)
                     return
                 failure = UpstreamConnectFailure(f"{format_authority(*plan.target)}: {err}")
                 failure.__cause__ = err
