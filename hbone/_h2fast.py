@@ -50,7 +50,10 @@
    two state-machine lookups (each hashes Python-level Enum members) and the event plumbing;
    an END_STREAM frame, or any other state, takes 5. as before. With `data_event` set (the HBONE
    core sets its `Data` event class), the event made is the core's own, not h2's DataReceived
-   (the core passes it through untranslated). Measured: see PERF NOTE at DATA_FAST_PATH.
+   (the core passes it through untranslated), and a frame with END_STREAM takes this path too:
+   the stream machine then gets RECV_END_STREAM (h2's own transition and StreamEnded event) — its
+   RECV_DATA transition, an identity in these states, is what is skipped. Measured: see PERF NOTE
+   at DATA_FAST_PATH.
 
 6. The HEADERS that open a tunnel (a short tunnel's first cost). In the same walk as 5., a complete
    HEADERS frame with END_HEADERS and neither PADDED nor PRIORITY that opens a new client stream is
@@ -245,7 +248,8 @@ class H2Connection(_H2Connection):
                         stream = streams.get(sid)
                         if (stream is not None and stream.state_machine.state in _RECV_DATA_STATES
                                 and length <= max_size and not buf._headers_buffer):
-                            if (not flags & _END_STREAM and self.state_machine.state in _OPEN_CONNECTION
+                            if ((data_event is not None or not flags & _END_STREAM)
+                                    and self.state_machine.state in _OPEN_CONNECTION
                                     and stream.state_machine.headers_received
                                     and stream._expected_content_length is None):
                                 # 5b. (see the module docstring): the bulk of a tunnel's DATA
@@ -258,6 +262,8 @@ class H2Connection(_H2Connection):
                                 elif length:  # the HBONE core's own event (see 5b.); the core
                                     # drops empty DATA as well (nothing to deliver or acknowledge)
                                     events.append(data_event(sid, data[i + 9:end], length))
+                                if flags & _END_STREAM:  # only with data_event (see 5b.)
+                                    events += stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
                                 i = end
                                 continue
                             # h2's _receive_data_frame, minus the DataFrame it would have parsed
