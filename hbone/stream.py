@@ -153,12 +153,13 @@ def dial_tcp(host: str, port: int, on_done: "Callable[[TcpConnection | None, Bas
 # Upstream dials a `Dialer` keeps in flight at once; more wait for a slot, in arrival order. Each
 # dial in flight holds uvloop's create_connection coroutine next to its transport (~2.7 KB per dial,
 # tracemalloc, /tmp/hb7/mem_peak.py), so 8 000 CONNECTs arriving together made ~20 MB of short-lived
-# objects interleaved with the tunnels' long-lived ones: heap fragmentation that stays in RSS. 256
-# keeps a loopback or LAN burst moving at full speed (a dial takes well under a millisecond there).
-# PERF NOTE (`python -m benchmarks --only idle --idle-counts 1000,8000 --repeat 3`, benchmarks/relay.py,
-# this 2-core machine): RSS per idle tunnel 3.96 -> 3.27 KiB (1 000) and 4.39 -> 2.86 KiB (8 000);
-# opening 8 000 tunnels 0.69 -> 0.50 s.
-MAX_CONCURRENT_DIALS = 256
+# objects interleaved with the tunnels' long-lived ones: heap fragmentation that stays in RSS. An
+# inbound dial goes to a pod on this node (tens of microseconds), so 128 at once is ample for any
+# burst. PERF NOTE (`python -m benchmarks --only idle --idle-counts 1000,8000 --repeat 3`,
+# benchmarks/relay.py, this 2-core machine), RSS per idle tunnel (1 000 / 8 000) and time to open
+# 8 000: no cap 3.96 / 4.39 KiB, 0.69 s; 256: 3.16 / 2.85 KiB, 0.89 s; 128: 2.86 / 2.91 KiB, 0.56 s;
+# 64: 2.76 / 2.96 KiB, 0.51 s (same run as 128; an earlier, busier one took 0.97 s).
+MAX_CONCURRENT_DIALS = 128
 
 
 class Dialer:
