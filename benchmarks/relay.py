@@ -3,8 +3,9 @@
 ``python -m benchmarks.relay --listen IP:PORT --ca-dir D [--stream-window BYTES] [--connection-window BYTES]``
 
 mTLS + HTTP/2 CONNECT from ``hbone.server.HboneServer``, a plain TCP connection to the CONNECT's
-``:authority`` (``hbone.stream.Dialer``: at most 128 dials at once), then ``hbone.relay.relay_detached`` between the two: the hot path of
-the node proxy's inbound side with no policy in between. It mints its own certificate
+``:authority`` (``hbone.stream.Dialer``: at most 128 dials at once), then
+``hbone.relay.relay_detached`` between the two: the hot path of the node proxy's inbound side with
+no policy in between. It mints its own certificate
 (``spiffe://<td>/ns/bench/sa/relay``) from the mesh CA in ``--ca-dir``. Prints ``READY`` once
 listening.
 """
