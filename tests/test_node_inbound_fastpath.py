@@ -7,6 +7,7 @@ live tunnel it now denies (late rejection reaches detached relays)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from pathlib import Path
 
@@ -167,3 +168,61 @@ async def test_an_unreachable_pod_port_is_answered_503_from_the_dial_callback(no
     await _wait(lambda: not tracker.live, "the refused tunnel to be forgotten")
     assert _closed_total(metrics) == 0
     assert all(not c.handler_tasks for s in proxy.servers.values() for c in s._conns)
+
+
+# ---- node outbound (SOCKS5 → HBONE): relayed detached too ----
+
+async def _socks_tunnel(socks_addr, client_ip: str, dst_ip: str, port: int):
+    import struct
+    reader, writer = await asyncio.open_connection(*socks_addr, local_addr=(client_ip, 0))
+    writer.write(b"\x05\x01\x00" + b"\x05\x01\x00\x01" + socket.inet_aton(dst_ip) + struct.pack("!H", port))
+    assert await asyncio.wait_for(reader.readexactly(2), 5) == b"\x05\x00"
+    reply = await asyncio.wait_for(reader.readexactly(10), 5)
+    assert reply[1] == 0, reply
+    return reader, writer
+
+
+@pytest.fixture
+async def outbound(node):
+    proxy, store, tracker, metrics, tunnel, cfg = node
+    from proxy.node.outbound import OutboundProxy
+    inv = store.current.mesh.inventory
+    client = next(w for w in inv.workloads.values() if w.name == "client-0")
+    out_metrics = Metrics(process_metrics=False)
+    out = OutboundProxy(snapshot=lambda: store.current, local_workloads=lambda: {client.workload_ips[0]: client},
+                        identities=Identities(ca=MESH.ca), trust_domain="cluster.local", metrics=out_metrics)
+    addr = await out.start_socks5(client.workload_ips[0], 0)
+    try:
+        yield out, addr, client.workload_ips[0], next(iter(proxy.servers)), out_metrics
+    finally:
+        await out.close()
+
+
+async def test_outbound_tunnels_are_relayed_without_their_task_and_counted(outbound):
+    out, addr, client_ip, pod, metrics = outbound
+    reader, writer = await _socks_tunnel(addr, client_ip, pod, PORT)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    await _wait(lambda: not out._conn_tasks, "the connection's task to end")
+    assert out.active == 1 and len(out._live) == 1          # the relay lives on, detached, and counts
+    writer.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    await _wait(lambda: out.active == 0, "the relay's end")
+    assert _closed_total(metrics) == 1                      # reported by the detached relay's end
+
+
+async def test_outbound_drain_deadline_cuts_a_detached_relay(outbound):
+    out, addr, client_ip, pod, metrics = outbound
+    reader, writer = await _socks_tunnel(addr, client_ip, pod, PORT)
+    writer.write(b"ping")
+    assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    await _wait(lambda: not out._conn_tasks, "the connection's task to end")
+    await out.close(drain_deadline=0.1)
+    assert out.active == 0 and _closed_total(metrics) == 1  # cut, and its end reported before close returned
+    try:
+        cut = await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionError:
+        cut = True
+    assert cut
+    writer.close()
