@@ -44,8 +44,8 @@ def test_label_names_are_istios_in_order():
     assert len(HTTP_LABELS) == 25 and len(TCP_LABELS) == 23
     assert set(HTTP_LABELS) - set(TCP_LABELS) == {"response_code", "grpc_response_status"}
     m = Metrics(process_metrics=False)
-    assert m.requests._labelnames == HTTP_LABELS
-    assert m.tcp_sent._labelnames == TCP_LABELS
+    assert m.requests.labelnames == HTTP_LABELS
+    assert m.tcp_sent.labelnames == TCP_LABELS
 
 
 def test_peer_info_from_workload_follows_istio_conventions():
@@ -155,15 +155,29 @@ def test_counts_and_bytes_exact_after_known_traffic():
     assert "tunnels_active=1" in repr(m)
 
 
-def test_registries_are_private_and_label_cache_is_bounded():
-    a, b = Metrics(process_metrics=False), Metrics(process_metrics=False, cache_size=2)
+def test_registries_are_private_and_label_sets_checked():
+    a, b = Metrics(process_metrics=False), Metrics(process_metrics=False)
     labels = [traffic_labels("destination", source=PeerInfo(workload=f"w{i}"), destination=None, service=None,
                              request_protocol="tcp", response_flags="-", security_policy="unknown")
               for i in range(5)]
     for lab in labels:
         b.tcp_opened(lab)
-    assert len(b._tcp_children) == 2                       # bounded shortcut cache
-    assert len(samples(b, "istio_tcp_connections_opened", "_total")) == 5   # but every series is kept
+    assert len(samples(b, "istio_tcp_connections_opened", "_total")) == 5   # every series is kept
     assert samples(a, "istio_tcp_connections_opened", "_total") == []       # a saw nothing of b
-    with pytest.raises(ValueError):
-        b.tcp_opened(("too", "short"))
+    assert "tcp_label_sets=5" in repr(b)
+    # The wrong number of label values is refused when the series would be made, as
+    # prometheus_client's labels() did, and leaves nothing behind that would break a scrape.
+    for bad in (("too", "short"), labels[0] + ("extra",)):
+        with pytest.raises(ValueError, match="expected 23 label values"):
+            b.tcp_opened(bad)
+        with pytest.raises(ValueError, match="expected 23 label values"):
+            b.tcp_closed(bad, 1, 1)
+        with pytest.raises(ValueError, match="expected 25 label values"):
+            b.http_request(bad, 200, 1.0, 1, 1)
+    assert len(samples(b, "istio_tcp_connections_opened", "_total")) == 5
+    # A non-str label value is exposed as its str(), as prometheus_client's labels() does.
+    odd = labels[0][:-1] + (None,)
+    b.tcp_opened(odd)
+    [none] = [s for s in samples(b, "istio_tcp_connections_opened", "_total")
+              if s.labels["connection_security_policy"] == "None"]
+    assert none.value == 1
