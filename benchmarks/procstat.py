@@ -95,3 +95,42 @@ def self_cpu() -> CpuTimes:
     """This process's own CPU time (what a load client reports for its measured phase)."""
     t = os.times()
     return CpuTimes(t.user, t.system)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes in process group pgid: a party's whole session, leader or not. A party's
+    leader can exit before its children (nghttpx's main process before its worker, which may still
+    be closing thousands of connections and holding the listening socket)."""
+    out = []
+    for entry in PROC.iterdir():
+        if entry.name.isdigit() and _in_group_and_live(entry, pgid):
+            out.append(int(entry.name))
+    return out
+
+
+def _in_group_and_live(proc_dir: Path, pgid: int) -> bool:
+    try:
+        text = (proc_dir / "stat").read_text()
+    except OSError:
+        return False   # exited while we looked
+    rest = text[text.rindex(")") + 2:].split()
+    # Field 3 is the state, field 5 the process group (proc(5)).
+    if int(rest[2]) != pgid:
+        return False
+    if rest[0] not in ("Z", "X"):
+        return True
+    # A zombie main thread does not make a dead process: when it exits before the process's other
+    # threads, /proc/<pid>/stat says Z while they run on with the process's sockets. Seen with
+    # nghttpx's worker: main thread Z, its worker thread still R and still listening.
+    try:
+        tasks = list((proc_dir / "task").iterdir())
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            return True
+    return False
