@@ -71,6 +71,12 @@
    (window, frame size, unknown stream, padding) goes to h2's own method, so its errors are h2's.
    `acknowledge_received_data` likewise asks h2's own window managers and frames the
    WINDOW_UPDATEs they ask for directly (9 + 4 bytes each). Switched by SEND_FAST_PATH.
+   7b. On an open connection and an OPEN / HALF_CLOSED_REMOTE stream, h2's SEND_DATA transitions
+   are identities without a callback (asserted against h2's tables at import), so `send_data`
+   skips those two process_input calls; END_STREAM and every other state still go through them.
+   7c. `acknowledge_received_data` tests h2's window-update rule (WindowManager._maybe_update_window)
+   itself first: when it cannot hand window back, the acknowledgement is just added to the
+   manager's processed bytes, as process_bytes would; otherwise h2's own process_bytes decides.
 
 8. HPACK blocks of indexed fields only. A pooled client's CONNECTs to the same destination encode
    as a few one-byte indexed fields (RFC 7541 §6.1): after the first request, `:method CONNECT`
@@ -99,6 +105,7 @@ from h2.connection import _decode_headers
 from h2.events import DataReceived, TrailersReceived
 from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.utilities import is_informational_response
+from h2 import stream as _h2_stream
 from h2.stream import StreamInputs, StreamState
 
 _PATCHED = False
@@ -115,6 +122,12 @@ DATA_FAST_PATH = True
 # PERF NOTE (/tmp/hb7/core_short.py, see 6./7. in the module docstring): ServerCore CPU per short
 # tunnel 41 -> 30 us (HEADERS alone: 41 -> 33.5; send alone: 41 -> 38).
 HEADERS_FAST_PATH = True
+# 7b. and 7c. (with the direct window read in hbone/protocol.py _Core.flush). PERF NOTE
+# (/tmp/wph/core_rr.py: ServerCore alone, sans-IO, 64 open tunnels, per round one 200-byte DATA
+# frame in and a 150-byte answer out per tunnel, acked, one flush; min of 9, alternating 2x with
+# the previous tree, this 2-core machine): 3.79 / 3.97 -> 2.72 / 2.73 us per request-response.
+# tests/test_perf_h2data.py test_acknowledgement_shortcut_matches_h2_through_empty_windows and
+# test_send_shortcut_matches_h2_in_every_stream_state compare them with h2's own path.
 SEND_FAST_PATH = True
 # 8. below. PERF NOTE (/tmp/hb7/core_short.py): ServerCore CPU per short tunnel 27.8 -> 23.1 us.
 HPACK_MEMO = True
@@ -138,10 +151,17 @@ _DATA_HEADER = struct.Struct(">BHBBL")  # = _FRAME_HEADER, for frames we build
 # WINDOW_UPDATE (RFC 9113 §6.9): the frame header (length 4, type 0x8) and R + 31-bit increment.
 _WINDOW_UPDATE = struct.Struct(">BHBBLL")
 # Stream states in which h2 accepts DATA without an error (RECV_DATA is a valid input).
-_RECV_DATA_STATES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
+# A tuple, not a set: `in` compares by identity first, where a set would hash the Enum members with
+# Enum's Python-level __hash__ (one call per DATA frame).
+_RECV_DATA_STATES = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 # Connection states in which RECV_DATA leaves the connection state machine where it is, with no
 # side effect (h2 4.4.1 H2ConnectionStateMachine._transitions; also in _GRACEFUL_TRANSITIONS).
 _OPEN_CONNECTION = (ConnectionState.SERVER_OPEN, ConnectionState.CLIENT_OPEN)
+# 7b.: the states in which h2's SEND_DATA transition is an identity without a callback (checked
+# against h2's tables at import, below), compared by identity: `in` a set would hash the Enum members
+# with Enum's Python-level __hash__.
+_SERVER_OPEN, _CLIENT_OPEN = ConnectionState.SERVER_OPEN, ConnectionState.CLIENT_OPEN
+_STREAM_OPEN, _HALF_CLOSED_REMOTE = StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE
 # The safety-net full scan runs after this many stream opens (or len(streams), if larger).
 _FULL_SCAN_MIN_OPENS = 64
 
@@ -340,9 +360,16 @@ class H2Connection(_H2Connection):
                 or size > self.max_outbound_frame_size
                 or size > self.outbound_flow_control_window or size > stream.outbound_flow_control_window):
             return super().send_data(stream_id, data, end_stream, pad_length)
-        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        # 7b.: SEND_DATA leaves an open connection and an OPEN / HALF_CLOSED_REMOTE stream where they
+        # are, with no callback (h2's tables, asserted below): those two process_input calls — each an
+        # isinstance check and a dict lookup hashing two Python-level Enum members — are skipped.
+        state = self.state_machine.state
+        if state is not _SERVER_OPEN and state is not _CLIENT_OPEN:
+            self.state_machine.process_input(ConnectionInputs.SEND_DATA)
         machine = stream.state_machine
-        machine.process_input(StreamInputs.SEND_DATA)
+        state = machine.state
+        if state is not _STREAM_OPEN and state is not _HALF_CLOSED_REMOTE:
+            machine.process_input(StreamInputs.SEND_DATA)  # h2's own error for a closed stream
         if end_stream:
             machine.process_input(StreamInputs.SEND_END_STREAM)
         stream.outbound_flow_control_window -= size
@@ -358,11 +385,25 @@ class H2Connection(_H2Connection):
         stream = self.streams.get(stream_id)
         if stream is None or not SEND_FAST_PATH or acknowledged_size < 0 or stream_id <= 0:
             return super().acknowledge_received_data(acknowledged_size, stream_id)
-        conn_increment = self._inbound_flow_control_window_manager.process_bytes(acknowledged_size)
-        if conn_increment:
-            self._data_to_send += _WINDOW_UPDATE.pack(0, 4, 8, 0, 0, conn_increment & 0x7FFFFFFF)
+        # 7c.: WindowManager.process_bytes adds to _bytes_processed, then its _maybe_update_window
+        # hands window back only when the window is empty (and enough was processed) or half a
+        # window was processed; otherwise it changes nothing and returns 0. That test is made here
+        # first, so the usual small acknowledgement is two additions, not four method calls.
+        manager = self._inbound_flow_control_window_manager
+        processed = manager._bytes_processed + acknowledged_size
+        if manager.current_window_size and processed < manager.max_window_size // 2:
+            manager._bytes_processed = processed
+        else:
+            conn_increment = manager.process_bytes(acknowledged_size)
+            if conn_increment:
+                self._data_to_send += _WINDOW_UPDATE.pack(0, 4, 8, 0, 0, conn_increment & 0x7FFFFFFF)
         if stream.open:  # "No point incrementing the windows of closed streams" (h2)
-            increment = stream._inbound_window_manager.process_bytes(acknowledged_size)
+            manager = stream._inbound_window_manager
+            processed = manager._bytes_processed + acknowledged_size
+            if manager.current_window_size and processed < manager.max_window_size // 2:
+                manager._bytes_processed = processed
+                return None
+            increment = manager.process_bytes(acknowledged_size)
             if increment:
                 self._data_to_send += _WINDOW_UPDATE.pack(0, 4, 8, 0, stream_id, increment & 0x7FFFFFFF)
         return None
@@ -434,6 +475,13 @@ for _state in (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN):
     for _input in (ConnectionInputs.SEND_GOAWAY, ConnectionInputs.RECV_GOAWAY):
         assert _GRACEFUL_TRANSITIONS[(_state, _input)] == (None, ConnectionState.CLOSED), "h2 changed"
         _GRACEFUL_TRANSITIONS[(_state, _input)] = (None, _state)
+
+
+for _state in (_SERVER_OPEN, _CLIENT_OPEN):  # 7b.: SEND_DATA is an identity there, in both tables
+    assert H2ConnectionStateMachine._transitions[(_state, ConnectionInputs.SEND_DATA)] == (None, _state), "h2 changed"
+    assert _GRACEFUL_TRANSITIONS[(_state, ConnectionInputs.SEND_DATA)] == (None, _state), "h2 changed"
+for _state in (_STREAM_OPEN, _HALF_CLOSED_REMOTE):
+    assert _h2_stream._transitions[(_state, StreamInputs.SEND_DATA)] == (None, _state), "h2 changed"
 
 
 def allow_streams_after_goaway(conn: H2Connection) -> None:

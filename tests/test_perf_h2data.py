@@ -462,3 +462,72 @@ def test_core_gets_its_data_events_from_the_bulk_path_exactly_as_translated():
     fast, slow = run(True), run(False)
     assert fast == slow
     assert [type(e).__name__ for e in fast[:-1]] == ["Data", "Data", "Data", "Data", "StreamEnded"]
+
+
+def _windows(s: _h2fast.H2Connection) -> tuple:
+    """Every inbound window manager's whole state (7c. reads and writes _bytes_processed)."""
+    managers = [(0, s._inbound_flow_control_window_manager)] + sorted(
+        (sid, st._inbound_window_manager) for sid, st in s.streams.items())
+    return tuple((sid, m.max_window_size, m.current_window_size, m._bytes_processed) for sid, m in managers)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_acknowledgement_shortcut_matches_h2_through_empty_windows(monkeypatch, seed):
+    """7c.: acknowledgements of random sizes (zero, small, up to whole windows), while the peer fills
+    the 65 535-byte stream and connection windows to zero and beyond half: every window manager's
+    state and every WINDOW_UPDATE byte are h2's own."""
+    rng = random.Random(seed)
+    twin, c = Twin(monkeypatch, rng), _client()
+    twin.feed(c.data_to_send())
+    for sid in (1, 3):
+        c.send_headers(sid, REQUEST)
+    twin.feed(c.data_to_send())
+    for sid in (1, 3):
+        twin.both(lambda s, sid=sid: s.send_headers(sid, [(b":status", b"200")]))
+    c.receive_data(twin.take())
+    unacked = {1: 0, 3: 0}
+    seen_empty = False
+    for _ in range(300):
+        sid = rng.choice((1, 3))
+        room = min(c.local_flow_control_window(sid), c.max_outbound_frame_size)
+        if room and rng.random() < 0.6:
+            n = rng.choice((1, 100, 1023, 1025, rng.randint(1, room), room))
+            c.send_data(sid, b"x" * min(n, room))
+            for e in twin.feed(c.data_to_send()):
+                if e[0] == "DataReceived":
+                    unacked[e[1]] += e[3]
+        elif unacked[sid] or rng.random() < 0.1:
+            n = rng.choice((0, min(1, unacked[sid]), unacked[sid], rng.randint(0, unacked[sid])))
+            unacked[sid] -= n
+            twin.both(lambda s, sid=sid, n=n: s.acknowledge_received_data(n, sid))
+        assert _windows(twin.fast) == _windows(twin.slow)
+        seen_empty = seen_empty or any(w[2] == 0 for w in _windows(twin.fast))
+        c.receive_data(twin.take())
+    assert seen_empty   # the window-empty branch of h2's rule was exercised
+
+
+def test_send_shortcut_matches_h2_in_every_stream_state(monkeypatch):
+    """7b.: DATA skips h2's identity transitions only in OPEN / HALF_CLOSED_REMOTE; in the other
+    states (after our END_STREAM, after a reset, both ends closed) h2's own state machine answers,
+    with its own error. States and bytes are h2's own throughout."""
+    rng = random.Random(7)
+    twin, c = Twin(monkeypatch, rng), _client()
+    twin.feed(c.data_to_send())
+    for sid in (1, 3, 5, 7):
+        c.send_headers(sid, REQUEST, end_stream=sid == 3)   # 3: HALF_CLOSED_REMOTE on the server
+    twin.feed(c.data_to_send())
+    for sid in (1, 3, 5, 7):
+        twin.both(lambda s, sid=sid: s.send_headers(sid, [(b":status", b"200")]))
+    twin.both(lambda s: s.send_data(1, b"open"))
+    twin.both(lambda s: s.send_data(3, b"half-closed remote"))
+    twin.both(lambda s: s.send_data(5, b"last", end_stream=True))
+    twin.both(lambda s: s.send_data(5, b"after our END_STREAM"))    # HALF_CLOSED_LOCAL: h2's error
+    twin.both(lambda s: s.send_data(3, b"closing", end_stream=True))
+    twin.both(lambda s: s.send_data(3, b"closed"))                  # CLOSED: h2's error
+    twin.both(lambda s: s.reset_stream(7))
+    twin.both(lambda s: s.send_data(7, b"reset"))
+    twin.both(lambda s: s.close_connection())
+    twin.both(lambda s: s.send_data(1, b"after GOAWAY"))
+    events = c.receive_data(twin.take())
+    got = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived) and e.stream_id == 1)
+    assert got == b"openafter GOAWAY" or got == b"open"
