@@ -1,4 +1,4 @@
-"""The Istio metrics' plain-number collectors (proxy/telemetry/collector.py) expose exactly what
+"""The Istio metrics' (and hbone_tunnels_active's) plain-number collectors (proxy/telemetry/collector.py) expose exactly what
 prometheus_client's own Counter and Histogram children would for the same traffic (untimed): names,
 help, types, label order, buckets, sums, value formatting and sample order, byte for byte."""
 
@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import random
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from proxy.telemetry.collector import PlainCollector
 from proxy.telemetry.metrics import ENVOY_DEFAULT_BUCKETS, HTTP_LABELS, TCP_LABELS, Metrics
 
 
 class _Reference:
-    """The eight Istio metrics as prometheus_client children, registered in the order ``Metrics`` had them
+    """The eight Istio metrics and the tunnels gauge as prometheus_client children, registered in the order
+    ``Metrics`` had them
     and updated as its code did before the collectors (all of a label set's children made at its first
     use; byte counts added only when non-zero, as Counter.inc refuses nothing else)."""
 
@@ -31,6 +32,7 @@ class _Reference:
             ("istio_tcp_sent_bytes", "Bytes sent to the downstream during the connection"),
             ("istio_tcp_received_bytes", "Bytes received from the downstream during the connection"))]
         self._tcp_children: dict = {}
+        self.active = Gauge("hbone_tunnels_active", "HBONE tunnels currently open", registry=r)
 
     def _tcp_child(self, labels):
         if labels not in self._tcp_children:
@@ -55,16 +57,22 @@ class _Reference:
         for h, v in zip(children[1:], (duration_ms, request_bytes, response_bytes)):
             h.observe(v)
 
+    def tunnel_opened(self) -> None:
+        self.active.inc()
+
+    def tunnel_closed(self) -> None:
+        self.active.dec()
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
 
 def _istio_part(text: bytes) -> bytes:
-    """The lines of the Istio families (HELP, TYPE and samples), in order."""
+    """The lines of the Istio families and the tunnels gauge (HELP, TYPE and samples), in order."""
     keep = []
     for line in text.decode().splitlines():
-        name = line.split()[2] if line.startswith("#") else line.split("{")[0]
-        if name.startswith("istio_"):
+        name = line.split()[2] if line.startswith("#") else line.split("{")[0].split()[0]
+        if name.startswith("istio_") or name == "hbone_tunnels_active":
             keep.append(line)
     return "\n".join(keep).encode()
 
@@ -110,10 +118,13 @@ def test_tcp_metrics_expose_what_prometheus_children_would():
             args = (labels, rng.choice(sizes), rng.choice(sizes))
             for target in (m, ref):
                 target.tcp_closed(*args)
-        else:   # an HTTP request among the tunnels: the families stay apart and in order
+        elif op < 0.95:   # an HTTP request among the tunnels: the families stay apart and in order
             args = (labels, 200, 3.0, 10, 20, "")
             for target in (m, ref):
                 target.http_request(*args)
+        else:   # the waypoint's live-tunnel gauge, below zero too (as a Gauge allows)
+            for target in (m, ref):
+                target.tunnel_closed() if op < 0.97 else target.tunnel_opened()
         if step % 150 == 0:   # scraped mid-traffic, as Prometheus does
             assert _istio_part(m.exposition()) == _istio_part(ref.exposition())
     for target in (m, ref):
@@ -131,14 +142,22 @@ def test_tcp_metrics_expose_what_prometheus_children_would():
 
 
 def test_the_hot_path_uses_plain_collectors_not_prometheus_children():
-    """Regression check (untimed): the eight Istio families are served by PlainCollectors, so a tunnel
-    or a request takes no prometheus_client lock."""
+    """Regression check (untimed): the eight Istio families and the tunnels gauge are served by
+    PlainCollectors, so a tunnel or a request takes no prometheus_client lock; the families keep the
+    order they had as prometheus_client metrics."""
     m = Metrics(process_metrics=False)
     collectors = list(m.registry._collector_to_names)
     plain = [c for c in collectors if isinstance(c, PlainCollector)]
-    assert [c.labelnames for c in plain] == [HTTP_LABELS, TCP_LABELS]
+    assert [c.labelnames for c in plain] == [HTTP_LABELS, TCP_LABELS, ()]
     names = {n for c in plain for n in m.registry._collector_to_names[c]}
     assert {"istio_requests_total", "istio_tcp_connections_opened_total", "istio_tcp_sent_bytes_total",
-            "istio_request_duration_milliseconds_bucket"} <= names
+            "istio_request_duration_milliseconds_bucket", "hbone_tunnels_active"} <= names
     others = {n for c in collectors if c not in plain for n in m.registry._collector_to_names[c]}
     assert not any(n.startswith("istio_") for n in others)
+    order = [line.split()[2] for line in m.exposition().decode().splitlines() if line.startswith("# HELP")]
+    assert order == [
+        "istio_requests_total", "istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes",
+        "istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total", "istio_tcp_sent_bytes_total",
+        "istio_tcp_received_bytes_total", "hbone_config_reloads_total", "hbone_tls_handshake_failures_total",
+        "hbone_h2_protocol_errors_total", "hbone_listener_refusals_total", "hbone_tunnels_active",
+        "hbone_accesslog_dropped_lines_total"]

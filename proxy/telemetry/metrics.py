@@ -23,14 +23,13 @@ from typing import TYPE_CHECKING, Iterable
 from prometheus_client import (
     CollectorRegistry,
     Counter,
-    Gauge,
     GCCollector,
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
 from .collector import FamilySpec, PlainCollector
@@ -251,6 +250,19 @@ class _TcpSeries:
         return (self.opened,), (self.closed,), (self.sent,), (self.received,)
 
 
+class _Number:
+    """A family without labels: one number (``hbone_tunnels_active``)."""
+
+    __slots__ = ("labels", "value")
+
+    def __init__(self, labels: tuple[str, ...]) -> None:
+        self.labels = labels
+        self.value = 0
+
+    def values(self) -> tuple:
+        return ((self.value,),)
+
+
 class _HttpSeries:
     """One HTTP label set's observations: a count, and per histogram a sum and per-bucket counts (not yet
     cumulative). An observation goes into the first bucket whose bound is >= it, as Histogram.observe."""
@@ -303,7 +315,11 @@ class Metrics:
         self.listener_refusals = Counter(
             "hbone_listener_refusals", "Everything an HBONE listener refused (hbone.server.Refusal), by kind and reason",
             ("kind", "reason"), registry=r)
-        self.tunnels_active = Gauge("hbone_tunnels_active", "HBONE tunnels currently open", registry=r)
+        # Updated twice per waypoint tunnel: a plain number too (a Gauge's inc + dec took 0.80 µs, its lock
+        # twice; now ~0.1 µs), exposed as the Gauge was.
+        tunnels = PlainCollector(r, (), ((GaugeMetricFamily, "hbone_tunnels_active", "HBONE tunnels currently open"),))
+        self._tunnels_active = tunnels.add((), (), _Number)
+        (self.tunnels_active,) = tunnels.views()
         self.accesslog_dropped = Counter(
             "hbone_accesslog_dropped_lines", "Access-log lines dropped because the writer fell behind",
             registry=r)
@@ -367,10 +383,10 @@ class Metrics:
             self.h2_protocol_error(reason)
 
     def tunnel_opened(self) -> None:
-        self.tunnels_active.inc()
+        self._tunnels_active.value += 1
 
     def tunnel_closed(self) -> None:
-        self.tunnels_active.dec()
+        self._tunnels_active.value -= 1
 
     def exposition(self) -> bytes:
         """The Prometheus text format (``CONTENT_TYPE``) of everything in this registry."""
@@ -378,4 +394,4 @@ class Metrics:
 
     def __repr__(self) -> str:
         return (f"<Metrics tcp_label_sets={len(self._tcp_series)} "
-                f"http_label_sets={len(self._http_series)} tunnels_active={self.tunnels_active._value.get():g}>")
+                f"http_label_sets={len(self._http_series)} tunnels_active={self._tunnels_active.value}>")
