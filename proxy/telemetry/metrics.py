@@ -287,7 +287,9 @@ class _HttpSeries:
 
 class Metrics:
     """All the proxy's metrics on one private registry (so tests and many proxies in one process
-    never share series). Thread-compatible as prometheus_client is; called from the event loop."""
+    never share series). Updated and scraped on the event loop's thread: the Istio families and
+    ``hbone_tunnels_active`` are plain numbers without locks (collector.py says why that is safe); the
+    rare counters (reloads, refusals, ...) stay prometheus_client metrics."""
 
     def __init__(self, *, process_metrics: bool = True) -> None:
         # Envoy and ztunnel expose no ``*_created`` series; prometheus_client's switch for them is
