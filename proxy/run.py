@@ -369,6 +369,7 @@ class ProxyApp:
             from proxy.node import NodeProxy
             node = NodeProxy(s, self.store, self.identities, metrics=self.metrics, access_log=self.access_log)
             self.mode_proxy = node
+            self.metrics.count_tunnels_with(lambda: node.active_tunnels)
             self.store.subscribe(node.on_config)
             try:
                 await node.start()

@@ -326,6 +326,29 @@ def test_metrics_endpoints_and_proxy_counters(mesh):
                 "process_cpu_seconds", "process_resident_memory_bytes"} <= names
 
 
+def test_tunnels_active_counts_a_live_flow_at_all_three_proxies(mesh):
+    """``hbone_tunnels_active`` on node-a (outbound), the waypoint and node-b (inbound) while one TCP
+    flow is open, and back once it has closed (the node proxy reads its per-listener counts at scrape)."""
+    procs = (mesh.node_a, mesh.waypoint, mesh.node_b)
+
+    def active(proc) -> float:
+        return total(scrape(proc), "hbone_tunnels_active")
+
+    before = {p.name: active(p) for p in procs}
+    s = socks5_connect(mesh.node_a.socks5, mesh.vip(52), SINK_PORT, source_ip=mesh.pod(10), timeout=30)
+    try:
+        s.sendall(b"c" * 1000)   # no half-close: the sink answers only after EOF, the flow stays open
+        for proc in procs:
+            wait_for(lambda: active(proc) >= before[proc.name] + 1, f"{proc.name} counting the open tunnel")
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(1 << 16):
+            pass
+    finally:
+        s.close()
+    for proc in procs:
+        wait_for(lambda: active(proc) == before[proc.name], f"{proc.name} counting the tunnel closed")
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. the access log for known traffic
 

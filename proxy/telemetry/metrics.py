@@ -18,7 +18,7 @@ import itertools
 import math
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -253,14 +253,15 @@ class _TcpSeries:
 class _Number:
     """A family without labels: one number (``hbone_tunnels_active``)."""
 
-    __slots__ = ("labels", "value")
+    __slots__ = ("labels", "value", "source")
 
     def __init__(self, labels: tuple[str, ...]) -> None:
         self.labels = labels
         self.value = 0
+        self.source: Callable[[], int] | None = None   # read at scrape time instead of `value`
 
     def values(self) -> tuple:
-        return ((self.value,),)
+        return ((self.value if self.source is None else self.source(),),)
 
 
 class _HttpSeries:
@@ -389,6 +390,11 @@ class Metrics:
 
     def tunnel_closed(self) -> None:
         self._tunnels_active.value -= 1
+
+    def count_tunnels_with(self, source: Callable[[], int]) -> None:
+        """``hbone_tunnels_active`` read from ``source()`` at scrape time (the node proxy, which
+        already counts its live tunnels per listener: no update per tunnel at all)."""
+        self._tunnels_active.source = source
 
     def exposition(self) -> bytes:
         """The Prometheus text format (``CONTENT_TYPE``) of everything in this registry."""
