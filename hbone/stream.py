@@ -499,5 +499,13 @@ class PrefixedStream:
     async def wait_closed(self) -> None:
         await self._inner.wait_closed()
 
+    def unwrap(self) -> tuple[ByteStream, bytes]:
+        """(the inner stream, the bytes not yet replayed), for a consumer that takes the prefix itself
+        and then reads the inner stream directly: no wrapper call on every read and drain (a waypoint
+        serving HTTP/1.1 on a sniffed HBONE stream does this, proxy/pipeline/http.py). The prefix is
+        handed over once: this wrapper replays nothing afterwards."""
+        prefix, self._prefix = self._prefix, b""
+        return self._inner, prefix
+
     def __repr__(self) -> str:
         return f"<PrefixedStream pending={len(self._prefix)} {self._inner!r}>"

@@ -36,6 +36,9 @@ class MemoryStream:
     def close(self) -> None:
         pass
 
+    def write_eof(self) -> None:
+        pass
+
 
 def _responder(request_bytes: bytes) -> tuple[Responder, MemoryStream]:
     stream = MemoryStream()
@@ -158,3 +161,53 @@ async def test_a_started_head_gets_the_head_timeout_even_past_the_idle_deadline(
         client.write(b"Host: a\r\n\r\n")
         reply = await client.read(65536)
         assert reply.startswith(b"HTTP/1.1 200 OK\r\n") and reply.endswith(b"GET /slow 0:")
+
+
+async def _served(stream, prefix: bytes, limits=DEFAULT_LIMITS) -> list[tuple[bytes, bytes]]:
+    from proxy.http1.server import serve_http1
+    seen = []
+
+    async def handler(request, responder):
+        body = b"".join([c async for c in request.body_chunks()])
+        seen.append((request.target, body))
+        await responder.send_local_reply(200, b"ok")
+
+    await serve_http1(stream, handler, prefix=prefix, limits=limits)
+    return seen
+
+
+@pytest.mark.parametrize("cut", [0, 1, 5, 16, 40, 58, 59, 80, 100])
+async def test_a_sniffed_prefix_is_served_as_if_replayed_by_a_prefixed_stream(cut):
+    """serve_http1(prefix=) — what the waypoint does with PrefixedStream.unwrap — answers exactly what
+    the same bytes through a PrefixedStream get: cut anywhere (mid request line, mid body, between
+    pipelined requests), the rest read from the stream."""
+    from hbone.stream import PrefixedStream
+    wire = (b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+            b"GET /b HTTP/1.1\r\nHost: a\r\n\r\nGET /c HTTP/1.1\r\nHost: a\r\n\r\n")
+    direct = MemoryStream([wire[cut:]])
+    wrapped_inner = MemoryStream([wire[cut:]])
+    wrapped = PrefixedStream(wrapped_inner, wire[:cut])
+    got = await _served(direct, wire[:cut])
+    assert got == await _served(wrapped, b"") == [(b"/a", b"hello"), (b"/b", b""), (b"/c", b"")]
+    assert direct.writes == wrapped_inner.writes
+
+
+async def test_a_prefix_longer_than_one_read_is_parsed_one_read_at_a_time():
+    """A prefix is consumed at most read_bytes at a time, as PrefixedStream.read(read_bytes) replayed it
+    (the pipelining bound), and an over-long head in it still gets the codec's answer."""
+    from proxy.http1.server import Http1Limits
+    limits = Http1Limits(read_bytes=16)
+    wire = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n" * 3
+    assert await _served(MemoryStream(), wire, limits) == [(b"/x", b"")] * 3
+    stream = MemoryStream()
+    await _served(stream, b"GET /" + b"a" * 70_000, Http1Limits(max_head_bytes=1024))
+    assert stream.writes and stream.writes[0].startswith(b"HTTP/1.1 431")
+
+
+async def test_prefixed_stream_unwrap_hands_over_the_prefix_once():
+    from hbone.stream import PrefixedStream
+    inner = MemoryStream([b"rest"])
+    wrapped = PrefixedStream(inner, b"head")
+    assert wrapped.unwrap() == (inner, b"head")
+    assert wrapped.unwrap() == (inner, b"")
+    assert await wrapped.read() == b"rest"   # nothing replayed after the hand-over

@@ -43,3 +43,26 @@ def test_request_id_is_the_uuid4_text_uuid_would_give():
     a, b = random.Random(3), random.Random(3)
     for _ in range(500):
         assert request_id(a) == str(uuid.UUID(int=b.getrandbits(128), version=4)).encode()
+
+
+async def test_http1_on_a_sniffed_stream_reads_the_tunnel_stream_directly(monkeypatch):
+    """HttpPipeline.serve unwraps the sniffer's PrefixedStream: serve_http1 gets the inner stream and
+    the sniffed bytes as its prefix (no wrapper per read and drain); h2c keeps the PrefixedStream."""
+    import proxy.pipeline.http as http_mod
+    from hbone.stream import PrefixedStream
+    calls = []
+
+    async def fake_http1(stream, handler, **kw):
+        calls.append(("http/1.1", stream, kw.get("prefix", b"")))
+
+    async def fake_h2c(stream, handler, **kw):
+        calls.append(("h2c", stream, b""))
+
+    monkeypatch.setattr(http_mod, "serve_http1", fake_http1)
+    monkeypatch.setattr(http_mod, "serve_h2c", fake_h2c)
+    pipeline = http_mod.HttpPipeline(originator=None)
+    inner = object()
+    await pipeline.serve(PrefixedStream(inner, b"GET / HTTP/1.1\r\n"), None, None, lambda: None)
+    wrapped = PrefixedStream(inner, b"PRI * HTTP/2.0")
+    await pipeline.serve(wrapped, None, None, lambda: None, "h2c")
+    assert calls == [("http/1.1", inner, b"GET / HTTP/1.1\r\n"), ("h2c", wrapped, b"")]

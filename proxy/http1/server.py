@@ -277,10 +277,15 @@ class Responder:
 class _Conn:
     __slots__ = ("stream", "limits", "reader", "events", "eof", "keep_alive", "response_started",
                  "aborted", "requests", "_task", "_timer", "_timer_at", "_wait_deadline", "_started_at",
-                 "_waiting", "_expired")
+                 "_waiting", "_expired", "prefix", "_loop")
 
-    def __init__(self, stream: ByteStream, limits: Http1Limits):
+    def __init__(self, stream: ByteStream, limits: Http1Limits, prefix: bytes = b""):
         self.stream = stream
+        # Bytes already read from the stream (protocol sniffing), parsed before the first read.
+        self.prefix = prefix
+        # The running loop, looked up once per connection: asyncio.get_running_loop() is a getpid()
+        # syscall on 3.11, and next_head wanted it for every request.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.limits = limits
         self.reader = RequestReader(max_head_bytes=limits.max_head_bytes,
                                     max_headers=limits.max_headers,
@@ -314,13 +319,22 @@ class _Conn:
                 raise reader.failed
             if self.eof:
                 return None
-            data = await self.stream.read(self.limits.read_bytes)
+            if self.prefix:
+                data = self._take_prefix()
+            else:
+                data = await self.stream.read(self.limits.read_bytes)
             if data:
                 events.extend(reader.feed(data))
             else:
                 self.eof = True
                 events.extend(reader.feed_eof())
         return events.popleft()
+
+    def _take_prefix(self) -> bytes:
+        """The sniffed bytes, at most one read's worth at a time (as PrefixedStream.read replayed them)."""
+        n = self.limits.read_bytes
+        data, self.prefix = self.prefix[:n], self.prefix[n:]
+        return data
 
     # -- idle and head timeouts --
     # asyncio.timeout() around each wait for a request costs a Timeout, a task lookup and a loop timer
@@ -339,7 +353,7 @@ class _Conn:
                 return   # fires earlier and will re-arm for `at` then
             timer.cancel()
         self._timer_at = at
-        self._timer = asyncio.get_running_loop().call_at(at, self._on_timer)
+        self._timer = self._loop.call_at(at, self._on_timer)
 
     def _deadline(self) -> float:
         """The idle deadline until a head's first bytes come, then the head's own (which replaces it,
@@ -353,10 +367,10 @@ class _Conn:
         self._timer = None
         if not self._waiting:
             # Between waits: the next one ends at least a whole idle timeout from now.
-            self._arm(asyncio.get_running_loop().time() + self.limits.idle_timeout_s)
+            self._arm(self._loop.time() + self.limits.idle_timeout_s)
             return
         deadline = self._deadline()
-        if asyncio.get_running_loop().time() >= deadline:
+        if self._loop.time() >= deadline:
             self._expired = True
             if self._task is not None:
                 self._task.cancel()
@@ -375,8 +389,9 @@ class _Conn:
         if events:
             event = events.popleft()
         else:
-            loop = asyncio.get_running_loop()
-            if self._task is None:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
                 self._task = asyncio.current_task()
             limits = self.limits
             self._wait_deadline = loop.time() + limits.idle_timeout_s
@@ -393,7 +408,10 @@ class _Conn:
                         raise self.reader.failed
                     if self.eof:
                         return None
-                    data = await self.stream.read(limits.read_bytes)
+                    if self.prefix:
+                        data = self._take_prefix()
+                    else:
+                        data = await self.stream.read(limits.read_bytes)
                     if not data:
                         self.eof = True
                         events.extend(self.reader.feed_eof())
@@ -475,11 +493,13 @@ async def _error_reply(conn: _Conn, request: Http1Request | None, status: int) -
 
 
 async def serve_http1(stream: ByteStream, handler: Handler, *, limits: Http1Limits = DEFAULT_LIMITS,
-                      on_error: Callable[[BaseException], None] | None = None) -> None:
+                      on_error: Callable[[BaseException], None] | None = None, prefix: bytes = b"") -> None:
     """Serve HTTP/1.x requests on ``stream`` until the client closes, asks to close, an error, or
     the idle timeout; always closes ``stream`` before returning. ``on_error`` sees every protocol
-    error and handler exception (for logs and metrics); it must not raise."""
-    conn = _Conn(stream, limits)
+    error and handler exception (for logs and metrics); it must not raise. ``prefix``: bytes of the
+    stream already read (protocol sniffing), parsed first — what a ``PrefixedStream`` would replay,
+    without its wrapper on every read and drain (``PrefixedStream.unwrap``)."""
+    conn = _Conn(stream, limits, prefix)
     try:
         while conn.keep_alive:
             conn.response_started = False
