@@ -4,12 +4,16 @@ Rows (each proxy a separate process with one worker, backends one nginx process 
 ``v2`` on two ports, small bodies):
 
 - ``direct``: wrk → backend v1, no proxy.
-- ``ours``: the real mesh — three ``hbone-proxy run`` processes on loopback pod addresses, from the
-  bookinfo fixtures (``tests/e2e/mesh.py``): client (productpage's IP) → node-a's SOCKS5 → HBONE →
-  the reviews waypoint (L7 authz: only productpage may call, plus a DENY on ``x-deny``; the 90/10
-  v1/v2 route) → HBONE → node-b → nginx backends on the reviews-v1/v2 pod IPs. wrk cannot speak
-  SOCKS5, so these rows are driven by ``benchmarks.httpload`` (uvloop + httptools, keep-alive),
-  which also drives nginx, haproxy and direct in the same run for same-client ratios.
+- ``ours``: the real mesh — three ``hbone-proxy run`` processes on loopback pod addresses, started by
+  the package's launcher (``proxy.demo.mesh.LoopbackMesh``) with the demo's bookinfo configuration
+  (``proxy.demo.bookinfo``), so an installed copy has these rows too: client (productpage's IP) →
+  node-a's SOCKS5 → HBONE → the reviews waypoint (L7 authz: only productpage may call, plus a DENY
+  on ``x-deny``; the 90/10 v1/v2 route) → HBONE → node-b → nginx backends on the reviews-v1/v2 pod IPs.
+  The topology and policies are the ones the rows had with the tests' bookinfo fixtures (the demo's
+  configuration is the same bookinfo: one waypoint for reviews, scoped to its service account), and
+  the figures are within run-to-run noise of those. wrk cannot speak SOCKS5, so these rows are driven
+  by ``benchmarks.httpload`` (uvloop + httptools, keep-alive), which also drives nginx, haproxy and
+  direct in the same run for same-client ratios.
   "proxy CPU" of ``ours`` is the sum of all three proxies (node-a + waypoint + node-b: every hop a
   request takes); the waypoint's own share is its own column. Access logs off (as nginx's).
 - ``nginx``: ``upstream`` with ``weight=9`` / ``weight=1`` (smooth weighted round robin), keep-alive to
@@ -51,9 +55,6 @@ LOAD_CONCURRENCY = (1, 64)  # httpload closed-loop rows: the same two points as 
 FIXED_RATE = 1000  # the issue: added p99 at a fixed 1 000 req/s
 # Open loop: enough connections that 1 000 req/s never waits for a free one at ~1 ms each.
 RATE_CONNECTIONS = 16
-# The bookinfo fixtures' addresses (tests/fixtures/bookinfo, remapped per mesh): reviews VIP :9080 and
-# its v1/v2 pods on node-b; productpage (node-a) is the only allowed caller.
-REVIEWS_VIP, REVIEWS_PORT, REVIEWS_V1, REVIEWS_V2, PRODUCTPAGE = 20, 9080, 21, 22, 10
 OURS_SPLIT_CHECK = 200  # random 90/10 pick: P(v1 < 150 or v2 < 5) is ~1e-4
 # The DENY rule the reference proxies implement with `if ($http_x_deny)` / `http-request deny`.
 DENY_POLICY = """
@@ -152,8 +153,6 @@ def ours_waypoint_status() -> str | None:
     """None when the real mesh can be started; else why the ``ours`` rows have no numbers."""
     if importlib.util.find_spec("proxy.run") is None:
         return "not available: hbone-proxy waypoint not built yet"
-    if importlib.util.find_spec("tests.e2e.mesh") is None:
-        return "not available: needs the repository's tests/e2e/mesh.py (bookinfo mesh launcher)"
     return None
 
 
@@ -161,37 +160,42 @@ class OursMesh:
     """node-a, the reviews waypoint and node-b as ``hbone-proxy run`` processes (see the module docstring)."""
 
     def __init__(self, workdir: Path, nginx: str):
-        from tests.e2e.mesh import Mesh
-        self.mesh = Mesh(workdir / "mesh", extra_yaml=(DENY_POLICY,))
-        m = self.mesh
+        from proxy.demo import bookinfo as bi
+        from proxy.demo.mesh import LoopbackMesh, StartError
         self.backend: Party | None = None
+        self.mesh: LoopbackMesh | None = None
         try:
-            conf = NGINX_MESH_BACKEND_CONF.format(dir=workdir, v1=m.pod(REVIEWS_V1), v2=m.pod(REVIEWS_V2),
-                                                  port=REVIEWS_PORT)
-            self.backend = _nginx(nginx, workdir, "mesh-backend", conf, (m.pod(REVIEWS_V1), REVIEWS_PORT))
+            self.mesh = m = LoopbackMesh(workdir / "mesh")
+            bi.write_config(m.layout, m.config_dir)
+            m.write("bench-deny.yaml", DENY_POLICY)
+            self.reviews = (m.layout.service_vip("reviews"), bi.APP_PORT)
+            self.productpage = m.layout.ip_of("productpage-v1-0")
+            v1, v2 = m.layout.ip_of("reviews-v1-0"), m.layout.ip_of("reviews-v2-0")
+            conf = NGINX_MESH_BACKEND_CONF.format(dir=workdir, v1=v1, v2=v2, port=bi.APP_PORT)
+            self.backend = _nginx(nginx, workdir, "mesh-backend", conf, (v1, bi.APP_PORT))
             quiet = ("--access-log", "off", "--log-level", "warning")
-            self.node_a = m.start_node("node-a", 1, extra=quiet)
-            self.node_b = m.start_node("node-b", 2, extra=quiet)
-            self.waypoint = m.start_waypoint(3, extra=quiet)
-        except (AssertionError, PartyError, OSError) as err:
+            self.node_a = m.start_node("node-a", bi.INFRA["node-a"], extra=quiet)
+            self.node_b = m.start_node("node-b", bi.INFRA["node-b"], extra=quiet)
+            self.waypoint = m.start_waypoint(bi.INFRA["waypoint"], gateway=f"{bi.NAMESPACE}/{bi.GATEWAY}",
+                                             pod_last=bi.WAYPOINT_POD, extra=("--scope", bi.WAYPOINT_SCOPE, *quiet))
+        except (StartError, PartyError, OSError) as err:
             self.close()
             raise PartyError(f"mesh did not start: {str(err).splitlines()[0]}") from None
         self.pids = {"node-a": self.node_a.popen.pid, "waypoint": self.waypoint.popen.pid,
                      "node-b": self.node_b.popen.pid}
 
     def load_args(self) -> list[str]:
-        m = self.mesh
-        return ["--target", f"{m.vip(REVIEWS_VIP)}:{REVIEWS_PORT}", "--socks", f"{self.node_a.socks5[0]}:{self.node_a.socks5[1]}",
-                "--source-ip", m.pod(PRODUCTPAGE), "--host", f"reviews:{REVIEWS_PORT}"]
+        vip, port = self.reviews
+        return ["--target", f"{vip}:{port}", "--socks", f"{self.node_a.socks5[0]}:{self.node_a.socks5[1]}",
+                "--source-ip", self.productpage, "--host", f"reviews:{port}"]
 
     def cpu(self) -> dict[str, float]:
         return {name: procstat.cpu_times(pid).total_s for name, pid in self.pids.items()}
 
     def check_split_and_deny(self) -> None:
         from proxy.demo.mesh import SocksHTTPConnection, get
-        m = self.mesh
         counts: dict[str, int] = {}
-        conn = SocksHTTPConnection(self.node_a.socks5, m.vip(REVIEWS_VIP), REVIEWS_PORT, source_ip=m.pod(PRODUCTPAGE))
+        conn = SocksHTTPConnection(self.node_a.socks5, *self.reviews, source_ip=self.productpage)
         try:
             for _ in range(OURS_SPLIT_CHECK):
                 status, body = get(conn)
@@ -206,7 +210,8 @@ class OursMesh:
             raise PartyError(f"split/deny check through the mesh failed: {counts}, x-deny → {denied}")
 
     def close(self) -> None:
-        self.mesh.close()
+        if self.mesh is not None:
+            self.mesh.close()
         if self.backend is not None:
             self.backend.stop()
 

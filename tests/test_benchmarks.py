@@ -272,7 +272,8 @@ def test_stop_returns_only_when_the_whole_process_group_is_gone(tmp_path, shape)
     same port is a new, live process."""
     from benchmarks.harness import Party, free_port
     port = free_port()
-    party = Party("lingering", [sys.executable, "-c", LINGERING_PARTY, str(port), shape], tmp_path, port=("127.0.0.1", port))
+    party = Party("lingering", [sys.executable, "-c", LINGERING_PARTY, str(port), shape], tmp_path,
+                  port=("127.0.0.1", port))
     try:
         party.start()
         first = party.pid

@@ -119,3 +119,47 @@ def test_node_row_sink_pod_is_a_free_loopback_address_in_the_inventory():
     doc = yaml.safe_load(NODE_INVENTORY.format(pod=ip))
     (wl,) = doc["workloads"]
     assert wl["workloadIps"] == [ip] and wl["protocol"] == "HBONE" and wl["node"] == "bench-node"
+
+
+# An installed copy (the Docker image, see .dockerignore) has no `tests` package: the mesh the `ours`
+# rows run on must come from the package alone.
+OURS_MESH_WITHOUT_TESTS = r"""
+import importlib.abc, sys, tempfile
+from pathlib import Path
+
+class NoTests(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "tests" or name.startswith("tests."):
+            raise ModuleNotFoundError(f"no module named {name!r} (installed copy)")
+        return None
+
+sys.meta_path.insert(0, NoTests())
+from benchmarks.http import OursMesh, ours_waypoint_status
+assert ours_waypoint_status() is None, ours_waypoint_status()
+ours = OursMesh(Path(tempfile.mkdtemp(dir=sys.argv[2])), sys.argv[1])
+try:
+    ours.check_split_and_deny()   # 90/10 over 200 requests and x-deny -> 403, through all three proxies
+    print("OK", sorted(ours.pids), " ".join(ours.load_args()))
+finally:
+    ours.close()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_http_mesh_runs_from_the_package_without_the_tests_directory(tmp_path):
+    """The `ours` HTTP rows used to build their mesh with tests/e2e/mesh.py and the tests' fixtures,
+    so `hbone-proxy bench --only http` from an installed package had none. Now: node-a (SOCKS5) →
+    the reviews waypoint (authz, DENY on x-deny, 90/10) → node-b → nginx, with `tests` unimportable."""
+    import subprocess
+    import sys
+
+    from benchmarks.tools import which
+    nginx = which("nginx")
+    if nginx is None:
+        pytest.skip("needs nginx (Debian nginx-light) for the reviews backends")
+    r = subprocess.run([sys.executable, "-c", OURS_MESH_WITHOUT_TESTS, nginx, str(tmp_path)], capture_output=True,
+                       text=True, timeout=100)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.startswith("OK ['node-a', 'node-b', 'waypoint']"), line
+    assert "--host reviews:9080" in line and "--socks" in line and "--source-ip" in line

@@ -17,7 +17,6 @@ import argparse
 import atexit
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,8 +36,6 @@ AUTO_BLOCKS = ("127.10.0", "127.10.4", "127.10.8", "127.10.12", "127.10.16")
 DRAIN_DEADLINE_S = 0.5
 # SIGTERM then this long before SIGKILL when the demo stops its proxies.
 STOP_GRACE_S = 1.0
-# Time for `hbone-proxy certs init` (key generation + imports) on a loaded machine.
-CERTS_TIMEOUT_S = 60.0
 
 
 class Interrupted(BaseException):
@@ -91,8 +88,7 @@ class Demo:
     def __init__(self, args: argparse.Namespace, out: TextIO):
         self.args = args
         self.out = out
-        self.supervisor = None
-        self.backends: list = []
+        self.mesh = None   # proxy.demo.mesh.LoopbackMesh once the work directory exists
         self.workdir: Path | None = None
         self._cleaned = False
         self._lock = threading.Lock()
@@ -164,20 +160,15 @@ class Demo:
             if self._cleaned:
                 return
             self._cleaned = True
-        if self.supervisor is not None:
-            self.supervisor.stop_all(grace=STOP_GRACE_S)
-        for b in self.backends:
-            try:
-                b.close()
-            except OSError:
-                pass
-        self.backends.clear()
+        if self.mesh is not None:
+            self.mesh.close(grace=STOP_GRACE_S)
 
     # ---- the demo ----
     def _run(self, started: float) -> int:
         from . import tour
-        from .bookinfo import APP_PORT, ECHO_PORT, GATEWAY, INFRA, NODES, PODS, WAYPOINT_SCOPE, write_config
-        from .mesh import EchoBackend, HttpBackend, StartError, Supervisor, address_free, hbone_proxy_command
+        from .bookinfo import (APP_PORT, ECHO_PORT, GATEWAY, INFRA, NAMESPACE, NODES, PODS, WAYPOINT_POD,
+                               WAYPOINT_SCOPE, write_config)
+        from .mesh import LoopbackMesh, StartError, address_free
 
         out = self.out
         layout = self._pick_layout(address_free)
@@ -190,34 +181,24 @@ class Demo:
                   f"work dir:  {self.workdir} (CA, config, proxy logs)\n")
         out.flush()
 
-        config = write_config(layout, self.workdir / "config")
-        ca_dir = self.workdir / "ca"
-        if not (ca_dir / "root-cert.pem").exists():   # a --workdir used before keeps its CA
-            self._certs_init(ca_dir, hbone_proxy_command())
-
-        sup = self.supervisor = Supervisor(self.workdir)
-        common = ["--ca-dir", str(ca_dir)]
-        nodes = {}
-        for node in NODES:
-            ip = layout.infra(INFRA[node])
-            p = sup.start(node, ip, ["--mode", "node", "--node", node, *common, "--socks5-addr", f"{ip}:15080",
-                                     "--outbound-addr", f"{ip}:15001"], config=config,
-                          drain_deadline=DRAIN_DEADLINE_S)
-            p.socks5 = (ip, 15080)
-            nodes[node] = p
-        waypoint = sup.start("waypoint", layout.infra(INFRA["waypoint"]),
-                             ["--mode", "waypoint", *common, "--gateway", f"default/{GATEWAY}",
-                              "--scope", WAYPOINT_SCOPE, "--hbone-addr", f"{layout.waypoint_ip}:15008"],
-                             config=config, drain_deadline=DRAIN_DEADLINE_S)
+        try:
+            mesh = self.mesh = LoopbackMesh(self.workdir, layout=layout)   # the CA: hbone-proxy certs init
+        except StartError as err:
+            raise DemoError(str(err)) from None
+        write_config(layout, mesh.config_dir)
+        quick = {"wait": False, "drain_deadline": DRAIN_DEADLINE_S}
+        nodes = {node: mesh.start_node(node, INFRA[node], **quick) for node in NODES}
+        waypoint = mesh.start_waypoint(INFRA["waypoint"], gateway=f"{NAMESPACE}/{GATEWAY}", pod_last=WAYPOINT_POD,
+                                       extra=("--scope", WAYPOINT_SCOPE), **quick)
         # Backends start while the proxies boot (they are threads in this process).
         for p in PODS:
             if p.serves == "http":
-                self.backends.append(HttpBackend(layout.pod(p.last), APP_PORT, f"{p.app}-{p.version}\n".encode()))
+                mesh.http_backend(p.last, APP_PORT, f"{p.app}-{p.version}\n".encode())
             elif p.serves == "echo":
-                self.backends.append(EchoBackend(layout.pod(p.last), ECHO_PORT))
+                mesh.echo_backend(p.last, ECHO_PORT)
         try:
             for p in (*nodes.values(), waypoint):
-                sup.wait_ready(p)
+                mesh.wait_ready(p)
         except StartError as err:
             raise DemoError(str(err), EXIT_USAGE if "already in use" in str(err) else EXIT_FAILED) from None
         out.write(f"started:   CA, node-a, node-b, waypoint in {time.monotonic() - started:.1f} s "
@@ -247,17 +228,6 @@ class Demo:
         if self.args.keep_running:
             self._keep_running(mesh)
         return EXIT_OK
-
-    @staticmethod
-    def _certs_init(ca_dir: Path, cli: list[str]) -> None:
-        try:
-            r = subprocess.run(cli + ["certs", "init", "--dir", str(ca_dir)], capture_output=True, text=True,
-                               timeout=CERTS_TIMEOUT_S, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise DemoError(f"`hbone-proxy certs init` took more than {CERTS_TIMEOUT_S:g}s") from None
-        if r.returncode != 0:
-            from .mesh import last_line
-            raise DemoError(f"`hbone-proxy certs init` failed: {last_line(r.stderr) or r.returncode}")
 
     def _pick_layout(self, address_free):
         from .bookinfo import Layout, parse_block

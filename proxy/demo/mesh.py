@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import http.client
 import os
+import random
 import signal
 import socket
 import struct
@@ -37,6 +38,12 @@ STOP_TIMEOUT_S = 10.0
 ECHO_CHUNK_BYTES = 256 * 1024
 # prctl(2) option: deliver a signal to this process when its parent thread exits.
 PR_SET_PDEATHSIG = 1
+# `hbone-proxy certs init` (key generation + imports) on a loaded machine.
+CERTS_TIMEOUT_S = 60.0
+# A random loopback block for a LoopbackMesh: 127.A.B with A in this range (the demo's fixed blocks
+# are 127.10.x, the tunnel benchmarks' pods 127.60-120.x), B a multiple of 3 (B, B+1, B+2 in use).
+RANDOM_BLOCK_A = (130, 250)
+RANDOM_BLOCK_TRIES = 200
 
 
 class StartError(Exception):
@@ -207,6 +214,136 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# A whole mesh on one loopback block: config directory, CA, proxies, backends
+
+
+def block_free(a: int, b: int, port: int = 15008) -> bool:
+    """Are 127.A.B.1, 127.A.B+1.1 and 127.A.B+2.1 free on ``port`` (no other mesh holds the block)?"""
+    return all(address_free(f"127.{a}.{third}.1", port) for third in (b, b + 1, b + 2))
+
+
+def random_block(rng: random.Random) -> tuple[int, int]:
+    """A free 127.A.B block, so parallel meshes (tests, benchmarks) never collide."""
+    for _ in range(RANDOM_BLOCK_TRIES):
+        a, b = rng.randint(*RANDOM_BLOCK_A), rng.randrange(0, 250, 3)
+        if block_free(a, b):
+            return a, b
+    raise StartError("no free 127.x block for the mesh")
+
+
+_block_rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "big"))
+
+
+class LoopbackMesh:
+    """``hbone-proxy run`` processes sharing one config directory and one CA, on one 127.A.B block
+    (``proxy.demo.bookinfo.Layout``: pods 127.A.B.x, VIPs 127.A.B+1.x, proxies' admin, metrics,
+    readiness and SOCKS5 on 127.A.B+2.x). Used by the end-to-end tests (``tests/e2e/mesh.py``, which
+    writes the bookinfo fixtures) and the HTTP benchmark (the demo's generated bookinfo config).
+    ``close()`` stops every process group and backend."""
+
+    def __init__(self, workdir: Path, *, layout=None, proc_type: type = Proc, cwd: Path | None = None):
+        from .bookinfo import Layout
+        self.workdir = workdir
+        self.layout = layout if layout is not None else Layout(*random_block(_block_rng))
+        self.config_dir = workdir / "config"
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[Proc] = []
+        self.backends: list = []
+        self.supervisor = Supervisor(workdir, cwd=cwd, procs=self.procs, proc_type=proc_type)
+        self.ca_dir = workdir / "ca"
+        if (self.ca_dir / "root-cert.pem").exists():   # a work directory used before keeps its CA
+            return
+        try:
+            r = subprocess.run(hbone_proxy_command() + ["certs", "init", "--dir", str(self.ca_dir)],
+                               capture_output=True, text=True, cwd=cwd, timeout=CERTS_TIMEOUT_S,
+                               stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise StartError(f"`hbone-proxy certs init` took more than {CERTS_TIMEOUT_S:g}s") from None
+        if r.returncode != 0:
+            raise StartError(f"`hbone-proxy certs init` failed: {last_line(r.stderr) or r.returncode}")
+
+    # ---- addresses ----
+    @property
+    def a(self) -> int:
+        return self.layout.a
+
+    @property
+    def b(self) -> int:
+        return self.layout.b
+
+    def pod(self, last) -> str:
+        return self.layout.pod(last)
+
+    def vip(self, last) -> str:
+        return self.layout.vip(last)
+
+    def infra(self, last) -> str:
+        return self.layout.infra(last)
+
+    # ---- configuration (polled by the proxies) ----
+    def write(self, name: str, text: str) -> Path:
+        path = self.config_dir / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)   # atomic: a poller never reads half a file
+        return path
+
+    def remove(self, name: str) -> None:
+        (self.config_dir / name).unlink()
+
+    # ---- proxies ----
+    def start(self, name: str, infra_ip: str, args: list[str], *, wait: bool = True,
+              drain_deadline: float = 2.0) -> Proc:
+        proc = self.supervisor.start(name, infra_ip, args, config=self.config_dir, drain_deadline=drain_deadline)
+        if wait:
+            self.wait_ready(proc)
+        return proc
+
+    def start_node(self, node: str, infra_last: int, *, extra: tuple[str, ...] = (), **kw) -> Proc:
+        """A node proxy (ztunnel) for ``node``, with SOCKS5 and the outbound listener on its infra IP."""
+        ip = self.infra(infra_last)
+        proc = self.start(node, ip, ["--mode", "node", "--node", node, "--ca-dir", str(self.ca_dir),
+                                     "--socks5-addr", f"{ip}:15080", "--outbound-addr", f"{ip}:15001", *extra], **kw)
+        proc.socks5 = (ip, 15080)
+        return proc
+
+    def start_waypoint(self, infra_last: int, *, gateway: str, pod_last: int = 100,
+                       extra: tuple[str, ...] = (), **kw) -> Proc:
+        """The waypoint implementing ``gateway`` (NS/NAME), HBONE on its pod IP's 15008."""
+        return self.start("waypoint", self.infra(infra_last),
+                          ["--mode", "waypoint", "--ca-dir", str(self.ca_dir), "--gateway", gateway,
+                           "--hbone-addr", f"{self.pod(pod_last)}:15008", *extra], **kw)
+
+    def wait_ready(self, proc: Proc, timeout: float = READY_TIMEOUT_S) -> None:
+        self.supervisor.wait_ready(proc, timeout)
+
+    def stop(self, proc: Proc, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int:
+        return self.supervisor.stop(proc, sig, timeout)
+
+    # ---- backends ----
+    def http_backend(self, pod_last: int, port: int, body: bytes) -> "HttpBackend":
+        b = HttpBackend(self.pod(pod_last), port, body)
+        self.backends.append(b)
+        return b
+
+    def echo_backend(self, pod_last: int, port: int) -> "EchoBackend":
+        b = EchoBackend(self.pod(pod_last), port)
+        self.backends.append(b)
+        return b
+
+    def close(self, grace: float = 0.0) -> None:
+        """Stop every proxy's process group (SIGTERM and ``grace`` seconds first when > 0, then
+        SIGKILL) and every backend."""
+        self.supervisor.stop_all(grace)
+        for b in self.backends:
+            try:
+                b.close()
+            except OSError:
+                pass
+        self.backends.clear()
+
+
+# ---------------------------------------------------------------------------------------------
 # Backends (the "pods")
 
 
@@ -370,6 +507,7 @@ def get(conn: http.client.HTTPConnection, path: str = "/", headers: dict | None 
     return r.status, r.read()
 
 
-__all__ = ["Proc", "Supervisor", "StartError", "HttpBackend", "EchoBackend", "SocksError", "SocksHTTPConnection",
+__all__ = ["Proc", "Supervisor", "StartError", "LoopbackMesh", "block_free", "random_block",
+           "HttpBackend", "EchoBackend", "SocksError", "SocksHTTPConnection",
            "socks5_connect", "recv_exact", "get", "hbone_proxy_command", "address_free", "last_line",
            "READY_TIMEOUT_S", "STOP_TIMEOUT_S"]
