@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
+import resource
 import shutil
 import socket
 import tempfile
@@ -56,6 +57,9 @@ NODE_CLIENT_JS = Path(__file__).with_name("node_client.js")
 NGHTTPX_STREAM_WINDOW = "16M"
 NGHTTPX_CONNECTION_WINDOW = "64M"
 NGHTTPX_MAX_STREAMS = 10_000  # the idle scenario holds 8 000 tunnels on one connection
+# Descriptors nghttpx asks for: 8 000 idle tunnels hold ~16 000 (one frontend stream each needs a
+# backend connection). Capped at our hard limit: above it setrlimit fails for a non-root user
+# (nghttpx logs "Setting rlimit-nofile failed" and keeps the inherited soft limit, often 1 024).
 NGHTTPX_NOFILE = 65_536
 IDLE_SETTLE_S = 0.5  # let the proxy finish its bookkeeping for the last tunnels before reading RSS
 MULTI_TUNNELS = 64
@@ -209,9 +213,15 @@ def nghttpx_argv(exe: str, listen, backend, ca_pem, cert, key, workdir: Path) ->
             f"--frontend-http2-window-size={NGHTTPX_STREAM_WINDOW}",
             f"--frontend-http2-connection-window-size={NGHTTPX_CONNECTION_WINDOW}",
             f"--frontend-http2-max-concurrent-streams={NGHTTPX_MAX_STREAMS}",
-            f"--rlimit-nofile={NGHTTPX_NOFILE}",
+            f"--rlimit-nofile={nofile_limit(NGHTTPX_NOFILE)}",
             "--log-level=WARN", f"--errorlog-file={workdir / 'nghttpx-error.log'}",
             str(key), str(cert)]
+
+
+def nofile_limit(want: int) -> int:
+    """``want`` descriptors, or as many as an unprivileged process may raise its soft limit to."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return want if hard == resource.RLIM_INFINITY else min(want, hard)
 
 
 def ours_node_status() -> str | None:

@@ -326,3 +326,18 @@ def test_node_client_short_tunnels_pass_nghttpx_rapid_reset_limit(tmp_path):
     row = next(r for r in res.rows if r.target == "nghttpx")
     assert row.note is None, row.note
     assert row.samples["streams_s"]
+
+
+def test_nghttpx_asks_for_no_more_descriptors_than_it_may_have(tmp_path):
+    """Above the hard limit nghttpx's setrlimit fails for a non-root user and it keeps the soft
+    limit it inherited, too few for the idle scenario's 8 000 tunnels."""
+    import resource
+
+    from benchmarks.tunnel import NGHTTPX_NOFILE, nghttpx_argv, nofile_limit
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    argv = nghttpx_argv("nghttpx", ("127.0.0.1", 1), ("127.0.0.1", 2), "ca", "cert", "key", tmp_path)
+    (flag,) = [a for a in argv if a.startswith("--rlimit-nofile=")]
+    asked = int(flag.split("=")[1])
+    assert asked == nofile_limit(NGHTTPX_NOFILE) and asked <= NGHTTPX_NOFILE
+    assert hard == resource.RLIM_INFINITY or asked <= hard
+    assert nofile_limit(10) == 10
