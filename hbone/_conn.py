@@ -78,7 +78,9 @@ class HboneStream:
         recv.append(data)
         self._recv_bytes += len(data)
         self.bytes_received += len(data)
-        self._wake_reader()
+        w = self._read_waiter  # (_wake_reader, inlined: once per DATA frame)
+        if w is not None and not w.done():
+            w.set_result(None)
 
     def _feed_eof(self) -> None:
         self._recv_eof = True
@@ -143,7 +145,16 @@ class HboneStream:
             chunk = chunk.tobytes()
         n = len(chunk)
         self._recv_bytes -= n
-        self._conn.ack(self.stream_id, n)
+        # The bytes are consumed: hand their window back. A flush is scheduled only when that queued a
+        # WINDOW_UPDATE (h2 hands window back once half a window was consumed), not on every read.
+        # PERF NOTE (/tmp/wph/shell_rr.py: HboneConnection + ServerCore in-process over a fake
+        # transport, 64 tunnels each served by a task reading one 200-byte request and writing a
+        # 150-byte answer + drain; CPU per request-response, min of 9, alternating 2x): with _feed's
+        # inlined wake-up, ServerCore.receive_data's settings shortcut and 5b.'s inlined window
+        # accounting 4.35 -> 4.19 us; 5.53 us before this session's h2 send/ack cuts (7b./7c.).
+        conn = self._conn
+        if conn.core.ack(self.stream_id, n):
+            conn.schedule_flush()
         return chunk
 
     def write(self, data: bytes) -> None:

@@ -103,7 +103,7 @@ from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H
 from h2.connection import H2Connection as _H2Connection
 from h2.connection import _decode_headers
 from h2.events import DataReceived, TrailersReceived
-from h2.exceptions import ProtocolError, TooManyStreamsError
+from h2.exceptions import FlowControlError, ProtocolError, TooManyStreamsError
 from h2.utilities import is_informational_response
 from h2 import stream as _h2_stream
 from h2.stream import StreamInputs, StreamState
@@ -219,7 +219,10 @@ class H2Connection(_H2Connection):
         else:
             events = self._receive_with_data_fast_path(data)
         dirty = self._hb_dirty
+        data_event = self.data_event
         for event in events:
+            if event.__class__ is data_event:
+                continue  # 5b.'s bulk DATA closes no stream (its END_STREAM comes as a StreamEnded too)
             sid = getattr(event, "stream_id", None)
             if sid:
                 dirty.add(sid)
@@ -274,9 +277,16 @@ class H2Connection(_H2Connection):
                                     and self.state_machine.state in _OPEN_CONNECTION
                                     and stream.state_machine.headers_received
                                     and stream._expected_content_length is None):
-                                # 5b. (see the module docstring): the bulk of a tunnel's DATA
-                                self._inbound_flow_control_window_manager.window_consumed(length)
-                                stream._inbound_window_manager.window_consumed(length)
+                                # 5b. (see the module docstring): the bulk of a tunnel's DATA.
+                                # WindowManager.window_consumed, inlined (its exact steps and error).
+                                manager = self._inbound_flow_control_window_manager
+                                manager.current_window_size -= length
+                                if manager.current_window_size < 0:
+                                    raise FlowControlError("Flow control window shrunk below 0")
+                                manager = stream._inbound_window_manager
+                                manager.current_window_size -= length
+                                if manager.current_window_size < 0:
+                                    raise FlowControlError("Flow control window shrunk below 0")
                                 stream._actual_content_length += length
                                 if data_event is None:
                                     events.append(DataReceived(stream_id=sid, data=data[i + 9:end],

@@ -531,3 +531,30 @@ def test_send_shortcut_matches_h2_in_every_stream_state(monkeypatch):
     events = c.receive_data(twin.take())
     got = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived) and e.stream_id == 1)
     assert got == b"openafter GOAWAY" or got == b"open"
+
+
+def test_core_ack_says_when_a_window_update_is_due():
+    """HboneStream.read schedules a flush only when ServerCore.ack says it queued bytes (a
+    WINDOW_UPDATE): True exactly when there is something to send."""
+    from hbone.protocol import Data, ServerCore, TunnelRequested
+    from hbone.settings import HboneSettings
+
+    core = ServerCore(HboneSettings(stream_window=65_535, connection_window=65_535))
+    c = _client()
+    core.receive_data(c.data_to_send())
+    c.receive_data(core.data_to_send())
+    c.send_headers(1, REQUEST)
+    for e in core.receive_data(c.data_to_send()):
+        if isinstance(e, TunnelRequested):
+            core.respond(1, 200)
+    core.data_to_send()
+    answers = []
+    for size in (100, 16_000, 16_000, 16_000, 10):
+        c.send_data(1, b"x" * size)
+        for e in core.receive_data(c.data_to_send()):
+            if isinstance(e, Data):
+                queued = core.ack(1, e.flow_len)
+                answers.append(queued)
+                assert queued == bool(core.data_to_send())
+    assert True in answers and False in answers
+    assert core.ack(1, 0) is False and core.ack(99, 10) is False
