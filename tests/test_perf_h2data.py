@@ -558,3 +558,27 @@ def test_core_ack_says_when_a_window_update_is_due():
                 assert queued == bool(core.data_to_send())
     assert True in answers and False in answers
     assert core.ack(1, 0) is False and core.ack(99, 10) is False
+
+
+def test_stream_backstop_shortcut_leaves_h2s_settings_as_set_and_acknowledge_would():
+    """ServerCore.receive_data raises h2's stream limit to the backstop only while it reads, by writing
+    the committed value of h2's Settings directly (no pending change exists): outside the call
+    local_settings shows what we advertised, with nothing pending, and the stream over the advertised
+    limit is refused alone (REFUSED_STREAM), as with Settings' own set + acknowledge."""
+    from h2.settings import SettingCodes
+    from hbone.protocol import ServerCore, StreamRefused, TunnelRequested
+    from hbone.settings import HboneSettings
+
+    core = ServerCore(HboneSettings(server_max_concurrent_streams=3))
+    c = _client()
+    core.receive_data(c.data_to_send())
+    c.receive_data(core.data_to_send())
+    encoder = __import__("hpack").Encoder()   # by hand: h2's client would not exceed the limit
+    wire = b"".join(_headers(sid, block=encoder.encode(REQUEST)) for sid in (1, 3, 5, 7))
+    events = core.receive_data(wire)
+    assert [type(e).__name__ for e in events].count("TunnelRequested") == 3
+    assert [e.stream_id for e in events if isinstance(e, StreamRefused)] == [7]
+    assert not any(isinstance(e, TunnelRequested) and e.stream_id == 7 for e in events)
+    ls = core.h2.local_settings
+    assert ls.max_concurrent_streams == 3
+    assert list(ls._settings[SettingCodes.MAX_CONCURRENT_STREAMS]) == [3]   # nothing left pending
