@@ -36,7 +36,7 @@ from hbone.stream import ByteStream, TcpConnection, TcpStream
 from policy.authz.evaluate import AuthzRequest, Decision, Enforcement, authorize
 from policy.inventory import Workload
 from proxy.errors import AuthorizationDenied, IpMismatch, ProxyError, SelfCall, UnknownDestination, UpstreamConnectFailure
-from proxy.node.dial import connect_from, dial_from
+from hbone.dial import connect_from, dial_from
 from proxy.settings import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from proxy.telemetry.refusals import refusal_recorder
 
@@ -274,7 +274,7 @@ class InboundProxy:
         `python -m benchmarks --only short --repeat 1 --clients python-h2 --short-count 3000`,
         alternating old/new trees 3 times, 3 runs each, this 2-core box): 160 → 137 µs proxy CPU
         per stream. Then no task and no coroutine per tunnel at all (this plain function,
-        ``proxy.node.dial.dial_from``, ``accept_nowait``), same A/B: 137 → 122. Checked (not
+        ``hbone.dial.dial_from``, ``accept_nowait``), same A/B: 137 → 122. Checked (not
         timed) by tests/test_node_inbound_fastpath.py."""
         start = time.time()
         principal = tunnel.peer_identity.principal   # "td/ns/N/sa/S": the whole identity, as a str key

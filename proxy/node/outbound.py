@@ -48,7 +48,7 @@ from policy.routing.select import pick_weighted
 from proxy import socks5
 from proxy.errors import (AuthorizationDenied, NoHealthyUpstream, ProxyError, SelfCall,
                           UnknownDestination, UpstreamConnectFailure)
-from proxy.node.dial import connect_from
+from hbone.dial import connect_from
 from proxy.origdst import original_dst
 from proxy.settings import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, SOCKS5_PORT
 

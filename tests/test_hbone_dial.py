@@ -1,6 +1,6 @@
-"""proxy.node.dial: the node proxy's dials from a pod's IP keep that source IP and leave the port to
+"""hbone.dial: the node proxy's dials from a pod's IP keep that source IP and leave the port to
 connect() (IP_BIND_ADDRESS_NO_PORT), so TIME_WAIT sockets on a busy client IP cannot make each dial
-scan the ephemeral range (the perf note in proxy/node/dial.py). Not timed: it asserts the setting."""
+scan the ephemeral range (the perf note in hbone/dial.py). Not timed: it asserts the setting."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from hbone.stream import TcpConnection
 from proxy.errors import UpstreamConnectFailure
-from proxy.node.dial import IP_BIND_ADDRESS_NO_PORT, connect_from, dial_from
+from hbone.dial import IP_BIND_ADDRESS_NO_PORT, connect_from, dial_from
 from proxy.node.inbound import connect_workload
 
 
