@@ -169,3 +169,36 @@ async def test_node_outbound_listener_gives_its_handlers_tcp_connections():
         client.close()
         for server in proxy.servers:
             server.close()
+
+
+def test_request_response_data_skips_h2s_state_machines_on_both_sides(monkeypatch):
+    """Regression check (issue 7, the waypoint's per-request path): once a tunnel is open, DATA sent
+    and received — on the server side (the waypoint's inbound tunnels) and on the client side (its pooled
+    upstream tunnels to node-b, hbone/pool.py) — takes hbone/_h2fast.py's fast paths (5b. receive, 7b.
+    send, 7c. acknowledgement): no h2 state-machine step, no hyperframe DATA object."""
+    import h2.connection
+    import h2.stream
+    c, s = ClientCore(), ServerCore()
+    pump(c, s)
+    sid = _open(c, s)
+    s.respond(sid, 200)
+    pump(c, s)
+    steps = []
+    for cls in (h2.stream.H2StreamStateMachine, h2.connection.H2ConnectionStateMachine):
+        original = cls.process_input
+        monkeypatch.setattr(cls, "process_input",
+                            lambda self, i, _o=original: steps.append(i) or _o(self, i))
+    monkeypatch.setattr(hyperframe.frame.DataFrame, "serialize",
+                        lambda self: pytest.fail("DATA was framed by hyperframe"))
+    for n in range(3):   # request → answer, three times on the same tunnel (a pooled connection)
+        c.send(sid, b"GET / HTTP/1.1\r\n\r\n")
+        c.flush()
+        sev, _ = pump(c, s)
+        assert sev == [Data(sid, b"GET / HTTP/1.1\r\n\r\n", 18)]
+        s.ack(sid, 18)
+        s.send(sid, b"HTTP/1.1 200 OK\r\n\r\n")
+        s.flush()
+        _, cev = pump(c, s)
+        assert cev == [Data(sid, b"HTTP/1.1 200 OK\r\n\r\n", 19)]
+        c.ack(sid, 19)
+    assert steps == []
