@@ -30,7 +30,7 @@ import os
 import socket
 from typing import Callable
 
-from hbone.stream import DEFAULT_READ_BYTES, TcpConnection
+from hbone.stream import DEFAULT_READ_BYTES, TcpConnection, _Dial
 
 # Linux ≥ 4.2 (include/uapi/linux/in.h); Python only names it from 3.12.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -132,7 +132,7 @@ def dial_from(host: str, port: int, local_ip: str | None, on_done: DialCallback,
         on_done(None, exc)
         return
     if err == 0:
-        _Wrap(loop.create_connection(lambda: TcpConnection(limit), sock=sock), sock, on_done).step()
+        _Dial(loop.create_connection(lambda: TcpConnection(limit), sock=sock), on_done, sock).step()
     elif err == errno.EINPROGRESS:
         _Handshake(loop, sock, (host, port), on_done, timeout, limit)
     else:
@@ -161,40 +161,13 @@ class _Handshake:
             self.on_done(None, OSError(err, f"connect to {self.addr[0]}:{self.addr[1]} failed: {os.strerror(err)}"))
             return
         limit = self.limit
-        _Wrap(self.loop.create_connection(lambda: TcpConnection(limit), sock=self.sock), self.sock, self.on_done).step()
+        _Dial(self.loop.create_connection(lambda: TcpConnection(limit), sock=self.sock), self.on_done,
+              self.sock).step()
 
     def expired(self) -> None:
         self.loop.remove_writer(self.sock.fileno())
         self.sock.close()
         self.on_done(None, TimeoutError(f"connect to {self.addr[0]}:{self.addr[1]} timed out"))
-
-
-class _Wrap:
-    """Steps ``create_connection(sock=)`` (a coroutine that only waits for ``connection_made``, one
-    loop turn) to its end without a task, then reports."""
-
-    __slots__ = ("coro", "sock", "on_done")
-
-    def __init__(self, coro, sock: socket.socket, on_done: DialCallback):
-        self.coro, self.sock, self.on_done = coro, sock, on_done
-
-    def step(self, _fut: object = None) -> None:
-        try:
-            fut = self.coro.send(None)
-        except StopIteration as stop:
-            self.coro = None
-            self.on_done(stop.value[1], None)
-            return
-        except Exception as err:  # noqa: BLE001 — any failure is the dial's answer
-            self.coro = None
-            self.sock.close()
-            self.on_done(None, err)
-            return
-        if fut is None:   # a bare yield: resume on the next loop turn
-            asyncio.get_running_loop().call_soon(self.step)
-            return
-        fut._asyncio_future_blocking = False   # as asyncio.Task does with a future it waits on
-        fut.add_done_callback(self.step)
 
 
 __all__ = ["connect_from", "dial_from", "bound_socket", "IP_BIND_ADDRESS_NO_PORT"]

@@ -216,13 +216,15 @@ class _DialSlot:
 
 
 class _Dial:
-    """Steps a dial coroutine to its end and reports (see dial_tcp)."""
+    """Steps a ``create_connection`` coroutine to its end and reports (see dial_tcp; hbone.dial steps
+    ``create_connection(sock=)`` with it too, handing over the socket to close if that fails)."""
 
-    __slots__ = ("coro", "on_done")
+    __slots__ = ("coro", "on_done", "sock")
 
-    def __init__(self, coro, on_done):
+    def __init__(self, coro, on_done, sock: socket.socket | None = None):
         self.coro = coro
         self.on_done = on_done
+        self.sock = sock
 
     def step(self, _fut: object = None) -> None:
         try:
@@ -234,6 +236,8 @@ class _Dial:
             return
         except Exception as err:  # OSError, TimeoutError...: the dial failed
             self.coro = None
+            if self.sock is not None:
+                self.sock.close()
             self.on_done(None, err)
             return
         if fut is None:  # a bare yield (sleep(0)): resume on the next loop turn
