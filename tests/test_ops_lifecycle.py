@@ -28,29 +28,9 @@ from certs.ca import MeshCA
 from certs.spiffe import SpiffeId
 from certs.tls import client_context
 from tests.e2e.conftest import make_mesh  # noqa: F401 - the fixture: meshes cleaned up even on failure
-from tests.e2e.mesh import REPO, Mesh, SocksError, _cli, _recv_exact, socks5_connect
+from tests.e2e.mesh import REPO, Mesh, SocksError, _cli, _recv_exact, echo_yaml, socks5_connect
 
-ECHO = """
-workloads:
-- uid: Kubernetes//v1/Pod/default/echo-0
-  name: echo-0
-  namespace: default
-  serviceAccount: echo
-  workloadIps: ["127.1.0.50"]
-  protocol: HBONE
-  node: node-b
-  labels: {app: echo}
-  services:
-    default/echo-wp.default.svc.cluster.local: {7000: 7000}
-services:
-- name: echo-wp
-  namespace: default
-  hostname: echo-wp.default.svc.cluster.local
-  vips: ["/127.2.0.51"]
-  ports: {7000: 7000}
-  appProtocols: {7000: tcp}
-  waypoint: {destination: "default/reviews-waypoint.default.svc.cluster.local", hboneMtlsPort: 15008}
-"""
+ECHO = echo_yaml("echo-wp")
 
 TUNNELS = 50
 CHUNK = 64 * 1024            # each tunnel: one chunk before SIGTERM, one during the drain

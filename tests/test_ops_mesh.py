@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.mesh import FIXTURES, Mesh, SocksHTTPConnection, socks5_connect
+from tests.e2e.mesh import BAD_POLICY, FIXTURES, OTHER_CLIENT, Mesh, SocksHTTPConnection, socks5_connect
 
 REVIEWS = "reviews.default.svc.cluster.local"
 PRODUCTPAGE = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
@@ -37,14 +37,6 @@ SETTLE_S = 10.0
 
 EXTRA = f"""
 workloads:
-- uid: Kubernetes//v1/Pod/default/other-0
-  name: other-0
-  namespace: default
-  serviceAccount: other
-  workloadIps: ["127.1.0.11"]
-  protocol: HBONE
-  node: node-a
-  labels: {{app: other}}
 - uid: Kubernetes//v1/Pod/default/sink-0
   name: sink-0
   namespace: default
@@ -143,7 +135,7 @@ class SinkBackend:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    m = Mesh(tmp_path_factory.mktemp("ops"), extra_yaml=(EXTRA,))
+    m = Mesh(tmp_path_factory.mktemp("ops"), extra_yaml=(OTHER_CLIENT, EXTRA))
     try:
         m.start_proxies()
         for v in (1, 2, 3):
@@ -418,18 +410,6 @@ def test_access_log_one_line_per_request_and_tunnel(mesh):
 # ---------------------------------------------------------------------------------------------
 # 3. reload under live traffic (runs last: it changes the routing)
 
-BAD_POLICY = """apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: bad
-  namespace: default
-spec:
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principalz: ["x"]
-"""
 
 
 class Loop:

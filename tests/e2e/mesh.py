@@ -28,6 +28,73 @@ REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
 BOOKINFO = ("inventory.yaml", "authz.yaml", "reviews-routing.yaml", "waypoint.yaml")
 
+# Configuration the end-to-end tests add to bookinfo (addresses in bookinfo's 127.1.0.x pod and
+# 127.2.0.x VIP ranges; Mesh.remap moves them to the mesh's block). Each is its own file.
+
+# A second client identity on node-a (sa "other": not allowed to call reviews).
+OTHER_CLIENT = """
+workloads:
+- uid: Kubernetes//v1/Pod/default/other-0
+  name: other-0
+  namespace: default
+  serviceAccount: other
+  workloadIps: ["127.1.0.11"]
+  protocol: HBONE
+  node: node-a
+  labels: {app: other}
+"""
+
+_ECHO_SERVICE = {
+    "echo": """- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: ["/127.2.0.50"]
+  ports: {7000: 7000}
+  appProtocols: {7000: tcp}
+""",
+    "echo-wp": """- name: echo-wp
+  namespace: default
+  hostname: echo-wp.default.svc.cluster.local
+  vips: ["/127.2.0.51"]
+  ports: {7000: 7000}
+  appProtocols: {7000: tcp}
+  waypoint: {destination: "default/reviews-waypoint.default.svc.cluster.local", hboneMtlsPort: 15008}
+""",
+}
+
+
+def echo_yaml(*services: str) -> str:
+    """A TCP echo pod on node-b (127.1.0.50:7000) behind the named services: ``echo`` (VIP
+    127.2.0.50, L4 only) and/or ``echo-wp`` (VIP 127.2.0.51, through the reviews waypoint)."""
+    refs = "".join(f"    default/{name}.default.svc.cluster.local: {{7000: 7000}}\n" for name in services)
+    return ("""
+workloads:
+- uid: Kubernetes//v1/Pod/default/echo-0
+  name: echo-0
+  namespace: default
+  serviceAccount: echo
+  workloadIps: ["127.1.0.50"]
+  protocol: HBONE
+  node: node-b
+  labels: {app: echo}
+  services:
+""" + refs + "services:\n" + "".join(_ECHO_SERVICE[name] for name in services))
+
+
+# An AuthorizationPolicy with a misspelt field (``principalz``): a config error naming the field.
+BAD_POLICY = """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: bad
+  namespace: default
+spec:
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principalz: ["x"]
+"""
+
 
 _cli = hbone_proxy_command
 _recv_exact = recv_exact

@@ -18,35 +18,16 @@ import time
 
 import pytest
 
-from tests.e2e.mesh import Mesh, SocksError, SocksHTTPConnection, get, socks5_connect
+from tests.e2e.mesh import OTHER_CLIENT, Mesh, SocksError, SocksHTTPConnection, echo_yaml, get, socks5_connect
 
 REQUESTS = 1000
 TOLERANCE = 0.03     # issue 4: "90 ± 3 % over 1000 requests"
 MiB = 1024 * 1024
 
-# A second client identity on node-a, a TCP echo on node-b (one service L4-only, one through the
-# waypoint), and a second namespace whose config the reviews waypoint must not hold.
+# Besides a second client identity on node-a (OTHER_CLIENT) and a TCP echo on node-b (one service
+# L4-only, one through the waypoint: echo_yaml), a second namespace the reviews waypoint must not hold.
 EXTRA = """
 workloads:
-- uid: Kubernetes//v1/Pod/default/other-0
-  name: other-0
-  namespace: default
-  serviceAccount: other
-  workloadIps: ["127.1.0.11"]
-  protocol: HBONE
-  node: node-a
-  labels: {app: other}
-- uid: Kubernetes//v1/Pod/default/echo-0
-  name: echo-0
-  namespace: default
-  serviceAccount: echo
-  workloadIps: ["127.1.0.50"]
-  protocol: HBONE
-  node: node-b
-  labels: {app: echo}
-  services:
-    default/echo.default.svc.cluster.local: {7000: 7000}
-    default/echo-wp.default.svc.cluster.local: {7000: 7000}
 - uid: Kubernetes//v1/Pod/shop/cart-0
   name: cart-0
   namespace: shop
@@ -58,19 +39,6 @@ workloads:
   services:
     shop/cart.shop.svc.cluster.local: {8080: 8080}
 services:
-- name: echo
-  namespace: default
-  hostname: echo.default.svc.cluster.local
-  vips: ["/127.2.0.50"]
-  ports: {7000: 7000}
-  appProtocols: {7000: tcp}
-- name: echo-wp
-  namespace: default
-  hostname: echo-wp.default.svc.cluster.local
-  vips: ["/127.2.0.51"]
-  ports: {7000: 7000}
-  appProtocols: {7000: tcp}
-  waypoint: {destination: "default/reviews-waypoint.default.svc.cluster.local", hboneMtlsPort: 15008}
 - name: cart
   namespace: shop
   hostname: cart.shop.svc.cluster.local
@@ -93,7 +61,7 @@ spec:
 
 @pytest.fixture(scope="module")
 def bookinfo(tmp_path_factory):
-    mesh = Mesh(tmp_path_factory.mktemp("bookinfo"), extra_yaml=(EXTRA,))
+    mesh = Mesh(tmp_path_factory.mktemp("bookinfo"), extra_yaml=(OTHER_CLIENT, echo_yaml("echo", "echo-wp"), EXTRA))
     try:
         mesh.start_proxies()
         for v in (1, 2, 3):

@@ -10,41 +10,9 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.mesh import REPO, Mesh, SocksError, _cli, _recv_exact, socks5_connect
+from tests.e2e.mesh import BAD_POLICY, REPO, Mesh, SocksError, _cli, _recv_exact, echo_yaml, socks5_connect
 
-BAD_POLICY = """apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata:
-  name: bad
-  namespace: default
-spec:
-  action: ALLOW
-  rules:
-  - from:
-    - source:
-        principalz: ["x"]
-"""
-
-ECHO = """
-workloads:
-- uid: Kubernetes//v1/Pod/default/echo-0
-  name: echo-0
-  namespace: default
-  serviceAccount: echo
-  workloadIps: ["127.1.0.50"]
-  protocol: HBONE
-  node: node-b
-  labels: {app: echo}
-  services:
-    default/echo.default.svc.cluster.local: {7000: 7000}
-services:
-- name: echo
-  namespace: default
-  hostname: echo.default.svc.cluster.local
-  vips: ["/127.2.0.50"]
-  ports: {7000: 7000}
-  appProtocols: {7000: tcp}
-"""
+ECHO = echo_yaml("echo")
 
 # Only the reviews identity may reach echo: productpage's live tunnel is now denied.
 ECHO_LOCKDOWN = """apiVersion: security.istio.io/v1
