@@ -96,7 +96,7 @@ class _Splice:
     docstring). `h_is_a` maps the two directions back to relay()'s (a, b) for the result."""
 
     __slots__ = ("h", "t", "h_is_a", "h_to_t", "t_to_h", "h_done", "t_done", "unacked", "reset",
-                 "fut", "t_paused", "h_buf", "on_done", "over")
+                 "fut", "t_paused", "h_buf", "h_nbuf", "h_since", "on_done", "over")
 
     def __init__(self, h: HboneStream, t: TcpConnection, h_is_a: bool):
         self.h = h
@@ -115,6 +115,8 @@ class _Splice:
         # HBONE DATA of the current data_received batch, not yet written (None: nothing; no list
         # kept per idle tunnel)
         self.h_buf: list[bytes] | None = None
+        self.h_nbuf = 0  # bytes in h_buf
+        self.h_since = 0  # the connection's read count when h_buf was started (hbone/_conn.py)
 
     def start(self, on_done: Callable[[RelayResult], None] | None = None) -> asyncio.Future | None:
         """Hook into both streams. Without ``on_done``, returns a future done when the relay is
@@ -229,16 +231,20 @@ class _Splice:
         1.69 → 1.61 proxy CPU-s per GiB (635 → 667 MB per CPU-second)."""
         if self.h_done:
             return
-        batch = self.h._conn.splice_writes
         buf = self.h_buf
         if buf is None:
-            buf = self.h_buf = [data]
+            conn = self.h._conn
+            batch = conn.splice_writes
+            self.h_buf = [data]
+            self.h_nbuf = len(data)
             if batch is None:
                 self.h_flush()
             else:
+                self.h_since = conn.reads
                 batch.append(self)
         else:
             buf.append(data)
+            self.h_nbuf += len(data)
 
     def h_flush(self) -> None:
         buf = self.h_buf

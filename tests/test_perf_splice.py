@@ -364,3 +364,58 @@ def test_dialer_keeps_at_most_max_concurrent_dials_in_flight_and_serves_all_in_o
             Dialer(0)
         echo.close()
     run(loop, main)
+
+
+@loops
+def test_multiplexed_16k_frames_are_held_across_reads_and_all_written_once_quiet(loop):
+    """Many bulk tunnels on one connection with 16 KiB frames (what nghttp2 peers send): the splices
+    hold a stream's bytes across TLS reads (hbone/_conn.py SPLICE_DEFER) and write them several
+    frames at a time; when the peer stops sending (no END_STREAM, just waiting for the echo),
+    everything held is still written: each tunnel gets back exactly what it sent."""
+    from hbone import _conn
+    from hbone.settings import HboneSettings
+
+    async def main():
+        echo, echo_addr = await start_echo()
+        written: list[int] = []  # frames per TCP write of the deferred path
+        orig_end_batch = _conn.HboneConnection._end_batch
+
+        def end_batch(self, pending, streaming):
+            if streaming:
+                written.append(len(self.splice_deferred or ()))
+            return orig_end_batch(self, pending, streaming)
+
+        async def handler(tunnel):
+            tcp = await TcpStream.connect(*echo_addr)
+            assert relay_detached(await tunnel.accept(), tcp)
+
+        env = Env(Mesh.create())
+        await env.start(handler, HboneSettings(max_frame_size=16 * 1024))
+        _conn.HboneConnection._end_batch = end_batch
+        try:
+            streams = [await env.open() for _ in range(8)]
+            payloads = [os.urandom(1 * MiB + 1000 * i + 1) for i in range(len(streams))]
+
+            async def one(s, payload):
+                got = bytearray()
+
+                async def reader():
+                    while len(got) < len(payload):
+                        got.extend(await s.read())
+                r = asyncio.get_running_loop().create_task(reader())
+                for i in range(0, len(payload), 65_537):
+                    s.write(payload[i:i + 65_537])
+                    await s.drain()
+                await asyncio.wait_for(r, 30)  # no EOF sent: the held bytes must come out anyway
+                assert bytes(got) == payload
+                s.write_eof()
+                assert await s.read() == b""
+
+            await asyncio.gather(*(one(s, p) for s, p in zip(streams, payloads)))
+            assert any(written), "no read held a splice's bytes: the deferral is not in effect"
+            assert all(not conn.splice_deferred for conn in env.server._conns)
+        finally:
+            _conn.HboneConnection._end_batch = orig_end_batch
+            await env.__aexit__()
+            echo.close()
+    run(loop, main)
