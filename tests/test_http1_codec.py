@@ -108,7 +108,8 @@ BAD_REQUESTS = [
     (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 400),
     (b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n", 501),
     (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 501),
-    (b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", 501),
+    # An upgrade with a request body (Content-Length or chunked): 501, the upgrade payload would be ambiguous.
+    (b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nab", 501),
     (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(MAX_HEADERS)) + b"\r\n", 431),
     (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * MAX_HEAD_BYTES + b"\r\n\r\n", 431),
     (b"GET /" + b"a" * MAX_HEAD_BYTES + b" HTTP/1.1\r\n\r\n", 431),
@@ -281,3 +282,64 @@ def test_strip_hop_by_hop():
                (b"x-keep", b"1")]
     assert strip_hop_by_hop(headers) == [(b"host", b"a"), (b"x-keep", b"1")]
     assert header_value(headers, b"x-keep") == b"1" and header_value(headers, b"nope") is None
+
+
+WS_REQ = (b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+
+
+@pytest.mark.parametrize("size", [1, 7, 1000])
+def test_upgrade_request_head_then_bytes_held_whole_and_bytewise(size):
+    """A WebSocket upgrade: the head carries upgrade=b"websocket", and every byte after it (frames, or
+    what looks like another request) is held unparsed for the new protocol."""
+    data = WS_REQ + b"\x81\x02hi" + GET
+    reader = RequestReader()
+    events = []
+    for i in range(0, len(data), size):
+        events += reader.feed(data[i:i + size])
+    events += reader.feed_eof()
+    assert [type(e).__name__ for e in events] == ["RequestHead", "_MessageEnd"]
+    head = events[0]
+    assert head.upgrade == b"websocket" and head.keep_alive and not head.has_body
+    assert (b"upgrade", b"websocket") in head.headers and reader.upgrading
+    assert reader.take_upgrade_tail() == b"\x81\x02hi" + GET
+    with pytest.raises(Http1Error):   # nothing more is HTTP on this connection
+        reader.feed(GET)
+
+
+def test_upgrade_refused_resumes_http_with_the_held_bytes():
+    reader = RequestReader()
+    events = reader.feed(WS_REQ + GET[:10])
+    assert events[0].upgrade == b"websocket" and reader.feed(GET[10:]) == []
+    events = reader.resume_http()
+    assert [type(e).__name__ for e in events] == ["RequestHead", "_MessageEnd"]
+    assert events[0].upgrade is None and events[0].target == b"/reviews/1?u=x"
+    assert not reader.upgrading
+
+
+def test_other_upgrade_tokens_are_passed_on_and_h2c_ignored():
+    head = RequestReader().feed(WS_REQ.replace(b"websocket", b"foo/2"))[0]
+    assert head.upgrade == b"foo/2"
+    head = RequestReader().feed(GET.replace(b"\r\n\r\n", b"\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"))[0]
+    assert head.upgrade is None
+    # Upgrade without "Connection: upgrade" is not an upgrade request (RFC 9110 §7.8).
+    head = RequestReader().feed(GET.replace(b"\r\n\r\n", b"\r\nUpgrade: websocket\r\n\r\n"))[0]
+    assert head.upgrade is None
+
+
+@pytest.mark.parametrize("size", [1, 5, 1000])
+def test_response_101_only_when_an_upgrade_was_asked(size):
+    resp = (b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x05hello")
+    reader = ResponseReader()
+    reader.expect(b"GET", upgrade=True)
+    events = []
+    for i in range(0, len(resp), size):
+        events += reader.feed(resp[i:i + size])
+    assert events[0].status == 101 and events[1] is MessageEnd and len(events) == 2
+    assert reader.take_upgrade_tail() == b"\x81\x05hello"
+    # A 200 to an upgrade request is an ordinary response.
+    reader = ResponseReader()
+    reader.expect(b"GET", upgrade=True)
+    events = reader.feed(RESP_CL)
+    assert events[0].status == 200 and events[-1] is MessageEnd and not reader.upgrading

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from typing import AsyncIterable, AsyncIterator, Callable, Hashable, Iterable
 
-from hbone.stream import KiB, ByteStream
+from hbone.stream import KiB, ByteStream, PrefixedStream
 
 from .codec import (CHUNK_END, HOP_BY_HOP, LAST_CHUNK, Http1Error, MessageEnd, ResponseHead,
                     ResponseReader, chunk_header, encode_request_head)
@@ -85,6 +85,19 @@ class Http1Response:
                 await self._finish_sender()
                 return
             yield event.data
+
+    def upgraded_stream(self) -> ByteStream:
+        """After a ``101 Switching Protocols`` (``forward_request(..., upgrade=...)``): the raw upstream
+        stream, bytes the upstream sent after the 101 first. The connection is the caller's to close,
+        never pooled again (``reusable`` stays False)."""
+        if self.status != 101:
+            raise RuntimeError("upgraded_stream() without a 101 response")
+        self._failed = True
+        events = self._events
+        while events and events[0] is MessageEnd:
+            events.popleft()
+        tail = self._reader.take_upgrade_tail()
+        return PrefixedStream(self._stream, tail) if tail else self._stream
 
     def complete_body(self) -> bytes | None:
         """The whole body when the response already arrived in full with its head (the usual small
@@ -215,17 +228,25 @@ def request_headers(headers: Iterable[tuple[bytes, bytes]], authority: bytes) ->
 async def forward_request(upstream: ByteStream, method: bytes, target: bytes, authority: bytes,
                           headers: Iterable[tuple[bytes, bytes]], body: BodySource = None, *,
                           content_length: int | None = None,
-                          reader: ResponseReader | None = None) -> Http1Response:
+                          reader: ResponseReader | None = None,
+                          upgrade: bytes | None = None) -> Http1Response:
     """Send one request on ``upstream`` and return the response once its final head arrived.
 
     ``headers`` are lower-case end-to-end headers (hop-by-hop, framing, Host and Expect are
     dropped here); ``authority`` becomes Host. ``body``: None, bytes, or an async iterable (e.g.
     ``request.body_chunks()``), framed with ``content_length`` when given, else chunked.
-    ``reader`` lets a pooled connection keep its parser (must be idle)."""
+    ``reader`` lets a pooled connection keep its parser (must be idle). ``upgrade``: the request asks
+    for that protocol upgrade — ``Connection: upgrade`` and ``Upgrade`` are sent (hop-by-hop fields
+    otherwise dropped; Envoy keeps them for an upgrade it proxies) and a ``101`` is returned as the
+    response (then ``Http1Response.upgraded_stream()``)."""
     if reader is None:
         reader = ResponseReader()
-    reader.expect(method)
     fields = request_headers(headers, authority)
+    if upgrade is None:
+        reader.expect(method)
+    else:
+        reader.expect(method, upgrade=True)
+        fields += ((b"connection", b"upgrade"), (b"upgrade", upgrade))
     sent = [0, body is None]   # [body bytes written, body complete]
     sender = None
     if isinstance(body, (bytes, bytearray, memoryview)):
@@ -264,7 +285,7 @@ async def forward_request(upstream: ByteStream, method: bytes, target: bytes, au
     try:
         while True:
             event = await _next_event(upstream, reader, events, sender, sent, before_response=True)
-            if isinstance(event, ResponseHead) and event.status >= 200:
+            if isinstance(event, ResponseHead) and (event.status >= 200 or event.status == 101 and upgrade):
                 return Http1Response(event, upstream, reader, events, sender, sent)
             # 1xx interim responses (RFC 9110 §15.2): skipped, with their MessageEnd.
     except BaseException:

@@ -18,8 +18,14 @@ Rules (each is a decision a user of Envoy would recognise):
 - An HTTP/1.1 request without ``Host``, or with two, → 400 (RFC 9112 §3.2).
 - An unknown method → 501 (RFC 9110 §9.1).
 - Upgrade: ``Upgrade: h2c`` (RFC 7540 §3.2 upgrade) is ignored and the request served as HTTP/1.1,
-  as Envoy does; any other upgrade (WebSocket) and ``CONNECT`` → 501 (not supported yet: it needs a
-  byte relay after a 101/200; Envoy answers 403 for upgrades without ``upgrade_configs``).
+  as Envoy does. Any other upgrade request (``Connection: upgrade`` + ``Upgrade: X``, no body) is
+  passed on as a ``RequestHead`` with ``upgrade=X``: whether X is allowed (Istio's HCM has
+  ``upgrade_configs: [{upgrade_type: websocket}]``; others get Envoy's 403) is the pipeline's call.
+  The reader then holds the bytes after that head unparsed until the caller either takes them
+  (``take_upgrade_tail``: a 101 was sent, they belong to the new protocol) or resumes HTTP/1.1
+  (``resume_http``: the upstream refused, RFC 9110 §7.8 "the connection continues in HTTP/1.1").
+  HTTP/1 ``CONNECT`` → 501 (Envoy needs ``upgrade_type: CONNECT``, which Istio does not configure).
+  A response reader told ``expect(method, upgrade=True)`` accepts a 101 the same way.
 - Trailers of chunked messages are parsed, counted against the head limit and dropped (Envoy drops
   HTTP/1 trailers unless ``enable_trailers`` is set).
 """
@@ -75,6 +81,7 @@ class RequestHead(NamedTuple):
     content_length: int | None
     expect_continue: bool     # Expect: 100-continue
     host: bytes               # the Host header (b"" only for an HTTP/1.0 request without one)
+    upgrade: bytes | None = None   # the Upgrade value of an upgrade request (not h2c), else None
 
 
 class ResponseHead(NamedTuple):
@@ -125,7 +132,7 @@ class _Reader:
 
     __slots__ = ("_parser", "_events", "_headers", "_head_bytes", "_raw_head", "_awaiting_head",
                  "_in_message", "_body_bytes", "_error", "_cb_error", "_lead", "max_head_bytes",
-                 "max_headers", "max_body_bytes", "__weakref__")
+                 "max_headers", "max_body_bytes", "_upgrading", "_held", "__weakref__")
 
     _err_status = 400
     _too_large = 431
@@ -145,6 +152,10 @@ class _Reader:
         self._error: Http1Error | None = None
         self._cb_error: Http1Error | None = None
         self._lead = b""   # the first bytes of the current message, to judge a bad method
+        # After an upgrade head (request: not h2c; response: 101 to an upgrade request) the bytes
+        # that follow are not HTTP until the caller says so: held here, unparsed (see take_upgrade_tail).
+        self._upgrading = False
+        self._held = b""
 
     @property
     def failed(self) -> Http1Error | None:
@@ -202,6 +213,9 @@ class _Reader:
         next ``feed``/``feed_eof`` (check ``failed`` before waiting for more bytes)."""
         if self._error is not None:
             raise self._error
+        if self._upgrading:   # (the one flag an ordinary message pays for upgrades)
+            self._held += data
+            return []
         events = self._events = []
         if not self._in_message:
             self._lead = data[:32]
@@ -234,10 +248,31 @@ class _Reader:
             raise self._error
         return events
 
+    @property
+    def upgrading(self) -> bool:
+        """An upgrade head was parsed; what follows is held until ``take_upgrade_tail``/``resume_http``."""
+        return self._upgrading
+
+    def take_upgrade_tail(self) -> bytes:
+        """The protocol switched: the bytes received after the upgrade head (they belong to the new
+        protocol). The reader parses nothing more afterwards."""
+        tail, self._held = self._held, b""
+        self._error = Http1Error(self._err_status, "connection upgraded")
+        return tail
+
+    def resume_http(self) -> list:
+        """The upgrade was refused (a non-101 answer): parse the held bytes as HTTP/1.1 and return
+        their events."""
+        held, self._held = self._held, b""
+        self._upgrading = False
+        return self.feed(held) if held else []
+
     def feed_eof(self) -> list:
         """The peer finished sending; a message cut short is an error."""
         if self._error is not None:
             raise self._error
+        if self._upgrading:
+            return []   # the held bytes stay for the caller; the EOF is theirs to see on the raw stream
         if self._in_message:
             self._error = Http1Error(self._err_status, "connection closed mid-message")
             raise self._error
@@ -300,18 +335,24 @@ class RequestReader(_Reader):
             if version == b"1.1":
                 self._fail(400, "missing Host header")
             host = b""
+        upgrade_to = None
+        keep_alive = parser.should_keep_alive()
         if parser.should_upgrade():
             if method == b"CONNECT":
+                # Envoy proxies HTTP/1 CONNECT only with upgrade_configs: [{upgrade_type: CONNECT}],
+                # which Istio's waypoint does not set.
                 self._fail(501, "CONNECT is not supported on the HTTP/1 path")
+            if chunked or length:
+                self._fail(501, "protocol upgrade with a request body is not supported")
             tokens = {t.strip().lower() for t in (upgrade or b"").split(b",")}
-            if tokens != {b"h2c"} or chunked or length:
-                self._fail(501, "protocol upgrade is not supported")
+            if tokens != {b"h2c"}:
+                upgrade_to = upgrade or b""
+                self._upgrading = True
         if length is not None and self.max_body_bytes is not None and length > self.max_body_bytes:
             self._fail(413, "body too large")   # known up front: refuse before reading it
         has_body = chunked or bool(length)
-        self._events.append(RequestHead(method, self._url, version, headers,
-                                        parser.should_keep_alive(), has_body, chunked, length,
-                                        expect, host))
+        self._events.append(RequestHead(method, self._url, version, headers, keep_alive, has_body,
+                                        chunked, length, expect, host, upgrade_to))
 
     def _execute(self, data: bytes) -> None:
         while True:
@@ -319,10 +360,13 @@ class RequestReader(_Reader):
                 self._parser.feed_data(data)
                 return
             except httptools.HttpParserUpgrade as up:
-                # Only an h2c upgrade gets here (others failed in on_headers_complete); httptools
-                # has resumed the parser, so go on with the bytes after the request as HTTP/1.1.
+                # httptools has resumed the parser. An h2c upgrade: go on with the bytes after the
+                # request as HTTP/1.1. Another upgrade: hold them (see take_upgrade_tail).
                 offset = up.args[0] if up.args else len(data)
                 data = data[offset:]
+                if self._upgrading:
+                    self._held += data
+                    return
                 if not data:
                     return
 
@@ -334,7 +378,7 @@ class ResponseReader(_Reader):
     its Content-Length says (RFC 9110 §9.3.2), which llhttp cannot be told through httptools, so the
     head is cut out here and the parser restarted after it."""
 
-    __slots__ = ("_reason", "_head_request", "_pending")
+    __slots__ = ("_reason", "_head_request", "_pending", "_upgrade_expected")
 
     _err_status = 502
     _too_large = 502
@@ -344,10 +388,14 @@ class ResponseReader(_Reader):
         self._reason = b""
         self._head_request = False
         self._pending = b""
+        self._upgrade_expected = False
         self._parser = httptools.HttpResponseParser(self)
 
-    def expect(self, method: bytes) -> None:
+    def expect(self, method: bytes, upgrade: bool = False) -> None:
+        """The next response answers ``method``; ``upgrade``: the request asked for a protocol
+        upgrade, so a 101 Switching Protocols is its answer (else a 101 is a 502)."""
         self._head_request = method == b"HEAD"
+        self._upgrade_expected = upgrade
 
     def on_message_begin(self) -> None:
         _Reader.on_message_begin(self)
@@ -362,7 +410,9 @@ class ResponseReader(_Reader):
         self._awaiting_head = False
         status = parser.get_status_code()
         if status == 101:
-            self._fail(502, "unexpected 101 Switching Protocols")
+            if not self._upgrade_expected:
+                self._fail(502, "unexpected 101 Switching Protocols")
+            self._upgrading = True
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
             self._fail(502, "unsupported HTTP version")
@@ -379,7 +429,13 @@ class ResponseReader(_Reader):
 
     def _execute(self, data: bytes) -> None:
         if not self._head_request:
-            self._parser.feed_data(data)
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserUpgrade as up:
+                # A 101 (only accepted after expect(upgrade=True)): the rest is the new protocol's.
+                if not self._upgrading:
+                    raise Http1Error(502, "unexpected protocol upgrade") from None
+                self._held += data[up.args[0] if up.args else len(data):]
             return
         data = self._pending + data
         self._pending = b""

@@ -9,6 +9,12 @@ are answered in order, one at a time) and calls ``await handler(request, respond
 - ``responder``: ``await send_head(status, headers)``, ``await send_body(chunk)``, ``await end()``,
   or ``await send_local_reply(status, body, headers)`` (Envoy's local reply shape).
 
+Protocol upgrades (WebSocket): a request with ``Connection: upgrade`` + ``Upgrade: X`` (not h2c) has
+``request.upgrade == X``. The handler either answers it like any request (the connection then stays
+HTTP/1.1: RFC 9110 §7.8) or calls ``await responder.switch_protocols(X, headers)``, which sends the
+101 and returns the raw downstream ``ByteStream`` (bytes the client sent after the head first);
+the connection serves no more requests and is closed after the handler returns.
+
 The responder owns framing: it removes hop-by-hop and framing headers the handler passes, keeps a
 given ``content-length``, else uses chunked (HTTP/1.1) or close-delimited (HTTP/1.0) bodies.
 A handler exception becomes a 500 local reply if no head was sent, else the connection is aborted
@@ -22,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Iterable
 
-from hbone.stream import KiB, ByteStream
+from hbone.stream import KiB, ByteStream, PrefixedStream
 
 from .codec import (CHUNK_END, HOP_BY_HOP, LAST_CHUNK, MAX_BODY_BYTES, MAX_HEAD_BYTES, MAX_HEADERS,
                     Http1Error, MessageEnd, RequestHead, RequestReader, chunk_header,
@@ -73,12 +79,12 @@ class Http1Request:
     # property per access: the pipeline reads method, target, headers, host, has_body ~12 times a request.
     # With the request head's one-pass header scan (codec.py): in-process HttpPipeline.serve 44.5 → 43.3 µs.
     __slots__ = ("head", "_conn", "body_done", "body_bytes", "continue_sent", "method", "target", "version",
-                 "headers", "keep_alive", "has_body", "content_length", "host")
+                 "headers", "keep_alive", "has_body", "content_length", "host", "upgrade")
 
     def __init__(self, head: RequestHead, conn: "_Conn"):
         self.head = head
         (self.method, self.target, self.version, self.headers, self.keep_alive, self.has_body, _,
-         self.content_length, _, self.host) = head
+         self.content_length, _, self.host, self.upgrade) = head
         self._conn = conn
         self.body_done = not head.has_body
         self.body_bytes = 0
@@ -269,6 +275,36 @@ class Responder:
         self.ended = True
         await stream.drain()
 
+    async def switch_protocols(self, upgrade: bytes, headers: Iterable[tuple[bytes, bytes]] = (), *,
+                               reason: bytes | None = None) -> ByteStream:
+        """Answer an upgrade request with ``101 Switching Protocols`` (``Connection: upgrade``,
+        ``Upgrade: upgrade`` and ``headers`` minus hop-by-hop and framing fields) and return the raw
+        downstream stream: what the client sent after the request head comes first. The response
+        counts as ended; the connection serves no more HTTP and is closed once the handler returns."""
+        if self.head_sent:
+            raise RuntimeError("response head already sent")
+        conn = self._conn
+        if self._request.upgrade is None or not conn.reader.upgrading:
+            raise RuntimeError("switch_protocols() on a request that asked for no upgrade")
+        out = [(n, v) for n, v in ((n.lower(), v) for n, v in headers) if n not in _RESPONSE_DROP]
+        out += ((b"connection", b"upgrade"), (b"upgrade", upgrade))
+        conn.stream.write(encode_response_head(101, reason, out))
+        self.head_sent = self.ended = True
+        self.status = 101
+        self._mode = "none"
+        conn.response_started = True
+        conn.keep_alive = False
+        conn.upgraded = True
+        conn.stop_timer()   # the idle/head timeouts are HTTP's; the relay has its own life
+        tail = conn.reader.take_upgrade_tail()
+        events = conn.events
+        while events and events[0] is MessageEnd:
+            events.popleft()   # the upgrade request's own end (it has no body)
+        if conn.prefix:
+            tail, conn.prefix = tail + conn.prefix, b""
+        await conn.stream.drain()
+        return PrefixedStream(conn.stream, tail) if tail else conn.stream
+
     def __repr__(self) -> str:
         state = "ended" if self.ended else ("streaming" if self.head_sent else "pending")
         return f"<Responder {state} status={self.status} mode={self._mode or '-'} sent={self.body_bytes}>"
@@ -277,7 +313,7 @@ class Responder:
 class _Conn:
     __slots__ = ("stream", "limits", "reader", "events", "eof", "keep_alive", "response_started",
                  "aborted", "requests", "_task", "_timer", "_timer_at", "_wait_deadline", "_started_at",
-                 "_waiting", "_expired", "prefix", "_loop")
+                 "_waiting", "_expired", "prefix", "_loop", "upgraded")
 
     def __init__(self, stream: ByteStream, limits: Http1Limits, prefix: bytes = b""):
         self.stream = stream
@@ -295,6 +331,7 @@ class _Conn:
         self.keep_alive = True
         self.response_started = False
         self.aborted = False
+        self.upgraded = False   # a 101 was sent: the stream carries another protocol now
         self.requests = 0
         # The idle / head timeouts (see _arm): one timer per connection, re-armed only when it fires.
         self._task: asyncio.Task | None = None
@@ -459,6 +496,11 @@ class _Conn:
         stream = self.stream
         if self.aborted:
             return
+        if self.upgraded:
+            # The upgraded connection's relay already carried both directions' ends (half-close):
+            # no FIN of ours to add and nothing HTTP to linger for.
+            stream.close()
+            return
         try:
             stream.write_eof()
             await stream.drain()
@@ -532,6 +574,13 @@ async def serve_http1(stream: ByteStream, handler: Handler, *, limits: Http1Limi
                 status = exc.status if isinstance(exc, Http1Error) else 500
                 await _error_reply(conn, request, status)
                 return
+            if head.upgrade is not None and not conn.upgraded:
+                # The upgrade was answered with an ordinary response: the bytes held after its head
+                # are HTTP/1.1 after all (RFC 9110 §7.8), parse them as the next request(s).
+                try:
+                    conn.events.extend(conn.reader.resume_http())
+                except Http1Error:
+                    pass   # raised again by next_head, which answers it
             if conn.keep_alive and not request.body_done:
                 if not await conn.discard_body(request):
                     conn.keep_alive = False

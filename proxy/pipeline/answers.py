@@ -145,6 +145,15 @@ class DestinationUnavailable(ProxyError):
         self.flag = flag or NO_FLAGS
 
 
+class UpgradeFailed(ProxyError):
+    """An HTTP/1.1 upgrade to a protocol without an ``upgrade_configs`` entry (Istio configures only
+    ``websocket``): Envoy's HCM answers 403 with an empty body, details ``upgrade_failed``, no flag."""
+    http_status = 403
+    hbone_status = 403
+    flag = NO_FLAGS
+    detail = "upgrade_failed"
+
+
 class BadUpstreamResponse(ProxyError):
     """The upstream's response was malformed (Envoy: 502, flag UPE)."""
     http_status = 502
@@ -153,4 +162,4 @@ class BadUpstreamResponse(ProxyError):
 
 
 __all__ = ["HTTP_TO_GRPC_STATUS", "http_to_grpc_status", "is_grpc", "grpc_local_reply", "LocalReply", "local_reply", "connect_status", "flags_of", "exhausted", "FaultAbort",
-           "DestinationUnavailable", "BadUpstreamResponse", "NO_FLAGS"]
+           "DestinationUnavailable", "BadUpstreamResponse", "UpgradeFailed", "NO_FLAGS"]

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Iterable, NamedTuple
 
+from hbone.relay import relay
 from hbone.stream import MiB, ByteStream, PrefixedStream
 from policy.authz.evaluate import Decision
 from policy.inventory import Service
@@ -55,8 +56,8 @@ from proxy.telemetry.metrics import PeerInfo, ServiceInfo, traffic_labels
 from policy.routing.model import REFUSED_STREAM
 from policy.routing.select import NO_FAULT, mirrors_for
 
-from .answers import (BadUpstreamResponse, DestinationUnavailable, FaultAbort, exhausted, grpc_local_reply,
-                      is_grpc, local_reply)
+from .answers import (BadUpstreamResponse, DestinationUnavailable, FaultAbort, UpgradeFailed, exhausted,
+                      grpc_local_reply, is_grpc, local_reply)
 from .authz import l7_decision
 from .chains import INBOUND_VIP, Chain, match_chain
 from .context import TunnelContext, addr_str
@@ -67,6 +68,10 @@ from .originate import CONNECT_TIMEOUT_S, OriginateFailed, Originator
 # Kubernetes appProtocol values whose upstream speaks HTTP/2 with prior knowledge (Istio builds
 # those clusters with http2_protocol_options).
 H2_APP_PROTOCOLS = frozenset({"http2", "grpc", "h2c"})
+
+# Istio's HTTP connection managers (sidecar, waypoint) set upgrade_configs: [{upgrade_type: websocket}]:
+# an HTTP/1.1 "Upgrade: websocket" request is routed like any request, then relayed as bytes after a 101.
+UPGRADE_TYPE = b"websocket"
 
 # Envoy per_connection_buffer_limit_bytes default (1 MiB): a request body up to this is buffered so a
 # retry can replay it; a longer one is streamed and the request is not retried once it was sent.
@@ -331,6 +336,14 @@ class HttpPipeline:
             # A plain function handing back handle()'s coroutine (not an ``async def`` awaiting it):
             # one coroutine frame less per request, and less to resume at every await inside it.
             return self.handle(request, responder, ctx, chain, snapshot(), protocol)
+
+        def handler_h1(request, responder):
+            # HTTP/1.1 requests may ask for a protocol upgrade (WebSocket): the only cost to the others
+            # is this one attribute test.
+            upgrade = request.upgrade
+            if upgrade is None:
+                return self.handle(request, responder, ctx, chain, snapshot(), protocol)
+            return self.handle(request, responder, ctx, chain, snapshot(), protocol, upgrade)
         if protocol == "h2c":
             await serve_h2c(stream, handler)
         elif isinstance(stream, PrefixedStream):
@@ -340,13 +353,13 @@ class HttpPipeline:
             # acknowledgement cuts of hbone/_h2fast.py 7b./7c. and the http1 server's cached loop):
             # waypoint 101.7 -> 91.5 us per request (medians).
             inner, prefix = stream.unwrap()
-            await serve_http1(inner, handler, prefix=prefix)
+            await serve_http1(inner, handler_h1, prefix=prefix)
         else:
-            await serve_http1(stream, handler)
+            await serve_http1(stream, handler_h1)
 
     # -- one request --
     async def handle(self, request, responder, ctx: TunnelContext, chain: Chain, snapshot: Snapshot,
-                     protocol: str) -> None:
+                     protocol: str, upgrade: bytes | None = None) -> None:
         self.requests += 1
         log = _Log(self.clock())
         t0 = time.monotonic()
@@ -358,7 +371,7 @@ class HttpPipeline:
             log.route = plan.route.route_config
         grpc = is_grpc(request.headers)
         try:
-            await self._execute(plan, request, responder, ctx, log, protocol, grpc)
+            await self._execute(plan, request, responder, ctx, log, protocol, grpc, upgrade)
         except ProxyError as err:
             reply = local_reply(err)
             log.flags.extend(f for f in reply.flags if f not in log.flags)
@@ -386,7 +399,13 @@ class HttpPipeline:
             self._report(plan, ctx, log, request, responder, protocol, t0, grpc)
 
     async def _execute(self, plan: RequestPlan, request, responder, ctx: TunnelContext, log: _Log,
-                       protocol: str = "http/1.1", grpc: bool = False) -> None:
+                       protocol: str = "http/1.1", grpc: bool = False, upgrade: bytes | None = None) -> None:
+        if upgrade is not None and upgrade.strip().lower() != UPGRADE_TYPE:
+            # Checked before the filters (authz, fault) and the router, as Envoy's HCM does when it
+            # builds the filter chain for an upgrade it has no upgrade_configs entry for: 403, details
+            # "upgrade_failed" (envoyproxy/gateway#9452: "the HTTP Connection Manager rejects any
+            # WebSocket Upgrade on that route with 403 (response_code_details: upgrade_failed)").
+            raise UpgradeFailed(f"upgrade to {upgrade.decode('latin-1')!r} is not configured")
         if plan.error is not None:
             raise plan.error
         local = plan.local
@@ -429,17 +448,19 @@ class HttpPipeline:
         target = request.target if path is plan.view.path else path.encode("latin-1")
         host = route.authority if isinstance(route, RouteDecision) else plan.view.authority
         authority = request.host if host is plan.view.authority else host.encode("latin-1")
-        if plan.mirrors:
+        if plan.mirrors and upgrade is None:   # (Envoy does not shadow upgrades: WebSocket docs)
             # Envoy shadows with the body it buffered; a body past the buffer limit is not mirrored.
             log.mirrors = self.mirrorer.fire(plan.mirrors, ctx, request.method, target, authority, headers,
                                              body if replayable else None, protocol,
                                              skip=not replayable)
-        h2 = up.uses_h2(protocol)
+        # An upgrade goes upstream over HTTP/1.1 whatever the port's protocol (an h2 upstream would need
+        # RFC 8441 extended CONNECT).
+        h2 = up.uses_h2(protocol) if upgrade is None else False
         deadline = None if not up.timeout_s else asyncio.get_running_loop().time() + up.timeout_s
         # No route timeout (Istio's default): no timeout context either — asyncio.timeout_at(None)
         # still builds and enters one per request, for nothing.
         forward = self._forward(up, ctx, request.method, target, authority, headers, body, clen, replayable,
-                                log, h2)
+                                log, h2, upgrade)
         try:
             if deadline is None:
                 resp, stream, key = await forward
@@ -450,6 +471,9 @@ class HttpPipeline:
             raise UpstreamTimeout(f"route timeout {up.timeout_s:g}s") from None
         # Stream the response back; the route timeout still bounds it (Envoy: the whole response).
         log.status = resp.status
+        if upgrade is not None and resp.status == 101:
+            await self._relay_upgraded(up, resp, stream, request, responder, log)
+            return
         released = False   # the HTTP/1.1 connection went back to the pool: never abort it then
         try:
             ops = up.response_ops   # (no ops: the head's own list, only read from here on)
@@ -505,6 +529,37 @@ class HttpPipeline:
         if stream is not None:   # (HTTP/2: None, the connection is shared, its stream was released)
             self._release(key, stream, resp)
 
+    async def _relay_upgraded(self, up: Upstream, resp, stream: ByteStream, request, responder, log: _Log) -> None:
+        """The upstream switched protocols: forward its 101, then relay raw bytes both ways until both
+        sides have ended (half-close kept, a reset on one side resets the other: hbone.relay). No route
+        timeout from here on: Envoy arms it only once the downstream request is complete, and its
+        HTTP/1 codec never completes an upgrade request ("If this is an upgrade request, swallow the
+        onMessageComplete. The upgrade payload will be treated as stream body.", http1/codec_impl.cc);
+        the old WebSocket docs: "timeouts, retries ... are not supported for WebSocket routes". The
+        upstream connection is never pooled again. The request's log line (status 101) is written when
+        the relay ends, with the relayed byte counts."""
+        try:
+            ops = up.response_ops
+            out_headers = apply_ops(list(resp.headers), ops) if ops else resp.headers
+            value = None
+            for name, v in resp.headers:
+                if name == b"upgrade":
+                    value = v
+            down = await responder.switch_protocols(value or request.upgrade, out_headers,
+                                                    reason=resp.reason or None)
+            upstream = resp.upgraded_stream()
+        except BaseException:
+            stream.abort()
+            raise
+        try:
+            result = await relay(down, upstream)
+        finally:
+            upstream.close()
+        request.body_bytes += result.a_to_b
+        responder.body_bytes = result.b_to_a
+        if result.reset:
+            log.error = f"upgraded connection reset: {result.reset}"
+
     def _release(self, key: str, stream: ByteStream, resp) -> None:
         if resp.reusable:
             self.h1pool.put(key, stream, resp._reader)
@@ -512,7 +567,8 @@ class HttpPipeline:
             stream.close()
 
     async def _forward(self, up: Upstream, ctx: TunnelContext, method: bytes, target: bytes, authority: bytes,
-                       headers: list, body, clen, replayable: bool, log: _Log, h2: bool = False):
+                       headers: list, body, clen, replayable: bool, log: _Log, h2: bool = False,
+                       upgrade: bytes | None = None):
         """The router's retry loop: pick a host (avoiding previous ones), try, classify, maybe retry."""
         policy = up.retry
         tried: set[str] = set()
@@ -540,7 +596,7 @@ class HttpPipeline:
                 attempt_coro = self._attempt_h2(cand, up, ctx, method, target, authority, headers, body, sent)
             else:
                 attempt_coro = self._attempt(cand, up, ctx, method, target, authority, headers, body, clen,
-                                             replayable, sent)
+                                             replayable, sent, upgrade)
             try:
                 if policy.per_try_timeout_s is None:   # no per-try timeout: no timeout context
                     resp, stream, key = await attempt_coro
@@ -581,7 +637,7 @@ class HttpPipeline:
             raise exhausted(err, attempt)
 
     async def _attempt(self, cand: Candidate, up: Upstream, ctx: TunnelContext, method, target, authority,
-                       headers, body, clen, replayable: bool, sent: list):
+                       headers, body, clen, replayable: bool, sent: list, upgrade: bytes | None = None):
         key = cand.key
         pooled = self.h1pool.take(key)
         if pooled is not None:
@@ -589,7 +645,7 @@ class HttpPipeline:
             try:
                 sent[0] = True
                 return await forward_request(stream, method, target, authority, headers, body,
-                                             content_length=clen, reader=reader), stream, key
+                                             content_length=clen, reader=reader, upgrade=upgrade), stream, key
             except ClientUpstreamReset as err:
                 stream.abort()
                 # A pooled connection the upstream closed while idle: retry on a fresh one (as Envoy
@@ -605,7 +661,8 @@ class HttpPipeline:
             timeout=up.connect_timeout_s, subject_alt_names=svc.subject_alt_names if svc else ())
         try:
             sent[0] = True
-            resp = await forward_request(stream, method, target, authority, headers, body, content_length=clen)
+            resp = await forward_request(stream, method, target, authority, headers, body, content_length=clen,
+                                         upgrade=upgrade)
         except BaseException:
             stream.abort()
             raise
