@@ -343,3 +343,41 @@ def test_response_101_only_when_an_upgrade_was_asked(size):
     reader.expect(b"GET", upgrade=True)
     events = reader.feed(RESP_CL)
     assert events[0].status == 200 and events[-1] is MessageEnd and not reader.upgrading
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=6), st.booleans(), st.sampled_from([b"websocket", b"foo", b"h2c"]))
+def test_hypothesis_upgrade_then_anything_only_http1error(pieces, resume, token):
+    """After an upgrade head, any bytes: held, then either taken whole or re-parsed as HTTP/1.1 where
+    only Http1Error may escape."""
+    reader = RequestReader(max_head_bytes=256, max_headers=8)
+    head = reader.feed(WS_REQ.replace(b"websocket", token))[0]
+    assert head.upgrade == (None if token == b"h2c" else token)
+    try:
+        for p in pieces:
+            events = reader.feed(p)
+            if head.upgrade is not None:
+                assert events == []
+        if head.upgrade is None:
+            return
+        if resume:
+            for e in reader.resume_http() + reader.feed_eof():
+                assert e is MessageEnd or isinstance(e, (RequestHead, BodyChunk))
+        else:
+            assert reader.take_upgrade_tail() == b"".join(pieces)
+    except Http1Error as err:
+        assert err.status in (400, 408, 413, 431, 501)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=60), st.integers(0, 120))
+def test_hypothesis_response_101_then_anything(tail, cut):
+    """A 101 to an upgrade request, split anywhere, with any bytes after it: the head, its end, and
+    exactly those bytes held."""
+    data = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" + tail
+    reader = ResponseReader()
+    reader.expect(b"GET", upgrade=True)
+    cut = min(cut, len(data))
+    events = reader.feed(data[:cut]) + reader.feed(data[cut:])
+    assert events[0].status == 101 and events[1:] == [MessageEnd]
+    assert reader.take_upgrade_tail() == tail

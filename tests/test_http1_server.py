@@ -320,3 +320,56 @@ def test_pool_take_put_expire():
     assert pool.take("k")[0] is c                                   # most recent first
     clock[0] = 11
     assert pool.take("k") is None and b.closed                      # aged out
+
+
+async def upgrade_handler(request, responder):
+    """Switches to an echo protocol for /up; a plain 200 otherwise (the upgrade refused)."""
+    if request.upgrade is None or request.target != b"/up":
+        await responder.send_local_reply(200, b"plain %s" % request.target)
+        return
+    raw = await responder.switch_protocols(b"echo", [(b"x-a", b"1"), (b"content-length", b"9"),
+                                                      (b"connection", b"keep-alive")])
+    while data := await raw.read():
+        raw.write(data.upper())
+        await raw.drain()
+    raw.write_eof()
+    await raw.drain()
+
+
+async def test_switch_protocols_101_then_raw_bytes_with_early_data_and_half_close():
+    async with http1_server(upgrade_handler) as (port, errors):
+        client = await TcpStream.connect("127.0.0.1", port)
+        client.write(b"GET /up HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly ")
+        await client.drain()
+        reader = ResponseReader()
+        reader.expect(b"GET", upgrade=True)
+        events = []
+        while not events:
+            events = reader.feed(await client.read())
+        head = events[0]
+        # Framing and hop-by-hop fields of the handler dropped; the upgrade's own pair set by the server.
+        assert head.status == 101 and head.reason == b"Switching Protocols"
+        assert head.headers == [(b"x-a", b"1"), (b"connection", b"upgrade"), (b"upgrade", b"echo")]
+        client.write(b"GET / HTTP/1.1\r\n\r\n")   # not HTTP any more: echoed like any bytes
+        client.write_eof()
+        out = reader.take_upgrade_tail() + await read_until_close(client)
+        assert out == b"EARLY GET / HTTP/1.1\r\n\r\n"
+        client.close()
+        assert errors == []
+
+
+async def test_refused_upgrade_keeps_the_connection_and_switch_needs_an_upgrade_request():
+    async def handler(request, responder):
+        if request.target == b"/bad":
+            await responder.switch_protocols(b"echo")   # no upgrade asked: a handler bug → 500
+        await upgrade_handler(request, responder)
+
+    async with http1_server(handler) as (port, errors):
+        client = await TcpStream.connect("127.0.0.1", port)
+        client.write(b"GET /no HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n"
+                     b"GET /next HTTP/1.1\r\nHost: a\r\n\r\nGET /bad HTTP/1.1\r\nHost: a\r\n\r\n")
+        out = await read_until_close(client)
+        assert out.count(b"HTTP/1.1 200 OK") == 2 and b"plain /no" in out and b"plain /next" in out
+        assert b"HTTP/1.1 500 " in out and b"101" not in out
+        assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+        client.close()
