@@ -202,3 +202,50 @@ def test_request_response_data_skips_h2s_state_machines_on_both_sides(monkeypatc
         assert cev == [Data(sid, b"HTTP/1.1 200 OK\r\n\r\n", 19)]
         c.ack(sid, 19)
     assert steps == []
+
+
+def _guard_state(g) -> tuple:
+    return (g.verdict, g.streams_opened, g._highest_stream, g._block_stream, g._block_bytes,
+            g._block_frames, g.empty_in_a_row, g._body_left)
+
+
+def test_guard_inline_headers_check_decides_as_check_frame():
+    """hbone/limits.py InboundGuard.feed checks a complete HEADERS frame inline (the CONNECT of every
+    tunnel); a guard with the inline path off (_headers_inline_max = -1: every HEADERS through
+    FrameHead + _check_frame) must end in the same state and verdict, fed whole and byte by byte."""
+    import struct
+
+    from hbone.limits import InboundGuard
+    from hbone.settings import HboneSettings
+
+    def frame(ftype: int, flags: int, sid: int, body: bytes) -> bytes:
+        return struct.pack(">BHBBI", len(body) >> 16, len(body) & 0xFFFF, ftype, flags, sid) + body
+
+    settings = HboneSettings(max_header_block=100)
+    cases = {
+        "tunnels": b"".join(frame(1, 4, 2 * i + 1, b"h" * 30) + frame(0, 1, 2 * i + 1, b"d" * 50)
+                            for i in range(5)),
+        "end_stream_and_padded_flags": frame(1, 4 | 1, 1, b"h" * 20) + frame(1, 4 | 8 | 0x20, 3, b"p" * 20),
+        "lower_and_reserved_bit_ids": frame(1, 4, 7, b"h") + frame(1, 4, 3, b"h") + frame(1, 4, 0x80000009, b"h"),
+        "block_over_the_limit": frame(1, 4, 1, b"h" * 101),
+        "empty_headers_flood": frame(1, 4, 1, b"") + frame(1, 4, 3, b"") + frame(1, 4, 5, b""),
+        "continuation_then_complete": frame(1, 0, 1, b"h" * 10) + frame(9, 4, 1, b"c" * 10) + frame(1, 4, 3, b"h"),
+        "headers_inside_an_open_block": frame(1, 0, 1, b"h" * 10) + frame(1, 4, 3, b"h" * 10),
+    }
+    for name, data in cases.items():
+        for chunked in (False, True):
+            states = []
+            for inline in (True, False):
+                g = InboundGuard(settings, server_side=False)
+                if not inline:
+                    g._headers_inline_max = -1
+                if chunked:
+                    for i in range(len(data)):
+                        g.feed(data[i:i + 1], 0.0)
+                else:
+                    g.feed(data, 0.0)
+                states.append(_guard_state(g))
+            assert states[0] == states[1], (name, chunked)
+    g = InboundGuard(settings, server_side=False)
+    g.feed(cases["block_over_the_limit"], 0.0)
+    assert g.verdict is not None and g.verdict.reason == "header_block_too_large"
