@@ -23,6 +23,12 @@ gRPC (``content-type: application/grpc*``): local replies are converted as Envoy
 ``fault.abort.grpcStatus`` answers that status, metrics say ``request_protocol="grpc"`` with the
 ``grpc_response_status`` of the answer (trailers, or the trailers-only head), and response trailers
 pass through. Mirrors (``proxy.pipeline.mirror``) get a copy of each mirrored request.
+
+WebSocket (HTTP/1.1 ``Connection: upgrade`` + ``Upgrade: websocket``; Istio's HCM has ``upgrade_configs:
+[{upgrade_type: websocket}]``): the upgrade request is authorized, routed, faulted and sent to the weighted
+destination like any request (over HTTP/1.1, with Connection/Upgrade kept); a ``101`` from the upstream is
+forwarded and the two connections are then relayed as bytes (``_relay_upgraded``); any other answer is an
+ordinary response. Other upgrade protocols get Envoy's 403 ``upgrade_failed``.
 """
 
 from __future__ import annotations
@@ -531,13 +537,19 @@ class HttpPipeline:
 
     async def _relay_upgraded(self, up: Upstream, resp, stream: ByteStream, request, responder, log: _Log) -> None:
         """The upstream switched protocols: forward its 101, then relay raw bytes both ways until both
-        sides have ended (half-close kept, a reset on one side resets the other: hbone.relay). No route
-        timeout from here on: Envoy arms it only once the downstream request is complete, and its
-        HTTP/1 codec never completes an upgrade request ("If this is an upgrade request, swallow the
-        onMessageComplete. The upgrade payload will be treated as stream body.", http1/codec_impl.cc);
-        the old WebSocket docs: "timeouts, retries ... are not supported for WebSocket routes". The
-        upstream connection is never pooled again. The request's log line (status 101) is written when
-        the relay ends, with the relayed byte counts."""
+        sides have ended (half-close kept, a reset on one side resets the other: hbone.relay).
+
+        No route timeout from here on. Envoy's route timeout "spans between the point at which the
+        entire downstream request (i.e. end-of-stream) has been processed and when the upstream
+        response has been completely processed" (RouteAction.timeout), and its HTTP/1 codec never
+        completes an upgrade request ("If this is an upgrade request, swallow the onMessageComplete.
+        The upgrade payload will be treated as stream body.", http1/codec_impl.cc), so an upgraded
+        stream is never cut by it; the WebSocket docs: "timeouts, retries ... are not supported for
+        WebSocket routes". We apply it to the handshake only (a hung upstream gets 504 ``UT`` rather
+        than a client waiting forever), never to the relay. Retries happen only before the 101.
+
+        The upstream connection is never pooled again. The request's log line and metrics (status 101)
+        are written when the relay ends, with the relayed byte counts."""
         try:
             ops = up.response_ops
             out_headers = apply_ops(list(resp.headers), ops) if ops else resp.headers
