@@ -10,6 +10,8 @@ import base64
 import hashlib
 from pathlib import Path
 
+import pytest
+
 from hbone.stream import TcpStream
 from proxy.http1.client import forward_request
 from proxy.http1.codec import MessageEnd, ResponseHead, ResponseReader, header_value
@@ -57,6 +59,10 @@ class WsBackend:
                                                               (b"x-version", self.version)])
         raw.write(GREETING)
         await raw.drain()
+        if "reset" in target:   # the upstream connection dies mid-relay
+            await asyncio.sleep(0.05)
+            raw.abort()
+            return
         if "pause=" in target:   # longer than the route timeout: the relay is not bounded by it
             await asyncio.sleep(float(target.split("pause=")[1].split("&")[0]))
         while data := await raw.read(256 * 1024):
@@ -272,5 +278,26 @@ async def test_route_timeout_bounds_the_handshake_not_the_relay(tmp_path, loopba
         stream.write_eof()
         assert await asyncio.wait_for(stream.read(), 5) == b""
         stream.close()
+    finally:
+        await h.close()
+
+
+async def test_upstream_reset_mid_relay_resets_the_client(tmp_path, loopback_ip):
+    h, backends = await ws_harness(tmp_path, loopback_ip)
+    try:
+        client = h.client()
+        stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
+        head, tail = await handshake(stream, upgrade_request("/ws?reset"))
+        assert head.status == 101
+        assert await read_exactly(stream, len(GREETING), tail) == GREETING
+        # Never a clean EOF: the tunnel is reset (RST_STREAM), so the client knows bytes may be lost.
+        with pytest.raises(OSError):
+            async with asyncio.timeout(5):
+                while await stream.read():
+                    pass
+        stream.close()
+        lines = await h.log_lines(2)
+        ws = [x for x in lines if x.get("kind") == "http"]
+        assert ws[0]["status"] == 101 and "reset" in ws[0]["error"] and ws[0]["response_flags"] == "UC"
     finally:
         await h.close()

@@ -570,7 +570,10 @@ class HttpPipeline:
         request.body_bytes += result.a_to_b
         responder.body_bytes = result.b_to_a
         if result.reset:
+            # RelayResult names the side that reset ("a: ..." downstream, "b: ..." upstream): Envoy's
+            # UC (upstream connection termination) or DC (downstream connection termination).
             log.error = f"upgraded connection reset: {result.reset}"
+            log.flags.append("UC" if result.reset.startswith("b") else "DC")
 
     def _release(self, key: str, stream: ByteStream, resp) -> None:
         if resp.reusable:
@@ -797,7 +800,8 @@ class HttpPipeline:
                 upstream_host=log.host, attempts=log.attempts or None, method=plan.view.method,
                 path=plan.view.path, authority=plan.view.authority, status=status,
                 bytes_sent=responder.body_bytes, bytes_received=request.body_bytes, duration_ms=duration_ms,
-                response_flags=flags or "-", error=log.error if status == 0 or status >= 500 else ""))
+                response_flags=flags or "-",
+                error=log.error if status == 0 or status >= 500 or status == 101 else ""))
 
     async def close(self) -> None:
         await self.mirrorer.close()
