@@ -215,7 +215,10 @@ class _Reader:
             raise self._error
         # PERF NOTE: what an ordinary request pays for upgrades is this flag, one more RequestHead field
         # and a local in on_headers_complete: RequestReader.feed of a 5-header GET 2.28 -> 2.32 us
-        # (timeit, 200 000 feeds, the codec before/after this change side by side, 3 alternating runs).
+        # (timeit, 200 000 feeds, the codec before/after this change side by side, 3 alternating runs);
+        # the whole server loop with the pipeline's checks (serve_http1 over an in-memory stream, 50 000
+        # keep-alive GETs answered with send_response, best of 5, old/new trees alternating):
+        # 5.12 / 4.97 -> 5.16 / 5.00 us per request.
         if self._upgrading:
             self._held += data
             return []
