@@ -122,6 +122,9 @@ DATA_FAST_PATH = True
 # PERF NOTE (/tmp/hb7/core_short.py, see 6./7. in the module docstring): ServerCore CPU per short
 # tunnel 41 -> 30 us (HEADERS alone: 41 -> 33.5; send alone: 41 -> 38).
 HEADERS_FAST_PATH = True
+# 9. below. PERF NOTE (/tmp/hb7/core_short.py with the flag off / on, alternating 3x, this 2-core
+# machine): ServerCore per short tunnel 18.3-18.4 -> 17.2-17.5 us.
+TRANSITION_FAST_PATH = True
 # 7b. and 7c. (with the direct window read in hbone/protocol.py _Core.flush). PERF NOTE
 # (/tmp/wph/core_rr.py: ServerCore alone, sans-IO, 64 open tunnels, per round one 200-byte DATA
 # frame in and a 150-byte answer out per tunnel, acked, one flush; min of 9, alternating 2x with
@@ -295,7 +298,8 @@ class H2Connection(_H2Connection):
                                     # drops empty DATA as well (nothing to deliver or acknowledge)
                                     events.append(data_event(sid, data[i + 9:end], length))
                                 if flags & _END_STREAM:  # only with data_event (see 5b.)
-                                    events += stream.state_machine.process_input(StreamInputs.RECV_END_STREAM)
+                                    events += _stream_step(stream.state_machine, StreamInputs.RECV_END_STREAM,
+                                                           _K_RECV_END_STREAM)
                                 i = end
                                 continue
                             # h2's _receive_data_frame, minus the DataFrame it would have parsed
@@ -326,7 +330,7 @@ class H2Connection(_H2Connection):
         if self.open_inbound_streams + 1 > max_open:
             raise TooManyStreamsError(f"Max inbound streams is {max_open}, {self.open_inbound_streams} open")
         headers = _decode_headers(self.decoder, block)
-        events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        events = _conn_step(self.state_machine, ConnectionInputs.RECV_HEADERS)
         stream = self._begin_new_stream(sid, AllowedStreamIDs.ODD)
         config = self.config
         if (config.validate_inbound_headers or config.normalize_inbound_headers or config.header_encoding
@@ -339,9 +343,9 @@ class H2Connection(_H2Connection):
         # flags and the empty processing pipeline that only those would use. PERF NOTE
         # (/tmp/hb7/core_short.py, alternating 3x): 22.6 -> 21.5 us per short tunnel.
         machine = stream.state_machine
-        stream_events = machine.process_input(StreamInputs.RECV_HEADERS)
+        stream_events = _stream_step(machine, StreamInputs.RECV_HEADERS, _K_RECV_HEADERS)
         if end_stream:
-            ended = machine.process_input(StreamInputs.RECV_END_STREAM)
+            ended = _stream_step(machine, StreamInputs.RECV_END_STREAM, _K_RECV_END_STREAM)
             stream_events[0].stream_ended = ended[0]
             stream_events += ended
         stream._initialize_content_length(headers)
@@ -356,9 +360,9 @@ class H2Connection(_H2Connection):
             self.send_headers(stream_id, _STATUS_200)
             return
         self._hb_dirty.add(stream_id)
-        self.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        _conn_step(self.state_machine, ConnectionInputs.SEND_HEADERS)
         stream = self._get_stream_by_id(stream_id)  # raises StreamClosedError like send_headers
-        stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
+        _stream_step(stream.state_machine, StreamInputs.SEND_HEADERS, _K_SEND_HEADERS)
         self._data_to_send += _HEADERS_200.pack(_HEADERS_200_PREFIX, stream_id & 0x7FFFFFFF) + b"\x88"
 
     def send_data(self, stream_id, data, end_stream=False, pad_length=None):
@@ -381,7 +385,7 @@ class H2Connection(_H2Connection):
         if state is not _STREAM_OPEN and state is not _HALF_CLOSED_REMOTE:
             machine.process_input(StreamInputs.SEND_DATA)  # h2's own error for a closed stream
         if end_stream:
-            machine.process_input(StreamInputs.SEND_END_STREAM)
+            _stream_step(machine, StreamInputs.SEND_END_STREAM, _K_SEND_END_STREAM)
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
         out = self._data_to_send
@@ -424,8 +428,8 @@ class H2Connection(_H2Connection):
         stream = self.streams.get(stream_id)
         if stream is None or not SEND_FAST_PATH:
             return super().end_stream(stream_id)
-        self.state_machine.process_input(ConnectionInputs.SEND_DATA)
-        stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+        _conn_step(self.state_machine, ConnectionInputs.SEND_DATA)
+        _stream_step(stream.state_machine, StreamInputs.SEND_END_STREAM, _K_SEND_END_STREAM)
         self._data_to_send += _DATA_HEADER.pack(0, 0, 0, _END_STREAM, stream_id)
         return None
 
@@ -492,6 +496,57 @@ for _state in (_SERVER_OPEN, _CLIENT_OPEN):  # 7b.: SEND_DATA is an identity the
     assert _GRACEFUL_TRANSITIONS[(_state, ConnectionInputs.SEND_DATA)] == (None, _state), "h2 changed"
 for _state in (_STREAM_OPEN, _HALF_CLOSED_REMOTE):
     assert _h2_stream._transitions[(_state, StreamInputs.SEND_DATA)] == (None, _state), "h2 changed"
+
+
+# 9. h2's state transitions on the short-tunnel path (7 per tunnel: connection RECV_HEADERS,
+# SEND_HEADERS, SEND_DATA; stream RECV_HEADERS, SEND_HEADERS, SEND_END_STREAM, RECV_END_STREAM). h2's
+# process_input checks isinstance and looks (state, input) up in its table, hashing each plain Enum
+# member with Enum's Python-level __hash__ (StreamState is an IntEnum: C-level int hash).
+# _conn_step: those connection inputs are identities without a callback in an open connection (h2's
+# tables, both the plain and the graceful one: asserted below), so nothing is done there.
+# _stream_step: h2's stream table re-keyed by (state, input value), the same entries, then exactly
+# process_input's steps; any pair h2's table lacks goes to process_input for h2's own error.
+# Measured: see the PERF NOTE at TRANSITION_FAST_PATH.
+_CONN_IDENTITY_INPUTS = (ConnectionInputs.RECV_HEADERS, ConnectionInputs.SEND_HEADERS,
+                         ConnectionInputs.SEND_DATA, ConnectionInputs.RECV_DATA)
+for _state in (_SERVER_OPEN, _CLIENT_OPEN):
+    for _input in _CONN_IDENTITY_INPUTS:
+        assert H2ConnectionStateMachine._transitions[(_state, _input)] == (None, _state), "h2 changed"
+        assert _GRACEFUL_TRANSITIONS[(_state, _input)] == (None, _state), "h2 changed"
+_STREAM_TABLE = {(_state, _input.value): _hit for (_state, _input), _hit in _h2_stream._transitions.items()}
+assert StreamState.__hash__ is int.__hash__, "h2 changed: StreamState is no longer an IntEnum"
+_K_RECV_HEADERS = StreamInputs.RECV_HEADERS.value
+_K_SEND_HEADERS = StreamInputs.SEND_HEADERS.value
+_K_SEND_END_STREAM = StreamInputs.SEND_END_STREAM.value
+_K_RECV_END_STREAM = StreamInputs.RECV_END_STREAM.value
+_STREAM_CLOSED = StreamState.CLOSED
+
+
+def _conn_step(machine: H2ConnectionStateMachine, input_: ConnectionInputs) -> list:
+    """machine.process_input(input_) for one of _CONN_IDENTITY_INPUTS (see 9. above)."""
+    state = machine.state
+    if (state is _SERVER_OPEN or state is _CLIENT_OPEN) and TRANSITION_FAST_PATH:
+        return []
+    return machine.process_input(input_)
+
+
+def _stream_step(machine, input_: StreamInputs, key: int) -> list:
+    """machine.process_input(input_), `key` being input_.value (see 9. above)."""
+    previous = machine.state
+    hit = _STREAM_TABLE.get((previous, key)) if TRANSITION_FAST_PATH else None
+    if hit is None:
+        return machine.process_input(input_)  # h2's ProtocolError, the stream CLOSED
+    func, machine.state = hit
+    if func is None:
+        return []
+    try:
+        return func(machine, previous)
+    except ProtocolError:
+        machine.state = _STREAM_CLOSED
+        raise
+    except AssertionError as err:
+        machine.state = _STREAM_CLOSED
+        raise ProtocolError(err) from err
 
 
 def allow_streams_after_goaway(conn: H2Connection) -> None:

@@ -166,3 +166,43 @@ def test_opening_thousands_of_streams_is_linear(monkeypatch):
     open_batch(3000)
     assert s.h2.open_inbound_streams == 4000
     assert reads / 3000 < 20, reads   # a handful per stream on both sides, not one per open stream
+
+
+def _outcome(run):
+    try:
+        events = run()
+    except Exception as err:  # h2's ProtocolError and friends: compared by type and text
+        return ("raised", type(err), str(err))
+    return ("ok", [(type(e), sorted(vars(e).items(), key=lambda kv: kv[0])) for e in events])
+
+
+def test_transition_fast_path_steps_as_h2s_process_input():
+    """9. in hbone/_h2fast.py: _stream_step is H2StreamStateMachine.process_input for every state and
+    input of h2's stream machine (events, new state, error); _conn_step is the connection machine's
+    process_input for the inputs it is used with, in every state, with the plain and the graceful
+    (after-GOAWAY) table. Fails if h2's tables or callbacks change under the pin."""
+    from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+    from h2.stream import H2StreamStateMachine, StreamInputs, StreamState
+
+    assert _h2fast.TRANSITION_FAST_PATH
+    checked = 0
+    for state in StreamState:
+        for input_ in StreamInputs:
+            ours, theirs = H2StreamStateMachine(1), H2StreamStateMachine(1)
+            ours.state = theirs.state = state
+            got = _outcome(lambda: _h2fast._stream_step(ours, input_, input_.value))
+            want = _outcome(lambda: theirs.process_input(input_))
+            assert got == want, (state, input_)
+            assert (ours.state, vars(ours)) == (theirs.state, vars(theirs)), (state, input_)
+            checked += got[0] == "ok"
+    assert checked > 20  # most pairs are valid transitions, not all errors
+    for graceful in (False, True):
+        for state in ConnectionState:
+            for input_ in _h2fast._CONN_IDENTITY_INPUTS:
+                ours, theirs = H2ConnectionStateMachine(), H2ConnectionStateMachine()
+                if graceful:
+                    ours._transitions = theirs._transitions = _h2fast._GRACEFUL_TRANSITIONS
+                ours.state = theirs.state = state
+                got = _outcome(lambda: _h2fast._conn_step(ours, input_))
+                want = _outcome(lambda: theirs.process_input(input_))
+                assert got == want and ours.state is theirs.state, (graceful, state, input_)
