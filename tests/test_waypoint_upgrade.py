@@ -301,3 +301,37 @@ async def test_upstream_reset_mid_relay_resets_the_client(tmp_path, loopback_ip)
         assert ws[0]["status"] == 101 and "reset" in ws[0]["error"] and ws[0]["response_flags"] == "UC"
     finally:
         await h.close()
+
+
+FAULT_ROUTING = (FIXTURES / "bookinfo" / "reviews-routing.yaml").read_text().replace(
+    "  http:\n  - route:",
+    "  http:\n  - match: [{uri: {prefix: /aborted}}]\n    fault: {abort: {httpStatus: 503, percentage: {value: 100}}}\n"
+    "    route: [{destination: {host: reviews, subset: v1}}]\n"
+    "  - match: [{uri: {prefix: /moved}}]\n    headers: {request: {set: {x-moved: \"yes\"}}}\n"
+    "    route: [{destination: {host: reviews, subset: v2}}]\n  - route:", 1)
+
+
+async def test_upgrade_gets_fault_and_header_operations_of_its_route(tmp_path, loopback_ip):
+    """The upgrade request goes through the route like any request: a fault abort answers it (and the
+    connection stays HTTP), a rule's header set reaches the upstream, its subset is the one chosen."""
+    assert "/aborted" in FAULT_ROUTING and "/moved" in FAULT_ROUTING
+    h, backends = await ws_harness(tmp_path, loopback_ip, routing=FAULT_ROUTING)
+    try:
+        client = h.client()
+        stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
+        head, body = await handshake(stream, upgrade_request("/aborted/ws", upgrade=b"WebSocket"))
+        assert (head.status, body) == (503, b"fault filter abort")
+        head, tail = await handshake(stream, upgrade_request("/moved/ws", upgrade=b"WebSocket"))
+        assert head.status == 101 and header_value(head.headers, b"x-version") == b"v2"
+        assert await read_exactly(stream, len(GREETING), tail) == GREETING
+        stream.write_eof()
+        assert await asyncio.wait_for(stream.read(), 5) == b""
+        stream.close()
+        target, upgrade, seen = backends["v2"].requests[0]
+        assert (target, upgrade, seen[b"x-moved"]) == (b"/moved/ws", b"WebSocket", b"yes")
+        assert not backends["v1"].requests
+        lines = await h.log_lines(3)
+        flags = {x["path"]: x["response_flags"] for x in lines if x.get("kind") == "http"}
+        assert flags == {"/aborted/ws": "FI", "/moved/ws": "-"}
+    finally:
+        await h.close()
