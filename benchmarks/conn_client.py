@@ -34,6 +34,7 @@ import time
 
 from benchmarks import wire
 from benchmarks.procstat import self_cpu
+from benchmarks.sink import parse_addr
 from benchmarks.stats import percentile
 from benchmarks.tuning import tune_process
 
@@ -311,13 +312,6 @@ def run(args) -> dict:
     if errors:
         out["error"] = errors[0]
     return out
-
-
-def parse_addr(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected IP:PORT, got {text!r}")
-    return host, int(port)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ import hyperframe.frame
 
 from benchmarks import wire
 from benchmarks.procstat import self_cpu
+from benchmarks.sink import parse_addr
 from benchmarks.stats import percentile
 from benchmarks.tuning import tune_process
 
@@ -423,13 +424,6 @@ async def run(args) -> dict:
         cli.flush()
         cli.transport.close()
     return out
-
-
-def parse_addr(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected IP:PORT, got {text!r}")
-    return host, int(port)
 
 
 def main(argv: list[str] | None = None) -> int:
