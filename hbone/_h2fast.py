@@ -87,6 +87,14 @@
    bumped by every insertion and resize, and the memo is dropped when it moves. Any other block
    goes to hpack's own decode. Measured: hpack's decode of a 2-byte indexed block is 5.8 us.
 
+10. Header blocks sent without Huffman coding. hpack Huffman-codes every literal in pure Python,
+   and a CONNECT carries literals that are new on every tunnel (`traceparent`, and `forwarded` /
+   `:authority` per client and destination), which the receiver must Huffman-decode, also in pure
+   Python. RFC 7541 §5.2 lets each string be sent raw (H bit 0) and every decoder must accept both,
+   so `_PlainEncoder` (h2's encoder object, class-swapped) encodes with `huffman=False`: the block
+   is ~30 % larger (94 vs 73 bytes for a node's CONNECT with baggage, forwarded, traceparent), both
+   ends do less. See the PERF NOTE at PLAIN_HEADER_STRINGS.
+
    Measured for 6. + 7. (/tmp/hb7/core_short.py: ServerCore alone, sans-IO, driven by an h2 client
    in-process, 64 short tunnels — CONNECT, 1 KiB each way, END_STREAM both ways — per batch, median
    of 5 x 6 400 tunnels, this 2-core machine): see PERF NOTE at HEADERS_FAST_PATH below.
@@ -97,7 +105,7 @@ from __future__ import annotations
 import struct
 
 import hyperframe.frame
-from hpack import Decoder
+from hpack import Decoder, Encoder
 from hpack.table import HeaderTable
 from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 from h2.connection import H2Connection as _H2Connection
@@ -134,6 +142,11 @@ TRANSITION_FAST_PATH = True
 SEND_FAST_PATH = True
 # 8. below. PERF NOTE (/tmp/hb7/core_short.py): ServerCore CPU per short tunnel 27.8 -> 23.1 us.
 HPACK_MEMO = True
+# 10. above. PERF NOTE (/tmp/hpk.py: ClientCore.open_tunnel + framing, then ServerCore.receive_data,
+# 3 000 CONNECTs with a node's baggage, forwarded and a fresh traceparent each, process time, two
+# runs each, this 2-core machine): client 61.2 -> 46.8 us, server 53.1 -> 39.8 us per CONNECT.
+# tests/test_hbone_h2fast.py checks the wire form and that h2's own decoder reads it back.
+PLAIN_HEADER_STRINGS = True
 # Distinct indexed-only blocks remembered per connection and table version (a node's destinations).
 HPACK_MEMO_ENTRIES = 256
 # One-byte indexed field representations (RFC 7541 §6.1): high bit set, index 1..126 (0 is an
@@ -182,6 +195,8 @@ class H2Connection(_H2Connection):
         # data_event(stream_id, data, flow_len): the HBONE core sets its own `Data` event here, so
         # the bulk of a tunnel's frames is one object each, not two and a translation.
         self.data_event = None
+        if PLAIN_HEADER_STRINGS:  # 10. above: same encoder object and state, no Huffman coding
+            self.encoder.__class__ = _PlainEncoder
         if HPACK_MEMO:  # 8. above: same decoder object and state, memoising subclass
             self.decoder.__class__ = _MemoDecoder
             self.decoder.header_table.__class__ = _CountingTable
@@ -455,6 +470,13 @@ class _CountingTable(HeaderTable):
     def maxsize(self, newmax: int) -> None:
         self._hb_version += 1
         HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
+
+
+class _PlainEncoder(Encoder):
+    """10. above: hpack's encoder, string literals sent raw (RFC 7541 §5.2, H bit 0)."""
+
+    def encode(self, headers, huffman: bool = False) -> bytes:
+        return super().encode(headers, huffman=False)
 
 
 class _MemoDecoder(Decoder):

@@ -206,3 +206,33 @@ def test_transition_fast_path_steps_as_h2s_process_input():
                 got = _outcome(lambda: _h2fast._conn_step(ours, input_))
                 want = _outcome(lambda: theirs.process_input(input_))
                 assert got == want and ours.state is theirs.state, (graceful, state, input_)
+
+
+def test_connect_header_strings_are_sent_raw_and_read_back_by_plain_hpack():
+    """10. in hbone/_h2fast.py: literals go on the wire without Huffman coding (RFC 7541 §5.2, H bit
+    0), so a fresh traceparent is visible in the bytes; our server and hpack's own decoder (which
+    every peer's HPACK must match) read the same headers back."""
+    import hpack
+    c, s = ClientCore(), ServerCore()
+    s.receive_data(c.data_to_send())
+    c.receive_data(s.data_to_send())
+    s.receive_data(c.data_to_send())
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers = [("baggage", "k8s.namespace.name=default,service.name=productpage"),
+               ("forwarded", 'for="10.1.0.10:40000"'), ("traceparent", traceparent)]
+    c.open_tunnel(ConnectRequest.build("10.1.2.3:9080", headers))
+    wire = c.data_to_send()
+    assert traceparent.encode() in wire and b"10.1.2.3:9080" in wire
+    pos, block = 0, b""
+    while pos < len(wire):   # the HEADERS frame (END_HEADERS: the block fits one frame)
+        frame, length = hyperframe.frame.Frame.parse_frame_header(memoryview(wire[pos:pos + 9]))
+        if isinstance(frame, hyperframe.frame.HeadersFrame):
+            block = wire[pos + 9:pos + 9 + length]
+        pos += 9 + length
+    decoded = [(k.decode(), v.decode()) for k, v in hpack.Decoder().decode(block, raw=True)]
+    assert decoded == [(":method", "CONNECT"), (":authority", "10.1.2.3:9080"), *headers]
+    [req] = [e for e in s.receive_data(wire) if isinstance(e, TunnelRequested)]
+    assert [(k, req.request.header(k)) for k, _ in headers] == headers
+    # A second CONNECT on the same connection reuses the dynamic table as before (indexed fields).
+    c.open_tunnel(ConnectRequest.build("10.1.2.3:9080", headers))
+    assert len(c.data_to_send()) < len(wire)
