@@ -64,9 +64,9 @@ def bound_socket(local_ip: str, family: int) -> socket.socket:
 
 
 async def connect_from(host: str, port: int, local_ip: str, *, limit: int = DEFAULT_READ_BYTES) -> TcpConnection:
-    """Connect to ``host:port`` (an IP address) from ``local_ip``. The same ``TcpConnection`` as
-    ``TcpStream.connect(host, port, local_host=local_ip)`` (so ``hbone.relay`` splices it), and the
-    same errors (``OSError`` from bind or connect).
+    """Connect to ``host:port`` (an IP address) from ``local_ip``: what ``TcpStream.connect(host,
+    port, local_host=local_ip)`` does. The same ``TcpConnection`` (so ``hbone.relay`` splices it)
+    and the same errors (``OSError`` from bind or connect).
 
     PERF NOTE: ``loop.sock_connect`` costs a libuv poll handle per dial (epoll add, writable
     callback, remove) before ``create_connection(sock=)`` registers the fd again: +35 µs CPU per

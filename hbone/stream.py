@@ -71,7 +71,16 @@ class TcpStream:
     @classmethod
     async def connect(cls, host: str, port: int, *, local_host: str | None = None,
                       limit: int = DEFAULT_READ_BYTES) -> "TcpConnection":
-        """Dial `host:port`. Returns a `TcpConnection` (same ByteStream contract, lighter: see there)."""
+        """Dial `host:port`. Returns a `TcpConnection` (same ByteStream contract, lighter: see there).
+
+        With `local_host` and an IP-address `host` (every proxy caller: the node dialling from the
+        client's or source pod's IP, the waypoint from its own pod IP), `hbone.dial.connect_from`
+        binds the IP only and leaves the port to connect(): `bind(ip, 0)` scans the ephemeral range
+        past every TIME_WAIT socket on that IP (hbone/dial.py's PERF NOTE: 2 877 -> 31 us per dial
+        with 16 000 of them)."""
+        if local_host and _is_ip(host):
+            from hbone.dial import connect_from  # hbone.dial builds on this module
+            return await connect_from(host, port, local_host, limit=limit)
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(
             lambda: TcpConnection(limit), host, port, local_addr=(local_host, 0) if local_host else None)
@@ -126,6 +135,15 @@ class TcpStream:
     def __repr__(self) -> str:
         state = "closing" if self._writer.is_closing() else "open"
         return f"<TcpStream {self.local_addr[0]}:{self.local_addr[1]}->{self.remote_addr[0]}:{self.remote_addr[1]} {state}>"
+
+
+def _is_ip(host: str) -> bool:
+    """An IPv4/IPv6 literal (no name resolution involved)."""
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True
 
 
 def dial_tcp(host: str, port: int, on_done: "Callable[[TcpConnection | None, BaseException | None], None]",

@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from hbone.stream import TcpConnection
+from hbone.stream import TcpConnection, TcpStream
 from proxy.errors import UpstreamConnectFailure
 from hbone.dial import IP_BIND_ADDRESS_NO_PORT, connect_from, dial_from
 from proxy.node.inbound import connect_workload
@@ -30,11 +30,17 @@ async def _listener(ip: str):
     return server, server.sockets[0].getsockname()[1], peers
 
 
-async def test_dial_comes_from_the_given_ip_with_the_port_left_to_connect(loopback_ip):
+@pytest.mark.parametrize("dial", ["connect_from", "TcpStream.connect"])
+async def test_dial_comes_from_the_given_ip_with_the_port_left_to_connect(loopback_ip, dial):
+    """hbone.dial.connect_from, and TcpStream.connect(local_host=) which uses it for an IP target
+    (the waypoint's dials from its pod IP, the node's plain-TCP outbound)."""
     pod, client = loopback_ip(), loopback_ip()
     server, port, peers = await _listener(pod)
     async with server:
-        conn = await connect_from(pod, port, client)
+        if dial == "connect_from":
+            conn = await connect_from(pod, port, client)
+        else:
+            conn = await TcpStream.connect(pod, port, local_host=client)
         try:
             assert isinstance(conn, TcpConnection)   # what hbone.relay splices (no pump tasks)
             sock = conn.transport.get_extra_info("socket")

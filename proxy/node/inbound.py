@@ -36,7 +36,7 @@ from hbone.stream import ByteStream, TcpConnection, TcpStream
 from policy.authz.evaluate import AuthzRequest, Decision, Enforcement, authorize
 from policy.inventory import Workload
 from proxy.errors import AuthorizationDenied, IpMismatch, ProxyError, SelfCall, UnknownDestination, UpstreamConnectFailure
-from hbone.dial import connect_from, dial_from
+from hbone.dial import dial_from
 from proxy.settings import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from proxy.telemetry.refusals import refusal_recorder
 
@@ -119,7 +119,7 @@ async def connect_workload(target: tuple[str, int], src_ip: str | None, timeout:
             if src_ip is None:
                 return await TcpStream.connect(*target)
             try:
-                return await connect_from(*target, src_ip)
+                return await TcpStream.connect(*target, local_host=src_ip)
             except OSError as err:
                 if err.errno not in FREEBIND_FALLBACK_ERRNOS:
                     raise

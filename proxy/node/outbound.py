@@ -48,7 +48,6 @@ from policy.routing.select import pick_weighted
 from proxy import socks5
 from proxy.errors import (AuthorizationDenied, NoHealthyUpstream, ProxyError, SelfCall,
                           UnknownDestination, UpstreamConnectFailure)
-from hbone.dial import connect_from
 from proxy.origdst import original_dst
 from proxy.settings import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT, SOCKS5_PORT
 
@@ -570,9 +569,7 @@ class OutboundProxy:
         if plan.protocol == "tcp":
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    if local_ip is None:
-                        return await TcpStream.connect(plan.dst[0], plan.dst[1])
-                    return await connect_from(plan.dst[0], plan.dst[1], local_ip)
+                    return await TcpStream.connect(plan.dst[0], plan.dst[1], local_host=local_ip)
             except OSError as err:
                 raise UpstreamConnectFailure(f"{plan.dst[0]}:{plan.dst[1]}: {err.strerror or err}") from err
         pool = self._pool(source)
