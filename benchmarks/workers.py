@@ -307,9 +307,9 @@ def busiest_share(before: dict[int, float], after: dict[int, float], workers: in
 
 
 def opened_connections(metrics: tuple[str, int]) -> float:
-    """Worker 0's count of tunnels opened (only worker 0 serves /metrics: its share of the total)."""
+    """Worker 0's own count of tunnels opened (``/metrics?worker=0``: plain ``/metrics`` sums the workers)."""
     try:
-        with urllib.request.urlopen(f"http://{addr(metrics)}/metrics", timeout=METRICS_TIMEOUT_S) as resp:
+        with urllib.request.urlopen(f"http://{addr(metrics)}/metrics?worker=0", timeout=METRICS_TIMEOUT_S) as resp:
             text = resp.read().decode()
     except OSError as err:   # URLError, timeouts, refused: the row says so instead of a number
         raise PartyError(f"worker 0's /metrics: {err}") from None

@@ -16,7 +16,9 @@ Certificates rotate at half-life. SIGTERM, SIGINT or ``POST /quitquitquit`` drai
 
 ``--workers N`` forks N worker processes sharing the data-plane ports with SO_REUSEPORT; the parent
 supervises them (restarts a worker that dies, forwards SIGTERM/SIGHUP). Only worker 0 serves the
-admin, metrics and readiness listeners, so metrics and ``/config_dump`` describe that worker.
+admin, metrics and readiness listeners: ``/config_dump`` describes worker 0 (every worker loads the same
+config), ``/metrics`` sums every worker's numbers, which the others publish on unix sockets in a
+private directory the parent creates (``proxy/admin/workers.py``); ``/metrics?worker=K`` is one worker's.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import errno
 import logging
 import os
 import random
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -317,13 +321,21 @@ class ProxyApp:
         self._stop = asyncio.Event()
         s = self.settings
         serve_admin = self.worker == 0
+        workers_dir = s.workers_dir if s.workers > 1 else None
+        publisher = worker_metrics = None
+        if workers_dir is not None:
+            from proxy.admin.workers import WorkerMetrics, WorkerMetricsPublisher
+            if serve_admin:
+                worker_metrics = WorkerMetrics(workers_dir, s.workers, self.metrics.exposition)
+            else:
+                publisher = WorkerMetricsPublisher(workers_dir, self.worker, self.metrics.exposition)
         self.admin = AdminServer(
             config_dump=self.config_dump, quit=self.request_stop,
             logging=LoggingControl(self.access_log), readiness=self.not_ready,
             metrics=self.metrics.exposition, explain=self._explain,
             admin_addr=s.admin_addr if serve_admin else None,
             metrics_addr=s.metrics_addr if serve_admin else None,
-            readiness_addr=s.readiness_addr if serve_admin else None)
+            readiness_addr=s.readiness_addr if serve_admin else None, worker_metrics=worker_metrics)
         flags = {"admin": "--admin-addr", "metrics": "--metrics-addr", "readiness": "--readiness-addr"}
         started = []
         try:
@@ -333,10 +345,14 @@ class ProxyApp:
                 except OSError as err:
                     raise BindError(flags[name], (server.host, server.port), err) from None
                 started.append(server)
+            if publisher is not None:
+                await publisher.start()
             await self._start_mode()
         except BaseException:
             for server in started:
                 await server.close()
+            if publisher is not None:
+                await publisher.close()
             await self._close_mode(0.0)
             raise
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -358,6 +374,8 @@ class ProxyApp:
         await self._close_mode(s.drain_deadline_s)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if publisher is not None:
+            await publisher.close()
         await self.admin.close()
         self.access_log.close()
         log.info("drained; exiting")
@@ -563,6 +581,16 @@ def _run_one(settings: ProxySettings, worker: int = 0) -> int:
 def _supervise(settings: ProxySettings) -> int:
     """``--workers N``: fork N workers (each a full proxy on SO_REUSEPORT sockets), restart any that
     dies unexpectedly, forward SIGTERM/SIGINT/SIGHUP, and exit 0 once all exited after a stop."""
+    # Where workers 1..N-1 publish their metrics for worker 0's /metrics (proxy/admin/workers.py):
+    # private to this user (mkdtemp: 0700), removed when the supervisor ends.
+    workers_dir = tempfile.mkdtemp(prefix="hbone-proxy-workers-")
+    try:
+        return _supervise_in(replace(settings, workers_dir=workers_dir))
+    finally:
+        shutil.rmtree(workers_dir, ignore_errors=True)
+
+
+def _supervise_in(settings: ProxySettings) -> int:
     children: dict[int, int] = {}   # pid → worker index
     stopping = False
 

@@ -40,6 +40,8 @@ class ProxySettings:
     metrics_addr: tuple[str, int] | None = ("0.0.0.0", METRICS_PORT)
     readiness_addr: tuple[str, int] | None = ("0.0.0.0", READINESS_PORT)
     workers: int = 1
+    # Not a flag: the private directory the --workers supervisor gives its workers (proxy/admin/workers.py).
+    workers_dir: str | None = None
     drain_deadline_s: float = DRAIN_DEADLINE_S
     config_poll_interval_s: float = CONFIG_POLL_INTERVAL_S
     trust_domain: str = "cluster.local"

@@ -415,7 +415,9 @@ class AdminServer:
     * ``logging(spec: str | None) -> str``: ``/logging``; raise ``ValueError`` for a bad spec (400);
     * ``readiness() -> str | None``: ``None`` when ready, else the reason it is not;
     * ``metrics() -> bytes``: Prometheus text exposition (e.g. ``Metrics.exposition``);
-    * ``explain(request: dict) -> dict``: ``/explain`` (schema in ``proxy.admin.explain``).
+    * ``explain(request: dict) -> dict``: ``/explain`` (schema in ``proxy.admin.explain``);
+    * ``worker_metrics``: a ``proxy.admin.workers.WorkerMetrics`` when this is worker 0 of several:
+      ``/metrics`` then answers the sum over the workers and ``?worker=K`` one worker's.
 
     An address of ``None`` leaves that listener off; port 0 picks a free port (see ``addresses``).
     """
@@ -426,6 +428,8 @@ class AdminServer:
     readiness: Callable[[], Any] = lambda: None
     metrics: Callable[[], Any] | None = None
     explain: Callable[[dict], Any] | None = None
+    # --workers N (worker 0): /metrics sums every worker's; ?worker=K gives one (proxy/admin/workers.py).
+    worker_metrics: Any = None
     admin_addr: str | tuple[str, int] | None = ADMIN_ADDR
     metrics_addr: str | tuple[str, int] | None = METRICS_ADDR
     readiness_addr: str | tuple[str, int] | None = READINESS_ADDR
@@ -498,7 +502,21 @@ class AdminServer:
             """Prometheus text exposition"""
             if self.metrics is None:
                 return Response.text(503, "metrics are not wired in this process\n")
-            return Response(200, self._metrics_ct, await _maybe_await(self.metrics()))
+            arg = req.arg("worker")
+            workers = self.worker_metrics
+            if arg is None:
+                if workers is not None:   # --workers N: every worker's numbers (proxy/admin/workers.py)
+                    return Response(200, self._metrics_ct, await workers.merged())
+                return Response(200, self._metrics_ct, await _maybe_await(self.metrics()))
+            count = workers.workers if workers is not None else 1
+            if not arg.isdigit() or int(arg) >= count:
+                return Response.text(400, f"?worker= takes a worker index, 0..{count - 1}\n")
+            if workers is None:
+                return Response(200, self._metrics_ct, await _maybe_await(self.metrics()))
+            one = await workers.one(int(arg))
+            if one is None:
+                return Response.text(503, f"worker {arg} did not answer (restarting?)\n")
+            return Response(200, self._metrics_ct, one)
         return {("GET", "/metrics"): metrics, ("GET", "/stats/prometheus"): metrics}
 
     def _readiness_routes(self) -> dict[tuple[str, str], Handler]:

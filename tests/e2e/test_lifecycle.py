@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -13,6 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.e2e.mesh import BAD_POLICY, REPO, Mesh, SocksError, _cli, _recv_exact, echo_yaml, socks5_connect
 
 ECHO = echo_yaml("echo")
+# Enough connections that SO_REUSEPORT's hash very likely gives each of two workers some; the test
+# does not depend on it (the totals must add up either way).
+CONNECTIONS_OVER_WORKERS = 12
 
 # Only the reviews identity may reach echo: productpage's live tunnel is now denied.
 ECHO_LOCKDOWN = """apiVersion: security.istio.io/v1
@@ -39,6 +43,26 @@ def _metric(proc, name: str, labels: dict) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     return 0.0
+
+
+def _total(proc, path: str, name: str) -> float:
+    """The sum of a family's samples over all label sets."""
+    status, body = proc.get("metrics", path)
+    assert status == 200, body
+    return sum(s.value for fam in text_string_to_metric_families(body.decode()) for s in fam.samples
+               if s.name == name)
+
+
+def _workers_dirs(pids) -> set[str]:
+    """The --workers private directories the workers' metrics sockets are in (``ss -xlp`` lists them)."""
+    dirs = set()
+    for pid in pids:
+        out = subprocess.run(["ss", "-xlpn"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if f"pid={pid}," in line and "hbone-proxy-workers-" in line:
+                path = next(p for p in line.split() if "hbone-proxy-workers-" in p)
+                dirs.add(os.path.dirname(path))
+    return dirs
 
 
 def _echo_roundtrip(sock: socket.socket, data: bytes) -> bytes:
@@ -180,7 +204,7 @@ def test_workers_share_ports_and_stop_together(make_mesh):
     node_a = mesh.start_node("node-a", 1, extra=("--workers", "2"))
     node_b = mesh.start_node("node-b", 2)
     mesh.echo_backend(50, 7000)
-    for _ in range(4):
+    for _ in range(CONNECTIONS_OVER_WORKERS):
         s = socks5_connect(node_a.socks5, mesh.vip(50), 7000, source_ip=mesh.pod(10))
         try:
             assert _echo_roundtrip(s, b"hello") == b"hello"
@@ -188,5 +212,18 @@ def test_workers_share_ports_and_stop_together(make_mesh):
             s.close()
     children = subprocess.run(["pgrep", "-P", str(node_a.popen.pid)], capture_output=True, text=True).stdout.split()
     assert len(children) == 2
+    # /metrics on worker 0's port counts both workers' connections (proxy/admin/workers.py);
+    # ?worker=K is one worker's own, and the two add up to the whole.
+    opened = "istio_tcp_connections_opened_total"
+    assert _total(node_a, "/metrics", opened) == CONNECTIONS_OVER_WORKERS
+    per_worker = [_total(node_a, f"/metrics?worker={k}", opened) for k in (0, 1)]
+    assert sum(per_worker) == CONNECTIONS_OVER_WORKERS, per_worker
+    assert _metric(node_a, "hbone_workers", {"state": "reporting"}) == 2
+    assert node_a.get("metrics", "/metrics?worker=2")[0] == 400
+    workers_dirs = _workers_dirs(children)
+    assert len(workers_dirs) == 1
+    workers_dir = workers_dirs.pop()
+    assert os.path.isdir(workers_dir)
     assert mesh.stop(node_a) == 0
+    assert not os.path.exists(workers_dir)   # the supervisor removes it
     assert mesh.stop(node_b) == 0
