@@ -121,6 +121,19 @@ def _ttl(text: str) -> float:
     return td.total_seconds()
 
 
+def _trust_domains(text: str) -> tuple[str, ...]:
+    from certs.spiffe import SpiffeError, check_trust_domain
+    out = []
+    for td in (x.strip() for x in text.split(",")):
+        if not td:
+            continue
+        try:
+            out.append(check_trust_domain(td))
+        except SpiffeError as err:
+            raise argparse.ArgumentTypeError(f"{td!r}: {err}") from None
+    return tuple(dict.fromkeys(out))
+
+
 def _workers(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 256:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a number of workers 1..256")
@@ -144,6 +157,8 @@ _FLAGS: list[tuple[str, str, Any, Any, str]] = [
     ("--gateway", "gateway", str, None, "waypoint: the Gateway it implements, NS/NAME"),
     ("--identity", "identity", str, None, "waypoint with --ca-dir: NS/SA (default: the workload at its HBONE IP)"),
     ("--trust-domain", "trust_domain", str, None, "trust domain (default: the certificate's / CA's)"),
+    ("--trust-domain-aliases", "trust_domain_aliases", _trust_domains, "",
+     "waypoint: comma-separated aliases of the trust domain (Istio meshConfig.trustDomainAliases)"),
     ("--hbone-addr", "hbone_addr", _addr, f"0.0.0.0:{HBONE_PORT}",
      "HBONE listener IP:PORT (node mode: the port, on each local workload's IP)"),
     ("--outbound-addr", "outbound_addr", _addr, f"127.0.0.1:{OUTBOUND_PORT}", "node: outbound capture (SO_ORIGINAL_DST)"),
@@ -297,7 +312,8 @@ class ProxyApp:
                 raise UsageError(f"hbone-proxy run: {err}") from None
         self.identities = ids
         self.settings = s = replace(s, trust_domain=td)
-        self.store = ConfigStore(list(s.config_paths), mode=s.mode, scope=scope, clock=time.time)
+        self.store = ConfigStore(list(s.config_paths), mode=s.mode, scope=scope, clock=time.time,
+                                 trust_domains=(td, *(a for a in s.trust_domain_aliases if a != td)))
         self.store.load()
         self.metrics = Metrics()
         sink: Any = None

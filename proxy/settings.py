@@ -45,6 +45,8 @@ class ProxySettings:
     drain_deadline_s: float = DRAIN_DEADLINE_S
     config_poll_interval_s: float = CONFIG_POLL_INTERVAL_S
     trust_domain: str = "cluster.local"
+    # Istio meshConfig.trustDomainAliases: a waypoint's policy principals also match these (policy/authz/trust_domain.py).
+    trust_domain_aliases: tuple[str, ...] = ()
     access_log: str | None = "-"                 # "-" = stdout, a path, or None/"off"
     log_level: str = "info"
     # --workload-cert-ttl: validity of certificates minted from --ca-dir (rotated at half-life).

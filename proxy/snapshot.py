@@ -8,10 +8,11 @@ reload keeps the last good one (DESIGN §4).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from policy.authz.select import PolicyIndex
+from policy.authz.trust_domain import for_waypoint
 from policy.errors import ConfigError
 from policy.mesh import MeshConfig, load_mesh_config
 from policy.routing.table import RouteTable, build_route_table
@@ -35,8 +36,10 @@ class Snapshot:
 
 
 def build_snapshot(mesh: MeshConfig, *, mode: str, scope: WaypointScope | None, version: int,
-                   now: float) -> Snapshot:
-    """Pure: the full mesh config in, what this proxy holds out."""
+                   now: float, trust_domains: tuple[str, ...] = ()) -> Snapshot:
+    """Pure: the full mesh config in, what this proxy holds out. ``trust_domains``: the mesh's trust
+    domain, then its aliases; a waypoint's policies get istiod's principal rewriting for them
+    (``policy.authz.trust_domain``; node mode, like ztunnel, matches principals as written)."""
     if mode == "waypoint":
         if scope is None:
             raise ValueError("a waypoint needs a scope")
@@ -49,7 +52,11 @@ def build_snapshot(mesh: MeshConfig, *, mode: str, scope: WaypointScope | None, 
         )
     else:
         held, routes = mesh, None
-    policies = PolicyIndex.build(held.authorization_policies, root_namespace=held.root_namespace)
+    authz = held.authorization_policies
+    if mode == "waypoint" and trust_domains:
+        authz = for_waypoint(authz, trust_domains)
+        held = replace(held, authorization_policies=authz)
+    policies = PolicyIndex.build(authz, root_namespace=held.root_namespace)
     return Snapshot(version, held, policies, routes, scope, now, held.sources)
 
 
@@ -61,8 +68,9 @@ class ConfigStore:
     """
 
     def __init__(self, paths: Sequence[str], *, mode: str, scope: WaypointScope | None,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], trust_domains: tuple[str, ...] = ()):
         self.paths = tuple(paths)
+        self.trust_domains = tuple(trust_domains)
         self.mode = mode
         self.scope = scope
         self._clock = clock
@@ -79,7 +87,8 @@ class ConfigStore:
     def load(self) -> Snapshot:
         """Load and swap in; raises ``ConfigError`` (the store keeps what it had)."""
         mesh = load_mesh_config(self.paths)
-        snap = build_snapshot(mesh, mode=self.mode, scope=self.scope, version=self._version + 1, now=self._clock())
+        snap = build_snapshot(mesh, mode=self.mode, scope=self.scope, version=self._version + 1, now=self._clock(),
+                              trust_domains=self.trust_domains)
         old, self.current = self.current, snap
         self._version = snap.version
         self.reloads_ok += 1

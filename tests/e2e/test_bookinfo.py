@@ -262,3 +262,35 @@ def test_proxy_config_and_explain_against_the_running_waypoint(bookinfo):
                                  "--method", "GET", "--path", "/"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr + r.stdout
     assert "reviews-allow-productpage" in r.stdout
+
+
+OLD_TD_POLICY = """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-allow-productpage-old-td, namespace: default}
+spec:
+  targetRefs: [{kind: Service, group: "", name: reviews}]
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["old-td/ns/default/sa/bookinfo-productpage"]
+"""
+
+
+def test_trust_domain_alias_keeps_an_old_trust_domain_policy_working(make_mesh):
+    """Istio's trust domain migration: the mesh is cluster.local, the policy still names old-td; with
+    ``--trust-domain-aliases old-td`` the waypoint admits productpage and still denies the others."""
+    mesh = make_mesh(fixtures=("inventory.yaml", "waypoint.yaml", "reviews-routing.yaml"), extra_yaml=(OTHER_CLIENT, OLD_TD_POLICY))
+    procs = (mesh.start_node("node-a", 1, wait=False), mesh.start_node("node-b", 2, wait=False),
+             mesh.start_waypoint(3, wait=False, extra=("--trust-domain-aliases", "old-td")))
+    for p in procs:
+        mesh.wait_ready(p)
+    mesh.node_a = procs[0]
+    for v in (1, 2, 3):
+        mesh.http_backend(20 + v, 9080, f"reviews-v{v}".encode())
+    for source, want in ((10, 200), (11, 403)):
+        conn = _client(mesh, mesh.vip(20), source=source)
+        try:
+            assert get(conn)[0] == want, source
+        finally:
+            conn.close()
