@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from proxy.pipeline.answers import grpc_local_reply, http_to_grpc_status, is_grpc
 from proxy.pipeline.h2c import (MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST_BYTES, Data, Ended, H2Core, H2cError,
-                                Headers, Reset, Terminated, Trailers, WindowOpened)
+                                Headers, Refused, Rejected, Reset, Terminated, Trailers, WindowOpened)
 from proxy.pipeline.mirror import shadow_authority
 from proxy.sniff import H2C_PREFACE
 
-EVENT_TYPES = (Headers, Data, Trailers, Ended, Reset, WindowOpened, Terminated)
+EVENT_TYPES = (Headers, Data, Trailers, Ended, Reset, WindowOpened, Terminated, Refused, Rejected)
 
 
 def client_bytes() -> tuple[h2.connection.H2Connection, bytes]:

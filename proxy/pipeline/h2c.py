@@ -26,8 +26,9 @@ h2c connection (GOAWAY, the tunnel closes) and nothing else.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 
 import h2.config
@@ -37,6 +38,8 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes, Settings
 
+from hbone.limits import Abuse, InboundGuard
+from hbone.settings import H2_STREAM_BACKSTOP_FACTOR, HboneSettings
 from hbone.stream import KiB, MiB, ByteStream, StreamReset
 
 # ---------------------------------------------------------------------------------------------
@@ -56,6 +59,51 @@ STREAM_WINDOW_BYTES = 1 * MiB
 CONNECTION_WINDOW_BYTES = 4 * MiB
 # One read from the tunnel stream.
 READ_BYTES = 64 * KiB
+# Envoy's max_headers_count default (100 per message), as for HTTP/1.1 (proxy/http1/codec.py
+# MAX_HEADERS). Over it, or over MAX_HEADER_LIST_BYTES, a request is answered 431 on its stream (RFC 6585
+# §5) and the connection keeps serving. (Envoy resets an HTTP/2 stream over max_headers_count; a 431 is
+# the clearer answer and the one our HTTP/1.1 path gives.)
+MAX_HEADERS = 100
+# HPACK decoding stops here (an HPACK bomb): h2's DenialOfServiceError, GOAWAY ENHANCE_YOUR_CALM. Twice
+# the advertised SETTINGS_MAX_HEADER_LIST_SIZE leaves room to answer a 431 for lists in between (the
+# HBONE layer's rule, hbone/settings.py HEADER_LIST_HARD_BYTES).
+HEADER_LIST_HARD_BYTES = 2 * MAX_HEADER_LIST_BYTES
+# HPACK-compressed header block (HEADERS + CONTINUATION): over it, GOAWAY ENHANCE_YOUR_CALM on the
+# frame headers, before h2 buffers the block (h2 4.4.1 keeps up to 64 CONTINUATION frames). HPACK never
+# makes an honest block bigger than the list it decodes to, so the decoder's hard limit is the cap.
+HEADER_BLOCK_MAX_BYTES = HEADER_LIST_HARD_BYTES
+# RFC 9113 §6.5.2 SETTINGS_MAX_FRAME_SIZE initial value (2^14): we advertise no other (nor does Envoy's
+# codec), so a longer frame is a FRAME_SIZE_ERROR, said on its 9-byte header before its body is buffered.
+MAX_FRAME_BYTES = 16 * KiB
+# Envoy's premature-reset rule (HCM, CVE-2023-44487 rapid reset): a stream that ends without a response
+# head within overload.premature_reset_min_stream_lifetime_seconds (default 1) of its start is premature;
+# once overload.premature_reset_total_stream_count (default 500) streams have closed, a connection whose
+# premature resets are half of them or more is closed; before that, as soon as they reach half of 500
+# (even if every later stream were good the ratio would be reached). Envoy aborts the connection; we send
+# GOAWAY ENHANCE_YOUR_CALM first (as the HBONE layer does). A ratio, not a rate, so a busy gRPC client
+# whose deadlines cancel a few per cent of its calls is never cut. Streams we refuse (over
+# MAX_CONCURRENT_STREAMS) count as premature too: a client that keeps overrunning the limit is
+# resetting streams as surely.
+PREMATURE_RESET_TOTAL_STREAM_COUNT = 500
+PREMATURE_RESET_MIN_STREAM_LIFETIME_S = 1.0
+# Envoy HCM stream_idle_timeout default (5 min), which "also specifies the amount of time that Envoy will
+# wait for the peer to open enough window to write any remaining stream data": a write that waits this
+# long for the peer's flow-control window resets its stream (CANCEL), so a peer that never opens its
+# window holds a stream (and the upstream request behind it) for this long at most, even on a route
+# with no timeout (Istio's default).
+STREAM_FLUSH_TIMEOUT_S = 300.0
+# The frame-level flood limits (hbone/limits.py InboundGuard: CONTINUATION, empty frames, SETTINGS, PING,
+# PRIORITY, WINDOW_UPDATE, unknown frames, frame and header block sizes) with the HBONE layer's numbers
+# (hbone/settings.py, each quoted from Envoy/nghttp2 there): max_continuation_frames 8 (nghttp2
+# max_continuations), max_empty_frames 1 (Envoy max_consecutive_inbound_frames_with_empty_payload),
+# priority_frames_per_stream 100 (Envoy max_inbound_priority_frames_per_stream),
+# window_updates_per_data_frame 10 (Envoy max_inbound_window_update_frames_per_data_frame_sent), 100
+# SETTINGS / PING / unknown frames per 10 s; and this layer's frame and header sizes. Every verdict is a
+# GOAWAY with its code (ENHANCE_YOUR_CALM, FRAME_SIZE_ERROR) ending this h2c connection only.
+H2C_FLOOD_SETTINGS = HboneSettings(max_frame_size=MAX_FRAME_BYTES,
+                                   server_max_header_list_size=MAX_HEADER_LIST_BYTES,
+                                   header_list_hard_limit=HEADER_LIST_HARD_BYTES,
+                                   max_header_block=HEADER_BLOCK_MAX_BYTES)
 # Upstream: at most this many concurrent streams per endpoint connection (ztunnel's client bound).
 # A request over the bound waits for a slot (up to the route's timeout), as Envoy's pool queues
 # pending requests. A peer advertising a lower SETTINGS_MAX_CONCURRENT_STREAMS makes h2 refuse the
@@ -131,25 +179,68 @@ class Terminated:
     reason: str = ""
 
 
-Event = Headers | Data | Trailers | Ended | Reset | WindowOpened | Terminated
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Server: a new stream was refused with RST_STREAM REFUSED_STREAM (over ``max_concurrent_streams``,
+    RFC 9113 §5.1.2; the client may retry it, §8.7). Never reaches the shell as a request."""
+    stream_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Server: the core answered a request itself (431: too many or too large headers) and reset what
+    the client may still send (RST_STREAM NO_ERROR, RFC 9113 §8.1). Never reaches the shell as a request."""
+    stream_id: int
+    status: int
+    reason: str
+
+
+Event = Headers | Data | Trailers | Ended | Reset | WindowOpened | Terminated | Refused | Rejected
 
 
 @dataclass(frozen=True, slots=True)
 class H2Limits:
+    """The bounds of one h2c connection (see the constants above for each number and its source)."""
     max_concurrent_streams: int = MAX_CONCURRENT_STREAMS
     max_header_list_bytes: int = MAX_HEADER_LIST_BYTES
     stream_window: int = STREAM_WINDOW_BYTES
     connection_window: int = CONNECTION_WINDOW_BYTES
+    max_headers: int = MAX_HEADERS
+    header_list_hard_bytes: int = HEADER_LIST_HARD_BYTES
+    premature_reset_total_stream_count: int = PREMATURE_RESET_TOTAL_STREAM_COUNT
+    premature_reset_min_stream_lifetime_s: float = PREMATURE_RESET_MIN_STREAM_LIFETIME_S
+    stream_flush_timeout_s: float = STREAM_FLUSH_TIMEOUT_S
+    flood: HboneSettings = field(default=H2C_FLOOD_SETTINGS)
+
+    def __post_init__(self) -> None:
+        if self.header_list_hard_bytes < self.max_header_list_bytes:
+            raise ValueError("header_list_hard_bytes must be at least max_header_list_bytes")
+        if self.max_concurrent_streams < 1 or self.premature_reset_total_stream_count < 1:
+            raise ValueError("stream limits must be positive")
+        if self.stream_flush_timeout_s <= 0:
+            raise ValueError("stream_flush_timeout_s must be positive")
 
 
 DEFAULT_H2_LIMITS = H2Limits()
 
 
 class H2Core:
-    """Sans-IO HTTP/2 (h2c) endpoint, client or server. Bytes in, events out; no socket, no loop."""
+    """Sans-IO HTTP/2 (h2c) endpoint, client or server. Bytes in, events out; no socket, no loop.
 
-    def __init__(self, *, client_side: bool, limits: H2Limits = DEFAULT_H2_LIMITS):
+    Both sides run the HBONE layer's flood guard (hbone/limits.py ``InboundGuard``) on the raw bytes
+    before h2 sees them: a downstream client and an upstream server are equally untrusted. The server
+    side also refuses streams over ``max_concurrent_streams`` (REFUSED_STREAM), answers oversized
+    request heads 431, and applies Envoy's premature-reset rule (rapid reset). Each connection-level
+    verdict is a GOAWAY with its code and a ``Terminated`` event whose ``reason`` names the limit;
+    ``abuse`` keeps the verdict (logs, tests). ``clock`` (seconds, monotonic) is a parameter."""
+
+    def __init__(self, *, client_side: bool, limits: H2Limits = DEFAULT_H2_LIMITS,
+                 clock: Callable[[], float] = time.monotonic):
         self.client_side = client_side
+        self.limits = limits
+        self.clock = clock
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                            validate_inbound_headers=True, normalize_inbound_headers=True)
         self._h2 = h2.connection.H2Connection(config=config)
@@ -161,21 +252,56 @@ class H2Core:
         if not client_side:
             initial[SettingCodes.MAX_CONCURRENT_STREAMS] = limits.max_concurrent_streams
         self._h2.local_settings = Settings(client=client_side, initial_values=initial)
-        self._h2.initiate_connection()
+        self._h2.initiate_connection()   # the SETTINGS frame says what we advertised (above)
+        if not client_side:
+            # h2 treats a stream over its local SETTINGS_MAX_CONCURRENT_STREAMS as a connection error
+            # (TooManyStreamsError → GOAWAY). We refuse the stream over our advertised limit ourselves
+            # (REFUSED_STREAM, RFC 9113 §5.1.2: "MUST treat this as a stream error ... of type
+            # PROTOCOL_ERROR or REFUSED_STREAM"), so h2 enforces a backstop above it, committed locally
+            # after the SETTINGS frame went out (Settings.acknowledge(): h2's public API, no frame sent).
+            # The backstop still bites within one read (h2 counts the whole chunk's streams before we
+            # see any): a client that opens twice our limit at once gets GOAWAY PROTOCOL_ERROR, and h2's
+            # per-stream count (a scan of its open streams) stays bounded.
+            ls = self._h2.local_settings
+            ls[SettingCodes.MAX_CONCURRENT_STREAMS] = limits.max_concurrent_streams * H2_STREAM_BACKSTOP_FACTOR
+            ls.acknowledge()
+        # h2 sets its HPACK decoder's limit only from a *changed* local setting (ours never change), so
+        # it would stay at hpack's 64 KiB default: set the hard limit (an HPACK bomb stops there).
+        self._h2.decoder.max_header_list_size = limits.header_list_hard_bytes
         extra = limits.connection_window - _INITIAL_CONNECTION_WINDOW
         if extra > 0:
             self._h2.increment_flow_control_window(extra)
+        self.guard = InboundGuard(limits.flood, server_side=not client_side)
+        self.abuse: Abuse | None = None
         self.closed = False
         self.goaway_received = False
         self._responded: set[int] = set()   # client: streams whose final response head arrived
+        # Server: streams handed to the shell and not yet forgotten (the concurrency count), when each
+        # started (premature-reset lifetime), and which were answered (a response head went out).
+        self._held: set[int] = set()
+        self._started: dict[int, float] = {}
+        self._answered: set[int] = set()
+        self.closed_streams = 0       # Envoy's closed_non_internally_destroyed_requests_
+        self.premature_resets = 0
+        self.refused = 0
+        self.rejected = 0
 
     # -- in --
-    def receive(self, data: bytes) -> list[Event]:
-        """Feed bytes from the peer. A protocol violation sends GOAWAY and yields ``Terminated``."""
+    def receive(self, data: bytes, now: float | None = None) -> list[Event]:
+        """Feed bytes from the peer. A protocol violation or a crossed limit sends GOAWAY and yields
+        ``Terminated`` (the last event; nothing follows it)."""
         if self.closed:
             return []
+        if now is None:
+            now = self.clock()
+        abuse = self.guard.feed(data, now)
+        if abuse is not None:
+            return [self._shut(abuse)]
         try:
             h2_events = self._h2.receive_data(data)
+        except h2.exceptions.DenialOfServiceError as err:
+            # The HPACK decoder's hard limit (header_list_hard_bytes): ENHANCE_YOUR_CALM.
+            return [self._shut(Abuse("header_list_too_large", ErrorCodes.ENHANCE_YOUR_CALM, str(err)))]
         except h2.exceptions.ProtocolError as err:
             return [self._fail(getattr(err, "error_code", ErrorCodes.PROTOCOL_ERROR), str(err) or type(err).__name__)]
         except (h2.exceptions.H2Error, ValueError, KeyError, IndexError, UnicodeError) as err:
@@ -183,9 +309,13 @@ class H2Core:
             return [self._fail(ErrorCodes.PROTOCOL_ERROR, f"{type(err).__name__}: {err}")]
         out: list[Event] = []
         for e in h2_events:
-            if isinstance(e, (ev.RequestReceived, ev.ResponseReceived)):
-                if isinstance(e, ev.ResponseReceived):
-                    self._responded.add(e.stream_id)
+            if isinstance(e, ev.RequestReceived):
+                if not self.client_side:
+                    self._on_request(e, now, out)
+                    if self.closed:
+                        return out
+            elif isinstance(e, ev.ResponseReceived):
+                self._responded.add(e.stream_id)
                 out.append(Headers(e.stream_id, tuple(e.headers), e.stream_ended is not None))
             elif isinstance(e, ev.InformationalResponseReceived):
                 continue   # 1xx: not forwarded (Envoy drops 100-continue from upstreams by default)
@@ -197,6 +327,16 @@ class H2Core:
                 out.append(Ended(e.stream_id))
             elif isinstance(e, ev.StreamReset):
                 out.append(Reset(e.stream_id, int(e.error_code)))
+                if not self.client_side and e.stream_id in self._started:
+                    started = self._started.pop(e.stream_id)
+                    self.closed_streams += 1
+                    # Envoy isPrematureRstStream: no response code, and a lifetime within the minimum.
+                    if (e.stream_id not in self._answered
+                            and now - started <= self.limits.premature_reset_min_stream_lifetime_s):
+                        verdict = self._premature()
+                        if verdict is not None:
+                            out.append(self._shut(verdict))
+                            return out
             elif isinstance(e, ev.WindowUpdated):
                 out.append(WindowOpened(e.stream_id))
             elif isinstance(e, ev.RemoteSettingsChanged):
@@ -205,7 +345,61 @@ class H2Core:
                 self.closed = True
                 self.goaway_received = True
                 out.append(Terminated(int(e.error_code), e.last_stream_id or 0, True))
+                return out
         return out
+
+    def _on_request(self, e: ev.RequestReceived, now: float, out: list[Event]) -> None:
+        sid = e.stream_id
+        lim = self.limits
+        if len(self._held) >= lim.max_concurrent_streams:
+            # Counted on the streams the shell still holds (their handlers run), not h2's open
+            # streams: h2 has already read the whole chunk, later HEADERS included.
+            self.reset(sid, ErrorCodes.REFUSED_STREAM)
+            self.refused += 1
+            self.closed_streams += 1
+            out.append(Refused(sid, "max_concurrent_streams"))
+            verdict = self._premature()
+            if verdict is not None:
+                out.append(self._shut(verdict))
+            return
+        headers = e.headers
+        size = 0
+        for name, value in headers:   # RFC 9113 §6.5.2: name + value + 32 octets per field
+            size += len(name) + len(value) + 32
+        if len(headers) > lim.max_headers or size > lim.max_header_list_bytes:
+            reason = (f"{len(headers)} headers, limit {lim.max_headers}" if len(headers) > lim.max_headers
+                      else f"header list of {size} bytes, limit {lim.max_header_list_bytes}")
+            self.rejected += 1
+            self.closed_streams += 1
+            try:
+                self._h2.send_headers(sid, [(b":status", b"431"), (b"content-length", b"0")], end_stream=True)
+            except h2.exceptions.H2Error:
+                pass
+            if e.stream_ended is None:
+                # RFC 9113 §8.1: a complete response may be followed by RST_STREAM NO_ERROR, so the
+                # client stops sending a body we will never read.
+                self.reset(sid, ErrorCodes.NO_ERROR)
+            out.append(Rejected(sid, 431, reason))
+            return
+        self._held.add(sid)
+        self._started[sid] = now
+        out.append(Headers(sid, tuple(headers), e.stream_ended is not None))
+
+    def _premature(self) -> Abuse | None:
+        """Envoy ConnectionManagerImpl::maybeDrainDueToPrematureResets, after one more premature reset."""
+        self.premature_resets += 1
+        limit = self.limits.premature_reset_total_stream_count
+        if self.closed_streams < limit:
+            if self.premature_resets * 2 < limit:
+                return None
+        elif self.premature_resets * 2 < self.closed_streams:
+            return None
+        return Abuse("too_many_premature_resets", ErrorCodes.ENHANCE_YOUR_CALM,
+                     f"{self.premature_resets} of {self.closed_streams} streams reset before an answer")
+
+    def _shut(self, abuse: Abuse) -> Terminated:
+        self.abuse = abuse
+        return self._fail(abuse.code, abuse.reason)
 
     def _fail(self, code: int, reason: str) -> Terminated:
         try:
@@ -231,6 +425,8 @@ class H2Core:
             raise H2cStreamClosed(str(err)) from None
         except h2.exceptions.H2Error as err:
             raise H2cError(str(err) or type(err).__name__) from None
+        if not self.client_side:
+            self._answered.add(stream_id)
 
     def sendable(self, stream_id: int) -> int:
         """Bytes of DATA the peer's windows allow on this stream now (0 when closed)."""
@@ -242,6 +438,7 @@ class H2Core:
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         """Send as much of ``data`` as the windows allow, in frames; returns how many bytes left."""
         sent = 0
+        frames = 0
         n = len(data)
         try:
             while sent < n:
@@ -250,11 +447,15 @@ class H2Core:
                     break
                 k = min(room, n - sent)
                 self._h2.send_data(stream_id, bytes(data[sent:sent + k]))
+                frames += 1
                 sent += k
         except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError) as err:
             raise H2cStreamClosed(str(err)) from None
         except h2.exceptions.H2Error as err:
             raise H2cError(str(err) or type(err).__name__) from None
+        finally:
+            # Envoy's WINDOW_UPDATE bound grows with the DATA frames we sent (hbone/limits.py).
+            self.guard.data_frame_sent(frames)
         return sent
 
     def end_stream(self, stream_id: int, trailers: Iterable[tuple[bytes, bytes]] = ()) -> None:
@@ -289,6 +490,14 @@ class H2Core:
         except h2.exceptions.H2Error:
             pass
 
+    def forget(self, stream_id: int) -> None:
+        """Server: the shell is done with this stream (its handler ended): it no longer counts against
+        ``max_concurrent_streams``, and it closed without a premature reset."""
+        self._held.discard(stream_id)
+        self._answered.discard(stream_id)
+        if self._started.pop(stream_id, None) is not None:
+            self.closed_streams += 1
+
     def goaway(self, code: int = ErrorCodes.NO_ERROR) -> None:
         if not self.closed:
             try:
@@ -310,7 +519,10 @@ class H2Core:
 
     def __repr__(self) -> str:
         side = "client" if self.client_side else "server"
-        return f"<H2Core {side} open={self.open_streams} {'closed' if self.closed else 'open'}>"
+        state = f"goaway {self.abuse.reason}" if self.abuse is not None else "closed" if self.closed else "open"
+        extra = "" if self.client_side else (f" held={len(self._held)} refused={self.refused} rejected={self.rejected}"
+                                             f" premature={self.premature_resets}/{self.closed_streams}")
+        return f"<H2Core {side} open={self.open_streams}{extra} {state}>"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +649,9 @@ class H2cConn:
             elif isinstance(e, Terminated):
                 self.terminated = e
                 if not e.by_peer:
-                    self.error = f"protocol error: {e.reason}"
+                    abuse = self.core.abuse
+                    self.error = (f"{abuse.reason}: {abuse.detail}" if abuse is not None
+                                  else f"protocol error: {e.reason}")
                 for sid, st in self.streams.items():
                     if sid > e.last_stream_id or not e.by_peer:
                         st.reset = st.reset if st.reset is not None else int(ErrorCodes.REFUSED_STREAM if e.by_peer
@@ -460,6 +674,7 @@ class H2cConn:
         return self.terminated is None and not self.core.closed
 
     def forget(self, sid: int) -> None:
+        self.core.forget(sid)
         st = self.streams.pop(sid, None)
         if st is not None:
             unread = sum(d.flow_len for d in st.chunks)
@@ -503,11 +718,21 @@ class H2cConn:
             self.flush()
             view = view[n:]
             if view and n == 0:
-                st.window = asyncio.get_running_loop().create_future()
+                # Bounded wait (STREAM_FLUSH_TIMEOUT_S, Envoy's stream_idle_timeout for a peer that
+                # never opens its window): a timer, not a timeout context, so nothing nests with the
+                # route timeout around us; the timer resolves the future with False.
+                loop = asyncio.get_running_loop()
+                window = st.window = loop.create_future()
+                timer = loop.call_later(self.core.limits.stream_flush_timeout_s, _wake, window, False)
                 try:
-                    await st.window
+                    opened = await window
                 finally:
                     st.window = None
+                    timer.cancel()
+                if opened is False:
+                    self.reset(sid, ErrorCodes.CANCEL)
+                    raise StreamReset(f"h2c stream {sid}: the peer opened no window in "
+                                      f"{self.core.limits.stream_flush_timeout_s:g}s")
         await self.stream.drain()
 
     def end(self, sid: int, trailers: Iterable[tuple[bytes, bytes]] = ()) -> None:
@@ -689,7 +914,15 @@ async def serve_h2c(stream: ByteStream, handler: Handler, *, limits: H2Limits = 
         handlers: dict[int, asyncio.Task] = {}
 
         def start(sid: int, raw: tuple, end: bool) -> None:
-            handlers[sid] = tg.create_task(one(sid, raw, end))
+            task = handlers[sid] = tg.create_task(one(sid, raw, end))
+            # A done-callback, not the coroutine's finally: a handler cancelled before it first ran (the
+            # client reset its stream in the same read: rapid reset) never enters its try, and its
+            # stream must still stop counting against max_concurrent_streams.
+            task.add_done_callback(lambda _t, sid=sid: done(sid))
+
+        def done(sid: int) -> None:
+            handlers.pop(sid, None)
+            conn.forget(sid)
 
         def downstream_reset(sid: int) -> None:
             # RST_STREAM from the client: stop its request (Envoy: downstream remote reset → the
@@ -720,9 +953,6 @@ async def serve_h2c(stream: ByteStream, handler: Handler, *, limits: H2Limits = 
                         conn.reset(sid, ErrorCodes.INTERNAL_ERROR)
                 else:
                     conn.reset(sid, ErrorCodes.INTERNAL_ERROR)
-            finally:
-                handlers.pop(sid, None)
-                conn.forget(sid)
 
         conn = H2cConn(stream, core, on_request=start, on_reset=downstream_reset)
         try:
@@ -910,14 +1140,21 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
 class H2UpstreamPool:
     """Upstream h2c connections, one per endpoint key, shared by all requests to that endpoint.
 
-    Decide, then act: ``get(key)`` returns a live connection or None (the caller dials and ``add``s).
-    Concurrent dials to one key are not merged: the loser's connection is closed (rare; it costs one
-    HBONE stream)."""
+    ``connect(key, dial)`` returns the live connection, or dials one: requests that arrive while that
+    dial is in flight wait for it rather than dialing again (as ``hbone.pool.HbonePool`` merges opens,
+    and Envoy's HTTP/2 pool queues pending requests on its one connecting client), and a failed dial
+    fails every one of them with the dial's own error (``OriginateFailed``: the router's retry policy
+    sees a connect-failure). A waiter's cancellation (its route timeout) never cancels the shared dial.
+    ``get``/``add`` remain for callers that dial themselves (concurrent ``add``s keep the first
+    connection and close the others)."""
 
-    def __init__(self, max_streams: int = UPSTREAM_MAX_STREAMS):
+    def __init__(self, max_streams: int = UPSTREAM_MAX_STREAMS, *, limits: H2Limits = DEFAULT_H2_LIMITS):
         self.conns: dict[str, H2Upstream] = {}
         self.max_streams = max_streams
+        self.limits = limits
         self.opened = 0
+        self.dials = 0   # dials started by connect(), for tests and metrics
+        self._dials: dict[str, asyncio.Task] = {}
 
     def get(self, key: str) -> H2Upstream | None:
         up = self.conns.get(key)
@@ -931,21 +1168,58 @@ class H2UpstreamPool:
         if existing is not None:
             stream.close()
             return existing
-        up = self.conns[key] = H2Upstream(stream, max_streams=self.max_streams)
+        up = self.conns[key] = H2Upstream(stream, max_streams=self.max_streams, limits=self.limits)
         self.opened += 1
         return up
 
+    async def connect(self, key: str, dial: Callable[[], Awaitable[ByteStream]]) -> H2Upstream:
+        """The live connection for ``key``; else one dial (``dial()``) shared by every concurrent caller."""
+        while True:
+            up = self.get(key)
+            if up is not None:
+                return up
+            task = self._dials.get(key)
+            if task is not None and task.done():
+                # Finished, but its done-callback has not run yet (awaiting a done task does not yield):
+                # its connection, if any, is in self.conns and was found dead above, so dial afresh.
+                del self._dials[key]
+                task = None
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._dial(key, dial))
+                self._dials[key] = task
+                task.add_done_callback(lambda t, k=key: self._dial_done(k, t))
+            up = await asyncio.shield(task)   # the dial's error, if it failed, is raised here
+            if up.alive:
+                return up
+
+    async def _dial(self, key: str, dial: Callable[[], Awaitable[ByteStream]]) -> H2Upstream:
+        self.dials += 1
+        return self.add(key, await dial())
+
+    def _dial_done(self, key: str, task: asyncio.Task) -> None:
+        if self._dials.get(key) is task:
+            del self._dials[key]
+        if not task.cancelled():
+            task.exception()   # retrieved here; every waiter re-raises it through shield()
+
     async def close(self) -> None:
+        dials, self._dials = list(self._dials.values()), {}
+        for task in dials:
+            task.cancel()
+        if dials:
+            await asyncio.gather(*dials, return_exceptions=True)
         conns, self.conns = list(self.conns.values()), {}
         for up in conns:
             await up.close()
 
     def __repr__(self) -> str:
-        return f"<H2UpstreamPool conns={len(self.conns)} opened={self.opened}>"
+        return f"<H2UpstreamPool conns={len(self.conns)} opened={self.opened} dialing={len(self._dials)}>"
 
 
 __all__ = ["H2Core", "H2cConn", "H2cError", "H2cStreamClosed", "H2Limits", "DEFAULT_H2_LIMITS", "H2Request",
            "H2Responder", "serve_h2c", "H2Upstream", "H2UpstreamPool", "H2Response", "H2UpstreamReset",
-           "Headers", "Data", "Trailers", "Ended", "Reset", "WindowOpened", "Terminated",
+           "Headers", "Data", "Trailers", "Ended", "Reset", "WindowOpened", "Terminated", "Refused", "Rejected",
            "MAX_CONCURRENT_STREAMS", "MAX_HEADER_LIST_BYTES", "STREAM_WINDOW_BYTES", "CONNECTION_WINDOW_BYTES",
-           "UPSTREAM_MAX_STREAMS", "CONNECTION_SPECIFIC"]
+           "UPSTREAM_MAX_STREAMS", "CONNECTION_SPECIFIC", "MAX_HEADERS", "HEADER_LIST_HARD_BYTES",
+           "HEADER_BLOCK_MAX_BYTES", "MAX_FRAME_BYTES", "PREMATURE_RESET_TOTAL_STREAM_COUNT",
+           "PREMATURE_RESET_MIN_STREAM_LIFETIME_S", "STREAM_FLUSH_TIMEOUT_S", "H2C_FLOOD_SETTINGS"]

@@ -1,0 +1,381 @@
+"""The waypoint's inner h2c server under abuse, over real sockets on loopback: each limit at its boundary
+(N allowed, N+1 answered), the answer the client gets (GOAWAY with the limit's code, REFUSED_STREAM, 431),
+other connections and the listener still serving afterwards; the premature-reset rule sans-IO with a fixed
+clock; and a hypothesis test that random frame sequences bring nothing but our own events (or H2cError)
+out of the h2c core, on either side."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+from h2.errors import ErrorCodes
+from hypothesis import HealthCheck, given, settings, strategies as st
+from hyperframe.frame import (ContinuationFrame, DataFrame, HeadersFrame, PingFrame, PriorityFrame, SettingsFrame,
+                              WindowUpdateFrame)
+
+from proxy.pipeline.h2c import (H2C_FLOOD_SETTINGS, HEADER_LIST_HARD_BYTES, MAX_CONCURRENT_STREAMS, MAX_FRAME_BYTES,
+                                MAX_HEADER_LIST_BYTES, MAX_HEADERS, PREMATURE_RESET_TOTAL_STREAM_COUNT, Data, Ended,
+                                H2Core, H2cError, H2Limits, Headers, Refused, Rejected, Reset, Terminated, Trailers,
+                                WindowOpened)
+from tests.h2c_peers import EYC, PREFACE, H2cServer, RawClient, get_fields, raw_frame
+
+FRAME_SIZE_ERROR = int(ErrorCodes.FRAME_SIZE_ERROR)
+S = H2C_FLOOD_SETTINGS
+
+
+@pytest.fixture
+async def server(loopback_ip):
+    srv = await H2cServer().start(loopback_ip())
+    try:
+        yield srv
+    finally:
+        await srv.close()
+
+
+async def still_serving(srv: H2cServer, *alive: RawClient) -> None:
+    """The listener takes a new connection and serves it; connections opened before still serve."""
+    fresh = await RawClient.open(srv.addr)
+    try:
+        status, _ = await fresh.get(b"/after")
+        assert status == 200 and fresh.goaway is None
+    finally:
+        fresh.close()
+    for c in alive:
+        status, _ = await c.get(b"/still")
+        assert status == 200 and c.goaway is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Frame-level floods (hbone/limits.py InboundGuard inside the h2c server): N frames pass, N+1 is a GOAWAY
+
+
+def continuation_block(c: RawClient, sid: int, n_continuations: int) -> list:
+    """One GET whose header block is cut into a HEADERS frame and ``n_continuations`` non-empty
+    CONTINUATION frames (an empty one would be the empty-frame limit instead)."""
+    block = c.block(get_fields(b"/cont", [(b"x-pad", b"p" * 64)]))
+    n = n_continuations + 1
+    step = len(block) // n
+    pieces = [block[i * step:(i + 1) * step] for i in range(n - 1)] + [block[(n - 1) * step:]]
+    assert all(pieces)
+    frames = [HeadersFrame(sid, data=pieces[0], flags=["END_STREAM"])]
+    frames += [ContinuationFrame(sid, data=p) for p in pieces[1:]]
+    frames[-1].flags.add("END_HEADERS")
+    return frames
+
+
+def flood(kind: str, c: RawClient, n: int) -> list:
+    """``n`` frames of one abusive kind, as a client would send them after its preface SETTINGS."""
+    if kind == "settings":     # the preface's SETTINGS is the first of them
+        return [SettingsFrame(0) for _ in range(n - 1)]
+    if kind == "ping":
+        return [PingFrame(0, opaque_data=b"%08d" % i) for i in range(n)]
+    if kind == "unknown":      # RFC 9113 §5.5: ignored, so counted
+        return [raw_frame(0xFA, 0, 0, b"junk") for _ in range(n)]
+    if kind == "priority":     # no stream opened yet: 100 x (1 + 0) allowed
+        return [PriorityFrame(1, depends_on=0, stream_weight=16) for _ in range(n)]
+    if kind == "window_update":   # nothing sent to the client yet: 5 + 2 x 0 allowed
+        return [WindowUpdateFrame(0, window_increment=1) for _ in range(n)]
+    if kind == "continuation":
+        sid, c.next_sid = c.next_sid, c.next_sid + 2
+        return continuation_block(c, sid, n)
+    if kind == "empty_data":   # an open request stream, then empty DATA frames without END_STREAM
+        sid, head = c.headers(get_fields(b"/upload"), end_stream=False)
+        return head + [DataFrame(sid, data=b"") for _ in range(n)]
+    if kind == "frame_size":   # one frame of n bytes (16 KiB allowed)
+        sid, head = c.headers(get_fields(b"/upload"), end_stream=False)
+        return head + [DataFrame(sid, data=b"x" * n)]
+    raise AssertionError(kind)
+
+
+# (kind, N allowed, GOAWAY code for N+1, Abuse.reason)
+FLOODS = [
+    ("settings", S.max_settings_frames, EYC, "settings_flood"),
+    ("ping", S.max_ping_frames, EYC, "ping_flood"),
+    ("unknown", S.max_unknown_frames, EYC, "unknown_frame_flood"),
+    ("priority", S.priority_frames_per_stream, EYC, "priority_flood"),
+    ("window_update", 5, EYC, "window_update_flood"),
+    ("continuation", S.max_continuation_frames, EYC, "continuation_flood"),
+    ("empty_data", S.max_empty_frames, EYC, "empty_frame_flood"),
+    ("frame_size", MAX_FRAME_BYTES, FRAME_SIZE_ERROR, "frame_too_large"),
+]
+
+
+def test_flood_limits_are_envoys_and_nghttp2s_numbers():
+    assert (S.max_continuation_frames, S.max_empty_frames, S.priority_frames_per_stream,
+            S.window_updates_per_data_frame) == (8, 1, 100, 10)
+    assert (S.max_settings_frames, S.max_ping_frames, S.max_unknown_frames, S.flood_window) == (100, 100, 100, 10.0)
+    assert MAX_FRAME_BYTES == 16384 and S.max_frame_size == MAX_FRAME_BYTES
+    assert (MAX_CONCURRENT_STREAMS, MAX_HEADERS, MAX_HEADER_LIST_BYTES, PREMATURE_RESET_TOTAL_STREAM_COUNT) == \
+           (100, 100, 60 * 1024, 500)
+
+
+@pytest.mark.parametrize("kind,allowed,code,reason", FLOODS, ids=[f[0] for f in FLOODS])
+async def test_flood_boundary_goaway_and_listener_keeps_serving(server, kind, allowed, code, reason):
+    bystander = await RawClient.open(server.addr)
+    ok = await RawClient.open(server.addr)
+    bad = await RawClient.open(server.addr)
+    try:
+        assert (await bystander.get())[0] == 200
+        # N: served as usual, the connection stays.
+        ok.send(*flood(kind, ok, allowed))
+        status, _ = await ok.get(b"/after-flood")   # answered: every frame before it was taken
+        assert status == 200 and ok.goaway is None, (ok.goaway, ok.resets)
+        # N+1: GOAWAY with the limit's code, then the connection ends.
+        bad.send(*flood(kind, bad, allowed + 1))
+        got_code, _ = await bad.closed_by_server()
+        assert got_code == code
+        conn = (await server.finished(1))[0]
+        assert conn.core.abuse is not None and conn.core.abuse.reason == reason
+        assert conn.error.startswith(reason)
+        await still_serving(server, bystander, ok)
+    finally:
+        for c in (bystander, ok, bad):
+            c.close()
+
+
+async def test_frame_checks_are_made_on_the_header_before_the_body(server):
+    """A 1 MiB frame header is answered FRAME_SIZE_ERROR at once: the server never waits for the body."""
+    c = await RawClient.open(server.addr)
+    try:
+        sid, head = c.headers(get_fields(b"/upload"), end_stream=False)
+        c.send(*head, struct.pack(">BHBBL", 0x10, 0, 0x0, 0, sid))   # DATA header: length 1 MiB, no body
+        code, _ = await c.closed_by_server()
+        assert code == FRAME_SIZE_ERROR
+    finally:
+        c.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Header lists: 431 on the stream (connection kept), HPACK bomb and oversized blocks: GOAWAY
+
+
+def fields_of_size(size: int) -> list[tuple[bytes, bytes]]:
+    """A GET whose RFC 9113 §6.5.2 header list size is exactly ``size``."""
+    base = get_fields(b"/h")
+    used = sum(len(n) + len(v) + 32 for n, v in base) + len(b"x-big") + 32
+    return base + [(b"x-big", b"v" * (size - used))]
+
+
+async def test_header_list_size_and_count_boundaries_answer_431(server):
+    c = await RawClient.open(server.addr)
+    try:
+        status, _ = await c.get(b"/h", fields_of_size(MAX_HEADER_LIST_BYTES)[4:])
+        assert status == 200
+        status, sid = await c.get(b"/h", fields_of_size(MAX_HEADER_LIST_BYTES + 1)[4:])
+        assert status == 431 and sid in c.ended
+        many = [(b"x-h%d" % i, b"v") for i in range(MAX_HEADERS - 4)]   # with the 4 pseudo-headers: 100
+        assert (await c.get(b"/n", many))[0] == 200
+        assert (await c.get(b"/n", many + [(b"x-one-more", b"v")]))[0] == 431
+        # A 431 for a request with a body: the client is told to stop sending it (RST_STREAM NO_ERROR).
+        sid, head = c.headers(fields_of_size(MAX_HEADER_LIST_BYTES + 1), end_stream=False)
+        c.send(*head)
+        await c.pump(lambda: sid in c.resets)
+        assert c.heads[sid][b":status"] == b"431" and c.resets[sid] == ErrorCodes.NO_ERROR
+        assert c.goaway is None and (await c.get(b"/ok"))[0] == 200
+    finally:
+        c.close()
+
+
+async def test_hpack_bomb_and_oversized_block_are_goaway_enhance_your_calm(server):
+    bomb = await RawClient.open(server.addr)
+    big = await RawClient.open(server.addr)
+    try:
+        # One 4 KiB field added to the dynamic table, then referenced 40 times (one byte each): a
+        # few KiB on the wire, 160 KiB decoded, over the decoder's hard limit.
+        first = bomb.block([(b"x-bomb", b"b" * 4000)])   # literal with incremental indexing → index 62
+        block = bomb.block(get_fields(b"/bomb")) + first + b"\xbe" * 40
+        bomb.send(HeadersFrame(1, data=block, flags=["END_HEADERS", "END_STREAM"]))
+        code, _ = await bomb.closed_by_server()
+        assert code == EYC
+        # A header block over HEADER_BLOCK_MAX_BYTES, in 16 KiB CONTINUATIONs: refused on the frame
+        # headers (h2 never buffers it).
+        raw = big.block(get_fields(b"/big")) + big.block([(b"x-%d" % i, b"v" * 8000) for i in range(20)])
+        assert len(raw) > HEADER_LIST_HARD_BYTES
+        frames = [HeadersFrame(1, data=raw[:16000], flags=["END_STREAM"])]
+        frames += [ContinuationFrame(1, data=raw[i:i + 16000]) for i in range(16000, len(raw), 16000)]
+        frames[-1].flags.add("END_HEADERS")
+        big.send(*frames)
+        code, _ = await big.closed_by_server()
+        assert code == EYC
+        reasons = {c.core.abuse.reason for c in await server.finished(2)}
+        assert reasons == {"header_list_too_large", "header_block_too_large"}
+        await still_serving(server)
+    finally:
+        bomb.close()
+        big.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams: over max_concurrent_streams → REFUSED_STREAM; rapid reset → GOAWAY ENHANCE_YOUR_CALM
+
+
+async def test_concurrent_streams_boundary_refuses_the_extra_stream_only(server):
+    c = await RawClient.open(server.addr)
+    try:
+        sids = [c.request(b"/hang") for _ in range(MAX_CONCURRENT_STREAMS)]
+        await c.ping_roundtrip()
+        assert not c.resets
+        extra = c.request(b"/hang")
+        await c.pump(lambda: extra in c.resets)
+        assert c.resets[extra] == ErrorCodes.REFUSED_STREAM and c.goaway is None
+        server.release.set()
+        await c.pump(lambda: all(s in c.ended for s in sids))
+        assert all(c.heads[s][b":status"] == b"200" for s in sids)
+        assert (await c.get(b"/again"))[0] == 200   # the slots came back
+        await still_serving(server, c)
+    finally:
+        c.close()
+
+
+async def rapid_resets(c: RawClient, n: int, batch: int = 50) -> None:
+    """``n`` streams opened and reset at once (HEADERS + RST_STREAM), in batches below the stream limit."""
+    while n > 0:
+        k = min(batch, n)
+        frames = []
+        for _ in range(k):
+            sid, head = c.headers(get_fields(b"/hang"))
+            frames += [*head, raw_frame(0x3, 0, sid, struct.pack(">L", ErrorCodes.CANCEL))]
+        c.send(*frames)
+        await c.ping_roundtrip()
+        n -= k
+
+
+async def test_rapid_reset_boundary_is_envoys_premature_reset_rule(server):
+    limit = PREMATURE_RESET_TOTAL_STREAM_COUNT // 2   # 250: half of 500, before 500 streams closed
+    ok = await RawClient.open(server.addr)
+    bad = await RawClient.open(server.addr)
+    try:
+        await rapid_resets(ok, limit - 1)
+        status, _ = await ok.get(b"/after-resets")
+        assert status == 200 and ok.goaway is None
+        await rapid_resets(bad, limit)
+        code, last = await bad.closed_by_server()
+        assert code == EYC and last == 2 * limit - 1   # the last stream id it saw
+        conn = (await server.finished(1))[0]
+        assert conn.core.abuse.reason == "too_many_premature_resets"
+        assert conn.core.premature_resets == limit
+        await still_serving(server, ok)
+    finally:
+        ok.close()
+        bad.close()
+
+
+def _core_with_client(clock):
+    core = H2Core(client_side=False, clock=clock)
+    core.receive(PREFACE + SettingsFrame(0).serialize())
+    core.data_to_send()
+    return core
+
+
+def _open(core, enc, sid: int, now: float):
+    return core.receive(HeadersFrame(sid, data=enc.encode(get_fields()), flags=["END_HEADERS", "END_STREAM"])
+                        .serialize(), now=now)
+
+
+def test_premature_reset_rule_sans_io_lifetime_and_ratio():
+    import hpack
+    now = [0.0]
+    core = _core_with_client(lambda: now[0])
+    enc = hpack.Encoder()
+    sid = 1
+
+    def rst(s: int, t: float):
+        return core.receive(raw_frame(0x3, 0, s, struct.pack(">L", ErrorCodes.CANCEL)), now=t)
+
+    # A stream reset after more than the minimum lifetime (1 s) is not premature (Envoy).
+    _open(core, enc, sid, 0.0)
+    rst(sid, 1.5)
+    core.forget(sid)
+    assert core.premature_resets == 0 and core.closed_streams == 1
+    # Nor is one reset after we answered it.
+    sid += 2
+    _open(core, enc, sid, 2.0)
+    core.send_headers(sid, [(b":status", b"200")])
+    rst(sid, 2.1)
+    core.forget(sid)
+    assert core.premature_resets == 0
+    # 500 good streams closed: from then on the ratio decides (premature x 2 >= closed).
+    for _ in range(PREMATURE_RESET_TOTAL_STREAM_COUNT):
+        sid += 2
+        _open(core, enc, sid, 3.0)
+        core.send_headers(sid, [(b":status", b"200")], end_stream=True)
+        core.forget(sid)
+    good = core.closed_streams
+    assert good == PREMATURE_RESET_TOTAL_STREAM_COUNT + 2
+    # p premature of good + p closed trips when 2p >= good + p, i.e. at p = good.
+    for p in range(1, good + 1):
+        sid += 2
+        _open(core, enc, sid, 4.0)
+        events = rst(sid, 4.0)
+        core.forget(sid)
+        if p < good:
+            assert not any(isinstance(e, Terminated) for e in events), p
+    assert isinstance(events[-1], Terminated) and events[-1].code == EYC and core.abuse.reason == \
+        "too_many_premature_resets"
+    assert core.receive(b"more") == []
+
+
+def test_core_limits_are_validated():
+    with pytest.raises(ValueError):
+        H2Limits(header_list_hard_bytes=10)
+    with pytest.raises(ValueError):
+        H2Limits(stream_flush_timeout_s=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# A client that never opens its window: the response write is bounded (stream_flush_timeout_s)
+
+
+async def test_client_that_never_opens_its_window_gets_its_stream_reset(loopback_ip):
+    srv = await H2cServer(H2Limits(stream_flush_timeout_s=0.2)).start(loopback_ip())
+    c = await RawClient.open(srv.addr, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0})
+    try:
+        sid = c.request(b"/big")
+        await c.pump(lambda: sid in c.resets)
+        assert c.heads[sid][b":status"] == b"200" and c.resets[sid] == ErrorCodes.CANCEL
+        assert sid not in c.data   # not one byte fitted the zero window
+        # Other streams go on: one whose window the client does open is answered in full.
+        small = c.request(b"/small")
+        c.send(WindowUpdateFrame(small, window_increment=65535))
+        await c.pump(lambda: c.done(small))
+        assert c.heads[small][b":status"] == b"200" and c.data[small] == b"ok /small" and c.goaway is None
+    finally:
+        c.close()
+        await srv.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hypothesis: random frame sequences → only our events (or H2cError), on both sides
+
+
+_FRAME = st.tuples(st.integers(0, 12), st.integers(0, 255), st.sampled_from([0, 1, 2, 3, 5, 7, 0x7FFFFFFF]),
+                   st.binary(max_size=40))
+OUR_EVENTS = (Headers, Data, Trailers, Ended, Reset, WindowOpened, Terminated, Refused, Rejected)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_FRAME, max_size=24), st.booleans(), st.booleans(), st.integers(1, 64))
+def test_random_frame_sequences_only_our_events(frames, client_side, valid_head, step):
+    import hpack
+    core = H2Core(client_side=client_side, clock=lambda: 0.0)
+    enc = hpack.Encoder()
+    wire = b"" if client_side else PREFACE
+    wire += SettingsFrame(0).serialize()
+    if valid_head and not client_side:
+        wire += HeadersFrame(1, data=enc.encode(get_fields()), flags=["END_HEADERS"]).serialize()
+    for ftype, flags, sid, payload in frames:
+        wire += raw_frame(ftype, flags, sid, payload)
+    events = []
+    terminated = 0
+    for i in range(0, len(wire), step):
+        try:
+            got = core.receive(wire[i:i + step])
+        except H2cError:
+            continue
+        assert all(isinstance(e, OUR_EVENTS) for e in got), got
+        terminated += sum(isinstance(e, Terminated) for e in got)
+        events += got
+    assert terminated <= 1 and (not terminated or isinstance(events[-1], Terminated))
+    core.data_to_send()
