@@ -379,3 +379,32 @@ def test_random_frame_sequences_only_our_events(frames, client_side, valid_head,
         events += got
     assert terminated <= 1 and (not terminated or isinstance(events[-1], Terminated))
     core.data_to_send()
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the real waypoint: an h2c client inside an HBONE tunnel
+
+
+async def test_rapid_reset_through_the_waypoint_ends_only_that_tunnel(tmp_path, loopback_ip):
+    from tests.test_waypoint_l7 import RawH2, l7_harness
+    from tests.waypoint_harness import REVIEWS_VIP
+
+    h, _, _ = await l7_harness(tmp_path, loopback_ip)
+    try:
+        client = h.client()
+        good = RawH2(await client.tunnel(f"{REVIEWS_VIP}:9080"))
+        assert (await good.get(b"/"))["headers"][b":status"] == b"200"
+        bad = RawH2(await client.tunnel(f"{REVIEWS_VIP}:9080"))
+        for _ in range(PREMATURE_RESET_TOTAL_STREAM_COUNT // 2):   # CVE-2023-44487: open, reset, repeat
+            bad.reset(bad.start(b"/"))
+        await bad.pump([], timeout=10)
+        assert bad.goaway is not None and bad.goaway.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+        bad.goaway = None
+        await bad.pump([], timeout=5)   # then the tunnel ends
+        assert bad.eof
+        # The other tunnel on the same HBONE connection, and new ones, are unaffected.
+        assert (await good.get(b"/"))["headers"][b":status"] == b"200"
+        again = RawH2(await client.tunnel(f"{REVIEWS_VIP}:9080"))
+        assert (await again.get(b"/"))["headers"][b":status"] == b"200"
+    finally:
+        await h.close()
