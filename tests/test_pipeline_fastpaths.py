@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from policy.routing.select import HttpRequestView
 from proxy.pipeline.authz import l7_authorizer
 from proxy.pipeline.http import plan_request
@@ -66,3 +68,136 @@ async def test_http1_on_a_sniffed_stream_reads_the_tunnel_stream_directly(monkey
     wrapped = PrefixedStream(inner, b"PRI * HTTP/2.0")
     await pipeline.serve(wrapped, None, None, lambda: None, "h2c")
     assert calls == [("http/1.1", inner, b"GET / HTTP/1.1\r\n"), ("h2c", wrapped, b"")]
+
+
+# ---- plan_cached: the same plans as plan_request, with the decisions remembered ----------------------
+
+_TWIN_ROUTING = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new}
+  - match: [{uri: {exact: /gone}, method: {exact: DELETE}}]
+    directResponse: {status: 410}
+  - match: [{withoutHeaders: {x-canary: {exact: "no"}}, uri: {prefix: /canary}}]
+    fault: {abort: {percentage: {value: 50}, httpStatus: 503}}
+    mirror: {host: reviews, subset: v3}
+    mirrorPercentage: {value: 30}
+    route: [{destination: {host: reviews, subset: v3}}]
+  - match: [{uri: {prefix: /only}}]
+    route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{uri: {prefix: /}}]
+    route:
+    - {destination: {host: reviews, subset: v1}, weight: 90}
+    - {destination: {host: reviews, subset: v2}, weight: 10}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews.default.svc.cluster.local
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-x-deny, namespace: default}
+spec:
+  targetRefs: [{kind: Service, group: "", name: reviews}]
+  action: DENY
+  rules:
+  - when: [{key: "request.headers[x-deny]", values: ["*"]}]
+  - to: [{operation: {methods: [PUT], paths: [/admin*]}}]
+"""
+
+_TWIN_HEADERS = [(b"end-user", b"jason"), (b"end-user", b"bob"), (b"x-deny", b"1"), (b"x-deny", b""),
+                 (b"x-canary", b"no"), (b"x-canary", b"yes"), (b"user-agent", b"t"), (b"x-request-id", b"r1"),
+                 (b"accept", b"*/*"), (b"host", b"reviews:9080")]
+
+
+@pytest.fixture(scope="module")
+def twin_snap(tmp_path_factory):
+    import shutil
+    from pathlib import Path
+
+    from policy.mesh import load_mesh_config
+    from policy.scope import WaypointScope
+    from proxy.snapshot import build_snapshot
+    d = tmp_path_factory.mktemp("twin")
+    fix = Path(__file__).parent / "fixtures" / "bookinfo"
+    for name in ("inventory.yaml", "authz.yaml", "waypoint.yaml"):
+        shutil.copy(fix / name, d / name)
+    (d / "routing.yaml").write_text(_TWIN_ROUTING)
+    mesh = load_mesh_config([str(d)])
+    scope = WaypointScope.parse("default", gateway="default/reviews-waypoint", address_ip="127.1.0.100")
+    return build_snapshot(mesh, mode="waypoint", scope=scope, version=1, now=0)
+
+
+def _full_summary(plan):
+    route = plan.route
+    return (plan.chain, plan.decision, route, plan.fault, plan.upstream, plan.local, type(plan.error),
+            getattr(plan.error, "status", None), str(plan.error), plan.mirrors,
+            (plan.view.method, plan.view.path, plan.view.authority, plan.view.port))
+
+
+def test_consulted_headers_are_the_policies_and_matchers_header_names(twin_snap):
+    from proxy.pipeline.chains import match_chain
+    from proxy.pipeline.http import consulted_headers
+    chain = match_chain(("127.2.0.20", 9080), twin_snap).resolved("http")
+    assert consulted_headers(chain, twin_snap) == {b"end-user", b"x-canary", b"x-deny"}
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(requests=st.lists(st.tuples(
+    st.sampled_from([PRODUCTPAGE, OTHER, None]),
+    st.sampled_from([("127.2.0.20", 9080), ("127.1.0.22", 9080), ("127.2.0.99", 9080)]),
+    st.sampled_from([b"GET", b"PUT", b"DELETE", b"POST"]),
+    st.sampled_from([b"/", b"/old/x?q=1", b"/gone", b"/canary/a", b"/only", b"/admin/x", b"/%41dmin"]),
+    st.sampled_from([b"reviews:9080", b"reviews", b""]),
+    st.lists(st.sampled_from(_TWIN_HEADERS), max_size=4)), min_size=1, max_size=25),
+    seed=st.integers(0, 2 ** 16))
+def test_plan_cached_plans_what_plan_request_plans(twin_snap, requests, seed):
+    """The twin of the generic planner: the same requests, in the same order, with the same rng seed,
+    give equal plans (decision, route, fault, upstream, mirrors, error, local answer, view's request line),
+    whether the decisions were remembered (repeats hit the memo) or made afresh."""
+    from proxy.pipeline.http import plan_cached, request_view
+    memo, decisions = {}, {}
+    cached_rng, plain_rng = random.Random(seed), random.Random(seed)
+    for principal, authority, method, target, host, headers in requests * 2:   # each request again: hits
+        ctx = _ctx(principal, authority)
+        a = plan_cached(ctx, twin_snap, method, target, host, headers, authority[1], rng=cached_rng,
+                        memo=memo, decisions=decisions)
+        b = plan_request(ctx, twin_snap, request_view(method, target, host, headers, authority[1]), rng=plain_rng)
+        assert _full_summary(a) == _full_summary(b)
+    assert cached_rng.random() == plain_rng.random()   # the same draws, in the same order
+
+
+def test_plan_cached_remembers_decisions_and_forgets_them_past_the_bound(twin_snap, monkeypatch):
+    import proxy.pipeline.http as http_mod
+    memo, decisions = {}, {}
+    rng = random.Random(1)
+    ctx = _ctx()
+    first = http_mod.plan_cached(ctx, twin_snap, b"GET", b"/", b"reviews", [(b"x-deny", b"1")], 9080, rng=rng,
+                                 memo=memo, decisions=decisions)
+    assert not first.decision.allowed and len(decisions) == 1
+    # Headers no policy or matcher reads are not part of the key: the same entry answers.
+    again = http_mod.plan_cached(ctx, twin_snap, b"GET", b"/", b"reviews", [(b"user-agent", b"z"), (b"x-deny", b"1")],
+                                 9080, rng=rng, memo=memo, decisions=decisions)
+    assert again.decision is first.decision and again.view is first.view and len(decisions) == 1
+    assert dict(first.view.headers) == {"x-deny": ("1",)}
+    monkeypatch.setattr(http_mod, "DECISION_MEMO_ENTRIES", 3)
+    for i in range(5):
+        http_mod.plan_cached(ctx, twin_snap, b"GET", b"/p%d" % i, b"reviews", [], 9080, rng=rng, memo=memo,
+                             decisions=decisions)
+    assert 1 <= len(decisions) <= 3
