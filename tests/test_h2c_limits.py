@@ -408,3 +408,24 @@ async def test_rapid_reset_through_the_waypoint_ends_only_that_tunnel(tmp_path, 
         assert (await again.get(b"/"))["headers"][b":status"] == b"200"
     finally:
         await h.close()
+
+
+async def test_concurrent_responses_on_one_tunnel_all_finish_under_backpressure(tmp_path, loopback_ip):
+    """Four large responses at once to a client that reads nothing for a while: every handler waits in
+    drain() on the one tunnel stream at the same time, and every one must be woken (H2cConn.drain)."""
+    from h2.settings import SettingCodes
+
+    from tests.test_waypoint_l7 import GREETER_ROUTES, GREETER_VIP, RawH2, l7_harness
+
+    h, _, _ = await l7_harness(tmp_path, loopback_ip, GREETER_ROUTES)
+    try:
+        c = RawH2(await h.client().tunnel(f"{GREETER_VIP}:9090"))
+        c.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 8 * 1024 * 1024})   # the tunnel backs up first
+        c.conn.increment_flow_control_window(32 * 1024 * 1024)
+        n = 1536 * 1024
+        sids = [c.start(b"/big?n=%d" % n, authority=b"greeter:9090") for _ in range(4)]
+        await asyncio.sleep(0.3)
+        await c.pump(sids, timeout=10)
+        assert [len(c.results[s]["data"]) for s in sids] == [n] * 4 and all(c.results[s]["ended"] for s in sids)
+    finally:
+        await h.close()
