@@ -429,3 +429,55 @@ async def test_concurrent_responses_on_one_tunnel_all_finish_under_backpressure(
         assert [len(c.results[s]["data"]) for s in sids] == [n] * 4 and all(c.results[s]["ended"] for s in sids)
     finally:
         await h.close()
+
+
+async def test_a_client_that_never_reads_cannot_grow_what_we_owe_it(loopback_ip):
+    """h2 answers every DATA frame on a reset stream with RST_STREAM. A client that sends thousands and
+    reads nothing: the server stops reading once its transport is full, so what it buffers for the
+    client stays near the transport's high-water mark plus one read's answers (not ~400 KB)."""
+    import socket
+
+    from hbone.stream import TcpStream
+    from proxy.pipeline.h2c import serve_h2c
+
+    ip = loopback_ip()
+    transports, finished = [], []
+
+    async def handler(request, responder):
+        await responder.send_local_reply(200, b"")
+
+    async def serve(reader, writer):
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transports.append(writer.transport)
+        stream = TcpStream(reader, writer)
+        try:
+            finished.append(await serve_h2c(stream, handler))
+        finally:
+            stream.close()
+
+    server = await asyncio.start_server(serve, ip, 0)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # set before connecting: a small window
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, server.sockets[0].getsockname()[:2])
+    _, writer = await asyncio.open_connection(sock=sock)
+    try:
+        c = RawClient(None)
+        head = c.headers(get_fields())[1]
+        one_byte = raw_frame(0x0, 0, 1, b"x")
+        n = 30000   # ~300 KB in; each answered by a 13-byte RST_STREAM (~390 KB out)
+        writer.write(PREFACE + SettingsFrame(0).serialize() + b"".join(f.serialize() for f in head)
+                     + raw_frame(0x3, 0, 1, struct.pack(">L", ErrorCodes.CANCEL)) + one_byte * n)
+        await asyncio.sleep(0.3)
+        sizes = []
+        for _ in range(5):   # settled: the server is not reading any more
+            await asyncio.sleep(0.1)
+            sizes.append(transports[0].get_write_buffer_size())
+        assert sizes[0] == sizes[-1] and 0 < sizes[-1] < 160 * 1024, sizes
+    finally:
+        writer.close()
+        server.close()
+        await server.wait_closed()
+    async with asyncio.timeout(5):   # and the connection ends when the client goes
+        while not finished:
+            await asyncio.sleep(0.01)

@@ -567,13 +567,16 @@ class H2cConn:
         self.flush()
 
     # -- plumbing --
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Write what the core has to send; True if there was something."""
         data = self.core.data_to_send()
         if data:
             try:
                 self.stream.write(data)
             except (OSError, RuntimeError, AttributeError):
                 pass   # the transport is gone: the reader loop ends the connection
+            return True
+        return False
 
     async def run(self) -> None:
         """Read until EOF, GOAWAY or a protocol error; then fail what is left."""
@@ -587,7 +590,16 @@ class H2cConn:
                 if not data:
                     break
                 self._dispatch(self.core.receive(data))
-                self.flush()
+                if self.flush():
+                    # What the peer's frames made us send (SETTINGS/PING ACKs, WINDOW_UPDATEs, RST_STREAM
+                    # for each frame on a reset stream: h2 answers every one) must leave before we read
+                    # more: a peer that writes and never reads stalls itself, never our memory (Envoy
+                    # bounds the same with max_outbound_frames 10000 / max_outbound_control_frames 1000).
+                    try:
+                        await self.drain()
+                    except OSError as err:
+                        self.error = f"{type(err).__name__}: {err}"
+                        break
         finally:
             self._fail_all()
 
