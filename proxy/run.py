@@ -7,7 +7,8 @@ lines, no traceback) → certificates → admin/metrics/readiness listeners (rea
 flag, exit 2.
 
 While running: the config files are polled every ``--config-poll-interval`` seconds (mtime, size)
-and SIGHUP reloads at once; a reload that fails keeps the last good config, logs why and counts
+and SIGHUP reloads at once, reading and building the new config on a thread of its own so the data
+plane keeps serving meanwhile; a reload that fails keeps the last good config, logs why and counts
 ``hbone_config_reloads_total{result="failure"}``. A successful reload is in force for the next
 tunnel at once; live tunnels continue, except those the new policies deny (ztunnel late rejection).
 Certificates rotate at half-life. SIGTERM, SIGINT or ``POST /quitquitquit`` drain (ztunnel
@@ -276,6 +277,8 @@ class ProxyApp:
         self._stop: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
         self._signals = 0
+        self._reloading = False      # a reload is running (see reload())
+        self._reload_again = False   # ...and another was asked for meanwhile
 
     # ---- set-up that can fail with exit 2 (no event loop needed) ----
     def prepare(self) -> None:
@@ -446,12 +449,28 @@ class ProxyApp:
                     self.mode_proxy.stop_accepting()
             self._stop.set()
 
-    def reload(self) -> bool:
-        ok = self.store.reload()
-        self.metrics.config_reload(ok)
-        if ok:
-            log.info("config reloaded: version %s", self.store.current.version)
-        return ok
+    def reload(self) -> None:
+        """SIGHUP or a changed file: reload on a thread of its own (``ConfigStore.reload_in_thread``), so
+        the data plane keeps serving while a large config is read. One reload at a time; a trigger
+        during one makes it run once more when it ends (the files may have changed after it read them)."""
+        if self._reloading:
+            self._reload_again = True
+            return
+        self._reloading = True
+        self._spawn(self._reload())
+
+    async def _reload(self) -> None:
+        try:
+            while True:
+                self._reload_again = False
+                ok = await self.store.reload_in_thread()
+                self.metrics.config_reload(ok)
+                if ok:
+                    log.info("config reloaded: version %s", self.store.current.version)
+                if not self._reload_again:
+                    return
+        finally:
+            self._reloading = False
 
     async def _poll_config(self) -> None:
         interval = self.settings.config_poll_interval_s

@@ -7,14 +7,16 @@ reload keeps the last good one (DESIGN §4).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from policy.authz.select import PolicyIndex
 from policy.authz.trust_domain import for_waypoint
 from policy.errors import ConfigError
-from policy.mesh import MeshConfig, load_mesh_config
+from policy.mesh import MeshConfig, gc_paused, load_mesh_config
 from policy.routing.table import RouteTable, build_route_table
 from policy.scope import WaypointScope, scope_for_waypoint
 
@@ -60,6 +62,11 @@ def build_snapshot(mesh: MeshConfig, *, mode: str, scope: WaypointScope | None, 
     return Snapshot(version, held, policies, routes, scope, now, held.sources)
 
 
+def _settle(fut: asyncio.Future, result: tuple) -> None:
+    if not fut.done():   # (the awaiting task was cancelled: a stop during the reload)
+        fut.set_result(result)
+
+
 class ConfigStore:
     """Holds the current ``Snapshot``; ``reload()`` loads the paths again and swaps on success.
 
@@ -84,11 +91,16 @@ class ConfigStore:
     def subscribe(self, fn: Callable[[Snapshot | None, Snapshot], None]) -> None:
         self._subscribers.append(fn)
 
-    def load(self) -> Snapshot:
-        """Load and swap in; raises ``ConfigError`` (the store keeps what it had)."""
-        mesh = load_mesh_config(self.paths)
-        snap = build_snapshot(mesh, mode=self.mode, scope=self.scope, version=self._version + 1, now=self._clock(),
-                              trust_domains=self.trust_domains)
+    def build(self) -> Snapshot:
+        """Read the files and build the next snapshot without installing it; raises ``ConfigError``.
+        Touches no state the event loop reads, so it may run on another thread (``reload_in_thread``)."""
+        with gc_paused():   # (policy/mesh.py: the collector's full passes were half of a big load)
+            mesh = load_mesh_config(self.paths)
+            return build_snapshot(mesh, mode=self.mode, scope=self.scope, version=self._version + 1,
+                                  now=self._clock(), trust_domains=self.trust_domains)
+
+    def install(self, snap: Snapshot) -> Snapshot:
+        """Swap ``snap`` in and tell the subscribers (on the event loop's thread)."""
         old, self.current = self.current, snap
         self._version = snap.version
         self.reloads_ok += 1
@@ -97,16 +109,57 @@ class ConfigStore:
             fn(old, snap)
         return snap
 
+    def load(self) -> Snapshot:
+        """Load and swap in; raises ``ConfigError`` (the store keeps what it had)."""
+        return self.install(self.build())
+
     def reload(self) -> bool:
         """Like ``load`` but never raises: a bad config keeps the last good one, logs why, counts it."""
         try:
             self.load()
             return True
         except ConfigError as err:
-            self.reloads_failed += 1
-            self.last_error = str(err)
-            log.error("config reload failed; keeping version %s:\n%s", self._version, err)
+            self._failed(err)
             return False
+
+    async def reload_in_thread(self) -> bool:
+        """``reload`` with the reading and building on a thread of its own, so the data plane keeps
+        serving while a large config loads. The loop shares the interpreter with that thread and gets
+        it at least every ``sys.getswitchinterval()`` (5 ms) of Python code; the cyclic collector, whose
+        full passes cannot be interrupted, is paused for the load (``policy.mesh.gc_paused``).
+        Measured (/tmp/s3/reload_stall.py: 10 000 workloads, a 1 ms ticker on the loop): synchronous
+        reload 4.5 s, the loop stopped for all of it; this way 2.0–2.4 s, the loop's longest pause
+        65–80 ms, 99 % of its ticks within 15 ms. The new snapshot is installed, and the subscribers
+        run, on the loop's thread. The thread is a daemon: a stop during a reload does not wait for it.
+        Callers serialise reloads (``ProxyApp`` runs one at a time)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def work() -> None:
+            try:
+                result: tuple = (self.build(), None)
+            except BaseException as err:   # noqa: BLE001 — handed to the loop, which decides
+                result = (None, err)
+            loop.call_soon_threadsafe(_settle, done, result)
+
+        threading.Thread(target=work, name="config-reload", daemon=True).start()
+        snap, err = await done
+        if err is None:
+            self.install(snap)
+            return True
+        if isinstance(err, ConfigError):
+            self._failed(err)
+        else:
+            # A bug, not a bad config: still keep serving the last good snapshot, loudly.
+            self.reloads_failed += 1
+            self.last_error = f"{err.__class__.__name__}: {err}"
+            log.error("config reload crashed; keeping version %s", self._version, exc_info=err)
+        return False
+
+    def _failed(self, err: ConfigError) -> None:
+        self.reloads_failed += 1
+        self.last_error = str(err)
+        log.error("config reload failed; keeping version %s:\n%s", self._version, err)
 
     def __repr__(self) -> str:
         return (f"<ConfigStore v{self._version} ok={self.reloads_ok} failed={self.reloads_failed}"
