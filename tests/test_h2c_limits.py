@@ -174,6 +174,13 @@ async def test_header_list_size_and_count_boundaries_answer_431(server):
         await c.pump(lambda: sid in c.resets)
         assert c.heads[sid][b":status"] == b"431" and c.resets[sid] == ErrorCodes.NO_ERROR
         assert c.goaway is None and (await c.get(b"/ok"))[0] == 200
+        # Up to the decoder's hard limit a list is still answered 431; one byte over it, GOAWAY.
+        assert (await c.get(b"/h", fields_of_size(HEADER_LIST_HARD_BYTES)[4:]))[0] == 431 and c.goaway is None
+        c.request(b"/h", fields_of_size(HEADER_LIST_HARD_BYTES + 1)[4:])
+        code, _ = await c.closed_by_server()
+        assert code == EYC
+        assert (await server.finished(1))[0].core.abuse.reason == "header_list_too_large"
+        await still_serving(server)
     finally:
         c.close()
 

