@@ -488,3 +488,105 @@ async def test_a_client_that_never_reads_cannot_grow_what_we_owe_it(loopback_ip)
     async with asyncio.timeout(5):   # and the connection ends when the client goes
         while not finished:
             await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("kind,allowed,code,reason", FLOODS, ids=[f[0] for f in FLOODS])
+def test_verdicts_whole_and_byte_by_byte_agree(kind, allowed, code, reason):
+    """The core's verdict does not depend on how the bytes were cut, and nothing past it is taken."""
+    c = RawClient(None)
+    wire = PREFACE + SettingsFrame(0).serialize() + b"".join(f.serialize() if not isinstance(f, bytes) else f
+                                                             for f in flood(kind, c, allowed + 1))
+    trailing = raw_frame(0x6, 0, 0, b"trailing")   # after the verdict: ignored
+    whole = H2Core(client_side=False, clock=lambda: 0.0)
+    got = whole.receive(wire + trailing)
+    single = H2Core(client_side=False, clock=lambda: 0.0)
+    events = []
+    for i in range(len(wire) + len(trailing)):
+        events += single.receive((wire + trailing)[i:i + 1])
+    for core, evs in ((whole, got), (single, events)):
+        assert isinstance(evs[-1], Terminated) and evs[-1].code == code and evs[-1].reason == reason
+        assert core.abuse.reason == reason and core.closed
+    # One frame fewer: no verdict, either way.
+    ok_wire = PREFACE + SettingsFrame(0).serialize() + b"".join(f.serialize() if not isinstance(f, bytes) else f
+                                                                for f in flood(kind, RawClient(None), allowed))
+    core = H2Core(client_side=False, clock=lambda: 0.0)
+    assert not any(isinstance(e, Terminated) for e in core.receive(ok_wire)) and core.abuse is None
+
+
+_SID = st.sampled_from([1, 3, 5, 7, 9, 0])
+_PLAUSIBLE = st.one_of(
+    st.tuples(st.just("headers"), _SID, st.booleans(), st.integers(0, 3)),
+    st.tuples(st.just("data"), _SID, st.booleans(), st.integers(0, 20000)),
+    st.tuples(st.just("rst"), _SID, st.sampled_from([0, 1, 2, 8, 0xFFFF]), st.just(0)),
+    st.tuples(st.just("window"), _SID, st.sampled_from([0, 1, 65535, 2**31 - 1]), st.just(0)),
+    st.tuples(st.just("settings"), st.just(0), st.sampled_from([0, 1, 100, 2**31]), st.integers(1, 6)),
+    st.tuples(st.just("ping"), st.just(0), st.booleans(), st.just(0)),
+    st.tuples(st.just("priority"), _SID, st.booleans(), st.just(0)),
+    st.tuples(st.just("continuation"), _SID, st.booleans(), st.just(0)),
+    st.tuples(st.just("goaway"), st.just(0), st.sampled_from([0, 11]), st.just(0)),
+    st.tuples(st.just("answer"), _SID, st.booleans(), st.just(0)),   # the shell answers / forgets a stream
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_PLAUSIBLE, max_size=30), st.integers(1, 200))
+def test_plausible_frame_sequences_only_our_events(ops, step):
+    """Well-formed frames in any order (requests, bodies, resets, windows, settings, over-size lists, the
+    shell answering and forgetting streams): only our events come out, never anything but H2cError."""
+    now = [0.0]
+    core = H2Core(client_side=False, clock=lambda: now[0])
+    c = RawClient(None)
+    wire = [PREFACE + SettingsFrame(0).serialize()]
+    actions = []
+    for op, sid, flag, n in ops:
+        now[0] += 0.1
+        if op == "headers":
+            extra = [[], [(b"x-big", b"v" * MAX_HEADER_LIST_BYTES)], [(b"x-%d" % i, b"") for i in range(MAX_HEADERS)],
+                     [(b"te", b"trailers")]][n]
+            wire.append(b"".join(f.serialize() for f in c.headers(get_fields(b"/p", extra), end_stream=flag,
+                                                                  sid=sid or 1)[1]))
+        elif op == "data":
+            wire.append(raw_frame(0x0, 0x1 if flag else 0, sid, b"d" * min(n, 16384)))
+        elif op == "rst":
+            wire.append(raw_frame(0x3, 0, sid, struct.pack(">L", flag)))
+        elif op == "window":
+            wire.append(raw_frame(0x8, 0, sid, struct.pack(">L", flag)))
+        elif op == "settings":
+            wire.append(raw_frame(0x4, 0, 0, struct.pack(">HL", n, flag)))
+        elif op == "ping":
+            wire.append(raw_frame(0x6, 0x1 if flag else 0, 0, b"12345678"))
+        elif op == "priority":
+            wire.append(raw_frame(0x2, 0, sid, struct.pack(">LB", sid if flag else 0, 15)))
+        elif op == "continuation":
+            wire.append(raw_frame(0x9, 0x4 if flag else 0, sid, c.block([(b"x-c", b"v")])))
+        elif op == "goaway":
+            wire.append(raw_frame(0x7, 0, 0, struct.pack(">LL", 0, flag)))
+        else:
+            actions.append((len(wire), sid, flag))
+    blob = b"".join(wire)
+    offsets = {}
+    pos = 0
+    for i, part in enumerate(wire):
+        offsets[i] = pos
+        pos += len(part)
+    acts = sorted((offsets.get(i, len(blob)), sid, flag) for i, sid, flag in actions)
+    events = []
+    for i in range(0, len(blob), step):
+        try:
+            events += core.receive(blob[i:i + step])
+        except H2cError:
+            pass
+        while acts and acts[0][0] <= i + step:
+            _, sid, flag = acts.pop(0)
+            try:
+                if flag:
+                    core.send_headers(sid, [(b":status", b"200")], end_stream=True)
+                else:
+                    core.send_data(sid, b"body")
+            except H2cError:
+                pass
+            core.forget(sid)
+        core.data_to_send()
+    assert all(isinstance(e, OUR_EVENTS) for e in events), events
+    assert sum(isinstance(e, Terminated) for e in events) <= 1
+    assert len(core._held) <= MAX_CONCURRENT_STREAMS
