@@ -475,12 +475,14 @@ async def test_a_client_that_never_reads_cannot_grow_what_we_owe_it(loopback_ip)
         n = 30000   # ~300 KB in; each answered by a 13-byte RST_STREAM (~390 KB out)
         writer.write(PREFACE + SettingsFrame(0).serialize() + b"".join(f.serialize() for f in head)
                      + raw_frame(0x3, 0, 1, struct.pack(">L", ErrorCodes.CANCEL)) + one_byte * n)
-        await asyncio.sleep(0.3)
-        sizes = []
-        for _ in range(5):   # settled: the server is not reading any more
-            await asyncio.sleep(0.1)
-            sizes.append(transports[0].get_write_buffer_size())
-        assert sizes[0] == sizes[-1] and 0 < sizes[-1] < 160 * 1024, sizes
+        sizes = [-1]
+        for _ in range(100):   # until settled (the server stopped reading): the same size 4 times running
+            await asyncio.sleep(0.05)
+            sizes.append(transports[0].get_write_buffer_size() if transports else -1)
+            if len(set(sizes[-4:])) == 1 and sizes[-1] > 0:
+                break
+        # Bounded by the transport's high-water mark (64 KiB) plus the answers to one 64 KiB read.
+        assert len(set(sizes[-4:])) == 1 and 0 < sizes[-1] < 160 * 1024, sizes
     finally:
         writer.close()
         server.close()
