@@ -294,6 +294,49 @@ async def forward_request(upstream: ByteStream, method: bytes, target: bytes, au
         raise
 
 
+async def forward_bodiless(upstream: ByteStream, reader: ResponseReader, method: bytes, target: bytes,
+                           authority: bytes, headers: Iterable[tuple[bytes, bytes]]) -> Http1Response:
+    """``forward_request(upstream, method, target, authority, headers, reader=reader)``: a request without a
+    body and without an upgrade — the same bytes sent, the same response or exception — with the generic
+    body, framing and sender handling left out and the response read inline (one coroutine, not two per
+    read). The waypoint's common request (``HttpPipeline._execute_lean``), where that bookkeeping was
+    ~1 µs of ~40 (see its PERF NOTE)."""
+    fields = request_headers(headers, authority)
+    reader.expect(method)
+    try:
+        upstream.write(encode_request_head(method, target, fields))
+        await upstream.drain()
+    except OSError as err:
+        raise UpstreamReset(f"upstream write failed: {err}", before_response=True) from err
+    events: deque = deque()
+    while True:
+        while not events:   # (_next_event with no body sender, before the response)
+            reset = None
+            try:
+                data = await upstream.read(READ_BYTES)
+            except OSError as err:
+                data = None
+                reset = err
+            if data:
+                events.extend(reader.feed(data))  # Http1Error(502) on a malformed response
+                continue
+            if data is not None:
+                try:
+                    tail = reader.feed_eof()
+                except Http1Error:
+                    tail = None
+                if tail:
+                    events.extend(tail)
+                    continue
+            what = "reset" if reset is not None else "closed the connection"
+            raise UpstreamReset(f"upstream {what} before the response", before_response=True,
+                                body_bytes_sent=0) from reset
+        event = events.popleft()
+        if isinstance(event, ResponseHead) and event.status >= 200:
+            return Http1Response(event, upstream, reader, events, None, [0, True])
+        # 1xx interim responses (RFC 9110 §15.2): skipped, with their MessageEnd.
+
+
 class Http1Pool:
     """Idle upstream HTTP/1.1 connections per key (e.g. endpoint ip:port), bounded and aging out.
 
@@ -359,5 +402,5 @@ class Http1Pool:
         return f"<Http1Pool keys={len(self._idle)} idle={sum(len(c) for c in self._idle.values())}>"
 
 
-__all__ = ["forward_request", "Http1Response", "UpstreamReset", "Http1Pool", "request_headers",
+__all__ = ["forward_request", "forward_bodiless", "Http1Response", "UpstreamReset", "Http1Pool", "request_headers",
            "READ_BYTES"]
