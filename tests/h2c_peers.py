@@ -194,8 +194,9 @@ class HostileUpstream:
     """An h2c "server" that answers whatever our client sends with ``script(conn_bytes) -> bytes`` once,
     then only reads (and records) what comes: a peer that floods, never opens windows, never answers."""
 
-    def __init__(self, script):
+    def __init__(self, script, *, after_requests: int = 1):
         self.script = script
+        self.after_requests = after_requests   # the script runs once this many HEADERS have arrived
         self.received = b""
         self.server: asyncio.Server | None = None
         self.addr: tuple[str, int] = ("", 0)
@@ -211,8 +212,7 @@ class HostileUpstream:
                 if not data:
                     return
                 self.received += data
-                # The script runs once the client's first request (HEADERS) has arrived.
-                if not sent and b"\x01" in self._types():
+                if not sent and self._types().count(b"\x01") >= self.after_requests:
                     sent = True
                     stream.write(self.script())
                     await stream.drain()

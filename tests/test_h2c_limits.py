@@ -382,9 +382,11 @@ def test_random_frame_sequences_only_our_events(frames, client_side, valid_head,
         except H2cError:
             continue
         assert all(isinstance(e, OUR_EVENTS) for e in got), got
-        terminated += sum(isinstance(e, Terminated) for e in got)
+        terminated += sum(isinstance(e, Terminated) and not e.by_peer for e in got)
         events += got
-    assert terminated <= 1 and (not terminated or isinstance(events[-1], Terminated))
+    # Our own GOAWAY (a verdict or a protocol error) is the last event; a peer's graceful GOAWAY may
+    # come more than once (RFC 9113 §6.8) with the streams it still finishes after it.
+    assert terminated <= 1 and (not terminated or isinstance(events[-1], Terminated) and not events[-1].by_peer)
     core.data_to_send()
 
 
@@ -590,5 +592,6 @@ def test_plausible_frame_sequences_only_our_events(ops, step):
             core.forget(sid)
         core.data_to_send()
     assert all(isinstance(e, OUR_EVENTS) for e in events), events
-    assert sum(isinstance(e, Terminated) for e in events) <= 1
+    ours = [i for i, e in enumerate(events) if isinstance(e, Terminated) and not e.by_peer]
+    assert len(ours) <= 1 and (not ours or ours[0] == len(events) - 1)
     assert len(core._held) <= MAX_CONCURRENT_STREAMS

@@ -8,6 +8,7 @@ its own error."""
 from __future__ import annotations
 
 import asyncio
+import struct
 
 import pytest
 from h2.errors import ErrorCodes
@@ -17,7 +18,7 @@ import hpack
 from hbone.stream import TcpStream
 from proxy.pipeline.h2c import H2Limits, H2Upstream, H2UpstreamPool, H2UpstreamReset
 from proxy.pipeline.originate import OriginateFailed
-from tests.h2c_peers import EYC, H2cServer, HostileUpstream
+from tests.h2c_peers import EYC, H2cServer, HostileUpstream, RawClient, raw_frame
 
 RST_STREAM, GOAWAY = 0x3, 0x7
 BIG_BODY = b"u" * (200 * 1024)   # more than the 64 KiB a peer's default window lets through
@@ -198,3 +199,56 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_dial(h2c_server):
             pass
     finally:
         await pool.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Graceful GOAWAY (NO_ERROR): what the peer still processes finishes (RFC 9113 §6.8)
+
+
+def goaway(last: int, code: int = 0) -> bytes:
+    return raw_frame(GOAWAY, 0, 0, struct.pack(">LL", last, code))
+
+
+async def test_upstream_graceful_goaway_lets_processed_streams_finish(loopback_ip):
+    """A gRPC server's MaxConnectionAge drain: GOAWAY(NO_ERROR, last=1) with streams 1 and 3 in flight.
+    Stream 1 (processed) gets its whole response; stream 3 is refused (retriable); no new requests go
+    to this connection, which closes once stream 1 is done."""
+    head = hpack.Encoder().encode([(b":status", b"200")])
+    script = (SettingsFrame(0).serialize() + raw_frame(0x1, 0x4, 1, head) + goaway(1)
+              + raw_frame(0x0, 0x0, 1, b"hello ") + raw_frame(0x0, 0x1, 1, b"after goaway"))
+    peer = await HostileUpstream(lambda: script, after_requests=2).start(loopback_ip())
+    up = H2Upstream(await TcpStream.connect(*peer.addr))
+    try:
+        first = asyncio.ensure_future(up.request(b"GET", b"/1", b"svc", [], None))
+        second = asyncio.ensure_future(up.request(b"GET", b"/3", b"svc", [], None))
+        resp = await first
+        assert resp.sid == 1 and resp.status == 200
+        assert b"".join([c async for c in resp.body_chunks()]) == b"hello after goaway"
+        with pytest.raises(H2UpstreamReset) as err:
+            await second
+        assert err.value.refused and err.value.before_response   # RFC 9113 §8.7: retry elsewhere
+        assert not up.alive
+        with pytest.raises(H2UpstreamReset) as err:
+            await up.request(b"GET", b"/new", b"svc", [], None)
+        assert err.value.refused
+        await wait_for(lambda: up.reader.done())   # closed once nothing is left on it
+        assert not [f for f in peer.frames() if f[0] == RST_STREAM and f[2] == 1]
+    finally:
+        await up.close()
+        await peer.close()
+
+
+async def test_client_goaway_does_not_cut_its_own_requests(h2c_server):
+    """A client's GOAWAY(NO_ERROR, 0) names the last *server-initiated* stream it takes (we push none):
+    the requests it already made are still answered."""
+    c = await RawClient.open(h2c_server.addr)
+    try:
+        sid = c.request(b"/hang")
+        await c.ping_roundtrip()
+        c.send(goaway(0))
+        await asyncio.sleep(0.05)
+        h2c_server.release.set()
+        await c.pump(lambda: c.done(sid))
+        assert c.heads[sid][b":status"] == b"200" and c.data[sid] == b"ok /hang" and sid not in c.resets
+    finally:
+        c.close()

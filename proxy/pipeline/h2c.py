@@ -115,6 +115,20 @@ CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connectio
                                  b"upgrade", b"host", b"http2-settings"))
 _INITIAL_CONNECTION_WINDOW = 65535   # RFC 9113 §6.9.2: only WINDOW_UPDATE on stream 0 raises it
 
+# RFC 9113 §6.8: after a GOAWAY, "activity on streams numbered lower than or equal to the last stream
+# identifier might still complete successfully" (a gRPC server's MaxConnectionAge drain sends GOAWAY with
+# requests in flight, then finishes them). h2 4.4.1 moves its connection state machine to CLOSED on any
+# GOAWAY, sent or received, and then rejects every later frame; this copy of its table keeps an open
+# connection open instead (the HBONE core does the same: hbone/_h2fast.py). Set per connection, so other
+# h2 users keep h2's behaviour; h2 is pinned and the asserts below stop us if its table changes. The core
+# itself stops new work: no request goes to an upstream after its GOAWAY (``H2cConn.alive``), and our own
+# GOAWAY closes the core (nothing more is read).
+_GRACEFUL_TRANSITIONS = dict(h2.connection.H2ConnectionStateMachine._transitions)
+for _state in (h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN):
+    for _input in (h2.connection.ConnectionInputs.SEND_GOAWAY, h2.connection.ConnectionInputs.RECV_GOAWAY):
+        assert _GRACEFUL_TRANSITIONS[(_state, _input)] == (None, h2.connection.ConnectionState.CLOSED), "h2 changed"
+        _GRACEFUL_TRANSITIONS[(_state, _input)] = (None, _state)
+
 
 class H2cError(Exception):
     """The only exception the h2c core raises: a call the connection/stream state does not allow."""
@@ -248,6 +262,7 @@ class H2Core:
         config = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
                                            validate_inbound_headers=True, normalize_inbound_headers=True)
         self._h2 = h2.connection.H2Connection(config=config)
+        self._h2.state_machine._transitions = _GRACEFUL_TRANSITIONS   # see there: a GOAWAY lets streams finish
         initial = {
             SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
             SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_bytes,
@@ -346,10 +361,14 @@ class H2Core:
             elif isinstance(e, ev.RemoteSettingsChanged):
                 out.append(WindowOpened(0))   # INITIAL_WINDOW_SIZE may have grown every stream's window
             elif isinstance(e, ev.ConnectionTerminated):
-                self.closed = True
                 self.goaway_received = True
+                # NO_ERROR: a graceful drain, keep reading what the peer still sends (see
+                # _GRACEFUL_TRANSITIONS). An error code: the peer is closing; nothing more is taken.
+                if e.error_code != ErrorCodes.NO_ERROR:
+                    self.closed = True
                 out.append(Terminated(int(e.error_code), e.last_stream_id or 0, True))
-                return out
+                if self.closed:
+                    return out
         return out
 
     def _on_request(self, e: ev.RequestReceived, now: float, out: list[Event]) -> None:
@@ -585,7 +604,9 @@ class H2cConn:
     async def run(self) -> None:
         """Read until EOF, GOAWAY or a protocol error; then fail what is left."""
         try:
-            while self.terminated is None:
+            while not self.core.closed:
+                if self.terminated is not None and self.core.client_side and not self.streams:
+                    break   # the upstream's graceful GOAWAY, and nothing of ours is left on it
                 try:
                     data = await self.stream.read(READ_BYTES)
                 except OSError as err:
@@ -669,8 +690,13 @@ class H2cConn:
                     abuse = self.core.abuse
                     self.error = (f"{abuse.reason}: {abuse.detail}" if abuse is not None
                                   else f"protocol error: {e.reason}")
+                # A peer's GOAWAY names the last stream *we* initiated that it processes: ours are the
+                # requests on the client side; on the server side (we push nothing) a graceful one
+                # concerns none of the client's requests. Streams up to it finish (or, after an error
+                # GOAWAY, fail when the reader stops: _fail_all).
+                cut = not e.by_peer or self.core.client_side or self.core.closed
                 for sid, st in self.streams.items():
-                    if sid > e.last_stream_id or not e.by_peer:
+                    if cut and (sid > e.last_stream_id or not e.by_peer):
                         st.reset = st.reset if st.reset is not None else int(ErrorCodes.REFUSED_STREAM if e.by_peer
                                                                               else ErrorCodes.PROTOCOL_ERROR)
                         st.local_done = True
@@ -688,6 +714,8 @@ class H2cConn:
 
     @property
     def alive(self) -> bool:
+        """Open for new streams: no GOAWAY either way. Streams already open may still finish after a
+        peer's graceful GOAWAY (``core.closed`` is what ends them)."""
         return self.terminated is None and not self.core.closed
 
     def forget(self, sid: int) -> None:
@@ -726,7 +754,7 @@ class H2cConn:
         st = self.streams.get(sid)
         view = memoryview(data)
         while view:
-            if st is None or st.reset is not None or not self.alive:
+            if st is None or st.reset is not None or self.core.closed:   # (after a graceful GOAWAY: go on)
                 raise StreamReset(f"h2c stream {sid} reset")
             try:
                 n = self.core.send_data(sid, view)
@@ -972,7 +1000,7 @@ async def serve_h2c(stream: ByteStream, handler: Handler, *, limits: H2Limits = 
             except Exception as exc:  # noqa: BLE001 — one place turns a failure into an answer
                 if on_error is not None:
                     on_error(exc)
-                if not responder.head_sent and conn.alive and (st is None or st.reset is None):
+                if not responder.head_sent and not core.closed and (st is None or st.reset is None):
                     try:
                         await responder.send_local_reply(500, b"")
                     except (OSError, RuntimeError):
@@ -1084,6 +1112,9 @@ class H2Upstream:
             self.active.discard(sid)
             self.slots.release()
             self.conn.forget(sid)
+            if self.conn.terminated is not None and not self.conn.streams:
+                # The last stream the upstream's GOAWAY let finish is done: close (its reader ends).
+                self.conn.stream.close()
 
     async def request(self, method: bytes, target: bytes, authority: bytes, headers: Iterable[tuple[bytes, bytes]],
                       body: bytes | AsyncIterable[bytes] | None, *, scheme: bytes = b"http") -> H2Response:
