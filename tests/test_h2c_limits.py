@@ -232,6 +232,11 @@ async def test_concurrent_streams_boundary_refuses_the_extra_stream_only(server)
         assert all(c.heads[s][b":status"] == b"200" for s in sids)
         assert (await c.get(b"/again"))[0] == 200   # the slots came back
         await still_serving(server, c)
+        # Nothing per stream is kept once streams are done (a long-lived connection does not grow).
+        c.close()
+        core = next(x.core for x in await server.finished(2) if x.core.refused)
+        assert not core._held and not core._started and not core._answered
+        assert core.closed_streams == MAX_CONCURRENT_STREAMS + 3 and core.refused == 1   # + refused, /again, /still
     finally:
         c.close()
 

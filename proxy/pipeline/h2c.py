@@ -294,7 +294,6 @@ class H2Core:
         self.abuse: Abuse | None = None
         self.closed = False
         self.goaway_received = False
-        self._responded: set[int] = set()   # client: streams whose final response head arrived
         # Server: streams handed to the shell and not yet forgotten (the concurrency count), when each
         # started (premature-reset lifetime), and which were answered (a response head went out).
         self._held: set[int] = set()
@@ -334,7 +333,6 @@ class H2Core:
                     if self.closed:
                         return out
             elif isinstance(e, ev.ResponseReceived):
-                self._responded.add(e.stream_id)
                 out.append(Headers(e.stream_id, tuple(e.headers), e.stream_ended is not None))
             elif isinstance(e, ev.InformationalResponseReceived):
                 continue   # 1xx: not forwarded (Envoy drops 100-continue from upstreams by default)
