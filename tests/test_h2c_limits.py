@@ -600,3 +600,18 @@ def test_plausible_frame_sequences_only_our_events(ops, step):
     ours = [i for i, e in enumerate(events) if isinstance(e, Terminated) and not e.by_peer]
     assert len(ours) <= 1 and (not ours or ours[0] == len(events) - 1)
     assert len(core._held) <= MAX_CONCURRENT_STREAMS
+
+
+def test_streams_opened_in_one_read_refused_up_to_the_backstop():
+    """h2 counts a whole read's streams before we see any: up to twice the limit in one read, the extra
+    ones are refused one by one; beyond that, h2's own connection error (GOAWAY PROTOCOL_ERROR)."""
+    for n, accepted, refused, code in ((150, 100, 50, None), (200, 100, 100, None),
+                                       (201, 0, 0, int(ErrorCodes.PROTOCOL_ERROR))):
+        c = RawClient(None)
+        wire = PREFACE + SettingsFrame(0).serialize() + b"".join(
+            f.serialize() for _ in range(n) for f in c.headers(get_fields())[1])
+        core = H2Core(client_side=False, clock=lambda: 0.0)
+        events = core.receive(wire)
+        assert sum(isinstance(e, Headers) for e in events) == accepted
+        assert sum(isinstance(e, Refused) for e in events) == refused
+        assert [e.code for e in events if isinstance(e, Terminated)] == ([code] if code else [])
