@@ -109,6 +109,11 @@ def test_flood_limits_are_envoys_and_nghttp2s_numbers():
     assert MAX_FRAME_BYTES == 16384 and S.max_frame_size == MAX_FRAME_BYTES
     assert (MAX_CONCURRENT_STREAMS, MAX_HEADERS, MAX_HEADER_LIST_BYTES, PREMATURE_RESET_TOTAL_STREAM_COUNT) == \
            (100, 100, 60 * 1024, 500)
+    # The defaults are what serve_h2c and the upstream pool use: Envoy's stream_idle_timeout (5 min)
+    # bounds a wait for the peer's window; Envoy's premature-reset minimum lifetime is 1 s.
+    from proxy.pipeline.h2c import DEFAULT_H2_LIMITS
+    assert (DEFAULT_H2_LIMITS.stream_flush_timeout_s, DEFAULT_H2_LIMITS.premature_reset_min_stream_lifetime_s,
+            DEFAULT_H2_LIMITS.flood) == (300.0, 1.0, S)
 
 
 @pytest.mark.parametrize("kind,allowed,code,reason", FLOODS, ids=[f[0] for f in FLOODS])
