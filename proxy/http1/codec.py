@@ -108,6 +108,10 @@ class _MessageEnd:
 
 MessageEnd = _MessageEnd()
 
+# The events built per message with tuple.__new__ and every field in order, not through the NamedTuples'
+# generated __new__ (a Python function): ~0.07 us less each (timeit), three or four per request.
+_tuple_new = tuple.__new__
+
 
 def _framing(headers: list, err_status: int) -> tuple[bool, int | None]:
     """(chunked, content_length) from the headers; llhttp already refused conflicts and bad numbers."""
@@ -180,21 +184,22 @@ class _Reader:
         self._body_bytes = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self.max_head_bytes:
+        size = self._head_bytes = self._head_bytes + len(name) + len(value) + 4
+        if size > self.max_head_bytes:
             self._fail(self._too_large, "headers too large")
         if not self._awaiting_head:
             return  # a trailer: counted, then dropped
-        if len(self._headers) >= self.max_headers:
+        headers = self._headers
+        if len(headers) >= self.max_headers:
             self._fail(self._too_large, "too many headers")
-        self._headers.append((name.lower(), value))
+        headers.append((name.lower(), value))
 
     def on_body(self, body: bytes) -> None:
         if self.max_body_bytes is not None:
             self._body_bytes += len(body)
             if self._body_bytes > self.max_body_bytes:
                 self._fail(413, "body too large")
-        self._events.append(BodyChunk(body))
+        self._events.append(_tuple_new(BodyChunk, (body,)))
 
     def on_message_complete(self) -> None:
         self._in_message = False
@@ -295,8 +300,11 @@ class RequestReader(_Reader):
         self._url = b""
         self._parser = httptools.HttpRequestParser(self)
 
-    def on_message_begin(self) -> None:
-        _Reader.on_message_begin(self)
+    def on_message_begin(self) -> None:   # (_Reader.on_message_begin inlined: one call less per request)
+        self._in_message = True
+        self._headers = []
+        self._head_bytes = 0
+        self._body_bytes = 0
         self._url = b""
 
     def on_url(self, url: bytes) -> None:
@@ -357,8 +365,8 @@ class RequestReader(_Reader):
         if length is not None and self.max_body_bytes is not None and length > self.max_body_bytes:
             self._fail(413, "body too large")   # known up front: refuse before reading it
         has_body = chunked or bool(length)
-        self._events.append(RequestHead(method, self._url, version, headers, keep_alive, has_body,
-                                        chunked, length, expect, host, upgrade_to))
+        self._events.append(_tuple_new(RequestHead, (method, self._url, version, headers, keep_alive, has_body,
+                                                     chunked, length, expect, host, upgrade_to)))
 
     def _execute(self, data: bytes) -> None:
         while True:
@@ -403,8 +411,11 @@ class ResponseReader(_Reader):
         self._head_request = method == b"HEAD"
         self._upgrade_expected = upgrade
 
-    def on_message_begin(self) -> None:
-        _Reader.on_message_begin(self)
+    def on_message_begin(self) -> None:   # (_Reader.on_message_begin inlined: one call less per response)
+        self._in_message = True
+        self._headers = []
+        self._head_bytes = 0
+        self._body_bytes = 0
         self._reason = b""
 
     def on_status(self, reason: bytes) -> None:
@@ -430,8 +441,8 @@ class ResponseReader(_Reader):
             raise
         no_body = status < 200 or status in (204, 304) or self._head_request
         has_body = not no_body and (chunked or length is None or length > 0)
-        self._events.append(ResponseHead(status, self._reason, version, headers,
-                                         parser.should_keep_alive(), has_body, chunked, length))
+        self._events.append(_tuple_new(ResponseHead, (status, self._reason, version, headers,
+                                                      parser.should_keep_alive(), has_body, chunked, length)))
 
     def _execute(self, data: bytes) -> None:
         if not self._head_request:
