@@ -96,6 +96,11 @@ class Waypoint:
         self.http = HttpPipeline(self.originator, metrics=metrics, access_log=access_log, rng=self.rng)
         self.lb = LoadBalancer()
         self.live: set[LiveTunnel] = set()
+        if metrics is not None:
+            # hbone_tunnels_active is the live set's size, read at scrape time (as the node proxy reads its
+            # listeners' counts): no gauge update per tunnel. It counts the tunnels being served — from the
+            # chain match to the end; a CONNECT refused for an unknown destination never was a tunnel.
+            metrics.count_tunnels_with(self._live_count)
         self.server = HboneServer(lambda: cert_source.server_context(), self.main_internal,
                                   trust_domain=cert_source.trust_domain, settings=hbone_settings,
                                   on_refusal=refusal_recorder(metrics, access_log, reporter="waypoint",
@@ -127,8 +132,6 @@ class Waypoint:
         rec = _TunnelLog(ctx.start_time)
         t0 = time.monotonic()
         live: LiveTunnel | None = None
-        if self.metrics is not None:
-            self.metrics.tunnel_opened()
         try:
             try:
                 chain = match_chain(ctx.authority, snapshot)
@@ -190,8 +193,6 @@ class Waypoint:
                     tunnel_stream = live.streams[0]
                     rec.received = getattr(tunnel_stream, "bytes_received", 0)
                     rec.sent = getattr(tunnel_stream, "bytes_sent", 0)
-            if self.metrics is not None:
-                self.metrics.tunnel_closed()
             self._log_tunnel(ctx, rec, t0)
 
     async def _tcp(self, tunnel: InboundTunnel, stream: ByteStream | None, ctx: TunnelContext, chain: Chain,
@@ -273,6 +274,9 @@ class Waypoint:
 
     @property
     def active_tunnels(self) -> int:
+        return len(self.live)
+
+    def _live_count(self) -> int:
         return len(self.live)
 
     def stop_accepting(self) -> None:

@@ -22,6 +22,7 @@ async def test_90_10_split_keepalive_and_authz(tmp_path, loopback_ip):
             counts[body] = counts.get(body, 0) + 1
         assert set(counts) <= {b"v1", b"v2"}
         assert abs(counts.get(b"v2", 0) / 1000 - 0.10) <= 0.03, counts
+        assert _tunnels_active(h) == 1   # the HTTP tunnel, open while its requests are served
         stream.close()
         # Another identity: 403 RBAC: access denied, text/plain, no response flag.
         other = h.client("bookinfo-ratings")
@@ -237,6 +238,7 @@ async def test_recheck_closes_tcp_tunnels_denied_after_a_policy_change(tmp_path,
         await stream.drain()
         assert await stream.read() == b"ping"
         assert [t.chain.protocol for t in h.waypoint.tunnels()] == ["tcp"]
+        assert _tunnels_active(h) == 1   # the live set, read at scrape time
         assert h.waypoint.recheck(h.store.current) == 0     # still allowed
         (tmp_path / "config" / "extra.yaml").write_text(TCP_DENY.replace("bookinfo-productpage", "nobody"))
         h.store.load()
@@ -244,5 +246,18 @@ async def test_recheck_closes_tcp_tunnels_denied_after_a_policy_change(tmp_path,
         with pytest.raises(ConnectionError):   # reset, not a clean end
             while await stream.read():
                 pass
+        for _ in range(200):
+            if not h.waypoint.tunnels():
+                break
+            await asyncio.sleep(0.01)
+        assert _tunnels_active(h) == 0
     finally:
         await h.close()
+
+
+def _tunnels_active(h) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+    for family in text_string_to_metric_families(h.metrics.exposition().decode()):
+        if family.name == "hbone_tunnels_active":
+            return family.samples[0].value
+    raise AssertionError("hbone_tunnels_active is not exposed")
