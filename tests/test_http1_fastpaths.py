@@ -211,3 +211,144 @@ async def test_prefixed_stream_unwrap_hands_over_the_prefix_once():
     assert wrapped.unwrap() == (inner, b"head")
     assert wrapped.unwrap() == (inner, b"")
     assert await wrapped.read() == b"rest"   # nothing replayed after the hand-over
+
+
+# ---- encode_forward_head: request_headers + encode_request_head in one pass ------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_NAMES = [b"host", b"user-agent", b"connection", b"keep-alive", b"te", b"expect", b"content-length",
+          b"transfer-encoding", b"upgrade", b"x-a", b"x-b", b"proxy-connection", b"trailer"]
+_VALUES = [b"", b"v", b"close", b"x-a, X-B", b"keep-alive, te", b"a\rb", b"a\nb", b"100-continue", b"1"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(headers=st.lists(st.tuples(st.sampled_from(_NAMES), st.sampled_from(_VALUES)), max_size=8),
+       method=st.sampled_from([b"GET", b"HEAD", b"DELETE"]), target=st.sampled_from([b"/", b"/p?q=1"]),
+       authority=st.sampled_from([b"reviews:9080", b"r", b"a\r\nb"]))
+def test_encode_forward_head_is_request_headers_then_encode(headers, method, target, authority):
+    from proxy.http1.client import encode_forward_head, request_headers
+    from proxy.http1.codec import encode_request_head
+    try:
+        want = encode_request_head(method, target, request_headers(headers, authority))
+    except ValueError as err:
+        want = ("ValueError", str(err))
+    try:
+        got = encode_forward_head(method, target, authority, headers)
+    except ValueError as err:
+        got = ("ValueError", str(err))
+    assert got == want
+
+
+async def test_forward_bodiless_sends_and_returns_what_forward_request_does():
+    """The lean client call against forward_request on the same scripted upstream bytes (whole, split,
+    with a 100 Continue first, closed early): the same request bytes, response fields and body."""
+    import asyncio
+
+    from proxy.http1.client import UpstreamReset, forward_bodiless
+    from proxy.http1.codec import ResponseReader
+
+    class Up:
+        def __init__(self, reads):
+            self.reads, self.written = list(reads), bytearray()
+
+        def write(self, data):
+            self.written += data
+
+        async def drain(self):
+            pass
+
+        async def read(self, n=65536):
+            await asyncio.sleep(0)
+            return self.reads.pop(0) if self.reads else b""
+
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Y: z\r\n\r\nhi"
+    cases = [[ok], [ok[:10], ok[10:30], ok[30:]], [b"HTTP/1.1 100 Continue\r\n\r\n", ok], [b"HTTP/1.1 200"], [],
+             [b"HTTP/1.1 200 OK\r\n\r\nuntil-eof"], [b"garbage\r\n\r\n"]]
+    hdrs = [(b"user-agent", b"t"), (b"connection", b"x-a"), (b"x-a", b"1"), (b"x-b", b"2")]
+    for reads in cases:
+        outs = []
+        for lean in (True, False):
+            up = Up(reads)
+            try:
+                if lean:
+                    resp = await forward_bodiless(up, ResponseReader(), b"GET", b"/", b"r", hdrs)
+                else:
+                    resp = await forward_request(up, b"GET", b"/", b"r", hdrs, reader=ResponseReader())
+                body = b"".join([c async for c in resp.body_chunks()])
+                outs.append((bytes(up.written), resp.head, body, resp.reusable))
+            except (UpstreamReset, Exception) as err:  # noqa: BLE001 — the same type and text both ways
+                outs.append((bytes(up.written), type(err).__name__, str(err),
+                             getattr(err, "before_response", None)))
+        assert outs[0] == outs[1], reads
+
+
+def _two_step_head(status, headers, reason, method, version, keep_alive, expect_waiting):
+    """The response head as _head_bytes built it before it encoded in one pass: a list of pairs, then
+    encode_response_head (the reference of the twin test below)."""
+    from proxy.http1.codec import encode_response_head
+    from proxy.http1.server import _NO_BODY_STATUS, _RESPONSE_DROP
+    out, length, at = [], None, 0
+    for name, value in headers:
+        name = name.lower()
+        if name == b"content-length":
+            length, at = int(value), len(out)
+        elif name not in _RESPONSE_DROP:
+            out.append((name, value))
+    if method == b"HEAD" or status in _NO_BODY_STATUS or status < 200:
+        mode = "none"
+        if length is not None and status != 204:
+            out.insert(at, (b"content-length", b"%d" % length))
+    elif length is not None:
+        mode = "length"
+        out.insert(at, (b"content-length", b"%d" % length))
+    elif version == b"1.1":
+        mode = "chunked"
+        out.append((b"transfer-encoding", b"chunked"))
+    else:
+        mode, keep_alive = "eof", False
+    if expect_waiting:
+        keep_alive = False
+    if not keep_alive:
+        out.append((b"connection", b"close"))
+    elif version == b"1.0":
+        out.append((b"connection", b"keep-alive"))
+    return encode_response_head(status, reason, out, version), mode, keep_alive
+
+
+@settings(max_examples=400, deadline=None)
+@given(status=st.sampled_from([100, 101, 200, 204, 301, 304, 404, 503, 599, 999]),
+       headers=st.lists(st.tuples(st.sampled_from([b"Content-Length", b"content-length", b"Server", b"x-a",
+                                                   b"Connection", b"transfer-encoding", b"X-B", b"upgrade"]),
+                                  st.sampled_from([b"0", b"12", b"v", b"a\nb", b"a\rb", b"close"])), max_size=6),
+       reason=st.sampled_from([None, b"OK", b"", b"Bad\r\nX: y"]),
+       method=st.sampled_from([b"GET", b"HEAD"]), version=st.sampled_from([b"1.1", b"1.0"]),
+       keep_alive=st.booleans(), expect=st.booleans())
+def test_head_bytes_encodes_what_the_two_step_encoding_did(status, headers, reason, method, version, keep_alive,
+                                                             expect):
+    from proxy.http1.codec import RequestHead
+    if any(n.lower() == b"content-length" and not v.isdigit() for n, v in headers):
+        return   # (int() of a non-number: the handler's bug, a ValueError either way)
+    head = RequestHead(method, b"/", version, [], keep_alive, expect, False, 5 if expect else None, expect,
+                       b"h")
+    conn = _Conn(_Sink(), DEFAULT_LIMITS)
+    conn.keep_alive = keep_alive
+    request = Http1Request(head, conn)
+    responder = Responder(conn, request)
+    try:
+        want = _two_step_head(status, headers, reason, method, version, keep_alive, expect)
+    except ValueError as err:
+        want = ("ValueError", str(err))
+    try:
+        got = (responder._head_bytes(status, headers, reason), responder._mode, conn.keep_alive)
+    except ValueError as err:
+        got = ("ValueError", str(err))
+    assert got == want
+    assert responder.head_sent and responder.status == status and conn.response_started
+
+
+class _Sink:
+    remote_addr = ("127.0.0.1", 1)
+
+    def write(self, data):
+        pass

@@ -111,6 +111,12 @@ class Http1Response:
         if self._sender is not None:
             return None   # the request body is still going out: body_chunks ends it properly
         events = self._events
+        if len(events) == 2 and events[1] is MessageEnd and events[0] is not MessageEnd:
+            # (the usual case — one body piece and the end — without the count, list and join below)
+            data = events[0].data
+            events.clear()
+            self.done = True
+            return data
         if not events or events[-1] is not MessageEnd or events.count(MessageEnd) != 1:
             return None   # still streaming, or more than this message buffered (a misbehaving upstream)
         parts = [events.popleft().data for _ in range(len(events) - 1)]
@@ -225,6 +231,30 @@ def request_headers(headers: Iterable[tuple[bytes, bytes]], authority: bytes) ->
     return out
 
 
+def encode_forward_head(method: bytes, target: bytes, authority: bytes, headers: list) -> bytes:
+    """``encode_request_head(method, target, request_headers(headers, authority))`` — the same bytes, the
+    same ValueError for a CR or LF inside a field — in one pass over the headers when none is a
+    Connection header (which names more fields to drop: then the two-step way).
+
+    PERF NOTE: timeit (/tmp/wp/micro_heads.py, best of 7), the waypoint's upstream request (4 headers):
+    1.14 -> 0.65 us."""
+    parts = [method, b" ", target, b" HTTP/1.1\r\nhost: ", authority, b"\r\n"]
+    count = 1
+    drop = _REQUEST_DROP
+    for name, value in headers:
+        if name not in drop:
+            parts += (name, b": ", value, b"\r\n")
+            count += 1
+        elif name == b"connection":
+            return encode_request_head(method, target, request_headers(headers, authority))
+    parts.append(b"\r\n")
+    blob = b"".join(parts)
+    # As codec._encode_fields: one CRLF per line, else a name or value carried a CR or LF.
+    if blob.count(b"\n") != count + 2 or blob.count(b"\r") != count + 2:
+        raise ValueError("CR or LF inside a header name or value")
+    return blob
+
+
 async def forward_request(upstream: ByteStream, method: bytes, target: bytes, authority: bytes,
                           headers: Iterable[tuple[bytes, bytes]], body: BodySource = None, *,
                           content_length: int | None = None,
@@ -301,10 +331,10 @@ async def forward_bodiless(upstream: ByteStream, reader: ResponseReader, method:
     body, framing and sender handling left out and the response read inline (one coroutine, not two per
     read). The waypoint's common request (``HttpPipeline._execute_lean``), where that bookkeeping was
     ~1 µs of ~40 (see its PERF NOTE)."""
-    fields = request_headers(headers, authority)
     reader.expect(method)
+    head = encode_forward_head(method, target, authority, headers)
     try:
-        upstream.write(encode_request_head(method, target, fields))
+        upstream.write(head)
         await upstream.drain()
     except OSError as err:
         raise UpstreamReset(f"upstream write failed: {err}", before_response=True) from err
@@ -402,5 +432,6 @@ class Http1Pool:
         return f"<Http1Pool keys={len(self._idle)} idle={sum(len(c) for c in self._idle.values())}>"
 
 
-__all__ = ["forward_request", "forward_bodiless", "Http1Response", "UpstreamReset", "Http1Pool", "request_headers",
+__all__ = ["forward_request", "forward_bodiless", "encode_forward_head", "Http1Response", "UpstreamReset", "Http1Pool",
+           "request_headers",
            "READ_BYTES"]
