@@ -1,10 +1,11 @@
-"""The asyncio shell around the sans-IO core: one `asyncio.Protocol` per TLS connection, and the
-`ByteStream` each HBONE stream is to the rest of the proxy.
+"""The asyncio shell around the sans-IO core: one `asyncio.Protocol` per HBONE connection (a plain
+TCP transport, with TLS done by hbone/_tls.py), and the `ByteStream` each HBONE stream is to the
+rest of the proxy.
 
-Why a Protocol and not StreamReader/Writer: the TLS transport hands us whole decrypted chunks
-(up to 256 KiB) in `data_received`; feeding them straight into h2 saves a copy and a task wake-up
-per chunk. Writes are coalesced: stream writes only queue in the core; one `transport.write()` per
-loop turn carries every frame produced since (performance.md: "one write per loop turn" helps).
+Why a Protocol and not StreamReader/Writer: each TCP read is decrypted whole (up to ~256 KiB of
+plaintext) and fed straight into h2, saving a copy and a task wake-up per chunk. Writes are
+coalesced: stream writes only queue in the core; one `SSLObject.write` and one `transport.write()`
+per loop turn carry every frame produced since (performance.md: "one write per loop turn" helps).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 from collections import deque
 from typing import Callable
 
+from hbone import _tls
 from hbone import protocol as P
 from hbone.protocol import ErrorCodes
 from hbone.settings import HboneSettings
@@ -245,16 +248,38 @@ class HboneStream:
                 f"pending={self._conn.core.pending(self.stream_id)}>")
 
 
+# asyncio's and uvloop's SSL_SHUTDOWN_TIMEOUT: after our close_notify, how long we wait for the
+# peer's (reading and discarding meanwhile, so unread input does not turn our close into a TCP RST
+# that could destroy what we sent last) before dropping the connection.
+TLS_SHUTDOWN_TIMEOUT_S = 30.0
+
+
 class HboneConnection(asyncio.Protocol):
-    """Shared by the server and client sides: drives a core over a TLS transport."""
+    """Shared by the server and client sides: drives a core over TLS over a plain TCP transport.
+
+    The asyncio.Protocol methods (connection_made, data_received, eof_received, connection_lost)
+    are the TCP transport's; TLS is hbone/_tls.py's TlsLayer, and what the sides override are the
+    hooks after it: `tls_made()` once the handshake is done (identity checks), `tls_data(plaintext)`
+    per read, `tls_eof()` when the peer ended the connection (close_notify or TCP FIN).
+    `handshake_done` resolves when the handshake completed (the caller may then read `tls_made`'s
+    verdict) or raises what failed it: ssl.SSLError, TimeoutError (tls_handshake_timeout, which
+    also bounds a slowloris ClientHello), or ConnectionError (closed during the handshake).
+    `transport` is the TCP transport; `close_transport()` is the clean close (close_notify first).
+
+    PERF NOTE: see hbone/_tls.py and the commit message for the before -> after figures."""
 
     core: P._Core
 
-    def __init__(self, core: P._Core, settings: HboneSettings, loop: asyncio.AbstractEventLoop):
+    def __init__(self, core: P._Core, settings: HboneSettings, loop: asyncio.AbstractEventLoop,
+                 context: ssl.SSLContext, *, server_side: bool):
         self.core = core
         self.settings = settings
         self.loop = loop
         self.transport: asyncio.Transport | None = None
+        self.tls = _tls.TlsLayer(context, server_side=server_side)
+        self.handshake_done: asyncio.Future = loop.create_future()
+        self._tls_timer: asyncio.TimerHandle | None = None  # handshake, then shutdown deadline
+        self._tls_exc: BaseException | None = None  # why TLS ended the connection, for connection_lost
         self.streams: dict[int, HboneStream] = {}
         self.drain_waiting: set[HboneStream] = set()
         self._watch: set[int] = set()
@@ -279,19 +304,189 @@ class HboneConnection(asyncio.Protocol):
         self._defer_armed = False
         self._defer_bytes = min(SPLICE_DEFER_BYTES, settings.stream_window // 4)
 
-    # -- asyncio.Protocol --
+    # -- asyncio.Protocol of the TCP transport: TLS --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("sockname") or ("", 0)
         peer = transport.get_extra_info("peername") or ("", 0)
         self.local_addr = (sock[0], sock[1])
         self.remote_addr = (peer[0], peer[1])
-        # Bounded transport buffer: above it, pause_writing stops moving stream bytes into TLS.
+        # Bounded transport buffer (TLS bytes): above it, pause_writing stops moving stream bytes
+        # into TLS.
         transport.set_write_buffer_limits(high=self.settings.transport_write_high_water)  # type: ignore[attr-defined]
-        self._ping_timer = self.loop.call_later(self.settings.ping_interval, self._ping_tick)
-        self.flush_now()
+        # asyncio sslproto `_start_handshake`: one deadline for the whole handshake, however the
+        # peer trickles its bytes (a slowloris ClientHello is cut at the same time as a silent one).
+        self._tls_timer = self.loop.call_later(self.settings.tls_handshake_timeout, self._handshake_timed_out)
+        self._step_handshake(b"")  # the client's ClientHello; the server waits for it
 
     def data_received(self, data: bytes) -> None:
+        tls = self.tls
+        if tls.state == _tls.OPEN:
+            try:
+                plain = tls.decrypt(data)
+            except ssl.SSLError as err:  # a bad record or a fatal alert: asyncio `_fatal_error`
+                self._tls_failed(err)
+                return
+            if tls._backlog is not None:  # asyncio `_do_read`: a write that wanted a read retries
+                tls.retry_backlog()
+            if plain:
+                self.tls_data(plain)
+            elif tls.outgoing.pending:  # a post-handshake answer (KeyUpdate) with no h2 bytes
+                self._push()
+            if tls.peer_closed:
+                self._peer_closed()
+        elif tls.state == _tls.HANDSHAKE:
+            self._step_handshake(data)
+        elif tls.state == _tls.CLOSING:
+            try:
+                done = tls.drain_closing(data)
+            except ssl.SSLError as err:
+                self._tls_failed(err)
+                return
+            if done and self.transport is not None:
+                self.transport.close()
+        # CLOSED: nothing more is read (asyncio drops data after the shutdown)
+
+    def eof_received(self) -> bool:
+        """TCP FIN. asyncio sslproto `eof_received`: during the handshake it is a failure
+        (ConnectionResetError); once open, a FIN without close_notify (a "ragged" EOF) ends the
+        connection like close_notify would (the app's eof_received, then close); while we wait
+        for the peer's close_notify it ends the wait."""
+        tls = self.tls
+        if tls.state == _tls.HANDSHAKE:
+            self._handshake_failed(ConnectionResetError("the peer closed the connection during the TLS handshake"))
+        elif tls.state == _tls.OPEN:
+            self._tls_exc = ConnectionResetError("the peer closed the connection without TLS close_notify")
+            self.tls_eof()
+        return False  # the transport closes itself
+
+    def _step_handshake(self, data: bytes) -> None:
+        tls = self.tls
+        try:
+            done = tls.handshake(data)
+        except ssl.SSLError as err:
+            self._handshake_failed(err)
+            return
+        if not done:
+            self._push()
+            return
+        if self._tls_timer is not None:
+            self._tls_timer.cancel()
+            self._tls_timer = None
+        # asyncio `_on_handshake_complete`: the app's connection_made, the waiter, then a read of
+        # what came with the handshake's last flight (a client's h2 preface rides with its Finished).
+        self.tls_made()
+        if not self.handshake_done.done():
+            self.handshake_done.set_result(None)
+        if tls.state == _tls.OPEN and not self.lost:
+            # One TCP write for the handshake's end and HTTP/2's start: the client's Finished with
+            # its preface, SETTINGS and WINDOW_UPDATE; the server's SETTINGS and WINDOW_UPDATE with
+            # the SETTINGS ACK for a client preface that came with the client's Finished (the read
+            # below flushes when it brings records; the flush after it when it does not).
+            self.data_received(b"")
+            self.flush_now()
+
+    def _handshake_failed(self, err: BaseException) -> None:
+        if self._tls_timer is not None:
+            self._tls_timer.cancel()
+            self._tls_timer = None
+        self.tls.state = _tls.CLOSED
+        self._tls_exc = err
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(err)
+            self.handshake_done.exception()  # retrieved: whoever awaits it re-raises it
+        transport = self.transport
+        if transport is not None and not self.lost:
+            # The alert OpenSSL wrote tells the peer why (ztunnel/rustls sends it too; asyncio's
+            # SSL transport aborted without it and the peer saw a bare EOF), then a normal close.
+            alert = self.tls.take()
+            if alert:
+                transport.write(alert)
+            transport.close()
+
+    def _handshake_timed_out(self) -> None:
+        self._tls_timer = None
+        if self.tls.state == _tls.HANDSHAKE:
+            err = TimeoutError(f"TLS handshake not done within {self.settings.tls_handshake_timeout:g}s")
+            self._handshake_failed(err)
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _tls_failed(self, err: ssl.SSLError) -> None:
+        """A TLS error on an open connection: fatal (asyncio `_fatal_error`), reported to
+        connection_lost as the reason."""
+        self.tls.state = _tls.CLOSED
+        self._tls_exc = err
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _peer_closed(self) -> None:
+        """The peer's close_notify arrived (asyncio `_do_read__copied`: `_call_eof_received`, then
+        `_start_shutdown`, which answers with our close_notify)."""
+        self.tls_eof()
+        if not self.lost:
+            self.close_transport()
+
+    def _push(self) -> None:
+        out = self.tls.take()
+        transport = self.transport
+        if out and transport is not None and not self.lost and not transport.is_closing():
+            transport.write(out)
+
+    def close_transport(self) -> None:
+        """The clean close: what h2 still has to send, close_notify, then the TCP close once the
+        peer's close_notify (or FIN) arrives or TLS_SHUTDOWN_TIMEOUT_S has passed."""
+        transport = self.transport
+        if transport is None or self.lost:
+            return
+        tls = self.tls
+        if tls.state == _tls.OPEN:
+            # What h2 already framed goes before close_notify (callers flush_now() first when
+            # stream bytes should go too; flush_now calls this when the core closed).
+            data = self.core.data_to_send()
+            if data:
+                tls.write(data)
+        elif tls.state == _tls.HANDSHAKE:  # asyncio `_start_shutdown` in DO_HANDSHAKE: abort
+            self._handshake_failed(ConnectionAbortedError("connection closed during the TLS handshake"))
+            transport.abort()
+            return
+        if tls.state == _tls.CLOSED:
+            transport.close()
+            return
+        if tls.state == _tls.OPEN:
+            done = tls.close()
+            self._push()
+            if done:
+                transport.close()
+            elif self._tls_timer is None:
+                self._tls_timer = self.loop.call_later(TLS_SHUTDOWN_TIMEOUT_S, self._shutdown_timed_out)
+
+    def _shutdown_timed_out(self) -> None:
+        self._tls_timer = None
+        if not self.lost and self.transport is not None:
+            self._tls_exc = TimeoutError("TLS shutdown timed out")  # asyncio's words
+            self.transport.abort()
+
+    def get_extra_info(self, name: str, default=None):
+        """What asyncio's SSL transport answered: ssl_object, peercert, cipher, compression, then
+        the TCP transport's (peername, sockname, socket)."""
+        value = self.tls.extra(name)
+        if value is not None:
+            return value
+        if self.transport is not None:
+            return self.transport.get_extra_info(name, default)
+        return default
+
+    # -- hooks after TLS --
+    def tls_made(self) -> None:
+        """The handshake is done: start HTTP/2 (subclasses check the peer's identity first). The
+        h2 preface the core queued leaves with the next flush (_step_handshake's)."""
+        self._ping_timer = self.loop.call_later(self.settings.ping_interval, self._ping_tick)
+
+    def tls_eof(self) -> None:
+        """The peer ended the TLS connection (close_notify or TCP FIN): the connection is over."""
+
+    def tls_data(self, data: bytes) -> None:
         self.reads += 1
         events = self.core.receive_data(data)
         if len(events) > 1:
@@ -361,9 +556,6 @@ class HboneConnection(asyncio.Protocol):
             splice.h_flush()
         self.flush_now()  # the acknowledgements' WINDOW_UPDATEs
 
-    def eof_received(self) -> bool:
-        return False  # TLS close_notify / TCP FIN: the connection is over
-
     def pause_writing(self) -> None:
         self._writable = False
 
@@ -373,9 +565,16 @@ class HboneConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost = True
+        if exc is None:
+            exc = self._tls_exc
         self.lost_exc = exc
         self.core.closed = True
-        for timer in (self._ping_timer, self._ping_deadline):
+        self.tls.state = _tls.CLOSED
+        if not self.handshake_done.done():
+            self.handshake_done.set_exception(
+                exc or ConnectionResetError("connection closed during the TLS handshake"))
+            self.handshake_done.exception()
+        for timer in (self._ping_timer, self._ping_deadline, self._tls_timer):
             if timer is not None:
                 timer.cancel()
         reason = f"HBONE connection lost: {exc}" if exc else "HBONE connection closed"
@@ -397,14 +596,15 @@ class HboneConnection(asyncio.Protocol):
     def flush_now(self) -> None:
         self._flush_scheduled = False
         transport = self.transport
-        if transport is None or self.lost:
+        tls = self.tls
+        if transport is None or self.lost or tls.state != _tls.OPEN:
             return
         core = self.core
         if self._writable:
             core.flush()
         data = core.data_to_send()
         if data:
-            transport.write(data)
+            tls.write(data)
         if self.drain_waiting:
             bound = self.settings.stream_send_buffer
             for stream in list(self.drain_waiting):
@@ -430,11 +630,15 @@ class HboneConnection(asyncio.Protocol):
                     self.stream_finished(sid)
                     data = core.data_to_send()
                     if data:
-                        transport.write(data)
+                        tls.write(data)
                 elif pending == 0:
                     watch.discard(sid)
+        # One TCP write per flush for everything TLS made of it.
+        out = tls.outgoing
+        if out.pending:
+            transport.write(out.read())
         if core.closed and not self.lost and self.should_close_transport():
-            transport.close()
+            self.close_transport()
 
     def should_close_transport(self) -> bool:
         return True
@@ -520,7 +724,8 @@ class HboneConnection(asyncio.Protocol):
         if self.transport is not None:
             data = self.core.data_to_send()
             if data:
-                self.transport.write(data)
+                self.tls.write(data)
+                self._push()  # the TCP transport tries to send at once; abort drops the rest
             self.transport.abort()
 
     # -- shutdown --
@@ -529,6 +734,7 @@ class HboneConnection(asyncio.Protocol):
         self.flush_now()
 
     def abort(self) -> None:
+        self.tls.state = _tls.CLOSED  # nothing more is read or written
         if self.transport is not None and not self.lost:
             self.transport.abort()
 

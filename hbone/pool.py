@@ -55,8 +55,8 @@ class _Retry(Exception):
 class _ClientConnection(HboneConnection):
     core: P.ClientCore
 
-    def __init__(self, pool: "HbonePool", key: PoolKey, loop: asyncio.AbstractEventLoop):
-        super().__init__(P.ClientCore(pool.settings), pool.settings, loop)
+    def __init__(self, pool: "HbonePool", key: PoolKey, loop: asyncio.AbstractEventLoop, context: ssl.SSLContext):
+        super().__init__(P.ClientCore(pool.settings), pool.settings, loop, context, server_side=False)
         self.pool = pool
         self.key = key
         self.identity_error: PeerIdentityError | None = None
@@ -67,24 +67,20 @@ class _ClientConnection(HboneConnection):
         self._idle_timer: asyncio.TimerHandle | None = None
         self.goaway_last_stream: int | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        sslobj = transport.get_extra_info("ssl_object")
+    def tls_made(self) -> None:
         try:
-            if sslobj is None:
-                raise PeerIdentityError("handshake", "not a TLS connection")
             # ztunnel IdentityVerifier: the server must be one of the expected identities.
-            self.server_identity = check_server_identity(sslobj, self.key.dst_identities,
+            self.server_identity = check_server_identity(self.tls.sslobj, self.key.dst_identities,
                                                          self.pool.trust_domain)
         except PeerIdentityError as err:
             self.identity_error = err
-            self.transport = transport  # type: ignore[assignment]
-            transport.abort()
+            self.abort()
             return
-        super().connection_made(transport)
+        super().tls_made()
 
-    def data_received(self, data: bytes) -> None:
+    def tls_data(self, data: bytes) -> None:
         if self.identity_error is None:
-            super().data_received(data)
+            super().tls_data(data)
 
     # -- state --
     @property
@@ -123,11 +119,10 @@ class _ClientConnection(HboneConnection):
                 fut.set_exception(_Retry())
         if not event.by_peer and self.transport is not None:
             self.flush_now()
-            self.transport.close()
+            self.close_transport()
         elif not self.streams:
             self.flush_now()
-            if self.transport is not None:
-                self.transport.close()
+            self.close_transport()
 
     def on_stream_finished(self, stream: HboneStream) -> None:
         fut = self.pending_opens.pop(stream.stream_id, None)
@@ -143,7 +138,7 @@ class _ClientConnection(HboneConnection):
     def _close_transport(self) -> None:
         if self.transport is not None and not self.lost and not self.streams:
             self.flush_now()
-            self.transport.close()
+            self.close_transport()
 
     def handle_event(self, event: P.Event) -> None:
         if event.__class__ is P.StreamReset and event.stream_id in self.pending_opens:
@@ -181,8 +176,7 @@ class _ClientConnection(HboneConnection):
         if self.in_use == 0 and not self.lost:
             self.pool._forget(self)
             self.goaway()
-            if self.transport is not None:
-                self.transport.close()
+            self.close_transport()
 
     # -- opening a tunnel --
     async def open(self, request: ConnectRequest) -> HboneStream:
@@ -285,28 +279,32 @@ class HbonePool:
 
         def factory() -> _ClientConnection:
             nonlocal conn
-            conn = _ClientConnection(self, key, loop)
+            conn = _ClientConnection(self, key, loop, ctx)
             return conn
 
         host, port = key.dst
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 ctx = self.context_source()
-                # server_hostname="": no SNI (ztunnel: enable_sni = false); identity is checked
-                # against the SPIFFE URI SAN, in connection_made.
+                # A plain TCP connection; the connection does TLS itself (hbone/_tls.py), with no
+                # SNI (ztunnel: enable_sni = false), within settings.tls_handshake_timeout; the
+                # identity is checked against the SPIFFE URI SAN in tls_made.
                 await loop.create_connection(
-                    factory, host, port, ssl=ctx, server_hostname="",
-                    ssl_handshake_timeout=self.settings.tls_handshake_timeout,
+                    factory, host, port,
                     local_addr=(key.local_host, 0) if key.local_host else None)
                 assert conn is not None
+                await conn.handshake_done
                 if conn.identity_error is not None:
                     err = conn.identity_error
                     raise ConnectFailed("identity" if err.reason == "unexpected_identity" else "tls",
                                         f"{err.reason}: {err}")
                 await conn.ready()
-        except TimeoutError:
+        except TimeoutError as err:
             if conn is not None:
                 conn.abort()
+            if conn is not None and conn.handshake_done.done() and not conn.handshake_done.cancelled() \
+                    and conn.handshake_done.exception() is err:
+                raise ConnectFailed("timeout", f"{host}:{port}: {err}") from None
             raise ConnectFailed("timeout", f"no HBONE connection to {host}:{port} within "
                                            f"{self.settings.connect_timeout:g}s") from None
         except ConnectFailed:
@@ -314,10 +312,18 @@ class HbonePool:
                 conn.abort()
             raise
         except ssl.SSLError as err:
+            if conn is not None:
+                conn.abort()
             raise ConnectFailed("tls", classify_handshake_error(err)) from None
         except ConnectionRefusedError as err:
             raise ConnectFailed("refused", f"{host}:{port}: {err.strerror or err}") from None
+        except asyncio.CancelledError:
+            if conn is not None:
+                conn.abort()  # a handshake in flight must not outlive its dial
+            raise
         except OSError as err:
+            if conn is not None:
+                conn.abort()
             # Unreachable, reset during the handshake, no route: an upstream connection failure.
             reason = "tls" if isinstance(err.__cause__, ssl.SSLError) else "refused"
             raise ConnectFailed(reason, f"{host}:{port}: {err}") from None
@@ -354,8 +360,7 @@ class HbonePool:
             for stream in list(conn.streams.values()):
                 stream.abort()
             conn.goaway()
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.close_transport()
         waits = [asyncio.ensure_future(c.wait_lost()) for c in set(conns) if c.transport is not None]
         if waits:
             _, pending = await asyncio.wait(waits, timeout=1.0)

@@ -136,8 +136,8 @@ class InboundTunnel:
 class _ServerConnection(HboneConnection):
     core: P.ServerCore
 
-    def __init__(self, server: "HboneServer", loop: asyncio.AbstractEventLoop):
-        super().__init__(P.ServerCore(server.settings), server.settings, loop)
+    def __init__(self, server: "HboneServer", loop: asyncio.AbstractEventLoop, context: ssl.SSLContext):
+        super().__init__(P.ServerCore(server.settings), server.settings, loop, context, server_side=True)
         self.server = server
         self.peer_identity: SpiffeId | None = None
         self.handler_tasks: set[asyncio.Task] = set()
@@ -147,32 +147,28 @@ class _ServerConnection(HboneConnection):
         self._paused_control_mark: int | None = None  # guard.provoked_control_frames at pause
         self._lingering = False  # after our error GOAWAY: read and discard until closed
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Identity is checked here, before any byte of HTTP/2 is read or written: asyncio may call
-        # data_received right after connection_made, before the awaiting code resumes.
-        sslobj = transport.get_extra_info("ssl_object")
-        peer = transport.get_extra_info("peername") or ("", 0)
+    def tls_made(self) -> None:
+        # Identity is checked here, right after the handshake, before any byte of HTTP/2 is read
+        # or written.
+        sslobj = self.tls.sslobj
         try:
-            if sslobj is None:
-                raise PeerIdentityError("handshake", "not a TLS connection")
             alpn = sslobj.selected_alpn_protocol()
             if alpn not in (None, "h2"):
                 raise PeerIdentityError("alpn", f"peer negotiated ALPN {alpn!r}, HBONE needs h2")
             self.peer_identity = peer_identity(sslobj, self.server.trust_domain)
         except PeerIdentityError as err:
             self.refused = True
-            self.transport = transport  # type: ignore[assignment]
-            self.server._tls_failed(err.reason, (peer[0], peer[1]), str(err))
-            transport.abort()
+            self.server._tls_failed(err.reason, self.remote_addr, str(err))
+            self.abort()
             return
-        super().connection_made(transport)
+        super().tls_made()
         self.server._conns.add(self)
         self._arm_idle()
 
-    def data_received(self, data: bytes) -> None:
+    def tls_data(self, data: bytes) -> None:
         if self.refused:
             return
-        super().data_received(data)
+        super().tls_data(data)
         mark = self._paused_control_mark
         if mark is not None and not self.lost and (
                 self.core.guard.provoked_control_frames - mark > self.settings.max_outbound_control_frames):
@@ -188,11 +184,10 @@ class _ServerConnection(HboneConnection):
     def should_close_transport(self) -> bool:
         return not self._lingering
 
-    def eof_received(self) -> bool:
+    def tls_eof(self) -> None:
         if self._lingering and self.transport is not None:
             self.flush_now()
-            self.transport.close()  # the peer is done: our GOAWAY went out before its EOF
-        return False
+            self.close_transport()  # the peer is done: our GOAWAY went out before its EOF
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -302,7 +297,7 @@ class _ServerConnection(HboneConnection):
     def _close_if_drained(self) -> None:
         if not self.streams and not self.lost and self.transport is not None:
             self.flush_now()
-            self.transport.close()
+            self.close_transport()
 
     def on_goaway(self, event: P.ConnectionTerminated) -> None:
         if not event.by_peer:
@@ -413,25 +408,23 @@ class HboneServer:
         loop = asyncio.get_running_loop()
         conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._handshaking += 1
-        started = loop.time()
+        conn: _ServerConnection | None = None
         try:
-            ctx = self.context_source()
-            # ssl_handshake_timeout also bounds a slowloris client (silent, or a ClientHello
-            # trickled byte by byte): asyncio and uvloop abort the handshake at the deadline.
-            await loop.connect_accepted_socket(
-                lambda: _ServerConnection(self, loop), conn_sock, ssl=ctx,
-                ssl_handshake_timeout=self.settings.tls_handshake_timeout)
+            conn = _ServerConnection(self, loop, self.context_source())
+            # A plain TCP transport: the connection does TLS itself (hbone/_tls.py), with
+            # settings.tls_handshake_timeout bounding the whole handshake, which also cuts a
+            # slowloris client (silent, or a ClientHello trickled byte by byte).
+            await loop.connect_accepted_socket(lambda: conn, conn_sock)
+            await conn.handshake_done
         except asyncio.CancelledError:
+            if conn is not None and conn.transport is not None:
+                conn.abort()
             conn_sock.close()
             raise
         except (OSError, ssl.SSLError, TimeoutError, EOFError) as err:
-            conn_sock.close()
-            # asyncio's and uvloop's sslproto end a slow handshake with ConnectionAbortedError("SSL
-            # handshake is taking longer than N seconds"), not TimeoutError: tell it by the clock.
-            timed_out = isinstance(err, TimeoutError) or (
-                isinstance(err, ConnectionAbortedError)
-                and loop.time() - started >= self.settings.tls_handshake_timeout)
-            reason = "timeout" if timed_out else classify_handshake_error(err)
+            if conn is None or conn.transport is None:
+                conn_sock.close()
+            reason = "timeout" if isinstance(err, TimeoutError) else classify_handshake_error(err)
             self._tls_failed(reason, addr, str(err))
         finally:
             self._handshaking -= 1
@@ -498,7 +491,7 @@ class HboneServer:
         for conn in list(self._conns):
             if conn.transport is not None and not conn.lost:
                 conn.flush_now()
-                conn.transport.close()
+                conn.close_transport()
         waits = [asyncio.ensure_future(c.wait_lost()) for c in list(self._conns)]
         if waits:
             _, pending = await asyncio.wait(waits, timeout=GOAWAY_FLUSH_S)
