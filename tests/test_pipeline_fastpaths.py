@@ -201,3 +201,18 @@ def test_plan_cached_remembers_decisions_and_forgets_them_past_the_bound(twin_sn
         http_mod.plan_cached(ctx, twin_snap, b"GET", b"/p%d" % i, b"reviews", [], 9080, rng=rng, memo=memo,
                              decisions=decisions)
     assert 1 <= len(decisions) <= 3
+
+
+def test_plan_cached_does_not_remember_requests_with_long_keys(twin_snap):
+    """A long target (or consulted header) is planned as usual but not kept: the memo's keys stay small."""
+    import proxy.pipeline.http as http_mod
+    memo, decisions = {}, {}
+    rng, plain = random.Random(5), random.Random(5)
+    long_target = b"/" + b"a" * http_mod.DECISION_KEY_MAX_BYTES
+    for target, headers in ((long_target, []), (b"/", [(b"end-user", b"j" * 2000)]), (b"/", [])):
+        a = http_mod.plan_cached(_ctx(), twin_snap, b"GET", target, b"reviews", headers, 9080, rng=rng, memo=memo,
+                                 decisions=decisions)
+        b = plan_request(_ctx(), twin_snap, http_mod.request_view(b"GET", target, b"reviews", headers, 9080),
+                         rng=plain)
+        assert _full_summary(a) == _full_summary(b)
+    assert [k[4] for k in decisions] == [b"/"] and not decisions[next(iter(decisions))][1].headers

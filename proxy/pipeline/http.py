@@ -277,6 +277,10 @@ def plan_request(ctx: TunnelContext, snapshot: Snapshot, view: HttpRequestView, 
 # Remembered (authorization, route) answers per pipeline and snapshot (see plan_cached); past this many
 # distinct requests the memo starts afresh, so a scan of unique paths costs a lookup and a store each.
 DECISION_MEMO_ENTRIES = 4096
+# A request whose target, authority and consulted header values together exceed this is planned without the
+# memo: its key would hold up to a 60 KiB head (MAX_HEAD_BYTES), so a client sending long unique URLs could
+# otherwise pin ~240 MiB; with the bound the memo holds at most ~4 MiB of keys. Real targets are far shorter.
+DECISION_KEY_MAX_BYTES = 1024
 _PSEUDO_NAMES = frozenset((":authority", ":method", ":path", ":scheme"))
 
 
@@ -347,15 +351,20 @@ def plan_cached(ctx: TunnelContext, snapshot: Snapshot, method: bytes, target: b
     names = consulted_headers(chain, snapshot, memo)
     if names is None:
         return plan_request(ctx, snapshot, request_view(method, target, host, headers, port), rng=rng, memo=memo)
-    key = (ctx.authority, ctx.source_ip, ctx.peer_identity, method, target, host,
-           tuple([h for h in headers if h[0] in names]) if names else ())
+    consulted = tuple([h for h in headers if h[0] in names]) if names else ()
+    key = (ctx.authority, ctx.source_ip, ctx.peer_identity, method, target, host, consulted)
     hit = decisions.get(key)
     if hit is None or hit[0] is not chain:
-        view = request_view(method, target, host, [h for h in headers if h[0] in names] if names else (), port)
+        view = request_view(method, target, host, consulted, port)
         decision, route = _decide_request(ctx, snapshot, chain, view, memo)
-        if len(decisions) >= DECISION_MEMO_ENTRIES:
-            decisions.clear()
-        hit = decisions[key] = (chain, view, decision, route)
+        hit = (chain, view, decision, route)
+        size = len(target) + len(host)
+        for _, value in consulted:
+            size += len(value)
+        if size <= DECISION_KEY_MAX_BYTES:
+            if len(decisions) >= DECISION_MEMO_ENTRIES:
+                decisions.clear()
+            decisions[key] = hit
     return _draw_plan(ctx, snapshot, chain, hit[1], hit[2], hit[3], rng, memo)
 
 
