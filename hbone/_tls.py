@@ -7,10 +7,19 @@ the only user is one h2 connection that already batches its bytes (one write per
 layer is one `SSLObject.write` + one `MemoryBIO.read` + one `transport.write` per flush, and one
 `MemoryBIO.write` + `SSLObject.read`s into a reused buffer per TCP read.
 
-PERF NOTE (this 2-core box, `/tmp/s3/pingpong.py MODE 30000`: 200-byte ping-pong, server CPU per
-round trip = one read + one write): uvloop SSL transport ~36 µs, SSLObject + MemoryBIOs over a plain
-uvloop TCP transport ~28-30 µs, no TLS ~25 µs. What it gave HBONE end to end: see
-HboneConnection's class docstring (hbone/_conn.py).
+PERF NOTE (this 2-core box, shared, A/B alternating against the tree before, CPU per unit, medians):
+the move is at parity, not a gain. `/tmp/s3/pingpong.py MODE 30000` (200-byte ping-pong, server CPU
+per round trip) showed uvloop's SSL transport ~36 µs vs SSLObject + MemoryBIOs ~28-30 µs, but its
+server runs without hbone._malloc's tuning; with it both are ~14 µs (uvloop's 256 KiB read
+buffer per record was the difference). End to end, before -> after: HBONE 200-byte echo over one
+tunnel (/tmp/tlsw/hping.py, 7 runs each) server 19.4 -> 19.5 µs per round trip; `python -m
+benchmarks --only short --repeat 1 --short-count 3000` (6 runs each) ours-relay python-h2 101.5 ->
+100 µs/stream, ours-node python-h2 118.5 -> 117; new connections (/tmp/tlsw/hconn.py, 5 runs each)
+1 434 -> 1 449 µs server CPU; HTTP mesh (/tmp/s3/mesh.py --c 64 --secs 3 --runs 3, 3 x 2 runs each)
+total 104.9 -> 103.4 µs per request, at --rate 1000 437 -> 438. What a read or flush costs is the
+send/recv system calls (a loopback send() runs the receiver's TCP path: ~15 µs of a 20 µs echo),
+not the TLS layer. Kept for what it does better: the handshake alert reaches the peer, the
+handshake's last flight leaves with HTTP/2's first frames, and one place owns the TLS rules.
 
 The rules below are asyncio's `sslproto.py` (CPython 3.11) / uvloop's `sslproto.pyx`, which do the
 same thing with the same `ssl` objects; each place that copies one says so.
@@ -100,6 +109,8 @@ class TlsLayer:
             # catching it cost ~1 µs of the ~2 µs a small record took: in-process timing above).
             if not incoming.pending and not sslobj.pending():
                 return chunk
+            # More records (a bulk read: ~16 of them): read until OpenSSL asks for more, uvloop's
+            # loop; one exception per read is cheaper than two checks per record.
             chunks = [chunk]
             while True:
                 chunk = read(READ_MAX_BYTES)
@@ -107,8 +118,6 @@ class TlsLayer:
                     self.peer_closed = True
                     break
                 chunks.append(chunk)
-                if not incoming.pending and not sslobj.pending():
-                    break
         except AGAIN:
             if chunks is None:
                 return b""

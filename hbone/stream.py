@@ -24,6 +24,8 @@ import struct
 from collections import deque
 from typing import Callable, Protocol, runtime_checkable
 
+from hbone.settings import CONNECT_TIMEOUT_S
+
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -148,11 +150,16 @@ def _is_ip(host: str) -> bool:
 
 def dial_tcp(host: str, port: int, on_done: "Callable[[TcpConnection | None, BaseException | None], None]",
              *, local_host: str | None = None, limit: int = DEFAULT_READ_BYTES,
-             loop: asyncio.AbstractEventLoop | None = None) -> None:
+             loop: asyncio.AbstractEventLoop | None = None, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """``TcpStream.connect`` for callback code: dial ``host:port`` and call ``on_done(conn, None)``
     or ``on_done(None, error)`` from the event loop. No task: the dial coroutine is stepped by the
     futures it waits on (`_Dial`), which is what a Task would do, minus the Task, its coroutine
     frames and its entry in asyncio's task registry. Not cancellable (the dial ends by itself).
+
+    With ``local_host`` and an IP-address ``host``, ``hbone.dial.dial_from`` dials (the IP bound,
+    the port left to connect(): TcpStream.connect's reason, hbone/dial.py's PERF NOTE), and a
+    handshake still in flight after ``timeout`` seconds fails with TimeoutError (ztunnel's 10 s
+    connect timeout by default); without, the kernel's SYN retries bound it.
 
     PERF NOTE (a plain-function handler in benchmarks/relay.py dials with this): while thousands of
     CONNECTs wait for their upstream dial, each held a Task with three coroutine frames. Measured
@@ -163,6 +170,10 @@ def dial_tcp(host: str, port: int, on_done: "Callable[[TcpConnection | None, Bas
     # `loop`: the caller's, when it has it (asyncio.get_running_loop() costs a getpid() syscall).
     if loop is None:
         loop = asyncio.get_running_loop()
+    if local_host and _is_ip(host):
+        from hbone.dial import dial_from  # hbone.dial builds on this module
+        dial_from(host, port, local_host, on_done, timeout=timeout, limit=limit, loop=loop)
+        return
     factory = TcpConnection if limit == DEFAULT_READ_BYTES else (lambda: TcpConnection(limit))
     coro = loop.create_connection(factory, host, port, local_addr=(local_host, 0) if local_host else None)
     _Dial(coro, on_done).step()

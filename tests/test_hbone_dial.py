@@ -182,3 +182,44 @@ async def test_dial_from_without_a_source_ip_uses_our_own_address(loopback_ip):
             assert peers == [conn.local_addr]
         finally:
             conn.abort()
+
+
+@pytest.mark.parametrize("entry", ["dial_tcp", "Dialer"])
+async def test_callback_dials_with_local_host_bind_the_ip_only(loopback_ip, entry):
+    """hbone.stream.dial_tcp / Dialer with local_host go through dial_from for an IP target, like
+    TcpStream.connect(local_host=): the port is left to connect() (the TIME_WAIT fix)."""
+    from hbone.stream import Dialer, dial_tcp
+    pod, client = loopback_ip(), loopback_ip()
+    server, port, peers = await _listener(pod)
+    async with server:
+        fut = asyncio.get_running_loop().create_future()
+        on_done = lambda c, e: fut.set_result((c, e))  # noqa: E731
+        if entry == "dial_tcp":
+            dial_tcp(pod, port, on_done, local_host=client)
+        else:
+            Dialer(4).dial(pod, port, on_done, local_host=client)
+        conn, err = await asyncio.wait_for(fut, 10)
+        try:
+            assert err is None and conn.__class__ is TcpConnection
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT) == 1
+            conn.write(b"cb")
+            assert await asyncio.wait_for(conn.read(100), 5) == b"cb"
+            assert peers == [conn.local_addr] and conn.local_addr[0] == client
+        finally:
+            conn.abort()
+
+
+async def test_dial_tcp_with_local_host_times_out_a_handshake_that_hangs(loopback_ip):
+    pod, client = loopback_ip(), loopback_ip()
+    lsock, held = _full_listener(pod)
+    try:
+        from hbone.stream import dial_tcp
+        fut = asyncio.get_running_loop().create_future()
+        dial_tcp(*lsock.getsockname(), lambda c, e: fut.set_result((c, e)), local_host=client, timeout=0.2)
+        conn, err = await asyncio.wait_for(fut, 10)
+        assert conn is None and isinstance(err, TimeoutError)
+    finally:
+        lsock.close()
+        for s in held:
+            s.close()
