@@ -8,6 +8,11 @@ the route timeout (504 ``UT``), per-try timeout and retries (``RetryPolicy``; ex
 failure's flag plus ``URX``, or the last upstream response when a retriable status was the reason, as
 Envoy does), header operations, and a response streamed back chunk by chunk.
 
+Hot path (each a twin of the generic code, tested against it): ``plan_cached`` remembers the deterministic
+half of a plan (authorization decision, route) per snapshot under everything it reads and draws the random
+half per request; ``HttpPipeline._execute_lean`` runs the common HTTP/1.1 request (no body, a plain
+forward) with its first attempt inline on a pooled connection, handing anything unusual to ``_forward``.
+
 One request executor serves both front-ends: ``serve`` runs the HTTP/1.1 server (``proxy.http1``) or
 the h2c server (``proxy.pipeline.h2c``) on the tunnel's stream and both hand each request to
 ``handle`` — the request/responder objects share one duck-typed interface.
