@@ -11,6 +11,7 @@ import socket
 import ssl
 
 import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from certs.tls import server_context
 from hbone import _tls
@@ -74,9 +75,12 @@ class Env:
 
 
 async def until(cond, what: str) -> None:
-    async with asyncio.timeout(WAIT_S):
-        while not cond():
-            await asyncio.sleep(0.01)
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while not cond():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"not within {WAIT_S:g}s: {what}") from None
 
 
 def server_conn(env: Env) -> HboneConnection:
@@ -363,3 +367,103 @@ def test_tls_alert_after_the_handshake_is_the_connections_end_reason(mesh):
                 await asyncio.wait_for(s.read(), WAIT_S)
             await env.tunnel_works()
     run("uvloop", main)
+
+
+# ---- the layer alone (sans-IO: two TlsLayers wired through memory) --------------------------------
+
+def _pair(mesh: Mesh) -> tuple[_tls.TlsLayer, _tls.TlsLayer]:
+    cli = _tls.TlsLayer(mesh.client_context(mesh.identity("ns2", "client")), server_side=False)
+    srv = _tls.TlsLayer(mesh.server_context(mesh.identity("ns1", "server")), server_side=True)
+    done_c = cli.handshake(b"")
+    done_s = False
+    for _ in range(6):  # ClientHello; server flight; client Finished
+        done_s = srv.handshake(cli.take()) or done_s
+        done_c = cli.handshake(srv.take()) or done_c
+        if done_c and done_s:
+            break
+    srv.decrypt(cli.take())  # the client's Finished, if the server had not read it yet
+    assert (cli.state, srv.state) == (_tls.OPEN, _tls.OPEN)
+    return cli, srv
+
+
+def test_records_fed_byte_by_byte_give_the_same_plaintext(mesh):
+    cli, srv = _pair(mesh)
+    payload = os.urandom(70_000)  # five records, the last one short
+    cli.write(payload)
+    wire = cli.take()
+    got = []
+    for i in range(len(wire)):
+        got.append(srv.decrypt(wire[i:i + 1]))
+        assert not srv.peer_closed
+    assert b"".join(got) == payload
+    assert sum(1 for g in got if g) == 5  # plaintext only when a record completes
+    # whole, with trailing partial record: the complete ones come out, the rest waits
+    cli.write(b"a" * 100)
+    cli.write(b"b" * 100)
+    wire = cli.take()
+    assert srv.decrypt(wire[:-10]) == b"a" * 100
+    assert srv.decrypt(wire[-10:]) == b"b" * 100
+
+
+def test_close_notify_exchange_and_writes_after_it_are_dropped(mesh):
+    cli, srv = _pair(mesh)
+    srv.write(b"last words")
+    assert srv.close() is False  # ours is sent; the peer's has not come yet
+    assert srv.state == _tls.CLOSING
+    srv.write(b"dropped")        # asyncio drops app writes once shutting down
+    wire = srv.take()
+    assert cli.decrypt(wire) == b"last words" and cli.peer_closed
+    assert cli.close() is True   # the peer's came first: closure complete at once
+    assert cli.state == _tls.CLOSED
+    assert srv.drain_closing(cli.take()) is True and srv.state == _tls.CLOSED
+
+
+def test_peer_still_sending_after_our_close_notify_is_read_and_discarded(mesh):
+    cli, srv = _pair(mesh)
+    assert srv.close() is False
+    cli.write(b"in flight" * 1000)  # the client had not seen our close_notify yet
+    assert srv.drain_closing(cli.take()) is False  # discarded, still waiting
+    cli.decrypt(srv.take())
+    assert cli.close() is True
+    assert srv.drain_closing(cli.take()) is True
+
+
+@pytest.mark.parametrize("corrupt", ["flip", "garbage"])
+def test_a_bad_record_is_an_ssl_error(mesh, corrupt):
+    cli, srv = _pair(mesh)
+    cli.write(b"x" * 100)
+    wire = bytearray(cli.take())
+    if corrupt == "flip":
+        wire[-1] ^= 1  # the AEAD tag no longer matches
+    else:
+        wire = bytearray(b"\x17\x03\x03\x00\x05hello")
+    with pytest.raises(ssl.SSLError):
+        srv.decrypt(bytes(wire))
+
+
+def test_extra_names_are_asyncios(mesh):
+    cli, srv = _pair(mesh)
+    assert cli.extra("ssl_object") is cli.sslobj
+    assert cli.extra("cipher")[1] == "TLSv1.3" and srv.extra("peercert") is not None
+    assert cli.extra("nothing", 7) == 7
+    fresh = _tls.TlsLayer(mesh.client_context(mesh.identity("ns2", "client")), server_side=False)
+    assert fresh.extra("peercert") is None  # not before the handshake
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunks=st.lists(st.binary(max_size=300), max_size=6), open_first=st.booleans())
+def test_arbitrary_bytes_raise_only_ssl_errors(mesh, chunks, open_first):
+    """Whatever a peer sends, in whatever pieces, before or after the handshake: the layer answers
+    with ssl.SSLError (which the connection turns into a refusal or connection_lost's reason)."""
+    if open_first:
+        _, layer = _pair(mesh)
+        step = layer.decrypt
+    else:
+        layer = _tls.TlsLayer(mesh.server_context(mesh.identity("ns1", "server")), server_side=True)
+        step = layer.handshake
+    try:
+        for chunk in chunks:
+            step(chunk)
+            layer.take()
+    except ssl.SSLError:
+        pass
