@@ -23,7 +23,7 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame
 from prometheus_client.parser import text_string_to_metric_families
@@ -262,8 +262,12 @@ def http_requests(draw):
     return bytes(data)
 
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
 @LIVE
 @given(request=http_requests())
+@example(request=H2_PREFACE)   # hypothesis found it once: the preface alone, then EOF
 def test_mutated_http1_requests_into_the_waypoint_get_an_http_answer_or_close(checked, request):
     m = checked
     s = socks5_connect(m.node_a.socks5, m.vip(20), 9080, source_ip=m.pod(10), timeout=5)
@@ -279,7 +283,11 @@ def test_mutated_http1_requests_into_the_waypoint_get_an_http_answer_or_close(ch
             pass
     finally:
         s.close()
-    if got:
+    if got and request.startswith(H2_PREFACE):
+        # The mutation kept the HTTP/2 connection preface whole: the waypoint sniffs h2c (prior
+        # knowledge, RFC 9113 §3.3) and answers in HTTP/2 — its SETTINGS frame comes first.
+        assert got[3] == 0x4 and got[4] == 0 and got[5:9] == b"\0\0\0\0", got[:30]
+    elif got:
         assert got.startswith(b"HTTP/1.1 "), got[:100]
         status = int(got[9:12])
         assert status == 200 or 400 <= status <= 599, got[:200]
