@@ -950,9 +950,8 @@ class HttpPipeline:
 
     async def _attempt_h2(self, cand: Candidate, up: Upstream, ctx: TunnelContext, method, target, authority,
                           headers, body, sent: list):
-        conn = self.h2pool.get(cand.key)
-        if conn is None:
-            conn = self.h2pool.add(cand.key, await self._upstream_stream(cand, up, ctx))
+        # Concurrent requests to an endpoint with no connection yet share one dial (H2UpstreamPool.connect).
+        conn = await self.h2pool.connect(cand.key, lambda: self._upstream_stream(cand, up, ctx))
         sent[0] = True
         resp = await conn.request(method, target, authority, headers, body)
         return resp, None, cand.key
