@@ -425,6 +425,9 @@ async def test_rapid_reset_through_the_waypoint_ends_only_that_tunnel(tmp_path, 
         assert (await good.get(b"/"))["headers"][b":status"] == b"200"
         again = RawH2(await client.tunnel(f"{REVIEWS_VIP}:9080"))
         assert (await again.get(b"/"))["headers"][b":status"] == b"200"
+        # Counted with the protocol errors, kind prefixed h2c_ (no request's access record covers it).
+        text = h.metrics.exposition().decode()
+        assert 'hbone_h2_protocol_errors_total{kind="h2c_too_many_premature_resets"} 1.0' in text.splitlines()
     finally:
         await h.close()
 

@@ -39,6 +39,7 @@ ordinary response. Other upgrade protocols get Envoy's 403 ``upgrade_failed``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import functools
 import random
 import time
@@ -76,6 +77,8 @@ from .context import TunnelContext, addr_str
 from .h2c import H2UpstreamPool, H2UpstreamReset, serve_h2c
 from .mirror import Mirrorer
 from .originate import CONNECT_TIMEOUT_S, OriginateFailed, Originator
+
+log = logging.getLogger("hbone.waypoint")
 
 # Kubernetes appProtocol values whose upstream speaks HTTP/2 with prior knowledge (Istio builds
 # those clusters with http2_protocol_options).
@@ -494,7 +497,16 @@ class HttpPipeline:
                 return self.handle(request, responder, ctx, chain, snapshot(), protocol)
             return self.handle(request, responder, ctx, chain, snapshot(), protocol, upgrade)
         if protocol == "h2c":
-            await serve_h2c(stream, handler)
+            conn = await serve_h2c(stream, handler)
+            abuse = conn.core.abuse
+            if abuse is not None:
+                # The client's h2c connection inside the tunnel was shut for abuse (flood limits, rapid
+                # reset): no request's access record covers it, so count it with the HBONE layer's
+                # protocol errors (kind prefixed "h2c_") and log who it was.
+                if self.metrics is not None:
+                    self.metrics.h2_protocol_error(f"h2c_{abuse.reason}")
+                log.warning("h2c connection from %s in a tunnel to %s shut: %s %s", ctx.peer_identity,
+                            addr_str(ctx.authority), abuse.reason, abuse.detail)
         elif isinstance(stream, PrefixedStream):
             # The sniffed bytes go to the HTTP/1.1 parser first, then it reads the tunnel's stream itself:
             # no wrapper coroutine on every read and drain. PERF NOTE (/tmp/wph/ab.py: the benchmark's
