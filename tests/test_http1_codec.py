@@ -107,7 +107,7 @@ BAD_REQUESTS = [
     (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400),             # obs-fold
     (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 400),
     (b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n", 501),
-    (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 501),
+    (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nContent-Length: 3\r\n\r\nabc", 400),   # CONNECT has no content
     # An upgrade with a request body (Content-Length or chunked): 501, the upgrade payload would be ambiguous.
     (b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nab", 501),
     (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(MAX_HEADERS)) + b"\r\n", 431),
@@ -305,6 +305,18 @@ def test_upgrade_request_head_then_bytes_held_whole_and_bytewise(size):
     assert reader.take_upgrade_tail() == b"\x81\x02hi" + GET
     with pytest.raises(Http1Error):   # nothing more is HTTP on this connection
         reader.feed(GET)
+
+
+def test_http1_connect_is_passed_on_as_an_upgrade_to_connect_and_never_kept_alive():
+    """HTTP/1 CONNECT: the pipeline answers it (404 NR, as Envoy without upgrade_configs CONNECT); the
+    bytes after its head are the would-be tunnel's, held unparsed, and the connection is not kept."""
+    data = b"CONNECT reviews:9080 HTTP/1.1\r\nHost: reviews:9080\r\n\r\n"
+    reader = RequestReader()
+    events = reader.feed(data + b"\x16\x03\x01 not http")
+    head = events[0]
+    assert head.method == b"CONNECT" and head.target == b"reviews:9080" and head.upgrade == b"CONNECT"
+    assert not head.keep_alive and not head.has_body and reader.upgrading
+    assert reader.take_upgrade_tail() == b"\x16\x03\x01 not http"
 
 
 def test_upgrade_refused_resumes_http_with_the_held_bytes():

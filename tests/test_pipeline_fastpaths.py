@@ -50,6 +50,8 @@ def test_request_id_is_the_uuid4_text_uuid_would_give():
 async def test_http1_on_a_sniffed_stream_reads_the_tunnel_stream_directly(monkeypatch):
     """HttpPipeline.serve unwraps the sniffer's PrefixedStream: serve_http1 gets the inner stream and
     the sniffed bytes as its prefix (no wrapper per read and drain); h2c keeps the PrefixedStream."""
+    from types import SimpleNamespace
+
     import proxy.pipeline.http as http_mod
     from hbone.stream import PrefixedStream
     calls = []
@@ -59,6 +61,7 @@ async def test_http1_on_a_sniffed_stream_reads_the_tunnel_stream_directly(monkey
 
     async def fake_h2c(stream, handler, **kw):
         calls.append(("h2c", stream, b""))
+        return SimpleNamespace(core=SimpleNamespace(abuse=None))   # serve_h2c returns its H2cConn
 
     monkeypatch.setattr(http_mod, "serve_http1", fake_http1)
     monkeypatch.setattr(http_mod, "serve_h2c", fake_h2c)

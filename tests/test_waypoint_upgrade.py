@@ -1,7 +1,7 @@
 """HTTP/1.1 protocol upgrades (WebSocket) through a real waypoint on loopback: HBONE client →
 waypoint (route, L7 authz, weighted subset) → HBONE → node inbound → a backend that answers the
 RFC 6455 handshake with 101 and echoes bytes. Istio's HCM has upgrade_configs [{upgrade_type:
-websocket}]; other upgrades get Envoy's 403 "upgrade_failed", HTTP/1 CONNECT stays 501."""
+websocket}]; other upgrades get Envoy's 403 "upgrade_failed", HTTP/1 CONNECT Envoy's 404 NR."""
 
 from __future__ import annotations
 
@@ -231,7 +231,7 @@ async def test_non_101_answer_is_a_normal_response_and_the_connection_stays_http
         await h.close()
 
 
-async def test_unconfigured_upgrade_403_and_http1_connect_501(tmp_path, loopback_ip):
+async def test_unconfigured_upgrade_403_and_http1_connect_404_nr(tmp_path, loopback_ip):
     h, backends = await ws_harness(tmp_path, loopback_ip)
     try:
         client = h.client()
@@ -243,10 +243,17 @@ async def test_unconfigured_upgrade_403_and_http1_connect_501(tmp_path, loopback
         stream.close()
         stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
         head, body = await handshake(stream, b"CONNECT reviews:9080 HTTP/1.1\r\nHost: reviews:9080\r\n\r\n")
-        assert head.status == 501
+        # Envoy without upgrade_configs CONNECT: authz ran (productpage is allowed), then no route: 404 NR.
+        assert head.status == 404
         assert await asyncio.wait_for(stream.read(), 5) == b""   # then closed
         stream.close()
-        lines = await h.log_lines(3)
+        for _ in range(100):   # the CONNECT's line is written when its tunnel's handler ends
+            lines = await h.log_lines(3)
+            connect = [x for x in lines if x.get("kind") == "http" and x.get("status") == 404]
+            if connect:
+                break
+            await asyncio.sleep(0.05)
+        assert connect and connect[0]["response_flags"] == "NR" and connect[0]["method"] == "CONNECT"
         failed = [x for x in lines if x.get("kind") == "http" and x.get("status") == 403]
         assert failed and failed[0]["response_code_details"] == "upgrade_failed"
         assert [r[0] for b in backends.values() for r in b.requests] == [b"/plain"]   # foo never left

@@ -24,7 +24,8 @@ Rules (each is a decision a user of Envoy would recognise):
   The reader then holds the bytes after that head unparsed until the caller either takes them
   (``take_upgrade_tail``: a 101 was sent, they belong to the new protocol) or resumes HTTP/1.1
   (``resume_http``: the upstream refused, RFC 9110 §7.8 "the connection continues in HTTP/1.1").
-  HTTP/1 ``CONNECT`` → 501 (Envoy needs ``upgrade_type: CONNECT``, which Istio does not configure).
+  HTTP/1 ``CONNECT`` is passed on with ``upgrade=b"CONNECT"`` and ``keep_alive`` false: the pipeline
+  answers it 404 NR, as Envoy does without ``upgrade_type: CONNECT`` (which Istio does not configure).
   A response reader told ``expect(method, upgrade=True)`` accepts a 101 the same way.
 - Trailers of chunked messages are parsed, counted against the head limit and dropped (Envoy drops
   HTTP/1 trailers unless ``enable_trailers`` is set).
@@ -353,15 +354,25 @@ class RequestReader(_Reader):
         keep_alive = parser.should_keep_alive()
         if parser.should_upgrade():
             if method == b"CONNECT":
-                # Envoy proxies HTTP/1 CONNECT only with upgrade_configs: [{upgrade_type: CONNECT}],
-                # which Istio's waypoint does not set.
-                self._fail(501, "CONNECT is not supported on the HTTP/1 path")
-            if chunked or length:
-                self._fail(501, "protocol upgrade with a request body is not supported")
-            tokens = {t.strip().lower() for t in (upgrade or b"").split(b",")}
-            if tokens != {b"h2c"}:
-                upgrade_to = upgrade or b""
+                # Envoy proxies HTTP/1 CONNECT only with upgrade_configs: [{upgrade_type: CONNECT}], which
+                # Istio's waypoint does not set; without it the request (it has no :path) matches no route
+                # and is answered 404 NR after the filters ran (envoyproxy/envoy#11048 "http: pathless
+                # CONNECT": "changing Envoy's default response to CONNECT requests from 403 ... to 404
+                # (route not found)"). So it is passed on, marked as an upgrade to CONNECT, for the
+                # pipeline to answer; the bytes after its head are the would-be tunnel's and are never
+                # parsed as HTTP: the connection closes after the answer.
+                if chunked or length:
+                    self._fail(400, "CONNECT with a body")   # RFC 9110 §9.3.6: it has no content
+                upgrade_to = b"CONNECT"
                 self._upgrading = True
+                keep_alive = False
+            elif chunked or length:
+                self._fail(501, "protocol upgrade with a request body is not supported")
+            else:
+                tokens = {t.strip().lower() for t in (upgrade or b"").split(b",")}
+                if tokens != {b"h2c"}:
+                    upgrade_to = upgrade or b""
+                    self._upgrading = True
         if length is not None and self.max_body_bytes is not None and length > self.max_body_bytes:
             self._fail(413, "body too large")   # known up front: refuse before reading it
         has_body = chunked or bool(length)

@@ -578,6 +578,12 @@ class HttpPipeline:
 
     async def _execute(self, plan: RequestPlan, request, responder, ctx: TunnelContext, log: _Log,
                        protocol: str = "http/1.1", grpc: bool = False, upgrade: bytes | None = None) -> None:
+        if upgrade == b"CONNECT" and request.method == b"CONNECT":
+            # HTTP/1 CONNECT (proxy/http1/codec.py): the filters run (authz first), then no route matches
+            # a request without a path: 404 NR, Envoy's answer without upgrade_configs CONNECT.
+            if plan.error is not None:
+                raise plan.error
+            raise NoRoute("HTTP/1 CONNECT: no route matches a request without a path")
         if upgrade is not None and upgrade.strip().lower() != UPGRADE_TYPE:
             # Checked before the filters (authz, fault) and the router, as Envoy's HCM does when it
             # builds the filter chain for an upgrade it has no upgrade_configs entry for: 403, details
