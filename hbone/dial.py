@@ -30,6 +30,7 @@ import os
 import socket
 from typing import Callable
 
+from hbone.socktransport import SocketTransport
 from hbone.stream import DEFAULT_READ_BYTES, TcpConnection, _Dial
 
 # Linux ≥ 4.2 (include/uapi/linux/in.h); Python only names it from 3.12.
@@ -97,7 +98,8 @@ DialCallback = Callable[["TcpConnection | None", "BaseException | None"], None]
 
 
 def dial_from(host: str, port: int, local_ip: str | None, on_done: DialCallback, *, timeout: float,
-              limit: int = DEFAULT_READ_BYTES, loop: asyncio.AbstractEventLoop | None = None) -> None:
+              limit: int = DEFAULT_READ_BYTES, loop: asyncio.AbstractEventLoop | None = None,
+              socket_transport: bool = False) -> None:
     """``connect_from`` for callback code (a plain-function HBONE handler): no task, no coroutine
     frame held while the dial is in flight. ``local_ip`` None: from our own address (no bind).
     Calls ``on_done(conn, None)`` or ``on_done(None, err)`` exactly once — possibly before
@@ -106,6 +108,11 @@ def dial_from(host: str, port: int, local_ip: str | None, on_done: DialCallback,
 
     ``loop``: the running loop, when the caller has it (``get_running_loop`` costs a getpid
     syscall on Python 3.11).
+
+    ``socket_transport``: the ``TcpConnection`` runs over ``hbone.socktransport.SocketTransport``
+    (the socket driven by add_reader/add_writer) instead of a uvloop transport, and an established
+    dial is reported at once, from inside this call (no coroutine to step). Same ByteStream
+    contract, same splice; see that module's PERF NOTE.
 
     PERF NOTE: see ``InboundProxy._handle`` (the node's inbound handler dials with this)."""
     if loop is None:
@@ -119,6 +126,11 @@ def dial_from(host: str, port: int, local_ip: str | None, on_done: DialCallback,
     except OSError as err:
         on_done(None, err)
         return
+    if socket_transport:
+        try:  # what uvloop's transport sets on every TCP connection (no Nagle delay on small writes)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
     try:
         err = sock.connect_ex((host, port))
         if err == errno.EINPROGRESS:
@@ -132,23 +144,40 @@ def dial_from(host: str, port: int, local_ip: str | None, on_done: DialCallback,
         on_done(None, exc)
         return
     if err == 0:
-        _Dial(loop.create_connection(lambda: TcpConnection(limit), sock=sock), on_done, sock).step()
+        _established(loop, sock, on_done, limit, socket_transport)
     elif err == errno.EINPROGRESS:
-        _Handshake(loop, sock, (host, port), on_done, timeout, limit)
+        _Handshake(loop, sock, (host, port), on_done, timeout, limit, socket_transport)
     else:
         sock.close()
         on_done(None, OSError(err, f"connect to {host}:{port} failed: {os.strerror(err)}"))
+
+
+def _established(loop, sock: socket.socket, on_done: DialCallback, limit: int, socket_transport: bool) -> None:
+    """A connected socket becomes a ``TcpConnection``: over a ``SocketTransport`` (reported at once)
+    or over a uvloop transport (``create_connection(sock=)``, stepped by ``_Dial``)."""
+    if not socket_transport:
+        _Dial(loop.create_connection(lambda: TcpConnection(limit), sock=sock), on_done, sock).step()
+        return
+    conn = TcpConnection(limit)
+    try:
+        SocketTransport(loop, sock, conn)
+    except OSError as err:  # epoll refused the fd
+        sock.close()
+        on_done(None, err)
+        return
+    on_done(conn, None)
 
 
 class _Handshake:
     """A non-blocking connect still in flight: wait for writability (or the timeout), then read its
     outcome from SO_ERROR, as ``loop.sock_connect`` does."""
 
-    __slots__ = ("loop", "sock", "addr", "on_done", "limit", "timer")
+    __slots__ = ("loop", "sock", "addr", "on_done", "limit", "timer", "socket_transport")
 
     def __init__(self, loop, sock: socket.socket, addr: tuple[str, int], on_done: DialCallback, timeout: float,
-                 limit: int):
+                 limit: int, socket_transport: bool = False):
         self.loop, self.sock, self.addr, self.on_done, self.limit = loop, sock, addr, on_done, limit
+        self.socket_transport = socket_transport
         loop.add_writer(sock.fileno(), self.writable)
         self.timer = loop.call_later(timeout, self.expired)
 
@@ -160,9 +189,7 @@ class _Handshake:
             self.sock.close()
             self.on_done(None, OSError(err, f"connect to {self.addr[0]}:{self.addr[1]} failed: {os.strerror(err)}"))
             return
-        limit = self.limit
-        _Dial(self.loop.create_connection(lambda: TcpConnection(limit), sock=self.sock), self.on_done,
-              self.sock).step()
+        _established(self.loop, self.sock, self.on_done, self.limit, self.socket_transport)
 
     def expired(self) -> None:
         self.loop.remove_writer(self.sock.fileno())

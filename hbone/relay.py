@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from hbone._conn import HboneStream
+from hbone.socktransport import SocketTransport
 from hbone.stream import DEFAULT_READ_BYTES, ByteStream, StreamReset, TcpConnection
 
 
@@ -246,7 +247,10 @@ class _Splice:
             buf.append(data)
             self.h_nbuf += len(data)
 
-    def h_flush(self) -> None:
+    def h_flush(self, eof: bool = False) -> None:
+        """Write the batch's HBONE DATA to TCP. ``eof`` (from h_eof, the peer's END_STREAM came in
+        the same batch): over a ``SocketTransport`` the FIN leaves with the last bytes
+        (``writelines_eof``: one segment instead of two)."""
         buf = self.h_buf
         if buf is None:
             return
@@ -257,12 +261,17 @@ class _Splice:
         if t._lost:
             self._fail(self._side(True), t._error or StreamReset("TCP connection lost"))
             return
-        if len(buf) == 1:
+        transport = t.transport
+        if eof and transport.__class__ is SocketTransport and not t._eof_sent:
+            n = sum(map(len, buf))
+            t._eof_sent = True
+            transport.writelines_eof(buf)
+        elif len(buf) == 1:
             n = len(buf[0])
-            t.transport.write(buf[0])
+            transport.write(buf[0])
         else:
             n = sum(map(len, buf))
-            t.transport.writelines(buf)
+            transport.writelines(buf)
         self.h_to_t += n
         if t._write_paused:
             self.unacked += n  # acknowledged when the TCP transport drains (tcp_writable)
@@ -272,7 +281,7 @@ class _Splice:
     def h_eof(self) -> None:
         if self.h_done:
             return
-        self.h_flush()  # bytes before the EOF go first
+        self.h_flush(True)  # bytes before the EOF go first
         if self.over:
             return  # the flush found TCP gone and failed the relay
         self.h_done = True

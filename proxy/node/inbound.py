@@ -275,7 +275,14 @@ class InboundProxy:
         alternating old/new trees 3 times, 3 runs each, this 2-core box): 160 → 137 µs proxy CPU
         per stream. Then no task and no coroutine per tunnel at all (this plain function,
         ``hbone.dial.dial_from``, ``accept_nowait``), same A/B: 137 → 122. Checked (not
-        timed) by tests/test_node_inbound_fastpath.py."""
+        timed) by tests/test_node_inbound_fastpath.py. Then the upstream over
+        ``hbone.socktransport.SocketTransport`` (``socket_transport=True``: one edge-triggered epoll
+        of our own instead of a uvloop transport per pod connection; the upload's FIN in the same
+        segment as its last bytes), A/B against the previous commit on a loaded box (session 3):
+        /tmp/nd/short.py (ours-node, python-h2 client, 6 000 streams, 3 runs, medians of 3
+        alternations) 108 / 103 / 107 → 87 / 90 / 95 µs proxy CPU per stream; `python -m benchmarks
+        --only short --repeat 1 --short-count 3000 --clients python-h2`, ours-node, 5 alternations:
+        107 / 103 / 107 / 103 / 127 → 97 / 90 / 93 / 117 / 103."""
         start = time.time()
         principal = tunnel.peer_identity.principal   # "td/ns/N/sa/S": the whole identity, as a str key
         src_ip = tunnel.remote_addr[0]
@@ -299,7 +306,8 @@ class InboundProxy:
                 labels = self._labels(snap, tunnel, plan.workload)
                 memo[key] = (facts, plan, labels)
             live.plan, live.labels, live.start, live.tunnel, live.owner = plan, labels, start, tunnel, self
-            dial_from(*plan.target, src_ip, live.dialled, timeout=self.connect_timeout, loop=self._loop)
+            dial_from(*plan.target, src_ip, live.dialled, timeout=self.connect_timeout, loop=self._loop,
+                      socket_transport=True)
         except BaseException:
             self.tracker.forget(tid)
             raise
@@ -314,7 +322,8 @@ class InboundProxy:
             if err is not None:
                 if may_fall_back and isinstance(err, OSError) and err.errno in FREEBIND_FALLBACK_ERRNOS:
                     # ztunnel freebind: the client's IP cannot be bound here; dial from our own address.
-                    dial_from(*plan.target, None, live.dialled_plain, timeout=self.connect_timeout, loop=self._loop)
+                    dial_from(*plan.target, None, live.dialled_plain, timeout=self.connect_timeout,
+                              loop=self._loop, socket_transport=True)
                     return
                 failure = UpstreamConnectFailure(f"{format_authority(*plan.target)}: {err}")
                 failure.__cause__ = err

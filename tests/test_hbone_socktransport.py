@@ -1,0 +1,305 @@
+"""hbone.socktransport.SocketTransport: the node proxy's upstream connections (``dial_from(...,
+socket_transport=True)``) over real loopback sockets. The same ByteStream contract as the uvloop
+transport it replaces: bytes exact both ways, half-close each way, resets each way, bounded memory
+against a slow reader and a fast writer, and the dial's failure paths. Not timed."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import socket
+import struct
+
+import pytest
+
+from hbone.dial import IP_BIND_ADDRESS_NO_PORT, dial_from
+from hbone.relay import relay
+from hbone.socktransport import READ_BYTES, WRITE_HIGH_WATER_BYTES, SocketTransport, poller_for
+from hbone.stream import StreamReset, TcpConnection
+from tests.test_hbone_dial import _full_listener
+
+MiB = 1024 * 1024
+
+
+async def _dial(host: str, port: int, local_ip: str | None, timeout: float = 5.0):
+    fut = asyncio.get_running_loop().create_future()
+    dial_from(host, port, local_ip, lambda c, e: fut.set_result((c, e)), timeout=timeout,
+              socket_transport=True)
+    answered_at_once = fut.done()
+    conn, err = await asyncio.wait_for(fut, timeout + 5)
+    return conn, err, answered_at_once
+
+
+class Peer:
+    """A plain-socket server on a pod IP: the other end, driven by the test through asyncio streams."""
+
+    def __init__(self):
+        self.conns: asyncio.Queue = asyncio.Queue()
+
+    async def start(self, ip: str) -> int:
+        async def on_conn(reader, writer):
+            await self.conns.put((reader, writer))
+        self.server = await asyncio.start_server(on_conn, ip, 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def accept(self):
+        return await asyncio.wait_for(self.conns.get(), 5)
+
+    def close(self):
+        self.server.close()
+
+
+@pytest.fixture
+async def pair(loopback_ip):
+    """(our TcpConnection over a SocketTransport, the peer's reader, the peer's writer)."""
+    pod, client = loopback_ip(), loopback_ip()
+    peer = Peer()
+    port = await peer.start(pod)
+    conn, err, at_once = await _dial(pod, port, client)
+    assert err is None and at_once          # a local pod: established inside connect()
+    reader, writer = await peer.accept()
+    yield conn, reader, writer
+    conn.abort()
+    writer.close()
+    peer.close()
+
+
+async def test_the_connection_is_a_spliceable_tcp_connection_over_our_transport(pair):
+    conn, reader, writer = pair
+    assert conn.__class__ is TcpConnection and conn.transport.__class__ is SocketTransport
+    sock = conn.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1   # as uvloop's transport
+    assert conn.remote_addr == writer.get_extra_info("sockname")[:2]
+    assert conn.local_addr == writer.get_extra_info("peername")[:2]
+
+
+async def test_bytes_are_exact_both_ways_and_half_close_each_way(pair):
+    conn, reader, writer = pair
+    up, down = os.urandom(3 * MiB + 17), os.urandom(2 * MiB + 5)
+
+    async def send_up():
+        for i in range(0, len(up), 100_000):
+            conn.write(up[i:i + 100_000])
+            await conn.drain()
+        conn.write_eof()                              # our FIN: the peer reads EOF...
+
+    async def read_down():
+        got = bytearray()
+        while chunk := await conn.read():
+            assert len(chunk) <= READ_BYTES
+            got += chunk
+        return bytes(got)
+
+    sender = asyncio.ensure_future(send_up())
+    received_up = await asyncio.wait_for(reader.read(), 10)   # until our FIN
+    await sender
+    assert hashlib.sha256(received_up).digest() == hashlib.sha256(up).digest()
+    writer.write(down)                                # ...and can still send after it
+    writer.write_eof()                                # its FIN: we read b"" after every byte
+    received_down = await asyncio.wait_for(read_down(), 10)
+    assert received_down == down
+    assert await conn.read() == b""                   # EOF stays EOF
+
+
+async def test_after_the_peers_fin_we_can_still_send(pair):
+    conn, reader, writer = pair
+    writer.write(b"bye")
+    writer.write_eof()
+    assert await asyncio.wait_for(conn.read(), 5) == b"bye"
+    assert await asyncio.wait_for(conn.read(), 5) == b""
+    conn.write(b"still here")
+    await conn.drain()
+    conn.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b"still here"
+
+
+async def test_a_peer_reset_is_a_stream_reset(pair):
+    conn, reader, writer = pair
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()                          # RST
+    with pytest.raises(StreamReset):
+        await asyncio.wait_for(conn.read(), 5)
+    with pytest.raises(StreamReset):
+        await conn.drain()
+
+
+async def test_our_abort_is_a_reset_at_the_peer(pair):
+    conn, reader, writer = pair
+    conn.write(b"x" * 1000)
+    await conn.drain()
+    assert await asyncio.wait_for(reader.readexactly(1000), 5) == b"x" * 1000
+    conn.abort()                                      # RST, not FIN: the peer must not see a clean end
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 5)
+    await asyncio.wait_for(conn.wait_closed(), 5)
+
+
+async def test_close_flushes_what_is_queued_then_ends(pair):
+    conn, reader, writer = pair
+    writer.transport.pause_reading()                  # the peer does not read yet: bytes queue up
+    data = os.urandom(4 * MiB)
+    conn.write(data)
+    assert conn.transport.get_write_buffer_size() > 0
+    conn.close()
+    writer.transport.resume_reading()
+    assert await asyncio.wait_for(reader.read(), 10) == data   # every byte, then FIN
+    await asyncio.wait_for(conn.wait_closed(), 5)
+
+
+async def test_a_slow_reader_pauses_our_writer_with_bounded_memory(pair):
+    conn, reader, writer = pair
+    writer.transport.pause_reading()                  # a pod that does not read
+    chunk = os.urandom(64 * 1024)
+    sent = 0
+    drain = None
+    for _ in range(2000):                             # up to 128 MiB: far beyond any socket buffer
+        conn.write(chunk)
+        sent += len(chunk)
+        drain = asyncio.ensure_future(conn.drain())
+        await asyncio.sleep(0)
+        if not drain.done():
+            break                                     # backpressure reached
+        await drain
+    assert drain is not None and not drain.done(), "drain() never waited"
+    queued = conn.transport.get_write_buffer_size()
+    assert queued <= WRITE_HIGH_WATER_BYTES + len(chunk)   # user space holds at most this
+    await asyncio.sleep(0.05)
+    assert not drain.done()
+    writer.transport.resume_reading()                 # the pod reads: drain ends, nothing lost
+    got = 0
+    while got < sent:
+        got += len(await asyncio.wait_for(reader.read(MiB), 10))
+    await asyncio.wait_for(drain, 5)
+    assert got == sent
+
+
+async def test_a_fast_writer_pauses_our_reading_with_bounded_memory(pair):
+    conn, reader, writer = pair
+    block = os.urandom(MiB)
+    for _ in range(16):                               # 16 MiB towards a reader that does not read
+        writer.write(block)
+    await asyncio.sleep(0.3)
+    assert conn._reading_paused and not conn.transport.is_reading()
+    assert conn._nbuf <= conn._limit + READ_BYTES     # buffered in user space: bounded
+    got = bytearray()
+    while len(got) < 16 * MiB:                        # reading again resumes it: every byte arrives
+        got += await asyncio.wait_for(conn.read(), 5)
+    assert got == block * 16
+
+
+async def test_a_read_of_exactly_read_bytes_is_followed_by_another(pair):
+    """Edge-triggered epoll reports readiness once: a recv that filled READ_BYTES must be followed by
+    another one by ourselves, or the rest would wait for bytes that never come."""
+    conn, reader, writer = pair
+    data = os.urandom(3 * READ_BYTES)
+    writer.write(data)
+    await writer.drain()
+    got = bytearray()
+    while len(got) < len(data):
+        got += await asyncio.wait_for(conn.read(), 5)
+    assert got == data
+
+
+async def test_spliced_to_itself_through_relay(loopback_ip):
+    """Two SocketTransport connections relayed by hbone.relay's pump path: the upstream half of a
+    tunnel as the node proxy sees it, with data and FIN both ways."""
+    a_ip, b_ip, client = loopback_ip(), loopback_ip(), loopback_ip()
+    pa, pb = Peer(), Peer()
+    ca, _, _ = await _dial(a_ip, await pa.start(a_ip), client)
+    cb, _, _ = await _dial(b_ip, await pb.start(b_ip), client)
+    (ra, wa), (rb, wb) = await pa.accept(), await pb.accept()
+    task = asyncio.ensure_future(relay(ca, cb))
+    wa.write(b"a" * 300_000)
+    wa.write_eof()
+    wb.write(b"b" * 200_000)
+    wb.write_eof()
+    assert await asyncio.wait_for(rb.read(), 5) == b"a" * 300_000
+    assert await asyncio.wait_for(ra.read(), 5) == b"b" * 200_000
+    result = await asyncio.wait_for(task, 5)
+    assert (result.a_to_b, result.b_to_a, result.reset) == (300_000, 200_000, None)
+    for c, w, p in ((ca, wa, pa), (cb, wb, pb)):
+        c.close()
+        w.close()
+        p.close()
+
+
+# ---- the dial's failure paths (socket_transport=True) ----
+
+async def test_a_refused_dial_and_an_unbindable_source_are_reported(loopback_ip):
+    pod, client = loopback_ip(), loopback_ip()
+    with socket.socket() as s:
+        s.bind((pod, 0))
+        port = s.getsockname()[1]
+    conn, err, _ = await _dial(pod, port, client)
+    assert conn is None and isinstance(err, OSError) and err.errno == errno.ECONNREFUSED
+    conn, err, at_once = await _dial(pod, port, "192.0.2.1")
+    assert conn is None and err.errno == errno.EADDRNOTAVAIL and at_once
+
+
+async def test_a_handshake_in_flight_is_waited_for_then_times_out(loopback_ip):
+    pod, client = loopback_ip(), loopback_ip()
+    lsock, held = _full_listener(pod)
+    try:
+        conn, err, _ = await _dial(*lsock.getsockname(), client, timeout=0.2)
+        assert conn is None and isinstance(err, TimeoutError)
+        task = asyncio.ensure_future(_dial(*lsock.getsockname(), client))
+        await asyncio.sleep(0.1)
+        assert not task.done()                        # the SYN was dropped: still waiting
+        lsock.setblocking(False)
+        held.append(lsock.accept()[0])                # room: the SYN retransmit gets in
+        conn, err, _ = await asyncio.wait_for(task, 10)
+        assert err is None and conn.transport.__class__ is SocketTransport and conn.local_addr[0] == client
+        conn.abort()
+    finally:
+        for s in (*held, lsock):
+            s.close()
+
+
+async def test_closed_sockets_leave_the_poller(pair):
+    conn, reader, writer = pair
+    poller = poller_for(asyncio.get_running_loop())
+    fd = conn.transport.get_extra_info("socket").fileno()
+    assert poller.table[fd] is conn.transport
+    conn.close()
+    await asyncio.wait_for(conn.wait_closed(), 5)
+    assert fd not in poller.table or poller.table[fd] is not conn.transport
+    assert conn.transport.get_protocol() is None      # no protocol <-> transport cycle left
+
+
+@pytest.mark.parametrize("size", [1033, 8 * MiB])
+async def test_writelines_eof_sends_every_byte_then_fin(pair, size):
+    """The splice's last write of an upload with END_STREAM: MSG_MORE + shutdown (one segment when
+    it fits); a batch larger than the socket buffer is queued and the FIN follows the queue."""
+    conn, reader, writer = pair
+    data = os.urandom(size)
+    parts = [data[:size // 3], data[size // 3:]]
+    conn.transport.writelines_eof(parts)
+    with pytest.raises(RuntimeError):
+        conn.transport.write(b"after eof")
+    assert await asyncio.wait_for(reader.read(), 10) == data     # read() returns at our FIN
+    writer.write(b"reply")
+    writer.write_eof()
+    assert await asyncio.wait_for(conn.read(), 5) == b"reply"
+    assert await asyncio.wait_for(conn.read(), 5) == b""
+
+
+async def test_a_fin_that_comes_while_reading_is_paused_is_still_seen(pair):
+    """Edge-triggered: the edges of bytes and a FIN that come while we are paused (our buffer is
+    full) are dropped; resuming must read until EAGAIN or EOF by itself, or read() would wait
+    forever after the last byte."""
+    conn, reader, writer = pair
+    conn._limit = 100                                 # 1 000 buffered bytes pause us
+    writer.write(b"a" * 1000)
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    assert conn._reading_paused
+    writer.write(b"b" * 50)                           # under the limit: read without pausing again
+    writer.write_eof()
+    await asyncio.sleep(0.1)
+    got = bytearray()
+    while chunk := await asyncio.wait_for(conn.read(), 5):
+        got += chunk
+    assert got == b"a" * 1000 + b"b" * 50
