@@ -4,11 +4,12 @@ proxy's upstream dial (``hbone.dial.dial_from(..., socket_transport=True)``) han
 
 One ``select.epoll`` per event loop (``_Poller``), itself registered once with the loop
 (``add_reader`` on its fd). Each socket is registered with it once, edge-triggered, for reading,
-writing and the peer's FIN (``EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET``), and never modified:
-pausing is a flag, closing the socket removes it from the epoll. Edge-triggered means a readiness is
-reported once, so: a read that filled ``READ_BYTES`` is followed by another (more may be queued), a
-resumed reader tries a read on the next loop turn, and a queued write waits for ``EPOLLOUT``, which
-the kernel reports when a send that did not fit (it sets SOCK_NOSPACE) gets room again.
+writing and the peer's FIN (``EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET``); closing the socket
+removes it from the epoll (no syscall). Pausing reading takes EPOLLIN out (EPOLL_CTL_MOD), resuming
+puts it back, which re-polls the socket: what came while paused is reported then. Edge-triggered
+means a readiness is reported once, so a read that filled ``READ_BYTES`` is followed by another
+(more may be queued), and a queued write waits for ``EPOLLOUT``, which the kernel reports when a
+send that did not fit (it sets SOCK_NOSPACE) gets room again.
 
 Same contract as asyncio's selector socket transport (``asyncio.selector_events
 ._SelectorSocketTransport``), which the Protocol side (``hbone.stream.TcpConnection`` and
@@ -42,6 +43,8 @@ import asyncio
 import select
 import socket
 import weakref
+from collections import deque
+from itertools import islice
 from typing import Any
 
 KiB = 1024
@@ -64,6 +67,7 @@ MAX_EVENTS = 512
 
 _TRY_AGAIN = (BlockingIOError, InterruptedError)
 _EP_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_EP_PAUSED = select.EPOLLOUT | select.EPOLLET
 _EP_READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _EP_WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _EP_RDHUP = select.EPOLLRDHUP
@@ -111,7 +115,7 @@ def poller_for(loop: asyncio.AbstractEventLoop) -> _Poller:
 class SocketTransport(asyncio.Transport):
     """See the module docstring. ``protocol.connection_made(self)`` is called by the constructor."""
 
-    __slots__ = ("_sock", "_fd", "_loop", "_protocol", "_poller", "_since", "_wbuf", "_reading", "_eof",
+    __slots__ = ("_sock", "_fd", "_loop", "_protocol", "_poller", "_since", "_wbuf", "_wlen", "_reading", "_eof",
                  "_read_eof", "_closing", "_lost", "_paused_writing", "_high")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: asyncio.Protocol):
@@ -120,7 +124,8 @@ class SocketTransport(asyncio.Transport):
         self._fd = fd = sock.fileno()
         self._loop = loop
         self._protocol = protocol
-        self._wbuf: bytearray | None = None  # queued bytes, None while empty (nothing per idle tunnel)
+        self._wbuf: deque | None = None      # queued buffers, None while empty (nothing per idle tunnel)
+        self._wlen = 0                       # bytes in them
         self._reading = True
         self._eof = False                    # write_eof() called
         self._read_eof = False               # the peer's FIN read
@@ -190,15 +195,26 @@ class SocketTransport(asyncio.Transport):
             self.close()
 
     def pause_reading(self) -> None:
-        self._reading = False
+        """Stops reading and takes EPOLLIN out of the registration: edge-triggered, every segment
+        that arrives while paused would still wake the loop (a bulk download pauses often)."""
+        if self._reading:
+            self._reading = False
+            if not self._closing and not self._read_eof:
+                self._modify(_EP_PAUSED)
 
     def resume_reading(self) -> None:
+        """EPOLL_CTL_MOD re-polls the socket and queues an event if it is readable (or the FIN came)
+        meanwhile: what arrived while paused is reported then, on a later loop turn."""
         if not self._reading and not self._closing:
             self._reading = True
             if not self._read_eof:
-                # Edges that came while paused were dropped: look for ourselves (next loop turn,
-                # as asyncio: never data_received from inside resume_reading).
-                self._loop.call_soon(self._read_until_again)
+                self._modify(_EP_MASK)
+
+    def _modify(self, mask: int) -> None:
+        try:
+            self._poller.ep.modify(self._fd, mask)
+        except OSError as exc:
+            self._force_close(exc)
 
     def is_reading(self) -> bool:
         return self._reading and not self._closing and not self._read_eof
@@ -209,8 +225,7 @@ class SocketTransport(asyncio.Transport):
             raise RuntimeError("Cannot call write() after write_eof()")
         if self._closing or not data:
             return  # asyncio drops writes after close (it only logs them)
-        buf = self._wbuf
-        if buf is None:
+        if self._wbuf is None:
             try:
                 n = self._sock.send(data)
             except _TRY_AGAIN:
@@ -220,19 +235,21 @@ class SocketTransport(asyncio.Transport):
                 return
             if n == len(data):
                 return
-            self._wbuf = bytearray(memoryview(data)[n:])  # EPOLLOUT will come: the send set NOSPACE
+            self._queue([data], n)  # EPOLLOUT will come: the send that did not fit set NOSPACE
         else:
-            buf += data
-        self._maybe_pause()
+            self._queue([data], 0)
 
     def writelines(self, list_of_data) -> None:
-        """One ``sendmsg`` (writev) for a batch when nothing is queued."""
+        """One ``sendmsg`` (writev) for a batch."""
         if self._eof:
             raise RuntimeError("Cannot call writelines() after write_eof()")
         if self._closing:
             return
         if self._wbuf is not None or len(list_of_data) > MAX_IOV:
-            self.write(b"".join(list_of_data))
+            was_empty = self._wbuf is None
+            self._queue(list_of_data, 0)
+            if was_empty:
+                self._write_ready()   # no send is waiting for EPOLLOUT: send now
             return
         try:
             n = self._sock.sendmsg(list_of_data)
@@ -241,10 +258,8 @@ class SocketTransport(asyncio.Transport):
         except OSError as exc:
             self._force_close(exc)
             return
-        if n == sum(map(len, list_of_data)):
-            return
-        self._wbuf = bytearray(b"".join(list_of_data)[n:])
-        self._maybe_pause()
+        if n != sum(map(len, list_of_data)):
+            self._queue(list_of_data, n)
 
     def writelines_eof(self, list_of_data) -> None:
         """``writelines(list_of_data)`` then ``write_eof()``, the FIN in the same segment as the last
@@ -266,31 +281,59 @@ class SocketTransport(asyncio.Transport):
         except OSError as exc:
             self._force_close(exc)
             return
-        if n != sum(map(len, list_of_data)):
-            self._wbuf = bytearray(b"".join(list_of_data)[n:])   # FIN after it (_write_ready)
-            self._eof = True
-            self._maybe_pause()
-            return
         self._eof = True
+        if n != sum(map(len, list_of_data)):
+            self._queue(list_of_data, n)   # the FIN follows the queue (_write_ready)
+            return
         self._shutdown()
 
-    def _maybe_pause(self) -> None:
-        if not self._paused_writing and self._wbuf is not None and len(self._wbuf) > self._high:
+    def _queue(self, list_of_data, sent: int) -> None:
+        """Queue what ``sent`` bytes into ``list_of_data`` did not cover, without copying it (a
+        memoryview of a part-sent buffer; a caller's bytearray is copied, as it may change)."""
+        buf = self._wbuf
+        if buf is None:
+            buf = self._wbuf = deque()
+        for data in list_of_data:
+            size = len(data)
+            if sent >= size:
+                sent -= size
+                continue
+            if data.__class__ is not bytes:
+                data = bytes(data)
+            if sent:
+                data = memoryview(data)[sent:]
+                size -= sent
+                sent = 0
+            buf.append(data)
+            self._wlen += size
+        if not buf:
+            self._wbuf = None
+        elif not self._paused_writing and self._wlen > self._high:
             self._paused_writing = True
             self._protocol.pause_writing()
 
     def _write_ready(self) -> None:
         buf = self._wbuf
         while buf:
+            chunks = list(islice(buf, MAX_IOV)) if len(buf) > 1 else None
             try:
-                n = self._sock.send(buf)
+                n = self._sock.sendmsg(chunks) if chunks is not None else self._sock.send(buf[0])
             except _TRY_AGAIN:
                 return
             except OSError as exc:
                 self._force_close(exc)
                 return
-            del buf[:n]  # O(1) from the front (bytearray keeps an offset)
+            self._wlen -= n
+            while n:
+                size = len(buf[0])
+                if n >= size:
+                    buf.popleft()
+                    n -= size
+                else:
+                    buf[0] = memoryview(buf[0])[n:]
+                    n = 0
         self._wbuf = None
+        self._wlen = 0
         if self._paused_writing:
             self._paused_writing = False
             self._protocol.resume_writing()
@@ -316,14 +359,16 @@ class SocketTransport(asyncio.Transport):
         return True
 
     def get_write_buffer_size(self) -> int:
-        return len(self._wbuf) if self._wbuf is not None else 0
+        return self._wlen
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return (0, self._high)
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self._high = WRITE_HIGH_WATER_BYTES if high is None else high
-        self._maybe_pause()
+        if self._wbuf is not None and not self._paused_writing and self._wlen > self._high:
+            self._paused_writing = True
+            self._protocol.pause_writing()
 
     # -- ending --
     def is_closing(self) -> bool:
@@ -347,6 +392,7 @@ class SocketTransport(asyncio.Transport):
         self._closing = True
         self._reading = False
         self._wbuf = None
+        self._wlen = 0
         self._schedule_lost(exc)
 
     def _schedule_lost(self, exc: BaseException | None) -> None:

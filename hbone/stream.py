@@ -170,9 +170,12 @@ def dial_tcp(host: str, port: int, on_done: "Callable[[TcpConnection | None, Bas
     # `loop`: the caller's, when it has it (asyncio.get_running_loop() costs a getpid() syscall).
     if loop is None:
         loop = asyncio.get_running_loop()
-    if local_host and _is_ip(host):
+    if _is_ip(host):
+        # PERF NOTE: over hbone.socktransport.SocketTransport (see that module), reported at once
+        # when established; what benchmarks/relay.py (ours-relay) dials with.
         from hbone.dial import dial_from  # hbone.dial builds on this module
-        dial_from(host, port, local_host, on_done, timeout=timeout, limit=limit, loop=loop)
+        dial_from(host, port, local_host or None, on_done, timeout=timeout, limit=limit, loop=loop,
+                  socket_transport=True)
         return
     factory = TcpConnection if limit == DEFAULT_READ_BYTES else (lambda: TcpConnection(limit))
     coro = loop.create_connection(factory, host, port, local_addr=(local_host, 0) if local_host else None)
@@ -196,7 +199,7 @@ class Dialer:
     rest wait in arrival order, none is refused. A queued dial starts when one in flight ends (either
     way). Not cancellable, like dial_tcp."""
 
-    __slots__ = ("loop", "max_concurrent", "in_flight", "_waiting")
+    __slots__ = ("loop", "max_concurrent", "in_flight", "_waiting", "_starting")
 
     def __init__(self, max_concurrent: int = MAX_CONCURRENT_DIALS, *,
                  loop: asyncio.AbstractEventLoop | None = None):
@@ -206,6 +209,9 @@ class Dialer:
         self.max_concurrent = max_concurrent
         self.in_flight = 0
         self._waiting: deque = deque()
+        # A dial can end inside dial_tcp (a local peer, or an error found at once), and its slot
+        # then starts the next one: the loop below takes it instead of a recursion per dial.
+        self._starting = False
 
     @property
     def waiting(self) -> int:
@@ -217,12 +223,18 @@ class Dialer:
         self._start()
 
     def _start(self) -> None:
+        if self._starting:
+            return  # a dial ended inside dial_tcp below: the running loop starts the next
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
-        while self._waiting and self.in_flight < self.max_concurrent:
-            host, port, on_done, local_host, limit = self._waiting.popleft()
-            self.in_flight += 1
-            dial_tcp(host, port, _DialSlot(self, on_done), local_host=local_host, limit=limit, loop=self.loop)
+        self._starting = True
+        try:
+            while self._waiting and self.in_flight < self.max_concurrent:
+                host, port, on_done, local_host, limit = self._waiting.popleft()
+                self.in_flight += 1
+                dial_tcp(host, port, _DialSlot(self, on_done), local_host=local_host, limit=limit, loop=self.loop)
+        finally:
+            self._starting = False
 
 
 class _DialSlot:

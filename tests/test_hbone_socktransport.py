@@ -303,3 +303,79 @@ async def test_a_fin_that_comes_while_reading_is_paused_is_still_seen(pair):
     while chunk := await asyncio.wait_for(conn.read(), 5):
         got += chunk
     assert got == b"a" * 1000 + b"b" * 50
+
+
+async def test_a_dialer_whose_dials_end_at_once_serves_a_long_queue_without_recursion(loopback_ip):
+    """dial_tcp to an IP dials over a SocketTransport and reports a local peer at once, inside the
+    call: a Dialer's slot then starts the next dial from inside the previous one. 1 500 dials queued
+    behind one in its handshake would nest thousands of frames deep (RecursionError) once it ends,
+    without Dialer's loop guard."""
+    from hbone.stream import Dialer
+    pod, slow = loopback_ip(), loopback_ip()
+    accepted = []
+    server = await asyncio.start_server(lambda r, w: accepted.append(w), pod, 0, backlog=2048)
+    port = server.sockets[0].getsockname()[1]
+    lsock, held = _full_listener(slow)
+    dialer = Dialer(1)
+    results: list = []
+
+    def on_done(conn, err):
+        results.append((conn.__class__, conn.transport.__class__, err) if conn else (None, None, err))
+        if conn is not None:
+            conn.abort()
+
+    try:
+        dialer.dial(*lsock.getsockname(), on_done)    # stays in its handshake: the slot is taken
+        for _ in range(1500):
+            dialer.dial(pod, port, on_done)
+        assert dialer.in_flight == 1 and dialer.waiting == 1500
+        lsock.setblocking(False)
+        held.append(lsock.accept()[0])                # the first dial completes; the queue follows
+        for _ in range(200):
+            if len(results) == 1501:
+                break
+            await asyncio.sleep(0.05)
+        assert results == [(TcpConnection, SocketTransport, None)] * 1501
+        assert dialer.in_flight == 0 and dialer.waiting == 0
+    finally:
+        server.close()
+        for s in (*held, lsock):
+            s.close()
+        for w in accepted:
+            w.close()
+
+
+async def test_queued_writes_keep_order_and_bytes_with_writelines_of_every_shape(pair):
+    """Writes queued behind a full socket (part-sent buffers kept as views, batches longer than
+    IOV_MAX, bytearrays the caller changes afterwards) reach the peer in order, byte for byte."""
+    from hbone.socktransport import MAX_IOV
+    conn, reader, writer = pair
+    writer.transport.pause_reading()
+    t = conn.transport
+    expected = bytearray()
+    big = os.urandom(6 * MiB)
+    t.write(big)                                      # fills the socket: the rest is queued
+    expected += big
+    assert t.get_write_buffer_size() > 0
+    many = [bytes([i % 251]) * 7 for i in range(MAX_IOV + 300)]
+    t.writelines(many)
+    expected += b"".join(many)
+    mutable = bytearray(b"m" * 1000)
+    t.write(mutable)
+    expected += mutable
+    mutable[:] = b"X" * 1000                          # the queued copy must not change
+    t.writelines([b"a" * 10, b"", b"b" * 20])
+    expected += b"a" * 10 + b"b" * 20
+    assert t.get_write_buffer_size() <= len(expected)
+    conn.write_eof()
+    writer.transport.resume_reading()
+    assert await asyncio.wait_for(reader.read(), 10) == bytes(expected)
+
+
+async def test_a_long_batch_on_an_idle_socket_is_sent_at_once(pair):
+    from hbone.socktransport import MAX_IOV
+    conn, reader, writer = pair
+    many = [b"%05d" % i for i in range(MAX_IOV * 2)]
+    conn.transport.writelines(many)                   # more buffers than one sendmsg takes
+    conn.write_eof()
+    assert await asyncio.wait_for(reader.read(), 5) == b"".join(many)

@@ -356,7 +356,9 @@ def test_dialer_keeps_at_most_max_concurrent_dials_in_flight_and_serves_all_in_o
         for i, port in enumerate(targets):
             dialer.dial("127.0.0.1", port, on_done(i))
             assert dialer.in_flight <= 2
-        assert dialer.in_flight == 2 and dialer.waiting == len(targets) - 2
+        # A dial to a local peer may end inside dial() (hbone.socktransport: reported at once), so
+        # the queue may already have moved on; never more than 2 in flight either way.
+        assert dialer.in_flight <= 2 and dialer.in_flight + dialer.waiting + len(seen) == len(targets)
         await asyncio.wait_for(all_done, 10)
         assert peak[0] <= 2 and dialer.in_flight == 0 and dialer.waiting == 0
         assert sorted(seen) == [(i, port == echo_addr[1], port != echo_addr[1]) for i, port in enumerate(targets)]
