@@ -9,6 +9,7 @@ Public API (see the README's HBONE section):
   pool.HbonePool                              origination with connection pooling
   relay.relay / relay_detached                bidirectional copy with half-close and reset propagation
   stream.TcpStream.connect / dial_tcp / Dialer  upstream TCP (awaited, callback, bounded callback)
+  socktransport.SocketTransport               the pod connections' transport (our own epoll)
   errors.HboneError and subclasses            each carries its status / response flag
   _malloc.tune_malloc()                       glibc allocator tuning, once at start-up
 """
