@@ -94,7 +94,14 @@ class _Poller:
         for fd, events in self.ep.poll(0, MAX_EVENTS):
             t = table.get(fd)
             if t is not None and t._since != batch:
-                t._on_events(events)
+                try:
+                    t._on_events(events)
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:
+                    # A protocol callback failed: that connection ends (as asyncio's transports do),
+                    # the others of this batch still get their events (edge-triggered: never again).
+                    t._fatal(exc)
 
 
 _pollers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Poller]" = weakref.WeakKeyDictionary()
@@ -164,15 +171,31 @@ class SocketTransport(asyncio.Transport):
         self._protocol.data_received(data)
         if len(data) == READ_BYTES:
             # More may be queued and no new edge will say so.
-            self._loop.call_soon(self._read_until_again)
+            self._loop.call_soon(self._read_more)
         elif rdhup and self._reading and not self._closing:
             # The peer's FIN had come (EPOLLRDHUP) and this short read emptied the queue (TCP queues
             # the FIN after every byte before it): the next recv would return b"". Skip it.
             self._on_eof()
 
+    def _read_more(self) -> None:
+        """``_read_until_again`` from a loop callback, a failing protocol callback ending the
+        connection as in ``_Poller._ready``."""
+        try:
+            self._read_until_again()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:
+            self._fatal(exc)
+
+    def _fatal(self, exc: BaseException) -> None:
+        self._loop.call_exception_handler({
+            "message": "protocol callback failed on a SocketTransport", "exception": exc,
+            "transport": self, "protocol": self._protocol})
+        self._force_close(exc)
+
     def _read_until_again(self) -> None:
-        """Read until EAGAIN or the EOF: after a full read, and after a pause (edges that came while
-        paused were dropped, a FIN's among them)."""
+        """Read until EAGAIN or the EOF: after a full read (edges that come meanwhile are only for
+        newer bytes)."""
         while self._reading and not self._closing and not self._read_eof:
             try:
                 data = self._sock.recv(READ_BYTES)
@@ -186,7 +209,7 @@ class SocketTransport(asyncio.Transport):
                 return
             self._protocol.data_received(data)
             if len(data) == READ_BYTES:
-                self._loop.call_soon(self._read_until_again)  # one read per loop turn while busy
+                self._loop.call_soon(self._read_more)  # one read per loop turn while busy
                 return
 
     def _on_eof(self) -> None:

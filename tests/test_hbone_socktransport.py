@@ -379,3 +379,53 @@ async def test_a_long_batch_on_an_idle_socket_is_sent_at_once(pair):
     conn.transport.writelines(many)                   # more buffers than one sendmsg takes
     conn.write_eof()
     assert await asyncio.wait_for(reader.read(), 5) == b"".join(many)
+
+
+async def test_a_failing_protocol_ends_its_connection_only(loopback_ip):
+    """An exception from a protocol callback ends that connection (connection_lost with it, reported
+    to the loop's exception handler, as asyncio's transports do); the other connections' events of
+    the same epoll batch still arrive (edge-triggered: a dropped event would never come again)."""
+    loop = asyncio.get_running_loop()
+    reported: list = []
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+    pod = loopback_ip()
+    peer = Peer()
+    port = await peer.start(pod)
+
+    class Proto(asyncio.Protocol):
+        def __init__(self, fail: bool):
+            self.fail, self.got, self.lost = fail, b"", loop.create_future()
+
+        def data_received(self, data):
+            if self.fail:
+                raise ValueError("boom")
+            self.got += data
+
+        def eof_received(self):
+            return True
+
+        def connection_lost(self, exc):
+            self.lost.set_result(exc)
+
+    protos, writers = [], []
+    for fail in (True, False, True, False):
+        sock = socket.create_connection((pod, port))
+        sock.setblocking(False)
+        protos.append(Proto(fail))
+        SocketTransport(loop, sock, protos[-1])
+        writers.append((await peer.accept())[1])
+    try:
+        for w in writers:                             # all four readable in the same loop turn
+            w.write(b"hello")
+        await asyncio.sleep(0.2)
+        for p in protos:
+            if p.fail:
+                assert isinstance(await asyncio.wait_for(p.lost, 5), ValueError)
+            else:
+                assert p.got == b"hello" and not p.lost.done()
+        assert [type(ctx["exception"]) for ctx in reported] == [ValueError, ValueError]
+    finally:
+        loop.set_exception_handler(None)
+        for w in writers:
+            w.close()
+        peer.close()
