@@ -34,7 +34,8 @@ per connection). Dial + 1 KiB echo + close, 5 000 connections, 64 at once, diall
 with ``dial_from`` + uvloop transport; 44 / 43 / 44 with uvloop's ``add_reader`` on each socket
 (libuv's poll handle costs 4 epoll_ctl, 3 of them failing DELs, and a FIONBIO ioctl per socket:
 strace); 37 / 38 / 37 with one edge-triggered epoll of our own (one epoll_ctl per socket, none to
-remove it, none to pause).
+remove it; a pause and its resume cost one EPOLL_CTL_MOD each). End to end, see
+proxy/node/inbound.py ``InboundProxy._handle`` and hbone/stream.py ``dial_tcp``.
 """
 
 from __future__ import annotations
