@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
+import struct
 import weakref
 from collections import deque
 from itertools import islice
@@ -75,6 +76,8 @@ _EP_RDHUP = select.EPOLLRDHUP
 # A FIN reported together with an error is a reset (tcp_reset sets sk_err and shuts both ways).
 _EP_END = select.EPOLLRDHUP | select.EPOLLERR
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
+# SO_LINGER on, 0 s: close() sends RST (hbone.stream's _LINGER_RST, for a failing callback here)
+_LINGER_RST = struct.pack("ii", 1, 0)
 
 
 class _Poller:
@@ -200,6 +203,13 @@ class SocketTransport(asyncio.Transport):
         self._loop.call_exception_handler({
             "message": "protocol callback failed on a SocketTransport", "exception": exc,
             "transport": self, "protocol": self._protocol})
+        # What was queued is dropped: the peer must see a reset (RST: SO_LINGER 0 makes close()
+        # send one), not a FIN that ends a truncated stream cleanly (asyncio's transports send the
+        # FIN; hbone.relay's contract is never a silent truncation; tests/test_chaos_socktransport.py).
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        except OSError:
+            pass
         self._force_close(exc)
 
     def _read_until_again(self) -> None:

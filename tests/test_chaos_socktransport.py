@@ -14,6 +14,8 @@ import os
 import socket
 import struct
 
+import pytest
+
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from hbone.socktransport import READ_BYTES, WRITE_HIGH_WATER_BYTES, SocketTransport
@@ -28,7 +30,13 @@ _LINGER_RST = struct.pack("ii", 1, 0)  # close() sends RST: what TcpConnection.a
 class Recorder(asyncio.Protocol):
     """Our side's protocol: records every callback and the transport's queue high mark."""
 
-    def __init__(self) -> None:
+    def __init__(self, in_callback=()) -> None:
+        # (n, action): what the protocol itself does in its n-th data_received, as TcpConnection
+        # and the splice do: "pause" (resume on a later turn), "abort" (RST), "raise" (a bug)
+        self.in_callback = dict(in_callback)
+        self.calls = 0
+        self.failed = False                     # aborted or raised inside a callback
+        self.raised = False
         self.got = bytearray()
         self.eof = False
         self.lost: list = []                    # [exc] once connection_lost came
@@ -46,6 +54,19 @@ class Recorder(asyncio.Protocol):
         self.after_eof_data |= self.eof
         self.got += data
         self.event.set()
+        self.calls += 1
+        action = self.in_callback.get(self.calls)
+        t = self.transport
+        if action == "pause":
+            t.pause_reading()
+            asyncio.get_running_loop().call_later(0.005, t.resume_reading)
+        elif action == "abort":
+            self.failed = True
+            t.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            t.abort()
+        elif action == "raise":
+            self.failed = self.raised = True
+            raise RuntimeError("a protocol bug (chaos test)")
 
     def eof_received(self) -> bool:
         assert not self.eof, "eof_received twice"
@@ -66,6 +87,7 @@ class Recorder(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         assert not self.lost, "connection_lost twice"
         self.lost.append(exc)
+        self.resumed.set()  # a writer waiting for resume_writing must wake up
         self.done.set()
         self.event.set()
 
@@ -106,7 +128,7 @@ peer_read = st.one_of(
 )
 
 
-async def _connected(ip: str):
+async def _connected(ip: str, in_callback=()):
     """(our SocketTransport + Recorder, the peer's socket): a real loopback TCP connection."""
     loop = asyncio.get_running_loop()
     lsock = socket.socket()
@@ -121,14 +143,14 @@ async def _connected(ip: str):
     peer, _ = await loop.sock_accept(lsock)
     lsock.close()
     peer.setblocking(False)
-    proto = Recorder()
+    proto = Recorder(in_callback)
     SocketTransport(loop, ours, proto)
     return proto, peer
 
 
-async def _schedule(ip: str, ours_ops, peer_ops, peer_reads) -> None:
+async def _schedule(ip: str, ours_ops, peer_ops, peer_reads, in_callback=()) -> None:
     loop = asyncio.get_running_loop()
-    proto, peer = await _connected(ip)
+    proto, peer = await _connected(ip, in_callback)
     t: SocketTransport = proto.transport
     high = t.get_write_buffer_limits()[1]
 
@@ -199,8 +221,8 @@ async def _schedule(ip: str, ours_ops, peer_ops, peer_reads) -> None:
         while not (proto.eof or proto.lost):
             proto.event.clear()
             await proto.event.wait()
-        if sent_at_eof is None:
-            sent_at_eof = sent
+        if sent_at_eof is None and not t.is_closing():
+            sent_at_eof = sent   # our close() below is the clean end (not one the transport made)
         t.close()
 
     async def peer_writer() -> None:
@@ -273,6 +295,7 @@ async def _schedule(ip: str, ours_ops, peer_ops, peer_reads) -> None:
         r.cancel()
         peer.close()
 
+    we_aborted |= proto.failed
     # what the peer got: a prefix of what we sent, all of it if it saw a clean end
     assert bytes(peer_got) == _pattern(0, len(peer_got)), "reordered or corrupted toward the peer"
     assert len(peer_got) <= sent
@@ -293,19 +316,50 @@ async def _schedule(ip: str, ours_ops, peer_ops, peer_reads) -> None:
     if peer_aborted and not (we_aborted or closed_early or proto.eof):
         # the peer's RST while we were still reading: an error, never a clean end
         assert exc is not None, "the peer's reset was reported as a clean close"
+    if proto.raised:
+        assert isinstance(exc, RuntimeError), f"a failing callback ended with {exc!r}"
     if not peer_aborted and not we_aborted:
         assert exc is None, exc
         if not closed_early:
             assert proto.eof and len(proto.got) == peer_sent
 
 
+async def _checked(main) -> None:
+    """Run `main` with the loop's exception handler recording: a protocol callback that fails is
+    reported there (as asyncio's transports do); only the chaos test's own RuntimeError may be."""
+    reported: list = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+    await main
+    for ctx in reported:
+        assert isinstance(ctx.get("exception"), RuntimeError), ctx
+
+
+in_callback = st.lists(st.tuples(st.integers(1, 8), st.sampled_from(["pause", "pause", "abort", "raise"])),
+                       max_size=2)
+
+
 @hsettings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 @given(loop=st.sampled_from(LOOPS),
        ours_ops=st.lists(our_op, max_size=12),
        peer_ops=st.lists(peer_op, max_size=6),
-       peer_reads=st.lists(peer_read, max_size=6))
-def test_random_schedules_conserve_bytes_or_report_a_reset(loopback_ip, loop, ours_ops, peer_ops, peer_reads):
-    run(loop, lambda: _schedule(loopback_ip(), ours_ops, peer_ops, peer_reads))
+       peer_reads=st.lists(peer_read, max_size=6),
+       in_cb=in_callback)
+def test_random_schedules_conserve_bytes_or_report_a_reset(loopback_ip, loop, ours_ops, peer_ops, peer_reads,
+                                                           in_cb):
+    run(loop, lambda: _checked(_schedule(loopback_ip(), ours_ops, peer_ops, peer_reads, in_cb)))
+
+
+@hsettings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(loop=st.sampled_from(LOOPS),
+       schedules=st.lists(st.tuples(st.lists(our_op, max_size=8), st.lists(peer_op, max_size=4),
+                                    st.lists(peer_read, max_size=4), in_callback),
+                          min_size=2, max_size=6))
+def test_concurrent_schedules_share_the_poller_without_losing_a_wakeup(loopback_ip, loop, schedules):
+    """Several connections on one loop's epoll at once: their events come in the same batches,
+    connections end and new ones start (fd numbers reused) mid-batch; each keeps the contract."""
+    async def main():
+        await asyncio.gather(*(_schedule(loopback_ip(), *sch) for sch in schedules))
+    run(loop, lambda: _checked(main()))
 
 
 def test_a_reset_right_after_data_is_a_reset_not_a_clean_end(loopback_ip):
@@ -329,6 +383,33 @@ def test_a_reset_right_after_data_is_a_reset_not_a_clean_end(loopback_ip):
             assert bytes(proto.got) == b"partial response"
             assert not proto.eof, "the reset was taken for a FIN"
             assert isinstance(proto.lost[0], ConnectionResetError), proto.lost
+
+    for loop in LOOPS:
+        run(loop, lambda: main(loopback_ip()))
+
+
+def test_a_failing_callback_with_writes_queued_is_a_reset_at_the_peer(loopback_ip):
+    """Found with the in-callback actions above (made deterministic here): a protocol callback that
+    raises ends its connection (connection_lost(exc), as asyncio's transports do), dropping what was
+    queued; the socket was then closed with a FIN, so the peer read a clean end after a part of the
+    bytes (3.9 of 8 MB): a silent truncation. It must be a reset."""
+    async def main(ip: str):
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, _ctx: None)
+        proto, peer = await _connected(ip, [(1, "raise")])
+        t = proto.transport
+        t.write(_pattern(0, 8 * MiB))            # more than both socket buffers: part stays queued
+        assert t.get_write_buffer_size() > 0
+        peer.sendall(b"x")                       # our data_received raises
+        await asyncio.wait_for(proto.done.wait(), 5)
+        assert isinstance(proto.lost[0], RuntimeError)
+        loop = asyncio.get_running_loop()
+        got = 0
+        with pytest.raises(ConnectionResetError):
+            async with asyncio.timeout(5):
+                while data := await loop.sock_recv(peer, MiB):
+                    got += len(data)
+        assert got < 8 * MiB
+        peer.close()
 
     for loop in LOOPS:
         run(loop, lambda: main(loopback_ip()))
