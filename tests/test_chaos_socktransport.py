@@ -413,3 +413,64 @@ def test_a_failing_callback_with_writes_queued_is_a_reset_at_the_peer(loopback_i
 
     for loop in LOOPS:
         run(loop, lambda: main(loopback_ip()))
+
+
+def test_more_ready_sockets_than_one_poll_takes_all_get_their_bytes_and_end(loopback_ip):
+    """MAX_EVENTS + 100 connections made ready at once (bytes then FIN, or bytes then RST): one
+    epoll_wait returns at most MAX_EVENTS of them; the rest must come on the next call (our epoll fd
+    stays readable for the loop), none lost. Every third one also has reading paused and resumed."""
+    from hbone.socktransport import MAX_EVENTS
+
+    async def main(ip: str):
+        loop = asyncio.get_running_loop()
+        lsock = socket.socket()
+        lsock.bind((ip, 0))
+        lsock.listen(MAX_EVENTS + 200)
+        lsock.setblocking(False)
+        pairs = []
+        try:
+            for i in range(MAX_EVENTS + 100):
+                ours = socket.socket()
+                ours.setblocking(False)
+                try:
+                    ours.connect(lsock.getsockname())
+                except BlockingIOError:
+                    pass
+                peer, _ = await loop.sock_accept(lsock)
+                proto = Recorder()
+                SocketTransport(loop, ours, proto)
+                pairs.append((proto, peer))
+            for i, (proto, peer) in enumerate(pairs):
+                if i % 3 == 0:
+                    proto.transport.pause_reading()
+            for i, (proto, peer) in enumerate(pairs):   # all in one loop turn: one big batch
+                peer.send(_pattern(i, 100 + i))
+                if i % 2:
+                    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+                    peer.close()
+                else:
+                    peer.shutdown(socket.SHUT_WR)
+            await asyncio.sleep(0.01)
+            for i, (proto, peer) in enumerate(pairs):
+                if i % 3 == 0:
+                    proto.transport.resume_reading()
+            async with asyncio.timeout(10):
+                for i, (proto, peer) in enumerate(pairs):
+                    while not (proto.eof or proto.lost):
+                        proto.event.clear()
+                        await proto.event.wait()
+            for i, (proto, peer) in enumerate(pairs):
+                assert bytes(proto.got) == _pattern(i, 100 + i), i
+                if i % 2:
+                    assert not proto.eof and isinstance(proto.lost[0], ConnectionResetError), (i, proto.lost)
+                else:
+                    assert proto.eof and not proto.lost, i
+        finally:
+            for proto, peer in pairs:
+                proto.transport.abort()
+                peer.close()
+            lsock.close()
+            await asyncio.sleep(0)
+
+    for loop in LOOPS:
+        run(loop, lambda: main(loopback_ip()))

@@ -155,8 +155,10 @@ class Middlebox:
     Faults keep the record framing, except where a FIN follows: a corrupted length would only make
     the client wait for bytes (until HTTP/2's PING deadline, 20 s), which is right but slow."""
 
-    def __init__(self, upstream: tuple[str, int], chunks: list[int], stalls: list[int], fault, at: int):
+    def __init__(self, upstream: tuple[str, int], chunks: list[int], stalls: list[int], fault, at: int,
+                 upward: bool = False):
         self.upstream, self.chunks, self.stalls, self.fault, self.at = upstream, chunks, stalls, fault, at
+        self.upward = upward  # the chaos is on the client's bytes instead of the server's
         self.conns = 0
         self.tasks: set[asyncio.Task] = set()
         self.faulted = False
@@ -169,8 +171,12 @@ class Middlebox:
         self.conns += 1
         first = self.conns == 1
         ureader, uwriter = await asyncio.open_connection(*self.upstream)
-        up = asyncio.ensure_future(self._plain(creader, uwriter))
-        down = asyncio.ensure_future(self._chaos(ureader, cwriter, first))
+        if self.upward:
+            up = asyncio.ensure_future(self._chaos(creader, uwriter, first))
+            down = asyncio.ensure_future(self._plain(ureader, cwriter))
+        else:
+            up = asyncio.ensure_future(self._plain(creader, uwriter))
+            down = asyncio.ensure_future(self._chaos(ureader, cwriter, first))
         self.tasks |= {up, down}
         try:
             await asyncio.gather(up, down, return_exceptions=True)
@@ -254,7 +260,7 @@ class Middlebox:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-async def _live(mesh: Mesh, ip: str, size: int, chunks, stalls, fault, at) -> None:
+async def _live(mesh: Mesh, ip: str, size: int, chunks, stalls, fault, at, upward=False) -> None:
     srv_id, cli_id = mesh.identity("ns1", "server"), mesh.identity("ns2", "client")
     server_ctx, client_ctx = mesh.server_context(srv_id), mesh.client_context(cli_id)
 
@@ -271,7 +277,7 @@ async def _live(mesh: Mesh, ip: str, size: int, chunks, stalls, fault, at) -> No
             stream.abort()
 
     server = await HboneServer(lambda: server_ctx, handler, trust_domain=mesh.trust_domain).start(ip, 0)
-    box = Middlebox(server.address, chunks, stalls, fault, at)
+    box = Middlebox(server.address, chunks, stalls, fault, at, upward)
     box_addr = await box.start(ip)
     pool = HbonePool(lambda: client_ctx, trust_domain=mesh.trust_domain)
 
@@ -319,9 +325,12 @@ async def _live(mesh: Mesh, ip: str, size: int, chunks, stalls, fault, at) -> No
        stalls=st.lists(st.integers(0, 5), max_size=3),
        fault=st.one_of(st.none(), st.tuples(st.just("fin")), st.tuples(st.just("flip")),
                        st.tuples(st.sampled_from(["garbage", "junk_fin"]), st.binary(min_size=1, max_size=30))),
-       at=st.floats(0, 1.05))
+       at=st.floats(0, 1.05),
+       upward=st.booleans())
 def test_live_tunnel_through_a_faulty_middlebox_conserves_or_resets(mesh, loopback_ip, loop, size, chunks,
-                                                                     stalls, fault, at):
-    # `at` as a share of the server's TLS bytes (~5 KiB of handshake and HTTP/2 set-up, then the
-    # answer), so that faults land in the handshake, the answer and after it alike
-    run(loop, lambda: _live(mesh, loopback_ip(), size, chunks, stalls, fault, int(at * (size * 1.01 + 5000))))
+                                                                     stalls, fault, at, upward):
+    # `at` as a share of the faulted side's TLS bytes (the server: ~5 KiB of handshake and HTTP/2
+    # set-up, then the answer; the client: ~3 KiB with its certificate and the request), so that
+    # faults land in the handshake, the answer and after it alike
+    total = 3000 if upward else size * 1.01 + 5000
+    run(loop, lambda: _live(mesh, loopback_ip(), size, chunks, stalls, fault, int(at * total), upward))
