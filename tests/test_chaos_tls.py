@@ -334,3 +334,59 @@ def test_live_tunnel_through_a_faulty_middlebox_conserves_or_resets(mesh, loopba
     # faults land in the handshake, the answer and after it alike
     total = 3000 if upward else size * 1.01 + 5000
     run(loop, lambda: _live(mesh, loopback_ip(), size, chunks, stalls, fault, int(at * total), upward))
+
+
+async def _close_notify_mid_answer(mesh: Mesh, ip: str, size: int, cut_after: int, flush_first: bool) -> None:
+    srv_id, cli_id = mesh.identity("ns1", "server"), mesh.identity("ns2", "client")
+    server_ctx, client_ctx = mesh.server_context(srv_id), mesh.client_context(cli_id)
+    cut: list[bool] = [False]
+
+    async def handler(tunnel) -> None:
+        stream = await tunnel.accept()
+        off = 0
+        while off < size:
+            if off >= cut_after:
+                conn = stream._conn
+                if flush_first:
+                    conn.flush_now()
+                cut[0] = True
+                conn.close_transport()   # close_notify: a clean TLS end, mid-answer
+                return
+            n = min(8 * KiB, size - off)
+            stream.write(_pattern(off, n))
+            off += n
+            await stream.drain()
+        stream.write_eof()
+        await stream.wait_closed()
+
+    server = await HboneServer(lambda: server_ctx, handler, trust_domain=mesh.trust_domain).start(ip, 0)
+    pool = HbonePool(lambda: client_ctx, trust_domain=mesh.trust_domain)
+    try:
+        async with asyncio.timeout(EXAMPLE_DEADLINE_S):
+            s = await pool.open_tunnel(src_identity=cli_id, dst_identities=frozenset({srv_id}),
+                                       dst=server.address, authority="10.0.0.1:80")
+            got = bytearray()
+            try:
+                while data := await s.read():
+                    got += data
+                end = "clean"
+            except StreamReset:
+                end = "reset"
+            assert bytes(got) == _pattern(0, len(got))
+            if cut[0]:
+                # TLS closed cleanly, but the tunnel had no END_STREAM: a reset, never a clean end
+                assert end == "reset", f"a clean end after {len(got)} of {size} bytes"
+            else:
+                assert end == "clean" and len(got) == size
+    finally:
+        await pool.close()
+        await server.close(0.2)
+
+
+@hsettings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(loop=st.sampled_from(LOOPS), size=st.integers(1, 200 * KiB), cut=st.floats(0, 1.1),
+       flush_first=st.booleans())
+def test_close_notify_mid_answer_is_a_reset_for_the_open_tunnel(mesh, loopback_ip, loop, size, cut, flush_first):
+    """The server's TLS ends cleanly (close_notify, then TCP close) while a tunnel's answer is half
+    sent: the TLS end is clean, the tunnel's is not (no END_STREAM), so its reader gets StreamReset."""
+    run(loop, lambda: _close_notify_mid_answer(mesh, loopback_ip(), size, int(cut * size), flush_first))
