@@ -21,6 +21,8 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from hbone.pool import HbonePool
 from hbone.relay import relay_detached
 from hbone.server import HboneServer
+from hbone.settings import HboneSettings
+from hbone.socktransport import WRITE_HIGH_WATER_BYTES
 from hbone.stream import StreamReset, dial_tcp
 from hbone.testing import LOOPS, Mesh, run
 
@@ -77,6 +79,8 @@ async def _example(ip_server: str, ip_pod: str, client_ops, client_reads, pod_op
     srv_id, cli_id = mesh.identity("ns1", "server"), mesh.identity("ns2", "client")
     server_ctx, client_ctx = mesh.server_context(srv_id), mesh.client_context(cli_id)
     results: list = []
+    upstreams: list = []      # the pod-side TcpConnection (over a SocketTransport)
+    queued_max = [0]          # its transport's largest write queue seen
 
     def handler(tunnel) -> None:  # benchmarks/relay.py's: dial_tcp, accept_nowait, relay_detached
         host, port = tunnel.authority
@@ -85,6 +89,7 @@ async def _example(ip_server: str, ip_pod: str, client_ops, client_reads, pod_op
             if err is not None:
                 tunnel.reject_nowait(503, str(err))
                 return
+            upstreams.append(upstream)
             assert relay_detached(tunnel.accept_nowait(), upstream, results.append)
 
         dial_tcp(host, port, connected, loop=loop)
@@ -187,12 +192,20 @@ async def _example(ip_server: str, ip_pod: str, client_ops, client_reads, pod_op
                 except OSError:
                     pod.end = "reset"
 
+            async def sampler() -> None:
+                transport = upstreams[0].transport
+                while True:
+                    queued_max[0] = max(queued_max[0], transport.get_write_buffer_size())
+                    await asyncio.sleep(0.001)
+
+            sampling = asyncio.ensure_future(sampler())
             tasks[:] = [asyncio.ensure_future(c()) for c in (client_writer, client_reader, pod_writer)]
             pod_r = asyncio.ensure_future(pod_reader())
             tasks.append(pod_r)
             for res in await asyncio.gather(*tasks, return_exceptions=True):
                 if isinstance(res, BaseException) and not isinstance(res, asyncio.CancelledError):
                     raise res
+            sampling.cancel()
             if not pod.aborted:
                 psock.close()
             while not results:   # the relay always reports its end
@@ -221,6 +234,9 @@ async def _example(ip_server: str, ip_pod: str, client_ops, client_reads, pod_op
         await pool.close()
         await server.close(0.2)
 
+    # bounded: a stalled pod makes the splice stop acknowledging HBONE DATA once the transport is
+    # above its high-water mark, so at most one stream window more is ever queued (hbone/relay.py)
+    assert queued_max[0] <= WRITE_HIGH_WATER_BYTES + HboneSettings().stream_window, queued_max
     someone_aborted = cli.aborted or pod.aborted
     # client -> pod
     assert bytes(pod.got) == _pattern(0, len(pod.got)), "corrupted toward the pod"
