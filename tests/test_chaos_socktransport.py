@@ -397,7 +397,7 @@ def test_a_failing_callback_with_writes_queued_is_a_reset_at_the_peer(loopback_i
         asyncio.get_running_loop().set_exception_handler(lambda _loop, _ctx: None)
         proto, peer = await _connected(ip, [(1, "raise")])
         t = proto.transport
-        t.write(_pattern(0, 8 * MiB))            # more than both socket buffers: part stays queued
+        t.write(_pattern(0, 32 * MiB))           # more than both socket buffers: part stays queued
         assert t.get_write_buffer_size() > 0
         peer.sendall(b"x")                       # our data_received raises
         await asyncio.wait_for(proto.done.wait(), 5)
@@ -408,7 +408,7 @@ def test_a_failing_callback_with_writes_queued_is_a_reset_at_the_peer(loopback_i
             async with asyncio.timeout(5):
                 while data := await loop.sock_recv(peer, MiB):
                     got += len(data)
-        assert got < 8 * MiB
+        assert got < 32 * MiB
         peer.close()
 
     for loop in LOOPS:
