@@ -72,7 +72,6 @@ _EP_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _EP_PAUSED = select.EPOLLOUT | select.EPOLLET
 _EP_READ = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _EP_WRITE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
-_EP_RDHUP = select.EPOLLRDHUP
 # A FIN reported together with an error is a reset (tcp_reset sets sk_err and shuts both ways).
 _EP_END = select.EPOLLRDHUP | select.EPOLLERR
 _MSG_MORE = getattr(socket, "MSG_MORE", 0)
@@ -161,7 +160,8 @@ class SocketTransport(asyncio.Transport):
     # -- reading --
     def _read_ready(self, rdhup: int = 0) -> None:
         """An edge: read once. A read short of READ_BYTES emptied the queue, and bytes (or a FIN)
-        arriving after it make a new edge, so we stop there."""
+        arriving after it make a new edge, so we stop there. ``rdhup``: the edge's EPOLLRDHUP and
+        EPOLLERR bits (``_EP_END``)."""
         if not self._reading or self._closing or self._read_eof:
             return
         try:
