@@ -379,6 +379,11 @@ class SocketTransport(asyncio.Transport):
         if self._paused_writing:
             self._paused_writing = False
             self._protocol.resume_writing()
+            if self._wbuf is not None:
+                # resume_writing queued more (asyncio's _write_ready: "May append to buffer"); its
+                # EPOLLOUT comes back here. Going on to the FIN / the close now cut those bytes off
+                # behind a clean end (tests/test_chaos_socktransport.py).
+                return
         if self._closing:
             self._schedule_lost(None)
         elif self._eof:

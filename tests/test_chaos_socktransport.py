@@ -474,3 +474,59 @@ def test_more_ready_sockets_than_one_poll_takes_all_get_their_bytes_and_end(loop
 
     for loop in LOOPS:
         run(loop, lambda: main(loopback_ip()))
+
+
+class _WritesOnResume(Recorder):
+    """A protocol that, told it may write again, writes its last bytes and ends its side at once
+    (asyncio allows it: its transport's _write_ready notes "May append to buffer")."""
+
+    def __init__(self, last: bytes, end: str) -> None:
+        super().__init__()
+        self.last, self.end = last, end
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.last:
+            last, self.last = self.last, b""
+            self.transport.write(last)
+            self.transport.write_eof() if self.end == "write_eof" else self.transport.close()
+
+
+def test_bytes_written_inside_resume_writing_then_eof_or_close_all_arrive(loopback_ip):
+    """Found by reading _write_ready against asyncio's: after resume_writing it went on to the FIN
+    (write_eof) or the end of the connection (close) without looking at what resume_writing had
+    queued meanwhile, so the peer read a clean end without those bytes."""
+    async def main(ip: str, end: str):
+        loop = asyncio.get_running_loop()
+        lsock = socket.socket()
+        lsock.bind((ip, 0))
+        lsock.listen(1)
+        ours = socket.socket()
+        ours.setblocking(False)
+        try:
+            ours.connect(lsock.getsockname())
+        except BlockingIOError:
+            pass
+        peer, _ = await loop.sock_accept(lsock)
+        lsock.close()
+        peer.setblocking(False)
+        first, last = _pattern(0, 16 * MiB), _pattern(16 * MiB, 16 * MiB)
+        proto = _WritesOnResume(last, end)
+        t = SocketTransport(loop, ours, proto)
+        t.write(first)                       # above the high-water mark: pause_writing, later resume
+        assert proto.paused_writing
+        got = bytearray()
+        async with asyncio.timeout(10):
+            while data := await loop.sock_recv(peer, MiB):
+                got += data
+        peer.close()
+        assert len(got) == len(first) + len(last) and bytes(got) == first + last, (end, len(got))
+        if end == "close":
+            await asyncio.wait_for(proto.done.wait(), 5)
+            assert proto.lost == [None]
+        else:
+            t.close()
+
+    for loop in LOOPS:
+        for end in ("write_eof", "close"):
+            run(loop, lambda: main(loopback_ip(), end))
