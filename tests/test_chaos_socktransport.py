@@ -128,8 +128,8 @@ peer_read = st.one_of(
 )
 
 
-async def _connected(ip: str, in_callback=()):
-    """(our SocketTransport + Recorder, the peer's socket): a real loopback TCP connection."""
+async def _socket_pair(ip: str) -> tuple[socket.socket, socket.socket]:
+    """(our socket, the peer's socket): a real loopback TCP connection, both non-blocking."""
     loop = asyncio.get_running_loop()
     lsock = socket.socket()
     lsock.bind((ip, 0))
@@ -143,6 +143,13 @@ async def _connected(ip: str, in_callback=()):
     peer, _ = await loop.sock_accept(lsock)
     lsock.close()
     peer.setblocking(False)
+    return ours, peer
+
+
+async def _connected(ip: str, in_callback=()):
+    """(our SocketTransport + Recorder, the peer's socket): a real loopback TCP connection."""
+    loop = asyncio.get_running_loop()
+    ours, peer = await _socket_pair(ip)
     proto = Recorder(in_callback)
     SocketTransport(loop, ours, proto)
     return proto, peer
@@ -498,18 +505,7 @@ def test_bytes_written_inside_resume_writing_then_eof_or_close_all_arrive(loopba
     queued meanwhile, so the peer read a clean end without those bytes."""
     async def main(ip: str, end: str):
         loop = asyncio.get_running_loop()
-        lsock = socket.socket()
-        lsock.bind((ip, 0))
-        lsock.listen(1)
-        ours = socket.socket()
-        ours.setblocking(False)
-        try:
-            ours.connect(lsock.getsockname())
-        except BlockingIOError:
-            pass
-        peer, _ = await loop.sock_accept(lsock)
-        lsock.close()
-        peer.setblocking(False)
+        ours, peer = await _socket_pair(ip)
         first, last = _pattern(0, 16 * MiB), _pattern(16 * MiB, 16 * MiB)
         proto = _WritesOnResume(last, end)
         t = SocketTransport(loop, ours, proto)
