@@ -164,21 +164,10 @@ class SocketTransport(asyncio.Transport):
         EPOLLERR bits (``_EP_END``)."""
         if not self._reading or self._closing or self._read_eof:
             return
-        try:
-            data = self._sock.recv(READ_BYTES)
-        except _TRY_AGAIN:
+        data = self._recv_one()
+        if data is None or len(data) == READ_BYTES:
             return
-        except OSError as exc:  # ECONNRESET...: the peer aborted
-            self._force_close(exc)
-            return
-        if not data:
-            self._on_eof()
-            return
-        self._protocol.data_received(data)
-        if len(data) == READ_BYTES:
-            # More may be queued and no new edge will say so.
-            self._loop.call_soon(self._read_more)
-        elif rdhup and self._reading and not self._closing:
+        if rdhup and self._reading and not self._closing:
             if rdhup & select.EPOLLERR:
                 # Not a FIN but a reset that came right after the bytes (one edge for both): the
                 # next recv reports it (ECONNRESET) and no further edge will come. Taking it for a
@@ -216,20 +205,28 @@ class SocketTransport(asyncio.Transport):
         """Read until EAGAIN or the EOF: after a full read (edges that come meanwhile are only for
         newer bytes)."""
         while self._reading and not self._closing and not self._read_eof:
-            try:
-                data = self._sock.recv(READ_BYTES)
-            except _TRY_AGAIN:
+            data = self._recv_one()
+            if data is None or len(data) == READ_BYTES:   # (a full read: one per loop turn while busy)
                 return
-            except OSError as exc:
-                self._force_close(exc)
-                return
-            if not data:
-                self._on_eof()
-                return
-            self._protocol.data_received(data)
-            if len(data) == READ_BYTES:
-                self._loop.call_soon(self._read_more)  # one read per loop turn while busy
-                return
+
+    def _recv_one(self) -> bytes | None:
+        """One ``recv`` handed to the protocol: its bytes, or None when there were none (EAGAIN) or the
+        read ended the stream (the peer's FIN: ``eof_received``; ECONNRESET...: the peer aborted). A
+        full read (``READ_BYTES``) schedules the next one: more may be queued and no new edge will say so."""
+        try:
+            data = self._sock.recv(READ_BYTES)
+        except _TRY_AGAIN:
+            return None
+        except OSError as exc:
+            self._force_close(exc)
+            return None
+        if not data:
+            self._on_eof()
+            return None
+        self._protocol.data_received(data)
+        if len(data) == READ_BYTES:
+            self._loop.call_soon(self._read_more)
+        return data
 
     def _on_eof(self) -> None:
         self._read_eof = True
