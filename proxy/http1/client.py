@@ -154,6 +154,25 @@ class Http1Response:
         return f"<Http1Response {self.head.status} {state} reusable={self.reusable}>"
 
 
+def _parse_read(reader: ResponseReader, events: deque, data: bytes | None) -> bool:
+    """One read's bytes (``b""``: EOF, None: a reset) into the parser: True when the caller may go on
+    (bytes parsed, or the EOF ended a message that ends at EOF), False when the read ended the
+    connection with a message still open (broken: the caller raises). Http1Error(502) on a malformed
+    response."""
+    if data:
+        events.extend(reader.feed(data))
+        return True
+    if data is not None:
+        try:
+            tail = reader.feed_eof()
+        except Http1Error:
+            tail = None
+        if tail:
+            events.extend(tail)
+            return True
+    return False
+
+
 async def _next_event(stream: ByteStream, reader: ResponseReader, events: deque,
                       sender: asyncio.Task | None, sent: list, *, before_response: bool):
     while not events:
@@ -163,18 +182,8 @@ async def _next_event(stream: ByteStream, reader: ResponseReader, events: deque,
         except OSError as err:
             data = None
             reset = err
-        if data:
-            events.extend(reader.feed(data))  # Http1Error(502) on a malformed response
+        if _parse_read(reader, events, data):
             continue
-        # EOF or reset: a message that was still open is broken.
-        if data is not None:
-            try:
-                tail = reader.feed_eof()
-            except Http1Error:
-                tail = None
-            if tail:
-                events.extend(tail)
-                continue
         if sender is not None and sender.done() and not sender.cancelled() and sender.exception():
             raise sender.exception()  # the request body source failed: its error is the cause
         what = "reset" if reset is not None else "closed the connection"
@@ -340,24 +349,15 @@ async def forward_bodiless(upstream: ByteStream, reader: ResponseReader, method:
         raise UpstreamReset(f"upstream write failed: {err}", before_response=True) from err
     events: deque = deque()
     while True:
-        while not events:   # (_next_event with no body sender, before the response)
+        while not events:   # (_next_event with no body sender, before the response, inline)
             reset = None
             try:
                 data = await upstream.read(READ_BYTES)
             except OSError as err:
                 data = None
                 reset = err
-            if data:
-                events.extend(reader.feed(data))  # Http1Error(502) on a malformed response
+            if _parse_read(reader, events, data):
                 continue
-            if data is not None:
-                try:
-                    tail = reader.feed_eof()
-                except Http1Error:
-                    tail = None
-                if tail:
-                    events.extend(tail)
-                    continue
             what = "reset" if reset is not None else "closed the connection"
             raise UpstreamReset(f"upstream {what} before the response", before_response=True,
                                 body_bytes_sent=0) from reset
