@@ -14,6 +14,7 @@ import pytest
 from hbone.stream import TcpConnection, TcpStream
 from proxy.errors import UpstreamConnectFailure
 from hbone.dial import IP_BIND_ADDRESS_NO_PORT, connect_from, dial_from
+from hbone.socktransport import SocketTransport
 from proxy.node.inbound import connect_workload
 
 
@@ -94,10 +95,11 @@ async def test_an_unbindable_source_ip_falls_back_to_our_own_address(loopback_ip
 
 # ---- dial_from: the callback dial of the node's inbound handler (no task) ----
 
-async def _dial(host: str, port: int, local_ip: str | None, timeout: float = 5.0):
+async def _dial(host: str, port: int, local_ip: str | None, timeout: float = 5.0, *, socket_transport: bool = False):
     """dial_from as an awaitable for the tests: (conn, err), and whether it answered before returning."""
     fut = asyncio.get_running_loop().create_future()
-    dial_from(host, port, local_ip, lambda c, e: fut.set_result((c, e)), timeout=timeout)
+    dial_from(host, port, local_ip, lambda c, e: fut.set_result((c, e)), timeout=timeout,
+              socket_transport=socket_transport)
     answered_at_once = fut.done()
     conn, err = await asyncio.wait_for(fut, timeout + 5)
     return conn, err, answered_at_once
@@ -131,42 +133,50 @@ async def test_dial_from_a_local_pod_keeps_the_source_ip(loopback_ip):
             conn.abort()
 
 
-async def test_dial_from_waits_for_a_handshake_in_flight(loopback_ip):
+# The dial's failure paths, with a uvloop transport and with hbone.socktransport's (the node proxy's).
+TRANSPORTS = pytest.mark.parametrize("socket_transport", [False, True], ids=["uvloop", "socktransport"])
+
+
+@TRANSPORTS
+async def test_dial_from_waits_for_a_handshake_in_flight(loopback_ip, socket_transport):
     pod, client = loopback_ip(), loopback_ip()
     lsock, held = _full_listener(pod)
     try:
-        task = asyncio.ensure_future(_dial(*lsock.getsockname(), client))
+        task = asyncio.ensure_future(_dial(*lsock.getsockname(), client, socket_transport=socket_transport))
         await asyncio.sleep(0.1)
         assert not task.done()                   # the SYN was dropped: still waiting
         lsock.setblocking(False)
         held.append(lsock.accept()[0])           # room in the queue: the SYN retransmit gets in
         conn, err, _ = await asyncio.wait_for(task, 10)
         assert err is None and conn.local_addr[0] == client
+        assert (conn.transport.__class__ is SocketTransport) == socket_transport
         conn.abort()
     finally:
         for s in (*held, lsock):
             s.close()
 
 
-async def test_dial_from_times_out_a_handshake_that_never_completes(loopback_ip):
+@TRANSPORTS
+async def test_dial_from_times_out_a_handshake_that_never_completes(loopback_ip, socket_transport):
     pod, client = loopback_ip(), loopback_ip()
     lsock, held = _full_listener(pod)
     try:
-        conn, err, _ = await _dial(*lsock.getsockname(), client, timeout=0.2)
+        conn, err, _ = await _dial(*lsock.getsockname(), client, timeout=0.2, socket_transport=socket_transport)
         assert conn is None and isinstance(err, TimeoutError)
     finally:
         for s in (*held, lsock):
             s.close()
 
 
-async def test_dial_from_reports_refusal_and_an_unbindable_source(loopback_ip):
+@TRANSPORTS
+async def test_dial_from_reports_refusal_and_an_unbindable_source(loopback_ip, socket_transport):
     pod, client = loopback_ip(), loopback_ip()
     with socket.socket() as s:
         s.bind((pod, 0))
         port = s.getsockname()[1]
-    conn, err, _ = await _dial(pod, port, client)
+    conn, err, _ = await _dial(pod, port, client, socket_transport=socket_transport)
     assert conn is None and isinstance(err, OSError) and err.errno == errno.ECONNREFUSED
-    conn, err, at_once = await _dial(pod, port, "192.0.2.1")
+    conn, err, at_once = await _dial(pod, port, "192.0.2.1", socket_transport=socket_transport)
     assert conn is None and err.errno == errno.EADDRNOTAVAIL and at_once   # found at bind(): at once
 
 

@@ -1,12 +1,12 @@
 """hbone.socktransport.SocketTransport: the node proxy's upstream connections (``dial_from(...,
 socket_transport=True)``) over real loopback sockets. The same ByteStream contract as the uvloop
 transport it replaces: bytes exact both ways, half-close each way, resets each way, bounded memory
-against a slow reader and a fast writer, and the dial's failure paths. Not timed."""
+against a slow reader and a fast writer. Not timed. The dial's failure paths are
+tests/test_hbone_dial.py's, run with this transport too."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import os
 import socket
@@ -14,22 +14,17 @@ import struct
 
 import pytest
 
-from hbone.dial import IP_BIND_ADDRESS_NO_PORT, dial_from
+from hbone.dial import IP_BIND_ADDRESS_NO_PORT
 from hbone.relay import relay
 from hbone.socktransport import READ_BYTES, WRITE_HIGH_WATER_BYTES, SocketTransport, poller_for
 from hbone.stream import StreamReset, TcpConnection
-from tests.test_hbone_dial import _full_listener
+from tests.test_hbone_dial import _dial as _dial_from, _full_listener
 
 MiB = 1024 * 1024
 
 
-async def _dial(host: str, port: int, local_ip: str | None, timeout: float = 5.0):
-    fut = asyncio.get_running_loop().create_future()
-    dial_from(host, port, local_ip, lambda c, e: fut.set_result((c, e)), timeout=timeout,
-              socket_transport=True)
-    answered_at_once = fut.done()
-    conn, err = await asyncio.wait_for(fut, timeout + 5)
-    return conn, err, answered_at_once
+def _dial(host: str, port: int, local_ip: str | None, timeout: float = 5.0):
+    return _dial_from(host, port, local_ip, timeout, socket_transport=True)
 
 
 class Peer:
@@ -226,36 +221,8 @@ async def test_spliced_to_itself_through_relay(loopback_ip):
         p.close()
 
 
-# ---- the dial's failure paths (socket_transport=True) ----
-
-async def test_a_refused_dial_and_an_unbindable_source_are_reported(loopback_ip):
-    pod, client = loopback_ip(), loopback_ip()
-    with socket.socket() as s:
-        s.bind((pod, 0))
-        port = s.getsockname()[1]
-    conn, err, _ = await _dial(pod, port, client)
-    assert conn is None and isinstance(err, OSError) and err.errno == errno.ECONNREFUSED
-    conn, err, at_once = await _dial(pod, port, "192.0.2.1")
-    assert conn is None and err.errno == errno.EADDRNOTAVAIL and at_once
-
-
-async def test_a_handshake_in_flight_is_waited_for_then_times_out(loopback_ip):
-    pod, client = loopback_ip(), loopback_ip()
-    lsock, held = _full_listener(pod)
-    try:
-        conn, err, _ = await _dial(*lsock.getsockname(), client, timeout=0.2)
-        assert conn is None and isinstance(err, TimeoutError)
-        task = asyncio.ensure_future(_dial(*lsock.getsockname(), client))
-        await asyncio.sleep(0.1)
-        assert not task.done()                        # the SYN was dropped: still waiting
-        lsock.setblocking(False)
-        held.append(lsock.accept()[0])                # room: the SYN retransmit gets in
-        conn, err, _ = await asyncio.wait_for(task, 10)
-        assert err is None and conn.transport.__class__ is SocketTransport and conn.local_addr[0] == client
-        conn.abort()
-    finally:
-        for s in (*held, lsock):
-            s.close()
+# The dial's failure paths (refused, unbindable source, a handshake in flight, its timeout) are
+# tests/test_hbone_dial.py's, run with this transport too.
 
 
 async def test_closed_sockets_leave_the_poller(pair):
