@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import socket
 import struct
 
@@ -25,12 +24,12 @@ from hbone.settings import HboneSettings
 from hbone.socktransport import WRITE_HIGH_WATER_BYTES
 from hbone.stream import StreamReset, dial_tcp
 from hbone.testing import LOOPS, Mesh, run
+from tests.test_chaos_socktransport import _pattern
 
 KiB = 1024
 MiB = 1024 * KiB
 EXAMPLE_DEADLINE_S = 25.0  # a hang fails the example; generous on a loaded 2-core box
 _LINGER_RST = struct.pack("ii", 1, 0)
-_BLOCK = os.urandom(MiB + 4099)
 _MESH: list = []
 
 
@@ -38,14 +37,6 @@ def _mesh() -> Mesh:
     if not _MESH:
         _MESH.append(Mesh.create())
     return _MESH[0]
-
-
-def _pattern(offset: int, n: int) -> bytes:
-    start = offset % len(_BLOCK)
-    out = _BLOCK[start:start + n]
-    while len(out) < n:
-        out += _BLOCK[:n - len(out)]
-    return out
 
 
 sizes = st.one_of(st.integers(0, 300), st.integers(0, 200 * KiB), st.integers(0, MiB))

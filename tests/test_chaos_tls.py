@@ -16,7 +16,6 @@ record, arbitrary bytes); these mix them at random."""
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 
 import pytest
@@ -28,21 +27,13 @@ from hbone.pool import HbonePool
 from hbone.server import HboneServer
 from hbone.stream import StreamReset
 from hbone.testing import LOOPS, Mesh, run
+from tests.test_chaos_socktransport import _pattern
 
 KiB = 1024
 EXAMPLE_DEADLINE_S = 20.0
 # The middlebox cuts the server's first bytes this far (handshake, first records) into the test's
 # tiny random pieces, then into pieces of at least 4 KiB: a 300 KiB answer byte by byte is minutes.
 SMALL_CHUNKS_FOR_BYTES = 16 * KiB  # a hang fails the example; generous on a loaded 2-core box
-_BLOCK = os.urandom(512 * KiB + 7)
-
-
-def _pattern(offset: int, n: int) -> bytes:
-    start = offset % len(_BLOCK)
-    out = _BLOCK[start:start + n]
-    while len(out) < n:
-        out += _BLOCK[:n - len(out)]
-    return out
 
 
 @pytest.fixture(scope="module")
