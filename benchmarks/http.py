@@ -45,6 +45,7 @@ from benchmarks import procstat
 from benchmarks.harness import Party, PartyError, free_port, parse_last_json, python_argv
 from benchmarks.report import Column, Row, ScenarioResult, f0, f2
 from benchmarks.tools import Toolbox
+from benchmarks.tunnel import nghttpx_argv
 
 HOST = "127.0.0.1"
 CONCURRENCY = (1, 64)  # the issue: requests/s at c=1 and c=64
@@ -56,6 +57,10 @@ FIXED_RATE = 1000  # the issue: added p99 at a fixed 1 000 req/s
 # Open loop: enough connections that 1 000 req/s never waits for a free one at ~1 ms each.
 RATE_CONNECTIONS = 16
 OURS_SPLIT_CHECK = 200  # random 90/10 pick: P(v1 < 150 or v2 < 5) is ~1e-4
+# wp-only: the source port in the CONNECT's `forwarded: for=` (ztunnel puts the app's address there;
+# the waypoint reads only its host=, so any port will do).
+FORWARDED_PORT = 40000
+C_CHECK_TIMEOUT_S = 30.0  # the split/deny check: 200 requests through a freshly started waypoint
 # The DENY rule the reference proxies implement with `if ($http_x_deny)` / `http-request deny`.
 DENY_POLICY = """
 apiVersion: security.istio.io/v1
@@ -214,6 +219,107 @@ class OursMesh:
             self.mesh.close()
         if self.backend is not None:
             self.backend.stop()
+
+
+class WaypointOnly:
+    """The ``wp-only`` rows' parties: our reviews waypoint alone between two C/HTTP-2 ends (see the
+    module docstring). Its own ``LoopbackMesh`` block (node-b of the ``ours`` rows holds 15008 on its
+    pods' IPs): the demo's bookinfo configuration plus the DENY rule, only the waypoint started;
+    nghttpx listens on the reviews-v1 and -v2 pod IPs' 15008 with the reviews workload's certificate
+    from that mesh's CA (so the waypoint's server-identity check passes) and forwards each CONNECT to
+    ``benchmarks.connect_http``, which answers ``v1``/``v2`` by the CONNECT's pod IP."""
+
+    def __init__(self, workdir: Path, nghttpx: str, client: Path):
+        from datetime import datetime, timezone
+
+        from certs.ca import MeshCA
+        from certs.spiffe import SpiffeId
+        from hbone.connect import Baggage, build_baggage, build_forwarded
+        from proxy.demo import bookinfo as bi
+        from proxy.demo.mesh import LoopbackMesh, StartError
+        self.client = client
+        self.parties: list[Party] = []
+        self.mesh: LoopbackMesh | None = None
+        try:
+            self.mesh = m = LoopbackMesh(workdir / "wp-mesh")
+            bi.write_config(m.layout, m.config_dir)
+            m.write("bench-deny.yaml", DENY_POLICY)
+            now = datetime.now(timezone.utc)
+            ca = MeshCA.load(m.ca_dir)
+            self.ca_pem = m.ca_dir / "root-cert.pem"
+            pp = m.layout.pod_of("productpage-v1-0")
+            self.client_cert, self.client_key = ca.issue(
+                SpiffeId(bi.TRUST_DOMAIN, bi.NAMESPACE, pp.sa), now=now).write(workdir / "wp-productpage")
+            reviews = m.layout.pod_of("reviews-v1-0")
+            server_cert, server_key = ca.issue(
+                SpiffeId(bi.TRUST_DOMAIN, bi.NAMESPACE, reviews.sa), now=now).write(workdir / "wp-reviews")
+            self.productpage = m.layout.pod(pp.last)
+            self.reviews = (m.layout.service_vip("reviews"), bi.APP_PORT)
+            # What node-a sends with the CONNECT (ztunnel create_hbone_request): forwarded (the app's
+            # address: its port is nominal here, the waypoint reads only host=) and the source's baggage.
+            self.connect_headers = [
+                "forwarded: " + build_forwarded((self.productpage, FORWARDED_PORT), bi.fqdn("reviews")),
+                "baggage: " + build_baggage(Baggage(namespace=bi.NAMESPACE, workload_name=pp.name.rsplit("-", 1)[0],
+                                                    service_name=pp.app, service_version=pp.version))]
+            v1, v2 = m.layout.ip_of("reviews-v1-0"), m.layout.ip_of("reviews-v2-0")
+            backend_addr = (HOST, free_port())
+            backend = Party("wp-backend", python_argv("benchmarks.connect_http", "--listen", f"{HOST}:{backend_addr[1]}",
+                                                      "--body", f"{v1}=v1", "--body", f"{v2}=v2"), workdir)
+            backend.start()
+            self.parties.append(backend)
+            self.backend = backend
+            argv = nghttpx_argv(nghttpx, (v1, bi.HBONE_PORT), backend_addr, self.ca_pem, server_cert, server_key,
+                                workdir)
+            argv.insert(-2, f"--frontend={v2},{bi.HBONE_PORT}")
+            self.nghttpx = Party("wp-nghttpx", argv, workdir, port=(v2, bi.HBONE_PORT))
+            self.nghttpx.start()
+            self.parties.append(self.nghttpx)
+            quiet = ("--access-log", "off", "--log-level", "warning")
+            self.waypoint = m.start_waypoint(bi.INFRA["waypoint"], gateway=f"{bi.NAMESPACE}/{bi.GATEWAY}",
+                                             pod_last=bi.WAYPOINT_POD, extra=("--scope", bi.WAYPOINT_SCOPE, *quiet))
+            self.hbone = (m.layout.waypoint_ip, bi.HBONE_PORT)
+        except (StartError, PartyError, OSError) as err:
+            self.close()
+            raise PartyError(f"waypoint-only set-up did not start: {str(err).splitlines()[0]}") from None
+
+    def client_argv(self, *args: str) -> list[str]:
+        vip, port = self.reviews
+        argv = [str(self.client), "--connect", f"{self.hbone[0]}:{self.hbone[1]}", "--authority", f"{vip}:{port}",
+                "--source-ip", self.productpage, "--ca", str(self.ca_pem), "--cert", str(self.client_cert),
+                "--key", str(self.client_key), "--host", f"reviews:{port}"]
+        for h in self.connect_headers:
+            argv += ["--connect-header", h]
+        return argv + list(args)
+
+    def cpu(self) -> dict[str, float]:
+        return {"waypoint": procstat.cpu_times(self.waypoint.popen.pid).total_s,
+                "nghttpx": self.nghttpx.cpu().total_s, "backend": self.backend.cpu().total_s}
+
+    def check_split_and_deny(self) -> None:
+        counts = run_c_client(self.client_argv("--count", str(OURS_SPLIT_CHECK)))
+        denied = run_c_client(self.client_argv("--count", "1", "--header", "x-deny: 1"))
+        bodies, statuses = counts["bodies"], counts["statuses"]
+        if (statuses != {"200": OURS_SPLIT_CHECK} or bodies.get("v1", 0) < 150 or bodies.get("v2", 0) < 5
+                or denied["statuses"] != {"403": 1}):
+            raise PartyError(f"split/deny check through the waypoint failed: {statuses} {bodies}, "
+                             f"x-deny → {denied['statuses']}")
+
+    def close(self) -> None:
+        if self.mesh is not None:
+            self.mesh.close()
+        for p in reversed(self.parties):
+            p.stop()
+
+
+def run_c_client(argv: list[str], timeout: float = C_CHECK_TIMEOUT_S) -> dict:
+    """One run of the C client to completion: its JSON report, or PartyError with its stderr."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise PartyError("hbone_httpload timed out") from None
+    if proc.returncode != 0:
+        raise PartyError(f"hbone_httpload exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    return parse_last_json(proc.stdout)
 
 
 def run_http(toolbox: Toolbox, *, repeat: int, seconds: float) -> ScenarioResult:

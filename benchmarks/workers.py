@@ -31,7 +31,6 @@ bottleneck between workers) where the wall ratio cannot.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import tempfile
 import time
 import urllib.request
@@ -40,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from benchmarks import procstat
+from benchmarks.cbuild import build_c
 from benchmarks.conn_client import cpu_count
 from benchmarks.harness import Party, PartyError, free_port, python_argv, run_client
 from benchmarks.report import Column, Row, ScenarioResult, f0, f2
@@ -66,9 +66,6 @@ SINK_START_ATTEMPTS = 3
 # ~950 (both mostly OpenSSL 3.0's handshake, ~540 µs alone), Node's tls ~1 450-1 700.
 CLIENTS = ("auto", "c", "python")
 C_CLIENT_SOURCE = Path(__file__).with_name("conn_client.c")
-C_CLIENT_CFLAGS = ("-O2", "-Wall")
-C_CLIENT_LIBS = ("-lssl", "-lcrypto")
-C_BUILD_TIMEOUT_S = 60.0
 METRIC_OPENED = "istio_tcp_connections_opened_total"
 METRICS_TIMEOUT_S = 5.0
 
@@ -139,19 +136,8 @@ class WorkersLab:
         """Compile benchmarks/conn_client.c (cc + OpenSSL headers); without them, the Python client."""
         if self.client_choice == "python":
             return
-        cc = shutil.which("cc") or shutil.which("gcc")
         exe = self.dir / "conn_client"
-        why = None
-        if cc is None:
-            why = "no C compiler (cc)"
-        else:
-            try:
-                res = subprocess.run([cc, *C_CLIENT_CFLAGS, "-o", str(exe), str(C_CLIENT_SOURCE), *C_CLIENT_LIBS],
-                                     capture_output=True, text=True, timeout=C_BUILD_TIMEOUT_S)
-                if res.returncode != 0:
-                    why = "build failed: " + " | ".join(res.stderr.strip().splitlines()[:2])
-            except (subprocess.SubprocessError, OSError) as err:
-                why = f"build failed: {err}"
+        why = build_c(C_CLIENT_SOURCE, exe)
         if why is None:
             self.c_client, self.client = exe, "c-conn"
             return
