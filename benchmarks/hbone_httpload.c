@@ -75,6 +75,7 @@
 #define BODY_KINDS 16                /* distinct body keys counted; more go to "other" */
 #define MAX_TUNNELS 4096
 #define MAX_HEADERS 16
+#define MAX_CPU_PIDS 32
 
 enum { F_DATA = 0, F_HEADERS = 1, F_PRIORITY = 2, F_RST = 3, F_SETTINGS = 4, F_PUSH = 5, F_PING = 6,
        F_GOAWAY = 7, F_WINDOW_UPDATE = 8 };
@@ -124,6 +125,7 @@ static struct {
     const char *host, *authority, *ca, *cert, *key, *source_ip, *http_host;
     const char *connect_headers[MAX_HEADERS], *headers[MAX_HEADERS];
     int nconnect_headers, nheaders, port, tunnels, count, plain, streams_per_conn;
+    int cpu_pids[MAX_CPU_PIDS], ncpu_pids;
     double rate, seconds;
 } A = {.tunnels = 1, .seconds = 3.0, .streams_per_conn = STREAMS_PER_CONN};
 
@@ -824,6 +826,30 @@ static int busy_counted(void) {
 }
 
 static struct rusage ru0, ru1;
+static double pid_cpu0[MAX_CPU_PIDS], pid_cpu1[MAX_CPU_PIDS];
+
+/* utime + stime of a process (all its threads) from /proc/PID/stat, fields 14 and 15 after the LAST
+ * ')' (proc(5)); -1 if it is gone. */
+static double proc_cpu_s(int pid) {
+    char path[64], text[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    size_t n = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[n] = 0;
+    char *p = strrchr(text, ')');
+    unsigned long long ut, st;
+    if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2) return -1;
+    return (double)(ut + st) / sysconf(_SC_CLK_TCK);
+}
+
+/* The measured window's edges: our own CPU, and that of the --cpu-pid processes (the parties under
+ * test), sampled at the same instants, so their CPU per request covers exactly the counted requests. */
+static void sample_cpu(struct rusage *ru, double *pids) {
+    getrusage(RUSAGE_SELF, ru);
+    for (int i = 0; i < A.ncpu_pids; i++) pids[i] = proc_cpu_s(A.cpu_pids[i]);
+}
 
 static void run(void) {
     double setup_end = now_s() + SETUP_TIMEOUT_S;
@@ -836,12 +862,12 @@ static void run(void) {
     if (R.loop == L_COUNT) {
         R.measuring_started = 1;
         R.t0 = start;
-        getrusage(RUSAGE_SELF, &ru0);
+        sample_cpu(&ru0, pid_cpu0);
         for (int i = 0; i < A.tunnels && R.sent < A.count; i++) send_request(&R.tunnels[i], start);
         for (int i = 0; i < R.nconns; i++) flush_conn(&R.conns[i]);
         while (R.completed < A.count && !R.error[0]) poll_once(now_s() + IDLE_TIMEOUT_MS / 1000.0);
         R.t1 = now_s();
-        getrusage(RUSAGE_SELF, &ru1);
+        sample_cpu(&ru1, pid_cpu1);
         return;
     }
     R.t0 = start + WARMUP_S;
@@ -851,7 +877,7 @@ static void run(void) {
         for (int i = 0; i < R.nconns; i++) flush_conn(&R.conns[i]);
         while (!R.error[0]) {
             double now = now_s();
-            if (!R.measuring_started && now >= R.t0) { R.measuring_started = 1; R.t0 = now; R.t1 = now + A.seconds; getrusage(RUSAGE_SELF, &ru0); }
+            if (!R.measuring_started && now >= R.t0) { R.measuring_started = 1; R.t0 = now; R.t1 = now + A.seconds; sample_cpu(&ru0, pid_cpu0); }
             if (R.measuring_started && now >= R.t1) break;
             poll_once(R.measuring_started ? R.t1 : R.t0);
         }
@@ -866,7 +892,7 @@ static void run(void) {
         long long due_n = 0;
         while (!R.error[0]) {
             double now = now_s();
-            if (!R.measuring_started && now >= R.t0) { R.measuring_started = 1; getrusage(RUSAGE_SELF, &ru0); }
+            if (!R.measuring_started && now >= R.t0) { R.measuring_started = 1; sample_cpu(&ru0, pid_cpu0); }
             for (double due = start + due_n * interval; due <= now && due < R.t1; due = start + ++due_n * interval) {
                 if (R.nidle) send_request(R.idle[--R.nidle], due);
                 else if (R.bl_len == MAX_BACKLOG) { fail("overloaded: %d requests waiting for a free tunnel", MAX_BACKLOG); break; }
@@ -879,9 +905,9 @@ static void run(void) {
             arm_timer(next);
             poll_once(next + 1.0);
         }
-        if (!R.measuring_started) { R.measuring_started = 1; getrusage(RUSAGE_SELF, &ru0); }
+        if (!R.measuring_started) { R.measuring_started = 1; sample_cpu(&ru0, pid_cpu0); }
     }
-    getrusage(RUSAGE_SELF, &ru1);
+    sample_cpu(&ru1, pid_cpu1);
     /* Drain: requests of the measured window still in flight finish (their latency counts). */
     R.stopping = 1;
     double drain_end = now_s() + DRAIN_S;
@@ -919,7 +945,7 @@ static void json_string(const char *s) {
 static int usage(const char *why) {
     fprintf(stderr, "hbone_httpload: %s\nusage: hbone_httpload --connect IP:PORT (--authority IP:PORT --ca CA --cert C "
                     "--key K [--source-ip IP] [--connect-header 'n: v']... | --plain) [--host H] [--header 'N: v']... "
-                    "[--tunnels N] [--rate R] [--seconds S] [--count N] [--streams-per-conn M]\n", why);
+                    "[--tunnels N] [--rate R] [--seconds S] [--count N] [--streams-per-conn M] [--cpu-pid PID]...\n", why);
     return 2;
 }
 
@@ -948,6 +974,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--seconds")) A.seconds = atof(v);
         else if (!strcmp(k, "--count")) A.count = atoi(v);
         else if (!strcmp(k, "--streams-per-conn")) A.streams_per_conn = atoi(v);
+        else if (!strcmp(k, "--cpu-pid")) {
+            if (A.ncpu_pids == MAX_CPU_PIDS || atoi(v) <= 0) return usage("--cpu-pid PID (at most 32)");
+            A.cpu_pids[A.ncpu_pids++] = atoi(v);
+        }
         else if (!strcmp(k, "--connect-header") || !strcmp(k, "--header")) {
             int h2 = !strcmp(k, "--connect-header");
             if ((h2 ? A.nconnect_headers : A.nheaders) == MAX_HEADERS) return usage("too many headers");
@@ -1002,6 +1032,15 @@ int main(int argc, char **argv) {
     }
     if (R.body_counts[BODY_KINDS]) printf("%s\"other\": %lld", R.nbody_keys ? ", " : "", R.body_counts[BODY_KINDS]);
     printf("}, \"errors\": %d, \"cpu_user_s\": %.4f, \"cpu_sys_s\": %.4f", R.error[0] ? 1 : 0, user, sys);
+    if (A.ncpu_pids) {   /* each --cpu-pid's CPU seconds over the measured window (null: it vanished) */
+        printf(", \"pid_cpu_s\": {");
+        for (int i = 0; i < A.ncpu_pids; i++) {
+            printf("%s\"%d\": ", i ? ", " : "", A.cpu_pids[i]);
+            if (R.measuring_started && pid_cpu0[i] >= 0 && pid_cpu1[i] >= 0) printf("%.4f", pid_cpu1[i] - pid_cpu0[i]);
+            else printf("null");
+        }
+        printf("}");
+    }
     if (R.error[0]) { printf(", \"error\": "); json_string(R.error); }
     printf("}\n");
     fflush(stdout);

@@ -42,6 +42,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import procstat
+from benchmarks.cbuild import build_c
 from benchmarks.harness import Party, PartyError, free_port, parse_last_json, python_argv
 from benchmarks.report import Column, Row, ScenarioResult, f0, f2
 from benchmarks.tools import Toolbox
@@ -60,6 +61,13 @@ OURS_SPLIT_CHECK = 200  # random 90/10 pick: P(v1 < 150 or v2 < 5) is ~1e-4
 # wp-only: the source port in the CONNECT's `forwarded: for=` (ztunnel puts the app's address there;
 # the waypoint reads only its host=, so any port will do).
 FORWARDED_PORT = 40000
+# The C client's rows (benchmarks/hbone_httpload.c, built at start by benchmarks.cbuild): closed loop
+# at c=1 / c=64 and the open loop at FIXED_RATE over RATE_CONNECTIONS tunnels/connections, as the
+# httpload rows; plain HTTP to direct/nginx/haproxy, HBONE to the waypoint (wp-only).
+C_CLIENT = "c-load"
+C_CLIENT_SOURCE = Path(__file__).with_name("hbone_httpload.c")
+C_CLIENT_MISSING = ("not available: the C client (benchmarks/hbone_httpload.c) could not be built: it needs cc "
+                    "and the OpenSSL headers (Debian libssl-dev)")
 C_CHECK_TIMEOUT_S = 30.0  # the split/deny check: 200 requests through a freshly started waypoint
 # The DENY rule the reference proxies implement with `if ($http_x_deny)` / `http-request deny`.
 DENY_POLICY = """
@@ -151,6 +159,7 @@ COLUMNS = [
     Column("client CPU s", "client_cpu_s", f2),
     Column("proxy µs/req", "proxy_us_per_req", f0),
     Column("waypoint µs/req", "waypoint_us_per_req", f0),
+    Column("nghttpx µs/req", "nghttpx_us_per_req", f0),
 ]
 
 
@@ -291,10 +300,6 @@ class WaypointOnly:
             argv += ["--connect-header", h]
         return argv + list(args)
 
-    def cpu(self) -> dict[str, float]:
-        return {"waypoint": procstat.cpu_times(self.waypoint.popen.pid).total_s,
-                "nghttpx": self.nghttpx.cpu().total_s, "backend": self.backend.cpu().total_s}
-
     def check_split_and_deny(self) -> None:
         counts = run_c_client(self.client_argv("--count", str(OURS_SPLIT_CHECK)))
         denied = run_c_client(self.client_argv("--count", "1", "--header", "x-deny: 1"))
@@ -332,6 +337,7 @@ def run_http(toolbox: Toolbox, *, repeat: int, seconds: float) -> ScenarioResult
     workdir = Path(tempfile.mkdtemp(prefix="hbone-bench-http-"))
     parties: list[Party] = []
     ours: OursMesh | None = None
+    wp_only: WaypointOnly | None = None
     try:
         v1, v2 = free_port(), free_port()
         backend = _nginx(tools["nginx"], workdir, "backend", NGINX_BACKEND_CONF.format(dir=workdir, host=HOST, v1=v1, v2=v2), (HOST, v1))
@@ -369,21 +375,32 @@ def run_http(toolbox: Toolbox, *, repeat: int, seconds: float) -> ScenarioResult
                 targets["haproxy"] = p
             except PartyError as err:
                 targets["haproxy"] = f"not available: {err}"
+        c_client, targets["wp-only"] = _start_waypoint_only(toolbox, workdir)
+        if isinstance(targets["wp-only"], WaypointOnly):
+            wp_only = targets["wp-only"]
         clients = [f"wrk c={c}" for c in CONCURRENCY] + [f"load c={c}" for c in LOAD_CONCURRENCY] + [f"load {FIXED_RATE}/s"]
-        for client in clients:
+        c_clients = [f"{C_CLIENT} c={c}" for c in LOAD_CONCURRENCY] + [f"{C_CLIENT} {FIXED_RATE}/s"]
+        for client in clients + c_clients:
             for name, t in targets.items():
-                if name == "ours" and client.startswith("wrk"):
+                if name == "ours" and (client.startswith("wrk") or client.startswith(C_CLIENT)):
                     continue  # wrk cannot reach the mesh (no SOCKS5): ours is in the load rows
-                if name == "haproxy" and client == "load c=1":
+                if name == "wp-only" and not client.startswith(C_CLIENT):
+                    continue  # only the C client speaks HBONE itself
+                if name == "haproxy" and client in ("load c=1", f"{C_CLIENT} c=1"):
                     continue  # keeps quick mode short; haproxy's c=1 is in the wrk rows
-                res.rows.append(Row(name, client, note=t if isinstance(t, str) and name != "direct" else None))
+                note = t if isinstance(t, str) and name != "direct" else None
+                if client.startswith(C_CLIENT) and c_client is None:
+                    note = C_CLIENT_MISSING
+                res.rows.append(Row(name, client, note=note))
         for _ in range(repeat):
             for row in res.rows:
                 if row.note and row.note.startswith("not available"):
                     continue
                 t = targets[row.target]
                 try:
-                    if row.client.startswith("wrk"):
+                    if row.client.startswith(C_CLIENT):
+                        _measure_c(row, t, seconds, c_client)
+                    elif row.client.startswith("wrk"):
                         url_addr = t if isinstance(t, str) else f"{HOST}:{t.port[1]}"  # type: ignore[union-attr]
                         _measure(row, tools["wrk"], url_addr, int(row.client.split("=")[1]), seconds,
                                  t if isinstance(t, Party) else None)
@@ -396,6 +413,8 @@ def run_http(toolbox: Toolbox, *, repeat: int, seconds: float) -> ScenarioResult
     finally:
         if ours is not None:
             ours.close()
+        if wp_only is not None:
+            wp_only.close()
         for p in reversed(parties):
             p.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -405,7 +424,86 @@ def run_http(toolbox: Toolbox, *, repeat: int, seconds: float) -> ScenarioResult
                      "(split, x-deny → 403)")
     res.notes.append("ours = node-a (SOCKS5) → HBONE → waypoint (authz + 90/10) → HBONE → node-b → nginx: "
                      "proxy CPU is all three processes; nginx/haproxy are one plain-HTTP hop")
+    res.notes.append(f"{C_CLIENT}: benchmarks/hbone_httpload.c (one epoll process, built at start; plain HTTP/1.1 to "
+                     "direct/nginx/haproxy, the same GETs inside HBONE to wp-only): wp-only = the waypoint alone, as the "
+                     "issue's targets are stated (one proxy process): C client (productpage's certificate, one mTLS "
+                     "HTTP/2 connection, one CONNECT tunnel per connection of the other rows) → waypoint (authz + DENY "
+                     "x-deny + 90/10) → HBONE → nghttpx on the reviews pods' :15008 (stands in for node-b) → "
+                     "benchmarks.connect_http (v1/v2); proxy CPU = the waypoint's only, nghttpx's in its own column")
+    backend = [r.median("backend_us_per_req") for r in res.rows if r.target == "wp-only" and r.samples]
+    if any(b is not None for b in backend):
+        res.notes.append("wp-only backend (benchmarks.connect_http, Python) CPU µs/req by row: "
+                         + ", ".join(f"{r.client.split(' ', 1)[1]} {r.median('backend_us_per_req'):.0f}"
+                                     for r in res.rows if r.target == "wp-only" and r.samples))
     return res
+
+
+def _start_waypoint_only(toolbox: Toolbox, workdir: Path) -> tuple[Path | None, "WaypointOnly | str"]:
+    """Build the C client and start the wp-only parties: (client or None, the parties or why not)."""
+    exe = workdir / "hbone_httpload"
+    if build_c(C_CLIENT_SOURCE, exe) is not None:
+        return None, C_CLIENT_MISSING
+    why = ours_waypoint_status()
+    if why is not None:
+        return exe, why
+    nghttpx = toolbox.ensure(["nghttpx"])["nghttpx"]
+    if nghttpx is None:
+        return exe, "not available: nghttpx not installed (Debian package nghttp2-proxy): it plays node-b"
+    try:
+        wp = WaypointOnly(workdir, nghttpx, exe)
+    except PartyError as err:
+        return exe, f"not available: {err}"
+    try:
+        wp.check_split_and_deny()
+    except PartyError as err:
+        wp.close()
+        return exe, f"not available: {err}"
+    return exe, wp
+
+
+def _measure_c(row: Row, target, seconds: float, client: Path) -> None:
+    """One run of the C client for this row: plain HTTP to direct/nginx/haproxy, HBONE to wp-only."""
+    if row.client.endswith("/s"):
+        args = ["--rate", str(FIXED_RATE), "--tunnels", str(RATE_CONNECTIONS)]
+    else:
+        args = ["--tunnels", row.client.split("=")[1]]
+    args += ["--seconds", f"{seconds:g}"]
+    if isinstance(target, WaypointOnly):
+        argv = target.client_argv(*args)
+        roots = {"waypoint": target.waypoint.popen.pid, "nghttpx": target.nghttpx.pid, "backend": target.backend.pid}
+    else:
+        addr = target if isinstance(target, str) else f"{HOST}:{target.port[1]}"
+        argv = [str(client), "--plain", "--connect", addr, *args]
+        roots = {"proxy": target.pid} if isinstance(target, Party) else {}
+    # The client samples these processes' CPU at the edges of its measured window (--cpu-pid), so the
+    # CPU per request covers exactly the requests it counted: no set-up, warm-up or drain in it.
+    pids = {name: procstat.descendants(pid) for name, pid in roots.items()}
+    for tree in pids.values():
+        for pid in tree:
+            argv += ["--cpu-pid", str(pid)]
+    r = run_c_client(argv, timeout=seconds + WRK_TIMEOUT_MARGIN_S)
+    window = r.get("pid_cpu_s", {})
+    delta = {name: sum(window.get(str(pid)) or 0.0 for pid in tree) for name, tree in pids.items()}
+    bad = {k: v for k, v in r["statuses"].items() if k != "200"}
+    if bad:
+        raise PartyError(f"{C_CLIENT} saw non-200 responses: {bad}")
+    n = r["requests"]
+    row.add("rps", r["rps"])
+    row.add("client_cpu_s", r["cpu_user_s"] + r["cpu_sys_s"])
+    if n:
+        row.add("client_us_per_req", (r["cpu_user_s"] + r["cpu_sys_s"]) / n * 1e6)
+    for k in ("p50_ms", "p99_ms"):
+        if r.get(k) is not None:
+            row.add(k, r[k])
+    if delta and n:
+        proxy = delta.get("waypoint", delta.get("proxy", 0.0))   # wp-only: the waypoint is the proxy under test
+        row.add("proxy_cpu_s", proxy)
+        row.add("proxy_us_per_req", proxy / n * 1e6)
+        if "waypoint" in delta:
+            row.add("waypoint_us_per_req", delta["waypoint"] / n * 1e6)
+            row.add("nghttpx_us_per_req", delta["nghttpx"] / n * 1e6)
+            row.add("backend_us_per_req", delta["backend"] / n * 1e6)
+    row.info["bodies"] = r.get("bodies", {})
 
 
 def _measure_load(row: Row, target, seconds: float) -> None:
