@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import random
-import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, NamedTuple
+
+from .regex import Regex
 
 EMPTY: Mapping = MappingProxyType({})
 
@@ -29,7 +30,7 @@ class StringMatch:
     kind: str  # "exact" | "prefix" | "regex" | "presence"
     value: str = ""
     ignore_case: bool = False
-    pattern: re.Pattern | None = field(default=None, compare=False, repr=False)
+    pattern: Regex | None = field(default=None, compare=False, repr=False)
 
     def matches(self, s: str | None) -> bool:
         if s is None:
@@ -37,9 +38,9 @@ class StringMatch:
         if self.kind == "presence":
             return True
         if self.kind == "regex":
-            # Istio: "RE2 style regex-based match"; Envoy's safe_regex is a full match.
+            # Istio: "RE2 style regex-based match"; Envoy's safe_regex is RE2::FullMatch (policy/routing/regex.py).
             assert self.pattern is not None
-            return self.pattern.fullmatch(s) is not None
+            return self.pattern.fullmatch(s)
         if self.ignore_case:
             s, v = s.lower(), self.value.lower()
         else:
@@ -333,8 +334,8 @@ class RewriteSpec:
 
     path_kind: str | None = None
     path: str = ""
-    regex: re.Pattern | None = field(default=None, compare=False)
-    regex_substitution: str = ""
+    regex: Regex | None = field(default=None, compare=False)
+    regex_substitution: str = ""                # RE2 rewrite syntax: \1 = group 1 (checked at load)
     authority: str | None = None
     element_wise: bool = False  # Gateway API prefixes are path-element prefixes
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 from policy.errors import ConfigError, Where
 
+from .regex import Regex, RegexError, check_rewrite, compile_regex
 from .model import (
     BackendRef, ConnectionPool, DestinationRule, Fault, Gateway, GwHeaderMatch, GwMatch, GwRule,
     HeaderOps, HeaderRules, HttpMatch, HttpRoute, HttpRule, KNOWN_RETRY_ON, Listener, MirrorSpec,
@@ -32,6 +33,11 @@ MAX_PORT = 65535
 MAX_U32 = 2**32 - 1
 GATEWAY_MAX_WEIGHT = 1_000_000  # Gateway API BackendRef.weight: "Maximum=1000000"
 MAX_DURATION_S = 315_576_000_000  # protobuf Duration's documented maximum (10 000 years)
+# Gateway API CRD limits on match values (apis/v1/httproute_types.go, kubebuilder MaxLength), which bound a
+# RegularExpression there in place of istiod's 1024-byte VirtualService limit.
+GW_PATH_VALUE_MAX = 1024      # HTTPPathMatch.Value
+GW_HEADER_VALUE_MAX = 4096    # HTTPHeaderMatch.Value
+GW_QUERY_VALUE_MAX = 1024     # HTTPQueryParamMatch.Value
 
 # gRPC status names Istio accepts for fault.abort.grpcStatus (grpc codes.proto).
 GRPC_CODES = {
@@ -128,11 +134,16 @@ class _R:
     def opt_duration(self, v: Any, path: str) -> float | None:
         return None if v is None else self.duration(v, path)
 
-    def regex(self, v: Any, path: str) -> re.Pattern:
+    def regex(self, v: Any, path: str, *, max_chars: int | None = None) -> Regex:
+        """A config regex, compiled with RE2 as istiod validates it and Envoy loads it
+        (``policy/routing/regex.py``): empty, too long, non-RE2 syntax or too large a program is an error."""
         s = self.str(v, path, empty_ok=True)
+        if s == "":
+            # istiod validateStringMatchRegexp: "regex string match should not be empty".
+            raise self.fail(path, "invalid regular expression: regex string match should not be empty")
         try:
-            return re.compile(s)
-        except (re.error, RecursionError, OverflowError) as e:  # pragma: no branch
+            return compile_regex(s, max_chars=max_chars)
+        except RegexError as e:
             raise self.fail(path, f"invalid regular expression: {e}") from None
 
     def labels(self, v: Any, path: str) -> MappingProxyType:
@@ -263,7 +274,8 @@ def _vs_http_rule(r: _R, v: Any, path: str) -> HttpRule:
     return HttpRule(name, matches, route, redirect, direct, rewrite, timeout, retries, fault, tuple(mirrors), headers)
 
 
-def _string_match(r: _R, v: Any, path: str, *, empty_is_presence: bool, ignore_case: bool = False) -> StringMatch:
+def _string_match(r: _R, v: Any, path: str, *, empty_is_presence: bool, ignore_case: bool = False,
+                  empty_regex_is_presence: bool = False) -> StringMatch:
     m = r.map(v, path, ("exact", "prefix", "regex"))
     set_ = [k for k in ("exact", "prefix", "regex") if m.get(k) is not None]
     if len(set_) > 1:
@@ -274,8 +286,11 @@ def _string_match(r: _R, v: Any, path: str, *, empty_is_presence: bool, ignore_c
         raise r.fail(path, "one of exact, prefix, regex is required")
     kind = set_[0]
     value = r.str(m[kind], f"{path}.{kind}", empty_ok=True)
-    if value == "" and empty_is_presence and kind != "exact":
-        # Istio: an empty prefix/regex value on a header is a presence match.
+    if value == "" and (kind == "prefix" and empty_is_presence or kind == "regex" and empty_regex_is_presence):
+        # Istio: an empty prefix value on a header is a presence match (route.go translateHeaderMatch). An
+        # empty regex is one too, but istiod's validateStringMatchRegexp rejects it ("regex string match
+        # should not be empty") everywhere it validates: uri, scheme, method, authority, headers,
+        # queryParams — not withoutHeaders, where it stays a presence test (then negated).
         return StringMatch("presence")
     if kind == "regex":
         return StringMatch("regex", value, pattern=r.regex(value, f"{path}.regex"))
@@ -295,7 +310,8 @@ def _named_matches(r: _R, v: Any, path: str, *, lower: bool, without: bool = Fal
             # headers: {name: {exact: ""}} — Istio treats an empty value as "present".
             out.append((k.lower(), StringMatch("presence")))
             continue
-        out.append((k.lower() if lower else k, _string_match(r, x, p, empty_is_presence=True)))
+        out.append((k.lower() if lower else k, _string_match(r, x, p, empty_is_presence=True,
+                                                             empty_regex_is_presence=without)))
     return tuple(out)
 
 
@@ -410,9 +426,15 @@ def _vs_rewrite(r: _R, v: Any, path: str) -> RewriteSpec:
         if uri is not None:
             raise r.fail(path, "uri and uriRegexRewrite cannot be used together")
         rr = r.map(m.get("uriRegexRewrite"), f"{path}.uriRegexRewrite", ("match", "rewrite"))
+        # istiod validateURIRegexRewrite: "UriRegexRewrite requires both Rewrite and Match fields to be
+        # specified"; the match is validated as any regex (validateStringRegexp).
         pat = r.regex(rr.get("match"), f"{path}.uriRegexRewrite.match")
-        sub = r.str(rr.get("rewrite"), f"{path}.uriRegexRewrite.rewrite", empty_ok=True)
-        # Envoy regex_rewrite substitutions use \\1 for groups, as Python does.
+        sub = r.str(rr.get("rewrite"), f"{path}.uriRegexRewrite.rewrite")
+        # Envoy regex_rewrite is RE2::GlobalReplace: \1..\9 name groups, \0 the match, \\ a backslash
+        # (not Python's \g<1> or \n). RE2::CheckRewriteString's rules, so a typo is seen at load time.
+        problem = check_rewrite(sub, pat.groups)
+        if problem is not None:
+            raise r.fail(f"{path}.uriRegexRewrite.rewrite", f"invalid RE2 rewrite: {problem}")
         return RewriteSpec("regex", "", pat, sub, authority)
     return RewriteSpec("prefix" if uri is not None else None, uri or "", None, "", authority)
 
@@ -789,7 +811,8 @@ def _gw_match(r: _R, v: Any, path: str) -> GwMatch:
             raise r.fail(f"{path}.path.type", "expected Exact, PathPrefix or RegularExpression")
         if ptype == "RegularExpression":
             pvalue = r.str(pm.get("value", "/"), f"{path}.path.value")
-            pmatch = StringMatch("regex", pvalue, pattern=r.regex(pvalue, f"{path}.path.value"))
+            pmatch = StringMatch("regex", pvalue, pattern=r.regex(pvalue, f"{path}.path.value",
+                                                                  max_chars=GW_PATH_VALUE_MAX))
         else:
             pvalue = _gw_path_match_value(r, pm.get("value", "/"), f"{path}.path.value")
             if ptype == "Exact":
@@ -797,7 +820,7 @@ def _gw_match(r: _R, v: Any, path: str) -> GwMatch:
     headers: list[GwHeaderMatch] = []
     seen: set[str] = set()
     for i, x in enumerate(r.list(m.get("headers"), f"{path}.headers")):
-        name, sm = _gw_kv_match(r, x, f"{path}.headers[{i}]")
+        name, sm = _gw_kv_match(r, x, f"{path}.headers[{i}]", max_chars=GW_HEADER_VALUE_MAX)
         lname = name.lower()
         # Gateway API: "If multiple entries specify equivalent header names, only the first entry with
         # an equivalent name MUST be considered for a match."
@@ -807,7 +830,7 @@ def _gw_match(r: _R, v: Any, path: str) -> GwMatch:
     qps: list[tuple[str, StringMatch]] = []
     seen_q: set[str] = set()
     for i, x in enumerate(r.list(m.get("queryParams"), f"{path}.queryParams")):
-        name, sm = _gw_kv_match(r, x, f"{path}.queryParams[{i}]")
+        name, sm = _gw_kv_match(r, x, f"{path}.queryParams[{i}]", max_chars=GW_QUERY_VALUE_MAX)
         if name not in seen_q:  # query names are case-sensitive
             seen_q.add(name)
             qps.append((name, sm))
@@ -819,7 +842,7 @@ def _gw_match(r: _R, v: Any, path: str) -> GwMatch:
     return GwMatch(ptype, pvalue, pmatch, tuple(headers), tuple(qps), method)
 
 
-def _gw_kv_match(r: _R, v: Any, path: str) -> tuple[str, StringMatch]:
+def _gw_kv_match(r: _R, v: Any, path: str, *, max_chars: int) -> tuple[str, StringMatch]:
     m = r.map(v, path, ("type", "name", "value"))
     name = r.str(m.get("name"), f"{path}.name")
     t = m.get("type", "Exact")
@@ -827,7 +850,7 @@ def _gw_kv_match(r: _R, v: Any, path: str) -> tuple[str, StringMatch]:
     if t == "Exact":
         return name, StringMatch("exact", value)
     if t == "RegularExpression":
-        return name, StringMatch("regex", value, pattern=r.regex(value, f"{path}.value"))
+        return name, StringMatch("regex", value, pattern=r.regex(value, f"{path}.value", max_chars=max_chars))
     raise r.fail(f"{path}.type", "expected Exact or RegularExpression")
 
 

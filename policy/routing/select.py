@@ -275,8 +275,9 @@ def apply_rewrite(rw: RewriteSpec, req: HttpRequestView, matched_prefix: str) ->
     elif rw.path_kind == "full":
         path = _with_query(rw.path, req)
     elif rw.path_kind == "regex" and rw.regex is not None:
-        # Envoy regex_rewrite: every match in the path (query excluded) is substituted.
-        path = _with_query(rw.regex.sub(rw.regex_substitution, req.path_only), req)
+        # Envoy regex_rewrite: RE2::GlobalReplace over the path (query excluded) — every match substituted,
+        # \1 naming a group (policy/routing/regex.py Regex.replace_all).
+        path = _with_query(rw.regex.replace_all(req.path_only, rw.regex_substitution), req)
     authority = rw.authority if rw.authority is not None else req.authority
     return path, authority
 
