@@ -372,7 +372,7 @@ static void feed(struct tunnel *t, const unsigned char *p, size_t n) {
             t->hlen = 0;
             if (t->ps == P_HEAD) {
                 if (parse_head(t, t->head, used) < 0) return;
-                if (t->ps == P_IDLE) complete(t);
+                if (t->ps == P_IDLE) { complete(t); goto done; }
             } else if (t->ps == P_CHUNK_SIZE) {
                 char *stop;
                 long long size = strtoll(t->head, &stop, 16);
@@ -380,6 +380,7 @@ static void feed(struct tunnel *t, const unsigned char *p, size_t n) {
                 if (size) { t->remaining = size; t->ps = P_CHUNK_DATA; } else t->ps = P_TRAILER;
             } else if (used <= 2) {  /* P_TRAILER: the empty line ends the message */
                 complete(t);
+                goto done;
             }
             continue;
         }
@@ -387,9 +388,14 @@ static void feed(struct tunnel *t, const unsigned char *p, size_t n) {
         if (t->ps != P_CHUNK_CRLF) take_body(t, p, k);   /* the CRLF after a chunk's data is framing */
         p += k; n -= k; t->remaining -= k;
         if (t->remaining) return;
-        if (t->ps == P_BODY) complete(t);
+        if (t->ps == P_BODY) { complete(t); goto done; }
         else if (t->ps == P_CHUNK_DATA) { t->ps = P_CHUNK_CRLF; t->remaining = 2; }
         else t->ps = P_CHUNK_SIZE;
+        continue;
+    done:
+        /* A response is complete; the next request (if any) was sent just now, so bytes already here
+         * cannot be its answer: one request in flight per tunnel, never more responses than asked. */
+        if (n) { fail("tunnel %u: %zu response bytes without a request", t->sid, n); return; }
     }
 }
 
