@@ -3,7 +3,7 @@
  *
  *   hbone_httpload --connect IP:PORT --authority IP:PORT --ca CA --cert C --key K
  *                  [--source-ip IP] [--connect-header 'name: value' ...] [--header 'Name: value' ...]
- *                  [--host H] (--tunnels N [--rate R] --seconds S | --count N [--tunnels N])
+ *                  [--host H] (--tunnels N [--rate R] --seconds S | --count N [--tunnels N]) [--cpu-pid PID ...]
  *   hbone_httpload --plain --connect IP:PORT [--host H] [--header ...] (--tunnels N [--rate R] ... | --count N)
  *
  * Built by benchmarks/http.py at run time (benchmarks/cbuild.py: cc -O2 ... -lssl -lcrypto) where a C
@@ -34,7 +34,9 @@
  * All tunnels are open before the clock starts; then WARMUP_S unmeasured, then --seconds measured:
  * a request counts when it was sent (closed) or scheduled (open) inside the measured window; those
  * still in flight at its end are waited for (their latency counts), up to DRAIN_S. Client CPU is
- * getrusage over the measured window.
+ * getrusage over the measured window; each --cpu-pid process's CPU (/proc/PID/stat) is sampled at the
+ * same two instants and printed as pid_cpu_s, so the harness gets the proxy's CPU for exactly the
+ * counted requests.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>

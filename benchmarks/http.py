@@ -1,4 +1,4 @@
-"""The HTTP/1.1 scenario: a 90/10 weighted split with a header deny rule, driven by wrk.
+"""The HTTP/1.1 scenario: a 90/10 weighted split with a header deny rule, driven by wrk, httpload and a C client.
 
 Rows (each proxy a separate process with one worker, backends one nginx process serving ``v1`` and
 ``v2`` on two ports, small bodies):
@@ -21,12 +21,35 @@ Rows (each proxy a separate process with one worker, backends one nginx process 
 - ``haproxy``: ``balance roundrobin`` with weights 9 / 1, ``http-reuse always``,
   ``http-request deny if { req.hdr(x-deny) -m found }``.
 
-Before timing, each proxy is checked: 20 requests must split 18 / 2 (ours: 200 requests, 90/10 by a
-random pick, must give ≥ 150 v1 and ≥ 5 v2) and ``x-deny: 1`` must get 403.
+- ``wp-only``: the waypoint alone, hop for hop against nginx and haproxy. The issue's HTTP targets
+  (≤ 60 µs proxy CPU per request, ≥ 0.5× nginx's requests/s at 64 connections, ≤ 0.3 ms added p99 at
+  1 000 req/s) and performance.md's reference table are stated for *one proxy process*; the ``ours``
+  rows put three Python proxies and a Python client on every request. Here the HBONE ends are played
+  by C programs: ``benchmarks/hbone_httpload.c`` as node-a (productpage's IP and certificate from the
+  mesh CA, TLS 1.3, ALPN h2, one HTTP/2 connection carrying the tunnels as CONNECT streams as ztunnel
+  pools them, ``:authority`` = the reviews VIP:port plus ztunnel's ``forwarded``/``baggage``/
+  ``traceparent``) → the same waypoint process and configuration as ``ours`` (demo bookinfo + the DENY
+  rule; its own ``LoopbackMesh`` block, only the waypoint started, ``WaypointOnly``) → HBONE →
+  nghttpx (the tunnel scenarios' reference CONNECT terminator) standing in for node-b on the reviews
+  pods' ``:15008``, mTLS with the reviews workload's SPIFFE certificate from the same CA (so the
+  waypoint's server-identity check passes) and client certificates verified → nghttpx forwards each
+  CONNECT as HTTP/1.1 to ``benchmarks.connect_http``, which answers it and then the requests with
+  ``v1``/``v2`` by the CONNECT's pod IP (nginx answers CONNECT 405, so it cannot be that backend).
+  "proxy CPU" is the waypoint's alone; nghttpx's is its own column, the backend's in a note. The
+  ``ours`` rows stay: they are what a user of the whole loopback mesh gets.
+
+Before timing, each proxy is checked: 20 requests must split 18 / 2 (ours and wp-only: 200 requests,
+90/10 by a random pick, must give ≥ 150 v1 and ≥ 5 v2) and ``x-deny: 1`` must get 403.
 
 Rows by client: ``wrk c=1`` / ``wrk c=64`` (closed loop); ``load c=1`` / ``load c=64`` (httpload,
 closed loop); ``load 1000/s`` (httpload open loop at a fixed 1 000 requests/s over
-``RATE_CONNECTIONS`` connections, latency from the scheduled send time).
+``RATE_CONNECTIONS`` connections, latency from the scheduled send time); ``c-load c=1`` / ``c=64`` /
+``1000/s``: the same three with ``benchmarks/hbone_httpload.c`` (a few µs of CPU per request where
+httpload needs ~27), plain HTTP/1.1 to direct / nginx / haproxy and HBONE to wp-only, so every
+``c-load`` row has same-client ratios. Built at start with ``cc`` + OpenSSL headers
+(``benchmarks.cbuild``); without them the ``c-load`` rows say so. The C client samples the parties'
+CPU (``--cpu-pid``) at the edges of its measured window, so their µs per request cover exactly the
+counted requests (the httpload and wrk rows' CPU spans the whole client run, warm-up included).
 """
 
 from __future__ import annotations
