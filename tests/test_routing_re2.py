@@ -60,6 +60,7 @@ ISTIO_REJECTS = [
     (r"/\C", r"invalid escape sequence: \C"),               # RE2 has \C, Go (istiod) does not
     ("/(?P=name)", "invalid perl operator: (?P"),           # named backreference
     ("x{1001}", "invalid repetition size"),                 # RE2/Go repeat limit 1000
+    ("/(?P<nom_é>x)", "invalid named capture"),             # Go names are [A-Za-z0-9_] (RE2 takes é)
     ("(unclosed", "missing ): (unclosed"),
 ]
 
@@ -71,6 +72,15 @@ def test_istio_rejected_syntax_in_a_uri_match_is_a_config_error_naming_the_field
     assert problem in e.problem and "RE2 syntax" in e.problem
     assert str(e).startswith("vs.yaml: document 2 (VirtualService default/r): spec.http[0].match[0].uri.regex: "
                              "invalid regular expression: ")
+
+
+@pytest.mark.parametrize("regex,value", [
+    (r"/(?P<id>[0-9]+)", "/42"), (r"/(?<id>[0-9]+)", "/42"),           # both named-group spellings
+    (r"\Q/a.b\E", "/a.b"), (r"[[:alpha:]]+", "abc"), (r"\pL+", "ñé"),  # quoting, POSIX and Unicode classes
+    (r"(?i)/API", "/api"), (r"/a\z", "/a"), (r"/\x41", "/A"), (r"[(?P<é>]+", "(?P<é>"),
+])
+def test_what_istio_accepts_loads_and_matches(regex, value):
+    assert compile_regex(regex).fullmatch(value.encode("utf-8").decode("latin-1")) is True   # as off the wire
 
 
 @pytest.mark.parametrize("match,path", [
