@@ -9,7 +9,7 @@ Why RE2 and not Python's ``re``:
 - Safety. Envoy compiles them with RE2 ("designed to complete execution in linear time as well as limit the
   amount of memory used", envoy/type/matcher/v3/regex.proto). Python's ``re`` backtracks: a config regex
   such as ``(a+)+$`` on a header lets any client freeze the event loop with one crafted value. RE2 answers
-  a 100 KB adversarial value in about 0.1 ms (measured on this box).
+  a 100 KB adversarial value in about 0.1 ms (PERF NOTE below).
 - Compatibility. istiod rejects what Go's ``regexp`` (RE2 syntax) rejects — lookaround, backreferences,
   possessive and atomic groups, conditionals, ``\\Z`` — and Envoy matches with RE2 semantics: ``\\d``,
   ``\\w``, ``\\s``, ``\\b`` are ASCII-only, ``$`` is end of text. A config that loads here loads on Istio,
@@ -23,17 +23,22 @@ What is checked at load time (each a ``RegexError`` whose message the parsers pu
    (the parser passes it, in characters as Kubernetes counts them).
 2. RE2 compiles it (Envoy ``CompiledGoogleReMatcher``: ``RE2(regex, RE2::Quiet)``, else the config is
    rejected with RE2's message) and Go would too: istiod runs ``regexp.Compile``, which is RE2 syntax
-   except that Go has no ``\\C`` (any byte), so ``\\C`` is refused here as istiod refuses it.
+   except that Go has no ``\\C`` (any byte) and names groups with ``[A-Za-z0-9_]`` only, so those are
+   refused here as istiod refuses them. An empty match regex is refused by the parsers (istiod: "regex
+   string match should not be empty"), except in ``withoutHeaders``, which istiod does not validate.
 3. RE2 program size at most ``ENVOY_MAX_PROGRAM_SIZE``: Envoy throws when ``ProgramSize()`` exceeds the
    runtime key ``re2.max_program_size.error_level`` (Envoy's default 100), and Istio's proxy bootstrap
    raises that key to 32768 (``pkg/bootstrap/config.go extractRuntimeFlags``:
    ``"re2.max_program_size.error_level": "32768"``; istiod's comment in validateStringRegexp: "we program
    Envoy to allow very large regexs to avoid NACKs").
+4. A ``uriRegexRewrite.rewrite`` follows RE2's rewrite syntax (``check_rewrite``).
 
 Inputs are matched as the bytes Envoy sees. The proxy decodes request bytes as latin-1
 (``proxy/pipeline/http.py``), so ``s.encode("latin-1")`` gives back the wire bytes and RE2 reads them as
 UTF-8, exactly as Envoy does (a config ``é`` matches a client's UTF-8 ``é``). A string that cannot be
-latin-1 (it did not come off the wire: a test, a caller building views by hand) is UTF-8 encoded instead.
+latin-1 (it did not come off the wire: a test, a caller building views by hand) is UTF-8 encoded instead;
+such a caller should pass text in the wire form (``text.encode("utf-8").decode("latin-1")``), since a
+latin-1-representable ``é`` given as is reads as the single byte 0xE9, as a latin-1 client would send it.
 
 PERF NOTE — cost per call (this 2-core box, google-re2 1.1.20251105, best of 5):
 ``.venv/bin/python -m timeit -s "from policy.routing.regex import compile_regex; r = compile_regex('/p/[0-9]+')"
@@ -226,7 +231,11 @@ class Regex:
         """RE2::GlobalReplace(&s, regex, rewrite): every non-overlapping match, left to right, replaced by
         ``rewrite`` with ``\\N`` the N-th group (``\\0`` the whole match) and ``\\\\`` a backslash; an
         empty match right after the previous match is skipped (one UTF-8 rune ahead). ``rewrite`` must
-        have passed ``check_rewrite``."""
+        have passed ``check_rewrite``.
+
+        Not google-re2's ``sub``: that one copies Python's ``re.sub`` (measured: ``\\0`` inserts a NUL,
+        ``\\g<1>`` and ``\\n`` are expanded, and ``x*`` on ``abxd`` gives ``-a-b--d-`` where RE2 gives
+        ``-a-b-d-``)."""
         data, latin1 = _wire(s)
         sub = rewrite.encode("utf-8", "surrogatepass")
         out = bytearray()
