@@ -431,9 +431,14 @@ def _vs_rewrite(r: _R, v: Any, path: str) -> RewriteSpec:
         pat = r.regex(rr.get("match"), f"{path}.uriRegexRewrite.match")
         sub = r.str(rr.get("rewrite"), f"{path}.uriRegexRewrite.rewrite")
         # Envoy regex_rewrite is RE2::GlobalReplace: \1..\9 name groups, \0 the match, \\ a backslash
-        # (not Python's \g<1> or \n). RE2::CheckRewriteString's rules, so a typo is seen at load time.
+        # (not Python's \g<1> or \n). istiod does not check the rewrite string and Envoy applies it
+        # unchecked (a bad escape cuts each replacement short, a missing group leaves the path as it
+        # was); we follow Istio — accept it, apply it as RE2 would (Regex.replace_all) — and warn, so
+        # `config check` shows the typo RE2::CheckRewriteString would have caught.
         problem = check_rewrite(sub, pat.groups)
-        if problem is not None:
+        if problem is not None and sub:
+            r.warn(f"{path}.uriRegexRewrite.rewrite", f"RE2 would not apply this rewrite as written: {problem}")
+        elif problem is not None:
             raise r.fail(f"{path}.uriRegexRewrite.rewrite", f"invalid RE2 rewrite: {problem}")
         return RewriteSpec("regex", "", pat, sub, authority)
     return RewriteSpec("prefix" if uri is not None else None, uri or "", None, "", authority)

@@ -190,7 +190,8 @@ def check_rewrite(rewrite: str, groups: int) -> str | None:
     """RE2::CheckRewriteString: ``\\0``–``\\9`` name groups, ``\\\\`` is a backslash, nothing else may follow a
     backslash, and no group beyond the regex's may be named. Envoy hands the substitution to
     RE2::GlobalReplace unchecked, where a bad escape silently truncates the rewrite (RE2::Rewrite stops)
-    and a missing group leaves the path unchanged; refusing it at load time shows the mistake instead."""
+    and a missing group leaves the path unchanged; istiod does not check it either, so the loader
+    accepts such a rewrite (Regex.replace_all applies it as RE2 does) and reports this as a warning."""
     max_group = -1
     i, n = 0, len(rewrite)
     while i < n:
@@ -230,14 +231,18 @@ class Regex:
     def replace_all(self, s: str, rewrite: str) -> str:
         """RE2::GlobalReplace(&s, regex, rewrite): every non-overlapping match, left to right, replaced by
         ``rewrite`` with ``\\N`` the N-th group (``\\0`` the whole match) and ``\\\\`` a backslash; an
-        empty match right after the previous match is skipped (one UTF-8 rune ahead). ``rewrite`` must
-        have passed ``check_rewrite``.
+        empty match right after the previous match is skipped (one UTF-8 rune ahead). A rewrite that
+        fails ``check_rewrite`` behaves as in RE2: naming a group the regex lacks replaces nothing
+        (GlobalReplace's ``nvec > 1 + NumberOfCapturingGroups()`` check), and a bad escape ends each
+        replacement where it stands (RE2::Rewrite stops and GlobalReplace ignores its result).
 
         Not google-re2's ``sub``: that one copies Python's ``re.sub`` (measured: ``\\0`` inserts a NUL,
         ``\\g<1>`` and ``\\n`` are expanded, and ``x*`` on ``abxd`` gives ``-a-b--d-`` where RE2 gives
         ``-a-b-d-``)."""
         data, latin1 = _wire(s)
         sub = rewrite.encode("utf-8", "surrogatepass")
+        if _max_submatch(sub) > self.groups:
+            return s
         out = bytearray()
         p, end, last_end, count = 0, len(data), -1, 0
         while p <= end:
@@ -267,7 +272,7 @@ class Regex:
 
 
 def _expand(out: bytearray, sub: bytes, m: Any) -> None:
-    """RE2::Rewrite for a checked rewrite: ``\\N`` → group N (empty if it did not take part), ``\\\\`` → ``\\``."""
+    """RE2::Rewrite: ``\\N`` → group N (empty if it did not take part), ``\\\\`` → ``\\``, stop at any other escape."""
     i, n = 0, len(sub)
     while i < n:
         j = sub.find(b"\\", i)
@@ -275,14 +280,27 @@ def _expand(out: bytearray, sub: bytes, m: Any) -> None:
             out += sub[i:]
             return
         out += sub[i:j]
-        c = sub[j + 1]                       # check_rewrite guarantees a following byte
+        c = sub[j + 1] if j + 1 < n else -1
         if c == 0x5C:                        # "\\"
             out.append(0x5C)
-        else:
+        elif 0x30 <= c <= 0x39:              # replace_all has checked the group exists
             g = m.group(c - 0x30)
             if g:
                 out += g
+        else:
+            return                           # RE2::Rewrite: "invalid rewrite pattern", output so far kept
         i = j + 2
+
+
+def _max_submatch(sub: bytes) -> int:
+    """RE2::MaxSubmatch: the highest \\N a rewrite names (-1 if none)."""
+    best, i = -1, sub.find(b"\\")
+    while i != -1 and i + 1 < len(sub):
+        c = sub[i + 1]
+        if 0x30 <= c <= 0x39:
+            best = max(best, c - 0x30)
+        i = sub.find(b"\\", i + 2)
+    return best
 
 
 def compile_regex(source: str, *, max_chars: int | None = None) -> Regex:
