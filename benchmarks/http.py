@@ -37,6 +37,10 @@ Rows (each proxy a separate process with one worker, backends one nginx process 
   ``v1``/``v2`` by the CONNECT's pod IP (nginx answers CONNECT 405, so it cannot be that backend).
   "proxy CPU" is the waypoint's alone; nghttpx's is its own column, the backend's in a note. The
   ``ours`` rows stay: they are what a user of the whole loopback mesh gets.
+- ``no-waypoint``: the same ends without the waypoint (the C client CONNECTs straight to nghttpx on
+  reviews-v1's :15008): wp-only minus no-waypoint is the waypoint's own added latency, hop for hop as
+  nginx minus direct is nginx's (a note under the table gives both); at c=64 it shows whether the
+  ends could go faster than wp-only did (then the waypoint was the limit).
 
 Before timing, each proxy is checked: 20 requests must split 18 / 2 (ours and wp-only: 200 requests,
 90/10 by a random pick, must give ≥ 150 v1 and ≥ 5 v2) and ``x-deny: 1`` must get 403.
@@ -310,6 +314,7 @@ class WaypointOnly:
             self.waypoint = m.start_waypoint(bi.INFRA["waypoint"], gateway=f"{bi.NAMESPACE}/{bi.GATEWAY}",
                                              pod_last=bi.WAYPOINT_POD, extra=("--scope", bi.WAYPOINT_SCOPE, *quiet))
             self.hbone = (m.layout.waypoint_ip, bi.HBONE_PORT)
+            self.v1 = (v1, bi.APP_PORT)
         except (StartError, PartyError, OSError) as err:
             self.close()
             raise PartyError(f"waypoint-only set-up did not start: {str(err).splitlines()[0]}") from None
@@ -319,6 +324,16 @@ class WaypointOnly:
         argv = [str(self.client), "--connect", f"{self.hbone[0]}:{self.hbone[1]}", "--authority", f"{vip}:{port}",
                 "--source-ip", self.productpage, "--ca", str(self.ca_pem), "--cert", str(self.client_cert),
                 "--key", str(self.client_key), "--host", f"reviews:{port}"]
+        for h in self.connect_headers:
+            argv += ["--connect-header", h]
+        return argv + list(args)
+
+    def ends_argv(self, *args: str) -> list[str]:
+        """The ``no-waypoint`` baseline: the same client, certificate and headers straight to nghttpx on
+        reviews-v1's :15008 (CONNECT to its pod IP:port), as node-a would for a pod without a waypoint."""
+        argv = [str(self.client), "--connect", f"{self.v1[0]}:15008", "--authority", f"{self.v1[0]}:{self.v1[1]}",
+                "--source-ip", self.productpage, "--ca", str(self.ca_pem), "--cert", str(self.client_cert),
+                "--key", str(self.client_key), "--host", f"reviews:{self.v1[1]}"]
         for h in self.connect_headers:
             argv += ["--connect-header", h]
         return argv + list(args)
@@ -337,6 +352,16 @@ class WaypointOnly:
             self.mesh.close()
         for p in reversed(self.parties):
             p.stop()
+
+
+class NoWaypoint:
+    """The ``no-waypoint`` rows: ``WaypointOnly``'s ends (C client → nghttpx → backend) without the
+    waypoint between them. The waypoint's own added latency is wp-only's minus these (the note under
+    the table), as nginx's is nginx's minus direct: hop for hop, the ends' TLS, HTTP/2 and Python
+    backend taken out. At c=64 they also show how far the ends alone can go (is the waypoint the limit?)."""
+
+    def __init__(self, wp: WaypointOnly):
+        self.wp = wp
 
 
 def run_c_client(argv: list[str], timeout: float = C_CHECK_TIMEOUT_S) -> dict:
@@ -401,13 +426,16 @@ def run_http(toolbox: Toolbox, *, repeat: int, seconds: float) -> ScenarioResult
         c_client, targets["wp-only"] = _start_waypoint_only(toolbox, workdir)
         if isinstance(targets["wp-only"], WaypointOnly):
             wp_only = targets["wp-only"]
+            targets["no-waypoint"] = NoWaypoint(wp_only)
+        else:
+            targets["no-waypoint"] = targets["wp-only"]
         clients = [f"wrk c={c}" for c in CONCURRENCY] + [f"load c={c}" for c in LOAD_CONCURRENCY] + [f"load {FIXED_RATE}/s"]
         c_clients = [f"{C_CLIENT} c={c}" for c in LOAD_CONCURRENCY] + [f"{C_CLIENT} {FIXED_RATE}/s"]
         for client in clients + c_clients:
             for name, t in targets.items():
                 if name == "ours" and (client.startswith("wrk") or client.startswith(C_CLIENT)):
                     continue  # wrk cannot reach the mesh (no SOCKS5): ours is in the load rows
-                if name == "wp-only" and not client.startswith(C_CLIENT):
+                if name in ("wp-only", "no-waypoint") and not client.startswith(C_CLIENT):
                     continue  # only the C client speaks HBONE itself
                 if name == "haproxy" and client in ("load c=1", f"{C_CLIENT} c=1"):
                     continue  # keeps quick mode short; haproxy's c=1 is in the wrk rows
@@ -452,13 +480,39 @@ def run_http(toolbox: Toolbox, *, repeat: int, seconds: float) -> ScenarioResult
                      "issue's targets are stated (one proxy process): C client (productpage's certificate, one mTLS "
                      "HTTP/2 connection, one CONNECT tunnel per connection of the other rows) → waypoint (authz + DENY "
                      "x-deny + 90/10) → HBONE → nghttpx on the reviews pods' :15008 (stands in for node-b) → "
-                     "benchmarks.connect_http (v1/v2); proxy CPU = the waypoint's only, nghttpx's in its own column")
-    backend = [r.median("backend_us_per_req") for r in res.rows if r.target == "wp-only" and r.samples]
-    if any(b is not None for b in backend):
-        res.notes.append("wp-only backend (benchmarks.connect_http, Python) CPU µs/req by row: "
-                         + ", ".join(f"{r.client.split(' ', 1)[1]} {r.median('backend_us_per_req'):.0f}"
-                                     for r in res.rows if r.target == "wp-only" and r.samples))
+                     "benchmarks.connect_http (v1/v2); proxy CPU = the waypoint's only, nghttpx's in its own column; "
+                     "no-waypoint = the same ends without the waypoint (proxy CPU = nghttpx's)")
+    res.notes += waypoint_only_notes(res)
     return res
+
+
+def waypoint_only_notes(res: ScenarioResult) -> list[str]:
+    """The wp-only rows' backend CPU, and the waypoint's own added latency: wp-only minus no-waypoint
+    (medians, same client and load point), next to nginx's and haproxy's minus direct."""
+    notes = []
+    rows = {(r.target, r.client): r for r in res.rows if r.samples}
+    wp = [r for (t, _), r in rows.items() if t == "wp-only"]
+    if any(r.median("backend_us_per_req") is not None for r in wp):
+        notes.append("wp-only backend (benchmarks.connect_http, Python) CPU µs/req: "
+                     + ", ".join(f"{r.client.split(' ', 1)[1]} {r.median('backend_us_per_req'):.0f}"
+                                 for r in wp if r.median("backend_us_per_req") is not None))
+    parts = []
+    for r in wp:
+        base = rows.get(("no-waypoint", r.client))
+        if base is None or r.median("p99_ms") is None or base.median("p99_ms") is None:
+            continue
+        text = (f"{r.client.split(' ', 1)[1]}: waypoint +{r.median('p50_ms') - base.median('p50_ms'):.2f} / "
+                f"+{r.median('p99_ms') - base.median('p99_ms'):.2f} ms")
+        for ref in ("nginx", "haproxy"):
+            a, d = rows.get((ref, r.client)), rows.get(("direct", r.client))
+            if a and d and a.median("p99_ms") is not None and d.median("p99_ms") is not None:
+                text += (f", {ref} +{a.median('p50_ms') - d.median('p50_ms'):.2f} / "
+                         f"+{a.median('p99_ms') - d.median('p99_ms'):.2f}")
+        parts.append(text)
+    if parts:
+        notes.append("added p50 / p99 hop for hop (wp-only − no-waypoint; nginx/haproxy − direct; medians): "
+                     + "; ".join(parts))
+    return notes
 
 
 def _start_waypoint_only(toolbox: Toolbox, workdir: Path) -> tuple[Path | None, "WaypointOnly | str"]:
@@ -494,6 +548,9 @@ def _measure_c(row: Row, target, seconds: float, client: Path) -> None:
     if isinstance(target, WaypointOnly):
         argv = target.client_argv(*args)
         roots = {"waypoint": target.waypoint.popen.pid, "nghttpx": target.nghttpx.pid, "backend": target.backend.pid}
+    elif isinstance(target, NoWaypoint):
+        argv = target.wp.ends_argv(*args)
+        roots = {"nghttpx": target.wp.nghttpx.pid, "backend": target.wp.backend.pid}
     else:
         addr = target if isinstance(target, str) else f"{HOST}:{target.port[1]}"
         argv = [str(client), "--plain", "--connect", addr, *args]
@@ -519,11 +576,13 @@ def _measure_c(row: Row, target, seconds: float, client: Path) -> None:
         if r.get(k) is not None:
             row.add(k, r[k])
     if delta and n:
-        proxy = delta.get("waypoint", delta.get("proxy", 0.0))   # wp-only: the waypoint is the proxy under test
+        # wp-only: the waypoint is the proxy under test; no-waypoint: nghttpx is the only proxy left.
+        proxy = delta.get("waypoint", delta.get("proxy", delta.get("nghttpx", 0.0)))
         row.add("proxy_cpu_s", proxy)
         row.add("proxy_us_per_req", proxy / n * 1e6)
         if "waypoint" in delta:
             row.add("waypoint_us_per_req", delta["waypoint"] / n * 1e6)
+        if "nghttpx" in delta:
             row.add("nghttpx_us_per_req", delta["nghttpx"] / n * 1e6)
             row.add("backend_us_per_req", delta["backend"] / n * 1e6)
     row.info["bodies"] = r.get("bodies", {})

@@ -355,18 +355,42 @@ def test_plain_mode_closed_and_open_loops(exe, tmp_path):
 @pytest.mark.timeout(90)
 @pytest.mark.skipif(shutil.which("nghttpx") is None, reason="nghttpx (Debian nghttp2-proxy) not installed")
 def test_wp_only_rows_measure_the_waypoint_alone(exe, tmp_path):
-    from benchmarks.http import C_CLIENT, WaypointOnly, _measure_c
-    from benchmarks.report import Row
+    from benchmarks.http import C_CLIENT, NoWaypoint, WaypointOnly, _measure_c, waypoint_only_notes
+    from benchmarks.report import Row, ScenarioResult
     wp = WaypointOnly(tmp_path, shutil.which("nghttpx"), exe)
     try:
         wp.check_split_and_deny()
         row = Row("wp-only", f"{C_CLIENT} c=4")
         _measure_c(row, wp, 0.5, exe)
+        base = Row("no-waypoint", f"{C_CLIENT} c=4")
+        _measure_c(base, NoWaypoint(wp), 0.5, exe)
     finally:
         wp.close()
-    assert row.note is None
+    assert row.note is None and base.note is None
     for metric in ("rps", "p99_ms", "proxy_us_per_req", "waypoint_us_per_req", "nghttpx_us_per_req",
                    "backend_us_per_req", "client_us_per_req"):
         assert row.samples[metric][0] > 0, metric
     assert row.samples["proxy_us_per_req"] == row.samples["waypoint_us_per_req"]   # the waypoint alone
     assert set(row.info["bodies"]) == {"v1", "v2"}
+    # Without the waypoint: reviews-v1 only, and the only proxy left is nghttpx.
+    assert set(base.info["bodies"]) == {"v1"} and "waypoint_us_per_req" not in base.samples
+    assert base.samples["proxy_us_per_req"] == base.samples["nghttpx_us_per_req"]
+    notes = waypoint_only_notes(ScenarioResult("http", "t", [], rows=[row, base]))
+    assert notes[0].startswith("wp-only backend") and notes[1].startswith("added p50 / p99 hop for hop")
+
+
+def test_waypoint_notes_subtract_the_ends_and_direct():
+    from benchmarks.http import waypoint_only_notes
+    from benchmarks.report import Row, ScenarioResult
+
+    def row(target, p50, p99, **more):
+        r = Row(target, "c-load 1000/s")
+        for k, v in dict(p50_ms=p50, p99_ms=p99, **more).items():
+            r.add(k, v)
+        return r
+    res = ScenarioResult("http", "t", [], rows=[
+        row("direct", 0.05, 0.10), row("nginx", 0.09, 0.20), row("wp-only", 0.45, 0.90, backend_us_per_req=30),
+        row("no-waypoint", 0.25, 0.50)])
+    backend, added = waypoint_only_notes(res)
+    assert backend == "wp-only backend (benchmarks.connect_http, Python) CPU µs/req: 1000/s 30"
+    assert added.endswith("1000/s: waypoint +0.20 / +0.40 ms, nginx +0.04 / +0.10")
