@@ -19,6 +19,32 @@ PRESENCE = "presence"
 STRING_MATCH_KINDS = (EXACT, PREFIX, SUFFIX, PRESENCE)
 
 
+# ---- wire form ------------------------------------------------------------------------------------
+# The waypoint holds request bytes as latin-1 strs (one char per byte: proxy/pipeline/http.py
+# request_view); Envoy's RBAC matchers compare the config string's UTF-8 bytes with the request's
+# (StringMatcher over the raw :authority, :method, :path and header values). So values matched against
+# HTTP request attributes are compared in their wire form — their UTF-8 bytes decoded as latin-1 — and a
+# policy's "é" matches a client's UTF-8 "é", not the latin-1 byte 0xE9. The same two helpers as
+# policy/routing/model.py's (kept apart: authz is used by the node proxy and does not import routing).
+
+
+def wire_form(text: str) -> str:
+    """``text``'s UTF-8 bytes as a latin-1 str: ``"é"`` → ``"Ã©"``; ASCII is itself."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogatepass").decode("latin-1")
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(s: str) -> str:
+    """A-Z → a-z only. Envoy's ``ignore_case`` is absl::EqualsIgnoreCase / StartsWithIgnoreCase /
+    EndsWithIgnoreCase, ASCII-only; ``str.lower`` would also fold the latin-1 char a UTF-8 byte decodes
+    to (0xC3 "Ã" → 0xE3 "ã"), a different byte."""
+    return s.lower() if s.isascii() else s.translate(_ASCII_LOWER)
+
+
 @dataclass(frozen=True)
 class StringMatch:
     """One Istio string value: ``abc`` exact, ``abc*`` prefix, ``*abc`` suffix, ``*`` presence.
@@ -26,36 +52,46 @@ class StringMatch:
     Istio: "Presence match: `*` will match when value is not empty." Only a single leading or trailing
     ``*`` is special; it is not a glob (``*abc*`` is the suffix ``abc*``, as istiod's StringMatcherWithPrefix
     checks the leading ``*`` first).
+
+    ``on_wire``: the value is compared with an HTTP request attribute (hosts, methods, paths, header
+    values), i.e. in its wire form; identities and JWT claims are text and compared as text.
     """
 
     kind: str
-    value: str = ""
+    value: str = ""            # as written (explain output, describe)
     ignore_case: bool = False  # hosts: Envoy HostMatcher uses ignoreCase (matcher/header.go)
+    on_wire: bool = False
+    # What ``matches`` compares with (derived): the value, in wire form if on_wire, ASCII-lowered if ignore_case.
+    needle: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        v = wire_form(self.value) if self.on_wire else self.value
+        object.__setattr__(self, "needle", ascii_lower(v) if self.ignore_case else v)
 
     @classmethod
-    def parse(cls, text: str, *, ignore_case: bool = False) -> "StringMatch":
+    def parse(cls, text: str, *, ignore_case: bool = False, on_wire: bool = False) -> "StringMatch":
         if ignore_case:
-            text = text.lower()
+            text = ascii_lower(text)
         if text == "*":
-            return cls(PRESENCE, "", ignore_case)
+            return cls(PRESENCE, "", ignore_case, on_wire)
         if text.startswith("*"):
-            return cls(SUFFIX, text[1:], ignore_case)
+            return cls(SUFFIX, text[1:], ignore_case, on_wire)
         if text.endswith("*"):
-            return cls(PREFIX, text[:-1], ignore_case)
-        return cls(EXACT, text, ignore_case)
+            return cls(PREFIX, text[:-1], ignore_case, on_wire)
+        return cls(EXACT, text, ignore_case, on_wire)
 
     def matches(self, value: str | None) -> bool:
         if value is None:
             return False
         if self.ignore_case:
-            value = value.lower()
+            value = ascii_lower(value)
         kind = self.kind
         if kind == EXACT:
-            return value == self.value
+            return value == self.needle
         if kind == PREFIX:
-            return value.startswith(self.value)
+            return value.startswith(self.needle)
         if kind == SUFFIX:
-            return value.endswith(self.value)
+            return value.endswith(self.needle)
         return value != ""  # presence: "matches any non-empty value" (ztunnel test string_match)
 
     def __str__(self) -> str:
@@ -190,10 +226,12 @@ class PathTemplate:
 
 def parse_path_match(text: str) -> StringMatch | PathTemplate:
     # Istio: paths containing {*} / {**} become Envoy URI templates (security.ContainsPathTemplate);
-    # everything else is the four-form string match on the path without query.
+    # everything else is the four-form string match on the path without query — Envoy's url_path
+    # StringMatcher over the request's :path bytes, so in wire form. (A template's literals are RFC 3986
+    # pchars, ASCII: check_path_template refuses anything else.)
     if contains_path_template(text):
         return PathTemplate.parse(text)
-    return StringMatch.parse(text)
+    return StringMatch.parse(text, on_wire=True)
 
 
 def _is_dot(segment: str) -> bool:

@@ -17,7 +17,8 @@ from types import MappingProxyType
 from typing import Any, Callable
 
 from policy.authz import model as m
-from policy.authz.match import Cidr, HeaderMatch, StringMatch, check_path_template, parse_path_match
+from policy.authz.match import (Cidr, HeaderMatch, StringMatch, ascii_lower, check_path_template, parse_path_match,
+                                wire_form)
 from policy.errors import ConfigError, Where
 
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
@@ -169,11 +170,20 @@ def _parse_string(text: str) -> StringMatch:
 
 def _parse_host(text: str) -> StringMatch:
     # Envoy HostMatcher with ignoreCase (istio-semantics §1.1 hosts); the port, if any, is part of it.
-    return StringMatch.parse(text, ignore_case=True)
+    # Istio matcher/header.go HostMatcher: a header matcher on ":authority" with IgnoreCase: true — Envoy
+    # compares the config string's UTF-8 bytes with the :authority bytes, folding ASCII only.
+    return StringMatch.parse(text, ignore_case=True, on_wire=True)
+
+
+def _parse_method(text: str) -> StringMatch:
+    # Istio matcher/header.go: HeaderMatcher(":method", value) — the :method bytes, case-sensitive.
+    return StringMatch.parse(text, on_wire=True)
 
 
 def _parse_header_value(text: str) -> StringMatch:
-    return HeaderMatch.parse(text)
+    # Istio `request.headers[name]`: HeaderMatcher(name, value) — Envoy's StringMatcher over the header's
+    # bytes (repeated headers joined with ","), so the config value's UTF-8 bytes.
+    return HeaderMatch.parse(text, on_wire=True)
 
 
 def _parse_path(text: str):
@@ -201,7 +211,7 @@ def _source_table(policy_ns: str):
 OPERATION_TABLE = {
     "hosts": (m.A_HOST, _parse_host, m.ZT_L7),
     "ports": (m.A_DESTINATION_PORT, _parse_port, m.ZT_L4),
-    "methods": (m.A_METHOD, _parse_string, m.ZT_L7),   # case-sensitive: HeaderMatcher(":method") has no ignoreCase
+    "methods": (m.A_METHOD, _parse_method, m.ZT_L7),   # case-sensitive: HeaderMatcher(":method") has no ignoreCase
     "paths": (m.A_PATH, _parse_path, m.ZT_L7),
 }
 
@@ -327,8 +337,9 @@ class _PolicyParser(_Reader):
                 if attr == m.A_REQUEST_HEADER:
                     if "[" in inner or "]" in inner:
                         raise self.fail(path, f"bad key {key!r}: should have format {prefix}[name]")
-                    # HTTP header names are case-insensitive; our request headers are lowercase.
-                    return attr, (inner.lower(),), _parse_header_value, m.ZT_L7
+                    # HTTP header names are case-insensitive; our request headers are lowercase (ASCII
+                    # only, as Envoy's LowerCaseString) and, like their values, in wire form.
+                    return attr, (ascii_lower(wire_form(inner)),), _parse_header_value, m.ZT_L7
                 claim_path = tuple(inner.split("]["))
                 if any(p == "" or "[" in p or "]" in p for p in claim_path):
                     raise self.fail(path, f"bad key {key!r}: should have format {prefix}[claim] or [a][b]")

@@ -18,6 +18,44 @@ from .regex import Regex
 EMPTY: Mapping = MappingProxyType({})
 
 # ---------------------------------------------------------------------------------------------
+# Wire form: config text as the waypoint holds request bytes
+#
+# The waypoint decodes what a client sent as latin-1, one str character per byte
+# (proxy/pipeline/http.py ``request_view``), and encodes what it sends back with latin-1. Config strings
+# are text (YAML). Envoy compares a config string's UTF-8 bytes with the request's bytes (StringMatcher
+# on the header's raw value) and writes a config value's UTF-8 bytes on the wire (headers_to_add,
+# prefix_rewrite, host_rewrite_literal, path_redirect, ...): protobuf strings are UTF-8. So each config
+# string that is matched against a request or sent is kept twice: as written (``value``, ``path``, ...:
+# what views, `config check` and error messages show) and in its wire form (``*_wire`` / ``wire``:
+# its UTF-8 bytes decoded as latin-1), which matching and the values handed to the pipeline use. Then
+# http.py's ``.encode("latin-1")`` yields the UTF-8 bytes, and "é" in config matches a client's UTF-8
+# "é" (0xC3 0xA9) — never the latin-1 byte 0xE9, just as in Envoy. Regexes do the same conversion
+# themselves (policy/routing/regex.py).
+
+
+def wire_form(text: str) -> str:
+    """``text``'s UTF-8 bytes as a latin-1 str (one char per byte): ``"é"`` → ``"Ã©"``. ASCII is itself.
+    A lone surrogate (which the parsers refuse) passes through as its CESU bytes rather than raise."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogatepass").decode("latin-1")
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(s: str) -> str:
+    """A-Z → a-z and nothing else, as Envoy folds case: ``ignore_case`` matches are absl::EqualsIgnoreCase
+    / StartsWithIgnoreCase and header names absl::AsciiStrToLower, all ASCII-only. ``str.lower`` would
+    also fold the latin-1 chars a UTF-8 byte decodes to (0xC3 "Ã" → 0xE3 "ã"), a different byte."""
+    return s.lower() if s.isascii() else s.translate(_ASCII_LOWER)
+
+
+def _opt_wire(text: str | None) -> str | None:
+    return None if text is None else wire_form(text)
+
+
+# ---------------------------------------------------------------------------------------------
 # Matching
 
 
@@ -28,11 +66,18 @@ class StringMatch:
     empty value) into Envoy's ``present_match``."""
 
     kind: str  # "exact" | "prefix" | "regex" | "presence"
-    value: str = ""
+    value: str = ""            # as written (views, messages)
     ignore_case: bool = False
     pattern: Regex | None = field(default=None, compare=False, repr=False)
+    # What ``matches`` compares with: ``value``'s wire form, ASCII-lowered under ignore_case (derived).
+    wire: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        w = wire_form(self.value)
+        object.__setattr__(self, "wire", ascii_lower(w) if self.ignore_case else w)
 
     def matches(self, s: str | None) -> bool:
+        """``s``: a request value in the waypoint's form (its bytes decoded as latin-1)."""
         if s is None:
             return False
         if self.kind == "presence":
@@ -42,12 +87,12 @@ class StringMatch:
             assert self.pattern is not None
             return self.pattern.fullmatch(s)
         if self.ignore_case:
-            s, v = s.lower(), self.value.lower()
-        else:
-            v = self.value
+            # Envoy StringMatcher ignore_case: absl::EqualsIgnoreCase / StartsWithIgnoreCase — ASCII only,
+            # so "É" (0xC3 0x89) never matches "é" (0xC3 0xA9), as there.
+            s = ascii_lower(s)
         if self.kind == "exact":
-            return s == v
-        return s.startswith(v)  # "prefix": a plain string prefix (VS), not element-wise
+            return s == self.wire
+        return s.startswith(self.wire)  # "prefix": a plain string prefix (VS), not element-wise
 
     def describe(self) -> str:
         return self.kind if self.kind == "presence" else f"{self.kind}:{self.value}"
@@ -65,21 +110,33 @@ class HeaderOps:
     (``header_parser.cc evaluateHeaders``), and Istio emits ``set`` before ``add``.
     """
 
-    set: tuple[tuple[str, str], ...] = ()
+    set: tuple[tuple[str, str], ...] = ()      # as written (names lowercased)
     add: tuple[tuple[str, str], ...] = ()
     remove: tuple[str, ...] = ()
+    # The same in wire form (derived), which ``apply`` writes: the pipeline encodes the result as latin-1,
+    # so a value "é€" goes out as its UTF-8 bytes, as Envoy's headers_to_add sends the config string.
+    wire_set: tuple[tuple[str, str], ...] = field(init=False, compare=False, repr=False)
+    wire_add: tuple[tuple[str, str], ...] = field(init=False, compare=False, repr=False)
+    wire_remove: tuple[str, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "wire_set", tuple((wire_form(n), wire_form(v)) for n, v in self.set))
+        object.__setattr__(self, "wire_add", tuple((wire_form(n), wire_form(v)) for n, v in self.add))
+        object.__setattr__(self, "wire_remove", tuple(wire_form(n) for n in self.remove))
 
     def __bool__(self) -> bool:
         return bool(self.set or self.add or self.remove)
 
     def apply(self, headers: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-        """Return a new header map (names lowercase) with the operations applied."""
-        out = {k.lower(): tuple(v) for k, v in headers.items()}
-        for name in self.remove:
+        """Return a new header map (names lowercase) with the operations applied. ``headers`` and the
+        result are in the waypoint's form (bytes decoded as latin-1)."""
+        # Header names fold ASCII-only (Envoy LowerCaseString: absl::AsciiStrToLower).
+        out = {ascii_lower(k): tuple(v) for k, v in headers.items()}
+        for name in self.wire_remove:
             out.pop(name, None)
-        for name, value in self.set:
+        for name, value in self.wire_set:
             out[name] = (value,)
-        for name, value in self.add:
+        for name, value in self.wire_add:
             # Istio: "Append the given values to the headers specified by keys (will create a
             # comma-separated list of values)"; Gateway API: "my-header: foo,bar,baz".
             old = out.get(name)
@@ -314,6 +371,7 @@ class HttpMatch:
     scheme: StringMatch | None = None
     method: StringMatch | None = None
     authority: StringMatch | None = None
+    # Names are lookup keys into the request, so in wire form (header names ASCII-lowercased).
     headers: tuple[tuple[str, StringMatch], ...] = ()
     without_headers: tuple[tuple[str, StringMatch], ...] = ()
     query_params: tuple[tuple[str, StringMatch], ...] = ()
@@ -333,11 +391,19 @@ class RewriteSpec:
     "regex" applies ``uriRegexRewrite``."""
 
     path_kind: str | None = None
-    path: str = ""
+    path: str = ""                              # as written (views); path_wire is what is sent
     regex: Regex | None = field(default=None, compare=False)
     regex_substitution: str = ""                # RE2 rewrite syntax: \1 = group 1 (checked at load)
     authority: str | None = None
     element_wise: bool = False  # Gateway API prefixes are path-element prefixes
+    # Wire forms (derived) of path and authority: Envoy's prefix_rewrite / host_rewrite_literal put the
+    # config string's UTF-8 bytes on the wire. (regex_substitution is converted by Regex.replace_all.)
+    path_wire: str = field(init=False, compare=False, repr=False)
+    authority_wire: str | None = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path_wire", wire_form(self.path))
+        object.__setattr__(self, "authority_wire", _opt_wire(self.authority))
 
 
 @dataclass(frozen=True)
@@ -350,6 +416,16 @@ class RedirectSpec:
     path_kind: str | None = None     # None | "full" | "prefix"
     path: str = ""
     element_wise: bool = False
+    # Wire forms (derived) of the values that end up in Location: Envoy's scheme_redirect, host_redirect,
+    # path_redirect and prefix_rewrite send the config string's UTF-8 bytes.
+    scheme_wire: str | None = field(init=False, compare=False, repr=False)
+    authority_wire: str | None = field(init=False, compare=False, repr=False)
+    path_wire: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scheme_wire", _opt_wire(self.scheme))
+        object.__setattr__(self, "authority_wire", _opt_wire(self.authority))
+        object.__setattr__(self, "path_wire", wire_form(self.path))
 
 
 @dataclass(frozen=True)
@@ -544,7 +620,7 @@ class ParentRef:
 
 @dataclass(frozen=True)
 class GwHeaderMatch:
-    name: str                      # lowercased: header names are case-insensitive
+    name: str                      # wire form, ASCII-lowercased: header names are case-insensitive
     match: StringMatch
 
 
@@ -553,11 +629,15 @@ class GwMatch:
     """One Gateway API ``HTTPRouteMatch``. ``path_type``: Exact | PathPrefix | RegularExpression."""
 
     path_type: str = "PathPrefix"
-    path: str = "/"
+    path: str = "/"                                           # as written (views)
     path_match: StringMatch | None = field(default=None, compare=False)   # for Exact/RegularExpression
     headers: tuple[GwHeaderMatch, ...] = ()
-    query_params: tuple[tuple[str, StringMatch], ...] = ()   # names case-sensitive
+    query_params: tuple[tuple[str, StringMatch], ...] = ()   # names case-sensitive, in wire form
     method: str | None = None
+    path_wire: str = field(init=False, compare=False, repr=False)   # what PathPrefix compares (derived)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path_wire", wire_form(self.path))
 
 
 @dataclass(frozen=True)

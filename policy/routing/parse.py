@@ -22,7 +22,8 @@ from .model import (
     BackendRef, ConnectionPool, DestinationRule, Fault, Gateway, GwHeaderMatch, GwMatch, GwRule,
     HeaderOps, HeaderRules, HttpMatch, HttpRoute, HttpRule, KNOWN_RETRY_ON, Listener, MirrorSpec,
     NO_HEADER_RULES, OutlierDetection, ParentRef, RedirectSpec, RetryPolicy, RewriteSpec, StringMatch,
-    Subset, TcpMatch, TcpRule, TrafficPolicy, VirtualService, VsDestination, DEFAULT_RETRY_POLICY,
+    Subset, TcpMatch, TcpRule, TrafficPolicy, VirtualService, VsDestination, DEFAULT_RETRY_POLICY, ascii_lower,
+    wire_form,
 )
 
 ISTIO_NETWORKING_VERSIONS = ("networking.istio.io/v1", "networking.istio.io/v1beta1",
@@ -91,7 +92,27 @@ class _R:
     def str(self, v: Any, path: str, *, empty_ok: bool = False) -> str:
         if not isinstance(v, str) or (not empty_ok and v == ""):
             raise self.fail(path, "expected a non-empty string" if not empty_ok else "expected a string")
+        if not v.isascii():
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                # A YAML "\ud800" escape: protobuf strings (Istio's CRDs, Envoy's config) must be UTF-8.
+                raise self.fail(path, "not valid UTF-8 (a lone surrogate)") from None
         return v
+
+    def wire_str(self, v: Any, path: str, *, empty_ok: bool = False) -> str:
+        """A string the waypoint puts on the wire (a header name or value, a rewritten path or authority,
+        a redirect's parts). Envoy validates each as HTTP_HEADER_VALUE with strict: false — "disallows
+        NUL, CR and LF" (envoy/type/matcher/v3, validate.proto) — and rejects the config otherwise; here
+        the same characters would split the header block."""
+        s = self.str(v, path, empty_ok=empty_ok)
+        bad = next((c for c in s if c in _HEADER_BREAKERS), None)
+        if bad is not None:
+            raise self.fail(path, f"must not contain {bad!r} (NUL, CR and LF are not allowed in HTTP values)")
+        return s
+
+    def opt_wire_str(self, v: Any, path: str) -> str | None:
+        return None if v is None else self.wire_str(v, path)
 
     def opt_str(self, v: Any, path: str) -> str | None:
         return None if v is None else self.str(v, path)
@@ -156,6 +177,7 @@ class _R:
         return MappingProxyType(dict(m))
 
 
+_HEADER_BREAKERS = frozenset("\0\r\n")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
@@ -304,15 +326,22 @@ def _named_matches(r: _R, v: Any, path: str, *, lower: bool, without: bool = Fal
         if without and isinstance(x, dict) and x.get("regex") == "*":
             # Istio: withoutHeaders `regex: "*"` is converted to a presence test (routing.go
             # "without headers regex convert to present_match").
-            out.append((k.lower() if lower else k, StringMatch("presence")))
+            out.append((_match_name(r, k, p, lower), StringMatch("presence")))
             continue
         if lower and not without and isinstance(x, dict) and x.get("exact") == "":
             # headers: {name: {exact: ""}} — Istio treats an empty value as "present".
-            out.append((k.lower(), StringMatch("presence")))
+            out.append((_match_name(r, k, p, lower), StringMatch("presence")))
             continue
-        out.append((k.lower() if lower else k, _string_match(r, x, p, empty_is_presence=True,
-                                                             empty_regex_is_presence=without)))
+        out.append((_match_name(r, k, p, lower), _string_match(r, x, p, empty_is_presence=True,
+                                                               empty_regex_is_presence=without)))
     return tuple(out)
+
+
+def _match_name(r: _R, name: str, path: str, lower: bool) -> str:
+    """A header or query parameter name as the request holds it: wire form (the request's bytes as
+    latin-1), header names lowercased ASCII-only (Envoy LowerCaseString: absl::AsciiStrToLower)."""
+    w = wire_form(r.str(name, path))
+    return ascii_lower(w) if lower else w
 
 
 def _vs_match(r: _R, v: Any, path: str) -> HttpMatch:
@@ -365,10 +394,16 @@ def _header_ops_map(r: _R, v: Any, path: str) -> HeaderOps:
     def pairs(key: str) -> tuple[tuple[str, str], ...]:
         out = []
         for k, x in r.map(m.get(key), f"{path}.{key}").items():
-            out.append((k.lower(), r.str(x, f"{path}.{key}.{k}", empty_ok=True)))
+            name = ascii_lower(r.wire_str(k, f"{path}.{key}.{k}"))
+            out.append((name, r.wire_str(x, f"{path}.{key}.{k}", empty_ok=True)))
         return tuple(out)
 
-    return HeaderOps(pairs("set"), pairs("add"), tuple(s.lower() for s in r.strs(m.get("remove"), f"{path}.remove")))
+    return HeaderOps(pairs("set"), pairs("add"), _removed(r, m.get("remove"), f"{path}.remove"))
+
+
+def _removed(r: _R, v: Any, path: str) -> tuple[str, ...]:
+    # Header names fold ASCII-only, as Envoy's LowerCaseString (absl::AsciiStrToLower).
+    return tuple(ascii_lower(r.wire_str(x, f"{path}[{i}]")) for i, x in enumerate(r.list(v, path)))
 
 
 def _vs_headers(r: _R, v: Any, path: str) -> HeaderRules:
@@ -386,11 +421,11 @@ def _vs_redirect(r: _R, v: Any, path: str) -> RedirectSpec:
     derive = m.get("derivePort")
     if derive is not None and derive not in ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"):
         raise r.fail(f"{path}.derivePort", "expected FROM_PROTOCOL_DEFAULT or FROM_REQUEST_PORT")
-    uri = r.opt_str(m.get("uri"), f"{path}.uri")
+    uri = r.opt_wire_str(m.get("uri"), f"{path}.uri")
     return RedirectSpec(
         status=r.int(m.get("redirectCode", 301), f"{path}.redirectCode", 300, 399),  # Istio default 301
-        scheme=r.opt_str(m.get("scheme"), f"{path}.scheme"),
-        authority=r.opt_str(m.get("authority"), f"{path}.authority"),
+        scheme=r.opt_wire_str(m.get("scheme"), f"{path}.scheme"),
+        authority=r.opt_wire_str(m.get("authority"), f"{path}.authority"),
         port=r.opt_int(m.get("port"), f"{path}.port", 1, MAX_PORT),
         derive_port=derive,
         # VS redirect.uri: "On a redirect, overwrite the Path portion of the URL with this value."
@@ -420,8 +455,8 @@ def _vs_direct_response(r: _R, v: Any, path: str) -> tuple[int, str]:
 
 def _vs_rewrite(r: _R, v: Any, path: str) -> RewriteSpec:
     m = r.map(v, path, ("uri", "authority", "uriRegexRewrite"))
-    uri = r.opt_str(m.get("uri"), f"{path}.uri")
-    authority = r.opt_str(m.get("authority"), f"{path}.authority")
+    uri = r.opt_wire_str(m.get("uri"), f"{path}.uri")
+    authority = r.opt_wire_str(m.get("authority"), f"{path}.authority")
     if m.get("uriRegexRewrite") is not None:
         if uri is not None:
             raise r.fail(path, "uri and uriRegexRewrite cannot be used together")
@@ -429,7 +464,7 @@ def _vs_rewrite(r: _R, v: Any, path: str) -> RewriteSpec:
         # istiod validateURIRegexRewrite: "UriRegexRewrite requires both Rewrite and Match fields to be
         # specified"; the match is validated as any regex (validateStringRegexp).
         pat = r.regex(rr.get("match"), f"{path}.uriRegexRewrite.match")
-        sub = r.str(rr.get("rewrite"), f"{path}.uriRegexRewrite.rewrite")
+        sub = r.wire_str(rr.get("rewrite"), f"{path}.uriRegexRewrite.rewrite")
         # Envoy regex_rewrite is RE2::GlobalReplace: \1..\9 name groups, \0 the match, \\ a backslash
         # (not Python's \g<1> or \n). istiod does not check the rewrite string and Envoy applies it
         # unchecked (a bad escape cuts each replacement short, a missing group leaves the path as it
@@ -826,7 +861,8 @@ def _gw_match(r: _R, v: Any, path: str) -> GwMatch:
     seen: set[str] = set()
     for i, x in enumerate(r.list(m.get("headers"), f"{path}.headers")):
         name, sm = _gw_kv_match(r, x, f"{path}.headers[{i}]", max_chars=GW_HEADER_VALUE_MAX)
-        lname = name.lower()
+        # Wire form, lowercased ASCII-only (Envoy LowerCaseString: absl::AsciiStrToLower).
+        lname = ascii_lower(wire_form(name))
         # Gateway API: "If multiple entries specify equivalent header names, only the first entry with
         # an equivalent name MUST be considered for a match."
         if lname not in seen:
@@ -838,7 +874,7 @@ def _gw_match(r: _R, v: Any, path: str) -> GwMatch:
         name, sm = _gw_kv_match(r, x, f"{path}.queryParams[{i}]", max_chars=GW_QUERY_VALUE_MAX)
         if name not in seen_q:  # query names are case-sensitive
             seen_q.add(name)
-            qps.append((name, sm))
+            qps.append((wire_form(name), sm))
     method = None
     if m.get("method") is not None:
         method = r.str(m.get("method"), f"{path}.method")
@@ -867,10 +903,11 @@ def _gw_header_ops(r: _R, v: Any, path: str) -> HeaderOps:
         for i, x in enumerate(r.list(m.get(key), f"{path}.{key}")):
             p = f"{path}.{key}[{i}]"
             e = r.map(x, p, ("name", "value"))
-            out.append((r.str(e.get("name"), f"{p}.name").lower(), r.str(e.get("value"), f"{p}.value", empty_ok=True)))
+            out.append((ascii_lower(r.wire_str(e.get("name"), f"{p}.name")),
+                        r.wire_str(e.get("value"), f"{p}.value", empty_ok=True)))
         return tuple(out)
 
-    return HeaderOps(pairs("set"), pairs("add"), tuple(s.lower() for s in r.strs(m.get("remove"), f"{path}.remove")))
+    return HeaderOps(pairs("set"), pairs("add"), _removed(r, m.get("remove"), f"{path}.remove"))
 
 
 _FILTER_FIELD = {
@@ -926,10 +963,13 @@ def _merge_ops(a: HeaderOps, b: HeaderOps) -> HeaderOps:
 def _gw_path_modifier(r: _R, v: Any, path: str) -> tuple[str, str]:
     m = r.map(v, path, ("type", "replaceFullPath", "replacePrefixMatch"))
     t = m.get("type")
+    # (Sent upstream or in Location: wire_str's NUL/CR/LF check as well.)
     if t == "ReplaceFullPath":
-        return "full", _gw_path_match_value(r, m.get("replaceFullPath"), f"{path}.replaceFullPath")
+        p = f"{path}.replaceFullPath"
+        return "full", r.wire_str(_gw_path_match_value(r, m.get("replaceFullPath"), p), p)
     if t == "ReplacePrefixMatch":
-        return "prefix", _gw_path_match_value(r, m.get("replacePrefixMatch"), f"{path}.replacePrefixMatch")
+        p = f"{path}.replacePrefixMatch"
+        return "prefix", r.wire_str(_gw_path_match_value(r, m.get("replacePrefixMatch"), p), p)
     raise r.fail(f"{path}.type", "expected ReplaceFullPath or ReplacePrefixMatch")
 
 
@@ -938,7 +978,7 @@ def _gw_rewrite(r: _R, v: Any, path: str) -> RewriteSpec:
     kind, value = (None, "")
     if m.get("path") is not None:
         kind, value = _gw_path_modifier(r, m.get("path"), f"{path}.path")
-    return RewriteSpec(kind, value, None, "", r.opt_str(m.get("hostname"), f"{path}.hostname"), element_wise=True)
+    return RewriteSpec(kind, value, None, "", r.opt_wire_str(m.get("hostname"), f"{path}.hostname"), element_wise=True)
 
 
 def _gw_redirect(r: _R, v: Any, path: str) -> RedirectSpec:
@@ -952,7 +992,7 @@ def _gw_redirect(r: _R, v: Any, path: str) -> RedirectSpec:
     kind, value = (None, "")
     if m.get("path") is not None:
         kind, value = _gw_path_modifier(r, m.get("path"), f"{path}.path")
-    return RedirectSpec(status, scheme, r.opt_str(m.get("hostname"), f"{path}.hostname"),
+    return RedirectSpec(status, scheme, r.opt_wire_str(m.get("hostname"), f"{path}.hostname"),
                         r.opt_int(m.get("port"), f"{path}.port", 1, MAX_PORT), None, kind, value, element_wise=True)
 
 

@@ -26,7 +26,12 @@ T = TypeVar("T")
 
 
 class HttpRequestView(NamedTuple):
-    """What routing reads from a request. ``headers``: lowercase names → values (one per header line)."""
+    """What routing reads from a request. ``headers``: lowercase names → values (one per header line).
+
+    Every str is in the waypoint's form: the request's bytes decoded as latin-1, one char per byte
+    (proxy/pipeline/http.py ``request_view``). Config values are compared in their wire form
+    (policy/routing/model.py ``wire_form``); a caller building a view from text must pass
+    ``wire_form(text)``, as a client's UTF-8 bytes would arrive."""
 
     method: str
     path: str                                  # raw, with the query string
@@ -111,7 +116,7 @@ class VsMatcher:
         if u is None:
             return "/"            # Istio emits prefix "/" for a match without uri
         if u.kind == "prefix":
-            return req.path_only[: len(u.value)]
+            return req.path_only[: len(u.wire)]   # the bytes the prefix matched
         return req.path_only      # exact / regex: the whole path
 
 
@@ -132,7 +137,7 @@ class GwMatcher:
         m = self.m
         path = req.path_only
         if m.path_type == "PathPrefix":
-            if not gw_prefix_matches(m.path, path):
+            if not gw_prefix_matches(m.path_wire, path):
                 return False
         elif m.path_match is not None and not m.path_match.matches(path):
             return False
@@ -148,7 +153,7 @@ class GwMatcher:
 
     def matched_prefix(self, req: HttpRequestView) -> str:
         if self.m.path_type == "PathPrefix":
-            return self.m.path.rstrip("/")
+            return self.m.path_wire.rstrip("/")
         return req.path_only
 
 
@@ -269,16 +274,18 @@ def _with_query(path: str, req: HttpRequestView) -> str:
 
 
 def apply_rewrite(rw: RewriteSpec, req: HttpRequestView, matched_prefix: str) -> tuple[str, str]:
+    """(path, authority) to send upstream, in the waypoint's form: the config's values in wire form
+    (Envoy sends prefix_rewrite / host_rewrite_literal as the config string's UTF-8 bytes)."""
     path = req.path
     if rw.path_kind == "prefix":
-        path = _with_query(_replace_prefix(req.path_only, matched_prefix, rw.path, rw.element_wise), req)
+        path = _with_query(_replace_prefix(req.path_only, matched_prefix, rw.path_wire, rw.element_wise), req)
     elif rw.path_kind == "full":
-        path = _with_query(rw.path, req)
+        path = _with_query(rw.path_wire, req)
     elif rw.path_kind == "regex" and rw.regex is not None:
         # Envoy regex_rewrite: RE2::GlobalReplace over the path (query excluded) — every match substituted,
         # \1 naming a group (policy/routing/regex.py Regex.replace_all).
         path = _with_query(rw.regex.replace_all(req.path_only, rw.regex_substitution), req)
-    authority = rw.authority if rw.authority is not None else req.authority
+    authority = rw.authority_wire if rw.authority_wire is not None else req.authority
     return path, authority
 
 
@@ -300,15 +307,17 @@ def _split_authority(authority: str) -> tuple[str, int | None]:
 
 
 def redirect_for(spec: RedirectSpec, req: HttpRequestView, matched_prefix: str) -> Redirect:
-    scheme = spec.scheme or req.scheme
+    """The redirect for ``req``; its fields (and so ``location``) in the waypoint's form, the config's
+    values in wire form."""
+    scheme = spec.scheme_wire or req.scheme
     host, port = _split_authority(req.authority)
     if spec.element_wise:
         # Gateway API RequestRedirect: hostname replaces the host only. "If no port is specified ... If
         # redirect scheme is not-empty, the redirect port MUST be the well-known port associated with the
         # redirect scheme ... If redirect scheme is empty, the redirect port MUST be the Gateway Listener
         # port" — for the mesh, the service port addressed.
-        if spec.authority is not None:
-            host = spec.authority
+        if spec.authority_wire is not None:
+            host = spec.authority_wire
         if spec.port is not None:
             port = spec.port
         elif spec.scheme is not None:
@@ -317,21 +326,21 @@ def redirect_for(spec: RedirectSpec, req: HttpRequestView, matched_prefix: str) 
             port = req.port or port
     else:
         # VirtualService redirect (Envoy host_redirect / port_redirect / scheme_redirect).
-        if spec.authority is not None:
-            host, port = _split_authority(spec.authority)
+        if spec.authority_wire is not None:
+            host, port = _split_authority(spec.authority_wire)
         if spec.port is not None:
             port = spec.port
         elif spec.derive_port == "FROM_REQUEST_PORT":
             port = req.port or port
-        elif spec.derive_port == "FROM_PROTOCOL_DEFAULT" or (spec.scheme is not None and spec.scheme != req.scheme):
+        elif spec.derive_port == "FROM_PROTOCOL_DEFAULT" or (spec.scheme_wire is not None and spec.scheme_wire != req.scheme):
             port = None
     if port is not None and port == _DEFAULT_PORTS.get(scheme):
         port = None   # the scheme's well-known port is omitted from Location
     path = req.path
     if spec.path_kind == "full":
-        path = spec.path if "?" in spec.path else _with_query(spec.path, req)
+        path = spec.path_wire if "?" in spec.path_wire else _with_query(spec.path_wire, req)
     elif spec.path_kind == "prefix":
-        path = _with_query(_replace_prefix(req.path_only, matched_prefix, spec.path, spec.element_wise), req)
+        path = _with_query(_replace_prefix(req.path_only, matched_prefix, spec.path_wire, spec.element_wise), req)
     return Redirect(spec.status, scheme, host, port, path)
 
 
