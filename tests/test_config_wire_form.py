@@ -14,15 +14,24 @@ written — end to end through a real waypoint over HBONE, and at the route-sele
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from policy.authz.match import StringMatch as AuthzMatch
 from policy.errors import ConfigError
-from policy.routing.model import StringMatch, ascii_lower, wire_form
+from policy.routing.model import HeaderOps, StringMatch, ascii_lower, wire_form
 from policy.routing.select import NoRoute, route_http
+from proxy import config_check
+from proxy.admin.views import build_waypoint_views
 from proxy.pipeline.http import apply_ops, request_view
+from proxy.pipeline.views_input import views_input
 from tests.test_authz_helpers import allowed, deny, http
 from tests.test_routing_common import REVIEWS, SUBSETS_DR, dr, hr, table, vs
+from tests.test_waypoint_l7 import RawH2
 from tests.waypoint_harness import REVIEWS_VIP, start_harness
 
 UTF8 = "utf-8"
@@ -360,3 +369,105 @@ def test_authz_identities_and_descriptions_stay_text():
     assert "hosts in [bÜcher.example]" in described   # ASCII-lowered, as matched; the Ü as written
     # the principal (text, from the peer's certificate) still matches as text
     assert not allowed(waypoint_http(wire("/privé"), wire("BÜCHER.example")), p)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end over h2c (HTTP/1.1's parser refuses a non-ASCII request target; HTTP/2's :path carries any
+# byte), with an AuthorizationPolicy on a UTF-8 header value and path; and the admin views
+
+
+PATH_ROUTES = WIRE_ROUTES.replace('''  - name: rest
+''', '''  - name: utf8-path
+    match: [{uri: {exact: "/ça/€"}}]
+    route: [{destination: {host: reviews}}]
+    headers: {request: {set: {x-matched: utf8-path}}}
+  - name: rest
+''')
+
+UTF8_DENY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-utf8, namespace: default}
+spec:
+  targetRefs: [{kind: Service, group: "", name: reviews}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/interdit/é*"]}}]
+  - when: [{key: "request.headers[X-User]", values: ["José"]}]
+"""
+
+
+async def test_e2e_h2c_utf8_path_matches_rewrites_and_authz(tmp_path, loopback_ip):
+    h, rec = await wire_harness(tmp_path, loopback_ip, routing=PATH_ROUTES + "\n---\n" + UTF8_DENY)
+    try:
+        c = RawH2(await h.client().tunnel(f"{REVIEWS_VIP}:9080"))
+        r = await c.get(wire("/ça/€"))
+        assert r["headers"][b":status"] == b"200"
+        got = rec.requests[-1]
+        assert got["target"] == wire("/ça/€") and (b"x-matched", b"utf8-path") in got["headers"]
+        r = await c.get("/ça/€".encode("latin-1", "replace"))       # other bytes: the catch-all rule
+        assert r["headers"][b":status"] == b"200" and (b"x-matched", b"utf8-path") not in rec.requests[-1]["headers"]
+        r = await c.get(wire("/café/x"))                             # UTF-8 prefix match, then rewrite
+        assert r["headers"][b":status"] == b"200" and r["headers"][b"x-resp"] == wire("€")
+        assert rec.requests[-1]["target"] == wire("/€/é/x") and rec.requests[-1]["host"] == wire("bücher.example")
+        r = await c.get(wire("/go/é"))                                # UTF-8 exact match, then redirect
+        assert r["headers"][b":status"] == b"301"
+        assert r["headers"][b"location"] == wire("http://bücher.example/ünïcode/€")
+        # the DENY policy: a UTF-8 path prefix and a UTF-8 header value, 403 from the waypoint
+        n = len(rec.requests)
+        r = await c.get(wire("/interdit/école"))
+        assert r["headers"][b":status"] == b"403" and r["data"] == b"RBAC: access denied"
+        r = await c.get(b"/h", headers=[(b"x-user", wire("José"))])
+        assert r["headers"][b":status"] == b"403"
+        r = await c.get(b"/h", headers=[(b"x-user", b"Jose")])
+        assert r["headers"][b":status"] == b"200"
+        assert len(rec.requests) == n + 1
+    finally:
+        await h.close()
+
+
+async def test_e2e_views_show_the_config_text_as_written(tmp_path, loopback_ip):
+    h, _ = await wire_harness(tmp_path, loopback_ip, routing=PATH_ROUTES)
+    try:
+        views = build_waypoint_views(**views_input(h.store.current), hbone_addr=f"{h.wp_ip}:15008").to_dict()
+        text = json.dumps(views, ensure_ascii=False)
+        assert '"/ça/€"' in text                       # the exact match, as written
+        assert "Ã" not in text and "â\x82¬" not in text   # no wire form anywhere
+    finally:
+        await h.close()
+
+
+def test_config_check_loads_utf8_values_and_names_a_value_that_would_split_headers(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(WIRE_ROUTES, encoding="utf-8")
+    out, err = io.StringIO(), io.StringIO()
+    assert config_check.main(["check", str(good)], out=out, err=err) == 0, err.getvalue()
+    assert out.getvalue().endswith("OK\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(WIRE_ROUTES.replace('x-set: "é€"', 'x-set: "é\\r\\nx-evil: 1"'), encoding="utf-8")
+    out, err = io.StringIO(), io.StringIO()
+    assert config_check.main(["check", str(bad)], out=out, err=err) == 2
+    assert "spec.http[1].headers.request.set.x-set: must not contain '\\r'" in err.getvalue()
+
+
+@settings(max_examples=200, deadline=None)
+@given(config=st.text(st.characters(blacklist_categories=("Cs",)), max_size=8),
+       sent=st.binary(max_size=12), upper=st.booleans())
+def test_exact_and_prefix_match_iff_the_utf8_bytes_do(config, sent, upper):
+    """Envoy's rule, for any config text and any bytes a client sends: exact ⇔ the config's UTF-8 bytes
+    equal them; prefix ⇔ they start with them; ignore_case ⇔ the same after ASCII-only lowering."""
+    want = config.encode("utf-8")
+    assert wire_form(config).encode("latin-1") == want
+    got = sent.decode("latin-1")
+    assert StringMatch("exact", config).matches(got) is (sent == want)
+    assert StringMatch("prefix", config).matches(got) is sent.startswith(want)
+    folded = sent.upper() if upper else sent
+    assert StringMatch("exact", config, ignore_case=True).matches(folded.decode("latin-1")) is \
+        (folded.lower() == want.lower())   # bytes.lower(): ASCII-only, as absl
+    ops = HeaderOps(set=(("x", config),))
+    assert apply_ops([], (ops,)) == [(b"x", want)]
+    # AuthorizationPolicy values on HTTP attributes: the same rule, suffix included
+    for kind, op in (("exact", bytes.__eq__), ("prefix", bytes.startswith), ("suffix", bytes.endswith)):
+        assert AuthzMatch(kind, config, on_wire=True).matches(got) is op(sent, want)
+    assert AuthzMatch("exact", config, ignore_case=True, on_wire=True).matches(folded.decode("latin-1")) is \
+        (folded.lower() == want.lower())
