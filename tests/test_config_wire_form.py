@@ -27,6 +27,7 @@ from policy.routing.model import HeaderOps, StringMatch, ascii_lower, wire_form
 from policy.routing.select import NoRoute, route_http
 from proxy import config_check
 from proxy.admin.views import build_waypoint_views
+from proxy.pipeline.explain import explain_request
 from proxy.pipeline.http import apply_ops, request_view
 from proxy.pipeline.views_input import views_input
 from tests.test_authz_helpers import allowed, deny, http
@@ -471,3 +472,20 @@ def test_exact_and_prefix_match_iff_the_utf8_bytes_do(config, sent, upper):
         assert AuthzMatch(kind, config, on_wire=True).matches(got) is op(sent, want)
     assert AuthzMatch("exact", config, ignore_case=True, on_wire=True).matches(folded.decode("latin-1")) is \
         (folded.lower() == want.lower())
+
+
+@pytest.mark.xfail(strict=True, reason="proxy/pipeline/explain.py (not this change's file) builds its request view "
+                   "from the text the user typed; it needs wire_form() on path/host/header values and the "
+                   "Location turned back into text — see the wire-form report")
+async def test_explain_answers_for_the_utf8_bytes_a_client_would_send(tmp_path, loopback_ip):
+    h, _ = await wire_harness(tmp_path, loopback_ip, routing=PATH_ROUTES)
+    try:
+        src = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
+        ans = explain_request(h.store.current, src, (REVIEWS_VIP, 9080), "GET", "/h", {"x-name": "José"})
+        assert ans["route"]["rule"] == 0                            # header-exact
+        ans = explain_request(h.store.current, src, (REVIEWS_VIP, 9080), "GET", "/ça/€", None)
+        assert ans["route"]["rule"] == 3                            # utf8-path
+        ans = explain_request(h.store.current, src, (REVIEWS_VIP, 9080), "GET", "/go", None)
+        assert ans["response"]["location"] == "http://bücher.example/ünïcode/€"
+    finally:
+        await h.close()

@@ -37,8 +37,11 @@ Inputs are matched as the bytes Envoy sees. The proxy decodes request bytes as l
 (``proxy/pipeline/http.py``), so ``s.encode("latin-1")`` gives back the wire bytes and RE2 reads them as
 UTF-8, exactly as Envoy does (a config ``é`` matches a client's UTF-8 ``é``). A string that cannot be
 latin-1 (it did not come off the wire: a test, a caller building views by hand) is UTF-8 encoded instead;
-such a caller should pass text in the wire form (``text.encode("utf-8").decode("latin-1")``), since a
-latin-1-representable ``é`` given as is reads as the single byte 0xE9, as a latin-1 client would send it.
+such a caller should pass text in the wire form (``policy/routing/model.py wire_form``:
+``text.encode("utf-8").decode("latin-1")``), since a latin-1-representable ``é`` given as is reads as the
+single byte 0xE9, as a latin-1 client would send it. Every other config string compared with a request or
+sent on the wire (exact/prefix matches, rewrites, redirects, header operations) is kept in that wire form
+next to its text (policy/routing/model.py, "Wire form").
 
 PERF NOTE — cost per call (this 2-core box, google-re2 1.1.20251105, best of 5):
 ``.venv/bin/python -m timeit -s "from policy.routing.regex import compile_regex; r = compile_regex('/p/[0-9]+')"
