@@ -113,7 +113,7 @@ async def wire_harness(tmp_path, loopback_ip, routing: str = WIRE_ROUTES, authz:
     return h, rec
 
 
-async def test_e2e_non_ascii_header_and_path_matches_compare_utf8_bytes(tmp_path, loopback_ip):
+async def test_e2e_non_ascii_header_match_compares_utf8_bytes(tmp_path, loopback_ip):
     h, rec = await wire_harness(tmp_path, loopback_ip)
     try:
         client = h.client()
