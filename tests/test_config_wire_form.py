@@ -474,9 +474,6 @@ def test_exact_and_prefix_match_iff_the_utf8_bytes_do(config, sent, upper):
         (folded.lower() == want.lower())
 
 
-@pytest.mark.xfail(strict=True, reason="proxy/pipeline/explain.py (not this change's file) builds its request view "
-                   "from the text the user typed; it needs wire_form() on path/host/header values and the "
-                   "Location turned back into text — see the wire-form report")
 async def test_explain_answers_for_the_utf8_bytes_a_client_would_send(tmp_path, loopback_ip):
     h, _ = await wire_harness(tmp_path, loopback_ip, routing=PATH_ROUTES)
     try:

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 from policy.authz.evaluate import Enforcement, HttpAttributes, authorize, explain
 from policy.routing.endpoints import endpoints_for
+from policy.routing.model import ascii_lower, wire_form
 from policy.routing.select import DirectResponse, Forward, HttpRequestView, NoRoute, Redirect, route_http
 from proxy.admin.views import ordered_retry_on
 from proxy.errors import ProxyError
@@ -46,10 +47,13 @@ def explain_request(snapshot: Snapshot, from_principal: str | None, to: tuple[st
     if chain.service is not None:
         out["service"] = chain.service.hostname
     http = None
-    hmap = {k.lower(): (v,) for k, v in (headers or {}).items()}
+    # The pipeline matches request bytes held as latin-1 strs; what the user typed is text: ask about the
+    # bytes a client would send for it (UTF-8), as policy/routing/model.py wire_form describes.
+    hmap = {ascii_lower(wire_form(k)): (wire_form(v),) for k, v in (headers or {}).items()}
     if chain.protocol == "http":
         method, path = method or "GET", path or "/"
-        http = HttpAttributes(method=method, path=path, host=f"{host}:{port}", headers=hmap)
+        w_method, w_path, w_host = wire_form(method), wire_form(path), wire_form(f"{host}:{port}")
+        http = HttpAttributes(method=w_method, path=w_path, host=w_host, headers=hmap)
     elif is_http:
         notes.append("a TCP chain: the method/path are not visible; evaluated at L4")
     policies = policies_for(chain, snapshot)
@@ -80,7 +84,7 @@ def explain_request(snapshot: Snapshot, from_principal: str | None, to: tuple[st
     assert chain.service is not None and snapshot.routes is not None
     if chain.protocol == "http":
         routes = snapshot.routes.http_routes_for(chain.service, port)
-        view = HttpRequestView(method, path, f"{host}:{port}", hmap, port)
+        view = HttpRequestView(w_method, w_path, w_host, hmap, port)
         decided = route_http(view, routes)
         if isinstance(decided, NoRoute):
             out["decision"] = "no-route"
@@ -97,7 +101,8 @@ def explain_request(snapshot: Snapshot, from_principal: str | None, to: tuple[st
             route["clusters"] = [{"name": d.cluster_name, "weight": d.weight} for d in action.destinations]
             destinations = list(action.destinations)
         elif isinstance(action, Redirect):
-            out["response"] = {"status": action.status, "location": action.location, "flags": NO_FLAGS}
+            location = action.location.encode("latin-1").decode("utf-8", "replace")   # bytes → text for humans
+            out["response"] = {"status": action.status, "location": location, "flags": NO_FLAGS}
         elif isinstance(action, DirectResponse):
             out["response"] = {"status": action.status, "body": action.body, "flags": NO_FLAGS}
         out["route"] = route
