@@ -4,7 +4,8 @@
  *   hbone_httpload --connect IP:PORT --authority IP:PORT --ca CA --cert C --key K
  *                  [--source-ip IP] [--connect-header 'name: value' ...] [--header 'Name: value' ...]
  *                  [--host H] (--tunnels N [--rate R] --seconds S | --count N [--tunnels N]) [--cpu-pid PID ...]
- *   hbone_httpload --plain --connect IP:PORT [--host H] [--header ...] (--tunnels N [--rate R] ... | --count N)
+ *   hbone_httpload --plain --connect IP:PORT [--socks IP:PORT [--source-ip IP]] [--host H] [--header ...]
+ *                  (--tunnels N [--rate R] ... | --count N)
  *
  * Built by benchmarks/http.py at run time (benchmarks/cbuild.py: cc -O2 ... -lssl -lcrypto) where a C
  * compiler and the OpenSSL headers exist; otherwise the rows it drives say so. Why it exists: the
@@ -22,7 +23,11 @@
  * stderr and in the JSON, and exits 1. Inside each tunnel: `GET / HTTP/1.1` requests, one in flight
  * per tunnel, responses framed by Content-Length or chunked, wherever the DATA frames split them.
  * --plain opens N TCP connections to --connect and sends the same requests (direct / nginx / haproxy
- * rows driven by the same client, for same-client ratios).
+ * rows driven by the same client, for same-client ratios). With --socks each of them is a SOCKS5
+ * CONNECT (RFC 1928: no authentication, IPv4 address) to --connect through the proxy at --socks, made
+ * from --source-ip: the mesh rows' way in, node-a's SOCKS5 listener (15080), which picks the source
+ * workload by the connection's source address (as benchmarks/httpload.py's open_socks5). A refusal
+ * (reply code != 0) or anything not SOCKS5 is an error like any other: exit 1, the reason printed.
  *
  * Loops (as benchmarks/httpload.py, whose JSON fields this prints):
  * - closed (--tunnels N): each tunnel sends its next request as soon as the previous response is in;
@@ -127,6 +132,8 @@ static struct {
     const char *host, *authority, *ca, *cert, *key, *source_ip, *http_host;
     const char *connect_headers[MAX_HEADERS], *headers[MAX_HEADERS];
     int nconnect_headers, nheaders, port, tunnels, count, plain, streams_per_conn;
+    char socks_host[64];         /* --socks: the SOCKS5 proxy (plain mode); port 0 = none */
+    int socks_port;
     int cpu_pids[MAX_CPU_PIDS], ncpu_pids;
     double rate, seconds;
 } A = {.tunnels = 1, .seconds = 3.0, .streams_per_conn = STREAMS_PER_CONN};
@@ -622,13 +629,78 @@ static void on_plain_readable(struct tunnel *t) {
             fail("connection %u: %s", t->sid, strerror(errno));
             return;
         }
-        if (n == 0) { fail("connection %u closed by the server", t->sid); return; }
+        if (n == 0) {
+            /* A server may close a connection that has nothing more to answer: the run is over for it
+             * (count reached, or the measured window ended and its last response is in). */
+            if (!t->busy && (R.stopping || (R.loop == L_COUNT && R.sent >= A.count))) {
+                epoll_ctl(R.ep, EPOLL_CTL_DEL, t->fd, NULL);
+                return;
+            }
+            fail("connection %u closed by the server", t->sid);
+            return;
+        }
         feed(t, buf, n);
         if (R.error[0]) return;
     }
 }
 
 /* ------------------------------------------------------------------------------- set-up */
+
+/* Exactly n bytes of the SOCKS5 reply (the socket is still blocking, with SETUP_TIMEOUT_S timeouts). */
+static int socks_read(int fd, unsigned char *b, size_t n) {
+    for (size_t have = 0; have < n;) {
+        ssize_t r = recv(fd, b + have, n - have, 0);
+        if (r == 0) { fail("SOCKS5 proxy %s:%d closed the connection during the handshake", A.socks_host, A.socks_port); return -1; }
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            fail("SOCKS5 proxy %s:%d: %s", A.socks_host, A.socks_port,
+                 errno == EAGAIN ? "no answer within the set-up timeout" : strerror(errno));
+            return -1;
+        }
+        have += r;
+    }
+    return 0;
+}
+
+static int socks_write(int fd, const unsigned char *b, size_t n) {
+    if (send(fd, b, n, MSG_NOSIGNAL) != (ssize_t)n) {   /* a few bytes into an empty send buffer */
+        fail("SOCKS5 proxy %s:%d: write failed: %s", A.socks_host, A.socks_port, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/* RFC 1928 on a connected socket: greeting with the one method "no authentication" (3), CONNECT to
+ * --connect's IPv4 address (4), the reply read whole (its bound address: IPv4, domain or IPv6) so the
+ * first byte after it is the server's. Reply code != 0 (6: 1 general failure, 2 not allowed by ruleset,
+ * 5 refused, ...) is a failure naming the code. */
+static int socks5_connect(int fd) {
+    static const char *const why[] = {"succeeded", "general failure", "not allowed by ruleset",
+                                      "network unreachable", "host unreachable", "connection refused",
+                                      "TTL expired", "command not supported", "address type not supported"};
+    unsigned char b[262];
+    if (socks_write(fd, (const unsigned char *)"\x05\x01\x00", 3) < 0 || socks_read(fd, b, 2) < 0) return -1;
+    if (b[0] != 5 || b[1] != 0) {
+        fail("SOCKS5 proxy %s:%d refused 'no authentication' (answered %02x %02x)", A.socks_host, A.socks_port, b[0], b[1]);
+        return -1;
+    }
+    unsigned char req[10] = {5, 1, 0, 1};
+    inet_pton(AF_INET, A.host, req + 4);
+    req[8] = A.port >> 8; req[9] = A.port & 0xff;
+    if (socks_write(fd, req, sizeof req) < 0 || socks_read(fd, b, 4) < 0) return -1;
+    if (b[0] != 5) { fail("SOCKS5 proxy %s:%d: reply version %d, not 5", A.socks_host, A.socks_port, b[0]); return -1; }
+    if (b[1] != 0) {
+        fail("SOCKS5 proxy %s:%d: CONNECT to %s:%d refused: reply %#04x (%s)", A.socks_host, A.socks_port, A.host,
+             A.port, b[1], b[1] < sizeof why / sizeof *why ? why[b[1]] : "unassigned");
+        return -1;
+    }
+    size_t rest;
+    if (b[3] == 1) rest = 4 + 2;
+    else if (b[3] == 4) rest = 16 + 2;
+    else if (b[3] == 3) { if (socks_read(fd, b, 1) < 0) return -1; rest = b[0] + 2; }
+    else { fail("SOCKS5 proxy %s:%d: reply address type %d", A.socks_host, A.socks_port, b[3]); return -1; }
+    return socks_read(fd, b, rest);
+}
 
 static int tcp_connect(void) {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -646,10 +718,16 @@ static int tcp_connect(void) {
             return -1;
         }
     }
-    struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons(A.port)};
-    inet_pton(AF_INET, A.host, &dst.sin_addr);
+    const char *host = A.socks_port ? A.socks_host : A.host;
+    int port = A.socks_port ? A.socks_port : A.port;
+    struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons(port)};
+    inet_pton(AF_INET, host, &dst.sin_addr);
     if (connect(fd, (struct sockaddr *)&dst, sizeof dst) < 0) {
-        fail("connect to %s:%d: %s", A.host, A.port, strerror(errno));
+        fail("connect to %s%s:%d: %s", A.socks_port ? "SOCKS5 proxy " : "", host, port, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    if (A.socks_port && socks5_connect(fd) < 0) {
         close(fd);
         return -1;
     }
@@ -952,7 +1030,7 @@ static void json_string(const char *s) {
 
 static int usage(const char *why) {
     fprintf(stderr, "hbone_httpload: %s\nusage: hbone_httpload --connect IP:PORT (--authority IP:PORT --ca CA --cert C "
-                    "--key K [--source-ip IP] [--connect-header 'n: v']... | --plain) [--host H] [--header 'N: v']... "
+                    "--key K [--source-ip IP] [--connect-header 'n: v']... | --plain [--socks IP:PORT [--source-ip IP]]) [--host H] [--header 'N: v']... "
                     "[--tunnels N] [--rate R] [--seconds S] [--count N] [--streams-per-conn M] [--cpu-pid PID]...\n", why);
     return 2;
 }
@@ -976,6 +1054,15 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--cert")) A.cert = v;
         else if (!strcmp(k, "--key")) A.key = v;
         else if (!strcmp(k, "--source-ip")) A.source_ip = v;
+        else if (!strcmp(k, "--socks")) {
+            const char *colon = strrchr(v, ':');
+            if (!colon || colon - v >= (long)sizeof A.socks_host) return usage("--socks IP:PORT");
+            memcpy(A.socks_host, v, colon - v); A.socks_host[colon - v] = 0;
+            A.socks_port = atoi(colon + 1);
+            struct in_addr ia;
+            if (inet_pton(AF_INET, A.socks_host, &ia) != 1 || A.socks_port <= 0 || A.socks_port > 65535)
+                return usage("--socks IPv4:PORT");
+        }
         else if (!strcmp(k, "--host")) A.http_host = v;
         else if (!strcmp(k, "--tunnels")) A.tunnels = atoi(v);
         else if (!strcmp(k, "--rate")) A.rate = atof(v);
@@ -995,6 +1082,7 @@ int main(int argc, char **argv) {
         } else return usage("unknown option");
     }
     if (!A.host) return usage("--connect is required");
+    if (A.socks_port && !A.plain) return usage("--socks is for --plain (HBONE mode dials --connect itself)");
     if (!A.plain && (!A.authority || !A.ca || !A.cert || !A.key)) return usage("HBONE needs --authority --ca --cert --key");
     if (A.authority && strlen(A.authority) > 255) return usage("--authority too long");
     if (A.tunnels < 1 || A.tunnels > MAX_TUNNELS || A.streams_per_conn < 1 || A.seconds <= 0 || A.rate < 0 || A.count < 0)

@@ -6,6 +6,11 @@ or no OpenSSL headers, as the workers scenario's C client test is. Then:
 - against a real waypoint (the demo's bookinfo: authz, DENY on ``x-deny``, 90/10 route) with our
   node proxy terminating its HBONE to the reviews pods: the split and the 403, closed and open loops
   whose counts agree with each other, tunnels spread over connections;
+- plain mode through the real node-a's SOCKS5 listener (the ``ours`` rows' way in): the split and
+  the 403 through all three proxies, the source IP it binds is the identity node-a picks (sleep's IP:
+  the waypoint's 403; an IP that is no workload on node-a: SOCKS5 reply 0x02, a loud failure);
+- against scripted SOCKS5 servers: every reply address type read whole before the HTTP bytes, and a
+  refusal, a method refusal, a non-SOCKS answer or an EOF mid-handshake failing loudly;
 - against a scripted HTTP/2 server on real mTLS: responses split anywhere across DATA frames,
   padded frames, chunked bodies, a 100 Continue in the same frame as its response, a send window
   the server opens late, PING answered, received window handed back;
@@ -68,7 +73,7 @@ def consistent(r: dict) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_through_a_real_waypoint_split_deny_and_both_loops(exe, tmp_path):
+def test_through_a_real_waypoint_split_deny_and_both_loops_and_node_a_socks5(exe, tmp_path):
     from benchmarks.http import DENY_POLICY
     from certs.ca import MeshCA
     from certs.spiffe import SpiffeId
@@ -81,6 +86,7 @@ def test_through_a_real_waypoint_split_deny_and_both_loops(exe, tmp_path):
         for name, body in (("reviews-v1-0", b"v1\n"), ("reviews-v2-0", b"v2\n")):
             m.http_backend(m.layout.pod_of(name).last, bi.APP_PORT, body)
         quiet = ("--access-log", "off", "--log-level", "warning")
+        node_a = m.start_node("node-a", bi.INFRA["node-a"], extra=quiet, wait=False)
         m.start_node("node-b", bi.INFRA["node-b"], extra=quiet, wait=False)
         wp = m.start_waypoint(bi.INFRA["waypoint"], gateway=f"{bi.NAMESPACE}/{bi.GATEWAY}", pod_last=bi.WAYPOINT_POD,
                               extra=("--scope", bi.WAYPOINT_SCOPE, *quiet), wait=False)
@@ -117,6 +123,35 @@ def test_through_a_real_waypoint_split_deny_and_both_loops(exe, tmp_path):
         consistent(r)
         # Scheduled every 5 ms through 0.5 s: exactly the requests due in the window count.
         assert r["loop"] == "open" and 99 <= r["requests"] <= 101 and set(r["statuses"]) == {"200"}
+
+        # Plain HTTP through node-a's SOCKS5 (the `ours` rows): client → node-a → HBONE → the
+        # waypoint → HBONE → node-b → the reviews pods, from productpage's pod IP.
+        vip = m.layout.service_vip("reviews")
+        socks = [exe, "--plain", "--connect", f"{vip}:{bi.APP_PORT}", "--socks", f"{node_a.socks5[0]}:{node_a.socks5[1]}",
+                 "--host", "reviews:9080"]
+        rc, r, err = run(socks + ["--source-ip", m.layout.pod(pp.last), "--count", "200", "--tunnels", "3"])
+        assert rc == 0, err
+        consistent(r)
+        assert r["client"] == "c-plain" and r["connections"] == 3 and r["statuses"] == {"200": 200}
+        assert r["bodies"]["v1"] >= 150 and r["bodies"]["v2"] >= 5 and set(r["bodies"]) == {"v1", "v2"}
+        rc, r, err = run(socks + ["--source-ip", m.layout.pod(pp.last), "--count", "1", "--header", "x-deny: 1"])
+        assert rc == 0, err
+        assert r["statuses"] == {"403": 1} and r["bodies"] == {"RBAC: access den": 1}
+        rc, r, err = run(socks + ["--source-ip", m.layout.pod(pp.last), "--tunnels", "4", "--seconds", "0.3"])
+        assert rc == 0, err
+        consistent(r)
+        assert r["loop"] == "closed" and r["requests"] > 4 and set(r["statuses"]) == {"200"}
+        # The bound source IP is the identity: sleep (on node-a, not allowed to call reviews) gets the
+        # waypoint's authz 403 on the same path ...
+        rc, r, err = run(socks + ["--source-ip", m.layout.pod(m.layout.pod_of("sleep-0").last), "--count", "1"])
+        assert rc == 0, err
+        assert r["statuses"] == {"403": 1}
+        # ... and an address that is no workload on node-a is refused by node-a itself (RFC 1928 reply
+        # 0x02, ruleset): a loud failure, not a row of zeros.
+        stranger = m.layout.pod(m.layout.pod_of("reviews-v1-0").last)   # a pod of node-b
+        rc, r, err = run(socks + ["--source-ip", stranger, "--count", "1"])
+        says = f"CONNECT to {vip}:{bi.APP_PORT} refused: reply 0x02 (not allowed by ruleset)"
+        assert rc == 1 and says in err and says in r["error"] and r["errors"] == 1 and r["requests"] == 0, (err, r)
     finally:
         m.close()
 
@@ -349,6 +384,125 @@ def test_plain_mode_closed_and_open_loops(exe, tmp_path):
     assert rc == 1 and "connect to 127.0.0.1" in err
 
 
+# ----------------------------------------------------------------------------- SOCKS5, scripted
+
+
+def socks_converse(exe: Path, script, *client_args: str) -> tuple[int, dict, str, list, BaseException | None]:
+    """Run the client in plain mode through a one-connection SOCKS5 server that plays ``script(conn,
+    seen)`` (seen: what it read, for the test); the client asks for 10.1.2.3:9080 from 127.0.0.1."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(SERVER_TIMEOUT_S)
+    port = listener.getsockname()[1]
+    seen: list = []
+    box: dict = {}
+
+    def serve():
+        try:
+            conn, peer = listener.accept()
+            seen.append(peer[0])
+            with conn:
+                conn.settimeout(SERVER_TIMEOUT_S)
+                script(conn, seen)
+        except BaseException as err:   # reported by the test, not lost in the thread
+            box["error"] = err
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        rc, r, err = run([exe, "--plain", "--connect", "10.1.2.3:9080", "--socks", f"127.0.0.1:{port}",
+                          "--source-ip", "127.0.0.1", *client_args])
+    finally:
+        t.join(SERVER_TIMEOUT_S)
+        listener.close()
+    return rc, r, err, seen, box.get("error")
+
+
+def recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"{len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+def socks_handshake(conn: socket.socket, seen: list, reply: bytes) -> None:
+    seen.append(recv_exact(conn, 3))
+    conn.sendall(b"\x05\x00")
+    seen.append(recv_exact(conn, 10))
+    for i in range(len(reply)):   # byte by byte: the client must read the reply whole, wherever it splits
+        conn.sendall(reply[i:i + 1])
+
+
+@pytest.mark.parametrize("bound", [
+    b"\x01" + socket.inet_aton("127.0.0.1") + b"\x9c\x40",
+    b"\x03\x09node-a.lo" + b"\x9c\x40",
+    b"\x04" + socket.inet_pton(socket.AF_INET6, "::1") + b"\x9c\x40",
+], ids=["ipv4", "domain", "ipv6"])
+def test_socks5_handshake_bytes_and_every_reply_address_type(exe, bound):
+    def script(conn, seen):
+        socks_handshake(conn, seen, b"\x05\x00\x00" + bound)
+        for _ in range(2):   # then the tunnel: the server's bytes start right after the reply
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += conn.recv(1)
+            seen.append(head)
+            conn.sendall(OK_CL)
+
+    rc, r, err, seen, server_error = socks_converse(exe, script, "--count", "2", "--host", "reviews:9080")
+    assert server_error is None, server_error
+    assert rc == 0, err
+    assert r["statuses"] == {"200": 2} and r["bodies"] == {"v1": 2} and r["connections"] == 1
+    # From --source-ip; RFC 1928: greeting (v5, one method, no auth), CONNECT to IPv4 10.1.2.3:9080.
+    assert seen[:3] == ["127.0.0.1", b"\x05\x01\x00", b"\x05\x01\x00\x01\x0a\x01\x02\x03\x23\x78"]
+    assert seen[3] == b"GET / HTTP/1.1\r\nHost: reviews:9080\r\nUser-Agent: hbone-bench\r\n\r\n"
+
+
+def _refuse(code: int):
+    return lambda conn, seen: socks_handshake(conn, seen, bytes([5, code, 0, 1, 0, 0, 0, 0, 0, 0]))
+
+
+def _method_refused(conn, seen):
+    recv_exact(conn, 3)
+    conn.sendall(b"\x05\xff")   # RFC 1928 3: no acceptable methods
+
+
+def _not_socks(conn, seen):
+    recv_exact(conn, 3)
+    conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+
+def _eof_mid_reply(conn, seen):
+    recv_exact(conn, 3)
+    conn.sendall(b"\x05\x00")
+    recv_exact(conn, 10)
+    conn.sendall(b"\x05\x00")
+
+
+@pytest.mark.parametrize("script, says", [
+    (_refuse(5), "CONNECT to 10.1.2.3:9080 refused: reply 0x05 (connection refused)"),
+    (_refuse(2), "CONNECT to 10.1.2.3:9080 refused: reply 0x02 (not allowed by ruleset)"),
+    (_refuse(0x7f), "refused: reply 0x7f (unassigned)"),
+    (_method_refused, "refused 'no authentication' (answered 05 ff)"),
+    (_not_socks, "refused 'no authentication' (answered 48 54)"),
+    (_eof_mid_reply, "closed the connection during the handshake"),
+], ids=["refused", "ruleset", "unassigned", "method", "not-socks", "eof"])
+def test_a_socks5_refusal_makes_it_fail_loudly(exe, script, says):
+    rc, r, err, _, server_error = socks_converse(exe, script, "--tunnels", "2", "--seconds", "0.3")
+    assert server_error is None, server_error
+    assert rc == 1, (r, err)
+    assert says in err and says in r["error"] and r["errors"] == 1 and r["requests"] == 0, (err, r)
+
+
+def test_socks_is_for_plain_mode_and_wants_an_ipv4_address(exe):
+    rc, _, err = run([exe, "--connect", "127.0.0.1:1", "--socks", "127.0.0.1:2", "--authority", "a:1", "--ca", "x",
+                      "--cert", "x", "--key", "x"])
+    assert rc == 2 and "--socks is for --plain" in err
+    rc, _, err = run([exe, "--plain", "--connect", "127.0.0.1:1", "--socks", "node-a:15080"])
+    assert rc == 2 and "--socks IPv4:PORT" in err
+
+
 # ----------------------------------------------------------------------------- the benchmark's set-up
 
 
@@ -377,6 +531,35 @@ def test_wp_only_rows_measure_the_waypoint_alone(exe, tmp_path):
     assert base.samples["proxy_us_per_req"] == base.samples["nghttpx_us_per_req"]
     notes = waypoint_only_notes(ScenarioResult("http", "t", [], rows=[row, base]))
     assert notes[0].startswith("wp-only backend") and notes[1].startswith("added p50 / p99 hop for hop")
+
+
+@pytest.mark.timeout(90)
+def test_ours_rows_drive_the_three_proxy_mesh_through_node_a_socks5(exe, tmp_path):
+    """The benchmark's ``ours`` set-up (node-a, the waypoint and node-b started by the package's
+    launcher, nginx as the reviews pods) measured by the C client through node-a's SOCKS5: proxy CPU is
+    all three proxies, the waypoint's share its own column, both loops."""
+    from benchmarks.http import C_CLIENT, FIXED_RATE, OursMesh, _measure_c
+    from benchmarks.report import Row
+    from benchmarks.tools import which
+    nginx = which("nginx")
+    if nginx is None:
+        pytest.skip("needs nginx (Debian nginx-light) for the reviews backends")
+    ours = OursMesh(tmp_path, nginx)
+    try:
+        ours.check_split_and_deny()
+        closed, rate = Row("ours", f"{C_CLIENT} c=4"), Row("ours", f"{C_CLIENT} {FIXED_RATE}/s")
+        _measure_c(closed, ours, 0.5, exe)
+        _measure_c(rate, ours, 0.5, exe)
+    finally:
+        ours.close()
+    for row in (closed, rate):
+        assert row.note is None
+        assert set(row.info["bodies"]) == {"v1", "v2"}
+        proxy, waypoint = row.samples["proxy_us_per_req"][0], row.samples["waypoint_us_per_req"][0]
+        assert proxy > waypoint > 0 and row.samples["client_us_per_req"][0] > 0
+        assert "nghttpx_us_per_req" not in row.samples
+    # Open loop at 1 000/s for 0.5 s: the requests due in the window, no more.
+    assert 0.5 * FIXED_RATE * 0.99 <= rate.samples["rps"][0] * 0.5 <= 0.5 * FIXED_RATE * 1.01 + 1
 
 
 def test_waypoint_notes_subtract_the_ends_and_direct():
