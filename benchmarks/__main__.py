@@ -37,9 +37,13 @@ class Sizes:
 # Quick: the config scenario loads 10 000 workloads, not 100 000 (PyYAML takes ~0.4 ms per workload
 # here, so 100 000 loaded twice per repetition alone would take ~4 of the 5 minutes; 20 000 took ~55 s
 # of a 296 s quick run, too close to the 5-minute budget).
+# HTTP: 2.5 s per run. Quick mode's 18 rows (6 targets × c=1, c=64, 1 000/s, all from the C client) ×
+# 3 repetitions at ~0.35 s of set-up + warm-up each take ~18 × 3 × 2.85 ≈ 155 s plus ~5 s to start the
+# parties, inside the ~180 s the scenario has of the 5 minutes; 3 s runs came to ~185 s. At 1 000 req/s
+# a run still has 2 500 latencies per p99.
 # Workers: 1 000 new connections take ~1-2 s per row here (each is a full mTLS handshake on both
 # sides), so 4 rows × 3 repetitions stay under ~40 s.
-QUICK = Sizes(bulk_bytes=256 * MiB, short_count=3_000, idle_counts=(1_000, 8_000), http_seconds=3.0,
+QUICK = Sizes(bulk_bytes=256 * MiB, short_count=3_000, idle_counts=(1_000, 8_000), http_seconds=2.5,
               config_workloads=10_000, conn_count=1_000)
 FULL = Sizes(bulk_bytes=1024 * MiB, short_count=20_000, idle_counts=(1_000, 8_000), http_seconds=10.0,
              config_workloads=100_000, conn_count=5_000)
@@ -136,7 +140,7 @@ def run(args: argparse.Namespace, log=print) -> list[report.ScenarioResult]:
         emit(run_authz(quick=not args.full))
     if "http" in args.only:
         from benchmarks.http import run_http
-        emit(run_http(toolbox, repeat=args.repeat, seconds=args.sizes.http_seconds))
+        emit(run_http(toolbox, repeat=args.repeat, seconds=args.sizes.http_seconds, full=args.full))
     if "config" in args.only:
         from benchmarks.config_scale import run_config
         emit(run_config(workloads=args.sizes.config_workloads, repeat=args.repeat))

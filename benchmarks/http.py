@@ -1,59 +1,62 @@
-"""The HTTP/1.1 scenario: a 90/10 weighted split with a header deny rule, driven by wrk, httpload and a C client.
+"""The HTTP/1.1 scenario: a 90/10 weighted split with a header deny rule, every proxy against the same client.
 
-Rows (each proxy a separate process with one worker, backends one nginx process serving ``v1`` and
-``v2`` on two ports, small bodies):
+Rows (each proxy a separate process with one worker; the plain-HTTP backends one nginx process
+serving ``v1`` and ``v2``, small bodies):
 
-- ``direct``: wrk → backend v1, no proxy.
+- ``direct``: the client → backend v1, no proxy: the latency floor (``+p50/+p99 vs direct``).
+- ``nginx``: ``upstream`` with ``weight=9`` / ``weight=1`` (smooth weighted round robin), keep-alive to
+  the backends, ``if ($http_x_deny) { return 403; }``. The ratio column is to this row.
+- ``haproxy``: ``balance roundrobin`` with weights 9 / 1, ``http-reuse always``,
+  ``http-request deny if { req.hdr(x-deny) -m found }``.
 - ``ours``: the real mesh — three ``hbone-proxy run`` processes on loopback pod addresses, started by
   the package's launcher (``proxy.demo.mesh.LoopbackMesh``) with the demo's bookinfo configuration
   (``proxy.demo.bookinfo``), so an installed copy has these rows too: client (productpage's IP) →
-  node-a's SOCKS5 → HBONE → the reviews waypoint (L7 authz: only productpage may call, plus a DENY
-  on ``x-deny``; the 90/10 v1/v2 route) → HBONE → node-b → nginx backends on the reviews-v1/v2 pod IPs.
-  The topology and policies are the ones the rows had with the tests' bookinfo fixtures (the demo's
-  configuration is the same bookinfo: one waypoint for reviews, scoped to its service account), and
-  the figures are within run-to-run noise of those. wrk cannot speak SOCKS5, so these rows are driven
-  by ``benchmarks.httpload`` (uvloop + httptools, keep-alive), which also drives nginx, haproxy and
-  direct in the same run for same-client ratios.
-  "proxy CPU" of ``ours`` is the sum of all three proxies (node-a + waypoint + node-b: every hop a
-  request takes); the waypoint's own share is its own column. Access logs off (as nginx's).
-- ``nginx``: ``upstream`` with ``weight=9`` / ``weight=1`` (smooth weighted round robin), keep-alive to
-  the backends, ``if ($http_x_deny) { return 403; }``.
-- ``haproxy``: ``balance roundrobin`` with weights 9 / 1, ``http-reuse always``,
-  ``http-request deny if { req.hdr(x-deny) -m found }``.
-
+  node-a's SOCKS5 (15080) → HBONE → the reviews waypoint (L7 authz: only productpage may call, plus a
+  DENY on ``x-deny``; the 90/10 v1/v2 route) → HBONE → node-b → nginx backends on the reviews-v1/v2
+  pod IPs. This is what a user of the whole loopback mesh gets: "proxy CPU" is the sum of all three
+  proxies (every hop a request takes), the waypoint's own share is its own column. Access logs off
+  (as nginx's). SOCKS5 is the only way in for an app outside the pods' network namespaces, and the
+  connection's source address (productpage's pod IP) is what node-a picks the source workload by.
 - ``wp-only``: the waypoint alone, hop for hop against nginx and haproxy. The issue's HTTP targets
   (≤ 60 µs proxy CPU per request, ≥ 0.5× nginx's requests/s at 64 connections, ≤ 0.3 ms added p99 at
-  1 000 req/s) and performance.md's reference table are stated for *one proxy process*; the ``ours``
-  rows put three Python proxies and a Python client on every request. Here the HBONE ends are played
-  by C programs: ``benchmarks/hbone_httpload.c`` as node-a (productpage's IP and certificate from the
-  mesh CA, TLS 1.3, ALPN h2, one HTTP/2 connection carrying the tunnels as CONNECT streams as ztunnel
-  pools them, ``:authority`` = the reviews VIP:port plus ztunnel's ``forwarded``/``baggage``/
-  ``traceparent``) → the same waypoint process and configuration as ``ours`` (demo bookinfo + the DENY
-  rule; its own ``LoopbackMesh`` block, only the waypoint started, ``WaypointOnly``) → HBONE →
-  nghttpx (the tunnel scenarios' reference CONNECT terminator) standing in for node-b on the reviews
-  pods' ``:15008``, mTLS with the reviews workload's SPIFFE certificate from the same CA (so the
-  waypoint's server-identity check passes) and client certificates verified → nghttpx forwards each
-  CONNECT as HTTP/1.1 to ``benchmarks.connect_http``, which answers it and then the requests with
-  ``v1``/``v2`` by the CONNECT's pod IP (nginx answers CONNECT 405, so it cannot be that backend).
-  "proxy CPU" is the waypoint's alone; nghttpx's is its own column, the backend's in a note. The
-  ``ours`` rows stay: they are what a user of the whole loopback mesh gets.
+  1 000 req/s) and performance.md's reference table are stated for *one proxy process*; ``ours``
+  puts three on every request. Here the HBONE ends are C programs: ``benchmarks/hbone_httpload.c`` as
+  node-a (productpage's IP and certificate from the mesh CA, TLS 1.3, ALPN h2, one HTTP/2 connection
+  carrying the tunnels as CONNECT streams as ztunnel pools them, ``:authority`` = the reviews VIP:port
+  plus ztunnel's ``forwarded``/``baggage``/``traceparent``) → the same waypoint process and
+  configuration as ``ours`` (demo bookinfo + the DENY rule; its own ``LoopbackMesh`` block, only the
+  waypoint started: ``WaypointOnly``) → HBONE → nghttpx (the tunnel scenarios' reference CONNECT
+  terminator) standing in for node-b on the reviews pods' ``:15008``, mTLS with the reviews workload's
+  SPIFFE certificate from the same CA (so the waypoint's server-identity check passes) and client
+  certificates verified → nghttpx forwards each CONNECT as HTTP/1.1 to ``benchmarks.connect_http``,
+  which answers it and then the requests with ``v1``/``v2`` by the CONNECT's pod IP (nginx answers
+  CONNECT 405, so it cannot be that backend). "proxy CPU" and "waypoint µs/req" are the waypoint's
+  alone; nghttpx's is its own column, the backend's in a note.
 - ``no-waypoint``: the same ends without the waypoint (the C client CONNECTs straight to nghttpx on
-  reviews-v1's :15008): wp-only minus no-waypoint is the waypoint's own added latency, hop for hop as
-  nginx minus direct is nginx's (a note under the table gives both); at c=64 it shows whether the
-  ends could go faster than wp-only did (then the waypoint was the limit).
+  reviews-v1's :15008; proxy CPU = nghttpx's): wp-only minus no-waypoint is the waypoint's own added
+  latency, hop for hop as nginx minus direct is nginx's (a note under the table gives both); at c=64
+  it shows whether the ends could go faster than wp-only did (then the waypoint was the limit).
 
 Before timing, each proxy is checked: 20 requests must split 18 / 2 (ours and wp-only: 200 requests,
 90/10 by a random pick, must give ≥ 150 v1 and ≥ 5 v2) and ``x-deny: 1`` must get 403.
 
-Rows by client: ``wrk c=1`` / ``wrk c=64`` (closed loop); ``load c=1`` / ``load c=64`` (httpload,
-closed loop); ``load 1000/s`` (httpload open loop at a fixed 1 000 requests/s over
-``RATE_CONNECTIONS`` connections, latency from the scheduled send time); ``c-load c=1`` / ``c=64`` /
-``1000/s``: the same three with ``benchmarks/hbone_httpload.c`` (a few µs of CPU per request where
-httpload needs ~27), plain HTTP/1.1 to direct / nginx / haproxy and HBONE to wp-only, so every
-``c-load`` row has same-client ratios. Built at start with ``cc`` + OpenSSL headers
-(``benchmarks.cbuild``); without them the ``c-load`` rows say so. The C client samples the parties'
-CPU (``--cpu-pid``) at the edges of its measured window, so their µs per request cover exactly the
-counted requests (the httpload and wrk rows' CPU spans the whole client run, warm-up included).
+Clients. Quick mode (``make bench``, the default): every row is driven by one client,
+``benchmarks/hbone_httpload.c`` (``c-load``; 1–7 µs of CPU per request, so the cores go to the proxies),
+at three load points: ``c-load c=1`` / ``c=64`` (closed loop: each connection sends its next GET as
+soon as the previous response is in) and ``c-load 1000/s`` (open loop at a fixed 1 000 requests/s over
+``RATE_CONNECTIONS`` connections, latency from the *scheduled* send time, so a stall counts in full).
+It speaks plain HTTP/1.1 to direct / nginx / haproxy, the same through node-a's SOCKS5 (from
+productpage's IP) for ``ours``, and the same GETs inside its own HBONE tunnels for wp-only /
+no-waypoint: every ratio and delta is same-client. It samples the parties' CPU (``--cpu-pid``) at the
+edges of its measured window, so their µs per request cover exactly the counted requests. Built at
+start with ``cc`` + OpenSSL headers (``benchmarks.cbuild``, while the mesh starts); without them quick
+mode falls back to the ``load`` rows below (and wp-only / no-waypoint say why they have no numbers).
+
+``--full`` adds the earlier clients' rows, same targets where they can reach them: ``wrk c=1`` /
+``c=64`` (one thread, closed loop; wrk cannot speak SOCKS5, so no ``ours``) and ``load c=1`` / ``c=64`` /
+``1000/s`` (``benchmarks.httpload``: Python, uvloop + httptools, ~27 µs of CPU per request — it exists
+because wrk cannot reach the mesh; its and wrk's proxy CPU spans the whole client run, warm-up
+included).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ import resource
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks import procstat
@@ -80,7 +84,6 @@ CONCURRENCY = (1, 64)  # the issue: requests/s at c=1 and c=64
 WRK_THREADS = 1  # one wrk thread leaves the other core to the proxy and the backends
 SPLIT_CHECK_REQUESTS = 20  # 9:1 smooth weighted round robin: exactly 18 v1 and 2 v2
 WRK_TIMEOUT_MARGIN_S = 30.0
-LOAD_CONCURRENCY = (1, 64)  # httpload closed-loop rows: the same two points as wrk
 FIXED_RATE = 1000  # the issue: added p99 at a fixed 1 000 req/s
 # Open loop: enough connections that 1 000 req/s never waits for a free one at ~1 ms each.
 RATE_CONNECTIONS = 16
@@ -92,6 +95,15 @@ FORWARDED_PORT = 40000
 # at c=1 / c=64 and the open loop at FIXED_RATE over RATE_CONNECTIONS tunnels/connections, as the
 # httpload rows; plain HTTP to direct/nginx/haproxy, HBONE to the waypoint (wp-only).
 C_CLIENT = "c-load"
+LOAD_CLIENT = "load"  # benchmarks/httpload.py (Python): --full, or quick mode where the C client cannot be built
+# The table's rows, in this order under each client, and which clients can drive each target: wrk
+# cannot speak SOCKS5 (no ours), only the C client speaks HBONE itself (wp-only, no-waypoint).
+ROW_ORDER = ("direct", "nginx", "haproxy", "ours", "wp-only", "no-waypoint")
+TARGET_CLIENTS = {
+    "direct": ("wrk", LOAD_CLIENT, C_CLIENT), "nginx": ("wrk", LOAD_CLIENT, C_CLIENT),
+    "haproxy": ("wrk", LOAD_CLIENT, C_CLIENT), "ours": (LOAD_CLIENT, C_CLIENT),
+    "wp-only": (C_CLIENT,), "no-waypoint": (C_CLIENT,),
+}
 C_CLIENT_SOURCE = Path(__file__).with_name("hbone_httpload.c")
 C_CLIENT_MISSING = ("not available: the C client (benchmarks/hbone_httpload.c) could not be built: it needs cc "
                     "and the OpenSSL headers (Debian libssl-dev)")
@@ -215,10 +227,14 @@ class OursMesh:
             conf = NGINX_MESH_BACKEND_CONF.format(dir=workdir, v1=v1, v2=v2, port=bi.APP_PORT)
             self.backend = _nginx(nginx, workdir, "mesh-backend", conf, (v1, bi.APP_PORT))
             quiet = ("--access-log", "off", "--log-level", "warning")
-            self.node_a = m.start_node("node-a", bi.INFRA["node-a"], extra=quiet)
-            self.node_b = m.start_node("node-b", bi.INFRA["node-b"], extra=quiet)
+            # All three start at once, then each is waited for (~1.3 s → ~0.6 s on an idle box).
+            self.node_a = m.start_node("node-a", bi.INFRA["node-a"], extra=quiet, wait=False)
+            self.node_b = m.start_node("node-b", bi.INFRA["node-b"], extra=quiet, wait=False)
             self.waypoint = m.start_waypoint(bi.INFRA["waypoint"], gateway=f"{bi.NAMESPACE}/{bi.GATEWAY}",
-                                             pod_last=bi.WAYPOINT_POD, extra=("--scope", bi.WAYPOINT_SCOPE, *quiet))
+                                             pod_last=bi.WAYPOINT_POD, extra=("--scope", bi.WAYPOINT_SCOPE, *quiet),
+                                             wait=False)
+            for proc in (self.node_a, self.node_b, self.waypoint):
+                m.wait_ready(proc)
         except (StartError, PartyError, OSError) as err:
             self.close()
             raise PartyError(f"mesh did not start: {str(err).splitlines()[0]}") from None
@@ -229,6 +245,14 @@ class OursMesh:
         vip, port = self.reviews
         return ["--target", f"{vip}:{port}", "--socks", f"{self.node_a.socks5[0]}:{self.node_a.socks5[1]}",
                 "--source-ip", self.productpage, "--host", f"reviews:{port}"]
+
+    def c_argv(self, client: Path, *args: str) -> list[str]:
+        """The C client's command for the ``ours`` rows: plain HTTP/1.1 through node-a's SOCKS5 from
+        productpage's pod IP (node-a picks the source workload by it), CONNECT to the reviews VIP."""
+        vip, port = self.reviews
+        return [str(client), "--plain", "--connect", f"{vip}:{port}", "--socks",
+                f"{self.node_a.socks5[0]}:{self.node_a.socks5[1]}", "--source-ip", self.productpage,
+                "--host", f"reviews:{port}", *args]
 
     def cpu(self) -> dict[str, float]:
         return {name: procstat.cpu_times(pid).total_s for name, pid in self.pids.items()}
@@ -265,7 +289,7 @@ class WaypointOnly:
     from that mesh's CA (so the waypoint's server-identity check passes) and forwards each CONNECT to
     ``benchmarks.connect_http``, which answers ``v1``/``v2`` by the CONNECT's pod IP."""
 
-    def __init__(self, workdir: Path, nghttpx: str, client: Path):
+    def __init__(self, workdir: Path, nghttpx: str, client: Path, *, ca_dir: Path | None = None):
         from datetime import datetime, timezone
 
         from certs.ca import MeshCA
@@ -277,6 +301,10 @@ class WaypointOnly:
         self.parties: list[Party] = []
         self.mesh: LoopbackMesh | None = None
         try:
+            if ca_dir is not None:
+                # The ours rows' mesh CA, reused: LoopbackMesh keeps a CA it finds, and skips the
+                # `hbone-proxy certs init` subprocess (~0.4 s). Its own block of addresses all the same.
+                shutil.copytree(ca_dir, workdir / "wp-mesh" / "ca")
             self.mesh = m = LoopbackMesh(workdir / "wp-mesh")
             bi.write_config(m.layout, m.config_dir)
             m.write("bench-deny.yaml", DENY_POLICY)
@@ -375,32 +403,32 @@ def run_c_client(argv: list[str], timeout: float = C_CHECK_TIMEOUT_S) -> dict:
     return parse_last_json(proc.stdout)
 
 
-def run_http(toolbox: Toolbox, *, repeat: int, seconds: float) -> ScenarioResult:
+def run_http(toolbox: Toolbox, *, repeat: int, seconds: float, full: bool = False) -> ScenarioResult:
+    """The HTTP scenario's table: quick mode (default) every row driven by the C client, ``full``
+    adds the wrk and httpload rows (see the module docstring)."""
     res = ScenarioResult("http", f"HTTP/1.1, 90/10 split + header deny rule, {seconds:g} s per run",
                          COLUMNS)
-    tools = toolbox.ensure(["wrk", "nginx", "haproxy"])
-    if tools["wrk"] is None or tools["nginx"] is None:
-        res.rows = [Row("all", "wrk", note="not available: needs wrk and nginx (Debian packages wrk, nginx-light)")]
+    tools = toolbox.ensure(["nginx", "haproxy", *(["wrk"] if full else [])])
+    if tools["nginx"] is None:
+        res.rows = [Row("all", C_CLIENT, note="not available: needs nginx (Debian package nginx-light)")]
         return res
     workdir = Path(tempfile.mkdtemp(prefix="hbone-bench-http-"))
     parties: list[Party] = []
     ours: OursMesh | None = None
     wp_only: WaypointOnly | None = None
+    c_client: Path | None = None
+    built: str | None = None
+    # The C client builds (cc, ~0.5 s) while the mesh starts: its own thread, as cc is no party (the
+    # parties are spawned from this thread: the mesh launcher's PR_SET_PDEATHSIG ties each proxy to
+    # the thread that forked it).
+    exe = workdir / "hbone_httpload"
+    builder = ThreadPoolExecutor(max_workers=1)
+    build = builder.submit(build_c, C_CLIENT_SOURCE, exe)
     try:
         v1, v2 = free_port(), free_port()
         backend = _nginx(tools["nginx"], workdir, "backend", NGINX_BACKEND_CONF.format(dir=workdir, host=HOST, v1=v1, v2=v2), (HOST, v1))
         parties.append(backend)
-        targets: dict[str, Party | OursMesh | str] = {"direct": f"{HOST}:{v1}"}
-        why = ours_waypoint_status()
-        if why is None:
-            try:
-                ours = OursMesh(workdir, tools["nginx"])
-                ours.check_split_and_deny()
-                targets["ours"] = ours
-            except PartyError as err:
-                targets["ours"] = f"not available: {err}"
-        else:
-            targets["ours"] = why
+        targets: dict[str, Party | OursMesh | WaypointOnly | NoWaypoint | str] = {"direct": f"{HOST}:{v1}"}
         port = free_port()
         try:
             p = _nginx(tools["nginx"], workdir, "nginx", NGINX_PROXY_CONF.format(dir=workdir, host=HOST, v1=v1, v2=v2, port=port), (HOST, port))
@@ -423,26 +451,30 @@ def run_http(toolbox: Toolbox, *, repeat: int, seconds: float) -> ScenarioResult
                 targets["haproxy"] = p
             except PartyError as err:
                 targets["haproxy"] = f"not available: {err}"
-        c_client, targets["wp-only"] = _start_waypoint_only(toolbox, workdir)
+        why = ours_waypoint_status()
+        if why is None:
+            try:
+                ours = OursMesh(workdir, tools["nginx"])
+                ours.check_split_and_deny()
+                targets["ours"] = ours
+            except PartyError as err:
+                targets["ours"] = f"not available: {err}"
+        else:
+            targets["ours"] = why
+        built = build.result()
+        c_client = exe if built is None else None
+        targets["wp-only"] = _start_waypoint_only(toolbox, workdir, c_client, ca_from=ours)
         if isinstance(targets["wp-only"], WaypointOnly):
             wp_only = targets["wp-only"]
             targets["no-waypoint"] = NoWaypoint(wp_only)
         else:
             targets["no-waypoint"] = targets["wp-only"]
-        clients = [f"wrk c={c}" for c in CONCURRENCY] + [f"load c={c}" for c in LOAD_CONCURRENCY] + [f"load {FIXED_RATE}/s"]
-        c_clients = [f"{C_CLIENT} c={c}" for c in LOAD_CONCURRENCY] + [f"{C_CLIENT} {FIXED_RATE}/s"]
-        for client in clients + c_clients:
-            for name, t in targets.items():
-                if name == "ours" and (client.startswith("wrk") or client.startswith(C_CLIENT)):
-                    continue  # wrk cannot reach the mesh (no SOCKS5): ours is in the load rows
-                if name in ("wp-only", "no-waypoint") and not client.startswith(C_CLIENT):
-                    continue  # only the C client speaks HBONE itself
-                if name == "haproxy" and client in ("load c=1", f"{C_CLIENT} c=1"):
-                    continue  # keeps quick mode short; haproxy's c=1 is in the wrk rows
-                note = t if isinstance(t, str) and name != "direct" else None
-                if client.startswith(C_CLIENT) and c_client is None:
-                    note = C_CLIENT_MISSING
-                res.rows.append(Row(name, client, note=note))
+        res.rows = plan_rows(full=full, missing={name: t for name, t in targets.items()
+                                                 if isinstance(t, str) and name != "direct"},
+                             wrk=tools.get("wrk") is not None, c_client_why=built)
+        if not full and c_client is None:
+            res.notes.append(f"{C_CLIENT_MISSING} ({built}); quick mode used {LOAD_CLIENT} (benchmarks/httpload.py) "
+                             "instead, so wp-only and no-waypoint have no numbers")
         for _ in range(repeat):
             for row in res.rows:
                 if row.note and row.note.startswith("not available"):
@@ -460,8 +492,9 @@ def run_http(toolbox: Toolbox, *, repeat: int, seconds: float) -> ScenarioResult
                 except PartyError as err:
                     row.note = f"failed: {err}"
     except PartyError as err:
-        res.rows = [Row("all", "wrk", note=f"not available: {err}")]
+        res.rows = [Row("all", C_CLIENT, note=f"not available: {err}")]
     finally:
+        builder.shutdown(wait=True)
         if ours is not None:
             ours.close()
         if wp_only is not None:
@@ -469,21 +502,65 @@ def run_http(toolbox: Toolbox, *, repeat: int, seconds: float) -> ScenarioResult
         for p in reversed(parties):
             p.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    res.notes.append("wrk: one thread; load: benchmarks.httpload (one uvloop process; open loop at "
-                     f"{FIXED_RATE}/s over {RATE_CONNECTIONS} connections, latency from the scheduled time); "
-                     "backends: one nginx process (1 worker) serving v1 and v2; each proxy checked before timing "
-                     "(split, x-deny → 403)")
-    res.notes.append("ours = node-a (SOCKS5) → HBONE → waypoint (authz + 90/10) → HBONE → node-b → nginx: "
-                     "proxy CPU is all three processes; nginx/haproxy are one plain-HTTP hop")
-    res.notes.append(f"{C_CLIENT}: benchmarks/hbone_httpload.c (one epoll process, built at start; plain HTTP/1.1 to "
-                     "direct/nginx/haproxy, the same GETs inside HBONE to wp-only): wp-only = the waypoint alone, as the "
-                     "issue's targets are stated (one proxy process): C client (productpage's certificate, one mTLS "
-                     "HTTP/2 connection, one CONNECT tunnel per connection of the other rows) → waypoint (authz + DENY "
-                     "x-deny + 90/10) → HBONE → nghttpx on the reviews pods' :15008 (stands in for node-b) → "
-                     "benchmarks.connect_http (v1/v2); proxy CPU = the waypoint's only, nghttpx's in its own column; "
-                     "no-waypoint = the same ends without the waypoint (proxy CPU = nghttpx's)")
+    res.notes += scenario_notes(full=full, c_client=c_client is not None)
     res.notes += waypoint_only_notes(res)
     return res
+
+
+def plan_rows(*, full: bool, missing: dict[str, str], wrk: bool, c_client_why: str | None) -> list[Row]:
+    """The table's rows, before any run: under each client (quick: the C client's three load points;
+    ``full``: wrk's, httpload's and the C client's) the targets it can drive, in ``ROW_ORDER``.
+    ``missing``: target → why it has no numbers; ``c_client_why``: why the C client did not build
+    (None: it did; quick mode then falls back to httpload's rows)."""
+    c_rows = [f"{C_CLIENT} c={c}" for c in CONCURRENCY] + [f"{C_CLIENT} {FIXED_RATE}/s"]
+    load_rows = [f"{LOAD_CLIENT} c={c}" for c in CONCURRENCY] + [f"{LOAD_CLIENT} {FIXED_RATE}/s"]
+    wrk_rows = [f"wrk c={c}" for c in CONCURRENCY]
+    if full:
+        clients = wrk_rows + load_rows + c_rows
+    elif c_client_why is None:
+        clients = c_rows
+    else:   # no C compiler / OpenSSL headers: quick mode keeps a table, from the Python client
+        clients = load_rows
+    rows = []
+    for client in clients:
+        kind = client.split(" ", 1)[0]
+        for name in ROW_ORDER:
+            if kind not in TARGET_CLIENTS[name]:
+                continue
+            note = missing.get(name)
+            if kind == "wrk" and not wrk:
+                note = "not available: wrk not installed (Debian package wrk)"
+            if kind == C_CLIENT and c_client_why is not None:
+                note = f"{C_CLIENT_MISSING} ({c_client_why})"
+            rows.append(Row(name, client, note=note))
+    return rows
+
+
+def scenario_notes(*, full: bool, c_client: bool) -> list[str]:
+    """What the rows are, under the table (the module docstring has the long form)."""
+    notes = []
+    if c_client:
+        notes.append(f"{C_CLIENT}: benchmarks/hbone_httpload.c (one epoll process, built at start, 1–7 µs CPU per "
+                     "request): plain HTTP/1.1 to direct/nginx/haproxy, SOCKS5 to node-a for ours, the same GETs "
+                     f"inside HBONE for wp-only/no-waypoint; closed loop at c=1/c=64, open loop at {FIXED_RATE}/s "
+                     f"over {RATE_CONNECTIONS} connections (latency from the scheduled time); proxy CPU sampled at "
+                     "the edges of the measured window")
+    if full or not c_client:
+        notes.append(f"{LOAD_CLIENT}: benchmarks.httpload (Python, uvloop, ~27 µs CPU per request; open loop as "
+                     f"{C_CLIENT}); wrk: one thread (cannot speak SOCKS5: no ours rows); their proxy CPU spans the "
+                     "whole client run")
+    notes.append("backends: one nginx process (1 worker) serving v1 and v2; each proxy checked before timing "
+                 "(split, x-deny → 403)")
+    notes.append("ours = client (productpage's IP) → node-a SOCKS5 → HBONE → waypoint (authz + DENY x-deny + 90/10) → "
+                 "HBONE → node-b → nginx: proxy CPU is all three processes, the waypoint's own share in its column; "
+                 "nginx/haproxy are one plain-HTTP hop")
+    if c_client:
+        notes.append("wp-only = the waypoint alone, as the issue's targets are stated (one proxy process): C client "
+                     "(productpage's certificate, one mTLS HTTP/2 connection, a CONNECT tunnel per connection of the "
+                     "other rows) → waypoint → HBONE → nghttpx on the reviews pods' :15008 (stands in for node-b) → "
+                     "benchmarks.connect_http (v1/v2); proxy CPU = the waypoint's, nghttpx's in its own column; "
+                     "no-waypoint = the same ends without the waypoint (proxy CPU = nghttpx's)")
+    return notes
 
 
 def waypoint_only_notes(res: ScenarioResult) -> list[str]:
@@ -515,27 +592,28 @@ def waypoint_only_notes(res: ScenarioResult) -> list[str]:
     return notes
 
 
-def _start_waypoint_only(toolbox: Toolbox, workdir: Path) -> tuple[Path | None, "WaypointOnly | str"]:
-    """Build the C client and start the wp-only parties: (client or None, the parties or why not)."""
-    exe = workdir / "hbone_httpload"
-    if build_c(C_CLIENT_SOURCE, exe) is not None:
-        return None, C_CLIENT_MISSING
+def _start_waypoint_only(toolbox: Toolbox, workdir: Path, client: Path | None,
+                         ca_from: "OursMesh | None" = None) -> "WaypointOnly | str":
+    """Start the wp-only parties for the built C client: the parties, or why there are none."""
+    if client is None:
+        return C_CLIENT_MISSING
     why = ours_waypoint_status()
     if why is not None:
-        return exe, why
+        return why
     nghttpx = toolbox.ensure(["nghttpx"])["nghttpx"]
     if nghttpx is None:
-        return exe, "not available: nghttpx not installed (Debian package nghttp2-proxy): it plays node-b"
+        return "not available: nghttpx not installed (Debian package nghttp2-proxy): it plays node-b"
     try:
-        wp = WaypointOnly(workdir, nghttpx, exe)
+        wp = WaypointOnly(workdir, nghttpx, client,
+                          ca_dir=ca_from.mesh.ca_dir if ca_from is not None and ca_from.mesh is not None else None)
     except PartyError as err:
-        return exe, f"not available: {err}"
+        return f"not available: {err}"
     try:
         wp.check_split_and_deny()
     except PartyError as err:
         wp.close()
-        return exe, f"not available: {err}"
-    return exe, wp
+        return f"not available: {err}"
+    return wp
 
 
 def _measure_c(row: Row, target, seconds: float, client: Path) -> None:
@@ -545,16 +623,24 @@ def _measure_c(row: Row, target, seconds: float, client: Path) -> None:
     else:
         args = ["--tunnels", row.client.split("=")[1]]
     args += ["--seconds", f"{seconds:g}"]
+    # roots: the processes whose CPU is sampled; proxy: which of them make up "proxy CPU".
     if isinstance(target, WaypointOnly):
         argv = target.client_argv(*args)
         roots = {"waypoint": target.waypoint.popen.pid, "nghttpx": target.nghttpx.pid, "backend": target.backend.pid}
+        proxy_parts: tuple[str, ...] = ("waypoint",)   # the proxy under test; nghttpx has its own column
     elif isinstance(target, NoWaypoint):
         argv = target.wp.ends_argv(*args)
         roots = {"nghttpx": target.wp.nghttpx.pid, "backend": target.wp.backend.pid}
+        proxy_parts = ("nghttpx",)   # the only proxy left
+    elif isinstance(target, OursMesh):
+        argv = target.c_argv(client, *args)
+        roots = dict(target.pids)
+        proxy_parts = ("node-a", "waypoint", "node-b")   # every hop a request takes
     else:
         addr = target if isinstance(target, str) else f"{HOST}:{target.port[1]}"
         argv = [str(client), "--plain", "--connect", addr, *args]
         roots = {"proxy": target.pid} if isinstance(target, Party) else {}
+        proxy_parts = ("proxy",)
     # The client samples these processes' CPU at the edges of its measured window (--cpu-pid), so the
     # CPU per request covers exactly the requests it counted: no set-up, warm-up or drain in it.
     pids = {name: procstat.descendants(pid) for name, pid in roots.items()}
@@ -576,15 +662,13 @@ def _measure_c(row: Row, target, seconds: float, client: Path) -> None:
         if r.get(k) is not None:
             row.add(k, r[k])
     if delta and n:
-        # wp-only: the waypoint is the proxy under test; no-waypoint: nghttpx is the only proxy left.
-        proxy = delta.get("waypoint", delta.get("proxy", delta.get("nghttpx", 0.0)))
+        proxy = sum(delta[k] for k in proxy_parts)
         row.add("proxy_cpu_s", proxy)
         row.add("proxy_us_per_req", proxy / n * 1e6)
-        if "waypoint" in delta:
-            row.add("waypoint_us_per_req", delta["waypoint"] / n * 1e6)
-        if "nghttpx" in delta:
-            row.add("nghttpx_us_per_req", delta["nghttpx"] / n * 1e6)
-            row.add("backend_us_per_req", delta["backend"] / n * 1e6)
+        for name, metric in (("waypoint", "waypoint_us_per_req"), ("nghttpx", "nghttpx_us_per_req"),
+                             ("backend", "backend_us_per_req")):
+            if name in delta:
+                row.add(metric, delta[name] / n * 1e6)
     row.info["bodies"] = r.get("bodies", {})
 
 

@@ -1,5 +1,6 @@
-"""benchmarks.httpload, the HTTP scenario's load client (untimed): closed loop, fixed-rate open loop,
-and the SOCKS5 path the ``ours`` rows use, against real sockets on loopback."""
+"""benchmarks.httpload, the HTTP scenario's Python load client (untimed): closed loop, fixed-rate open
+loop, and the SOCKS5 path, against real sockets on loopback; which rows the scenario has in quick
+and full mode; the ``ours`` mesh from the package alone."""
 
 from __future__ import annotations
 
@@ -163,3 +164,43 @@ def test_the_http_mesh_runs_from_the_package_without_the_tests_directory(tmp_pat
     line = r.stdout.strip().splitlines()[-1]
     assert line.startswith("OK ['node-a', 'node-b', 'waypoint']"), line
     assert "--host reviews:9080" in line and "--socks" in line and "--source-ip" in line
+
+
+# ----------------------------------------------------------------------------- the table's rows
+
+
+def _rows(**kw):
+    from benchmarks.http import plan_rows
+    args = dict(full=False, missing={}, wrk=True, c_client_why=None)
+    args.update(kw)
+    return [(r.target, r.client, r.note) for r in plan_rows(**args)]
+
+
+def test_quick_mode_drives_every_target_with_the_c_client_at_three_load_points():
+    rows = _rows()
+    targets = ["direct", "nginx", "haproxy", "ours", "wp-only", "no-waypoint"]
+    assert rows == [(t, f"c-load {point}", None) for point in ("c=1", "c=64", "1000/s") for t in targets]
+
+
+def test_full_mode_adds_wrk_where_it_reaches_and_httpload_where_socks5_is_needed():
+    rows = _rows(full=True, missing={"haproxy": "not available: haproxy not installed"})
+    clients = {}
+    for target, client, _ in rows:
+        clients.setdefault(client, []).append(target)
+    assert clients["wrk c=1"] == clients["wrk c=64"] == ["direct", "nginx", "haproxy"]   # no SOCKS5: no ours
+    assert clients["load c=1"] == clients["load 1000/s"] == ["direct", "nginx", "haproxy", "ours"]
+    assert clients["c-load c=64"] == ["direct", "nginx", "haproxy", "ours", "wp-only", "no-waypoint"]
+    assert list(clients)[:2] == ["wrk c=1", "wrk c=64"] and len(rows) == 2 * 3 + 3 * 4 + 3 * 6
+    assert {note for t, _, note in rows if t == "haproxy"} == {"not available: haproxy not installed"}
+    assert {note for t, _, note in rows if t != "haproxy"} == {None}
+
+
+def test_without_the_c_client_quick_mode_falls_back_to_httpload_and_wrk_rows_say_what_is_missing():
+    rows = _rows(c_client_why="no C compiler (cc)")
+    assert [(t, c) for t, c, _ in rows] == [(t, f"load {p}") for p in ("c=1", "c=64", "1000/s")
+                                            for t in ("direct", "nginx", "haproxy", "ours")]
+    full = _rows(full=True, wrk=False, c_client_why="no C compiler (cc)")
+    notes = {c.split(" ")[0]: n for _, c, n in full}
+    assert notes["wrk"] == "not available: wrk not installed (Debian package wrk)"
+    assert notes["c-load"].startswith("not available: the C client") and notes["c-load"].endswith("(no C compiler (cc))")
+    assert notes["load"] is None
