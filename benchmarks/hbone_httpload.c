@@ -7,6 +7,9 @@
  *   hbone_httpload --plain --connect IP:PORT [--socks IP:PORT [--source-ip IP]] [--host H] [--header ...]
  *                  (--tunnels N [--rate R] ... | --count N)
  *
+ * It drives every row of the HTTP scenario's quick mode (direct / nginx / haproxy plain, ours through
+ * node-a's SOCKS5, wp-only / no-waypoint in HBONE), so all its ratios are same-client.
+ *
  * Built by benchmarks/http.py at run time (benchmarks/cbuild.py: cc -O2 ... -lssl -lcrypto) where a C
  * compiler and the OpenSSL headers exist; otherwise the rows it drives say so. Why it exists: the
  * Python client (benchmarks/httpload.py) costs ~27 us of CPU per request on a 2-core machine where

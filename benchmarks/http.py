@@ -578,13 +578,13 @@ def waypoint_only_notes(res: ScenarioResult) -> list[str]:
         base = rows.get(("no-waypoint", r.client))
         if base is None or r.median("p99_ms") is None or base.median("p99_ms") is None:
             continue
-        text = (f"{r.client.split(' ', 1)[1]}: waypoint +{r.median('p50_ms') - base.median('p50_ms'):.2f} / "
-                f"+{r.median('p99_ms') - base.median('p99_ms'):.2f} ms")
+        text = (f"{r.client.split(' ', 1)[1]}: waypoint {r.median('p50_ms') - base.median('p50_ms'):+.2f} / "
+                f"{r.median('p99_ms') - base.median('p99_ms'):+.2f} ms")
         for ref in ("nginx", "haproxy"):
             a, d = rows.get((ref, r.client)), rows.get(("direct", r.client))
             if a and d and a.median("p99_ms") is not None and d.median("p99_ms") is not None:
-                text += (f", {ref} +{a.median('p50_ms') - d.median('p50_ms'):.2f} / "
-                         f"+{a.median('p99_ms') - d.median('p99_ms'):.2f}")
+                text += (f", {ref} {a.median('p50_ms') - d.median('p50_ms'):+.2f} / "
+                         f"{a.median('p99_ms') - d.median('p99_ms'):+.2f}")
         parts.append(text)
     if parts:
         notes.append("added p50 / p99 hop for hop (wp-only − no-waypoint; nginx/haproxy − direct; medians): "

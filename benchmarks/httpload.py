@@ -3,6 +3,10 @@
 ``python -m benchmarks.httpload --target IP:PORT [--socks IP:PORT --source-ip IP] (--connections N
 --seconds S | --rate R --seconds S)``
 
+The HTTP scenario's ``load`` rows: with ``--full`` (next to wrk's and the C client's), and in quick
+mode only where the C client (benchmarks/hbone_httpload.c, which now speaks SOCKS5 too and costs a
+few µs per request where this costs ~27) cannot be built.
+
 Why not wrk: wrk cannot speak SOCKS5, and the only way an app outside a pod network namespace
 reaches our mesh on loopback is node-a's SOCKS5 listener (15080) from the client pod's IP; wrk also
 has no fixed-rate mode (wrk2 is not in Debian), which the issue's "added p99 at a fixed 1 000 req/s"
