@@ -546,9 +546,12 @@ def scenario_notes(*, full: bool, c_client: bool) -> list[str]:
                      f"over {RATE_CONNECTIONS} connections (latency from the scheduled time); proxy CPU sampled at "
                      "the edges of the measured window")
     if full or not c_client:
-        notes.append(f"{LOAD_CLIENT}: benchmarks.httpload (Python, uvloop, ~27 µs CPU per request; open loop as "
-                     f"{C_CLIENT}); wrk: one thread (cannot speak SOCKS5: no ours rows); their proxy CPU spans the "
-                     "whole client run")
+        notes.append(f"{LOAD_CLIENT}: benchmarks.httpload (Python, uvloop, ~27 µs CPU per request; open loop at "
+                     f"{FIXED_RATE}/s over {RATE_CONNECTIONS} connections, latency from the scheduled time); its proxy "
+                     "CPU spans the whole client run, warm-up included")
+    if full:
+        notes.append("wrk: one thread, closed loop; it cannot speak SOCKS5, so it has no ours rows; its proxy CPU "
+                     "spans the whole run")
     notes.append("backends: one nginx process (1 worker) serving v1 and v2; each proxy checked before timing "
                  "(split, x-deny → 403)")
     notes.append("ours = client (productpage's IP) → node-a SOCKS5 → HBONE → waypoint (authz + DENY x-deny + 90/10) → "
