@@ -42,6 +42,20 @@ SPLICE_DEFER_READS = 8  # reads: at most ~2 MiB held per connection, ~2 ms at 1 
 
 _ping_ids = itertools.count(1)
 
+# Skip HboneConnection.tls_data's flush after a read that left nothing to send (see there); False: flush
+# after every read (what the skip is tested against: tests/test_perf_s4_writes.py).
+# PERF NOTE (this 2-core box, shared; A/B alternating with the previous tree, 3 x each, medians of 5):
+# small messages at low load pay a fixed cost per read and per flush, so each empty flush counted.
+# `/tmp/s4h/rr.py 1 3000 5` (HboneServer + HbonePool in one process, a task on each side ping-ponging
+# 200-byte messages: the waypoint's kind of stream): 36.5 / 35.7 / 35.6 -> 34.9 / 34.5 / 35.1 us per
+# round trip; 64 tunnels at once (`rr.py 64 100 5`) 8.86 / 8.83 / 8.90 -> 8.86 / 8.81 / 8.86 (no change:
+# reads there carry many frames). With HboneConnection.ack's skip, `/tmp/s4h/rr_splice.py 1 2000 5` (the
+# server splices each tunnel to a TCP echo, as the node proxies do): 52.6 / 51.7 / 51.6 -> 49.3 / 48.8 /
+# 48.9 us per round trip; 64 tunnels 19.5 / 20.0 / 19.7 -> 19.6 / 19.3 / 19.8. Flushes on the spliced
+# side: 3 -> 1 per message (tests/test_perf_s4_writes.py). The HTTP mesh's noise (+-10 us per request
+# at c=1) hides the ~3 us per request this is there.
+_QUIET_READ = True
+
 
 class HboneStream:
     """One CONNECT tunnel as a `ByteStream` (see hbone/stream.py for the contract).
@@ -502,7 +516,15 @@ class HboneConnection(asyncio.Protocol):
         else:
             for event in events:
                 self.handle_event(event)
-        self.flush_now()
+        # The flush after a read only when the read left something to send or check (h2's own frames:
+        # SETTINGS/PING ACKs, WINDOW_UPDATEs, an answer's HEADERS, RST_STREAM, GOAWAY; stream bytes queued;
+        # a stream whose end is watched or a writer waiting to drain; a closed core): a read that only
+        # handed DATA to its streams (the usual small request or response) has nothing, and flush_now
+        # would still walk the core and build an empty bytes per read. See the PERF NOTE at _QUIET_READ.
+        core = self.core
+        if (not _QUIET_READ or core._queues or core._h2._data_to_send or self._watch or self.drain_waiting
+                or core.closed or self.tls.outgoing.pending):
+            self.flush_now()
 
     def _end_batch(self, pending: list, streaming: bool) -> None:
         """Write the splices' bytes of this read, or hold some while the peer streams (SPLICE_DEFER).
@@ -644,8 +666,12 @@ class HboneConnection(asyncio.Protocol):
         return True
 
     def ack(self, stream_id: int, n: int) -> None:
-        self.core.ack(stream_id, n)
-        self.schedule_flush()
+        # A flush only when the acknowledgement queued a WINDOW_UPDATE (h2 hands window back once half
+        # a window was consumed), as HboneStream.read does: the splice acknowledges every small frame it
+        # writes to TCP, and each scheduled an empty flush_now (a loop callback) of its own.
+        # PERF NOTE: with _QUIET_READ's (see there).
+        if self.core.ack(stream_id, n):
+            self.schedule_flush()
 
     def watch_done(self, stream_id: int) -> None:
         self._watch.add(stream_id)

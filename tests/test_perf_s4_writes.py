@@ -7,6 +7,11 @@ second write per frame. These tests pin that on live loopback connections, count
 writes of both kinds of hop: a spliced one (node proxies: HboneStream <-> TcpConnection in the
 protocol callbacks, hbone/relay.py) and a task that reads and writes its stream (the waypoint's
 HTTP/1.1 side, hbone/_conn.py HboneStream.read/write/drain).
+
+And one flush per message: a read that only hands DATA to its stream is not followed by a flush of
+its own (hbone/_conn.py ``_QUIET_READ``), and the splice's acknowledgement of each small frame
+schedules none unless it queued a WINDOW_UPDATE (``HboneConnection.ack``); the writes are the same
+with and without the skip, and a read that makes h2 answer (PING) is still flushed at once.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 
 import pytest
 
+import hbone._conn as hconn
 from hbone.relay import relay_detached
 from hbone.stream import TcpStream
 from hbone.testing import LOOPS, Mesh, run, start_echo
@@ -57,8 +63,11 @@ async def _ping_pong(stream, n: int) -> None:
             got += len(chunk)
 
 
+@pytest.mark.parametrize("quiet", [True, False])
 @loops
-def test_spliced_hop_and_reading_task_write_once_per_small_message(loop):
+def test_spliced_hop_and_reading_task_write_once_per_small_message(loop, quiet, monkeypatch):
+    monkeypatch.setattr(hconn, "_QUIET_READ", quiet)
+
     async def main():
         echo, echo_addr = await start_echo()
         counters: dict[str, _Counting] = {}
@@ -90,6 +99,59 @@ def test_spliced_hop_and_reading_task_write_once_per_small_message(loop):
             assert {k: after[k] - before[k] for k in after} == {"hbone": ROUNDS, "tcp": ROUNDS, "client": ROUNDS}
             s.write_eof()
             assert await asyncio.wait_for(s.read(), 10) == b""
+        finally:
+            await env.pool.close()
+            await env.server.close(0.5)
+            echo.close()
+
+    run(loop, main)
+
+
+@loops
+def test_one_flush_per_small_message_and_h2_answers_still_flushed_at_once(loop):
+    async def main():
+        echo, echo_addr = await start_echo()
+        server_conns = []
+
+        async def handler(tunnel):
+            tcp = await TcpStream.connect(*echo_addr)
+            stream = await tunnel.accept()
+            server_conns.append(stream._conn)
+            assert relay_detached(stream, tcp)
+
+        env = Env(Mesh.create())
+        await env.start(handler)
+        flushes = {"server": 0, "client": 0}
+        try:
+            s = await env.open()
+            await _ping_pong(s, WARMUP)
+            server, client = server_conns[0], s._conn
+
+            def counting(conn, key):
+                real = conn.flush_now
+
+                def flush_now():
+                    flushes[key] += 1
+                    real()
+                return flush_now
+
+            server.flush_now = counting(server, "server")
+            client.flush_now = counting(client, "client")
+            await _ping_pong(s, ROUNDS)
+            # the flush that sends each message, and no other (an empty one after each read, one per
+            # acknowledgement of a spliced frame, before the skip: three per message on the spliced side)
+            assert flushes == {"server": ROUNDS, "client": ROUNDS}
+            # A read that makes h2 answer is flushed by itself: the server's PING ACK comes back with
+            # nothing else to carry it.
+            acked = client.pings_acked
+            client._ping_outstanding = b"s4-quiet"
+            client.core.ping(b"s4-quiet")
+            client.flush_now()
+            for _ in range(200):
+                if client.pings_acked > acked:
+                    break
+                await asyncio.sleep(0.005)
+            assert client.pings_acked == acked + 1
         finally:
             await env.pool.close()
             await env.server.close(0.5)
