@@ -52,8 +52,12 @@ _ping_ids = itertools.count(1)
 # reads there carry many frames). With HboneConnection.ack's skip, `/tmp/s4h/rr_splice.py 1 2000 5` (the
 # server splices each tunnel to a TCP echo, as the node proxies do): 52.6 / 51.7 / 51.6 -> 49.3 / 48.8 /
 # 48.9 us per round trip; 64 tunnels 19.5 / 20.0 / 19.7 -> 19.6 / 19.3 / 19.8. Flushes on the spliced
-# side: 3 -> 1 per message (tests/test_perf_s4_writes.py). The HTTP mesh's noise (+-10 us per request
-# at c=1) hides the ~3 us per request this is there.
+# side: 3 -> 1 per message (tests/test_perf_s4_writes.py). The HTTP scenario's mesh, both trees' meshes
+# alive at once and httpload runs alternating between them (/tmp/s4h/ab2.py --rounds 8, 2 s runs, paired
+# medians): all three proxies at c=1 351.9 -> 330.3 us per request (lower in 8 of 8 pairs; node-a -10,
+# node-b -8, waypoint -6), at a fixed 1 000/s 434.9 -> 407.5 (7 of 8), at c=64 96.4 -> 97.1 (no change);
+# `python -m benchmarks --only http --repeat 1 --http-seconds 3 --no-install`, 3 alternations: c=1
+# 300 -> 291, c=64 83 -> 78, 1 000/s 377 -> 383 (noise).
 _QUIET_READ = True
 
 
