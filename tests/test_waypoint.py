@@ -261,3 +261,33 @@ def _tunnels_active(h) -> float:
         if family.name == "hbone_tunnels_active":
             return family.samples[0].value
     raise AssertionError("hbone_tunnels_active is not exposed")
+
+
+async def test_an_internal_error_is_answered_500_and_logged_as_500(tmp_path, loopback_ip, monkeypatch):
+    """A fault of ours (an exception that is not a ProxyError) inside the request path: the client gets
+    500 and the HTTP/1.1 connection closes (state unknown), the access log and metrics say 500 with the
+    error (they said 0 before), and the next tunnel is served."""
+    from proxy.pipeline import http as pipeline_http
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    h = await start_harness(tmp_path, loopback_ip)
+    try:
+        client = h.client()
+        with monkeypatch.context() as m:
+            m.setattr(pipeline_http.HttpPipeline, "_execute_lean", broken)
+            m.setattr(pipeline_http.HttpPipeline, "_execute", broken)
+            stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
+            status, headers, _ = await client.request(stream)
+            assert status == 500 and headers.get("connection") == "close"
+            stream.close()
+        line = [x for x in await h.log_lines(1) if x["kind"] == "http"][-1]
+        assert line["status"] == 500 and "internal error: RuntimeError: boom" in line["error"]
+        assert 'response_code="500"' in h.metrics.exposition().decode()
+        stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
+        status, _, body = await client.request(stream)
+        assert status == 200 and body in (b"v1", b"v2")
+        stream.close()
+    finally:
+        await h.close()

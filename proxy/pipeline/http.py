@@ -573,6 +573,13 @@ class HttpPipeline:
             if not log.flags:
                 log.flags.append("DR")   # Envoy: DownstreamRemoteReset (h2c RST_STREAM from the client)
             raise
+        except Exception as err:
+            # Not a ProxyError: a fault of ours. serve_http1 / serve_h2c answer it 500 when no head has
+            # left (and close the HTTP/1.1 connection), so the access log and metrics say 500, not 0.
+            log.error = f"internal error: {err.__class__.__name__}: {err}"
+            if not responder.head_sent:
+                log.status = 500
+            raise
         finally:
             self._report(plan, ctx, log, request, responder, protocol, t0, grpc)
 
@@ -1026,7 +1033,9 @@ class HttpPipeline:
     def _report(self, plan: RequestPlan, ctx: TunnelContext, log: _Log, request, responder, protocol: str,
                 t0: float, grpc: bool = False) -> None:
         duration_ms = (time.monotonic() - t0) * 1000.0
-        status = responder.status if responder.head_sent else 0
+        # A local reply that could not be sent stays 0 (nothing reached the client); an internal error is
+        # the 500 the server sends for it (handle's last except).
+        status = responder.status if responder.head_sent else (500 if log.error.startswith("internal error") else 0)
         flags = tuple(log.flags)
         chain = plan.chain
         svc = chain.service if chain is not None else None
