@@ -36,6 +36,7 @@ import hpack
 import pytest
 
 from benchmarks.cbuild import build_c
+from proxy.demo.mesh import recv_exact   # (ConnectionError, an OSError, on a short read)
 
 SOURCE = Path(__file__).parent.parent / "benchmarks" / "hbone_httpload.c"
 CLIENT_TIMEOUT_S = 20.0
@@ -415,16 +416,6 @@ def socks_converse(exe: Path, script, *client_args: str) -> tuple[int, dict, str
         t.join(SERVER_TIMEOUT_S)
         listener.close()
     return rc, r, err, seen, box.get("error")
-
-
-def recv_exact(conn: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = conn.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"{len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
 
 
 def socks_handshake(conn: socket.socket, seen: list, reply: bytes) -> None:
