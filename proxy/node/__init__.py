@@ -72,11 +72,13 @@ def freeze_startup_heap() -> bool:
     the short-tunnel benchmark the first full collection after start landed inside the run (12–19 ms,
     ~4 µs per stream of 3 000); with the freeze the run's trace (gc.callbacks) shows no full
     collection, its young ones 0.05–0.6 ms as before. Measured A/B (ours-node of `python -m
-    benchmarks --only short --repeat 1 --clients python-h2 --no-install`, 3 000 streams, previous
-    tree and this one alternated, this 2-core box shared with other helpers): 90 / 87 / 93 / 97 → 90
-    / 83 / 83 / 87 µs proxy CPU per stream (medians 91.5 → 85). In a long steady run the saving per
-    tunnel is smaller (full collections are rarer) but each one stays short instead of a pause
-    proportional to the config. Checked (not timed) by tests/test_perf_s4_node_gcfreeze.py."""
+    benchmarks --only short --repeat 1 --clients python-h2 --no-install`, the previous tree run
+    from a worktree with PYTHONPATH set to it, alternated with this one, this 2-core box shared with
+    other helpers): 3 000 streams, 11 pairs: median 93 → 87 µs proxy CPU per stream (no pair worse;
+    node minus ours-relay of the same run 13 → 7); `--short-count 9000`, 6 pairs (3 in each
+    order): 90 → 86.5. In a long steady run the saving per tunnel is smaller (full collections are
+    rarer) but each one stays short instead of a pause proportional to the config. Checked (not
+    timed) by tests/test_perf_s4_node_gcfreeze.py."""
     global _heap_frozen
     if _heap_frozen or not FREEZE_HEAP_AT_START:
         return False
