@@ -106,9 +106,9 @@ def test_a_load_runs_with_the_cyclic_collector_paused(tmp_path):
         assert gc.isenabled()
         mesh = load_mesh_config([str(tmp_path)])
         assert len(mesh.inventory.workloads) == 3_000
-        # At most the young-generation pass the first allocation after the load triggers (without the
-        # pause this load ran 626 collections, 4 of them full).
-        assert collections in ([], [0]) and gc.isenabled()
+        # At most the few young passes the first allocations after the load trigger (seen: none, one, or
+        # two on a busy box), never a full one; without the pause this load ran 626 collections, 4 full.
+        assert len(collections) <= 3 and 2 not in collections and gc.isenabled(), collections
         gc.disable()
         load_mesh_config([str(tmp_path)])
         assert not gc.isenabled()
