@@ -472,3 +472,24 @@ async def test_mirror_copies_request_with_shadow_authority(tmp_path, loopback_ip
         assert all(x["authority"] == "reviews-shadow:9080" for x in mirror)
     finally:
         await h.close()
+
+
+async def test_h2c_connect_is_answered_404_nr_and_the_connection_goes_on(tmp_path, loopback_ip):
+    """RFC 9113 §8.5 CONNECT over h2c (no :path): authorized, then 404 NR as HTTP/1.1 CONNECT is — Envoy
+    matches CONNECT only with a connect_matcher route, which Istio does not build. It was taken for a
+    GET of "/" with a body and waited for the body's end (the client hung)."""
+    h, _, _ = await l7_harness(tmp_path, loopback_ip)
+    try:
+        c = RawH2(await h.client().tunnel(f"{REVIEWS_VIP}:9080"))
+        sid = c.conn.get_next_available_stream_id()
+        c.results[sid] = {"headers": None, "data": b"", "trailers": None, "reset": None, "ended": False}
+        c.conn.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", b"reviews:9080")], end_stream=False)
+        c._flush()
+        await c.pump([sid])
+        assert c.results[sid]["headers"][b":status"] == b"404"
+        r = await c.get(b"/")   # the same h2c connection serves the next request
+        assert r["headers"][b":status"] == b"200" and r["data"] in (b"v1", b"v2")
+        lines = [x for x in await h.log_lines(2) if x["kind"] == "http"]
+        assert any(x["status"] == 404 and x["response_flags"] == "NR" for x in lines)
+    finally:
+        await h.close()

@@ -847,7 +847,9 @@ class H2Request:
         self.conn = conn
         self.sid = sid
         self.method = pseudo.get(b":method", b"GET")
-        self.target = pseudo.get(b":path", b"/")
+        # RFC 9113 §8.5: a CONNECT has no :path; its target is the :authority, as HTTP/1.1's
+        # authority-form (proxy/http1/codec.py), and the pipeline answers it as it answers that one.
+        self.target = pseudo.get(b":path") or (pseudo.get(b":authority", b"") if self.method == b"CONNECT" else b"/")
         self.scheme = pseudo.get(b":scheme", b"http")
         host = pseudo.get(b":authority")
         if host is None:   # RFC 9113 §8.3.1: without :authority, a Host field may carry it
