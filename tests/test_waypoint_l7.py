@@ -487,6 +487,15 @@ async def test_h2c_connect_is_answered_404_nr_and_the_connection_goes_on(tmp_pat
         c._flush()
         await c.pump([sid])
         assert c.results[sid]["headers"][b":status"] == b"404"
+        # An extended CONNECT (RFC 8441 WebSocket; not advertised, sent anyway): the same answer.
+        c.conn.config.validate_outbound_headers = False
+        ext = c.conn.get_next_available_stream_id()
+        c.results[ext] = {"headers": None, "data": b"", "trailers": None, "reset": None, "ended": False}
+        c.conn.send_headers(ext, [(b":method", b"CONNECT"), (b":protocol", b"websocket"), (b":scheme", b"http"),
+                                  (b":path", b"/chat"), (b":authority", b"reviews:9080")], end_stream=False)
+        c._flush()
+        await c.pump([ext])
+        assert c.results[ext]["headers"][b":status"] == b"404"
         r = await c.get(b"/")   # the same h2c connection serves the next request
         assert r["headers"][b":status"] == b"200" and r["data"] in (b"v1", b"v2")
         lines = [x for x in await h.log_lines(2) if x["kind"] == "http"]

@@ -488,10 +488,10 @@ class HttpPipeline:
             # A plain function handing back handle()'s coroutine (not an ``async def`` awaiting it):
             # one coroutine frame less per request, and less to resume at every await inside it.
             if request.method == b"CONNECT":
-                # h2c CONNECT (RFC 9113 §8.5; extended CONNECT is refused by h2 itself, as we do not
-                # advertise SETTINGS_ENABLE_CONNECT_PROTOCOL — Istio does not set Envoy's allow_connect,
-                # istio/istio#27078): answered as HTTP/1.1 CONNECT is, authz then 404 NR (no route
-                # matches a request without a path); before, it was taken for "/" with a body and waited.
+                # h2c CONNECT (RFC 9113 §8.5), extended CONNECT (RFC 8441) included — we do not advertise
+                # SETTINGS_ENABLE_CONNECT_PROTOCOL, as Istio does not set Envoy's allow_connect
+                # (istio/istio#27078): answered as HTTP/1.1 CONNECT is, authz then 404 NR (no route
+                # matches it); before, it was taken for a request with a body and waited for its end.
                 return self.handle(request, responder, ctx, chain, snapshot(), protocol, b"CONNECT")
             return self.handle(request, responder, ctx, chain, snapshot(), protocol)
 
