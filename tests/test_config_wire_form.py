@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from policy.authz.match import StringMatch as AuthzMatch
 from policy.errors import ConfigError
-from policy.routing.model import HeaderOps, StringMatch, ascii_lower, wire_form
+from policy.routing.model import HeaderOps, StringMatch
+from policy.wire import ascii_lower, wire_form
 from policy.routing.select import NoRoute, route_http
 from proxy import config_check
 from proxy.admin.views import build_waypoint_views

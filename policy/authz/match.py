@@ -11,6 +11,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from policy.wire import ascii_lower, wire_form
+
 # The four forms of Istio's string match (proto `message Rule` comment; ztunnel rbac.rs StringMatch).
 EXACT = "exact"
 PREFIX = "prefix"
@@ -19,30 +21,9 @@ PRESENCE = "presence"
 STRING_MATCH_KINDS = (EXACT, PREFIX, SUFFIX, PRESENCE)
 
 
-# ---- wire form ------------------------------------------------------------------------------------
-# The waypoint holds request bytes as latin-1 strs (one char per byte: proxy/pipeline/http.py
-# request_view); Envoy's RBAC matchers compare the config string's UTF-8 bytes with the request's
-# (StringMatcher over the raw :authority, :method, :path and header values). So values matched against
-# HTTP request attributes are compared in their wire form — their UTF-8 bytes decoded as latin-1 — and a
-# policy's "é" matches a client's UTF-8 "é", not the latin-1 byte 0xE9. The same two helpers as
-# policy/routing/model.py's (kept apart: authz is used by the node proxy and does not import routing).
-
-
-def wire_form(text: str) -> str:
-    """``text``'s UTF-8 bytes as a latin-1 str: ``"é"`` → ``"Ã©"``; ASCII is itself."""
-    if text.isascii():
-        return text
-    return text.encode("utf-8", "surrogatepass").decode("latin-1")
-
-
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
-def ascii_lower(s: str) -> str:
-    """A-Z → a-z only. Envoy's ``ignore_case`` is absl::EqualsIgnoreCase / StartsWithIgnoreCase /
-    EndsWithIgnoreCase, ASCII-only; ``str.lower`` would also fold the latin-1 char a UTF-8 byte decodes
-    to (0xC3 "Ã" → 0xE3 "ã"), a different byte."""
-    return s.lower() if s.isascii() else s.translate(_ASCII_LOWER)
+# Wire form (policy/wire.py): values matched against HTTP request attributes (hosts, methods, paths,
+# header values) are compared in their wire form, as Envoy's RBAC matchers compare the config string's
+# UTF-8 bytes with the request's; ASCII-only case folding.
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from types import MappingProxyType
 from typing import Any, Callable
 
 from policy.authz import model as m
-from policy.authz.match import (Cidr, HeaderMatch, StringMatch, ascii_lower, check_path_template, parse_path_match,
-                                wire_form)
+from policy.authz.match import Cidr, HeaderMatch, StringMatch, check_path_template, parse_path_match
 from policy.errors import ConfigError, Where
+from policy.wire import ascii_lower, wire_form
 
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 KIND = "AuthorizationPolicy"

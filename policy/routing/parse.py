@@ -16,14 +16,14 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterable
 
 from policy.errors import ConfigError, Where
+from policy.wire import ascii_lower, wire_form
 
 from .regex import Regex, RegexError, check_rewrite, compile_regex
 from .model import (
     BackendRef, ConnectionPool, DestinationRule, Fault, Gateway, GwHeaderMatch, GwMatch, GwRule,
     HeaderOps, HeaderRules, HttpMatch, HttpRoute, HttpRule, KNOWN_RETRY_ON, Listener, MirrorSpec,
     NO_HEADER_RULES, OutlierDetection, ParentRef, RedirectSpec, RetryPolicy, RewriteSpec, StringMatch,
-    Subset, TcpMatch, TcpRule, TrafficPolicy, VirtualService, VsDestination, DEFAULT_RETRY_POLICY, ascii_lower,
-    wire_form,
+    Subset, TcpMatch, TcpRule, TrafficPolicy, VirtualService, VsDestination, DEFAULT_RETRY_POLICY,
 )
 
 ISTIO_NETWORKING_VERSIONS = ("networking.istio.io/v1", "networking.istio.io/v1beta1",

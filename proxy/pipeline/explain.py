@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from policy.authz.evaluate import Enforcement, HttpAttributes, authorize, explain
 from policy.routing.endpoints import endpoints_for
-from policy.routing.model import ascii_lower, wire_form
+from policy.wire import ascii_lower, wire_form
 from policy.routing.select import DirectResponse, Forward, HttpRequestView, NoRoute, Redirect, route_http
 from proxy.admin.views import ordered_retry_on
 from proxy.errors import ProxyError
