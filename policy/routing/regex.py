@@ -195,7 +195,6 @@ def check_rewrite(rewrite: str, groups: int) -> str | None:
     RE2::GlobalReplace unchecked, where a bad escape silently truncates the rewrite (RE2::Rewrite stops)
     and a missing group leaves the path unchanged; istiod does not check it either, so the loader
     accepts such a rewrite (Regex.replace_all applies it as RE2 does) and reports this as a warning."""
-    max_group = -1
     i, n = 0, len(rewrite)
     while i < n:
         if rewrite[i] != "\\":
@@ -204,13 +203,10 @@ def check_rewrite(rewrite: str, groups: int) -> str | None:
         if i + 1 == n:
             return "'\\' not allowed at end of the rewrite"
         c = rewrite[i + 1]
-        if c == "\\":
-            i += 2
-            continue
-        if not ("0" <= c <= "9"):
+        if c != "\\" and not ("0" <= c <= "9"):
             return f"'\\' must be followed by a digit or '\\', got '\\{c}' (RE2 rewrite syntax: \\1 names group 1)"
-        max_group = max(max_group, ord(c) - ord("0"))
         i += 2
+    max_group = _max_submatch(rewrite.encode("utf-8", "surrogatepass"))
     if max_group > groups:
         return f"rewrite names group \\{max_group}, but the regex has only {groups} capturing group(s)"
     return None
