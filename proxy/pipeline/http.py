@@ -429,6 +429,7 @@ class _Log:
     candidate: Candidate | None = None
     error: str = ""
     grpc_status: str = ""      # the answer's grpc-status (gRPC requests only)
+    server_status: int = 0     # what the server answers when the handler raised before a head: 500
     mirrors: int = 0
 
 
@@ -584,7 +585,7 @@ class HttpPipeline:
             # left (and close the HTTP/1.1 connection), so the access log and metrics say 500, not 0.
             log.error = f"internal error: {err.__class__.__name__}: {err}"
             if not responder.head_sent:
-                log.status = 500
+                log.server_status = 500
             raise
         finally:
             self._report(plan, ctx, log, request, responder, protocol, t0, grpc)
@@ -1039,9 +1040,8 @@ class HttpPipeline:
     def _report(self, plan: RequestPlan, ctx: TunnelContext, log: _Log, request, responder, protocol: str,
                 t0: float, grpc: bool = False) -> None:
         duration_ms = (time.monotonic() - t0) * 1000.0
-        # A local reply that could not be sent stays 0 (nothing reached the client); an internal error is
-        # the 500 the server sends for it (handle's last except).
-        status = responder.status if responder.head_sent else (500 if log.error.startswith("internal error") else 0)
+        # A local reply that could not be sent stays 0 (nothing reached the client).
+        status = responder.status if responder.head_sent else log.server_status
         flags = tuple(log.flags)
         chain = plan.chain
         svc = chain.service if chain is not None else None
