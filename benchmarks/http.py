@@ -348,20 +348,20 @@ class WaypointOnly:
             raise PartyError(f"waypoint-only set-up did not start: {str(err).splitlines()[0]}") from None
 
     def client_argv(self, *args: str) -> list[str]:
+        """Through the waypoint: HBONE to its :15008, CONNECT to the reviews VIP, as node-a sends it."""
         vip, port = self.reviews
-        argv = [str(self.client), "--connect", f"{self.hbone[0]}:{self.hbone[1]}", "--authority", f"{vip}:{port}",
-                "--source-ip", self.productpage, "--ca", str(self.ca_pem), "--cert", str(self.client_cert),
-                "--key", str(self.client_key), "--host", f"reviews:{port}"]
-        for h in self.connect_headers:
-            argv += ["--connect-header", h]
-        return argv + list(args)
+        return self._argv(self.hbone, (vip, port), args)
 
     def ends_argv(self, *args: str) -> list[str]:
         """The ``no-waypoint`` baseline: the same client, certificate and headers straight to nghttpx on
         reviews-v1's :15008 (CONNECT to its pod IP:port), as node-a would for a pod without a waypoint."""
-        argv = [str(self.client), "--connect", f"{self.v1[0]}:15008", "--authority", f"{self.v1[0]}:{self.v1[1]}",
-                "--source-ip", self.productpage, "--ca", str(self.ca_pem), "--cert", str(self.client_cert),
-                "--key", str(self.client_key), "--host", f"reviews:{self.v1[1]}"]
+        return self._argv((self.v1[0], 15008), self.v1, args)
+
+    def _argv(self, connect: tuple[str, int], authority: tuple[str, int], args) -> list[str]:
+        argv = [str(self.client), "--connect", f"{connect[0]}:{connect[1]}",
+                "--authority", f"{authority[0]}:{authority[1]}", "--source-ip", self.productpage,
+                "--ca", str(self.ca_pem), "--cert", str(self.client_cert), "--key", str(self.client_key),
+                "--host", f"reviews:{authority[1]}"]
         for h in self.connect_headers:
             argv += ["--connect-header", h]
         return argv + list(args)
