@@ -128,18 +128,24 @@ peer_read = st.one_of(
 )
 
 
+def _dial(addr: tuple[str, int]) -> socket.socket:
+    """A non-blocking socket connecting to ``addr`` (the handshake completes once the listener accepts)."""
+    ours = socket.socket()
+    ours.setblocking(False)
+    try:
+        ours.connect(addr)
+    except BlockingIOError:
+        pass
+    return ours
+
+
 async def _socket_pair(ip: str) -> tuple[socket.socket, socket.socket]:
     """(our socket, the peer's socket): a real loopback TCP connection, both non-blocking."""
     loop = asyncio.get_running_loop()
     lsock = socket.socket()
     lsock.bind((ip, 0))
     lsock.listen(1)
-    ours = socket.socket()
-    ours.setblocking(False)
-    try:
-        ours.connect(lsock.getsockname())
-    except BlockingIOError:
-        pass
+    ours = _dial(lsock.getsockname())
     peer, _ = await loop.sock_accept(lsock)
     lsock.close()
     peer.setblocking(False)
@@ -437,12 +443,7 @@ def test_more_ready_sockets_than_one_poll_takes_all_get_their_bytes_and_end(loop
         pairs = []
         try:
             for i in range(MAX_EVENTS + 100):
-                ours = socket.socket()
-                ours.setblocking(False)
-                try:
-                    ours.connect(lsock.getsockname())
-                except BlockingIOError:
-                    pass
+                ours = _dial(lsock.getsockname())
                 peer, _ = await loop.sock_accept(lsock)
                 proto = Recorder()
                 SocketTransport(loop, ours, proto)
