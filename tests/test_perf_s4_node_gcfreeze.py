@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.test_node_inbound_fastpath import INVENTORY, NODE   # a sink pod on NODE, a client elsewhere
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Run in a child interpreter: argv = freeze on/off ("1"/"0"), config dir, pod IP, client IP.
@@ -87,30 +89,13 @@ async def main():
 asyncio.run(main())
 '''
 
-INVENTORY = """
-workloads:
-- uid: Kubernetes//v1/Pod/default/sink-0
-  name: sink-0
-  namespace: default
-  serviceAccount: sink
-  workloadIps: ["{pod}"]
-  protocol: HBONE
-  node: node-x
-- uid: Kubernetes//v1/Pod/default/client-0
-  name: client-0
-  namespace: default
-  serviceAccount: client
-  workloadIps: ["{client}"]
-  protocol: HBONE
-  node: other-node
-"""
 
 
 def _run(freeze: bool, tmp_path: Path, loopback_ip) -> dict:
     pod, client = loopback_ip(), loopback_ip()
     cfg = tmp_path / ("on" if freeze else "off")
     cfg.mkdir()
-    (cfg / "inventory.yaml").write_text(INVENTORY.format(pod=pod, client=client))
+    (cfg / "inventory.yaml").write_text(INVENTORY.format(pod=pod, client=client, node=NODE))
     out = subprocess.run([sys.executable, "-c", CHILD, "1" if freeze else "0", str(cfg), pod, client],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-3000:]
