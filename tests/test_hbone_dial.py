@@ -31,6 +31,17 @@ async def _listener(ip: str):
     return server, server.sockets[0].getsockname()[1], peers
 
 
+async def _check_dialled_from(conn, client: str, peers: list, payload: bytes) -> None:
+    """A dial from ``client``'s IP: bound without a port first (IP_BIND_ADDRESS_NO_PORT), the bytes echo,
+    and the pod saw the caller's address."""
+    sock = conn.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT) == 1
+    assert conn.local_addr[0] == client and conn.local_addr[1] != 0
+    conn.write(payload)
+    assert await asyncio.wait_for(conn.read(100), 5) == payload
+    assert peers == [conn.local_addr]        # the pod saw the caller's IP
+
+
 @pytest.mark.parametrize("dial", ["connect_from", "TcpStream.connect"])
 async def test_dial_comes_from_the_given_ip_with_the_port_left_to_connect(loopback_ip, dial):
     """hbone.dial.connect_from, and TcpStream.connect(local_host=) which uses it for an IP target
@@ -44,12 +55,7 @@ async def test_dial_comes_from_the_given_ip_with_the_port_left_to_connect(loopba
             conn = await TcpStream.connect(pod, port, local_host=client)
         try:
             assert isinstance(conn, TcpConnection)   # what hbone.relay splices (no pump tasks)
-            sock = conn.transport.get_extra_info("socket")
-            assert sock.getsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT) == 1
-            assert conn.local_addr[0] == client and conn.local_addr[1] != 0
-            conn.write(b"ping")
-            assert await asyncio.wait_for(conn.read(100), 5) == b"ping"
-            assert peers == [conn.local_addr]        # the pod saw the caller's IP
+            await _check_dialled_from(conn, client, peers, b"ping")
         finally:
             conn.abort()
 
@@ -124,11 +130,7 @@ async def test_dial_from_a_local_pod_keeps_the_source_ip(loopback_ip):
         conn, err, _ = await _dial(pod, port, client)
         try:
             assert err is None and conn.__class__ is TcpConnection   # what hbone.relay splices
-            sock = conn.transport.get_extra_info("socket")
-            assert sock.getsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT) == 1
-            conn.write(b"hi")
-            assert await asyncio.wait_for(conn.read(100), 5) == b"hi"
-            assert peers == [conn.local_addr] and conn.local_addr[0] == client
+            await _check_dialled_from(conn, client, peers, b"hi")
         finally:
             conn.abort()
 
@@ -211,11 +213,7 @@ async def test_callback_dials_with_local_host_bind_the_ip_only(loopback_ip, entr
         conn, err = await asyncio.wait_for(fut, 10)
         try:
             assert err is None and conn.__class__ is TcpConnection
-            sock = conn.transport.get_extra_info("socket")
-            assert sock.getsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT) == 1
-            conn.write(b"cb")
-            assert await asyncio.wait_for(conn.read(100), 5) == b"cb"
-            assert peers == [conn.local_addr] and conn.local_addr[0] == client
+            await _check_dialled_from(conn, client, peers, b"cb")
         finally:
             conn.abort()
 
