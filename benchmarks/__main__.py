@@ -70,7 +70,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--bytes", type=int, help="bulk transfer size in bytes (overrides the mode's)")
     ap.add_argument("--short-count", type=int, help="short tunnels per run")
     ap.add_argument("--idle-counts", help="comma-separated idle tunnel counts")
-    ap.add_argument("--http-seconds", type=float, help="wrk duration per HTTP run")
+    ap.add_argument("--http-seconds", type=float, help="duration of each timed HTTP run (every client: C client, wrk, httpload)")
     ap.add_argument("--config-workloads", type=int, help="inventory size for the config scenario")
     ap.add_argument("--conn-count", type=int, help="new connections per run in the workers scenario")
     ap.add_argument("--conn-client", choices=("auto", "c", "python"), default="auto",
