@@ -113,6 +113,21 @@ UPSTREAM_MAX_STREAMS = 100
 # RFC 9113 §8.2.2: connection-specific fields must not appear in HTTP/2 messages.
 CONNECTION_SPECIFIC = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                  b"upgrade", b"host", b"http2-settings"))
+
+
+def h2_trailer_fields(trailers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Trailer fields as they go out on an HTTP/2 stream (either way: response trailers to an h2c client,
+    request trailers to an HTTP/2 upstream): lower-case names, no connection-specific field (RFC 9113
+    §8.2.2) and no pseudo-header (§8.1: never in trailers). h2 refuses such fields inbound already; this
+    keeps one added on the way from making h2 refuse the whole outgoing block."""
+    out = []
+    for name, value in trailers:
+        name = name.lower()
+        if name not in CONNECTION_SPECIFIC and not name.startswith(b":"):
+            out.append((name, value))
+    return out
+
+
 _INITIAL_CONNECTION_WINDOW = 65535   # RFC 9113 §6.9.2: only WINDOW_UPDATE on stream 0 raises it
 
 # RFC 9113 §6.8: after a GOAWAY, "activity on streams numbered lower than or equal to the last stream
@@ -326,6 +341,7 @@ class H2Core:
             # hpack/h2 internals can raise these on garbage; every one is the peer's protocol error.
             return [self._fail(ErrorCodes.PROTOCOL_ERROR, f"{type(err).__name__}: {err}")]
         out: list[Event] = []
+        malformed = 0   # a stream whose trailers were refused (_oversized_trailers)
         for e in h2_events:
             if isinstance(e, ev.RequestReceived):
                 if not self.client_side:
@@ -339,8 +355,13 @@ class H2Core:
             elif isinstance(e, ev.DataReceived):
                 out.append(Data(e.stream_id, e.data, e.flow_controlled_length))
             elif isinstance(e, ev.TrailersReceived):
+                if not self.client_side and self._oversized_trailers(e, out):
+                    malformed = e.stream_id   # its StreamEnded (next) must not end the request either
+                    continue
                 out.append(Trailers(e.stream_id, tuple(e.headers)))
             elif isinstance(e, ev.StreamEnded):
+                if e.stream_id == malformed:
+                    continue
                 out.append(Ended(e.stream_id))
             elif isinstance(e, ev.StreamReset):
                 out.append(Reset(e.stream_id, int(e.error_code)))
@@ -405,6 +426,28 @@ class H2Core:
         self._held.add(sid)
         self._started[sid] = now
         out.append(Headers(sid, tuple(headers), e.stream_ended is not None))
+
+    def _oversized_trailers(self, e: ev.TrailersReceived, out: list[Event]) -> bool:
+        """Server: request trailers over the head's limits (max_headers, max_header_list_bytes: Envoy counts
+        a trailer block against max_headers_count / max_request_headers_kb as it counts a head) reset their
+        stream with PROTOCOL_ERROR (RFC 9113 §8.1.1: a malformed request is a stream error; §10.5.1: a field
+        block over SETTINGS_MAX_HEADER_LIST_SIZE may be treated as malformed). Envoy's HTTP/2 codec resets the
+        stream too (codec_impl.cc saveHeader: the current map — the trailers — over max_headers_kb or
+        max_headers_count returns ERR_TEMPORAL_CALLBACK_FAILURE, "the library [will] reset/close the stream",
+        nghttp2 with INTERNAL_ERROR; we name the client's fault, PROTOCOL_ERROR). No 431: the request may
+        already be upstream and its response under way. The shell gets a
+        ``Reset`` as for the client's own RST_STREAM (its handler and upstream request are stopped). A block
+        over ``header_list_hard_bytes`` never gets here: h2's HPACK guard makes it a GOAWAY (``receive``)."""
+        headers = e.headers
+        lim = self.limits
+        size = 0
+        for name, value in headers:   # RFC 9113 §6.5.2: name + value + 32 octets per field
+            size += len(name) + len(value) + 32
+        if len(headers) <= lim.max_headers and size <= lim.max_header_list_bytes:
+            return False
+        self.reset(e.stream_id, ErrorCodes.PROTOCOL_ERROR)
+        out.append(Reset(e.stream_id, int(ErrorCodes.PROTOCOL_ERROR)))
+        return True
 
     def _premature(self) -> Abuse | None:
         """Envoy ConnectionManagerImpl::maybeDrainDueToPrematureResets, after one more premature reset."""
@@ -932,7 +975,7 @@ class H2Responder:
         if self.ended:
             return
         self.ended = True
-        self.conn.end(self.sid, [(n.lower(), v) for n, v in trailers if n.lower() not in CONNECTION_SPECIFIC])
+        self.conn.end(self.sid, h2_trailer_fields(trailers))
         await self.conn.drain()
 
     async def send_local_reply(self, status: int, body: bytes = b"", headers: Iterable[tuple[bytes, bytes]] = (),
@@ -1117,8 +1160,14 @@ class H2Upstream:
                 self.conn.stream.close()
 
     async def request(self, method: bytes, target: bytes, authority: bytes, headers: Iterable[tuple[bytes, bytes]],
-                      body: bytes | AsyncIterable[bytes] | None, *, scheme: bytes = b"http") -> H2Response:
-        """Send a request; return once the response head arrived (``H2UpstreamReset`` otherwise)."""
+                      body: bytes | AsyncIterable[bytes] | None, *, scheme: bytes = b"http",
+                      trailers: RequestTrailers = ()) -> H2Response:
+        """Send a request; return once the response head arrived (``H2UpstreamReset`` otherwise).
+
+        ``trailers``: the request's trailer fields, sent after the body as a HEADERS frame with END_STREAM
+        instead of END_STREAM on the last DATA (Envoy's router: ``decodeTrailers`` → ``encodeTrailers`` on the
+        upstream stream). The fields themselves, or — for a streamed body, whose trailers arrive after its
+        last chunk — a function returning them, called once the body has ended. Ignored without a body."""
         await self.slots.acquire()
         conn = self.conn
         sid = 0
@@ -1144,9 +1193,9 @@ class H2Upstream:
             raise H2UpstreamReset(f"upstream h2c: {err}", before_response=True, refused=True) from None
         sender = None
         if isinstance(body, (bytes, bytearray, memoryview)):
-            sender = asyncio.get_running_loop().create_task(self._send(sid, _once(bytes(body))))
+            sender = asyncio.get_running_loop().create_task(self._send(sid, _once(bytes(body)), trailers))
         elif body is not None:
-            sender = asyncio.get_running_loop().create_task(self._send(sid, body))
+            sender = asyncio.get_running_loop().create_task(self._send(sid, body, trailers))
         try:
             st.head = asyncio.get_running_loop().create_future()
             head = await st.head
@@ -1163,18 +1212,37 @@ class H2Upstream:
             self.release(sid)
             raise
 
-    async def _send(self, sid: int, body: AsyncIterable[bytes]) -> None:
+    async def _send(self, sid: int, body: AsyncIterable[bytes], trailers: RequestTrailers) -> None:
+        conn = self.conn
+        source = body.__aiter__()
         try:
-            async for chunk in body:
+            while True:
+                try:
+                    chunk = await source.__anext__()
+                except StopAsyncIteration:
+                    break
+                except OSError:
+                    # The body source failed: the client reset its stream, or its connection ended (our
+                    # GOAWAY on a protocol error cuts every stream without cancelling the handlers). The
+                    # upstream must see a reset, never a request left open or a short one that looks
+                    # complete; the response reader then reports the reset.
+                    conn.reset(sid, ErrorCodes.CANCEL)
+                    return
                 if chunk:
-                    await self.conn.write(sid, chunk)
-            self.conn.end(sid)
+                    await conn.write(sid, chunk)
+            if callable(trailers):
+                trailers = trailers()
+            try:
+                conn.end(sid, h2_trailer_fields(trailers) if trailers else ())
+            except OSError:
+                # END_STREAM (or the trailers) could not go: never leave the upstream request open.
+                conn.reset(sid, ErrorCodes.CANCEL)
+                return
         except OSError:
             return   # the upstream stream is gone: reading the response reports it
         except BaseException:
-            # The body source failed (client reset) or we were cancelled: the upstream must see a
-            # reset, never a short request that looks complete.
-            self.conn.reset(sid, ErrorCodes.CANCEL)
+            # We were cancelled (or the body source failed otherwise): the upstream must see a reset.
+            conn.reset(sid, ErrorCodes.CANCEL)
             raise
 
     async def close(self) -> None:
@@ -1188,6 +1256,11 @@ class H2Upstream:
 
     def __repr__(self) -> str:
         return f"<H2Upstream {'alive' if self.alive else 'closed'} active={len(self.active)}/{self.max_streams}>"
+
+
+# A request's trailer fields for ``H2Upstream.request``: the fields, or a function giving them once the
+# (streamed) body has ended.
+RequestTrailers = Iterable[tuple[bytes, bytes]] | Callable[[], Iterable[tuple[bytes, bytes]]]
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
@@ -1279,4 +1352,5 @@ __all__ = ["H2Core", "H2cConn", "H2cError", "H2cStreamClosed", "H2Limits", "DEFA
            "MAX_CONCURRENT_STREAMS", "MAX_HEADER_LIST_BYTES", "STREAM_WINDOW_BYTES", "CONNECTION_WINDOW_BYTES",
            "UPSTREAM_MAX_STREAMS", "CONNECTION_SPECIFIC", "MAX_HEADERS", "HEADER_LIST_HARD_BYTES",
            "HEADER_BLOCK_MAX_BYTES", "MAX_FRAME_BYTES", "PREMATURE_RESET_TOTAL_STREAM_COUNT",
-           "PREMATURE_RESET_MIN_STREAM_LIFETIME_S", "STREAM_FLUSH_TIMEOUT_S", "H2C_FLOOD_SETTINGS"]
+           "PREMATURE_RESET_MIN_STREAM_LIFETIME_S", "STREAM_FLUSH_TIMEOUT_S", "H2C_FLOOD_SETTINGS",
+           "h2_trailer_fields", "RequestTrailers"]

@@ -74,7 +74,7 @@ from .answers import (BadUpstreamResponse, DestinationUnavailable, FaultAbort, U
 from .authz import l7_authorizer, l7_decision
 from .chains import INBOUND_VIP, Chain, match_chain
 from .context import TunnelContext, addr_str
-from .h2c import H2UpstreamPool, H2UpstreamReset, serve_h2c
+from .h2c import H2UpstreamPool, H2UpstreamReset, RequestTrailers, serve_h2c
 from .mirror import Mirrorer
 from .originate import CONNECT_TIMEOUT_S, OriginateFailed, Originator
 
@@ -633,12 +633,22 @@ class HttpPipeline:
             body, clen, replayable = None, None, True
         else:
             body, clen, replayable = await read_body(request, self.buffer_limit)
+        # Request trailers (an h2c client's HEADERS after its body; the HTTP/1.1 codec drops chunked
+        # trailers, as Envoy's does without enable_trailers). Envoy's router forwards them on the upstream
+        # stream (decodeTrailers → encodeTrailers), sends them again with a retry's buffered body, and gives
+        # each shadow a copy. A buffered body has been read whole, so its trailers are known now and kept
+        # for every attempt and the mirrors; a streamed one's arrive after its last chunk, so the upstream
+        # sender asks for them then. Only an HTTP/2 upstream gets them (_attempt_h2); toward HTTP/1.1 they are
+        # dropped, as Envoy's HTTP/1 codec drops them (Istio does not set enable_trailers).
+        trailers = ()
+        if protocol == "h2c" and request.has_body:
+            trailers = request.trailers if replayable else functools.partial(_trailers_of, request)
         headers, target, authority = self._upstream_request(plan, up, request)
         if plan.mirrors and upgrade is None:   # (Envoy does not shadow upgrades: WebSocket docs)
             # Envoy shadows with the body it buffered; a body past the buffer limit is not mirrored.
             log.mirrors = self.mirrorer.fire(plan.mirrors, ctx, request.method, target, authority, headers,
                                              body if replayable else None, protocol,
-                                             skip=not replayable)
+                                             skip=not replayable, trailers=trailers if replayable else ())
         # An upgrade goes upstream over HTTP/1.1 whatever the port's protocol (an h2 upstream would need
         # RFC 8441 extended CONNECT).
         h2 = up.uses_h2(protocol) if upgrade is None else False
@@ -646,7 +656,7 @@ class HttpPipeline:
         # No route timeout (Istio's default): no timeout context either — asyncio.timeout_at(None)
         # still builds and enters one per request, for nothing.
         forward = self._forward(up, ctx, request.method, target, authority, headers, body, clen, replayable,
-                                log, h2, upgrade)
+                                log, h2, upgrade, trailers=trailers)
         try:
             if deadline is None:
                 resp, stream, key = await forward
@@ -860,8 +870,9 @@ class HttpPipeline:
 
     async def _forward(self, up: Upstream, ctx: TunnelContext, method: bytes, target: bytes, authority: bytes,
                        headers: list, body, clen, replayable: bool, log: _Log, h2: bool = False,
-                       upgrade: bytes | None = None, first: tuple | None = None):
+                       upgrade: bytes | None = None, first: tuple | None = None, trailers: RequestTrailers = ()):
         """The router's retry loop: pick a host (avoiding previous ones), try, classify, maybe retry.
+        ``trailers``: the request's trailers, sent with every attempt to an HTTP/2 upstream (see ``_execute``).
         ``first``: (host, its pick time, the awaitable of its attempt) — the first attempt as
         ``_execute_lean`` made it (a bodiless request: the awaitable returns or raises what ``_attempt``
         would), classified and followed by retries as any attempt."""
@@ -893,7 +904,8 @@ class HttpPipeline:
             sent = [attempt_coro is not None]   # (an injected first attempt sent its request)
             self.active[cand.key] = self.active.get(cand.key, 0) + 1
             if attempt_coro is None and h2:
-                attempt_coro = self._attempt_h2(cand, up, ctx, method, target, authority, headers, body, sent)
+                attempt_coro = self._attempt_h2(cand, up, ctx, method, target, authority, headers, body, sent,
+                                                trailers)
             elif attempt_coro is None:
                 attempt_coro = self._attempt(cand, up, ctx, method, target, authority, headers, body, clen,
                                              replayable, sent, upgrade)
@@ -981,21 +993,23 @@ class HttpPipeline:
             timeout=up.connect_timeout_s, subject_alt_names=svc.subject_alt_names if svc else ())
 
     async def _attempt_h2(self, cand: Candidate, up: Upstream, ctx: TunnelContext, method, target, authority,
-                          headers, body, sent: list):
+                          headers, body, sent: list, trailers: RequestTrailers = ()):
         # Concurrent requests to an endpoint with no connection yet share one dial (H2UpstreamPool.connect).
         conn = await self.h2pool.connect(cand.key, lambda: self._upstream_stream(cand, up, ctx))
         sent[0] = True
-        resp = await conn.request(method, target, authority, headers, body)
+        resp = await conn.request(method, target, authority, headers, body, trailers=trailers)
         return resp, None, cand.key
 
     async def _mirror_send(self, up: Upstream, ctx: TunnelContext, method: bytes, target: bytes, authority: bytes,
-                           headers: list, body, protocol: str) -> int:
-        """One shadow request: pick a host, send, read and discard the response; its status."""
+                           headers: list, body, protocol: str, trailers: tuple = ()) -> int:
+        """One shadow request: pick a host, send, read and discard the response; its status. The request's
+        trailers go with it to an HTTP/2 mirror (dropped toward HTTP/1.1, as for the main request)."""
         cand = self.lb.pick(up.candidates, rng=self.rng, lb=up.lb, cluster=up.cluster)
         if cand is None:
             raise NoHealthyUpstream(f"mirror cluster {up.cluster} has no healthy endpoint")
         if up.uses_h2(protocol):
-            resp, _, _ = await self._attempt_h2(cand, up, ctx, method, target, authority, headers, body, [False])
+            resp, _, _ = await self._attempt_h2(cand, up, ctx, method, target, authority, headers, body, [False],
+                                                trailers)
             stream = None
         else:
             stream = await self._upstream_stream(cand, up, ctx)
@@ -1108,6 +1122,11 @@ async def _raise(err: BaseException):
 async def _value(value):
     """An attempt that answered already, for ``_forward(first=...)`` to classify."""
     return value
+
+
+def _trailers_of(request) -> tuple:
+    """A streamed h2c request's trailers, asked for by the upstream sender once the body has ended."""
+    return request.trailers
 
 
 def _grpc_status_of(headers) -> str:

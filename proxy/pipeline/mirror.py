@@ -41,8 +41,12 @@ Send = Callable[..., Awaitable[int]]
 
 class Mirrorer:
     """Owns the shadow requests. ``send(upstream, ctx, method, target, authority, headers, body,
-    protocol)`` performs one (returns the mirror's status); ``on_done(upstream, authority, status,
-    error)`` is told how each ended (for the access log)."""
+    protocol, trailers=...)`` performs one (returns the mirror's status); ``on_done(upstream, authority,
+    status, error)`` is told how each ended (for the access log).
+
+    A shadow carries the request's trailers too: Envoy's router, on ``decodeTrailers``, hands every shadow
+    stream a copy (``shadow_stream->captureAndSendTrailers(...)``, router.cc), as its earlier
+    buffered shadow put them in the shadow message (``request->trailers(...)``)."""
 
     def __init__(self, send: Send, *, on_done: Callable[..., None] | None = None,
                  max_in_flight: int = MAX_MIRRORS_IN_FLIGHT, timeout_s: float = MIRROR_TIMEOUT_S):
@@ -57,9 +61,10 @@ class Mirrorer:
         self.dropped = 0
 
     def fire(self, mirrors, ctx, method: bytes, target: bytes, authority: bytes, headers: list, body,
-             protocol: str, *, skip: bool = False) -> int:
+             protocol: str, *, skip: bool = False, trailers: tuple = ()) -> int:
         """Start one shadow per mirror upstream; returns how many were started (dropped ones are
-        counted, never awaited). ``skip``: the body was too large to buffer — nothing is mirrored."""
+        counted, never awaited). ``skip``: the body was too large to buffer — nothing is mirrored.
+        ``trailers``: the request's trailer fields (known: the body was buffered whole)."""
         if skip:
             self.dropped += len(mirrors)
             return 0
@@ -70,18 +75,19 @@ class Mirrorer:
                 self.dropped += 1
                 continue
             task = asyncio.get_running_loop().create_task(
-                self._one(up, ctx, method, target, shadow, list(headers), body, protocol))
+                self._one(up, ctx, method, target, shadow, list(headers), body, protocol, trailers))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
             self.sent += 1
             started += 1
         return started
 
-    async def _one(self, up, ctx, method, target, authority, headers, body, protocol) -> None:
+    async def _one(self, up, ctx, method, target, authority, headers, body, protocol, trailers) -> None:
         status, error = 0, ""
         try:
             async with asyncio.timeout(self.timeout_s):
-                status = await self.send(up, ctx, method, target, authority, headers, body, protocol)
+                status = await self.send(up, ctx, method, target, authority, headers, body, protocol,
+                                         trailers=trailers)
             self.ok += 1
         except asyncio.CancelledError:
             self.failed += 1
