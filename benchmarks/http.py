@@ -32,6 +32,11 @@ serving ``v1`` and ``v2``, small bodies):
   which answers it and then the requests with ``v1``/``v2`` by the CONNECT's pod IP (nginx answers
   CONNECT 405, so it cannot be that backend). "proxy CPU" and "waypoint µs/req" are the waypoint's
   alone; nghttpx's is its own column, the backend's in a note.
+- ``wp-l4``: the same waypoint process, client, tunnels and GETs, CONNECTed to ``reviews-l4``: a second
+  service on the reviews-v1/v2 pods, declared TCP, with the same waypoint (``with_l4_service``). No L7: the
+  waypoint's TCP chain authorizes the tunnel (L4), picks a pod and splices HBONE to HBONE, so this is the
+  waypoint's floor for the same bytes (mTLS + HTTP/2 in and out); wp-only minus wp-l4 is what the L7 work
+  (HTTP/1.1 parsing both ways, L7 authz, the 90/10 route, header rewrites, per-request metrics) costs.
 - ``no-waypoint``: the same ends without the waypoint (the C client CONNECTs straight to nghttpx on
   reviews-v1's :15008; proxy CPU = nghttpx's): wp-only minus no-waypoint is the waypoint's own added
   latency, hop for hop as nginx minus direct is nginx's (a note under the table gives both); at c=64
@@ -61,6 +66,7 @@ included).
 
 from __future__ import annotations
 
+import copy
 import http.client
 import importlib.util
 import os
@@ -71,6 +77,8 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import yaml
 
 from benchmarks import procstat
 from benchmarks.cbuild import build_c
@@ -98,12 +106,16 @@ C_CLIENT = "c-load"
 LOAD_CLIENT = "load"  # benchmarks/httpload.py (Python): --full, or quick mode where the C client cannot be built
 # The table's rows, in this order under each client, and which clients can drive each target: wrk
 # cannot speak SOCKS5 (no ours), only the C client speaks HBONE itself (wp-only, no-waypoint).
-ROW_ORDER = ("direct", "nginx", "haproxy", "ours", "wp-only", "no-waypoint")
+ROW_ORDER = ("direct", "nginx", "haproxy", "ours", "wp-only", "wp-l4", "no-waypoint")
 TARGET_CLIENTS = {
     "direct": ("wrk", LOAD_CLIENT, C_CLIENT), "nginx": ("wrk", LOAD_CLIENT, C_CLIENT),
     "haproxy": ("wrk", LOAD_CLIENT, C_CLIENT), "ours": (LOAD_CLIENT, C_CLIENT),
-    "wp-only": (C_CLIENT,), "no-waypoint": (C_CLIENT,),
+    "wp-only": (C_CLIENT,), "wp-l4": (C_CLIENT,), "no-waypoint": (C_CLIENT,),
 }
+# wp-l4: a second service on the reviews-v1/v2 pods, declared TCP, through the same waypoint (WaypointOnly's
+# config): VIP last octet and name. v3 is left out (no nghttpx stands in for its pod).
+L4_SERVICE, L4_VIP_LAST = "reviews-l4", 21
+L4_SPLIT_CHECK = 20   # requests through the L4 chain before timing: all 200, bodies v1/v2 only
 C_CLIENT_SOURCE = Path(__file__).with_name("hbone_httpload.c")
 C_CLIENT_MISSING = ("not available: the C client (benchmarks/hbone_httpload.c) could not be built: it needs cc "
                     "and the OpenSSL headers (Debian libssl-dev)")
@@ -307,6 +319,7 @@ class WaypointOnly:
                 shutil.copytree(ca_dir, workdir / "wp-mesh" / "ca")
             self.mesh = m = LoopbackMesh(workdir / "wp-mesh")
             bi.write_config(m.layout, m.config_dir)
+            m.write("mesh.yaml", yaml.safe_dump(with_l4_service(bi.inventory(m.layout), m.layout), sort_keys=False))
             m.write("bench-deny.yaml", DENY_POLICY)
             now = datetime.now(timezone.utc)
             ca = MeshCA.load(m.ca_dir)
@@ -343,6 +356,7 @@ class WaypointOnly:
                                              pod_last=bi.WAYPOINT_POD, extra=("--scope", bi.WAYPOINT_SCOPE, *quiet))
             self.hbone = (m.layout.waypoint_ip, bi.HBONE_PORT)
             self.v1 = (v1, bi.APP_PORT)
+            self.reviews_l4 = (m.layout.vip(L4_VIP_LAST), bi.APP_PORT)
         except (StartError, PartyError, OSError) as err:
             self.close()
             raise PartyError(f"waypoint-only set-up did not start: {str(err).splitlines()[0]}") from None
@@ -350,6 +364,11 @@ class WaypointOnly:
     def client_argv(self, *args: str) -> list[str]:
         """Through the waypoint: HBONE to its :15008, CONNECT to the reviews VIP, as node-a sends it."""
         vip, port = self.reviews
+        return self._argv(self.hbone, (vip, port), args)
+
+    def l4_argv(self, *args: str) -> list[str]:
+        """The ``wp-l4`` rows: through the same waypoint, CONNECT to the reviews-l4 VIP (TCP: no L7)."""
+        vip, port = self.reviews_l4
         return self._argv(self.hbone, (vip, port), args)
 
     def ends_argv(self, *args: str) -> list[str]:
@@ -380,6 +399,38 @@ class WaypointOnly:
             self.mesh.close()
         for p in reversed(self.parties):
             p.stop()
+
+
+def with_l4_service(inventory: dict, layout) -> dict:
+    """The demo inventory plus ``reviews-l4``: the reviews-v1/v2 pods' port also as a second service,
+    declared TCP and served by the same waypoint, so ``wp-l4`` sends the same requests through the same
+    waypoint process with no L7 at all (no HTTP parsing, no L7 authz, no 90/10: the waypoint's TCP chain
+    picks a pod per tunnel and splices). The bench DENY rule and the demo's ALLOW policy target ``reviews``
+    only, so neither applies to it (no policy on a service: allowed)."""
+    from proxy.demo import bookinfo as bi
+    inv = copy.deepcopy(inventory)
+    key = f"{bi.NAMESPACE}/{bi.fqdn(L4_SERVICE)}"
+    for w in inv["workloads"]:
+        if w["name"] in ("reviews-v1-0", "reviews-v2-0"):
+            w.setdefault("services", {})[key] = {bi.APP_PORT: bi.APP_PORT}
+    inv["services"].append({"name": L4_SERVICE, "namespace": bi.NAMESPACE, "hostname": bi.fqdn(L4_SERVICE),
+                            "vips": [f"/{layout.vip(L4_VIP_LAST)}"], "ports": {bi.APP_PORT: bi.APP_PORT},
+                            "appProtocols": {bi.APP_PORT: "tcp"}, "waypoint": dict(bi.WAYPOINT_REF)})
+    return inv
+
+
+class WaypointL4:
+    """The ``wp-l4`` rows: ``WaypointOnly``'s waypoint, client and ends, requests to ``reviews-l4`` (TCP).
+    wp-only − wp-l4 is what the L7 work costs (HTTP/1.1 both ways, authz, route, header rewrites, metrics per
+    request); wp-l4 itself is the waypoint's HBONE floor (TLS + HTTP/2 in and out, one splice per tunnel)."""
+
+    def __init__(self, wp: WaypointOnly):
+        self.wp = wp
+
+    def check(self) -> None:
+        counts = run_c_client(self.wp.l4_argv("--count", str(L4_SPLIT_CHECK)))
+        if counts["statuses"] != {"200": L4_SPLIT_CHECK} or not set(counts["bodies"]) <= {"v1", "v2"}:
+            raise PartyError(f"reviews-l4 through the waypoint failed: {counts['statuses']} {counts['bodies']}")
 
 
 class NoWaypoint:
@@ -428,7 +479,7 @@ def run_http(toolbox: Toolbox, *, repeat: int, seconds: float, full: bool = Fals
         v1, v2 = free_port(), free_port()
         backend = _nginx(tools["nginx"], workdir, "backend", NGINX_BACKEND_CONF.format(dir=workdir, host=HOST, v1=v1, v2=v2), (HOST, v1))
         parties.append(backend)
-        targets: dict[str, Party | OursMesh | WaypointOnly | NoWaypoint | str] = {"direct": f"{HOST}:{v1}"}
+        targets: dict[str, Party | OursMesh | WaypointOnly | WaypointL4 | NoWaypoint | str] = {"direct": f"{HOST}:{v1}"}
         port = free_port()
         try:
             p = _nginx(tools["nginx"], workdir, "nginx", NGINX_PROXY_CONF.format(dir=workdir, host=HOST, v1=v1, v2=v2, port=port), (HOST, port))
@@ -467,8 +518,14 @@ def run_http(toolbox: Toolbox, *, repeat: int, seconds: float, full: bool = Fals
         if isinstance(targets["wp-only"], WaypointOnly):
             wp_only = targets["wp-only"]
             targets["no-waypoint"] = NoWaypoint(wp_only)
+            l4 = WaypointL4(wp_only)
+            try:
+                l4.check()
+                targets["wp-l4"] = l4
+            except PartyError as err:
+                targets["wp-l4"] = f"not available: {err}"
         else:
-            targets["no-waypoint"] = targets["wp-only"]
+            targets["no-waypoint"] = targets["wp-l4"] = targets["wp-only"]
         res.rows = plan_rows(full=full, missing={name: t for name, t in targets.items()
                                                  if isinstance(t, str) and name != "direct"},
                              wrk=tools.get("wrk") is not None, c_client_why=built)
@@ -563,6 +620,9 @@ def scenario_notes(*, full: bool, c_client: bool) -> list[str]:
                      "other rows) → waypoint → HBONE → nghttpx on the reviews pods' :15008 (stands in for node-b) → "
                      "benchmarks.connect_http (v1/v2); proxy CPU = the waypoint's, nghttpx's in its own column; "
                      "no-waypoint = the same ends without the waypoint (proxy CPU = nghttpx's)")
+        notes.append(f"wp-l4 = the same waypoint process, client, tunnels and requests to {L4_SERVICE}, a second "
+                     "service on the reviews-v1/v2 pods declared TCP: no L7 (no HTTP parsing, L4 authz only, a pod per "
+                     "tunnel), the waypoint's HBONE floor; wp-only − wp-l4 is what the L7 work costs per request")
     return notes
 
 
@@ -627,9 +687,10 @@ def _measure_c(row: Row, target, seconds: float, client: Path) -> None:
         args = ["--tunnels", row.client.split("=")[1]]
     args += ["--seconds", f"{seconds:g}"]
     # roots: the processes whose CPU is sampled; proxy: which of them make up "proxy CPU".
-    if isinstance(target, WaypointOnly):
-        argv = target.client_argv(*args)
-        roots = {"waypoint": target.waypoint.popen.pid, "nghttpx": target.nghttpx.pid, "backend": target.backend.pid}
+    if isinstance(target, (WaypointOnly, WaypointL4)):
+        wp = target if isinstance(target, WaypointOnly) else target.wp
+        argv = wp.client_argv(*args) if target is wp else wp.l4_argv(*args)
+        roots = {"waypoint": wp.waypoint.popen.pid, "nghttpx": wp.nghttpx.pid, "backend": wp.backend.pid}
         proxy_parts: tuple[str, ...] = ("waypoint",)   # the proxy under test; nghttpx has its own column
     elif isinstance(target, NoWaypoint):
         argv = target.wp.ends_argv(*args)

@@ -500,18 +500,30 @@ def test_socks_is_for_plain_mode_and_wants_an_ipv4_address(exe):
 @pytest.mark.timeout(90)
 @pytest.mark.skipif(shutil.which("nghttpx") is None, reason="nghttpx (Debian nghttp2-proxy) not installed")
 def test_wp_only_rows_measure_the_waypoint_alone(exe, tmp_path):
-    from benchmarks.http import C_CLIENT, NoWaypoint, WaypointOnly, _measure_c, waypoint_only_notes
+    from benchmarks.http import (C_CLIENT, NoWaypoint, WaypointL4, WaypointOnly, _measure_c, run_c_client,
+                                 waypoint_only_notes)
     from benchmarks.report import Row, ScenarioResult
     wp = WaypointOnly(tmp_path, shutil.which("nghttpx"), exe)
     try:
         wp.check_split_and_deny()
         row = Row("wp-only", f"{C_CLIENT} c=4")
         _measure_c(row, wp, 0.5, exe)
+        l4 = WaypointL4(wp)
+        l4.check()
+        l4_row = Row("wp-l4", f"{C_CLIENT} c=4")
+        _measure_c(l4_row, l4, 0.5, exe)
         base = Row("no-waypoint", f"{C_CLIENT} c=4")
         _measure_c(base, NoWaypoint(wp), 0.5, exe)
+        # The L4 service is TCP: an x-deny header means nothing there (the DENY rule targets reviews only).
+        l4_denied = run_c_client(wp.l4_argv("--count", "3", "--header", "x-deny: 1"))
     finally:
         wp.close()
-    assert row.note is None and base.note is None
+    assert row.note is None and base.note is None and l4_row.note is None
+    # wp-l4: the same waypoint process (its CPU is the proxy's), no L7 — the x-deny rule does not apply, and
+    # each tunnel goes to one pod (reviews-v1 or -v2), whichever the TCP chain picked.
+    assert l4_row.samples["proxy_us_per_req"] == l4_row.samples["waypoint_us_per_req"]
+    assert l4_row.samples["rps"][0] > 0 and set(l4_row.info["bodies"]) <= {"v1", "v2"}
+    assert l4_denied["statuses"] == {"200": 3}
     for metric in ("rps", "p99_ms", "proxy_us_per_req", "waypoint_us_per_req", "nghttpx_us_per_req",
                    "backend_us_per_req", "client_us_per_req"):
         assert row.samples[metric][0] > 0, metric

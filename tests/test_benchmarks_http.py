@@ -178,7 +178,7 @@ def _rows(**kw):
 
 def test_quick_mode_drives_every_target_with_the_c_client_at_three_load_points():
     rows = _rows()
-    targets = ["direct", "nginx", "haproxy", "ours", "wp-only", "no-waypoint"]
+    targets = ["direct", "nginx", "haproxy", "ours", "wp-only", "wp-l4", "no-waypoint"]
     assert rows == [(t, f"c-load {point}", None) for point in ("c=1", "c=64", "1000/s") for t in targets]
 
 
@@ -189,8 +189,8 @@ def test_full_mode_adds_wrk_where_it_reaches_and_httpload_where_socks5_is_needed
         clients.setdefault(client, []).append(target)
     assert clients["wrk c=1"] == clients["wrk c=64"] == ["direct", "nginx", "haproxy"]   # no SOCKS5: no ours
     assert clients["load c=1"] == clients["load 1000/s"] == ["direct", "nginx", "haproxy", "ours"]
-    assert clients["c-load c=64"] == ["direct", "nginx", "haproxy", "ours", "wp-only", "no-waypoint"]
-    assert list(clients)[:2] == ["wrk c=1", "wrk c=64"] and len(rows) == 2 * 3 + 3 * 4 + 3 * 6
+    assert clients["c-load c=64"] == ["direct", "nginx", "haproxy", "ours", "wp-only", "wp-l4", "no-waypoint"]
+    assert list(clients)[:2] == ["wrk c=1", "wrk c=64"] and len(rows) == 2 * 3 + 3 * 4 + 3 * 7
     assert {note for t, _, note in rows if t == "haproxy"} == {"not available: haproxy not installed"}
     assert {note for t, _, note in rows if t != "haproxy"} == {None}
 
