@@ -109,13 +109,13 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _key(path: str, key: Any) -> str:
     """The path of a map entry: ``ports.9080``, ``labels.app``; keys with dots or slashes in
     brackets: ``services['default/reviews.default.svc.cluster.local']``."""
-    if isinstance(key, int) or (isinstance(key, str) and _PLAIN_KEY.match(key)):
+    if isinstance(key, int) or (isinstance(key, str) and _PLAIN_KEY.fullmatch(key)):
         return _join(path, key)
     return f"{path}[{key!r}]"
 
@@ -260,23 +260,25 @@ def _cidr(v: Any, path: str) -> str:
         raise _Invalid(path, f"{s!r} is not a CIDR (e.g. 10.0.0.0/8)") from None
 
 
-# Kubernetes object names: namespaces and Service names are RFC 1123 labels.
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DNS_NAME_LABEL = re.compile(r"^[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9_])?$")
+# Kubernetes object names: namespaces and Service names are RFC 1123 labels. These are used with
+# fullmatch: with match, a `$` also matches before a final newline, so "default\n" passed as a
+# namespace (the same bug the fuzzer found in hbone/connect.py's header-name check).
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_NAME_LABEL = re.compile(r"[A-Za-z0-9_]([-A-Za-z0-9_]{0,61}[A-Za-z0-9_])?")
 # Label keys: optional DNS-subdomain prefix + "/" + name (≤ 63, alnum at both ends, -_. inside).
-_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 
 
 def _namespace(v: Any, path: str) -> str:
     s = _nonempty_str(v, path)
-    if not _DNS_LABEL.match(s):
+    if not _DNS_LABEL.fullmatch(s):
         raise _Invalid(path, f"{s!r} is not a valid namespace (lower-case RFC 1123 label, e.g. 'default')")
     return s
 
 
 def _dns_label(v: Any, path: str) -> str:
     s = _nonempty_str(v, path)
-    if not _DNS_LABEL.match(s):
+    if not _DNS_LABEL.fullmatch(s):
         raise _Invalid(path, f"{s!r} is not a valid name (lower-case RFC 1123 label)")
     return s
 
@@ -285,7 +287,7 @@ def _hostname(v: Any, path: str) -> str:
     """A DNS name; folded to lower case because host matching is case-insensitive (RFC 4343)."""
     s = _nonempty_str(v, path)
     labels = s.rstrip(".").split(".")
-    if len(s) > 253 or not all(_DNS_NAME_LABEL.match(label) for label in labels):
+    if len(s) > 253 or not all(_DNS_NAME_LABEL.fullmatch(label) for label in labels):
         raise _Invalid(path, f"{s!r} is not a valid hostname")
     return s.rstrip(".").lower()
 
@@ -365,12 +367,12 @@ def _labels(v: Any, path: str) -> Mapping[str, str]:
         if not isinstance(k, str):
             raise _Invalid(kp, f"label keys must be strings, got {_type_name(k)}")
         prefix, slash, name = k.rpartition("/")
-        if not _LABEL_NAME.match(name) or (slash and not _hostname_ok(prefix)):
+        if not _LABEL_NAME.fullmatch(name) or (slash and not _hostname_ok(prefix)):
             raise _Invalid(kp, f"{k!r} is not a valid label key")
         if not isinstance(val, str):
             # Kubernetes label values are strings; `version: 1` or `canary: true` must be quoted.
             raise _Invalid(kp, f"label values must be strings (quote it), got {_type_name(val)}")
-        if val and not _LABEL_NAME.match(val):
+        if val and not _LABEL_NAME.fullmatch(val):
             raise _Invalid(kp, f"{val!r} is not a valid label value (≤ 63 of A-Z a-z 0-9 - _ ., alphanumeric at both ends)")
         out[k] = val
     return MappingProxyType(out)

@@ -24,7 +24,10 @@ _SOCKADDR_IN6_LEN = 28
 
 def parse_sockaddr(raw: bytes) -> tuple[str, int]:
     """``struct sockaddr_in``/``sockaddr_in6`` bytes → (ip, port). Family is host byte order,
-    port network order."""
+    port network order. Anything else is a ValueError (what original_dst falls back on)."""
+    if len(raw) < 4:
+        # struct.error is not a ValueError: a short buffer must not escape original_dst's fallback.
+        raise ValueError(f"sockaddr of {len(raw)} bytes is too short")
     family = struct.unpack_from("=H", raw, 0)[0]
     (port,) = struct.unpack_from("!H", raw, 2)
     if family == socket.AF_INET:

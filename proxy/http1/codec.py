@@ -456,7 +456,8 @@ class ResponseReader(_Reader):
                                                       parser.should_keep_alive(), has_body, chunked, length)))
 
     def _execute(self, data: bytes) -> None:
-        if not self._head_request:
+        # (A _ClosedParser refuses the bytes even if the caller expects another HEAD answer.)
+        if not self._head_request or self._parser.__class__ is _ClosedParser:
             try:
                 self._parser.feed_data(data)
             except httptools.HttpParserUpgrade as up:
@@ -481,15 +482,22 @@ class ResponseReader(_Reader):
                 # which would otherwise wait for Content-Length bytes that never come.
                 keep_alive = self._parser.should_keep_alive()
                 self.on_message_complete()
-                self._parser = httptools.HttpResponseParser(self)
+                # Without keep-alive this response is the connection's last: what follows answers
+                # no request. llhttp refuses such bytes after any other response ("Data after
+                # `Connection: close`"); a fresh parser here would read them as a next response
+                # when they come in a later read (found by fuzzing: a desync), so it refuses too.
+                self._parser = httptools.HttpResponseParser(self) if keep_alive else _ClosedParser()
                 self._head_request = False
-                if not keep_alive:
-                    data = b""
                 self._parser.feed_data(data)
                 return
 
     def feed_eof(self) -> list:
         if self._error is not None:
+            raise self._error
+        if self._pending:
+            # Part of a response head to HEAD, held unparsed (see _execute): cut short like any other
+            # head, though llhttp never saw it begin (found by fuzzing: it ended silently).
+            self._error = Http1Error(502, "connection closed mid-message")
             raise self._error
         if self._in_message and not self._awaiting_head and self._body_until_eof():
             self._events = []
@@ -503,6 +511,16 @@ class ResponseReader(_Reader):
             if name in _FRAMING:
                 return False
         return True
+
+
+class _ClosedParser:
+    """Stands in for llhttp after a response to HEAD that closed the connection (see _execute)."""
+
+    __slots__ = ()
+
+    def feed_data(self, data: bytes) -> None:
+        if data:
+            raise Http1Error(502, "data after a response that closes the connection")
 
 
 # ---- serializers ------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""Inputs found by coverage-guided fuzzing (atheris, session of 2026-11-26) of the pure parsers,
+each pinned with the answer it must get. Each test names the parser, the symptom the input caused
+before its fix, and the rule that decides the right answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.http1.codec import Http1Error, MessageEnd, ResponseHead, ResponseReader
+from hbone.connect import ConnectRequest
+from hbone.errors import BadRequest
+from proxy.origdst import parse_sockaddr
+
+# ---- proxy/http1/codec.py ----------------------------------------------------------------------
+
+_HEAD_CLOSE = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 10\r\n\r\n"
+_STRAY = b"HTTP/1.1 304 Not Modified\r\n\r\n"
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+@pytest.mark.parametrize("split", [False, True, "expect-again"])
+def test_response_after_a_closing_response_is_refused_however_it_is_split(method, split):
+    """A response that ends its connection (no keep-alive) must be the last one: bytes after it
+    answer no request (a desync if read as a next response). llhttp refuses them ("Data after
+    `Connection: close`", 502); the HEAD path restarts llhttp itself and, before the fix, dropped
+    them when they came in the same read but parsed them as a second response when they came in the
+    next one. Fuzz input: a HEAD response without keep-alive, then a 304, split between reads."""
+    reader = ResponseReader()
+    reader.expect(method)
+    head = _HEAD_CLOSE + (b"0123456789" if method == b"GET" else b"")
+    pieces = [head, _STRAY] if split else [head + _STRAY]
+    # (a second fuzz input: HTTP/1.0 200 without keep-alive to HEAD, then bytes, expect(HEAD) again)
+    events = []
+    with pytest.raises(Http1Error) as err:
+        for piece in pieces:
+            events += reader.feed(piece)
+            if split == "expect-again" and events and events[-1] is MessageEnd:
+                reader.expect(method)   # a caller that goes on as if the connection were reusable
+        reader.feed_eof()
+    assert err.value.status == 502
+    heads = [e for e in events if isinstance(e, ResponseHead)]
+    assert [h.status for h in heads] == [200] and events[-1] is MessageEnd
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+def test_response_head_cut_short_by_eof_is_an_error_for_head_too(method):
+    """RFC 9112 §8: a message cut short by the connection closing is incomplete. The HEAD path holds
+    the head's bytes until its blank line, so before the fix an EOF there returned no events and no
+    error, where the GET path answers 502. Fuzz input: a HEAD response head cut mid-header."""
+    reader = ResponseReader()
+    reader.expect(method)
+    assert reader.feed(b"HTTP/1.1 200 OK\r\nContent-Le") == []
+    with pytest.raises(Http1Error) as err:
+        reader.feed_eof()
+    assert err.value.status == 502 and reader.failed is err.value
+
+
+# ---- proxy/origdst.py --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [b"", b"\x02", b"\x02\x00\x1f"])
+def test_short_sockaddr_is_a_value_error(raw):
+    """original_dst falls back to getsockname() on (OSError, ValueError); before the fix a sockaddr
+    shorter than its 4-byte family + port head raised struct.error, which is neither, so it would
+    have escaped original_dst. Fuzz input: b"" (and any 1-3 bytes)."""
+    with pytest.raises(ValueError):
+        parse_sockaddr(raw)
+
+
+# ---- hbone/connect.py --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [b"99f\n", b"x-a\n", b"baggage\n"])
+def test_header_name_with_a_trailing_newline_is_refused(name):
+    """RFC 9113 §8.2.1: a field name is a token, and CR/LF/NUL anywhere make the request malformed.
+    The name check was `re.match` with `^...$`, and `$` also matches before a final newline, so
+    b"99f\\n" was taken as a valid name and passed on in ConnectRequest.headers (the value check
+    covers values only). Fuzz input: a CONNECT with a header named b"99f\\n"."""
+    headers = [(b":method", b"CONNECT"), (b":authority", b"10.0.0.1:80"), (name, b"v")]
+    with pytest.raises(BadRequest) as err:
+        ConnectRequest.from_h2_headers(headers)
+    assert err.value.status == 400 and "bad header name" in err.value.reason
+
+
+# ---- policy/loader.py --------------------------------------------------------------------------
+
+_WORKLOAD = {"uid": "Kubernetes//v1/Pod/default/w-0", "name": "w-0", "namespace": "default",
+             "workloadIps": ["127.1.0.21"], "protocol": "HBONE", "node": "node-b",
+             "labels": {"app": "w"}}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("namespace", "default\n"),                 # _DNS_LABEL
+    ("labels", {"app\n": "w"}),                 # _LABEL_NAME, a key
+    ("labels", {"app": "w\n"}),                 # _LABEL_NAME, a value
+    ("labels", {"example.com\n/app": "w"}),     # _DNS_NAME_LABEL, through a label key's prefix
+])
+def test_names_with_a_trailing_newline_are_refused(field, value):
+    """The name checks were `re.match` with `^...$`, and `$` also matches before a final newline:
+    `namespace: "default\\n"` loaded as a namespace no policy or peer could ever name (a policy in it
+    silently applies to nothing). The same `$` bug as hbone/connect.py's header-name check, found by
+    fuzzing there; each check here is now a fullmatch."""
+    from policy.errors import ConfigErrors, Where
+    from policy.loader import build_mesh_config
+
+    doc = {"workloads": [dict(_WORKLOAD, **{field: value})]}
+    with pytest.raises(ConfigErrors) as err:
+        build_mesh_config([(Where("inv.yaml", 1), doc)])
+    assert "not a valid" in err.value.message
