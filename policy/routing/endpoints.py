@@ -19,10 +19,25 @@ from typing import Mapping, Sequence
 
 from policy.inventory import Inventory, Service, Workload
 
-from .model import OUTCOME_ERRORS, HOST_SELECTION_MAX_ATTEMPTS, OutlierDetection, Outcome, TrafficPolicy
+from .hashing import MaglevTable, RingTable, build_table, hash64
+from .model import (
+    OUTCOME_ERRORS, HOST_SELECTION_MAX_ATTEMPTS, ConsistentHash, OutlierDetection, Outcome, TrafficPolicy,
+)
 from .select import pick_weighted
 
 LEAST_REQUEST_CHOICES = 2   # Envoy least_request choice_count default: power of two choices
+# Consistent-hash tables kept per LoadBalancer, keyed by (algorithm, size, the usable hosts and weights),
+# least recently built/used first out. One is live per consistent-hash cluster and ejection state; a
+# waypoint serves a few dozen such clusters at most, and a table is ≤ ~8 MB (a 1 000 003-slot Maglev
+# list) and typically ~50 KB (a 1 024-point ring) — so 64 bounds memory while never rebuilding in
+# steady state. A config reload with the same hosts finds its table again (same content key).
+CONSISTENT_TABLES_MAX = 64
+# The per-request shortcut to a table: (candidates object, ejected set, algorithm) → (candidates, usable
+# hosts, table), so a pick does not rebuild the O(hosts) content key. Entries are three references;
+# candidate tuples are memoised per config snapshot, so the live set is one per (cluster, ejection
+# state); 256 leaves room for the previous snapshot's while it drains.
+CONSISTENT_VIEWS_MAX = 256
+_NO_EJECTED: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -79,24 +94,37 @@ class LoadBalancer:
 
     def __init__(self) -> None:
         self.rr: dict[str, dict[str, float]] = {}   # cluster → host key → current weight
+        # Consistent hashing (see CONSISTENT_TABLES_MAX / CONSISTENT_VIEWS_MAX).
+        self.tables: dict[tuple, RingTable | MaglevTable] = {}
+        self.views: dict[tuple, tuple] = {}
 
     def __repr__(self) -> str:
-        return f"<LoadBalancer round_robin_clusters={len(self.rr)}>"
+        return (f"<LoadBalancer round_robin_clusters={len(self.rr)} hash_tables={len(self.tables)} "
+                f"hash_views={len(self.views)}>")
 
     def pick(self, candidates: Sequence[Candidate], *, rng: random.Random, exclude: frozenset[str] = frozenset(),
              active_requests: Mapping[str, int] | None = None, lb: str = "LEAST_REQUEST", cluster: str = "",
              ejected: frozenset[str] | set[str] = frozenset(),
-             host_selection_max_attempts: int = HOST_SELECTION_MAX_ATTEMPTS) -> Candidate | None:
+             host_selection_max_attempts: int = HOST_SELECTION_MAX_ATTEMPTS,
+             consistent: ConsistentHash | None = None, hash_key: bytes | None = None) -> Candidate | None:
         """One host, or None when no host can be used (⇒ 503 UH, "no healthy upstream").
 
         ``exclude``: hosts tried by earlier attempts of this request. As Envoy's previous_hosts predicate,
         a pick that lands on one is redone up to ``host_selection_max_attempts`` times; after that the last
-        pick is used (so a single-host cluster still gets its retries)."""
+        pick is used (so a single-host cluster still gets its retries).
+
+        ``consistent``: the cluster's ``consistentHash`` (then ``lb`` is not used): the host is the ring's
+        or Maglev table's for ``hash_key`` (``hashing.request_hash``), a random point when ``hash_key`` is
+        None. ``candidates`` is then expected to be the same (memoised) sequence from request to request:
+        the table is found by its identity in O(1)."""
         if len(candidates) == 1:
             # One host (e.g. a one-pod subset): it, if usable — no algorithm can choose otherwise, and
             # reselection for ``exclude`` would land on it again (then Envoy uses the last pick).
             only = candidates[0]
             return only if only.key not in ejected and only.weight > 0 else None
+        if consistent is not None:
+            return self._pick_hashed(candidates, consistent, hash_key, rng, exclude, ejected,
+                                     host_selection_max_attempts)
         usable = [c for c in candidates if c.key not in ejected and c.weight > 0]
         if not usable:
             return None
@@ -107,6 +135,54 @@ class LoadBalancer:
                 break
             choice = self._pick_once(usable, rng, active_requests, algo, cluster)
         return choice
+
+    def _pick_hashed(self, candidates: Sequence[Candidate], ch: ConsistentHash, key: bytes | None,
+                     rng: random.Random, exclude: frozenset[str], ejected: frozenset[str] | set[str],
+                     max_attempts: int) -> Candidate | None:
+        # Envoy builds the ring/table from the healthy hosts only (ThreadAwareLoadBalancerBase::refresh
+        # normalizes ``host_set.healthyHosts()``; an outlier-ejected host is unhealthy), and rebuilds it on
+        # every host-set or health change: so an ejected host's keys move to other hosts and come back
+        # when it returns. Here: one table per usable host set, cached.
+        ej = ejected if type(ejected) is frozenset else (frozenset(ejected) if ejected else _NO_EJECTED)
+        params = ch.table_params
+        vkey = (id(candidates), ej, params)
+        view = self.views.get(vkey)
+        if view is None or view[0] is not candidates:
+            view = self._view(candidates, ej, params, ch)
+            if len(self.views) >= CONSISTENT_VIEWS_MAX:
+                del self.views[next(iter(self.views))]
+            self.views[vkey] = view
+        _, usable, table = view
+        if table is None:
+            return None
+        # Envoy: "If there is no hash in the context, just choose a random value (this effectively becomes
+        # the random LB ...)" — a random point of the same ring/table, so weights still hold.
+        h = hash64(key) if key is not None else rng.getrandbits(64)
+        choice = usable[table.choose(h, 0)]
+        # Envoy's host selection with a retry host predicate (ThreadAwareLoadBalancerBase chooseHost):
+        # ``for (i = 0; i < max_attempts; ++i) { host = chooseHost(h, i); if (!shouldSelectAnotherHost(host))
+        # return host; }`` then the last host; ``attempt`` i walks the ring (next point) or perturbs the
+        # Maglev hash. ``exclude`` is empty unless the route asks for previous_hosts (Istio drops it for
+        # consistent hashing unless retryIgnorePreviousHosts: true — RetryPolicy.avoids_previous_hosts).
+        attempt = 0
+        while attempt < max_attempts and choice.key in exclude:
+            attempt += 1
+            choice = usable[table.choose(h, attempt)]
+        return choice
+
+    def _view(self, candidates: Sequence[Candidate], ej: frozenset[str], params: tuple,
+              ch: ConsistentHash) -> tuple:
+        usable = tuple(c for c in candidates if c.key not in ej and c.weight > 0)
+        if not usable:
+            return (candidates, usable, None)
+        tkey = (params, tuple((c.key, c.weight) for c in usable))
+        table = self.tables.pop(tkey, None)          # re-inserted below: least recently used goes first
+        if table is None:
+            table = build_table(ch, tkey[1])
+            if len(self.tables) >= CONSISTENT_TABLES_MAX:
+                del self.tables[next(iter(self.tables))]
+        self.tables[tkey] = table
+        return (candidates, usable, table)
 
     def _pick_once(self, usable: list[Candidate], rng: random.Random, active: Mapping[str, int] | None,
                    algo: str, cluster: str) -> Candidate:

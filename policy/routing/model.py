@@ -180,6 +180,16 @@ class RetryPolicy:
     host_selection_max_attempts: int = HOST_SELECTION_MAX_ATTEMPTS
     backoff_base_s: float = RETRY_BACKOFF_BASE_S
     backoff_max_s: float = RETRY_BACKOFF_BASE_S * RETRY_BACKOFF_MAX_FACTOR
+    # The VirtualService wrote ``retryIgnorePreviousHosts: true`` (not the default): the one case where a
+    # consistent-hash cluster's retries avoid the hosts already tried (``avoids_previous_hosts``).
+    ignore_previous_hosts_set: bool = False
+
+    def avoids_previous_hosts(self, consistent_hash: bool) -> bool:
+        """Whether retries pass the hosts already tried as ``exclude`` (Envoy's previous_hosts predicate).
+        Istio retry.go newRetryPolicy adds the predicate only ``if !hashPolicy`` — "When Consistent Hashing
+        is enabled, we don't want to use other hosts during retries" — and ConvertPolicy adds it back when
+        the route sets ``retryIgnorePreviousHosts: true``."""
+        return self.ignore_previous_hosts_set if consistent_hash else self.retry_ignore_previous_hosts
 
     @property
     def max_requests(self) -> int:
@@ -485,10 +495,83 @@ class OutlierDetection:
     max_ejection_time_s: float = 300.0       # Envoy default max_ejection_time 300s
 
 
+# ---------------------------------------------------------------------------------------------
+# Consistent hashing (DestinationRule loadBalancer.consistentHash; the algorithms: policy/routing/hashing.py)
+
+HASH_HEADER = "httpHeaderName"
+HASH_COOKIE = "httpCookie"
+HASH_SOURCE_IP = "useSourceIp"
+HASH_QUERY = "httpQueryParameterName"
+RING_HASH = "RING_HASH"
+MAGLEV = "MAGLEV"
+# Istio cluster_traffic_policy.go ApplyRingHashLoadBalancer: "1024 is the default value for envoy" (also
+# Envoy's RingHash minimum_ring_size: "Defaults to 1024 entries").
+RING_HASH_MIN_SIZE_DEFAULT = 1024
+# Envoy RingHash: minimum_ring_size "limited to 8M entries"; maximum_ring_size "Defaults to 8M entries".
+RING_HASH_MAX_SIZE = 8 * 1024 * 1024
+# Istio destination_rule.proto MagLev.table_size: "If it is not specified, the default is 65537."
+MAGLEV_TABLE_SIZE_DEFAULT = 65537
+# istiod validateLoadBalancer: "tableSize must be less than 5000011 for maglev".
+MAGLEV_TABLE_SIZE_LIMIT = 5000011
+
+
+@dataclass(frozen=True)
+class HttpCookie:
+    """``consistentHash.httpCookie``. Istio: "Lifetime of the cookie. If specified, a cookie with the TTL
+    will be generated if the cookie is not present. If the TTL is present and zero, the generated cookie
+    will be a session cookie." ``ttl_s`` None: no ttl, a request without the cookie is not hashed."""
+
+    name: str                                   # as written (views); the request's bytes in ``name_wire``
+    path: str = ""
+    ttl_s: float | None = None
+    attributes: tuple[tuple[str, str], ...] = ()   # extra Set-Cookie attributes (name, value; value may be "")
+    name_wire: bytes = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name_wire", self.name.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class ConsistentHash:
+    """``loadBalancer.consistentHash``: the hash key (``key_kind`` one of HASH_HEADER, HASH_COOKIE,
+    HASH_SOURCE_IP, HASH_QUERY, or None: nothing hashed, every pick is random on the ring as Envoy does
+    with no hash policy) and the table (RING_HASH with ``minimum_ring_size`` or MAGLEV with
+    ``table_size``). ``key_name``: the header / query parameter name as written (header names are
+    matched lowercased: ``key_wire``)."""
+
+    key_kind: str | None = None
+    key_name: str = ""
+    cookie: HttpCookie | None = None
+    algorithm: str = RING_HASH
+    minimum_ring_size: int = RING_HASH_MIN_SIZE_DEFAULT
+    table_size: int = MAGLEV_TABLE_SIZE_DEFAULT
+    # What the request is searched for (derived): the lowercased header name, the query parameter name or
+    # the cookie name, as bytes (UTF-8, the request's own bytes).
+    key_wire: bytes = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.key_kind == HASH_HEADER:
+            w = ascii_lower(self.key_name).encode("utf-8")
+        elif self.key_kind == HASH_COOKIE and self.cookie is not None:
+            w = self.cookie.name_wire
+        else:
+            w = self.key_name.encode("utf-8")
+        object.__setattr__(self, "key_wire", w)
+
+    @property
+    def table_params(self) -> tuple[str, int]:
+        """What the host table depends on (besides the hosts): the algorithm and its size."""
+        return (self.algorithm, self.minimum_ring_size if self.algorithm == RING_HASH else self.table_size)
+
+    @property
+    def generates_cookie(self) -> bool:
+        return self.cookie is not None and self.cookie.ttl_s is not None
+
+
 @dataclass(frozen=True)
 class TrafficPolicy:
     load_balancer: str | None = None             # ROUND_ROBIN | RANDOM | LEAST_REQUEST | PASSTHROUGH
-    consistent_hash: Mapping | None = None       # parsed, not enforced (warning)
+    consistent_hash: ConsistentHash | None = None   # loadBalancer.consistentHash (then load_balancer is None)
     connection_pool: ConnectionPool | None = None
     outlier_detection: OutlierDetection | None = None
     tls_mode: str | None = None
@@ -513,6 +596,12 @@ class TrafficPolicy:
             outlier_detection=sub.outlier_detection if sub.outlier_detection is not None else self.outlier_detection,
             tls_mode=sub.tls_mode if sub.tls_mode is not None else self.tls_mode,
         )
+
+    @property
+    def lb_policy(self) -> str:
+        """The Envoy cluster ``lb_policy`` (views): RING_HASH / MAGLEV with consistent hashing, else
+        ``lb_algorithm``."""
+        return self.consistent_hash.algorithm if self.consistent_hash is not None else self.lb_algorithm
 
     @property
     def lb_algorithm(self) -> str:

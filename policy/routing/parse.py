@@ -4,7 +4,7 @@ DestinationRule, ``gateway.networking.k8s.io`` HTTPRoute and Gateway.
 Each takes one decoded YAML document and returns a frozen model, or raises ``ConfigError`` naming the
 exact field (``spec.http[0].route[1].weight: expected an integer 0..``). Unknown fields inside ``spec``
 are errors, as ``kubectl apply`` does with its default strict field validation; fields we read but do
-not enforce (CORS, consistent hashing, TLS routes) are accepted and reported in ``.warnings``.
+not enforce (CORS, locality load balancing, TLS routes) are accepted and reported in ``.warnings``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ from policy.errors import ConfigError, Where
 from policy.wire import ascii_lower, wire_form
 
 from .regex import Regex, RegexError, check_rewrite, compile_regex
+from .hashing import MAGLEV_BUILD_MAX_TABLE_SIZE, RING_BUILD_MAX_SIZE, is_prime
 from .model import (
+    HASH_COOKIE, HASH_HEADER, HASH_QUERY, HASH_SOURCE_IP, MAGLEV, MAGLEV_TABLE_SIZE_DEFAULT,
+    MAGLEV_TABLE_SIZE_LIMIT, RING_HASH, RING_HASH_MAX_SIZE, RING_HASH_MIN_SIZE_DEFAULT, ConsistentHash,
+    HttpCookie,
     BackendRef, ConnectionPool, DestinationRule, Fault, Gateway, GwHeaderMatch, GwMatch, GwRule,
     HeaderOps, HeaderRules, HttpMatch, HttpRoute, HttpRule, KNOWN_RETRY_ON, Listener, MirrorSpec,
     NO_HEADER_RULES, OutlierDetection, ParentRef, RedirectSpec, RetryPolicy, RewriteSpec, StringMatch,
@@ -519,7 +523,8 @@ def _vs_retries(r: _R, v: Any, path: str) -> RetryPolicy:
         base = r.duration(m.get("backoff"), f"{path}.backoff")
         if base <= 0:
             raise r.fail(f"{path}.backoff", "expected a positive duration")
-    return RetryPolicy(attempts, on, codes, per_try, ignore_prev, backoff_base_s=base, backoff_max_s=base * 10)
+    return RetryPolicy(attempts, on, codes, per_try, ignore_prev, backoff_base_s=base, backoff_max_s=base * 10,
+                       ignore_previous_hosts_set=m.get("retryIgnorePreviousHosts") is True)
 
 
 def _vs_fault(r: _R, v: Any, path: str) -> Fault:
@@ -640,8 +645,7 @@ def _traffic_policy(r: _R, v: Any, path: str, *, top: bool) -> TrafficPolicy:
                 raise r.fail(f"{p}.simple", "expected one of " + ", ".join(LB_SIMPLE))
             lb = lbm["simple"]
         if lbm.get("consistentHash") is not None:
-            ch = MappingProxyType(dict(r.map(lbm["consistentHash"], f"{p}.consistentHash")))
-            r.warn(f"{p}.consistentHash", "consistent hashing is not supported; LEAST_REQUEST is used")
+            ch = _consistent_hash(r, lbm["consistentHash"], f"{p}.consistentHash")
         if lbm.get("localityLbSetting") is not None:
             r.map(lbm["localityLbSetting"], f"{p}.localityLbSetting")
             r.warn(f"{p}.localityLbSetting", "locality load balancing is not supported; ignored")
@@ -670,6 +674,107 @@ def _traffic_policy(r: _R, v: Any, path: str, *, top: bool) -> TrafficPolicy:
             pm = r.map(r.map(x, p).get("port"), f"{p}.port", ("number",))
             port_level.append((r.int(pm.get("number"), f"{p}.port.number", 1, MAX_PORT), sub))
     return TrafficPolicy(lb, ch, pool, od, tls_mode, tuple(port_level))
+
+
+_HASH_KEYS = (HASH_HEADER, HASH_COOKIE, HASH_SOURCE_IP, HASH_QUERY)
+# RFC 6265 §4.1.1: cookie-name is a token (RFC 2616 §2.2: no CTLs or separators).
+_COOKIE_NAME_BAD = frozenset('()<>@,;:\\"/[]?={} \t')
+
+
+def _consistent_hash(r: _R, v: Any, path: str) -> ConsistentHash:
+    """``loadBalancer.consistentHash`` (destination_rule.proto ConsistentHashLB), validated as istiod's
+    ``validateLoadBalancer`` does, plus what Envoy would reject when loading the cluster."""
+    m = r.map(v, path, (*_HASH_KEYS, "ringHash", "maglev", "minimumRingSize"))
+    keys = [k for k in _HASH_KEYS if m.get(k) is not None]
+    if len(keys) > 1:
+        # ``oneof hash_key``: a second member is a decoding error for the API server.
+        raise r.fail(path, f"only one of {', '.join(_HASH_KEYS)} may be set (got {', '.join(keys)})")
+    kind: str | None = keys[0] if keys else None
+    name = ""
+    cookie = None
+    if kind == HASH_HEADER:
+        name = r.wire_str(m[kind], f"{path}.{kind}")
+    elif kind == HASH_QUERY:
+        name = r.wire_str(m[kind], f"{path}.{kind}")
+        if "&" in name or "=" in name:
+            raise r.fail(f"{path}.{kind}", "a query parameter name cannot contain '&' or '='")
+    elif kind == HASH_SOURCE_IP:
+        if not r.bool(m[kind], f"{path}.{kind}"):
+            # istiod: ConnectionProperties{SourceIp: false}; Envoy then builds no hash method.
+            r.warn(f"{path}.{kind}", "false hashes nothing: every request gets a random host of the ring")
+            kind = None
+    elif kind == HASH_COOKIE:
+        cookie = _http_cookie(r, m[kind], f"{path}.{kind}")
+        name = cookie.name
+    if not keys:
+        # istiod accepts a consistentHash without a hash key; Envoy then has no hash policy and "just
+        # choose[s] a random value (this effectively becomes the random LB)" (thread_aware_lb_impl.cc).
+        r.warn(path, "no hash key (httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName): "
+                     "every request gets a random host of the ring")
+    if m.get("ringHash") is not None and m.get("maglev") is not None:
+        raise r.fail(path, "only one of ringHash, maglev may be set")     # ``oneof hash_algorithm``
+    legacy = r.int(m.get("minimumRingSize", 0), f"{path}.minimumRingSize", 0, RING_HASH_MAX_SIZE)
+    if legacy and (m.get("ringHash") is not None or m.get("maglev") is not None):
+        # istiod: "only one of MinimumRingSize or Maglev/Ringhash can be specified".
+        raise r.fail(f"{path}.minimumRingSize", "only one of minimumRingSize or maglev/ringHash can be specified")
+    if legacy:
+        # istiod: "consistent hash MinimumRingSize is deprecated, use ConsistentHashLB's RingHash
+        # configuration instead" (a warning; the value is still used).
+        r.warn(f"{path}.minimumRingSize", "deprecated; use ringHash.minimumRingSize")
+    algorithm, ring, table = RING_HASH, legacy or RING_HASH_MIN_SIZE_DEFAULT, MAGLEV_TABLE_SIZE_DEFAULT
+    if m.get("ringHash") is not None:
+        rh = r.map(m["ringHash"], f"{path}.ringHash", ("minimumRingSize",))
+        # Envoy RingHash.minimum_ring_size: "limited to 8M entries"; istiod passes 0 as "unset" (1024).
+        ring = r.int(rh.get("minimumRingSize", 0), f"{path}.ringHash.minimumRingSize", 0,
+                     RING_HASH_MAX_SIZE) or RING_HASH_MIN_SIZE_DEFAULT
+    if m.get("maglev") is not None:
+        algorithm = MAGLEV
+        mg = r.map(m["maglev"], f"{path}.maglev", ("tableSize",))
+        p = f"{path}.maglev.tableSize"
+        size = mg.get("tableSize", 0)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise r.fail(p, "expected a prime number below 5000011")
+        # istiod validateLoadBalancer, in this order.
+        if size == 0:
+            raise r.fail(p, "tableSize must be set for maglev")
+        if size >= MAGLEV_TABLE_SIZE_LIMIT:
+            raise r.fail(p, "tableSize must be less than 5000011 for maglev")
+        if not is_prime(size):
+            raise r.fail(p, "tableSize must be a prime number for maglev")
+        table = size
+        if size > MAGLEV_BUILD_MAX_TABLE_SIZE:
+            r.warn(p, f"this proxy builds Maglev tables of at most {MAGLEV_BUILD_MAX_TABLE_SIZE} slots; "
+                      f"{MAGLEV_BUILD_MAX_TABLE_SIZE} is used")
+    elif ring > RING_BUILD_MAX_SIZE:
+        r.warn(f"{path}.ringHash.minimumRingSize" if m.get("ringHash") is not None else f"{path}.minimumRingSize",
+               f"this proxy builds rings of at most {RING_BUILD_MAX_SIZE} points; {RING_BUILD_MAX_SIZE} is used")
+    return ConsistentHash(kind, name, cookie, algorithm, ring, table)
+
+
+def _http_cookie(r: _R, v: Any, path: str) -> HttpCookie:
+    m = r.map(v, path, ("name", "path", "ttl", "attributes"))
+    if m.get("name") in (None, ""):
+        raise r.fail(f"{path}.name", "name required for HttpCookie")          # istiod's message
+    name = r.wire_str(m["name"], f"{path}.name")
+    bad = next((c for c in name if c in _COOKIE_NAME_BAD or ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if bad is not None:
+        raise r.fail(f"{path}.name", f"{bad!r} cannot be in a cookie name (RFC 6265: a token)")
+    cpath = r.wire_str(m.get("path", ""), f"{path}.path", empty_ok=True)
+    if ";" in cpath:
+        raise r.fail(f"{path}.path", "';' cannot be in a cookie path (it would end the Set-Cookie attribute)")
+    # istiod no longer requires ttl (it once said "ttl required for HttpCookie"); without one, Envoy never
+    # generates the cookie and a request without it is not hashed.
+    ttl = r.opt_duration(m.get("ttl"), f"{path}.ttl")
+    attrs = []
+    for i, x in enumerate(r.list(m.get("attributes"), f"{path}.attributes")):
+        p = f"{path}.attributes[{i}]"
+        a = r.map(x, p, ("name", "value"))
+        an = r.wire_str(a.get("name"), f"{p}.name")
+        av = r.wire_str(a.get("value", ""), f"{p}.value", empty_ok=True)
+        if ";" in an or ";" in av or "=" in an:
+            raise r.fail(p, "';' (and '=' in the name) cannot be in a cookie attribute")
+        attrs.append((an, av))
+    return HttpCookie(name, cpath, ttl, tuple(attrs))
 
 
 def _connection_pool(r: _R, v: Any, path: str) -> ConnectionPool:
