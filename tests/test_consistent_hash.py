@@ -467,3 +467,28 @@ def test_hash_key_and_pick_never_raise_on_arbitrary_bytes(headers, query, ip, rn
         assert set_cookie is None or set_cookie.endswith(b"; HttpOnly")
         c = lb.pick(cands, rng=random.Random(rng_seed), consistent=ch, hash_key=key)
         assert c in cands
+
+
+_LEAF = st.none() | st.booleans() | st.integers(-3, 10_000_000) | st.floats(allow_nan=False) | \
+    st.text(max_size=12) | st.sampled_from(["10s", "0s", "x-user", "session", "/a;b", "1h", "65537"])
+_FIELDS = ["httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName", "ringHash", "maglev",
+           "minimumRingSize", "name", "path", "ttl", "attributes", "tableSize", "value", "bogus"]
+_VALUE = st.recursive(_LEAF, lambda inner: st.lists(inner, max_size=3) |
+                      st.dictionaries(st.sampled_from(_FIELDS), inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=st.dictionaries(st.sampled_from(_FIELDS), _VALUE, max_size=4))
+def test_parser_only_config_errors_escape_for_any_consistent_hash_value(spec):
+    from policy.errors import ConfigError, Where
+    from policy.routing import parse_destination_rule
+    doc = {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+           "metadata": {"name": "web", "namespace": "default"},
+           "spec": {"host": "web", "trafficPolicy": {"loadBalancer": {"consistentHash": spec}}}}
+    try:
+        rule = parse_destination_rule(doc, Where("mesh.yaml", 1))
+    except ConfigError as e:
+        assert str(e).startswith("mesh.yaml") and "spec.trafficPolicy.loadBalancer" in str(e)
+        return
+    ch = rule.traffic_policy.consistent_hash
+    assert isinstance(ch, ConsistentHash) and ch.algorithm in (RING_HASH, MAGLEV)
