@@ -13,7 +13,7 @@
    §6.8 says the opposite: streams up to the last stream id "can still complete successfully", and
    graceful shutdown (DESIGN §7: GOAWAY, then let in-flight tunnels finish) depends on it.
    `allow_streams_after_goaway(conn)` gives one connection a transition table in which GOAWAY keeps
-   the open state; the HBONE core itself refuses new streams after GOAWAY (client: no new CONNECT;
+   the open (or, before the first stream, idle) state; the HBONE core itself refuses new streams after GOAWAY (client: no new CONNECT;
    server: REFUSED_STREAM) and stops on connection errors. Per instance, so other h2 users in the
    process keep h2's behaviour.
 
@@ -507,7 +507,10 @@ def _data_body_repr(self: hyperframe.frame.DataFrame) -> str:
 
 
 _GRACEFUL_TRANSITIONS = dict(H2ConnectionStateMachine._transitions)
-for _state in (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN):
+# IDLE too (SETTINGS exchanged, no stream yet): h2 went CLOSED there, so the next keepalive ping raised
+# ProtocolError out of the core and a later HEADERS was a connection error, not REFUSED_STREAM (found
+# by fuzzing ServerCore). A table entry: no per-frame work.
+for _state in (ConnectionState.CLIENT_OPEN, ConnectionState.SERVER_OPEN, ConnectionState.IDLE):
     for _input in (ConnectionInputs.SEND_GOAWAY, ConnectionInputs.RECV_GOAWAY):
         assert _GRACEFUL_TRANSITIONS[(_state, _input)] == (None, ConnectionState.CLOSED), "h2 changed"
         _GRACEFUL_TRANSITIONS[(_state, _input)] = (None, _state)

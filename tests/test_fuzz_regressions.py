@@ -123,3 +123,54 @@ def test_a_million_bad_entries_report_a_bounded_number_of_problems():
     assert lines[0] == "big.yaml: document 1 (Workload): workloads[0]: expected a mapping, got a number (1)"
     assert lines[-1] == (f"big.yaml: document 1 (Workload): more than {MAX_REPORTED_ERRORS} problems; "
                          "the rest of the configuration was not checked")
+
+
+# ---- hbone/protocol.py + hbone/_h2fast.py ------------------------------------------------------
+
+def _client_hello() -> bytes:
+    import h2.config
+    import h2.connection
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()   # the preface and SETTINGS, no stream yet
+    return client.data_to_send()
+
+
+def _connect_headers(stream_id: int) -> bytes:
+    import h2.config
+    import h2.connection
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.clear_outbound_data_buffer()
+    client.send_headers(stream_id, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+    return client.data_to_send()
+
+
+@pytest.mark.parametrize("who", ["server", "peer"])
+def test_goaway_before_any_stream_keeps_the_connection_usable(who):
+    """h2's graceful-GOAWAY table (hbone/_h2fast.py 2.) covered the open states only: a GOAWAY sent
+    (a drain) or received on a connection that had exchanged SETTINGS but no stream yet moved h2 to
+    CLOSED, and the next keepalive `ServerCore.ping` raised h2's ProtocolError out of the core (in the
+    shell: out of the ping timer's callback, which then never ran again). A HEADERS frame then was a
+    connection PROTOCOL_ERROR instead of RFC 9113 §8.7's REFUSED_STREAM. Fuzz input: SETTINGS
+    exchanged, goaway(), ping()."""
+    from h2.errors import ErrorCodes
+    from hbone.protocol import ConnectionTerminated, ServerCore, StreamRefused
+    from hyperframe.frame import GoAwayFrame
+
+    core = ServerCore(clock=lambda: 0.0)
+    core.receive_data(_client_hello())
+    if who == "server":
+        core.goaway()
+    else:
+        assert [e.__class__ for e in core.receive_data(GoAwayFrame(0).serialize())] == [ConnectionTerminated]
+    core.data_to_send()
+    core.ping(b"12345678")   # raised ProtocolError("Invalid input ... SEND_PING in state CLOSED")
+    assert b"12345678" in core.data_to_send()
+    events = core.receive_data(_connect_headers(1))
+    if who == "server":   # our GOAWAY said no new streams: refused, the connection stays up
+        assert not core.closed
+        assert core.tunnel_state(1) is None and not any(isinstance(e, ConnectionTerminated) for e in events)
+        assert any(isinstance(e, StreamRefused) for e in events) or core.stream_closed(1)
+    else:                 # the peer's GOAWAY limits our streams, not theirs: served as usual
+        assert [e.__class__.__name__ for e in events] == ["TunnelRequested"]
+    assert not [e for e in events if isinstance(e, ConnectionTerminated) and e.code == ErrorCodes.PROTOCOL_ERROR]
