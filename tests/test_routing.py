@@ -413,11 +413,12 @@ def test_dr_load_balancer_unspecified_is_least_request_and_least_conn_is_its_ali
     assert dr(spec).policy_for(None, 9080).lb_algorithm == algo
 
 
-def test_dr_consistent_hash_is_parsed_and_reported_unsupported():
+def test_dr_consistent_hash_is_parsed_and_supported():
     rule = dr({"host": "reviews", "trafficPolicy": {"loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}}})
-    assert rule.traffic_policy.consistent_hash == {"httpHeaderName": "x-user"}
+    ch = rule.traffic_policy.consistent_hash
+    assert (ch.key_kind, ch.key_wire, ch.algorithm) == ("httpHeaderName", b"x-user", "RING_HASH")
     t = table(drs=[rule])
-    assert any("consistent hashing is not supported" in w for w in t.warnings)
+    assert not any("consistent" in w for w in t.warnings)   # supported now (tests/test_consistent_hash*.py)
 
 
 def test_dr_connection_pool_limits_and_defaults_are_exposed_to_the_proxy():

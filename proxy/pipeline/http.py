@@ -52,8 +52,9 @@ from policy.authz.evaluate import Decision
 from policy.authz.model import A_REQUEST_HEADER
 from policy.inventory import Service
 from policy.routing.endpoints import Candidate, LoadBalancer, OutlierDetector, endpoints_for
-from policy.routing.model import (CONNECT_FAILURE, DEFAULT_RETRY_POLICY, PER_TRY_TIMEOUT, RESET, FaultDecision,
-                                  HeaderOps, Outcome, OutlierDetection, RetryPolicy)
+from policy.routing.hashing import request_hash
+from policy.routing.model import (CONNECT_FAILURE, DEFAULT_RETRY_POLICY, PER_TRY_TIMEOUT, RESET, ConsistentHash,
+                                  FaultDecision, HeaderOps, Outcome, OutlierDetection, RetryPolicy)
 from policy.routing.select import (DirectResponse, Forward, GwMatcher, HttpRequestView, NoRoute as NoRouteDecision,
                                    Redirect, RouteDecision, VsMatcher, choose_destination, decide_fault, route_http)
 from proxy.errors import (AuthorizationDenied, NoHealthyUpstream, NoRoute, ProxyError, UnknownDestination,
@@ -116,6 +117,9 @@ class Upstream:
     response_ops: tuple[HeaderOps, ...] = ()
     outlier: OutlierDetection | None = None
     app_protocol: str | None = None     # the destination port's appProtocol (None: undeclared)
+    # The DestinationRule's loadBalancer.consistentHash: the host is picked by a hash of the request
+    # (policy/routing/hashing.py) on a ring or Maglev table, not by ``lb``.
+    consistent: ConsistentHash | None = None
 
     def uses_h2(self, downstream: str) -> bool:
         """HTTP/2 upstream for http2/grpc ports; the downstream's protocol for undeclared ones."""
@@ -125,10 +129,11 @@ class Upstream:
 
     @functools.cached_property
     def plain(self) -> bool:
-        """No route or per-try timeout, no outlier detection, not HTTP/2 by declaration: what
-        ``HttpPipeline._execute_lean`` needs of the cluster (cached, as declared_h2)."""
+        """No route or per-try timeout, no outlier detection, not HTTP/2 by declaration, no consistent
+        hashing (a hash key per request and maybe a Set-Cookie): what ``HttpPipeline._execute_lean`` needs
+        of the cluster (cached, as declared_h2)."""
         return (not self.timeout_s and self.retry.per_try_timeout_s is None and self.outlier is None
-                and not self.declared_h2)
+                and not self.declared_h2 and self.consistent is None)
 
     @functools.cached_property
     def declared_h2(self) -> bool:
@@ -183,7 +188,8 @@ def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, des
     resp_ops = tuple(o for o in (getattr(rule_headers, "response", None), dest.headers.response) if o)
     return Upstream(dest.cluster_name, svc, endpoints_for(inv, svc, dest.port, dest.subset_labels),
                     forward.retry, forward.timeout_s, connect_timeout, tp.lb_algorithm, req_ops, resp_ops,
-                    tp.outlier_detection, svc.app_protocols.get(dest.port) if dest.port is not None else None)
+                    tp.outlier_detection, svc.app_protocols.get(dest.port) if dest.port is not None else None,
+                    tp.consistent_hash)
 
 
 _NONE: frozenset = frozenset()   # no hosts excluded / ejected (one shared empty set, not two per attempt)
@@ -431,6 +437,7 @@ class _Log:
     grpc_status: str = ""      # the answer's grpc-status (gRPC requests only)
     server_status: int = 0     # what the server answers when the handler raised before a head: 500
     mirrors: int = 0
+    set_cookie: bytes | None = None   # consistentHash httpCookie with a ttl: the cookie Envoy generates
 
 
 async def _prefix_then(prefix: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -644,6 +651,9 @@ class HttpPipeline:
         if protocol == "h2c" and request.has_body:
             trailers = request.trailers if replayable else functools.partial(_trailers_of, request)
         headers, target, authority = self._upstream_request(plan, up, request)
+        hash_key = None
+        if up.consistent is not None:
+            hash_key, log.set_cookie = self._hash_request(up.consistent, request, ctx)
         if plan.mirrors and upgrade is None:   # (Envoy does not shadow upgrades: WebSocket docs)
             # Envoy shadows with the body it buffered; a body past the buffer limit is not mirrored.
             log.mirrors = self.mirrorer.fire(plan.mirrors, ctx, request.method, target, authority, headers,
@@ -656,7 +666,7 @@ class HttpPipeline:
         # No route timeout (Istio's default): no timeout context either — asyncio.timeout_at(None)
         # still builds and enters one per request, for nothing.
         forward = self._forward(up, ctx, request.method, target, authority, headers, body, clen, replayable,
-                                log, h2, upgrade, trailers=trailers)
+                                log, h2, upgrade, trailers=trailers, hash_key=hash_key)
         try:
             if deadline is None:
                 resp, stream, key = await forward
@@ -666,6 +676,20 @@ class HttpPipeline:
         except TimeoutError:
             raise UpstreamTimeout(f"route timeout {up.timeout_s:g}s") from None
         await self._respond(up, resp, stream, key, request, responder, log, grpc, deadline, upgrade)
+
+    @staticmethod
+    def _hash_request(ch: ConsistentHash, request, ctx: TunnelContext) -> tuple[bytes | None, bytes | None]:
+        """The request's consistent-hash key (computed once: every attempt of its retries uses it) and the
+        Set-Cookie Envoy generates for an ``httpCookie`` with a ``ttl`` the request does not carry.
+        Envoy hashes the downstream request headers, and for ``useSourceIp`` / a generated cookie the
+        downstream connection's addresses: at a waypoint the original client (``forwarded: for=``, else
+        the HBONE peer) and the address it called (the CONNECT authority, the service VIP:port)."""
+        target = request.target
+        q = target.find(b"?")
+        client = ctx.client_addr
+        return request_hash(ch, headers=request.headers, query=target[q + 1:] if q >= 0 else b"",
+                            source_ip=client[0], remote_address=addr_str(client),
+                            local_address=addr_str(ctx.authority))
 
     async def _execute_lean(self, plan: RequestPlan, up: Upstream, request, responder, ctx: TunnelContext,
                             log: _Log) -> None:
@@ -771,6 +795,8 @@ class HttpPipeline:
         try:
             ops = up.response_ops   # (no ops: the head's own list, only read from here on)
             out_headers = apply_ops(list(resp.headers), ops) if ops else resp.headers
+            if log.set_cookie is not None:   # consistentHash httpCookie: Envoy adds it to the upstream's answer
+                out_headers = [*out_headers, (b"set-cookie", log.set_cookie)]
             # A small response usually arrives whole with its head: answer it with one write (HTTP/1.1
             # downstream) instead of a head, an async generator, a write and a drain per chunk, and an
             # end. Measured: in-process HttpPipeline.handle with faked streams (whose writes cost nothing)
@@ -870,13 +896,17 @@ class HttpPipeline:
 
     async def _forward(self, up: Upstream, ctx: TunnelContext, method: bytes, target: bytes, authority: bytes,
                        headers: list, body, clen, replayable: bool, log: _Log, h2: bool = False,
-                       upgrade: bytes | None = None, first: tuple | None = None, trailers: RequestTrailers = ()):
+                       upgrade: bytes | None = None, first: tuple | None = None, trailers: RequestTrailers = (),
+                       hash_key: bytes | None = None):
         """The router's retry loop: pick a host (avoiding previous ones), try, classify, maybe retry.
+        ``hash_key``: the request's consistent-hash key (``_hash_request``) when the cluster has one.
         ``trailers``: the request's trailers, sent with every attempt to an HTTP/2 upstream (see ``_execute``).
         ``first``: (host, its pick time, the awaitable of its attempt) — the first attempt as
         ``_execute_lean`` made it (a bodiless request: the awaitable returns or raises what ``_attempt``
         would), classified and followed by retries as any attempt."""
         policy = up.retry
+        consistent = up.consistent
+        avoid_tried = policy.avoids_previous_hosts(consistent is not None)
         tried: set[str] = set()
         detector = None
         if up.outlier is not None:
@@ -891,10 +921,11 @@ class HttpPipeline:
             else:
                 now = time.monotonic()
                 cand = self.lb.pick(up.candidates, rng=self.rng,
-                                    exclude=frozenset(tried) if tried and policy.retry_ignore_previous_hosts else _NONE,
+                                    exclude=frozenset(tried) if tried and avoid_tried else _NONE,
                                     active_requests=self.active, lb=up.lb, cluster=up.cluster,
                                     ejected=detector.ejected(now) if detector else _NONE,
-                                    host_selection_max_attempts=policy.host_selection_max_attempts)
+                                    host_selection_max_attempts=policy.host_selection_max_attempts,
+                                    consistent=consistent, hash_key=hash_key)
                 if cand is None:
                     raise exhausted(last, attempt - 1) if last is not None else NoHealthyUpstream(
                         f"cluster {up.cluster} has no healthy endpoint")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 from hbone.stream import ByteStream
 from policy.routing.endpoints import Candidate, LoadBalancer, endpoints_for
+from policy.routing.hashing import hash_key
+from policy.routing.model import ConsistentHash
 from policy.routing.select import route_tcp
 from proxy.errors import NoHealthyUpstream, ProxyError
 from proxy.snapshot import Snapshot
@@ -38,6 +40,10 @@ class TcpPlan:
     connect_timeout_s: float
     subject_alt_names: tuple[str, ...] = ()
     lb: str = "LEAST_REQUEST"
+    # DestinationRule consistentHash: for TCP only ``useSourceIp`` gives a key (Istio sets the tcp_proxy
+    # hash_policy to source_ip for it; headers, cookies and query parameters do not exist here), any other
+    # key leaves a random point of the cluster's ring / Maglev table, as Envoy without a hash.
+    consistent: ConsistentHash | None = None
 
 
 def plan_tcp(chain: Chain, snapshot: Snapshot, *, rng: random.Random) -> TcpPlan:
@@ -59,7 +65,8 @@ def plan_tcp(chain: Chain, snapshot: Snapshot, *, rng: random.Random) -> TcpPlan
     pool = dest.traffic_policy.connection_pool
     timeout = pool.connect_timeout_s if pool is not None and pool.connect_timeout_s else CONNECT_TIMEOUT_S
     return TcpPlan(dest.cluster_name, svc.hostname, endpoints_for(inv, svc, dest.port, dest.subset_labels),
-                   timeout, tuple(svc.subject_alt_names), dest.traffic_policy.lb_algorithm)
+                   timeout, tuple(svc.subject_alt_names), dest.traffic_policy.lb_algorithm,
+                   dest.traffic_policy.consistent_hash)
 
 
 async def connect_upstream(plan: TcpPlan, ctx: TunnelContext, originator: Originator, lb: LoadBalancer,
@@ -68,8 +75,11 @@ async def connect_upstream(plan: TcpPlan, ctx: TunnelContext, originator: Origin
     """Open the upstream, trying up to ``attempts`` distinct hosts. Raises ProxyError (UF / UF,URX / UH)."""
     tried: set[str] = set()
     last: ProxyError | None = None
+    ch = plan.consistent
+    key = hash_key(ch, headers=(), query=b"", source_ip=ctx.client_addr[0]) if ch is not None else None
     for attempt in range(1, attempts + 1):
-        cand = lb.pick(plan.candidates, rng=rng, exclude=frozenset(tried), lb=plan.lb, cluster=plan.cluster)
+        cand = lb.pick(plan.candidates, rng=rng, exclude=frozenset(tried), lb=plan.lb, cluster=plan.cluster,
+                       consistent=ch, hash_key=key)
         if cand is None:
             raise NoHealthyUpstream(f"cluster {plan.cluster} has no healthy endpoint")
         if cand.key in tried:
