@@ -187,9 +187,11 @@ class Ended:
 
 @dataclass(frozen=True, slots=True)
 class Reset:
-    """RST_STREAM from the peer (``code`` from RFC 9113 §7)."""
+    """RST_STREAM from the peer (``code`` from RFC 9113 §7), or our own RST_STREAM PROTOCOL_ERROR for a field
+    block over the limits (``reason`` names the block and the limit; empty for the peer's reset)."""
     stream_id: int
     code: int
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +263,9 @@ class H2Core:
     Both sides run the HBONE layer's flood guard (hbone/limits.py ``InboundGuard``) on the raw bytes
     before h2 sees them: a downstream client and an upstream server are equally untrusted. The server
     side also refuses streams over ``max_concurrent_streams`` (REFUSED_STREAM), answers oversized
-    request heads 431, and applies Envoy's premature-reset rule (rapid reset). Each connection-level
+    request heads 431, and applies Envoy's premature-reset rule (rapid reset). Either side resets a stream
+    whose other field blocks — request trailers; a response head or trailers — are over the same limits
+    (``_over_limits``, ``_refuse``: RST_STREAM PROTOCOL_ERROR and a ``Reset`` naming the limit). Each connection-level
     verdict is a GOAWAY with its code and a ``Terminated`` event whose ``reason`` names the limit;
     ``abuse`` keeps the verdict (logs, tests). ``clock`` (seconds, monotonic) is a parameter.
 
@@ -341,27 +345,37 @@ class H2Core:
             # hpack/h2 internals can raise these on garbage; every one is the peer's protocol error.
             return [self._fail(ErrorCodes.PROTOCOL_ERROR, f"{type(err).__name__}: {err}")]
         out: list[Event] = []
-        malformed = 0   # a stream whose trailers were refused (_oversized_trailers)
+        malformed: set[int] | None = None   # streams this read reset for a block over the limits (_refuse)
         for e in h2_events:
+            if malformed is not None and getattr(e, "stream_id", None) in malformed:
+                # The rest of a stream we just reset, from the same read (its body after a refused head, its
+                # END_STREAM after refused trailers): never delivered, so nothing takes a refused message for
+                # a whole one; its DATA still gives the connection window back.
+                if isinstance(e, ev.DataReceived):
+                    self.ack(e.stream_id, e.flow_controlled_length)
+                continue
             if isinstance(e, ev.RequestReceived):
                 if not self.client_side:
                     self._on_request(e, now, out)
                     if self.closed:
                         return out
             elif isinstance(e, ev.ResponseReceived):
+                reason = self._over_limits(e.headers, "response headers")
+                if reason:
+                    malformed = self._refuse(e.stream_id, reason, out, malformed)
+                    continue
                 out.append(Headers(e.stream_id, tuple(e.headers), e.stream_ended is not None))
             elif isinstance(e, ev.InformationalResponseReceived):
                 continue   # 1xx: not forwarded (Envoy drops 100-continue from upstreams by default)
             elif isinstance(e, ev.DataReceived):
                 out.append(Data(e.stream_id, e.data, e.flow_controlled_length))
             elif isinstance(e, ev.TrailersReceived):
-                if not self.client_side and self._oversized_trailers(e, out):
-                    malformed = e.stream_id   # its StreamEnded (next) must not end the request either
+                reason = self._over_limits(e.headers, "response trailers" if self.client_side else "request trailers")
+                if reason:
+                    malformed = self._refuse(e.stream_id, reason, out, malformed)
                     continue
                 out.append(Trailers(e.stream_id, tuple(e.headers)))
             elif isinstance(e, ev.StreamEnded):
-                if e.stream_id == malformed:
-                    continue
                 out.append(Ended(e.stream_id))
             elif isinstance(e, ev.StreamReset):
                 out.append(Reset(e.stream_id, int(e.error_code)))
@@ -427,27 +441,45 @@ class H2Core:
         self._started[sid] = now
         out.append(Headers(sid, tuple(headers), e.stream_ended is not None))
 
-    def _oversized_trailers(self, e: ev.TrailersReceived, out: list[Event]) -> bool:
-        """Server: request trailers over the head's limits (max_headers, max_header_list_bytes: Envoy counts
-        a trailer block against max_headers_count / max_request_headers_kb as it counts a head) reset their
-        stream with PROTOCOL_ERROR (RFC 9113 §8.1.1: a malformed request is a stream error; §10.5.1: a field
-        block over SETTINGS_MAX_HEADER_LIST_SIZE may be treated as malformed). Envoy's HTTP/2 codec resets the
-        stream too (codec_impl.cc saveHeader: the current map — the trailers — over max_headers_kb or
-        max_headers_count returns ERR_TEMPORAL_CALLBACK_FAILURE, "the library [will] reset/close the stream",
-        nghttp2 with INTERNAL_ERROR; we name the client's fault, PROTOCOL_ERROR). No 431: the request may
-        already be upstream and its response under way. The shell gets a
-        ``Reset`` as for the client's own RST_STREAM (its handler and upstream request are stopped). A block
-        over ``header_list_hard_bytes`` never gets here: h2's HPACK guard makes it a GOAWAY (``receive``)."""
-        headers = e.headers
+    def _over_limits(self, headers, what: str) -> str:
+        """Why a field block is over this connection's limits (``max_headers`` fields, ``max_header_list_bytes``
+        by RFC 9113 §6.5.2's count: name + value + 32 octets per field), or "" when it is within them.
+
+        Every block counts, either side: a request head (431, ``_on_request``), request trailers (server), a
+        response head or response trailers (client, from an HTTP/2 upstream). Envoy's HTTP/2 codec checks each
+        block the same way on both its connections (codec_impl.cc ``saveHeader``: the stream's current map —
+        head or trailers — over ``max_headers_kb`` or ``max_headers_count``, details ``http2.too_many_headers``;
+        ``ClientConnectionImpl`` gets the cluster's ``max_response_headers_kb`` / ``max_response_headers_count``,
+        60 KiB and 100 by default, the request side's numbers)."""
         lim = self.limits
+        if len(headers) > lim.max_headers:
+            return f"{what}: {len(headers)} fields, limit {lim.max_headers} (max_headers_count)"
         size = 0
-        for name, value in headers:   # RFC 9113 §6.5.2: name + value + 32 octets per field
+        for name, value in headers:
             size += len(name) + len(value) + 32
-        if len(headers) <= lim.max_headers and size <= lim.max_header_list_bytes:
-            return False
-        self.reset(e.stream_id, ErrorCodes.PROTOCOL_ERROR)
-        out.append(Reset(e.stream_id, int(ErrorCodes.PROTOCOL_ERROR)))
-        return True
+        if size > lim.max_header_list_bytes:
+            return f"{what}: field list of {size} bytes, limit {lim.max_header_list_bytes} (max_headers_kb)"
+        return ""
+
+    def _refuse(self, stream_id: int, reason: str, out: list[Event], malformed: set[int] | None) -> set[int]:
+        """A block over the limits after a stream began (request trailers; a response head or trailers): reset
+        that stream with PROTOCOL_ERROR and tell the shell with a ``Reset`` carrying ``reason``.
+
+        RFC 9113 §8.1.1: a malformed message is a stream error of type PROTOCOL_ERROR; §10.5.1: a block over
+        SETTINGS_MAX_HEADER_LIST_SIZE may be treated as one. Envoy's codec resets the stream too (``saveHeader``
+        returns NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE: "This will cause the library to reset/close the stream",
+        nghttp2 with INTERNAL_ERROR; we name the peer's fault, PROTOCOL_ERROR). No 431 for request trailers: the
+        request may be upstream already and its response under way. The shell stops the stream as for the
+        peer's own RST_STREAM (the downstream handler and its upstream request; the upstream request's caller:
+        502, or a reset downstream once the head went) and reports ``reason`` (access log, metrics). Only this
+        stream: the connection goes on. A block over ``header_list_hard_bytes`` never gets here: h2's HPACK
+        guard makes it a GOAWAY (``receive``)."""
+        self.reset(stream_id, ErrorCodes.PROTOCOL_ERROR)
+        out.append(Reset(stream_id, int(ErrorCodes.PROTOCOL_ERROR), reason))
+        if malformed is None:
+            malformed = set()
+        malformed.add(stream_id)
+        return malformed
 
     def _premature(self) -> Abuse | None:
         """Envoy ConnectionManagerImpl::maybeDrainDueToPrematureResets, after one more premature reset."""
@@ -499,8 +531,9 @@ class H2Core:
         except h2.exceptions.H2Error:
             return 0
 
-    def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
-        """Send as much of ``data`` as the windows allow, in frames; returns how many bytes left."""
+    def send_data(self, stream_id: int, data: bytes | memoryview, end: bool = False) -> int:
+        """Send as much of ``data`` as the windows allow, in frames; returns how many bytes were sent.
+        ``end``: END_STREAM on the frame that carries the last byte (when the windows let it go now)."""
         sent = 0
         frames = 0
         n = len(data)
@@ -510,7 +543,7 @@ class H2Core:
                 if room <= 0:
                     break
                 k = min(room, n - sent)
-                self._h2.send_data(stream_id, bytes(data[sent:sent + k]))
+                self._h2.send_data(stream_id, bytes(data[sent:sent + k]), end_stream=end and sent + k == n)
                 frames += 1
                 sent += k
         except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError) as err:
@@ -594,7 +627,8 @@ class H2Core:
 
 
 class _Stream:
-    __slots__ = ("id", "chunks", "ended", "reset", "waiter", "head", "trailers", "window", "local_done")
+    __slots__ = ("id", "chunks", "ended", "reset", "waiter", "head", "trailers", "window", "local_done",
+                 "refused")
 
     def __init__(self, sid: int):
         self.id = sid
@@ -606,6 +640,7 @@ class _Stream:
         self.trailers: tuple[tuple[bytes, bytes], ...] = ()
         self.window: asyncio.Future | None = None
         self.local_done = False              # we sent END_STREAM or RST_STREAM
+        self.refused = ""                    # why we reset it for a field block over the limits (H2Core._refuse)
 
 
 def _wake(fut: asyncio.Future | None, value=None) -> None:
@@ -711,6 +746,7 @@ class H2cConn:
                 st = self.streams.get(e.stream_id)
                 if st is not None:
                     st.reset = e.code
+                    st.refused = e.reason
                     st.local_done = True
                     _wake(st.waiter)
                     _wake(st.head, None)
@@ -790,17 +826,27 @@ class H2cConn:
         self.flush()
         return d.data
 
-    async def write(self, sid: int, data: bytes) -> None:
-        """Send body bytes, waiting for the peer's window; then for the transport to drain."""
+    async def write(self, sid: int, data: bytes, *, end: bool = False) -> None:
+        """Send body bytes, waiting for the peer's window; then for the transport to drain.
+
+        ``end``: these are the body's last bytes — END_STREAM goes on the DATA frame that carries the last of
+        them (RFC 9113 §8.1: the frame "bearing the END_STREAM flag" may be the last DATA), not on an extra
+        empty DATA frame after them. Without bytes it is ``end()``."""
         st = self.streams.get(sid)
+        if end and not data:
+            self.end(sid)
+            await self.drain()
+            return
         view = memoryview(data)
         while view:
             if st is None or st.reset is not None or self.core.closed:   # (after a graceful GOAWAY: go on)
                 raise StreamReset(f"h2c stream {sid} reset")
             try:
-                n = self.core.send_data(sid, view)
+                n = self.core.send_data(sid, view, end)
             except H2cError as err:
                 raise StreamReset(f"h2c stream {sid}: {err}") from None
+            if end and n == len(view):
+                st.local_done = True   # END_STREAM went with the last frame
             self.flush()
             view = view[n:]
             if view and n == 0:
@@ -910,19 +956,55 @@ class H2Request:
         st = self.conn.streams.get(self.sid)
         return st.trailers if st is not None else ()
 
-    async def body_chunks(self) -> AsyncIterator[bytes]:
-        if self._done:
-            return
-        while True:
-            data = await self.conn.read(self.sid)
-            if not data:
-                self._done = True
-                return
-            self.body_bytes += len(data)
-            yield data
+    @property
+    def refused(self) -> str:
+        """Why we reset this request's stream ourselves (its trailers over the limits), or "" (not reset, or
+        reset by the client)."""
+        st = self.conn.streams.get(self.sid)
+        return st.refused if st is not None else ""
+
+    def body_chunks(self) -> "H2Body":
+        """The body as it arrives (an async iterator that can also say whether its end is known: ``at_end``)."""
+        return H2Body(self)
 
     def __repr__(self) -> str:
         return f"<H2Request {self.sid} {self.method.decode()} {self.target.decode('latin-1')}>"
+
+
+class H2Body:
+    """A downstream request's body chunks, as they arrive (each acknowledged when taken: ``H2cConn.read``).
+
+    ``at_end()``: nothing more will come — the client's END_STREAM (on its last DATA frame, or with its
+    trailers) has arrived and every chunk has been taken. Asked by the upstream sender right after a chunk,
+    it lets that chunk carry END_STREAM upstream too, without waiting for anything: a gRPC stream's message
+    still goes as soon as it arrives, and only when the client ends its stream later, on its own, does the
+    upstream get that end on its own (an empty DATA frame), as it was sent."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: H2Request):
+        self.request = request
+
+    def __aiter__(self) -> "H2Body":
+        return self
+
+    async def __anext__(self) -> bytes:
+        r = self.request
+        if r._done:
+            raise StopAsyncIteration
+        data = await r.conn.read(r.sid)
+        if not data:
+            r._done = True
+            raise StopAsyncIteration
+        r.body_bytes += len(data)
+        return data
+
+    def at_end(self) -> bool:
+        r = self.request
+        if r._done:
+            return True
+        st = r.conn.streams.get(r.sid)
+        return st is not None and st.ended and not st.chunks and st.reset is None
 
 
 class H2Responder:
@@ -939,7 +1021,7 @@ class H2Responder:
         self.body_bytes = 0
         self._head_only = method == b"HEAD"
 
-    def _head(self, status: int, headers: Iterable[tuple[bytes, bytes]], end: bool) -> None:
+    def _head(self, status: int, headers: Iterable[tuple[bytes, bytes]], end: bool, flush: bool = True) -> None:
         if self.head_sent:
             raise RuntimeError("response head already sent")
         fields = [(b":status", b"%d" % status)]
@@ -954,7 +1036,8 @@ class H2Responder:
         st = self.conn.streams.get(self.sid)
         if end and st is not None:
             st.local_done = True
-        self.conn.flush()
+        if flush:
+            self.conn.flush()
 
     async def send_head(self, status: int, headers: Iterable[tuple[bytes, bytes]] = (), *,
                         reason: bytes | None = None) -> None:
@@ -978,20 +1061,30 @@ class H2Responder:
         self.conn.end(self.sid, h2_trailer_fields(trailers))
         await self.conn.drain()
 
+    async def send_response(self, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes, *,
+                            reason: bytes | None = None) -> None:
+        """``send_head`` + ``send_body(body)`` + ``end()`` for a body that is all there (the HTTP/1.1 responder's
+        call, taken by the pipeline for a whole upstream answer): HEADERS, then the body's DATA frames with
+        END_STREAM on the last one — or END_STREAM on HEADERS for no body (or HEAD) — written together, instead
+        of the head, the body and an extra empty DATA frame to end the stream. ``reason``: no such thing in
+        HTTP/2 (RFC 9113 §8.3.2: only ``:status``)."""
+        if not body or self._head_only:
+            self._head(status, headers, True)
+            self.ended = True
+            await self.conn.drain()
+            return
+        self._head(status, headers, False, flush=False)   # goes out with the body's first frame
+        self.ended = True
+        await self.conn.write(self.sid, body, end=True)
+        self.body_bytes += len(body)
+
     async def send_local_reply(self, status: int, body: bytes = b"", headers: Iterable[tuple[bytes, bytes]] = (),
                                *, content_type: bytes = b"text/plain") -> None:
         fields = [(b"content-length", b"%d" % len(body))]
         if body:
             fields.append((b"content-type", content_type))
         fields.extend(headers)
-        if not body or self._head_only:
-            self._head(status, fields, True)
-            self.ended = True
-            await self.conn.drain()
-            return
-        self._head(status, fields, False)
-        await self.send_body(body)
-        await self.end()
+        await self.send_response(status, fields, body)
 
     def __repr__(self) -> str:
         state = "ended" if self.ended else ("streaming" if self.head_sent else "pending")
@@ -1073,12 +1166,15 @@ async def serve_h2c(stream: ByteStream, handler: Handler, *, limits: H2Limits = 
 class H2UpstreamReset(ConnectionError):
     """The upstream reset the stream or went away. ``before_response``: no response head came, so
     it can be retried; ``refused``: REFUSED_STREAM or beyond a GOAWAY's last stream (RFC 9113 §8.7:
-    "the request has not been processed")."""
+    "the request has not been processed"); ``protocol_error``: we reset it ourselves because the upstream's
+    response head or trailers were over the limits (``H2Core._refuse``), and why — Envoy's reset reason
+    ``protocol_error``, flag ``UPE`` (its client codec's messaging errors set UpstreamProtocolError)."""
 
-    def __init__(self, message: str, *, before_response: bool, refused: bool = False):
+    def __init__(self, message: str, *, before_response: bool, refused: bool = False, protocol_error: str = ""):
         super().__init__(message)
         self.before_response = before_response
         self.refused = refused
+        self.protocol_error = protocol_error
 
 
 class H2Response:
@@ -1107,6 +1203,10 @@ class H2Response:
                 try:
                     data = await conn.read(self.sid)
                 except StreamReset as err:
+                    st = conn.streams.get(self.sid)
+                    if st is not None and st.refused:
+                        raise H2UpstreamReset(f"upstream {st.refused}", before_response=False,
+                                              protocol_error=st.refused) from None
                     raise H2UpstreamReset(f"upstream reset mid-response: {err}", before_response=False) from None
                 if not data:
                     self.done = True
@@ -1192,17 +1292,19 @@ class H2Upstream:
                 self.slots.release()
             raise H2UpstreamReset(f"upstream h2c: {err}", before_response=True, refused=True) from None
         sender = None
-        if isinstance(body, (bytes, bytearray, memoryview)):
-            sender = asyncio.get_running_loop().create_task(self._send(sid, _once(bytes(body)), trailers))
-        elif body is not None:
+        if body is not None:
             sender = asyncio.get_running_loop().create_task(self._send(sid, body, trailers))
         try:
             st.head = asyncio.get_running_loop().create_future()
             head = await st.head
             if head is None:
+                if st.refused:   # our own reset: the head was over the limits
+                    raise H2UpstreamReset(f"upstream {st.refused}", before_response=True, protocol_error=st.refused)
                 code = st.reset
                 refused = code == ErrorCodes.REFUSED_STREAM
-                raise H2UpstreamReset(f"upstream reset before the response (code {code})",
+                # conn.error: why we ended the connection ourselves (a limit: an HPACK bomb, a flood), if we did.
+                why = f": {conn.error}" if conn.error else ""
+                raise H2UpstreamReset(f"upstream reset before the response (code {code}){why}",
                                       before_response=True, refused=refused)
             return H2Response(self, sid, head, sender)
         except BaseException:
@@ -1212,10 +1314,23 @@ class H2Upstream:
             self.release(sid)
             raise
 
-    async def _send(self, sid: int, body: AsyncIterable[bytes], trailers: RequestTrailers) -> None:
+    async def _send(self, sid: int, body: bytes | AsyncIterable[bytes], trailers: RequestTrailers) -> None:
+        """The request body (then its trailers) on stream ``sid``. END_STREAM rides on the last DATA frame
+        whenever the end is known there: a whole (buffered) body without trailers, or a streamed chunk after
+        which the source says it has ended (``at_end()``, e.g. ``H2Body``: the client's own END_STREAM came with
+        that chunk). Otherwise — the end learnt only after the last chunk went — it is an empty DATA frame
+        with END_STREAM, or the trailers' HEADERS. Nothing waits for a lookahead: each chunk goes as it comes."""
         conn = self.conn
-        source = body.__aiter__()
         try:
+            if isinstance(body, (bytes, bytearray, memoryview)):
+                if trailers:
+                    await conn.write(sid, body)
+                    self._end(sid, trailers)
+                else:
+                    await conn.write(sid, body, end=True)
+                return
+            source = body.__aiter__()
+            at_end = getattr(source, "at_end", None)
             while True:
                 try:
                     chunk = await source.__anext__()
@@ -1228,22 +1343,34 @@ class H2Upstream:
                     # complete; the response reader then reports the reset.
                     conn.reset(sid, ErrorCodes.CANCEL)
                     return
-                if chunk:
+                if not chunk:
+                    continue
+                if at_end is not None and at_end():
+                    if callable(trailers):
+                        trailers = trailers()   # (known: the source has ended)
+                    if not trailers:
+                        await conn.write(sid, chunk, end=True)
+                        return
                     await conn.write(sid, chunk)
-            if callable(trailers):
-                trailers = trailers()
-            try:
-                conn.end(sid, h2_trailer_fields(trailers) if trailers else ())
-            except OSError:
-                # END_STREAM (or the trailers) could not go: never leave the upstream request open.
-                conn.reset(sid, ErrorCodes.CANCEL)
-                return
+                    break
+                await conn.write(sid, chunk)
+            self._end(sid, trailers)
         except OSError:
             return   # the upstream stream is gone: reading the response reports it
         except BaseException:
             # We were cancelled (or the body source failed otherwise): the upstream must see a reset.
             conn.reset(sid, ErrorCodes.CANCEL)
             raise
+
+    def _end(self, sid: int, trailers: RequestTrailers) -> None:
+        """END_STREAM after the body's last DATA frame: the trailers' HEADERS, or an empty DATA frame."""
+        if callable(trailers):
+            trailers = trailers()
+        try:
+            self.conn.end(sid, h2_trailer_fields(trailers) if trailers else ())
+        except OSError:
+            # END_STREAM (or the trailers) could not go: never leave the upstream request open.
+            self.conn.reset(sid, ErrorCodes.CANCEL)
 
     async def close(self) -> None:
         self.conn.close()
@@ -1261,10 +1388,6 @@ class H2Upstream:
 # A request's trailer fields for ``H2Upstream.request``: the fields, or a function giving them once the
 # (streamed) body has ended.
 RequestTrailers = Iterable[tuple[bytes, bytes]] | Callable[[], Iterable[tuple[bytes, bytes]]]
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
 
 
 class H2UpstreamPool:

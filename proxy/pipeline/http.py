@@ -98,6 +98,23 @@ LEAN_HTTP1 = True
 REQUEST_BUFFER_LIMIT_BYTES = 1 * MiB
 
 
+class UpstreamProtocolError(BadUpstreamResponse):
+    """An HTTP/2 upstream's response head over the limits (``H2UpstreamReset.protocol_error``): we reset its
+    stream and answer 502 ``UPE``, as Envoy's router does for an upstream stream reset with reason
+    ``protocol_error`` before any response went downstream (body "upstream connect error or disconnect/reset
+    before headers. reset reason: protocol error", details
+    ``upstream_reset_before_response_started{protocol_error}``)."""
+    detail = "upstream_reset_before_response_started{protocol_error}"
+    body_override = b"upstream connect error or disconnect/reset before headers. reset reason: protocol error"
+
+
+# Envoy's details for the same reset once the response head had gone downstream (the client's stream is reset).
+UPSTREAM_RESET_AFTER_PROTOCOL_ERROR = "upstream_reset_after_response_started{protocol_error}"
+# Envoy's HTTP/2 codec details for a header block (head or trailers) over max_headers_kb / max_headers_count
+# (codec_impl.cc Http2ResponseCodeDetailValues::too_many_headers).
+H2_TOO_MANY_HEADERS = "http2.too_many_headers"
+
+
 # ---------------------------------------------------------------------------------------------
 # Decide
 
@@ -440,10 +457,27 @@ class _Log:
     set_cookie: bytes | None = None   # consistentHash httpCookie with a ttl: the cookie Envoy generates
 
 
-async def _prefix_then(prefix: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    yield prefix
-    async for chunk in rest:
-        yield chunk
+class _PrefixThen:
+    """The part of a body read while buffering, then the rest as it comes (``read_body`` past the limit).
+    ``at_end`` is the rest's own (h2c: ``H2Body.at_end``), so an HTTP/2 upstream still gets END_STREAM on the
+    last DATA frame when the client's end came with the last chunk; None when the rest cannot say."""
+
+    __slots__ = ("prefix", "rest", "at_end")
+
+    def __init__(self, prefix: bytes, rest: AsyncIterator[bytes]):
+        self.prefix: bytes | None = prefix
+        self.rest = rest
+        self.at_end = getattr(rest, "at_end", None)
+
+    def __aiter__(self) -> "_PrefixThen":
+        return self
+
+    async def __anext__(self) -> bytes:
+        prefix = self.prefix
+        if prefix is not None:
+            self.prefix = None
+            return prefix
+        return await self.rest.__anext__()
 
 
 async def read_body(request, limit: int) -> tuple[object, int | None, bool]:
@@ -456,7 +490,7 @@ async def read_body(request, limit: int) -> tuple[object, int | None, bool]:
     async for chunk in chunks:
         buf += chunk
         if len(buf) > limit:
-            return _prefix_then(bytes(buf), chunks), request.content_length, False
+            return _PrefixThen(bytes(buf), chunks), request.content_length, False
     return bytes(buf), None, True
 
 
@@ -579,10 +613,25 @@ class HttpPipeline:
                 await responder.send_local_reply(reply.status, reply.body)
         except OSError as err:
             log.error = f"{err.__class__.__name__}: {err}"
+            if isinstance(err, H2UpstreamReset) and err.protocol_error:
+                # The HTTP/2 upstream's trailers were over the limits after its head went downstream: we reset
+                # its stream, and the client's stream is reset (serve_h2c). Envoy: the same reset with reason
+                # protocol_error once the response started — flag UPE, not UC (an upstream that went away).
+                log.flags[:] = [f for f in log.flags if f != "UC"] + ["UPE"]
+                log.detail, log.error = UPSTREAM_RESET_AFTER_PROTOCOL_ERROR, str(err)
+                self._h2_protocol_error("h2c_upstream_response_trailers_too_large")
             if not log.flags:
                 log.flags.append("DC")   # Envoy: downstream connection termination
             raise
         except asyncio.CancelledError:
+            refused = request.refused if protocol == "h2c" else ""
+            if refused:
+                # We reset the client's stream ourselves: its trailers were over the limits (H2Core._refuse).
+                # Envoy logs the codec's stream error as a downstream protocol error (DPE), with its codec's
+                # details, not as the client's own reset (DR).
+                log.flags.append("DPE")
+                log.detail, log.error = H2_TOO_MANY_HEADERS, refused
+                self._h2_protocol_error("h2c_request_trailers_too_large")
             log.error = log.error or "downstream reset"
             if not log.flags:
                 log.flags.append("DR")   # Envoy: DownstreamRemoteReset (h2c RST_STREAM from the client)
@@ -953,7 +1002,8 @@ class HttpPipeline:
             except ClientUpstreamReset as e:
                 outcome, err = Outcome(error=RESET), UpstreamReset(str(e))
             except H2UpstreamReset as e:
-                outcome, err = Outcome(error=REFUSED_STREAM if e.refused else RESET), UpstreamReset(str(e))
+                outcome, err = Outcome(error=REFUSED_STREAM if e.refused else RESET), (
+                    UpstreamProtocolError(str(e)) if e.protocol_error else UpstreamReset(str(e)))
                 if e.refused:
                     sent[0] = False   # RFC 9113 §8.7: a refused stream was not processed
             except Http1Error as e:
@@ -1028,7 +1078,12 @@ class HttpPipeline:
         # Concurrent requests to an endpoint with no connection yet share one dial (H2UpstreamPool.connect).
         conn = await self.h2pool.connect(cand.key, lambda: self._upstream_stream(cand, up, ctx))
         sent[0] = True
-        resp = await conn.request(method, target, authority, headers, body, trailers=trailers)
+        try:
+            resp = await conn.request(method, target, authority, headers, body, trailers=trailers)
+        except H2UpstreamReset as err:
+            if err.protocol_error:   # its head over the limits: counted per upstream answer (each attempt)
+                self._h2_protocol_error("h2c_upstream_response_headers_too_large")
+            raise
         return resp, None, cand.key
 
     async def _mirror_send(self, up: Upstream, ctx: TunnelContext, method: bytes, target: bytes, authority: bytes,
@@ -1056,6 +1111,12 @@ class HttpPipeline:
         return resp.status
 
     # -- telemetry --
+    def _h2_protocol_error(self, kind: str) -> None:
+        """A stream error of ours on an h2c stream (a field block over the limits, either side): counted with
+        the HBONE layer's protocol errors, kind prefixed "h2c_" as the connection-level ones (``serve``)."""
+        if self.metrics is not None:
+            self.metrics.h2_protocol_error(kind)
+
     def _mirror_done(self, up: Upstream, authority: bytes, status: int, error: str) -> None:
         """One access-log line per shadow request (kind "http", direction "outbound", the mirror's
         cluster and ``-shadow`` authority): mirrors are counted and visible, never in the metrics
@@ -1137,7 +1198,7 @@ class HttpPipeline:
                 path=plan.view.path, authority=plan.view.authority, status=status,
                 bytes_sent=responder.body_bytes, bytes_received=request.body_bytes, duration_ms=duration_ms,
                 response_flags=flags or "-",
-                error=log.error if status == 0 or status >= 500 or status == 101 else ""))
+                error=log.error if status == 0 or status >= 500 or status == 101 or flags else ""))
 
     async def close(self) -> None:
         await self.mirrorer.close()
