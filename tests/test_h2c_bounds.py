@@ -24,6 +24,7 @@ import h2.events as ev
 import pytest
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hbone.stream import TcpStream
 from proxy.pipeline.h2c import (HEADER_LIST_HARD_BYTES, MAX_HEADER_LIST_BYTES, MAX_HEADERS, Data, Ended, H2Core,
@@ -163,6 +164,32 @@ def test_client_core_resets_response_trailers_over_the_limits(trailers, over):
     assert kinds == [Headers, Data, Reset], events   # the body came; the trailers and the end did not
     assert events[-1].code == PROTOCOL_ERROR and "response trailers" in events[-1].reason
     assert _resets_sent(core, server) == {sid: PROTOCOL_ERROR}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(MAX_HEADERS - 5, MAX_HEADERS + 5), st.integers(0, 700), st.booleans())
+def test_client_core_block_limit_is_exactly_the_model(n_fields, value_len, as_trailers):
+    """Around both limits at once: a block passes if and only if it has at most MAX_HEADERS fields and an RFC
+    9113 §6.5.2 size of at most MAX_HEADER_LIST_BYTES; otherwise the stream (only it) is reset, naming the limit."""
+    first = (b"grpc-status", b"0") if as_trailers else (b":status", b"200")
+    block = [first, *((b"x-f%03d" % i, b"v" * value_len) for i in range(n_fields - 1))]
+    size = sum(len(n) + len(v) + 32 for n, v in block)
+    within = n_fields <= MAX_HEADERS and size <= MAX_HEADER_LIST_BYTES
+    core, server = _pair()
+    sid = _request(core, server, end=False)
+    if as_trailers:
+        events = _answer(core, server, sid, [(b":status", b"200")], body=b"x", trailers=block)
+    else:
+        events = _answer(core, server, sid, block, body=b"x")
+    refused = [e for e in events if isinstance(e, Reset)]
+    if within:
+        assert not refused and isinstance(events[-1], Ended)
+    else:
+        assert len(refused) == 1 and events[-1] is refused[0] and refused[0].code == PROTOCOL_ERROR
+        limit = "limit 100" if n_fields > MAX_HEADERS else "limit 61440"
+        assert limit in refused[0].reason
+        assert _resets_sent(core, server) == {sid: PROTOCOL_ERROR}
+    assert not core.closed   # a stream error, never the connection
 
 
 # ---------------------------------------------------------------------------------------------
