@@ -56,17 +56,23 @@ async def _versions(h, path: str = "/", headers=(), n: int = 1, source: str = "1
     return out
 
 
+async def _sticky(h, keys: int, per_key: int, request) -> set[bytes]:
+    """For each of ``keys`` keys, ``per_key`` requests (``request(h, i, n)`` makes them): every request of
+    a key answered by the same pod; returns the pods the keys went to, which must be at least two (all
+    keys on one of 3 equal pods has probability 3 * (1/3)^keys)."""
+    chosen = set()
+    for i in range(keys):
+        bodies = {b for b, _ in await request(h, i, per_key)}
+        assert len(bodies) == 1, (i, bodies)
+        chosen |= bodies
+    assert len(chosen) >= 2, chosen
+    return chosen
+
+
 async def test_a_header_key_sends_each_user_to_one_pod_and_users_over_several(tmp_path, loopback_ip):
     h = await start_harness(tmp_path, loopback_ip, routing=_routing("{httpHeaderName: x-user}"), authz=False)
     try:
-        chosen = {}
-        for i in range(24):
-            got = await _versions(h, headers=[(b"x-user", f"user-{i}".encode())], n=4)
-            bodies = {b for b, _ in got}
-            assert len(bodies) == 1, (i, bodies)   # sticky: every request of a user on the same pod
-            chosen[i] = bodies.pop()
-        # 24 keys over 3 equal pods: all on one pod has probability 3 * (1/3)^24.
-        assert len(set(chosen.values())) >= 2, chosen
+        await _sticky(h, 24, 4, lambda h, i, n: _versions(h, headers=[(b"x-user", f"user-{i}".encode())], n=n))
         # No header: no hash, a random point of the same table (Envoy) — spread over the pods.
         spread = {b for b, _ in await _versions(h, n=30)}
         assert len(spread) >= 2
@@ -79,12 +85,7 @@ async def test_a_query_parameter_key_is_sticky(tmp_path, loopback_ip):
     h = await start_harness(tmp_path, loopback_ip, routing=_routing("{httpQueryParameterName: session}"),
                             authz=False)
     try:
-        chosen = set()
-        for i in range(12):
-            bodies = {b for b, _ in await _versions(h, f"/?a=1&session=s{i}", n=3)}
-            assert len(bodies) == 1
-            chosen |= bodies
-        assert len(chosen) >= 2
+        await _sticky(h, 12, 3, lambda h, i, n: _versions(h, f"/?a=1&session=s{i}", n=n))
     finally:
         await h.close()
 
@@ -93,12 +94,7 @@ async def test_source_ip_key_follows_the_original_client(tmp_path, loopback_ip):
     """useSourceIp at a waypoint: the original client (``forwarded: for=`` from its node proxy)."""
     h = await start_harness(tmp_path, loopback_ip, routing=_routing("{useSourceIp: true}"), authz=False)
     try:
-        chosen = set()
-        for i in range(12):
-            bodies = {b for b, _ in await _versions(h, n=3, source=f"10.0.0.{i + 1}")}
-            assert len(bodies) == 1, i
-            chosen |= bodies
-        assert len(chosen) >= 2
+        await _sticky(h, 12, 3, lambda h, i, n: _versions(h, n=n, source=f"10.0.0.{i + 1}"))
     finally:
         await h.close()
 
@@ -144,12 +140,7 @@ async def test_maglev_is_sticky_through_the_waypoint_too(tmp_path, loopback_ip):
     h = await start_harness(tmp_path, loopback_ip, authz=False,
                             routing=_routing("{httpHeaderName: x-user, maglev: {tableSize: 65537}}"))
     try:
-        chosen = set()
-        for i in range(12):
-            bodies = {b for b, _ in await _versions(h, headers=[(b"x-user", f"m{i}".encode())], n=3)}
-            assert len(bodies) == 1
-            chosen |= bodies
-        assert len(chosen) >= 2
+        await _sticky(h, 12, 3, lambda h, i, n: _versions(h, headers=[(b"x-user", f"m{i}".encode())], n=n))
     finally:
         await h.close()
 
