@@ -208,7 +208,15 @@ def parse_yaml_stream(file: str, data: bytes) -> list[tuple[int, Any]]:
                     docs.append((number, None))
                     continue
                 _check_node_graph(node, where)
-                docs.append((number, loader.construct_document(node)))
+                try:
+                    value = loader.construct_document(node)
+                except (AttributeError, KeyError, IndexError):
+                    # PyYAML's safe constructors fail this way when an explicit tag does not fit its
+                    # scalar: `!!timestamp x` (AttributeError), `!!bool x` (KeyError), `!!int ''`
+                    # (IndexError); they escaped load_text (found by fuzzing).
+                    raise ConfigError(where, "", "invalid value: a scalar does not fit its explicit tag "
+                                                 "(!!timestamp, !!bool, !!int, !!float)") from None
+                docs.append((number, value))
             except ConfigError:
                 raise
             except yaml.YAMLError as err:

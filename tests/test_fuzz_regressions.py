@@ -174,3 +174,25 @@ def test_goaway_before_any_stream_keeps_the_connection_usable(who):
     else:                 # the peer's GOAWAY limits our streams, not theirs: served as usual
         assert [e.__class__.__name__ for e in events] == ["TunnelRequested"]
     assert not [e for e in events if isinstance(e, ConnectionTerminated) and e.code == ErrorCodes.PROTOCOL_ERROR]
+
+
+# ---- policy/documents.py -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [   # ids: what escaped load_text before the fix
+    pytest.param("!!timestamp greeter", id="AttributeError"),   # the fuzz input: a canonicalName
+    pytest.param("!!bool maybe", id="KeyError"),
+    pytest.param("!!int ''", id="IndexError-int"),
+    pytest.param("!!float ''", id="IndexError-float"),
+    pytest.param("!!int 0x", id="ValueError-was-already-a-ConfigError"),
+])
+def test_explicit_yaml_tag_that_does_not_fit_its_value_is_a_config_error(value):
+    """PyYAML's safe constructors raise plain Python errors when an explicit tag does not fit the
+    scalar: AttributeError, KeyError and IndexError escaped load_text (only ValueError, OverflowError,
+    TypeError were turned into a ConfigError)."""
+    from policy.documents import load_text
+    from policy.errors import ConfigError
+
+    text = f"workloads:\n- name: w\n  canonicalName: {value}\n"
+    with pytest.raises(ConfigError) as err:
+        load_text(text, "inv.yaml")
+    assert err.value.message.startswith("inv.yaml: document 1: invalid value")
