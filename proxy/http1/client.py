@@ -409,6 +409,24 @@ class Http1Pool:
         self._idle.pop(key, None)
         return None
 
+    def take_within(self, key: Hashable, max_idle_s: float) -> tuple[ByteStream, ResponseReader] | None:
+        """``take`` for a key whose connections may idle at most ``max_idle_s`` (a DestinationRule's
+        ``idleTimeout``: Envoy's upstream ``idle_timeout``, "the connection will be closed" once idle that
+        long): an older one is closed, never reused. (Lazily: it closes when looked at here, or by ``put``'s
+        aging.) A separate method so that ``take`` — every pooled request's — stays as it is."""
+        conns = self._idle.get(key)
+        now = self._now()
+        ttl = min(max_idle_s, self._ttl)
+        while conns:
+            stream, reader, since = conns.pop()
+            if now - since <= ttl:
+                if not conns:
+                    del self._idle[key]
+                return stream, reader
+            stream.close()
+        self._idle.pop(key, None)
+        return None
+
     def put(self, key: Hashable, stream: ByteStream, reader: ResponseReader) -> None:
         conns = self._idle.get(key)
         if conns is None:

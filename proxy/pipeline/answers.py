@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy.errors import (AuthorizationDenied, NoHealthyUpstream, NoRoute, ProxyError, RetriesExhausted,
-                          UpstreamConnectFailure, UpstreamReset, UpstreamTimeout)
+                          UpstreamConnectFailure, UpstreamOverflow, UpstreamReset, UpstreamTimeout)
 
 NO_FLAGS = "-"
 
@@ -154,6 +154,17 @@ class UpgradeFailed(ProxyError):
     detail = "upgrade_failed"
 
 
+class RequestOverflow(UpstreamOverflow):
+    """A request over a cluster's circuit breakers (DestinationRule ``connectionPool``: http2MaxRequests, or
+    http1MaxPendingRequests with maxConnections reached; proxy/pipeline/circuit.py). Envoy's connection pool
+    fails the stream with ``Overflow``, which the router answers as an upstream reset with reason ``overflow``
+    before any response: 503, flag ``UO``, details ``upstream_reset_before_response_started{overflow}``, body
+    "upstream connect error or disconnect/reset before headers. reset reason: overflow" (the 81 bytes of
+    Istio's circuit-breaking task), never retried ("we never retry if the reset reason is overflow")."""
+    detail = "upstream_reset_before_response_started{overflow}"
+    body_override = b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
+
+
 class BadUpstreamResponse(ProxyError):
     """The upstream's response was malformed (Envoy: 502, flag UPE)."""
     http_status = 502
@@ -162,4 +173,4 @@ class BadUpstreamResponse(ProxyError):
 
 
 __all__ = ["HTTP_TO_GRPC_STATUS", "http_to_grpc_status", "is_grpc", "grpc_local_reply", "LocalReply", "local_reply", "connect_status", "flags_of", "exhausted", "FaultAbort",
-           "DestinationUnavailable", "BadUpstreamResponse", "UpgradeFailed", "NO_FLAGS"]
+           "DestinationUnavailable", "BadUpstreamResponse", "RequestOverflow", "UpgradeFailed", "NO_FLAGS"]

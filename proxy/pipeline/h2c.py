@@ -1243,12 +1243,34 @@ class H2Upstream:
         self.max_streams = max_streams
         self.slots = asyncio.Semaphore(max_streams)
         self.active: set[int] = set()
+        # maxRequestsPerConnection (H2UpstreamPool.connect(max_requests=)): streams taken so far, those taken
+        # but not yet started, and DRAINING — no new stream; closed once its last one is done.
+        self.streams_taken = 0
+        self.reserved = 0
+        self.draining = False
         self.reader: asyncio.Task = asyncio.get_running_loop().create_task(self.conn.run())
         self.reader.add_done_callback(lambda _: stream.close())
 
     @property
     def alive(self) -> bool:
         return self.conn.alive and not self.reader.done()
+
+    def take_stream(self, max_requests: int) -> bool:
+        """Reserve one of the ``max_requests`` streams this connection may carry (Envoy's
+        max_requests_per_connection; the caller's ``request`` follows at once). The one reaching the limit
+        turns it DRAINING (conn_pool_base.cc: "maximum streams per connection, DRAINING"). False: draining."""
+        if self.draining:
+            return False
+        self.streams_taken += 1
+        self.reserved += 1
+        if self.streams_taken >= max_requests:
+            self.draining = True
+        return True
+
+    def _close_if_drained(self) -> None:
+        if self.draining and not self.active and not self.reserved:
+            self.conn.close()
+            self.conn.stream.close()   # (its reader ends)
 
     def release(self, sid: int) -> None:
         if sid in self.active:
@@ -1258,6 +1280,8 @@ class H2Upstream:
             if self.conn.terminated is not None and not self.conn.streams:
                 # The last stream the upstream's GOAWAY let finish is done: close (its reader ends).
                 self.conn.stream.close()
+            elif self.draining:
+                self._close_if_drained()
 
     async def request(self, method: bytes, target: bytes, authority: bytes, headers: Iterable[tuple[bytes, bytes]],
                       body: bytes | AsyncIterable[bytes] | None, *, scheme: bytes = b"http",
@@ -1269,6 +1293,8 @@ class H2Upstream:
         upstream stream). The fields themselves, or — for a streamed body, whose trailers arrive after its
         last chunk — a function returning them, called once the body has ended. Ignored without a body."""
         await self.slots.acquire()
+        if self.reserved:   # (take_stream's reservation: this request is it; from here on it counts as active)
+            self.reserved -= 1
         conn = self.conn
         sid = 0
         try:
@@ -1290,6 +1316,8 @@ class H2Upstream:
                 self.release(sid)
             else:
                 self.slots.release()
+                if self.draining:
+                    self._close_if_drained()
             raise H2UpstreamReset(f"upstream h2c: {err}", before_response=True, refused=True) from None
         sender = None
         if body is not None:
@@ -1408,6 +1436,8 @@ class H2UpstreamPool:
         self.opened = 0
         self.dials = 0   # dials started by connect(), for tests and metrics
         self._dials: dict[str, asyncio.Task] = {}
+        # Connections that took their last stream (maxRequestsPerConnection), still finishing: closed by close().
+        self._draining: set[H2Upstream] = set()
 
     def get(self, key: str) -> H2Upstream | None:
         up = self.conns.get(key)
@@ -1425,8 +1455,14 @@ class H2UpstreamPool:
         self.opened += 1
         return up
 
-    async def connect(self, key: str, dial: Callable[[], Awaitable[ByteStream]]) -> H2Upstream:
-        """The live connection for ``key``; else one dial (``dial()``) shared by every concurrent caller."""
+    async def connect(self, key: str, dial: Callable[[], Awaitable[ByteStream]], *,
+                      max_requests: int = 0) -> H2Upstream:
+        """The live connection for ``key``; else one dial (``dial()``) shared by every concurrent caller.
+        ``max_requests`` (DestinationRule maxRequestsPerConnection; 0: unlimited): the returned connection has
+        one of its streams reserved for the caller; the one whose reservation reaches the limit leaves the pool
+        (DRAINING: it finishes its streams, then closes) and the next caller gets a new connection."""
+        if max_requests:
+            return await self._connect_limited(key, dial, max_requests)
         while True:
             up = self.get(key)
             if up is not None:
@@ -1445,6 +1481,19 @@ class H2UpstreamPool:
             if up.alive:
                 return up
 
+    async def _connect_limited(self, key, dial: Callable[[], Awaitable[ByteStream]], max_requests: int) -> H2Upstream:
+        while True:
+            up = await self.connect(key, dial)
+            if up.take_stream(max_requests):   # (no await between: nobody else can take it meanwhile)
+                if up.draining and self.conns.get(key) is up:
+                    del self.conns[key]
+                    self._draining = {u for u in self._draining if u.alive}
+                    self._draining.add(up)
+                return up
+            # Drained by a caller that shared its dial: a new connection.
+            if self.conns.get(key) is up:
+                del self.conns[key]
+
     async def _dial(self, key: str, dial: Callable[[], Awaitable[ByteStream]]) -> H2Upstream:
         self.dials += 1
         return self.add(key, await dial())
@@ -1462,7 +1511,8 @@ class H2UpstreamPool:
         if dials:
             await asyncio.gather(*dials, return_exceptions=True)
         conns, self.conns = list(self.conns.values()), {}
-        for up in conns:
+        draining, self._draining = list(self._draining), set()
+        for up in conns + draining:
             await up.close()
 
     def __repr__(self) -> str:

@@ -70,10 +70,12 @@ from proxy.telemetry.metrics import PeerInfo, ServiceInfo, traffic_labels
 from policy.routing.model import REFUSED_STREAM
 from policy.routing.select import NO_FAULT, mirrors_for
 
-from .answers import (BadUpstreamResponse, DestinationUnavailable, FaultAbort, UpgradeFailed, exhausted,
-                      grpc_local_reply, is_grpc, local_reply)
+from .answers import (BadUpstreamResponse, DestinationUnavailable, FaultAbort, RequestOverflow, UpgradeFailed,
+                      exhausted, flags_of, grpc_local_reply, is_grpc, local_reply)
 from .authz import l7_authorizer, l7_decision
 from .chains import INBOUND_VIP, Chain, match_chain
+from .circuit import (OVERFLOW, WAIT, CircuitLimits, CountedStream, breakers_for, circuit_limits, hand_over,
+                      release_connection)
 from .context import TunnelContext, addr_str
 from .h2c import H2UpstreamPool, H2UpstreamReset, RequestTrailers, serve_h2c
 from .mirror import Mirrorer
@@ -137,6 +139,9 @@ class Upstream:
     # The DestinationRule's loadBalancer.consistentHash: the host is picked by a hash of the request
     # (policy/routing/hashing.py) on a ring or Maglev table, not by ``lb``.
     consistent: ConsistentHash | None = None
+    # The DestinationRule's connectionPool limits (Envoy's circuit breakers, proxy/pipeline/circuit.py); None
+    # when it sets none: such a cluster never meets the circuit breakers at all.
+    limits: CircuitLimits | None = None
 
     def uses_h2(self, downstream: str) -> bool:
         """HTTP/2 upstream for http2/grpc ports; the downstream's protocol for undeclared ones."""
@@ -147,10 +152,11 @@ class Upstream:
     @functools.cached_property
     def plain(self) -> bool:
         """No route or per-try timeout, no outlier detection, not HTTP/2 by declaration, no consistent
-        hashing (a hash key per request and maybe a Set-Cookie): what ``HttpPipeline._execute_lean`` needs
-        of the cluster (cached, as declared_h2)."""
+        hashing (a hash key per request and maybe a Set-Cookie), no connectionPool limits (counted requests,
+        connections and retries): what ``HttpPipeline._execute_lean`` needs of the cluster (cached, as
+        declared_h2)."""
         return (not self.timeout_s and self.retry.per_try_timeout_s is None and self.outlier is None
-                and not self.declared_h2 and self.consistent is None)
+                and not self.declared_h2 and self.consistent is None and self.limits is None)
 
     @functools.cached_property
     def declared_h2(self) -> bool:
@@ -206,7 +212,7 @@ def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, des
     return Upstream(dest.cluster_name, svc, endpoints_for(inv, svc, dest.port, dest.subset_labels),
                     forward.retry, forward.timeout_s, connect_timeout, tp.lb_algorithm, req_ops, resp_ops,
                     tp.outlier_detection, svc.app_protocols.get(dest.port) if dest.port is not None else None,
-                    tp.consistent_hash)
+                    tp.consistent_hash, circuit_limits(pool))
 
 
 _NONE: frozenset = frozenset()   # no hosts excluded / ejected (one shared empty set, not two per attempt)
@@ -507,6 +513,9 @@ class HttpPipeline:
         self.clock = clock
         self.h1pool = Http1Pool()
         self.h2pool = H2UpstreamPool()
+        # DestinationRule connectionPool limits, per cluster; shared with this proxy's TCP chains (their
+        # connect_upstream finds it from the same originator).
+        self.breakers = breakers_for(originator)
         self.mirrorer = Mirrorer(self._mirror_send, on_done=self._mirror_done)
         self.lb = LoadBalancer()
         self.active: dict[str, int] = {}
@@ -712,19 +721,29 @@ class HttpPipeline:
         # RFC 8441 extended CONNECT).
         h2 = up.uses_h2(protocol) if upgrade is None else False
         deadline = None if not up.timeout_s else asyncio.get_running_loop().time() + up.timeout_s
-        # No route timeout (Istio's default): no timeout context either — asyncio.timeout_at(None)
-        # still builds and enters one per request, for nothing.
-        forward = self._forward(up, ctx, request.method, target, authority, headers, body, clen, replayable,
-                                log, h2, upgrade, trailers=trailers, hash_key=hash_key)
+        limits = up.limits
+        if limits is not None and not self.breakers.begin_request(up.cluster, limits):
+            # http2MaxRequests (Envoy max_requests, every protocol): this request would be one too many in
+            # flight to the cluster. Held from here until its response has gone (an upgraded one: until the
+            # relay ends), as Envoy's stream holds it until it closes.
+            raise RequestOverflow(f"cluster {up.cluster}: {limits.max_requests} requests in flight (http2MaxRequests)")
         try:
-            if deadline is None:
-                resp, stream, key = await forward
-            else:
-                async with asyncio.timeout_at(deadline):
+            # No route timeout (Istio's default): no timeout context either — asyncio.timeout_at(None)
+            # still builds and enters one per request, for nothing.
+            forward = self._forward(up, ctx, request.method, target, authority, headers, body, clen, replayable,
+                                    log, h2, upgrade, trailers=trailers, hash_key=hash_key)
+            try:
+                if deadline is None:
                     resp, stream, key = await forward
-        except TimeoutError:
-            raise UpstreamTimeout(f"route timeout {up.timeout_s:g}s") from None
-        await self._respond(up, resp, stream, key, request, responder, log, grpc, deadline, upgrade)
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        resp, stream, key = await forward
+            except TimeoutError:
+                raise UpstreamTimeout(f"route timeout {up.timeout_s:g}s") from None
+            await self._respond(up, resp, stream, key, request, responder, log, grpc, deadline, upgrade)
+        finally:
+            if limits is not None:
+                self.breakers.end_request(up.cluster)
 
     @staticmethod
     def _hash_request(ch: ConsistentHash, request, ctx: TunnelContext) -> tuple[bytes | None, bytes | None]:
@@ -840,6 +859,7 @@ class HttpPipeline:
         if upgrade is not None and resp.status == 101:
             await self._relay_upgraded(up, resp, stream, request, responder, log)
             return
+        release = self._release if up.limits is None else functools.partial(self._release_limited, up.limits)
         released = False   # the HTTP/1.1 connection went back to the pool: never abort it then
         try:
             ops = up.response_ops   # (no ops: the head's own list, only read from here on)
@@ -863,7 +883,7 @@ class HttpPipeline:
                 if grpc:   # an HTTP/1.1 upstream has no trailers: the status is in the head
                     log.grpc_status = _grpc_status_of(out_headers)
                 if stream is not None:
-                    self._release(key, stream, resp)
+                    release(key, stream, resp)
                 return
             await responder.send_head(resp.status, out_headers, reason=resp.reason or None)
             if deadline is None:
@@ -876,7 +896,7 @@ class HttpPipeline:
             if stream is not None:
                 # The upstream response is complete: pool its connection now, not after our own
                 # end() — another downstream's request may want it meanwhile (fewer re-dials).
-                self._release(key, stream, resp)
+                release(key, stream, resp)
                 stream, released = None, True
             trailers = list(getattr(resp, "trailers", ()) or ())
             if grpc:
@@ -895,7 +915,7 @@ class HttpPipeline:
                 log.flags.append("UC")   # upstream connection termination mid-response: reset the client
             raise
         if stream is not None:   # (HTTP/2: None, the connection is shared, its stream was released)
-            self._release(key, stream, resp)
+            release(key, stream, resp)
 
     async def _relay_upgraded(self, up: Upstream, resp, stream: ByteStream, request, responder, log: _Log) -> None:
         """The upstream switched protocols: forward its 101, then relay raw bytes both ways until both
@@ -943,6 +963,19 @@ class HttpPipeline:
         else:
             stream.close()
 
+    def _release_limited(self, limits: CircuitLimits, key: tuple[str, str], stream: CountedStream, resp) -> None:
+        """``_release`` for a cluster with connectionPool limits (``key``: (cluster, host), its pool key): a
+        reusable connection goes to the oldest request waiting for one to that host, else to the pool — unless
+        it has served maxRequestsPerConnection requests (Envoy: "maximum requests per connection"), then it is
+        closed, which lets a waiter dial."""
+        cluster, host = key
+        if resp.reusable and stream.counted and not self.breakers.spent(cluster, limits, stream.served):
+            pooled = (stream, resp._reader)
+            if not hand_over(self.breakers, cluster, host, pooled):
+                self.h1pool.put(key, stream, resp._reader)
+        else:
+            stream.close()
+
     async def _forward(self, up: Upstream, ctx: TunnelContext, method: bytes, target: bytes, authority: bytes,
                        headers: list, body, clen, replayable: bool, log: _Log, h2: bool = False,
                        upgrade: bytes | None = None, first: tuple | None = None, trailers: RequestTrailers = (),
@@ -962,72 +995,96 @@ class HttpPipeline:
             detector = self.outliers.setdefault((up.cluster, up.outlier), OutlierDetector(up.outlier))
         attempt = 0
         last: ProxyError | None = None
-        while True:
-            attempt += 1
-            if first is not None:
-                cand, now, attempt_coro = first
-                first = None
-            else:
-                now = time.monotonic()
-                cand = self.lb.pick(up.candidates, rng=self.rng,
-                                    exclude=frozenset(tried) if tried and avoid_tried else _NONE,
-                                    active_requests=self.active, lb=up.lb, cluster=up.cluster,
-                                    ejected=detector.ejected(now) if detector else _NONE,
-                                    host_selection_max_attempts=policy.host_selection_max_attempts,
-                                    consistent=consistent, hash_key=hash_key)
-                if cand is None:
-                    raise exhausted(last, attempt - 1) if last is not None else NoHealthyUpstream(
-                        f"cluster {up.cluster} has no healthy endpoint")
-                attempt_coro = None
-            tried.add(cand.key)
-            log.attempts, log.host, log.candidate = attempt, cand.key, cand
-            sent = [attempt_coro is not None]   # (an injected first attempt sent its request)
-            self.active[cand.key] = self.active.get(cand.key, 0) + 1
-            if attempt_coro is None and h2:
-                attempt_coro = self._attempt_h2(cand, up, ctx, method, target, authority, headers, body, sent,
-                                                trailers)
-            elif attempt_coro is None:
-                attempt_coro = self._attempt(cand, up, ctx, method, target, authority, headers, body, clen,
-                                             replayable, sent, upgrade)
-            try:
-                if policy.per_try_timeout_s is None:   # no per-try timeout: no timeout context
-                    resp, stream, key = await attempt_coro
+        limits = up.limits
+        # maxRetries (Envoy max_retries): a retry is held from the decision to make it until the retried
+        # attempt's outcome is known (RetryStateImpl::resetRetry), or until the request ends.
+        retrying = False
+        try:
+            while True:
+                attempt += 1
+                if first is not None:
+                    cand, now, attempt_coro = first
+                    first = None
                 else:
-                    async with asyncio.timeout(policy.per_try_timeout_s):
+                    now = time.monotonic()
+                    cand = self.lb.pick(up.candidates, rng=self.rng,
+                                        exclude=frozenset(tried) if tried and avoid_tried else _NONE,
+                                        active_requests=self.active, lb=up.lb, cluster=up.cluster,
+                                        ejected=detector.ejected(now) if detector else _NONE,
+                                        host_selection_max_attempts=policy.host_selection_max_attempts,
+                                        consistent=consistent, hash_key=hash_key)
+                    if cand is None:
+                        raise exhausted(last, attempt - 1) if last is not None else NoHealthyUpstream(
+                            f"cluster {up.cluster} has no healthy endpoint")
+                    attempt_coro = None
+                tried.add(cand.key)
+                log.attempts, log.host, log.candidate = attempt, cand.key, cand
+                sent = [attempt_coro is not None]   # (an injected first attempt sent its request)
+                self.active[cand.key] = self.active.get(cand.key, 0) + 1
+                if attempt_coro is None and h2:
+                    attempt_coro = self._attempt_h2(cand, up, ctx, method, target, authority, headers, body, sent,
+                                                    trailers)
+                elif attempt_coro is None and limits is not None:
+                    attempt_coro = self._attempt_limited(cand, up, ctx, method, target, authority, headers, body,
+                                                         clen, replayable, sent, upgrade)
+                elif attempt_coro is None:
+                    attempt_coro = self._attempt(cand, up, ctx, method, target, authority, headers, body, clen,
+                                                 replayable, sent, upgrade)
+                try:
+                    if policy.per_try_timeout_s is None:   # no per-try timeout: no timeout context
                         resp, stream, key = await attempt_coro
-            except TimeoutError:
-                outcome, err = Outcome(error=PER_TRY_TIMEOUT), UpstreamTimeout("per-try timeout")
-            except OriginateFailed as e:
-                outcome, err = Outcome(error=CONNECT_FAILURE), e
-            except ClientUpstreamReset as e:
-                outcome, err = Outcome(error=RESET), UpstreamReset(str(e))
-            except H2UpstreamReset as e:
-                outcome, err = Outcome(error=REFUSED_STREAM if e.refused else RESET), (
-                    UpstreamProtocolError(str(e)) if e.protocol_error else UpstreamReset(str(e)))
-                if e.refused:
-                    sent[0] = False   # RFC 9113 §8.7: a refused stream was not processed
-            except Http1Error as e:
-                outcome, err = Outcome(status=502), BadUpstreamResponse(str(e))
-            else:
-                gs = _grpc_status_of(resp.headers)
-                outcome, err = Outcome(resp.status, None, int(gs) if gs.isdigit() else None), None
-            finally:
-                self.active[cand.key] -= 1
-                if not self.active[cand.key]:
-                    del self.active[cand.key]
-            if detector is not None:
-                detector.record(cand.key, outcome, now, total_hosts=len(up.candidates))
-            can_replay = replayable or not sent[0]
-            if can_replay and policy.should_retry(attempt, outcome):
-                if err is None:
-                    resp.abort()   # a retriable status: discard this answer, try another host
+                    else:
+                        async with asyncio.timeout(policy.per_try_timeout_s):
+                            resp, stream, key = await attempt_coro
+                except TimeoutError:
+                    outcome, err = Outcome(error=PER_TRY_TIMEOUT), UpstreamTimeout("per-try timeout")
+                except OriginateFailed as e:
+                    outcome, err = Outcome(error=CONNECT_FAILURE), e
+                except ClientUpstreamReset as e:
+                    outcome, err = Outcome(error=RESET), UpstreamReset(str(e))
+                except H2UpstreamReset as e:
+                    outcome, err = Outcome(error=REFUSED_STREAM if e.refused else RESET), (
+                        UpstreamProtocolError(str(e)) if e.protocol_error else UpstreamReset(str(e)))
+                    if e.refused:
+                        sent[0] = False   # RFC 9113 §8.7: a refused stream was not processed
+                except Http1Error as e:
+                    outcome, err = Outcome(status=502), BadUpstreamResponse(str(e))
                 else:
-                    last = err
-                await asyncio.sleep(policy.backoff_s(attempt, self.rng))
-                continue
-            if err is None:
-                return resp, stream, key
-            raise exhausted(err, attempt)
+                    gs = _grpc_status_of(resp.headers)
+                    outcome, err = Outcome(resp.status, None, int(gs) if gs.isdigit() else None), None
+                finally:
+                    self.active[cand.key] -= 1
+                    if not self.active[cand.key]:
+                        del self.active[cand.key]
+                if retrying:   # the retried attempt's outcome is known: its retry is no longer held
+                    retrying = False
+                    self.breakers.end_retry(up.cluster)
+                if detector is not None:
+                    detector.record(cand.key, outcome, now, total_hosts=len(up.candidates))
+                can_replay = replayable or not sent[0]
+                if can_replay and policy.should_retry(attempt, outcome):
+                    if limits is None or self.breakers.begin_retry(up.cluster, limits):
+                        retrying = limits is not None
+                        if err is None:
+                            resp.abort()   # a retriable status: discard this answer, try another host
+                        else:
+                            last = err
+                        await asyncio.sleep(policy.backoff_s(attempt, self.rng))
+                        continue
+                    # maxRetries retries in flight already: Envoy's RetryStatus::NoOverflow — the retry is not
+                    # made (counted upstream_rq_retry_overflow), the flag UO is set and this attempt's own
+                    # answer or error stands (no URX: the retry limit was not what stopped it).
+                    if err is None:
+                        log.flags.append("UO")
+                        return resp, stream, key
+                    err.flags = (*(f for f in flags_of(err) if f != "UO"), "UO")  # type: ignore[attr-defined]
+                    raise err
+                if err is None:
+                    return resp, stream, key
+                raise exhausted(err, attempt)
+        finally:
+            if retrying:
+                self.breakers.end_retry(up.cluster)
 
     async def _attempt(self, cand: Candidate, up: Upstream, ctx: TunnelContext, method, target, authority,
                        headers, body, clen, replayable: bool, sent: list, upgrade: bytes | None = None):
@@ -1067,6 +1124,97 @@ class HttpPipeline:
             raise
         return resp, stream, cand.key
 
+    async def _attempt_limited(self, cand: Candidate, up: Upstream, ctx: TunnelContext, method, target, authority,
+                               headers, body, clen, replayable: bool, sent: list, upgrade: bytes | None = None):
+        """``_attempt`` for a cluster with connectionPool limits (HTTP/1.1 upstream). Its connections are pooled
+        under (cluster, host), counted (``CountedStream``) against tcp.maxConnections: an idle one is taken;
+        else one is dialed if there is room (or the host has none: Envoy's exemption); else the request waits
+        in the cluster's FIFO of pending requests for one to be released, unless http1MaxPendingRequests wait
+        already: then it is answered 503 ``UO`` at once. The wait is inside the attempt: the route and per-try
+        timeouts bound it."""
+        limits = up.limits
+        assert limits is not None
+        cluster, host = up.cluster, cand.key
+        pkey = (cluster, host)
+        idle_s = limits.idle_timeout_s
+        while True:
+            pooled = self.h1pool.take(pkey) if idle_s is None else self.h1pool.take_within(pkey, idle_s)
+            if pooled is None:
+                decision = self.breakers.acquire_connection(cluster, limits, host, idle=False)
+                if decision == OVERFLOW:
+                    raise RequestOverflow(f"cluster {cluster}: {limits.max_connections} connections busy and "
+                                          f"{limits.max_pending_requests} requests pending (http1MaxPendingRequests)")
+                if decision == WAIT:
+                    pooled = await self._wait_connection(cluster, host, limits)
+                if pooled is None:   # DIAL (or woken to dial): the slot is reserved
+                    return await self._attempt_dial(cand, up, ctx, method, target, authority, headers, body, clen,
+                                                    sent, upgrade)
+            stream, reader = pooled
+            stream.served += 1
+            try:
+                sent[0] = True
+                return await forward_request(stream, method, target, authority, headers, body, content_length=clen,
+                                             reader=reader, upgrade=upgrade), stream, pkey
+            except ClientUpstreamReset as err:
+                stream.abort()
+                # A pooled connection the upstream closed while idle: another one (as _attempt does), if
+                # nothing of the request can have been processed.
+                if not (err.before_response and replayable):
+                    raise
+            except BaseException:
+                stream.abort()
+                raise
+
+    async def _wait_connection(self, cluster: str, host: str, limits: CircuitLimits):
+        """In the cluster's pending queue until a connection to ``host`` is handed over ((stream, reader)) or a
+        closed one lets this request dial (None). Cancelled (a timeout, the client gone): out of the queue, and
+        whatever it had been granted meanwhile goes to the next waiter."""
+        fut = asyncio.get_running_loop().create_future()
+        self.breakers.enqueue(cluster, host, fut)
+        try:
+            return await fut
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                grant = fut.result()
+                if grant is None:
+                    release_connection(self.breakers, cluster, host, limits)
+                elif not hand_over(self.breakers, cluster, host, grant):
+                    self.h1pool.put((cluster, host), *grant)
+            else:
+                self.breakers.cancel_wait(cluster, fut)
+            raise
+
+    async def _attempt_dial(self, cand: Candidate, up: Upstream, ctx: TunnelContext, method, target, authority,
+                            headers, body, clen, sent: list, upgrade: bytes | None = None):
+        """``_attempt_fresh`` on a counted connection whose slot is reserved: a failed dial releases it."""
+        stream = await self._counted_stream(cand, up, ctx)
+        stream.served = 1
+        try:
+            sent[0] = True
+            resp = await forward_request(stream, method, target, authority, headers, body, content_length=clen,
+                                         upgrade=upgrade)
+        except BaseException:
+            stream.abort()
+            raise
+        return resp, stream, (up.cluster, cand.key)
+
+    async def _counted_stream(self, cand: Candidate, up: Upstream, ctx: TunnelContext) -> CountedStream:
+        """A new upstream connection counted against its cluster (its slot already taken) until it closes."""
+        release = functools.partial(release_connection, self.breakers, up.cluster, cand.key, up.limits)
+        try:
+            stream = await self._upstream_stream(cand, up, ctx)
+        except BaseException:
+            release()
+            raise
+        return CountedStream(stream, release)
+
+    async def _dial_h2_counted(self, cand: Candidate, up: Upstream, ctx: TunnelContext) -> CountedStream:
+        # Envoy's overview: maxConnections is "in practice only applicable to HTTP/1.1 clusters since HTTP/2 uses
+        # a single connection to each host": our one h2c connection per host (plus those draining after
+        # maxRequestsPerConnection) is always opened, but counted with the cluster's connections.
+        self.breakers.opened(up.cluster, cand.key)
+        return await self._counted_stream(cand, up, ctx)
+
     async def _upstream_stream(self, cand: Candidate, up: Upstream, ctx: TunnelContext) -> ByteStream:
         svc = up.service
         return await self.originator.open(
@@ -1076,7 +1224,17 @@ class HttpPipeline:
     async def _attempt_h2(self, cand: Candidate, up: Upstream, ctx: TunnelContext, method, target, authority,
                           headers, body, sent: list, trailers: RequestTrailers = ()):
         # Concurrent requests to an endpoint with no connection yet share one dial (H2UpstreamPool.connect).
-        conn = await self.h2pool.connect(cand.key, lambda: self._upstream_stream(cand, up, ctx))
+        limits = up.limits
+        if limits is None:
+            conn = await self.h2pool.connect(cand.key, lambda: self._upstream_stream(cand, up, ctx))
+        else:
+            # A cluster with limits has its own connections (under (cluster, host)), counted; one that has taken
+            # maxRequestsPerConnection streams takes no new one and closes after its last (DRAINING).
+            per_conn = limits.max_requests_per_connection
+            conn = await self.h2pool.connect((up.cluster, cand.key), lambda: self._dial_h2_counted(cand, up, ctx),
+                                             max_requests=per_conn)
+            if per_conn:
+                self.breakers.spent(up.cluster, limits, conn.streams_taken)
         sent[0] = True
         try:
             resp = await conn.request(method, target, authority, headers, body, trailers=trailers)

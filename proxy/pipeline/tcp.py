@@ -6,10 +6,17 @@ Envoy's TCP proxy decides the upstream once per connection. As ztunnel does, the
 (previous ones excluded): Envoy's tcp_proxy ``max_connect_attempts`` — flags ``UF,URX`` when all failed.
 The relay (hbone.relay) maps EOF ↔ END_STREAM per direction and turns a reset on either side into a
 reset of the other: a byte stream is never silently truncated.
+
+DestinationRule ``connectionPool.tcp.maxConnections`` (Envoy's cluster ``max_connections``): Envoy's tcp_proxy
+checks ``connections().canCreate()`` before it opens anything ("because the TCP conn pool will queue our request
+waiting for a connection that will never be released") and, over the limit, sets ``UO``, counts
+``upstream_cx_overflow`` and closes the downstream: here the CONNECT is refused 503 ``UO``. The upstream
+connection counts until it is closed (``CountedStream``, proxy/pipeline/circuit.py).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -18,11 +25,12 @@ from policy.routing.endpoints import Candidate, LoadBalancer, endpoints_for
 from policy.routing.hashing import hash_key
 from policy.routing.model import ConsistentHash
 from policy.routing.select import route_tcp
-from proxy.errors import NoHealthyUpstream, ProxyError
+from proxy.errors import NoHealthyUpstream, ProxyError, UpstreamOverflow
 from proxy.snapshot import Snapshot
 
 from .answers import DestinationUnavailable, exhausted
 from .chains import INBOUND_VIP, Chain
+from .circuit import CircuitBreakers, CircuitLimits, CountedStream, breakers_for, circuit_limits, release_connection
 from .context import TunnelContext
 from .originate import CONNECT_TIMEOUT_S, OriginateFailed, Originator
 
@@ -44,6 +52,8 @@ class TcpPlan:
     # hash_policy to source_ip for it; headers, cookies and query parameters do not exist here), any other
     # key leaves a random point of the cluster's ring / Maglev table, as Envoy without a hash.
     consistent: ConsistentHash | None = None
+    # DestinationRule connectionPool limits (only maxConnections applies to a TCP chain); None: none set.
+    limits: CircuitLimits | None = None
 
 
 def plan_tcp(chain: Chain, snapshot: Snapshot, *, rng: random.Random) -> TcpPlan:
@@ -66,13 +76,19 @@ def plan_tcp(chain: Chain, snapshot: Snapshot, *, rng: random.Random) -> TcpPlan
     timeout = pool.connect_timeout_s if pool is not None and pool.connect_timeout_s else CONNECT_TIMEOUT_S
     return TcpPlan(dest.cluster_name, svc.hostname, endpoints_for(inv, svc, dest.port, dest.subset_labels),
                    timeout, tuple(svc.subject_alt_names), dest.traffic_policy.lb_algorithm,
-                   dest.traffic_policy.consistent_hash)
+                   dest.traffic_policy.consistent_hash, circuit_limits(pool))
 
 
 async def connect_upstream(plan: TcpPlan, ctx: TunnelContext, originator: Originator, lb: LoadBalancer,
-                           rng: random.Random, attempts: int = TCP_MAX_CONNECT_ATTEMPTS
-                           ) -> tuple[ByteStream, Candidate, int]:
-    """Open the upstream, trying up to ``attempts`` distinct hosts. Raises ProxyError (UF / UF,URX / UH)."""
+                           rng: random.Random, attempts: int = TCP_MAX_CONNECT_ATTEMPTS, *,
+                           breakers: CircuitBreakers | None = None) -> tuple[ByteStream, Candidate, int]:
+    """Open the upstream, trying up to ``attempts`` distinct hosts. Raises ProxyError (UF / UF,URX / UH; UO over
+    the cluster's maxConnections). ``breakers``: the proxy's circuit breakers (default: those of the proxy
+    ``originator`` belongs to, which its HTTP pipeline shares); with limits, the stream returned is counted
+    until it is closed."""
+    limits = plan.limits
+    if limits is not None and breakers is None:
+        breakers = breakers_for(originator)
     tried: set[str] = set()
     last: ProxyError | None = None
     ch = plan.consistent
@@ -85,12 +101,26 @@ async def connect_upstream(plan: TcpPlan, ctx: TunnelContext, originator: Origin
         if cand.key in tried:
             break   # every host was tried: no point dialing a dead one again
         tried.add(cand.key)
+        release = None
+        if limits is not None:
+            assert breakers is not None
+            if not breakers.begin_tcp_connection(plan.cluster, limits, cand.key):
+                raise UpstreamOverflow(f"cluster {plan.cluster}: {limits.max_connections} connections open "
+                                       f"(maxConnections)")
+            release = functools.partial(release_connection, breakers, plan.cluster, cand.key, limits)
         try:
             stream = await originator.open(cand, source=ctx.client_addr, service_hostname=plan.service_hostname,
                                            timeout=plan.connect_timeout_s, subject_alt_names=plan.subject_alt_names)
-            return stream, cand, attempt
         except OriginateFailed as err:
             last = err
+            if release is not None:
+                release()
+            continue
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        return (stream if release is None else CountedStream(stream, release)), cand, attempt
     assert last is not None
     raise exhausted(last, len(tried))
 
