@@ -8,6 +8,7 @@ whose ``/slow?s=`` answers late, each request on its own tunnel): Istio's "Circu
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -358,12 +359,19 @@ spec:
 """
 
 
-async def _get(h, path: str, source: str = "127.0.0.1"):
-    """One GET on its own tunnel: (status, headers, body)."""
+async def _tunnel(h, source: str = "127.0.0.1"):
+    """A tunnel of its own (a new client: its own HBONE connection) to reviews: (client, stream)."""
     client = h.client()
     stream = await client.pool.open_tunnel(
         src_identity=client.src.identity, dst_identities=frozenset({MESH.identity("default", "reviews-waypoint")}),
         dst=(h.wp_ip, 15008), authority=f"{REVIEWS_VIP}:9080", headers={"forwarded": f'for="{source}:5555"'})
+    return client, stream
+
+
+async def _get(h, path: str, tunnel=None):
+    """One GET on its own tunnel (``tunnel``: opened beforehand, so that what the test times is the request
+    alone, not a TLS handshake on a loaded box): (status, headers, body)."""
+    client, stream = tunnel or await _tunnel(h)
     try:
         return await client.request(stream, path)
     finally:
@@ -385,8 +393,17 @@ def _stats(h) -> dict:
 
 
 async def _http_lines(h, n: int) -> list[dict]:
-    lines = await h.log_lines(n)
-    return [x for x in lines if x.get("kind") == "http"]
+    """The access log's request lines, once there are at least ``n`` (the log is written by its own thread)."""
+    lines: list[dict] = []
+
+    def enough() -> bool:
+        nonlocal lines
+        lines = [json.loads(x) for x in h.log_sink.getvalue().splitlines() if x]
+        lines = [x for x in lines if x.get("kind") == "http"]
+        return len(lines) >= n
+
+    await _until(enough, f"{n} request lines in the access log")
+    return lines
 
 
 async def test_max_connections_1_pending_1_three_slow_requests(tmp_path, loopback_ip):
@@ -395,12 +412,13 @@ async def test_max_connections_1_pending_1_three_slow_requests(tmp_path, loopbac
     h = await start_harness(tmp_path, loopback_ip, authz=False, routing=_routing(
         "{tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}"))
     try:
-        first = asyncio.ensure_future(_get(h, "/slow?s=0.3"))
+        t1, t2, t3 = [await _tunnel(h) for _ in range(3)]
+        first = asyncio.ensure_future(_get(h, "/slow?s=0.5", t1))
         await _until(lambda: _stats(h)["cx_active"] == 1 and _stats(h)["rq_active"] == 1, "first request in flight")
-        second = asyncio.ensure_future(_get(h, "/slow?s=0.3"))
+        second = asyncio.ensure_future(_get(h, "/slow?s=0.5", t2))
         await _until(lambda: _stats(h)["rq_pending_active"] == 1, "second request queued")
         assert not first.done()
-        status, _, body = await _get(h, "/slow?s=0.3")
+        status, _, body = await _get(h, "/slow?s=0.5", t3)
         assert (status, body) == (503, OVERFLOW_BODY)
         assert not first.done()   # answered at once, not after a wait
         assert [r[0] for r in await asyncio.gather(first, second)] == [200, 200]
@@ -408,7 +426,7 @@ async def test_max_connections_1_pending_1_three_slow_requests(tmp_path, loopbac
         s = _stats(h)
         assert s["upstream_rq_pending_overflow"] == 1 and s["upstream_cx_overflow"] >= 2
         assert s["rq_active"] == 0 and s["rq_pending_active"] == 0 and s["cx_active"] <= 1
-        lines = await _http_lines(h, 4)
+        lines = await _http_lines(h, 3)
         uo = [x for x in lines if x.get("status") == 503]
         assert len(uo) == 1 and uo[0]["response_flags"] == "UO"
         assert uo[0]["response_code_details"] == OVERFLOW_DETAIL
@@ -426,9 +444,10 @@ async def test_a_pending_request_that_times_out_leaves_the_queue(tmp_path, loopb
         "  http:\n  - match: [{uri: {prefix: /slow}}]\n    route: [{destination: {host: reviews, subset: v1}}]\n")
     h = await start_harness(tmp_path, loopback_ip, authz=False, routing=routing)
     try:
-        first = asyncio.ensure_future(_get(h, "/slow?s=0.8"))
+        t1, t2 = [await _tunnel(h) for _ in range(2)]
+        first = asyncio.ensure_future(_get(h, "/slow?s=0.8", t1))
         await _until(lambda: _stats(h)["rq_active"] == 1 and _stats(h)["cx_active"] == 1, "first request in flight")
-        status, _, body = await _get(h, "/")   # waits for the one connection, past the route timeout
+        status, _, body = await _get(h, "/", t2)   # waits for the one connection, past the route timeout
         assert (status, body) == (504, b"upstream request timeout")
         assert _stats(h)["rq_pending_active"] == 0
         assert not first.done()
@@ -436,6 +455,25 @@ async def test_a_pending_request_that_times_out_leaves_the_queue(tmp_path, loopb
         assert (await _get(h, "/"))[0] == 200
         s = _stats(h)
         assert s["rq_active"] == s["rq_pending_active"] == 0 and s["cx_active"] <= 1
+    finally:
+        await h.close()
+
+
+async def test_the_per_try_timeout_starts_when_the_connection_is_ready(tmp_path, loopback_ip):
+    """Envoy starts the per-try timer at onPoolReady: a request that waited longer than its perTryTimeout for
+    the one connection is still served once it has it."""
+    routing = _routing("{tcp: {maxConnections: 1}}", retries="{attempts: 0, perTryTimeout: 0.2s}").replace(
+        "  http:\n",
+        "  http:\n  - match: [{uri: {prefix: /slow}}]\n    route: [{destination: {host: reviews, subset: v1}}]\n")
+    h = await start_harness(tmp_path, loopback_ip, authz=False, routing=routing)
+    try:
+        t1, t2 = [await _tunnel(h) for _ in range(2)]
+        first = asyncio.ensure_future(_get(h, "/slow?s=0.6", t1))
+        await _until(lambda: _stats(h)["rq_active"] == 1 and _stats(h)["cx_active"] == 1, "first request in flight")
+        status, _, body = await _get(h, "/", t2)   # pending ~0.6 s, three times its per-try timeout
+        assert (status, body) == (200, b"v1")
+        assert first.done() and (await first)[0] == 200
+        assert h.waypoint.originator.opened_hbone == 1
     finally:
         await h.close()
 
@@ -491,14 +529,15 @@ async def test_idle_timeout_a_connection_idle_longer_is_not_reused(tmp_path, loo
 async def test_http2_max_requests_1_a_concurrent_second_request_overflows(tmp_path, loopback_ip):
     h = await start_harness(tmp_path, loopback_ip, authz=False, routing=_routing("{http: {http2MaxRequests: 1}}"))
     try:
-        first = asyncio.ensure_future(_get(h, "/slow?s=0.3"))
+        t1, t2 = [await _tunnel(h) for _ in range(2)]
+        first = asyncio.ensure_future(_get(h, "/slow?s=0.5", t1))
         await _until(lambda: _stats(h)["rq_active"] == 1, "first request in flight")
-        status, _, body = await _get(h, "/")
+        status, _, body = await _get(h, "/", t2)
         assert (status, body) == (503, OVERFLOW_BODY)
         assert (await first)[0] == 200
         assert (await _get(h, "/"))[0] == 200   # the slot is free again
         assert _stats(h)["upstream_rq_pending_overflow"] == 1 and _stats(h)["rq_active"] == 0
-        lines = await _http_lines(h, 4)
+        lines = await _http_lines(h, 3)
         assert [x["response_flags"] for x in lines if x.get("status") == 503] == ["UO"]
     finally:
         await h.close()
@@ -510,13 +549,14 @@ async def test_max_retries_1_a_second_concurrent_retry_is_not_made(tmp_path, loo
     h = await start_harness(tmp_path, loopback_ip, authz=False, routing=_routing(
         "{http: {maxRetries: 1}}", retries="{attempts: 1, perTryTimeout: 0.5s, retryOn: '5xx'}"))
     try:
-        slow = asyncio.ensure_future(_get(h, "/slow?s=2"))
+        t1, t2 = [await _tunnel(h) for _ in range(2)]
+        slow = asyncio.ensure_future(_get(h, "/slow?s=2", t1))
         await _until(lambda: _stats(h)["rq_retry_active"] == 1, "the slow request's retry scheduled")
-        status, _, body = await _get(h, "/status/503")
+        status, _, body = await _get(h, "/status/503", t2)
         assert (status, body) == (503, b"v1")   # the upstream's answer, not a local reply
         assert (await slow)[0] == 504
         assert _stats(h)["upstream_rq_retry_overflow"] == 1 and _stats(h)["rq_retry_active"] == 0
-        lines = await _http_lines(h, 4)
+        lines = await _http_lines(h, 2)
         mine = [x for x in lines if x.get("path") == "/status/503"]
         assert len(mine) == 1 and mine[0]["response_flags"] == "UO" and mine[0]["attempts"] == 1
         other = [x for x in lines if x.get("path") == "/slow?s=2"]
@@ -530,7 +570,7 @@ async def test_max_retries_0_is_unset_as_istiod_reads_it(tmp_path, loopback_ip):
         "{http: {maxRetries: 0}}", retries="{attempts: 2, retryOn: '5xx'}"))
     try:
         assert (await _get(h, "/status/503"))[0] == 503
-        lines = await _http_lines(h, 2)
+        lines = await _http_lines(h, 1)
         assert lines[-1]["attempts"] == 3 and "UO" not in lines[-1]["response_flags"]
     finally:
         await h.close()
@@ -568,8 +608,14 @@ async def test_tcp_max_connections_1_a_second_tunnel_is_refused(tmp_path, loopba
         assert await again.read() == b"pong"
         again.close()
         assert cb.stats(cluster)["upstream_cx_overflow"] == 1
-        lines = [x for x in await h.log_lines(3) if x.get("kind") == "tunnel"]
-        refused = [x for x in lines if x.get("status") == 503]
+        refused: list[dict] = []
+
+        def logged() -> bool:
+            refused[:] = [x for x in map(json.loads, h.log_sink.getvalue().splitlines())
+                          if x.get("kind") == "tunnel" and x.get("status") == 503]
+            return bool(refused)
+
+        await _until(logged, "the refused tunnel's line")
         assert len(refused) == 1 and refused[0]["response_flags"] == "UO"
     finally:
         await h.close()

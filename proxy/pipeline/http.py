@@ -999,6 +999,7 @@ class HttpPipeline:
         # maxRetries (Envoy max_retries): a retry is held from the decision to make it until the retried
         # attempt's outcome is known (RetryStateImpl::resetRetry), or until the request ends.
         retrying = False
+        timer = None   # a limited attempt's per-try timer, which it restarts after a wait for a connection
         try:
             while True:
                 attempt += 1
@@ -1025,8 +1026,9 @@ class HttpPipeline:
                     attempt_coro = self._attempt_h2(cand, up, ctx, method, target, authority, headers, body, sent,
                                                     trailers)
                 elif attempt_coro is None and limits is not None:
+                    timer = [None] if policy.per_try_timeout_s is not None else None
                     attempt_coro = self._attempt_limited(cand, up, ctx, method, target, authority, headers, body,
-                                                         clen, replayable, sent, upgrade)
+                                                         clen, replayable, sent, upgrade, timer)
                 elif attempt_coro is None:
                     attempt_coro = self._attempt(cand, up, ctx, method, target, authority, headers, body, clen,
                                                  replayable, sent, upgrade)
@@ -1034,7 +1036,9 @@ class HttpPipeline:
                     if policy.per_try_timeout_s is None:   # no per-try timeout: no timeout context
                         resp, stream, key = await attempt_coro
                     else:
-                        async with asyncio.timeout(policy.per_try_timeout_s):
+                        async with asyncio.timeout(policy.per_try_timeout_s) as try_timer:
+                            if timer is not None:
+                                timer[0] = try_timer
                             resp, stream, key = await attempt_coro
                 except TimeoutError:
                     outcome, err = Outcome(error=PER_TRY_TIMEOUT), UpstreamTimeout("per-try timeout")
@@ -1125,13 +1129,15 @@ class HttpPipeline:
         return resp, stream, cand.key
 
     async def _attempt_limited(self, cand: Candidate, up: Upstream, ctx: TunnelContext, method, target, authority,
-                               headers, body, clen, replayable: bool, sent: list, upgrade: bytes | None = None):
+                               headers, body, clen, replayable: bool, sent: list, upgrade: bytes | None = None,
+                               timer: list | None = None):
         """``_attempt`` for a cluster with connectionPool limits (HTTP/1.1 upstream). Its connections are pooled
         under (cluster, host), counted (``CountedStream``) against tcp.maxConnections: an idle one is taken;
         else one is dialed if there is room (or the host has none: Envoy's exemption); else the request waits
         in the cluster's FIFO of pending requests for one to be released, unless http1MaxPendingRequests wait
-        already: then it is answered 503 ``UO`` at once. The wait is inside the attempt: the route and per-try
-        timeouts bound it."""
+        already: then it is answered 503 ``UO`` at once. The route timeout bounds the wait; the per-try timeout
+        (``timer``: [its asyncio.Timeout], set by ``_forward``) starts afresh once the wait is over, as Envoy
+        starts it when the pool is ready (UpstreamRequest::onPoolReady → setupPerTryTimeout), not while pending."""
         limits = up.limits
         assert limits is not None
         cluster, host = up.cluster, cand.key
@@ -1145,7 +1151,12 @@ class HttpPipeline:
                     raise RequestOverflow(f"cluster {cluster}: {limits.max_connections} connections busy and "
                                           f"{limits.max_pending_requests} requests pending (http1MaxPendingRequests)")
                 if decision == WAIT:
+                    try_timer = timer[0] if timer is not None else None
+                    if try_timer is not None:
+                        try_timer.reschedule(None)   # not while pending ...
                     pooled = await self._wait_connection(cluster, host, limits)
+                    if try_timer is not None:        # ... but from now on
+                        try_timer.reschedule(asyncio.get_running_loop().time() + up.retry.per_try_timeout_s)
                 if pooled is None:   # DIAL (or woken to dial): the slot is reserved
                     return await self._attempt_dial(cand, up, ctx, method, target, authority, headers, body, clen,
                                                     sent, upgrade)
