@@ -1292,7 +1292,13 @@ class H2Upstream:
         instead of END_STREAM on the last DATA (Envoy's router: ``decodeTrailers`` → ``encodeTrailers`` on the
         upstream stream). The fields themselves, or — for a streamed body, whose trailers arrive after its
         last chunk — a function returning them, called once the body has ended. Ignored without a body."""
-        await self.slots.acquire()
+        try:
+            await self.slots.acquire()
+        except BaseException:   # cancelled while all streams were busy: its reservation is given up
+            if self.reserved:
+                self.reserved -= 1
+                self._close_if_drained()
+            raise
         if self.reserved:   # (take_stream's reservation: this request is it; from here on it counts as active)
             self.reserved -= 1
         conn = self.conn
