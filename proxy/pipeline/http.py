@@ -23,6 +23,11 @@ HTTP/1.1; an undeclared (sniffed) port gets the downstream's protocol (Envoy ``U
 Upstream HTTP/1.1 connections are kept per endpoint (``Http1Pool``: one HBONE stream per upstream
 HTTP/1.1 connection — HBONE streams are cheap, the TLS connection under them is pooled by HbonePool).
 
+DestinationRule ``connectionPool`` limits (Envoy's circuit breakers: requests, connections, pending requests,
+retries, requests per connection; ``Upstream.limits``) are decided in ``proxy.pipeline.circuit`` and applied by
+``_execute`` (requests in flight), ``_forward`` (retries) and ``_attempt_limited`` / ``_attempt_h2`` (the
+cluster's own counted connections, the FIFO of pending requests). A cluster without limits never meets them.
+
 gRPC (``content-type: application/grpc*``): local replies are converted as Envoy does
 (``Grpc::Utility::httpToGrpcStatus``: HTTP 200 with ``grpc-status``/``grpc-message``, no body), a
 ``fault.abort.grpcStatus`` answers that status, metrics say ``request_protocol="grpc"`` with the
