@@ -200,7 +200,8 @@ class Waypoint:
         try:
             plan = plan_tcp(chain, snapshot, rng=self.rng)
             rec.cluster = plan.cluster
-            upstream, cand, _ = await connect_upstream(plan, ctx, self.originator, self.lb, self.rng)
+            upstream, cand, _ = await connect_upstream(plan, ctx, self.originator, self.lb, self.rng,
+                                                       breakers=self.http.breakers)
         except ProxyError:
             if stream is not None:   # answered 200 already (sniffed): the client must see a reset
                 stream.abort()

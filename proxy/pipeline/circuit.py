@@ -39,7 +39,6 @@ tcp.py). Waiters in the pending queue are opaque tokens the glue supplies (its f
 
 from __future__ import annotations
 
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Hashable
@@ -290,22 +289,6 @@ class CircuitBreakers:
         return f"<CircuitBreakers clusters={len(self.clusters)} busy={busy}>"
 
 
-# One CircuitBreakers per proxy: the waypoint's HTTP pipeline and its TCP chains share one Originator, so the
-# state is found from it (the TCP path, connect_upstream, is handed the originator and not the pipeline).
-_BY_OWNER: "weakref.WeakKeyDictionary[object, CircuitBreakers]" = weakref.WeakKeyDictionary()
-
-
-def breakers_for(owner: object) -> CircuitBreakers:
-    """The CircuitBreakers of the proxy ``owner`` (its Originator) belongs to; a fresh one per owner."""
-    try:
-        cb = _BY_OWNER.get(owner)
-        if cb is None:
-            cb = _BY_OWNER[owner] = CircuitBreakers()
-        return cb
-    except TypeError:   # not weak-referenceable (a test double): its own state
-        return CircuitBreakers()
-
-
 # -- glue: waiters are asyncio futures. A future resolved with None may dial (its slot is reserved); resolved with
 # a value, it was handed that idle connection. A waiter cancelled meanwhile is skipped and what it would have
 # got goes to the next one.
@@ -393,5 +376,5 @@ class CountedStream:
 
 
 __all__ = ["CircuitLimits", "NO_LIMITS", "circuit_limits", "ClusterCircuit", "CircuitBreakers", "CountedStream",
-           "breakers_for", "release_connection", "hand_over", "USE_IDLE", "DIAL", "WAIT", "OVERFLOW",
+           "release_connection", "hand_over", "USE_IDLE", "DIAL", "WAIT", "OVERFLOW",
            "PENDING_HARD_LIMIT", "CLUSTERS_MAX"]

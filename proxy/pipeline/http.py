@@ -79,7 +79,7 @@ from .answers import (BadUpstreamResponse, DestinationUnavailable, FaultAbort, R
                       exhausted, flags_of, grpc_local_reply, is_grpc, local_reply)
 from .authz import l7_authorizer, l7_decision
 from .chains import INBOUND_VIP, Chain, match_chain
-from .circuit import (OVERFLOW, WAIT, CircuitLimits, CountedStream, breakers_for, circuit_limits, hand_over,
+from .circuit import (OVERFLOW, WAIT, CircuitBreakers, CircuitLimits, CountedStream, circuit_limits, hand_over,
                       release_connection)
 from .context import TunnelContext, addr_str
 from .h2c import H2UpstreamPool, H2UpstreamReset, RequestTrailers, serve_h2c
@@ -518,9 +518,9 @@ class HttpPipeline:
         self.clock = clock
         self.h1pool = Http1Pool()
         self.h2pool = H2UpstreamPool()
-        # DestinationRule connectionPool limits, per cluster; shared with this proxy's TCP chains (their
-        # connect_upstream finds it from the same originator).
-        self.breakers = breakers_for(originator)
+        # DestinationRule connectionPool limits, per cluster; the waypoint hands the same object to its TCP
+        # chains' connect_upstream (one cluster's connections are counted once, whichever chain opened them).
+        self.breakers = CircuitBreakers()
         self.mirrorer = Mirrorer(self._mirror_send, on_done=self._mirror_done)
         self.lb = LoadBalancer()
         self.active: dict[str, int] = {}

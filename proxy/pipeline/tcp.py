@@ -30,7 +30,7 @@ from proxy.snapshot import Snapshot
 
 from .answers import DestinationUnavailable, exhausted
 from .chains import INBOUND_VIP, Chain
-from .circuit import CircuitBreakers, CircuitLimits, CountedStream, breakers_for, circuit_limits, release_connection
+from .circuit import CircuitBreakers, CircuitLimits, CountedStream, circuit_limits, release_connection
 from .context import TunnelContext
 from .originate import CONNECT_TIMEOUT_S, OriginateFailed, Originator
 
@@ -81,14 +81,11 @@ def plan_tcp(chain: Chain, snapshot: Snapshot, *, rng: random.Random) -> TcpPlan
 
 async def connect_upstream(plan: TcpPlan, ctx: TunnelContext, originator: Originator, lb: LoadBalancer,
                            rng: random.Random, attempts: int = TCP_MAX_CONNECT_ATTEMPTS, *,
-                           breakers: CircuitBreakers | None = None) -> tuple[ByteStream, Candidate, int]:
+                           breakers: CircuitBreakers) -> tuple[ByteStream, Candidate, int]:
     """Open the upstream, trying up to ``attempts`` distinct hosts. Raises ProxyError (UF / UF,URX / UH; UO over
-    the cluster's maxConnections). ``breakers``: the proxy's circuit breakers (default: those of the proxy
-    ``originator`` belongs to, which its HTTP pipeline shares); with limits, the stream returned is counted
-    until it is closed."""
+    the cluster's maxConnections). ``breakers``: the proxy's circuit breakers (the waypoint's HTTP pipeline's,
+    shared); with limits, the stream returned is counted until it is closed."""
     limits = plan.limits
-    if limits is not None and breakers is None:
-        breakers = breakers_for(originator)
     tried: set[str] = set()
     last: ProxyError | None = None
     ch = plan.consistent
