@@ -113,10 +113,42 @@ class HeaderOps:
         return out
 
 
+# ---------------------------------------------------------------------------------------------
+# CORS (VirtualService ``corsPolicy``; the decision per request: policy/routing/cors.py)
+
+# Istio CorsPolicy.UnmatchedPreflights: "FORWARD: Preflight requests not matching the configured allowed
+# origin will be forwarded to the upstream. IGNORE: ... will not be forwarded to the upstream"; unset
+# (UNSPECIFIED) is FORWARD, which istiod writes as Envoy's forward_not_matching_preflights: true.
+UNMATCHED_PREFLIGHTS = ("UNSPECIFIED", "FORWARD", "IGNORE")
+
+
+@dataclass(frozen=True)
+class CorsPolicy:
+    """A VirtualService ``corsPolicy`` as istiod hands it to Envoy's CORS filter (route.go
+    TranslateCORSPolicy, a route-level ``typed_per_filter_config`` envoy.filters.http.cors CorsPolicy):
+    ``allowOrigins`` (or the deprecated ``allowOrigin``, as exact matches) become
+    ``allow_origin_string_match``; the method and header lists are joined with ","; ``maxAge`` is its
+    whole seconds as a decimal string; ``allowCredentials`` a BoolValue (unset: Envoy says false);
+    ``unmatchedPreflights: IGNORE`` is ``forward_not_matching_preflights: false``, else true.
+    The strings are ASCII tokens (checked at load), so as written is their wire form."""
+
+    allow_origins: tuple[StringMatch, ...] = ()
+    allow_methods: str = ""
+    allow_headers: str = ""
+    expose_headers: str = ""
+    max_age: str = ""
+    allow_credentials: bool = False
+    forward_unmatched_preflights: bool = True
+
+
 @dataclass(frozen=True)
 class HeaderRules:
     request: HeaderOps = HeaderOps()
     response: HeaderOps = HeaderOps()
+    # The rule's corsPolicy rides with its header rules: they are what the route table hands from a
+    # VirtualService rule to its Forward action (table.py ``_vs_action``), and CORS is the rule's other
+    # response-header behaviour. None on Gateway API rules and per-destination headers.
+    cors: CorsPolicy | None = None
 
 
 NO_HEADER_RULES = HeaderRules()

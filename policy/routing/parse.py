@@ -4,7 +4,7 @@ DestinationRule, ``gateway.networking.k8s.io`` HTTPRoute and Gateway.
 Each takes one decoded YAML document and returns a frozen model, or raises ``ConfigError`` naming the
 exact field (``spec.http[0].route[1].weight: expected an integer 0..``). Unknown fields inside ``spec``
 are errors, as ``kubectl apply`` does with its default strict field validation; fields we read but do
-not enforce (CORS, locality load balancing, TLS routes) are accepted and reported in ``.warnings``.
+not enforce (locality load balancing, TLS routes) are accepted and reported in ``.warnings``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from .regex import Regex, RegexError, check_rewrite, compile_regex
 from .hashing import MAGLEV_BUILD_MAX_TABLE_SIZE, RING_BUILD_MAX_SIZE, is_prime
 from .model import (
     HASH_COOKIE, HASH_HEADER, HASH_QUERY, HASH_SOURCE_IP, MAGLEV, MAGLEV_TABLE_SIZE_DEFAULT,
-    MAGLEV_TABLE_SIZE_LIMIT, RING_HASH, RING_HASH_MAX_SIZE, RING_HASH_MIN_SIZE_DEFAULT, ConsistentHash,
-    HttpCookie,
+    MAGLEV_TABLE_SIZE_LIMIT, RING_HASH, RING_HASH_MAX_SIZE, RING_HASH_MIN_SIZE_DEFAULT, UNMATCHED_PREFLIGHTS,
+    ConsistentHash, CorsPolicy, HttpCookie,
     BackendRef, ConnectionPool, DestinationRule, Fault, Gateway, GwHeaderMatch, GwMatch, GwRule,
     HeaderOps, HeaderRules, HttpMatch, HttpRoute, HttpRule, KNOWN_RETRY_ON, Listener, MirrorSpec,
     NO_HEADER_RULES, OutlierDetection, ParentRef, RedirectSpec, RetryPolicy, RewriteSpec, StringMatch,
@@ -293,11 +293,77 @@ def _vs_http_rule(r: _R, v: Any, path: str) -> HttpRule:
         d = _vs_destination(r, mm.get("destination"), f"{p}.destination")
         pct = r.percent(mm["percentage"], f"{p}.percentage") if mm.get("percentage") is not None else 100.0
         mirrors.append(MirrorSpec(d.host, d.subset, d.port, pct))
-    if m.get("corsPolicy") is not None:
-        r.map(m.get("corsPolicy"), f"{path}.corsPolicy")
-        r.warn(f"{path}.corsPolicy", "CORS is not enforced by this proxy; ignored")
     headers = _vs_headers(r, m.get("headers"), f"{path}.headers")
+    if m.get("corsPolicy") is not None:
+        cors = _vs_cors(r, m.get("corsPolicy"), f"{path}.corsPolicy")
+        if route:
+            headers = HeaderRules(headers.request, headers.response, cors)
+        else:
+            # The policy reaches the waypoint's pipeline with the rule's Forward action (HeaderRules.cors);
+            # a redirect / directResponse rule has none, so Envoy's preflight answer is not given there.
+            r.warn(f"{path}.corsPolicy", "CORS is enforced on route rules only; ignored on a redirect or "
+                   "directResponse rule")
     return HttpRule(name, matches, route, redirect, direct, rewrite, timeout, retries, fault, tuple(mirrors), headers)
+
+
+_CORS_FIELDS = ("allowOrigin", "allowOrigins", "allowMethods", "allowHeaders", "exposeHeaders", "maxAge",
+                "allowCredentials", "unmatchedPreflights")
+# istiod validateHTTPMethod: `"%q is not a supported HTTP method"` outside this set (validation.go).
+_CORS_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "OPTIONS", "TRACE"))
+# RFC 9110 §5.6.2 tchar: what a header name in allowHeaders / exposeHeaders may hold (istiod rejects empty
+# names; these lists become header values, so nothing else may pass either).
+_TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _vs_cors(r: _R, v: Any, path: str) -> CorsPolicy:
+    """A VirtualService ``corsPolicy``, checked as istiod's validateCORSPolicy does and translated as its
+    TranslateCORSPolicy hands it to Envoy (``policy.routing.model.CorsPolicy``)."""
+    m = r.map(v, path, _CORS_FIELDS)
+    origins: list[StringMatch] = []
+    for i, x in enumerate(r.list(m.get("allowOrigins"), f"{path}.allowOrigins")):
+        p = f"{path}.allowOrigins[{i}]"
+        sm = _string_match(r, x, p, empty_is_presence=True)
+        if sm.kind == "presence" or sm.value == "":
+            # istiod validateAllowOrigins: "'' is not a valid match type for CORS allow origins".
+            raise r.fail(p, "an empty origin match is not valid for CORS allow origins")
+        origins.append(sm)
+    if not origins:
+        # The deprecated allowOrigin: istiod uses it only without allowOrigins, as exact matches.
+        origins = [StringMatch("exact", r.str(x, f"{path}.allowOrigin[{i}]"))
+                   for i, x in enumerate(r.list(m.get("allowOrigin"), f"{path}.allowOrigin"))]
+    elif m.get("allowOrigin") is not None:
+        r.strs(m.get("allowOrigin"), f"{path}.allowOrigin")
+        r.warn(f"{path}.allowOrigin", "ignored: allowOrigins is set (allowOrigin is deprecated)")
+    methods = r.strs(m.get("allowMethods"), f"{path}.allowMethods")
+    for i, x in enumerate(methods):
+        if x not in _CORS_METHODS:
+            raise r.fail(f"{path}.allowMethods[{i}]", f"{x!r} is not a supported HTTP method")
+
+    def names(key: str) -> str:
+        out = r.strs(m.get(key), f"{path}.{key}")
+        for i, x in enumerate(out):
+            bad = next((c for c in x if c not in _TCHARS), None)
+            if bad is not None:
+                raise r.fail(f"{path}.{key}[{i}]", f"not a valid header name (character {bad!r})")
+        return ",".join(out)   # istiod: strings.Join(in.AllowHeaders, ",")
+
+    max_age = ""
+    if m.get("maxAge") is not None:
+        secs = r.duration(m.get("maxAge"), f"{path}.maxAge")
+        if secs < 0.001:
+            # istiod ValidateDuration: "duration must be greater than 1ms".
+            raise r.fail(f"{path}.maxAge", "duration must be greater than 1ms")
+        if secs != int(secs):
+            # istiod validateCORSPolicy: "max_age duration is accurate only to seconds precision".
+            raise r.fail(f"{path}.maxAge", "max_age duration is accurate only to seconds precision")
+        max_age = str(int(secs))   # istiod: strconv.FormatInt(in.MaxAge.GetSeconds(), 10)
+    credentials = r.bool(m["allowCredentials"], f"{path}.allowCredentials") \
+        if m.get("allowCredentials") is not None else False
+    unmatched = m.get("unmatchedPreflights", "UNSPECIFIED")
+    if unmatched not in UNMATCHED_PREFLIGHTS:
+        raise r.fail(f"{path}.unmatchedPreflights", "expected one of " + ", ".join(UNMATCHED_PREFLIGHTS))
+    return CorsPolicy(tuple(origins), ",".join(methods), names("allowHeaders"), names("exposeHeaders"), max_age,
+                      credentials, forward_unmatched_preflights=unmatched != "IGNORE")
 
 
 def _string_match(r: _R, v: Any, path: str, *, empty_is_presence: bool, ignore_case: bool = False,

@@ -57,9 +57,10 @@ from policy.authz.evaluate import Decision
 from policy.authz.model import A_REQUEST_HEADER
 from policy.inventory import Service
 from policy.routing.endpoints import Candidate, LoadBalancer, OutlierDetector, endpoints_for
+from policy.routing import cors as cors_filter
 from policy.routing.hashing import request_hash
 from policy.routing.model import (CONNECT_FAILURE, DEFAULT_RETRY_POLICY, PER_TRY_TIMEOUT, RESET, ConsistentHash,
-                                  FaultDecision, HeaderOps, Outcome, OutlierDetection, RetryPolicy)
+                                  CorsPolicy, FaultDecision, HeaderOps, Outcome, OutlierDetection, RetryPolicy)
 from policy.routing.select import (DirectResponse, Forward, GwMatcher, HttpRequestView, NoRoute as NoRouteDecision,
                                    Redirect, RouteDecision, VsMatcher, choose_destination, decide_fault, route_http)
 from proxy.errors import (AuthorizationDenied, NoHealthyUpstream, NoRoute, ProxyError, UnknownDestination,
@@ -147,6 +148,8 @@ class Upstream:
     # The DestinationRule's connectionPool limits (Envoy's circuit breakers, proxy/pipeline/circuit.py); None
     # when it sets none: such a cluster never meets the circuit breakers at all.
     limits: CircuitLimits | None = None
+    # The route rule's VirtualService corsPolicy (policy/routing/cors.py decides per request); None: no CORS.
+    cors: CorsPolicy | None = None
 
     def uses_h2(self, downstream: str) -> bool:
         """HTTP/2 upstream for http2/grpc ports; the downstream's protocol for undeclared ones."""
@@ -158,10 +161,12 @@ class Upstream:
     def plain(self) -> bool:
         """No route or per-try timeout, no outlier detection, not HTTP/2 by declaration, no consistent
         hashing (a hash key per request and maybe a Set-Cookie), no connectionPool limits (counted requests,
-        connections and retries): what ``HttpPipeline._execute_lean`` needs of the cluster (cached, as
-        declared_h2)."""
+        connections and retries), no corsPolicy on the route (a preflight answered here, headers set on the
+        answer): what ``HttpPipeline._execute_lean`` needs (cached, as declared_h2; so a route without a
+        corsPolicy pays nothing per request for CORS)."""
         return (not self.timeout_s and self.retry.per_try_timeout_s is None and self.outlier is None
-                and not self.declared_h2 and self.consistent is None and self.limits is None)
+                and not self.declared_h2 and self.consistent is None and self.limits is None
+                and self.cors is None)
 
     @functools.cached_property
     def declared_h2(self) -> bool:
@@ -217,7 +222,7 @@ def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, des
     return Upstream(dest.cluster_name, svc, endpoints_for(inv, svc, dest.port, dest.subset_labels),
                     forward.retry, forward.timeout_s, connect_timeout, tp.lb_algorithm, req_ops, resp_ops,
                     tp.outlier_detection, svc.app_protocols.get(dest.port) if dest.port is not None else None,
-                    tp.consistent_hash, circuit_limits(pool))
+                    tp.consistent_hash, circuit_limits(pool), getattr(rule_headers, "cors", None))
 
 
 _NONE: frozenset = frozenset()   # no hosts excluded / ejected (one shared empty set, not two per attempt)
@@ -466,6 +471,7 @@ class _Log:
     server_status: int = 0     # what the server answers when the handler raised before a head: 500
     mirrors: int = 0
     set_cookie: bytes | None = None   # consistentHash httpCookie with a ttl: the cookie Envoy generates
+    cors: tuple | None = None         # CORS headers Envoy's CORS filter sets on the upstream's answer
 
 
 class _PrefixThen:
@@ -602,6 +608,8 @@ class HttpPipeline:
         up = plan.upstream
         try:
             # PERF NOTE: the common request takes _execute_lean (its twin test: tests/test_pipeline_lean.py).
+            # A route with a corsPolicy is not ``up.plain`` (cached per upstream): it takes _execute, where the
+            # CORS filter runs; a route without one pays no new check here.
             # In-process (/tmp/wp/inproc.py, as plan_cached's note above) 39.4 -> 36.7 us per request; the
             # benchmark's mesh (/tmp/wp/ab.py, 6 x 3 s alternating with the previous tree, medians):
             # waypoint 66.6 -> 56.4 us per request (an upstream read through the HBONE stream is one task
@@ -694,6 +702,21 @@ class HttpPipeline:
             await asyncio.sleep(fault.delay_s)
         if fault.abort_status is not None or fault.abort_grpc_status is not None:
             raise FaultAbort(fault.abort_status, grpc_status=fault.abort_grpc_status)
+        if up.cors is not None:
+            # Envoy's CORS filter, in the waypoint's filter order. After authorization (plan.error, raised above:
+            # a denied preflight gets 403): istiod waypoint.go buildWaypointHTTPFilters, "Authn/authz filters are
+            # prepended" to the common chain; users meet it as istio/istio#55318 ("the request still goes through
+            # the rbac filter. This will make us add OPTIONS to authorization policy"). After the fault filter,
+            # before the router: listener_builder.go, "TypedPerFilterConfig in route needs these filters.
+            # filters = append(filters, xdsfilters.Fault, xdsfilters.Cors)". A preflight it answers never
+            # reaches the router.
+            answer = cors_filter.decide(up.cors, request.method, request.headers)
+            if answer is not None:
+                if answer.kind == cors_filter.PREFLIGHT:
+                    log.status, log.detail = cors_filter.PREFLIGHT_STATUS, cors_filter.CORS_RESPONSE_DETAIL
+                    await responder.send_local_reply(cors_filter.PREFLIGHT_STATUS, b"", list(answer.headers))
+                    return
+                log.cors = answer.headers
         if grpc:
             # gRPC streams messages both ways (client/bidi streaming): the body must flow upstream as
             # it arrives, not after END_STREAM. Such a request is retried only while nothing of it
@@ -871,6 +894,11 @@ class HttpPipeline:
             out_headers = apply_ops(list(resp.headers), ops) if ops else resp.headers
             if log.set_cookie is not None:   # consistentHash httpCookie: Envoy adds it to the upstream's answer
                 out_headers = [*out_headers, (b"set-cookie", log.set_cookie)]
+            if log.cors is not None:
+                # After the route's response header ops: those are the router's (finalizeResponseHeaders on the
+                # upstream's headers), and the CORS filter, before the router in the chain, encodes after it —
+                # its setInline replaces any access-control-* field the upstream or the route ops left.
+                out_headers = cors_filter.set_headers(out_headers, log.cors)
             # A small response usually arrives whole with its head: answer it with one write (HTTP/1.1
             # downstream) instead of a head, an async generator, a write and a drain per chunk, and an
             # end. Measured: in-process HttpPipeline.handle with faked streams (whose writes cost nothing)
