@@ -18,6 +18,7 @@ from policy.routing.model import DEFAULT_RETRY_POLICY, CorsPolicy, StringMatch
 from policy.routing.parse import parse_virtual_service
 from policy.routing.regex import compile_regex
 from proxy.pipeline.http import HttpPipeline, Upstream
+from tests.test_waypoint_l7 import RawH2
 from tests.waypoint_harness import REVIEWS_VIP, start_harness
 
 W = Where("cors.yaml")
@@ -378,5 +379,27 @@ async def test_waypoint_cors_preflight_simple_request_forwarding_and_authz(tmp_p
         assert reached == ["GET", "GET", "OPTIONS", "OPTIONS"]
         assert [n for n, p in served if p.startswith("/plain")] == ["_execute_lean"]
         assert {n for n, p in served if not p.startswith("/plain")} == {"_execute"}
+    finally:
+        await h.close()
+
+
+async def test_waypoint_cors_over_h2c(tmp_path, loopback_ip):
+    # The h2c front-end hands the same request/responder shape to the pipeline: the same CORS answers.
+    h = await start_harness(tmp_path, loopback_ip, routing=ROUTING)
+    try:
+        c = RawH2(await h.client().tunnel(f"{REVIEWS_VIP}:9080"))
+        r = await c.get(b"/headers", method=b"OPTIONS", headers=_preflight_headers(b"https://app.example"))
+        hdrs = r["headers"]
+        assert hdrs[b":status"] == b"200" and r["data"] == b"" and b"x-version" not in hdrs
+        assert hdrs[b"access-control-allow-origin"] == b"https://app.example"
+        assert hdrs[b"access-control-allow-methods"] == b"GET,POST"
+        r = await c.get(b"/headers", headers=[(b"origin", b"https://app.example")])
+        hdrs = r["headers"]
+        assert hdrs[b":status"] == b"200" and hdrs[b"x-version"] == b"v1"
+        assert hdrs[b"access-control-allow-origin"] == b"https://app.example"
+        assert hdrs[b"access-control-expose-headers"] == b"x-version"
+        lines = [x for x in await h.log_lines(2) if x.get("kind") == "http"]
+        assert [(x["method"], x.get("response_code_details", "")) for x in lines] == [
+            ("OPTIONS", "cors_response"), ("GET", "")]
     finally:
         await h.close()
