@@ -403,3 +403,28 @@ async def test_waypoint_cors_over_h2c(tmp_path, loopback_ip):
             ("OPTIONS", "cors_response"), ("GET", "")]
     finally:
         await h.close()
+
+
+FAULT_ROUTING = """
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - route: [{destination: {host: reviews}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    corsPolicy: {allowOrigins: [{exact: "https://app.example"}], allowMethods: [GET]}
+"""
+
+
+async def test_the_fault_filter_runs_before_cors(tmp_path, loopback_ip):
+    # istiod's chain: ... Fault, Cors, router. An abort answers even a matching preflight, without CORS headers.
+    h = await start_harness(tmp_path, loopback_ip, routing=FAULT_ROUTING, authz=False)
+    try:
+        status, hdrs, _ = await _send(h, "/headers", b"OPTIONS", _preflight_headers(b"https://app.example"))
+        assert status == 418 and "access-control-allow-origin" not in hdrs
+        (line,) = [x for x in await h.log_lines(1) if x.get("kind") == "http"]
+        assert line["response_flags"] == "FI"
+    finally:
+        await h.close()
