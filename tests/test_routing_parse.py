@@ -129,7 +129,8 @@ def test_bookinfo_documents_parse_whole():
     assert r0.timeout_s == 3 and r0.retries.attempts == 3 and r0.retries.retriable_status_codes == {409}
     assert r0.fault.delay_s == 0.1 and r0.fault.abort_grpc_status == 14 and r0.fault.abort_percent == 0.5
     assert r0.mirrors[0].percent == 12.5 and r0.matches[0].port == 9080
-    assert any("corsPolicy" in w for w in v.warnings)
+    # corsPolicy is enforced now (tests/test_cors.py): parsed onto the rule's header rules, no warning.
+    assert r0.headers.cors is not None and not any("corsPolicy" in w for w in v.warnings)
     assert [x.weight for x in v.http[1].route] == [90, 10]
     assert d.namespace == "default" and [s.name for s in d.subsets] == ["v1", "v2"]
     assert d.traffic_policy.outlier_detection.base_ejection_time_s == 900
