@@ -176,6 +176,7 @@ ERRORS = [
     (OP + ["paths"], ["/a/{**}/b/{*}"], "spec.rules[0].to[0].operation.paths[0]", "{**} is not the last operator"),
     (OP + ["paths"], ["/a/{x}"], "spec.rules[0].to[0].operation.paths[0]", "beyond a supported path template"),
     (OP + ["paths"], ["/a b/{*}"], "spec.rules[0].to[0].operation.paths[0]", "is not a valid literal"),
+    (OP + ["paths"], ["/a\n/{*}"], "spec.rules[0].to[0].operation.paths[0]", "is not a valid literal"),
     (OP, {}, "spec.rules[0].to[0].operation", "`to.operation` must not be empty"),
     (OP, None, "spec.rules[0].to[0].operation", "`to.operation` must not be nil"),
     (R0 + ["to"], [], "spec.rules[0].to", "`to` must not be empty"),

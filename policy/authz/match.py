@@ -153,7 +153,9 @@ def parse_ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
 MATCH_ONE_TEMPLATE = "{*}"   # one path segment (Envoy uri_template `*`)
 MATCH_ANY_TEMPLATE = "{**}"  # zero or more segments, must be last (Envoy uri_template `**`)
 # Valid literal segment in a path template: RFC 3986 pchar (Istio security.go validLiteral).
-_VALID_LITERAL = re.compile(r"^[a-zA-Z0-9\-._~%!$&'()+,;:@=]+$")
+# fullmatch, not ^…$: `$` also matches before a final "\n", so "a\n" passed (found by fuzzing the same
+# pattern in hbone/connect.py and policy/loader.py).
+_VALID_LITERAL = re.compile(r"[a-zA-Z0-9\-._~%!$&'()+,;:@=]+")
 _PCHARS = r"[a-zA-Z0-9\-._~%!$&'()+,;:@=]"
 
 
@@ -173,7 +175,7 @@ def check_path_template(value: str) -> str | None:
             continue
         if "{" in glob or "}" in glob:
             return f"invalid path {value!r}: contains '{{' or '}}' beyond a supported path template"
-        if templated and not _VALID_LITERAL.match(glob):
+        if templated and not _VALID_LITERAL.fullmatch(glob):
             return f"invalid path {value!r}: segment {glob!r} is not a valid literal"
     return None
 
