@@ -253,7 +253,7 @@ def test_cluster_states_are_bounded_idle_ones_dropped():
     assert all(name in cb.clusters for name in busy)   # live state is never dropped
 
 
-def test_http1_pool_take_within_closes_connections_idle_longer():
+def test_http1_pool_take_with_an_idle_timeout_closes_connections_idle_longer():
     now = [100.0]
     pool = Http1Pool(now=lambda: now[0])
 
@@ -268,11 +268,11 @@ def test_http1_pool_take_within_closes_connections_idle_longer():
     now[0] += 5.0
     pool.put("k", new, "r-new")
     now[0] += 1.0
-    assert pool.take_within("k", 2.0) == (new, "r-new")   # idle 1 s: reused
-    assert pool.take_within("k", 2.0) is None and old.closed   # idle 6 s: closed, never reused
+    assert pool.take("k", 2.0) == (new, "r-new")   # idle 1 s: reused
+    assert pool.take("k", 2.0) is None and old.closed   # idle 6 s: closed, never reused
     pool.put("k", new, "r-new")
     now[0] += 1.5
-    assert pool.take_within("k", 1.0) is None and new.closed
+    assert pool.take("k", 1.0) is None and new.closed
 
 
 async def test_h2_connection_takes_no_new_stream_after_max_requests_then_closes(loopback_ip):

@@ -396,27 +396,14 @@ class Http1Pool:
         self._ttl = idle_timeout_s
         self._now = now
 
-    def take(self, key: Hashable) -> tuple[ByteStream, ResponseReader] | None:
+    def take(self, key: Hashable, max_idle_s: float | None = None) -> tuple[ByteStream, ResponseReader] | None:
+        """An idle connection for ``key``, most recently used first (likeliest alive), or None; one idle
+        longer than the pool's TTL — or ``max_idle_s``, a DestinationRule's ``idleTimeout`` (Envoy's upstream
+        ``idle_timeout``: "the connection will be closed" once idle that long) — is closed, never reused
+        (lazily: when looked at here, or by ``put``'s aging)."""
         conns = self._idle.get(key)
         now = self._now()
-        while conns:
-            stream, reader, since = conns.pop()  # most recently used first: likeliest alive
-            if now - since <= self._ttl:
-                if not conns:
-                    del self._idle[key]
-                return stream, reader
-            stream.close()
-        self._idle.pop(key, None)
-        return None
-
-    def take_within(self, key: Hashable, max_idle_s: float) -> tuple[ByteStream, ResponseReader] | None:
-        """``take`` for a key whose connections may idle at most ``max_idle_s`` (a DestinationRule's
-        ``idleTimeout``: Envoy's upstream ``idle_timeout``, "the connection will be closed" once idle that
-        long): an older one is closed, never reused. (Lazily: it closes when looked at here, or by ``put``'s
-        aging.) A separate method so that ``take`` — every pooled request's — stays as it is."""
-        conns = self._idle.get(key)
-        now = self._now()
-        ttl = min(max_idle_s, self._ttl)
+        ttl = self._ttl if max_idle_s is None or max_idle_s > self._ttl else max_idle_s
         while conns:
             stream, reader, since = conns.pop()
             if now - since <= ttl:

@@ -1128,20 +1128,10 @@ class HttpPipeline:
         key = cand.key
         pooled = self.h1pool.take(key)
         if pooled is not None:
-            stream, reader = pooled
-            try:
-                sent[0] = True
-                return await forward_request(stream, method, target, authority, headers, body,
-                                             content_length=clen, reader=reader, upgrade=upgrade), stream, key
-            except ClientUpstreamReset as err:
-                stream.abort()
-                # A pooled connection the upstream closed while idle: retry on a fresh one (as Envoy
-                # does), if nothing of the request can have been processed.
-                if not (err.before_response and replayable):
-                    raise
-            except BaseException:
-                stream.abort()
-                raise
+            resp = await _on_pooled(pooled, method, target, authority, headers, body, clen, upgrade, replayable,
+                                    sent)
+            if resp is not None:
+                return resp, pooled[0], key
         return await self._attempt_fresh(cand, up, ctx, method, target, authority, headers, body, clen, sent,
                                          upgrade)
 
@@ -1177,7 +1167,7 @@ class HttpPipeline:
         pkey = (cluster, host)
         idle_s = limits.idle_timeout_s
         while True:
-            pooled = self.h1pool.take(pkey) if idle_s is None else self.h1pool.take_within(pkey, idle_s)
+            pooled = self.h1pool.take(pkey, idle_s)
             if pooled is None:
                 decision = self.breakers.acquire_connection(cluster, limits, host, idle=False)
                 if decision == OVERFLOW:
@@ -1193,21 +1183,11 @@ class HttpPipeline:
                 if pooled is None:   # DIAL (or woken to dial): the slot is reserved
                     return await self._attempt_dial(cand, up, ctx, method, target, authority, headers, body, clen,
                                                     sent, upgrade)
-            stream, reader = pooled
-            stream.served += 1
-            try:
-                sent[0] = True
-                return await forward_request(stream, method, target, authority, headers, body, content_length=clen,
-                                             reader=reader, upgrade=upgrade), stream, pkey
-            except ClientUpstreamReset as err:
-                stream.abort()
-                # A pooled connection the upstream closed while idle: another one (as _attempt does), if
-                # nothing of the request can have been processed.
-                if not (err.before_response and replayable):
-                    raise
-            except BaseException:
-                stream.abort()
-                raise
+            pooled[0].served += 1
+            resp = await _on_pooled(pooled, method, target, authority, headers, body, clen, upgrade, replayable,
+                                    sent)
+            if resp is not None:
+                return resp, pooled[0], pkey
 
     async def _wait_connection(self, cluster: str, host: str, limits: CircuitLimits):
         """In the cluster's pending queue until a connection to ``host`` is handed over ((stream, reader)) or a
@@ -1406,6 +1386,26 @@ class HttpPipeline:
         await self.mirrorer.close()
         self.h1pool.close()
         await self.h2pool.close()
+
+
+async def _on_pooled(pooled, method, target, authority, headers, body, clen, upgrade, replayable: bool,
+                     sent: list):
+    """One attempt on a pooled HTTP/1.1 connection: the response, or None when the upstream had closed it while
+    idle and nothing of the request can have been processed (then another connection is tried, as Envoy
+    does); any other failure aborts the connection and is raised."""
+    stream, reader = pooled
+    try:
+        sent[0] = True
+        return await forward_request(stream, method, target, authority, headers, body, content_length=clen,
+                                     reader=reader, upgrade=upgrade)
+    except ClientUpstreamReset as err:
+        stream.abort()
+        if not (err.before_response and replayable):
+            raise
+        return None
+    except BaseException:
+        stream.abort()
+        raise
 
 
 async def _raise(err: BaseException):
