@@ -460,8 +460,16 @@ class _Core:
 
     # -- connection --
     def ping(self, opaque: bytes) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        try:
             self._h2.ping(opaque)
+        except h2.exceptions.H2Error:
+            # h2 sends nothing more on this connection (its state machine went CLOSED, e.g. the GOAWAY
+            # before the first stream that fuzzing found): it is over, as for a connection error. Raising
+            # here would escape the shell's keepalive timer, which would then never run again.
+            self.closed = True
+            self._drop_all_queues()
 
     def goaway(self, code: int = ErrorCodes.NO_ERROR) -> None:
         """Graceful shutdown (RFC 9113 §6.8): tell the peer the last stream we will process.

@@ -196,3 +196,43 @@ def test_explicit_yaml_tag_that_does_not_fit_its_value_is_a_config_error(value):
     with pytest.raises(ConfigError) as err:
         load_text(text, "inv.yaml")
     assert err.value.message.startswith("inv.yaml: document 1: invalid value")
+
+
+def test_a_ping_h2_refuses_ends_the_connection_instead_of_raising_out_of_the_keepalive_timer():
+    """Defence behind the fix above: whatever else may leave h2 CLOSED while the core still thinks the
+    connection open, ``ping`` must not raise (the shell calls it from its keepalive timer, which would
+    then never run again): the core counts the connection as over, and the shell closes it."""
+    from h2.connection import ConnectionState
+    from hbone.protocol import ServerCore
+
+    core = ServerCore(clock=lambda: 0.0)
+    core.receive_data(_client_hello())
+    core.data_to_send()
+    core._h2.state_machine.state = ConnectionState.CLOSED   # (no known input gets here any more)
+    core.ping(b"12345678")
+    assert core.closed and b"12345678" not in core.data_to_send()
+
+
+def test_the_keepalive_timer_survives_a_refused_ping_and_the_connection_ends():
+    import asyncio
+
+    from h2.connection import ConnectionState
+    from hbone.settings import HboneSettings
+    from hbone.testing import Mesh
+    from tests.test_hbone_pool import PoolEnv
+
+    async def main():
+        errors = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        async with PoolEnv(Mesh.create(), HboneSettings(ping_interval=0.05, ping_timeout=5.0)) as env:
+            await env.open()
+            (conn,) = env.pool.connections()
+            conn.core._h2.state_machine.state = ConnectionState.CLOSED
+            for _ in range(100):
+                if conn.lost:
+                    break
+                await asyncio.sleep(0.02)
+            assert conn.lost and conn.core.closed
+        assert not errors, errors   # nothing escaped a callback (before: ProtocolError from _ping_tick)
+
+    asyncio.run(main())
