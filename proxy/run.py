@@ -351,7 +351,7 @@ class ProxyApp:
         self.admin = AdminServer(
             config_dump=self.config_dump, quit=self.request_stop,
             logging=LoggingControl(self.access_log), readiness=self.not_ready,
-            metrics=self.metrics.exposition, explain=self._explain,
+            metrics=self.metrics.exposition, explain=self._explain, stats=self._stats,
             admin_addr=s.admin_addr if serve_admin else None,
             metrics_addr=s.metrics_addr if serve_admin else None,
             readiness_addr=s.readiness_addr if serve_admin else None, worker_metrics=worker_metrics)
@@ -517,6 +517,11 @@ class ProxyApp:
                 if err is not None and reported.get(id(src)) is not err:
                     log.warning("certificate for %s not rotated: %s", src.identity, err)
                 reported[id(src)] = err
+
+    def _stats(self) -> list[tuple[str, int]]:
+        """``GET /stats``: the waypoint's per-cluster circuit-breaker numbers (a node proxy keeps none)."""
+        http = getattr(self.mode_proxy, "http", None)
+        return http.breakers.envoy_stats() if http is not None else []
 
     def _explain(self, body: dict) -> Any:
         """``POST /explain`` (schema: proxy.admin.explain): the waypoint's answer for a request."""

@@ -229,3 +229,28 @@ def test_parser_only_raises_bad_request(data):
         p.feed(data)
     except BadRequest as err:
         assert err.status in (400, 413)
+
+
+async def test_stats_endpoint_lists_envoy_style_lines_with_an_re2_filter(loopback_ip):
+    numbers = [("cluster.a|80||x.svc.upstream_rq_pending_overflow", 3), ("cluster.a|80||x.svc.upstream_cx_active", 1)]
+    server = AdminServer(config_dump=dict, stats=lambda: numbers, admin_addr=f"{loopback_ip()}:0",
+                         metrics_addr=None, readiness_addr=None)
+    bare = AdminServer(config_dump=dict, admin_addr=f"{loopback_ip()}:0", metrics_addr=None, readiness_addr=None)
+    await server.start()
+    await bare.start()
+    try:
+        addr = server.addresses["admin"]
+        status, _, body = await exchange(addr, b"GET /stats HTTP/1.1\r\n\r\n")
+        assert status == 200 and body == (b"cluster.a|80||x.svc.upstream_rq_pending_overflow: 3\n"
+                                          b"cluster.a|80||x.svc.upstream_cx_active: 1\n")
+        status, _, body = await exchange(addr, b"GET /stats?filter=pending HTTP/1.1\r\n\r\n")
+        assert status == 200 and body == b"cluster.a|80||x.svc.upstream_rq_pending_overflow: 3\n"
+        status, _, body = await exchange(addr, b"GET /stats?filter=%28 HTTP/1.1\r\n\r\n")   # "(": not RE2
+        assert status == 400 and b"bad filter" in body
+        status, _, body = await exchange(bare.addresses["admin"], b"GET /stats HTTP/1.1\r\n\r\n")
+        assert status == 501 and b"not wired" in body   # (as /explain: a listener without the proxy behind it)
+        status, _, body = await exchange(addr, b"GET / HTTP/1.1\r\n\r\n")
+        assert b"/stats" in body   # listed in the index
+    finally:
+        await server.close()
+        await bare.close()

@@ -431,6 +431,11 @@ async def test_max_connections_1_pending_1_three_slow_requests(tmp_path, loopbac
         assert len(uo) == 1 and uo[0]["response_flags"] == "UO"
         assert uo[0]["response_code_details"] == OVERFLOW_DETAIL
         assert [x["response_flags"] for x in lines if x.get("status") == 200] == ["-", "-"]
+        # The admin /stats lines Istio's circuit-breaking task greps (pilot-agent request GET stats).
+        envoy = dict(h.waypoint.http.breakers.envoy_stats())
+        assert envoy[f"cluster.{C}.upstream_rq_pending_overflow"] == 1
+        assert envoy[f"cluster.{C}.upstream_rq_pending_active"] == 0
+        assert all(name.startswith(f"cluster.{C}.upstream_") for name in envoy)
     finally:
         await h.close()
 

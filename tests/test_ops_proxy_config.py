@@ -178,3 +178,16 @@ def test_explain_against_the_seed_waypoint(seed_waypoint):
     assert "  retries 2 on connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes" in lines
     assert f"  10.244.1.6:9080 HEALTHY inbound-vip|9080|http/v2|{REVIEWS} via HBONE" in lines
     assert lines[-1] == "decision    allow"
+
+
+def test_stats_on_the_seed_waypoints_admin(seed_waypoint):
+    """``GET /stats`` (Envoy admin's text form) is wired in a real ``hbone-proxy run`` waypoint: per-cluster
+    circuit-breaker lines once a limited cluster has been used (tests/test_circuit_breakers.py), none here
+    (the seed's DestinationRules set no connectionPool limits and no request has been sent)."""
+    import urllib.error
+    import urllib.request
+    with urllib.request.urlopen(f"http://{_admin(seed_waypoint)}/stats", timeout=10) as r:
+        assert r.status == 200 and r.read() == b""   # wired (an unwired listener answers 501)
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        urllib.request.urlopen(f"http://{_admin(seed_waypoint)}/stats?filter=%28", timeout=10)
+    assert bad.value.code == 400

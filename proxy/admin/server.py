@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable, Mapping
 from urllib.parse import parse_qs, unquote
 
 import httptools
+import re2
 
 log = logging.getLogger("hbone.admin")
 
@@ -406,6 +407,12 @@ class LoggingControl:
 # The three listeners
 
 
+# /stats?filter=: RE2 as Envoy's admin, quiet (a bad filter is the caller's 400, not a log line), no groups.
+_STATS_FILTER_OPTIONS = re2.Options()
+_STATS_FILTER_OPTIONS.log_errors = False
+_STATS_FILTER_OPTIONS.never_capture = True
+
+
 @dataclass
 class AdminServer:
     """Admin, metrics and readiness listeners, wired to the proxy by callables (sync or async):
@@ -416,6 +423,7 @@ class AdminServer:
     * ``readiness() -> str | None``: ``None`` when ready, else the reason it is not;
     * ``metrics() -> bytes``: Prometheus text exposition (e.g. ``Metrics.exposition``);
     * ``explain(request: dict) -> dict``: ``/explain`` (schema in ``proxy.admin.explain``);
+    * ``stats() -> list[tuple[str, int]]``: ``/stats``, Envoy admin's text form (``name: value`` lines);
     * ``worker_metrics``: a ``proxy.admin.workers.WorkerMetrics`` when this is worker 0 of several:
       ``/metrics`` then answers the sum over the workers and ``?worker=K`` one worker's.
 
@@ -428,6 +436,7 @@ class AdminServer:
     readiness: Callable[[], Any] = lambda: None
     metrics: Callable[[], Any] | None = None
     explain: Callable[[dict], Any] | None = None
+    stats: Callable[[], Any] | None = None
     # --workers N (worker 0): /metrics sums every worker's; ?worker=K gives one (proxy/admin/workers.py).
     worker_metrics: Any = None
     admin_addr: str | tuple[str, int] | None = ADMIN_ADDR
@@ -493,9 +502,25 @@ class AdminServer:
                 return Response.json(400, {"error": str(err)})
             return Response.json(200, answer)
 
+        async def stats(req: Request) -> Response:
+            """Envoy-style cluster stats, `name: value` lines; ?filter=RE2 keeps names it finds"""
+            if self.stats is None:
+                return Response.text(501, "stats are not wired in this process\n")
+            lines = await _maybe_await(self.stats())
+            pattern = req.arg("filter")
+            if pattern:
+                # Envoy's /stats ``filter`` is an RE2 regex searched in each name; RE2, so a crafted one cannot
+                # stall the loop (linear time).
+                try:
+                    rx = re2.compile(pattern, _STATS_FILTER_OPTIONS)
+                except re2.error as err:
+                    return Response.text(400, f"bad filter {pattern!r}: {err}\n")
+                lines = [(n, v) for n, v in lines if rx.search(n)]
+            return Response.text(200, "".join(f"{n}: {v}\n" for n, v in lines))
+
         return {("GET", "/"): index, ("GET", "/config_dump"): config_dump,
                 ("POST", "/quitquitquit"): quitquitquit, ("POST", "/logging"): logging_,
-                ("POST", "/explain"): explain, ("GET", "/ready"): self._ready_handler()}
+                ("POST", "/explain"): explain, ("GET", "/stats"): stats, ("GET", "/ready"): self._ready_handler()}
 
     def _metrics_routes(self) -> dict[tuple[str, str], Handler]:
         async def metrics(req: Request) -> Response:

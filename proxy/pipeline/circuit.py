@@ -128,6 +128,16 @@ class ClusterCircuit:
                 "upstream_cx_max_requests": self.upstream_cx_max_requests}
 
 
+# ClusterCircuit.stats() keys → Envoy's cluster stat names (gauges *_active, counters *_overflow, *_max_requests).
+# Active retries have no Envoy stat of their own (only the circuit_breakers.*.rq_retry_open flag): not listed.
+_ENVOY_STAT_NAMES = (("rq_active", "upstream_rq_active"), ("cx_active", "upstream_cx_active"),
+                     ("rq_pending_active", "upstream_rq_pending_active"),
+                     ("upstream_rq_pending_overflow", "upstream_rq_pending_overflow"),
+                     ("upstream_cx_overflow", "upstream_cx_overflow"),
+                     ("upstream_rq_retry_overflow", "upstream_rq_retry_overflow"),
+                     ("upstream_cx_max_requests", "upstream_cx_max_requests"))
+
+
 class CircuitBreakers:
     """Every cluster's ``ClusterCircuit`` of one proxy, by cluster name. Decisions only: the caller acts on
     them (dials, waits, answers) and reports back what happened (``connection_closed``, ``end_request`` ...).
@@ -150,6 +160,16 @@ class CircuitBreakers:
     def stats(self, cluster: str) -> dict[str, int]:
         st = self.clusters.get(cluster)
         return (st or ClusterCircuit()).stats()
+
+    def envoy_stats(self) -> list[tuple[str, int]]:
+        """Every kept cluster's numbers under Envoy's admin ``/stats`` names (``cluster.<name>.<stat>``), what
+        Istio's circuit-breaking task reads (``pilot-agent request GET stats | grep pending_overflow``)."""
+        out = []
+        for cluster, st in sorted(self.clusters.items()):
+            s = st.stats()
+            for ours, envoy in _ENVOY_STAT_NAMES:
+                out.append((f"cluster.{cluster}.{envoy}", s[ours]))
+        return out
 
     # -- max_requests --
     def begin_request(self, cluster: str, limits: CircuitLimits) -> bool:
