@@ -1142,13 +1142,7 @@ class HttpPipeline:
         stream = await self.originator.open(
             cand, source=ctx.client_addr, service_hostname=svc.hostname if svc else None,
             timeout=up.connect_timeout_s, subject_alt_names=svc.subject_alt_names if svc else ())
-        try:
-            sent[0] = True
-            resp = await forward_request(stream, method, target, authority, headers, body, content_length=clen,
-                                         upgrade=upgrade)
-        except BaseException:
-            stream.abort()
-            raise
+        resp = await _on_fresh(stream, method, target, authority, headers, body, clen, upgrade, sent)
         return resp, stream, cand.key
 
     async def _attempt_limited(self, cand: Candidate, up: Upstream, ctx: TunnelContext, method, target, authority,
@@ -1213,13 +1207,7 @@ class HttpPipeline:
         """``_attempt_fresh`` on a counted connection whose slot is reserved: a failed dial releases it."""
         stream = await self._counted_stream(cand, up, ctx)
         stream.served = 1
-        try:
-            sent[0] = True
-            resp = await forward_request(stream, method, target, authority, headers, body, content_length=clen,
-                                         upgrade=upgrade)
-        except BaseException:
-            stream.abort()
-            raise
+        resp = await _on_fresh(stream, method, target, authority, headers, body, clen, upgrade, sent)
         return resp, stream, (up.cluster, cand.key)
 
     async def _counted_stream(self, cand: Candidate, up: Upstream, ctx: TunnelContext) -> CountedStream:
@@ -1403,6 +1391,17 @@ async def _on_pooled(pooled, method, target, authority, headers, body, clen, upg
         if not (err.before_response and replayable):
             raise
         return None
+    except BaseException:
+        stream.abort()
+        raise
+
+
+async def _on_fresh(stream, method, target, authority, headers, body, clen, upgrade, sent: list):
+    """The request on a connection just opened for it: the response; any failure aborts the connection."""
+    try:
+        sent[0] = True
+        return await forward_request(stream, method, target, authority, headers, body, content_length=clen,
+                                     upgrade=upgrade)
     except BaseException:
         stream.abort()
         raise
