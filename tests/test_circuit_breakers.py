@@ -393,16 +393,9 @@ def _stats(h) -> dict:
 
 
 async def _http_lines(h, n: int) -> list[dict]:
-    """The access log's request lines, once there are at least ``n`` (the log is written by its own thread)."""
-    lines: list[dict] = []
-
-    def enough() -> bool:
-        nonlocal lines
-        lines = [json.loads(x) for x in h.log_sink.getvalue().splitlines() if x]
-        lines = [x for x in lines if x.get("kind") == "http"]
-        return len(lines) >= n
-
-    await _until(enough, f"{n} request lines in the access log")
+    """The access log's request lines, once there are at least ``n``."""
+    lines = await h.http_lines(n)
+    assert len(lines) >= n, f"{n} request lines in the access log: {lines}"
     return lines
 
 

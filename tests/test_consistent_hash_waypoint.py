@@ -6,7 +6,6 @@ version (tests/waypoint_harness.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 
 from policy.routing.model import HASH_SOURCE_IP, ConsistentHash
@@ -158,12 +157,7 @@ async def test_retries_with_consistent_hashing_stay_on_the_hashed_pod(tmp_path, 
         stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
         status, _, body = await client.request(stream, "/status/503", headers=[(b"x-user", b"carol")])
         assert (status, body) == (503, first)   # every attempt on carol's pod, which answered 503
-        lines = []
-        for _ in range(150):   # its access-log line follows the answer (tunnel lines come and go too)
-            lines = [line for line in await h.log_lines(1) if line.get("path") == "/status/503"]
-            if lines:
-                break
-            await asyncio.sleep(0.02)
+        lines = await h.http_lines(1, path="/status/503")
         assert lines and lines[-1]["attempts"] == 3
         hosts = {p.ip for p in h.pods.values() if p.version.encode() == first}
         assert lines[-1]["upstream_host"].split(":")[0] in hosts

@@ -326,7 +326,7 @@ async def test_waypoint_cors_preflight_simple_request_forwarding_and_authz(tmp_p
         assert hdrs["content-length"] == "0"
         # The CORS filter's own answer: not the route's response header ops, not the pod's x-version.
         assert "x-version" not in hdrs and "x-route" not in hdrs and "access-control-expose-headers" not in hdrs
-        (line,) = [x for x in await h.log_lines(1) if x.get("kind") == "http"]
+        (line,) = await h.http_lines(1)
         assert (line["method"], line["status"], line["response_code_details"]) == ("OPTIONS", 200, "cors_response")
         assert "upstream_host" not in line and "dst.workload" not in line and line["authz"] == "allow"
 
@@ -365,7 +365,7 @@ async def test_waypoint_cors_preflight_simple_request_forwarding_and_authz(tmp_p
         assert status == 403 and body == b"RBAC: access denied"
         assert "access-control-allow-origin" not in hdrs
 
-        lines = [x for x in await h.log_lines(7) if x.get("kind") == "http"]
+        lines = await h.http_lines(7)
         assert [(x["method"], x["status"], x.get("response_code_details", "")) for x in lines] == [
             ("OPTIONS", 200, "cors_response"),
             ("GET", 200, ""), ("GET", 200, ""),
@@ -398,7 +398,7 @@ async def test_waypoint_cors_over_h2c(tmp_path, loopback_ip):
         assert hdrs[b":status"] == b"200" and hdrs[b"x-version"] == b"v1"
         assert hdrs[b"access-control-allow-origin"] == b"https://app.example"
         assert hdrs[b"access-control-expose-headers"] == b"x-version"
-        lines = [x for x in await h.log_lines(2) if x.get("kind") == "http"]
+        lines = await h.http_lines(2)
         assert [(x["method"], x.get("response_code_details", "")) for x in lines] == [
             ("OPTIONS", "cors_response"), ("GET", "")]
     finally:
@@ -424,7 +424,7 @@ async def test_the_fault_filter_runs_before_cors(tmp_path, loopback_ip):
     try:
         status, hdrs, _ = await _send(h, "/headers", b"OPTIONS", _preflight_headers(b"https://app.example"))
         assert status == 418 and "access-control-allow-origin" not in hdrs
-        (line,) = [x for x in await h.log_lines(1) if x.get("kind") == "http"]
+        (line,) = await h.http_lines(1)
         assert line["response_flags"] == "FI"
     finally:
         await h.close()

@@ -286,12 +286,9 @@ def _protocol_errors(h, kind: str) -> float:
 
 
 async def _lines_for(h, path: str, n: int = 1) -> list[dict]:
-    async with asyncio.timeout(5):
-        while True:
-            lines = [x for x in await h.log_lines(1) if x["kind"] == "http" and x["path"] == path]
-            if len(lines) >= n:
-                return lines
-            await asyncio.sleep(0.02)
+    lines = await h.http_lines(n, path=path)
+    assert len(lines) >= n, f"{n} access-log lines for {path}: {lines}"
+    return lines
 
 
 async def test_an_oversized_upstream_response_head_is_a_502_upe_and_the_waypoint_keeps_serving(tmp_path,

@@ -251,7 +251,7 @@ async def test_a_retry_sends_the_body_and_the_trailers_again(tmp_path, loopback_
         for up in rec.requests:
             assert up["data"] == b"payload" and up["trailers"] == [(b"x-trailer", b"t1")]
             assert up["events"][-2:] == [("trailers", True), "end"]
-        lines = [x for x in await h.log_lines(1) if x["kind"] == "http"]
+        lines = await h.http_lines(1)
         assert lines[0]["attempts"] == 2 and lines[0]["status"] == 200
     finally:
         await h.close()

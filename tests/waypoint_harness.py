@@ -177,6 +177,18 @@ class Harness:
             await asyncio.sleep(0.02)
         return [json.loads(x) for x in self.log_sink.getvalue().splitlines() if x]
 
+    async def http_lines(self, n_min: int = 1, path: str | None = None, timeout: float = 5.0) -> list[dict]:
+        """The access log's request lines (kind http; only ``path``'s when given), once there are at least
+        ``n_min``: tunnel lines come and go in between, and the log is written by its own thread, so counting
+        all lines (``log_lines``) can return before a request's own line is there."""
+        end = time.monotonic() + timeout
+        while True:
+            lines = [x for x in (json.loads(x) for x in self.log_sink.getvalue().splitlines() if x)
+                     if x.get("kind") == "http" and (path is None or x.get("path") == path)]
+            if len(lines) >= n_min or time.monotonic() >= end:
+                return lines
+            await asyncio.sleep(0.02)
+
     async def close(self) -> None:
         for p in self.pools:
             await p.close()
