@@ -419,12 +419,8 @@ class H2Core:
                 out.append(self._shut(verdict))
             return
         headers = e.headers
-        size = 0
-        for name, value in headers:   # RFC 9113 §6.5.2: name + value + 32 octets per field
-            size += len(name) + len(value) + 32
-        if len(headers) > lim.max_headers or size > lim.max_header_list_bytes:
-            reason = (f"{len(headers)} headers, limit {lim.max_headers}" if len(headers) > lim.max_headers
-                      else f"header list of {size} bytes, limit {lim.max_header_list_bytes}")
+        reason = self._over_limits(headers, "request headers")
+        if reason:
             self.rejected += 1
             self.closed_streams += 1
             try:

@@ -1138,10 +1138,7 @@ class HttpPipeline:
     async def _attempt_fresh(self, cand: Candidate, up: Upstream, ctx: TunnelContext, method, target, authority,
                              headers, body, clen, sent: list, upgrade: bytes | None = None):
         """One attempt on a new upstream connection (none idle in the pool, or the idle one was dead)."""
-        svc = up.service
-        stream = await self.originator.open(
-            cand, source=ctx.client_addr, service_hostname=svc.hostname if svc else None,
-            timeout=up.connect_timeout_s, subject_alt_names=svc.subject_alt_names if svc else ())
+        stream = await self._upstream_stream(cand, up, ctx)
         resp = await _on_fresh(stream, method, target, authority, headers, body, clen, upgrade, sent)
         return resp, stream, cand.key
 
