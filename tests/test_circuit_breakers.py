@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from hbone.errors import TunnelRefused
 from policy.routing.model import UNLIMITED, ConnectionPool
-from proxy.pipeline.circuit import (DIAL, OVERFLOW, USE_IDLE, WAIT, CircuitBreakers, CircuitLimits, CountedStream,
+from proxy.pipeline.circuit import (DIAL, OVERFLOW, WAIT, CircuitBreakers, CircuitLimits, CountedStream,
                                     circuit_limits)
 from hbone.stream import TcpStream
 from proxy.http1.client import Http1Pool
@@ -79,15 +79,14 @@ def test_max_requests_at_the_limit_then_one_over():
 def test_connections_dial_until_max_then_wait_until_max_pending_then_overflow():
     cb = CircuitBreakers()
     lim = CircuitLimits(max_connections=2, max_pending_requests=2)
-    assert cb.acquire_connection(C, lim, "a", idle=True) == USE_IDLE   # an idle one is always taken
-    assert cb.acquire_connection(C, lim, "a", idle=False) == DIAL
-    assert cb.acquire_connection(C, lim, "a", idle=False) == DIAL
+    assert cb.acquire_connection(C, lim, "a") == DIAL
+    assert cb.acquire_connection(C, lim, "a") == DIAL
     assert cb.stats(C)["cx_active"] == 2
-    assert cb.acquire_connection(C, lim, "a", idle=False) == WAIT
+    assert cb.acquire_connection(C, lim, "a") == WAIT
     cb.enqueue(C, "a", "w1")
-    assert cb.acquire_connection(C, lim, "a", idle=False) == WAIT
+    assert cb.acquire_connection(C, lim, "a") == WAIT
     cb.enqueue(C, "a", "w2")
-    assert cb.acquire_connection(C, lim, "a", idle=False) == OVERFLOW
+    assert cb.acquire_connection(C, lim, "a") == OVERFLOW
     s = cb.stats(C)
     assert s["rq_pending_active"] == 2 and s["upstream_rq_pending_overflow"] == 1
     assert s["upstream_cx_overflow"] == 3   # every request that found no room for a connection
@@ -98,19 +97,19 @@ def test_a_host_without_any_connection_may_always_open_one():
     load balancing has at least one connection allocated"."""
     cb = CircuitBreakers()
     lim = CircuitLimits(max_connections=1, max_pending_requests=1)
-    assert cb.acquire_connection(C, lim, "a", idle=False) == DIAL
-    assert cb.acquire_connection(C, lim, "b", idle=False) == DIAL   # over the limit, but b had none
+    assert cb.acquire_connection(C, lim, "a") == DIAL
+    assert cb.acquire_connection(C, lim, "b") == DIAL   # over the limit, but b had none
     assert cb.stats(C)["cx_active"] == 2 and cb.stats(C)["upstream_cx_overflow"] == 1
-    assert cb.acquire_connection(C, lim, "b", idle=False) == WAIT
+    assert cb.acquire_connection(C, lim, "b") == WAIT
 
 
 def test_an_idle_connection_goes_to_the_oldest_waiter_for_its_host_fifo():
     cb = CircuitBreakers()
     lim = CircuitLimits(max_connections=2, max_pending_requests=10)
-    assert cb.acquire_connection(C, lim, "a", idle=False) == DIAL
-    assert cb.acquire_connection(C, lim, "b", idle=False) == DIAL
+    assert cb.acquire_connection(C, lim, "a") == DIAL
+    assert cb.acquire_connection(C, lim, "b") == DIAL
     for host, token in (("a", "a1"), ("b", "b1"), ("a", "a2"), ("a", "a3")):
-        assert cb.acquire_connection(C, lim, host, idle=False) == WAIT
+        assert cb.acquire_connection(C, lim, host) == WAIT
         cb.enqueue(C, host, token)
     assert cb.connection_idle(C, "a") == "a1"
     assert cb.connection_idle(C, "a") == "a2"
@@ -122,9 +121,9 @@ def test_an_idle_connection_goes_to_the_oldest_waiter_for_its_host_fifo():
 def test_a_closed_connection_lets_the_oldest_waiter_dial():
     cb = CircuitBreakers()
     lim = CircuitLimits(max_connections=1, max_pending_requests=10)
-    assert cb.acquire_connection(C, lim, "a", idle=False) == DIAL
+    assert cb.acquire_connection(C, lim, "a") == DIAL
     for token in ("w1", "w2"):
-        assert cb.acquire_connection(C, lim, "a", idle=False) == WAIT
+        assert cb.acquire_connection(C, lim, "a") == WAIT
         cb.enqueue(C, "a", token)
     assert cb.connection_closed(C, "a", lim) == ("a", "w1")   # its slot is reserved for it
     assert cb.stats(C)["cx_active"] == 1
@@ -136,11 +135,11 @@ def test_a_closed_connection_lets_the_oldest_waiter_dial():
 def test_a_cancelled_waiter_leaves_the_queue():
     cb = CircuitBreakers()
     lim = CircuitLimits(max_connections=1, max_pending_requests=1)
-    cb.acquire_connection(C, lim, "a", idle=False)
-    assert cb.acquire_connection(C, lim, "a", idle=False) == WAIT
+    cb.acquire_connection(C, lim, "a")
+    assert cb.acquire_connection(C, lim, "a") == WAIT
     cb.enqueue(C, "a", "w1")
     assert cb.cancel_wait(C, "w1") and not cb.cancel_wait(C, "w1")
-    assert cb.acquire_connection(C, lim, "a", idle=False) == WAIT   # its place is free again
+    assert cb.acquire_connection(C, lim, "a") == WAIT   # its place is free again
     cb.enqueue(C, "a", "w2")
     assert cb.connection_idle(C, "a") == "w2"   # the cancelled one is never handed anything
 
@@ -148,11 +147,11 @@ def test_a_cancelled_waiter_leaves_the_queue():
 def test_the_pending_queue_is_bounded_even_when_unlimited():
     cb = CircuitBreakers(pending_hard_limit=3)
     lim = CircuitLimits(max_connections=1)   # max_pending_requests: 2^32-1
-    cb.acquire_connection(C, lim, "a", idle=False)
+    cb.acquire_connection(C, lim, "a")
     for i in range(3):
-        assert cb.acquire_connection(C, lim, "a", idle=False) == WAIT
+        assert cb.acquire_connection(C, lim, "a") == WAIT
         cb.enqueue(C, "a", i)
-    assert cb.acquire_connection(C, lim, "a", idle=False) == OVERFLOW
+    assert cb.acquire_connection(C, lim, "a") == OVERFLOW
 
 
 @settings(max_examples=150, deadline=None)
@@ -171,7 +170,7 @@ def test_connections_and_pending_stay_bounded_and_fifo(max_connections, max_pend
     n = 0
     for op, host, pick in ops:
         if op == "request":
-            d = cb.acquire_connection(C, lim, host, idle=False)
+            d = cb.acquire_connection(C, lim, host)
             if d == DIAL:
                 open_conns.append(host)
             elif d == WAIT:

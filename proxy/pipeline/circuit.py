@@ -46,9 +46,8 @@ from typing import Callable, Hashable
 from hbone.stream import DEFAULT_READ_BYTES
 from policy.routing.model import UNLIMITED, ConnectionPool
 
-# A request's way to a connection (``CircuitBreakers.acquire_connection``): the idle one there is, a new one
-# (its slot reserved), a place in the pending queue, or the overflow answer.
-USE_IDLE = "use-idle"
+# A request's way to a connection when none is idle in the pool (``CircuitBreakers.acquire_connection``): a new
+# one (its slot reserved), a place in the pending queue, or the overflow answer.
 DIAL = "dial"
 WAIT = "wait"
 OVERFLOW = "overflow"
@@ -186,12 +185,10 @@ class CircuitBreakers:
         st.requests -= 1
 
     # -- max_connections / max_pending_requests (HTTP/1.1) --
-    def acquire_connection(self, cluster: str, limits: CircuitLimits, host: str, idle: bool) -> str:
-        """How a request to ``host`` gets its connection: USE_IDLE (``idle``: one is in the pool), DIAL (the
-        slot is now reserved: ``connection_closed`` releases it, also when the dial fails), WAIT (the caller
-        then ``enqueue``s its token) or OVERFLOW (counted)."""
-        if idle:
-            return USE_IDLE
+    def acquire_connection(self, cluster: str, limits: CircuitLimits, host: str) -> str:
+        """How a request to ``host`` that found no idle connection in the pool gets one: DIAL (the slot is now
+        reserved: ``connection_closed`` releases it, also when the dial fails), WAIT (the caller then
+        ``enqueue``s its token) or OVERFLOW (counted). (An idle one is always taken: no limit applies.)"""
         st = self._state(cluster)
         if st.connections < limits.max_connections:
             self._opened(st, host)
@@ -396,5 +393,5 @@ class CountedStream:
 
 
 __all__ = ["CircuitLimits", "NO_LIMITS", "circuit_limits", "ClusterCircuit", "CircuitBreakers", "CountedStream",
-           "release_connection", "hand_over", "USE_IDLE", "DIAL", "WAIT", "OVERFLOW",
+           "release_connection", "hand_over", "DIAL", "WAIT", "OVERFLOW",
            "PENDING_HARD_LIMIT", "CLUSTERS_MAX"]

@@ -1160,7 +1160,7 @@ class HttpPipeline:
         while True:
             pooled = self.h1pool.take(pkey, idle_s)
             if pooled is None:
-                decision = self.breakers.acquire_connection(cluster, limits, host, idle=False)
+                decision = self.breakers.acquire_connection(cluster, limits, host)
                 if decision == OVERFLOW:
                     raise RequestOverflow(f"cluster {cluster}: {limits.max_connections} connections busy and "
                                           f"{limits.max_pending_requests} requests pending (http1MaxPendingRequests)")

@@ -100,7 +100,6 @@ async def connect_upstream(plan: TcpPlan, ctx: TunnelContext, originator: Origin
         tried.add(cand.key)
         release = None
         if limits is not None:
-            assert breakers is not None
             if not breakers.begin_tcp_connection(plan.cluster, limits, cand.key):
                 raise UpstreamOverflow(f"cluster {plan.cluster}: {limits.max_connections} connections open "
                                        f"(maxConnections)")
