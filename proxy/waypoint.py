@@ -101,6 +101,9 @@ class Waypoint:
             # listeners' counts): no gauge update per tunnel. It counts the tunnels being served — from the
             # chain match to the end; a CONNECT refused for an unknown destination never was a tunnel.
             metrics.count_tunnels_with(self._live_count)
+            # envoy_cluster_* (the circuit breakers, as Envoy exports them), read at scrape time from what admin
+            # /stats shows: nothing per request.
+            metrics.cluster_stats_from(self.http.breakers.envoy_stats)
         self.server = HboneServer(lambda: cert_source.server_context(), self.main_internal,
                                   trust_domain=cert_source.trust_domain, settings=hbone_settings,
                                   on_refusal=refusal_recorder(metrics, access_log, reporter="waypoint",

@@ -32,6 +32,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from .cluster_stats import ClusterStatsCollector, write_text
 from .collector import FamilySpec, PlainCollector
 
 if TYPE_CHECKING:  # policy/ is a pure library; importing it only for types keeps telemetry import-light
@@ -328,6 +329,12 @@ class Metrics:
             registry=r)
         for result in ("success", "failure"):   # both series exist from the start, so rate() works at once
             self.config_reloads.labels(result=result)
+        # --- Envoy's own names (envoy_cluster_*: the waypoint's circuit breakers, read at scrape time) ---
+        # A registry of their own, written by cluster_stats.write_text and not generate_latest: that one names a
+        # counter family's TYPE line "<name>_total", and Envoy's counters have no suffix (cluster_stats.py).
+        self.envoy_registry = CollectorRegistry(auto_describe=False)
+        self._cluster_stats = ClusterStatsCollector()
+        self.envoy_registry.register(self._cluster_stats)
         if process_metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -396,9 +403,16 @@ class Metrics:
         already counts its live tunnels per listener: no update per tunnel at all)."""
         self._tunnels_active.source = source
 
+    def cluster_stats_from(self, source: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """Envoy's per-cluster stats as ``envoy_cluster_<stat>{cluster_name="<name>"}`` families, read from
+        ``source()`` at scrape time: the ``(cluster.<name>.<stat>, value)`` pairs admin ``/stats`` shows (the
+        waypoint's ``CircuitBreakers.envoy_stats``). A later call replaces the source (one waypoint per proxy)."""
+        self._cluster_stats.source = source
+
     def exposition(self) -> bytes:
-        """The Prometheus text format (``CONTENT_TYPE``) of everything in this registry."""
-        return generate_latest(self.registry)
+        """The Prometheus text format (``CONTENT_TYPE``) of everything in this registry, then the Envoy-named
+        families (``envoy_registry``)."""
+        return generate_latest(self.registry) + write_text(self.envoy_registry.collect())
 
     def __repr__(self) -> str:
         return (f"<Metrics tcp_label_sets={len(self._tcp_series)} "
