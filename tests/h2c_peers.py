@@ -1,12 +1,19 @@
-"""Real h2c peers on loopback for the h2c limit tests: our ``serve_h2c`` behind a TCP listener, a raw
-frame-level client (hyperframe frames, an HPACK encoder; it reads the server's frames as they come) and a
-raw hostile upstream (frames it is told to send, whatever our client says)."""
+"""Real h2c peers on loopback for the h2c tests: our ``serve_h2c`` behind a TCP listener, a raw
+frame-level client (hyperframe frames, an HPACK encoder; it reads the server's frames as they come), a
+raw hostile upstream (frames it is told to send, whatever our client says), and ``H2Upstream``: an h2c
+server on the h2 library (not our code) in place of a waypoint harness's pods, recording what reaches it."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
+from typing import Self
 
+import h2.config
+import h2.connection
+import h2.events as ev
+import h2.exceptions
 import hpack
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
@@ -28,7 +35,28 @@ def raw_frame(ftype: int, flags: int, sid: int, payload: bytes) -> bytes:
     return struct.pack(">BHBBL", n >> 16, n & 0xFFFF, ftype, flags, sid) + payload
 
 
-class H2cServer:
+class LoopbackListener:
+    """A TCP listener on a loopback address, port chosen by the system: ``start(ip)``, then ``addr``;
+    each accepted connection goes to the subclass's ``_serve(reader, writer)``."""
+
+    server: asyncio.Server | None = None
+    addr: tuple[str, int] = ("", 0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def start(self, ip: str) -> Self:
+        self.server = await asyncio.start_server(self._serve, ip, 0)
+        self.addr = self.server.sockets[0].getsockname()[:2]
+        return self
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+class H2cServer(LoopbackListener):
     """``serve_h2c`` on a loopback port with a small handler: ``/hang`` waits for ``release``; every
     request is answered ``200 ok <path>``. ``conns`` collects each finished connection's ``H2cConn``."""
 
@@ -37,8 +65,6 @@ class H2cServer:
         self.conns: list[H2cConn] = []
         self.release = asyncio.Event()
         self.accepted = 0
-        self.server: asyncio.Server | None = None
-        self.addr: tuple[str, int] = ("", 0)
 
     async def handle(self, request, responder) -> None:
         async for _ in request.body_chunks():
@@ -60,16 +86,9 @@ class H2cServer:
         finally:
             stream.close()
 
-    async def start(self, ip: str) -> "H2cServer":
-        self.server = await asyncio.start_server(self._serve, ip, 0)
-        self.addr = self.server.sockets[0].getsockname()[:2]
-        return self
-
     async def close(self) -> None:
         self.release.set()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
+        await super().close()
 
     async def finished(self, n: int, timeout: float = 5.0) -> list[H2cConn]:
         async with asyncio.timeout(timeout):
@@ -190,7 +209,7 @@ class RawClient:
         self.stream.close()
 
 
-class HostileUpstream:
+class HostileUpstream(LoopbackListener):
     """An h2c "server" that answers whatever our client sends with ``script(conn_bytes) -> bytes`` once,
     then only reads (and records) what comes: a peer that floods, never opens windows, never answers."""
 
@@ -198,8 +217,6 @@ class HostileUpstream:
         self.script = script
         self.after_requests = after_requests   # the script runs once this many HEADERS have arrived
         self.received = b""
-        self.server: asyncio.Server | None = None
-        self.addr: tuple[str, int] = ("", 0)
         self.streams: list[TcpStream] = []
 
     async def _serve(self, reader, writer) -> None:
@@ -243,14 +260,85 @@ class HostileUpstream:
             data = data[9 + n:]
         return out
 
-    async def start(self, ip: str) -> "HostileUpstream":
-        self.server = await asyncio.start_server(self._serve, ip, 0)
-        self.addr = self.server.sockets[0].getsockname()[:2]
-        return self
-
     async def close(self) -> None:
         for s in self.streams:
             s.close()
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
+        await super().close()
+
+
+
+class H2Upstream:
+    """An h2c server on the h2 library (not our code) in place of a waypoint harness's pods' backends.
+
+    It records each request, in arrival order, as a dict: ``headers`` (the head, a dict of bytes),
+    ``events`` (what h2 reported, in order: ``"headers"``, ``("data", length, END_STREAM)``,
+    ``("trailers", END_STREAM)``, ``"end"``), ``data``, ``trailers`` (a list of fields, or None),
+    ``reset`` (the code of the RST_STREAM it got, or None) and ``ended``; and each connection it
+    accepted: ``pod`` (the address it was made to), ``goaway`` (the code of a GOAWAY it got, or None),
+    ``closed``. Subclasses answer through ``conn`` (an ``H2Connection``): ``on_request`` as a request's
+    head arrives, ``on_end`` once the request has ended; what they queue is sent after each read."""
+
+    # False: header blocks without Huffman coding (RFC 7541 §5.2 allows either): hpack's Python coder
+    # spends seconds on the 60-120 KiB blocks of the limit tests.
+    huffman = True
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.connections: list[dict] = []
+
+    async def install(self, h, ips: dict, keys=("GREETER1", "GREETER2"), port: int = 9090) -> Self:
+        """Serve ``port`` on the pods ``ips[key]`` of harness ``h`` (by default both greeter pods of
+        tests/test_waypoint_l7.py ``l7_harness``) instead of their own backends."""
+        for key in keys:
+            pod = h.pods[ips[key]]
+            await pod.stop_backend()
+            pod.backend = await asyncio.start_server(self._serve, ips[key], port)
+        return self
+
+    def on_request(self, conn: h2.connection.H2Connection, sid: int, r: dict) -> None:
+        """A request's head has arrived (``r`` its record)."""
+
+    def on_end(self, conn: h2.connection.H2Connection, sid: int, r: dict) -> None:
+        """The request has ended (END_STREAM): its body and trailers are all in ``r``."""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        record = {"pod": writer.get_extra_info("sockname")[0], "goaway": None, "closed": False}
+        self.connections.append(record)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        if not self.huffman:
+            conn.encoder.encode = functools.partial(conn.encoder.encode, huffman=False)
+        conn.initiate_connection()
+        writer.write(conn.data_to_send())
+        streams: dict[int, dict] = {}
+        try:
+            while data := await reader.read(65536):
+                for e in conn.receive_data(data):
+                    sid = getattr(e, "stream_id", 0)
+                    r = streams.get(sid)
+                    if isinstance(e, ev.RequestReceived):
+                        r = streams[sid] = {"headers": dict(e.headers), "events": ["headers"], "data": b"",
+                                            "trailers": None, "reset": None, "ended": False}
+                        self.requests.append(r)
+                        self.on_request(conn, sid, r)
+                    elif isinstance(e, ev.DataReceived):
+                        r["events"].append(("data", len(e.data), e.stream_ended is not None))
+                        r["data"] += e.data
+                        conn.acknowledge_received_data(e.flow_controlled_length, sid)
+                    elif isinstance(e, ev.TrailersReceived):
+                        r["events"].append(("trailers", e.stream_ended is not None))
+                        r["trailers"] = list(e.headers)
+                    elif isinstance(e, ev.StreamEnded) and r is not None:
+                        r["events"].append("end")
+                        r["ended"] = True
+                        self.on_end(conn, sid, r)
+                    elif isinstance(e, ev.StreamReset) and r is not None:
+                        r["reset"] = int(e.error_code)
+                    elif isinstance(e, ev.ConnectionTerminated):
+                        record["goaway"] = int(e.error_code)
+                writer.write(conn.data_to_send())
+                await writer.drain()
+        except (OSError, h2.exceptions.H2Error):
+            pass
+        finally:
+            record["closed"] = True
+            writer.close()

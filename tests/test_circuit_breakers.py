@@ -24,7 +24,7 @@ from proxy.pipeline.h2c import H2UpstreamPool
 from proxy.pipeline.http import Upstream
 from policy.routing.model import DEFAULT_RETRY_POLICY
 from tests.h2c_peers import H2cServer
-from tests.waypoint_harness import MESH, REVIEWS_VIP, TCP_VIP, start_harness
+from tests.waypoint_harness import REVIEWS_VIP, TCP_VIP, config_docs, destination_rule, start_harness, virtual_service
 
 C = "inbound-vip|9080|http/v1|reviews.default.svc.cluster.local"   # the waypoint's cluster for subset v1
 OVERFLOW_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
@@ -332,45 +332,33 @@ def test_counted_stream_releases_once():
 # Through a real waypoint
 
 
-def _routing(pool: str, *, retries: str = "", timeout: str = "", subset: str = "v1") -> str:
-    """All of reviews to one subset (one pod: the limits are per cluster, the pick does not matter) with this
-    ``connectionPool`` (YAML flow mapping) on the DestinationRule."""
-    vs_retries = (f"\n    retries: {retries}" if retries else "") + (f"\n    timeout: {timeout}" if timeout else "")
-    return f"""
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{{destination: {{host: reviews, subset: {subset}}}}}]{vs_retries}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: reviews, namespace: default}}
-spec:
-  host: reviews.default.svc.cluster.local
-  trafficPolicy:
-    connectionPool: {pool}
-  subsets:
-  - name: v1
-    labels: {{version: v1}}
-"""
+def _routing(pool: str, *, retries: str = "", timeout: str = "", slow_apart: bool = False) -> str:
+    """All of reviews to subset v1 (one pod: the limits are per cluster, the pick does not matter) with this
+    ``connectionPool`` (YAML flow mapping) on the DestinationRule, and the route's ``retries`` / ``timeout``
+    if given. ``slow_apart``: ``/slow`` has a route of its own first, without them."""
+    rule = "- route: [{destination: {host: reviews, subset: v1}}]"
+    if retries:
+        rule += f"\n  retries: {retries}"
+    if timeout:
+        rule += f"\n  timeout: {timeout}"
+    if slow_apart:
+        rule = "- match: [{uri: {prefix: /slow}}]\n  route: [{destination: {host: reviews, subset: v1}}]\n" + rule
+    return config_docs(virtual_service("reviews", rule),
+                       destination_rule("reviews", traffic_policy=f"{{connectionPool: {pool}}}", subsets=("v1",)))
 
 
-async def _tunnel(h, source: str = "127.0.0.1"):
+async def _tunnel(h):
     """A tunnel of its own (a new client: its own HBONE connection) to reviews: (client, stream)."""
     client = h.client()
-    stream = await client.pool.open_tunnel(
-        src_identity=client.src.identity, dst_identities=frozenset({MESH.identity("default", "reviews-waypoint")}),
-        dst=(h.wp_ip, 15008), authority=f"{REVIEWS_VIP}:9080", headers={"forwarded": f'for="{source}:5555"'})
-    return client, stream
+    return client, await client.tunnel(f"{REVIEWS_VIP}:9080")
 
 
 async def _get(h, path: str, tunnel=None):
     """One GET on its own tunnel (``tunnel``: opened beforehand, so that what the test times is the request
     alone, not a TLS handshake on a loaded box): (status, headers, body)."""
-    client, stream = tunnel or await _tunnel(h)
+    if tunnel is None:
+        return await h.client().fetch(path)
+    client, stream = tunnel
     try:
         return await client.request(stream, path)
     finally:
@@ -385,6 +373,23 @@ async def _until(cond, what: str, timeout: float = 5.0) -> None:
         if loop.time() > end:
             raise AssertionError(f"never happened: {what}")
         await asyncio.sleep(0.005)
+
+
+async def _upstream_connections_for(h, n: int, pause_s: float = 0.0) -> int:
+    """``n`` GETs one after the other on one kept-alive downstream tunnel, each answered by v1 and followed
+    by a pause of ``pause_s``: how many upstream connections the waypoint opened for them."""
+    client = h.client()
+    stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
+    before = h.waypoint.originator.opened_hbone
+    try:
+        for _ in range(n):
+            status, _, body = await client.request(stream, "/")
+            assert (status, body) == (200, b"v1")
+            if pause_s:
+                await asyncio.sleep(pause_s)
+    finally:
+        stream.close()
+    return h.waypoint.originator.opened_hbone - before
 
 
 def _stats(h) -> dict:
@@ -436,9 +441,8 @@ async def test_a_pending_request_that_times_out_leaves_the_queue(tmp_path, loopb
     """The wait for a connection counts against the route timeout: 504 UT, out of the queue, nothing leaked —
     the connection then serves the next request."""
     # /slow without a timeout holds the one connection; everything else has a 0.3 s route timeout.
-    routing = _routing("{tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 5}}", timeout="0.3s").replace(
-        "  http:\n",
-        "  http:\n  - match: [{uri: {prefix: /slow}}]\n    route: [{destination: {host: reviews, subset: v1}}]\n")
+    routing = _routing("{tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 5}}", timeout="0.3s",
+                       slow_apart=True)
     h = await start_harness(tmp_path, loopback_ip, authz=False, routing=routing)
     try:
         t1, t2 = [await _tunnel(h) for _ in range(2)]
@@ -459,9 +463,7 @@ async def test_a_pending_request_that_times_out_leaves_the_queue(tmp_path, loopb
 async def test_the_per_try_timeout_starts_when_the_connection_is_ready(tmp_path, loopback_ip):
     """Envoy starts the per-try timer at onPoolReady: a request that waited longer than its perTryTimeout for
     the one connection is still served once it has it."""
-    routing = _routing("{tcp: {maxConnections: 1}}", retries="{attempts: 0, perTryTimeout: 0.2s}").replace(
-        "  http:\n",
-        "  http:\n  - match: [{uri: {prefix: /slow}}]\n    route: [{destination: {host: reviews, subset: v1}}]\n")
+    routing = _routing("{tcp: {maxConnections: 1}}", retries="{attempts: 0, perTryTimeout: 0.2s}", slow_apart=True)
     h = await start_harness(tmp_path, loopback_ip, authz=False, routing=routing)
     try:
         t1, t2 = [await _tunnel(h) for _ in range(2)]
@@ -479,14 +481,7 @@ async def test_max_requests_per_connection_1_means_a_new_connection_per_request(
     h = await start_harness(tmp_path, loopback_ip, authz=False, routing=_routing(
         "{http: {maxRequestsPerConnection: 1}}"))
     try:
-        client = h.client()
-        stream = await client.tunnel(f"{REVIEWS_VIP}:9080")   # one downstream connection, kept alive
-        before = h.waypoint.originator.opened_hbone
-        for _ in range(3):
-            status, _, body = await client.request(stream, "/")
-            assert (status, body) == (200, b"v1")
-        stream.close()
-        assert h.waypoint.originator.opened_hbone - before == 3   # one upstream connection per request
+        assert await _upstream_connections_for(h, 3) == 3   # one upstream connection per request
         s = _stats(h)
         assert s["upstream_cx_max_requests"] == 3 and s["cx_active"] == 0
     finally:
@@ -497,13 +492,7 @@ async def test_without_limits_a_kept_alive_upstream_connection_is_reused(tmp_pat
     """The control for the test above: the same requests share one upstream connection."""
     h = await start_harness(tmp_path, loopback_ip, authz=False, routing=_routing("{tcp: {connectTimeout: 2s}}"))
     try:
-        client = h.client()
-        stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
-        before = h.waypoint.originator.opened_hbone
-        for _ in range(3):
-            assert (await client.request(stream, "/"))[0] == 200
-        stream.close()
-        assert h.waypoint.originator.opened_hbone - before == 1
+        assert await _upstream_connections_for(h, 3) == 1
         assert not h.waypoint.http.breakers.clusters   # no limits: the circuit breakers never saw it
     finally:
         await h.close()
@@ -512,13 +501,7 @@ async def test_without_limits_a_kept_alive_upstream_connection_is_reused(tmp_pat
 async def test_idle_timeout_a_connection_idle_longer_is_not_reused(tmp_path, loopback_ip):
     h = await start_harness(tmp_path, loopback_ip, authz=False, routing=_routing("{http: {idleTimeout: 0.001s}}"))
     try:
-        client = h.client()
-        stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
-        for _ in range(2):
-            assert (await client.request(stream, "/"))[0] == 200
-            await asyncio.sleep(0.05)   # ≫ 1 ms idle
-        stream.close()
-        assert h.waypoint.originator.opened_hbone == 2
+        assert await _upstream_connections_for(h, 2, pause_s=0.05) == 2   # ≫ 1 ms idle between them
     finally:
         await h.close()
 
@@ -573,15 +556,7 @@ async def test_max_retries_0_is_unset_as_istiod_reads_it(tmp_path, loopback_ip):
         await h.close()
 
 
-TCP_POOL = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: tcp-echo, namespace: default}
-spec:
-  host: tcp-echo.default.svc.cluster.local
-  trafficPolicy:
-    connectionPool: {tcp: {maxConnections: 1}}
-"""
+TCP_POOL = destination_rule("tcp-echo", traffic_policy="{connectionPool: {tcp: {maxConnections: 1}}}")
 
 
 async def test_tcp_max_connections_1_a_second_tunnel_is_refused(tmp_path, loopback_ip):

@@ -11,34 +11,19 @@ import random
 from policy.routing.model import HASH_SOURCE_IP, ConsistentHash
 from proxy.pipeline.chains import match_chain
 from proxy.pipeline.tcp import plan_tcp
-from tests.waypoint_harness import MESH, REVIEWS_VIP, TCP_VIP, start_harness
+from tests.waypoint_harness import TCP_VIP, config_docs, destination_rule, start_harness, virtual_service
 
 
 def _routing(consistent_hash: str, *, retries: str = "") -> str:
     """reviews without a VirtualService split (all three pods are one cluster) plus a DestinationRule
     with this ``consistentHash`` body (YAML flow mapping)."""
-    text = f"""
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: reviews, namespace: default}}
-spec:
-  host: reviews.default.svc.cluster.local
-  trafficPolicy:
-    loadBalancer:
-      consistentHash: {consistent_hash}
-"""
-    if retries:
-        text += f"""---
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{{destination: {{host: reviews}}}}]
-    retries: {retries}
-"""
-    return text
+    dr = destination_rule("reviews", traffic_policy=f"{{loadBalancer: {{consistentHash: {consistent_hash}}}}}")
+    if not retries:
+        return dr
+    return config_docs(dr, virtual_service("reviews", f"""
+        - route: [{{destination: {{host: reviews}}}}]
+          retries: {retries}
+    """))
 
 
 async def _versions(h, path: str = "/", headers=(), n: int = 1, source: str = "127.0.0.1") -> list[bytes]:
@@ -46,11 +31,7 @@ async def _versions(h, path: str = "/", headers=(), n: int = 1, source: str = "1
     client = h.client()
     out = []
     for _ in range(n):
-        stream = await client.pool.open_tunnel(
-            src_identity=client.src.identity, dst_identities=frozenset({MESH.identity("default", "reviews-waypoint")}),
-            dst=(h.wp_ip, 15008), authority=f"{REVIEWS_VIP}:9080", headers={"forwarded": f'for="{source}:5555"'})
-        status, hdrs, body = await client.request(stream, path, headers=list(headers))
-        stream.close()
+        status, hdrs, body = await client.fetch(path, headers=headers, source=source)
         assert status == 200, (status, body)
         out.append((body, hdrs))
     return out
@@ -153,9 +134,7 @@ async def test_retries_with_consistent_hashing_stay_on_the_hashed_pod(tmp_path, 
                             routing=_routing("{httpHeaderName: x-user}", retries="{attempts: 2, retryOn: 5xx}"))
     try:
         [(first, _)] = await _versions(h, "/", headers=[(b"x-user", b"carol")])
-        client = h.client()
-        stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
-        status, _, body = await client.request(stream, "/status/503", headers=[(b"x-user", b"carol")])
+        status, _, body = await h.client().fetch("/status/503", headers=[(b"x-user", b"carol")])
         assert (status, body) == (503, first)   # every attempt on carol's pod, which answered 503
         lines = await h.http_lines(1, path="/status/503")
         assert lines and lines[-1]["attempts"] == 3
@@ -168,14 +147,7 @@ async def test_retries_with_consistent_hashing_stay_on_the_hashed_pod(tmp_path, 
 async def test_a_tcp_chain_carries_the_destination_rule_hash_policy(tmp_path, loopback_ip):
     """TCP: Istio sets the tcp_proxy hash_policy to source_ip for useSourceIp; the plan carries the
     DestinationRule's policy, and a tunnel through it still works."""
-    dr = """
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: tcp-echo, namespace: default}
-spec:
-  host: tcp-echo.default.svc.cluster.local
-  trafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true}}}
-"""
+    dr = destination_rule("tcp-echo", traffic_policy="{loadBalancer: {consistentHash: {useSourceIp: true}}}")
     h = await start_harness(tmp_path, loopback_ip, tcp_pod=True, extra=dr, authz=False)
     try:
         snap = h.store.current

@@ -19,22 +19,13 @@ from policy.routing.parse import parse_virtual_service
 from policy.routing.regex import compile_regex
 from proxy.pipeline.http import HttpPipeline, Upstream
 from tests.test_waypoint_l7 import RawH2
-from tests.waypoint_harness import REVIEWS_VIP, start_harness
+from tests.waypoint_harness import REVIEWS_VIP, config_docs, destination_rule, start_harness, virtual_service
 
 W = Where("cors.yaml")
 
 
 def _vs(cors_yaml: str, action: str = "route: [{destination: {host: reviews}}]") -> dict:
-    return yaml.safe_load(f"""
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {{name: reviews, namespace: default}}
-spec:
-  hosts: [reviews]
-  http:
-  - {action}
-    corsPolicy: {cors_yaml}
-""")
+    return yaml.safe_load(virtual_service("reviews", f"- {action}\n  corsPolicy: {cors_yaml}"))
 
 
 def _policy(cors_yaml: str) -> CorsPolicy:
@@ -77,7 +68,7 @@ def test_allow_origins_wins_over_the_deprecated_field_with_a_warning():
 
 
 def test_no_warning_on_a_route_rule_and_rule_headers_kept():
-    vs = parse_virtual_service(_vs("{allowOrigins: [{exact: a}]}\n    headers: {response: {set: {x-s: t}}}"), W)
+    vs = parse_virtual_service(_vs("{allowOrigins: [{exact: a}]}\n  headers: {response: {set: {x-s: t}}}"), W)
     rule = vs.http[0]
     assert not vs.warnings
     assert rule.headers.response.set == (("x-s", "t"),) and rule.headers.cors.allow_origins[0].value == "a"
@@ -250,45 +241,22 @@ def test_set_headers_replaces_fields_of_the_same_name_and_keeps_the_rest():
 # ---------------------------------------------------------------------------------------------
 # Through the real waypoint
 
-ROUTING = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - match: [{uri: {prefix: /ignore}}]
-    route: [{destination: {host: reviews, subset: v1}}]
-    corsPolicy: {allowOrigins: [{exact: "https://app.example"}], allowMethods: [GET], unmatchedPreflights: IGNORE}
-  - match: [{uri: {prefix: /plain}}]
-    route: [{destination: {host: reviews, subset: v1}}]
-  - route: [{destination: {host: reviews, subset: v1}}]
-    headers: {response: {set: {access-control-allow-origin: "*", x-route: r}}}
-    corsPolicy:
-      allowOrigins: [{exact: "https://app.example"}, {regex: "https://[a-z]+[.]example[.]org"}]
-      allowMethods: [GET, POST]
-      allowHeaders: [content-type, x-token]
-      exposeHeaders: [x-version]
-      maxAge: 10m
-      allowCredentials: true
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews.default.svc.cluster.local
-  subsets:
-  - {name: v1, labels: {version: v1}}
-"""
-
-
-async def _send(h, path: str, method: bytes = b"GET", headers=(), sa: str = "bookinfo-productpage"):
-    client = h.client(sa)
-    stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
-    try:
-        return await client.request(stream, path, method=method, headers=list(headers))
-    finally:
-        stream.close()
+ROUTING = config_docs(virtual_service("reviews", """
+    - match: [{uri: {prefix: /ignore}}]
+      route: [{destination: {host: reviews, subset: v1}}]
+      corsPolicy: {allowOrigins: [{exact: "https://app.example"}], allowMethods: [GET], unmatchedPreflights: IGNORE}
+    - match: [{uri: {prefix: /plain}}]
+      route: [{destination: {host: reviews, subset: v1}}]
+    - route: [{destination: {host: reviews, subset: v1}}]
+      headers: {response: {set: {access-control-allow-origin: "*", x-route: r}}}
+      corsPolicy:
+        allowOrigins: [{exact: "https://app.example"}, {regex: "https://[a-z]+[.]example[.]org"}]
+        allowMethods: [GET, POST]
+        allowHeaders: [content-type, x-token]
+        exposeHeaders: [x-version]
+        maxAge: 10m
+        allowCredentials: true
+"""), destination_rule("reviews", subsets=("v1",)))
 
 
 def _preflight_headers(origin: bytes) -> list:
@@ -314,9 +282,10 @@ async def test_waypoint_cors_preflight_simple_request_forwarding_and_authz(tmp_p
             return _real(self, plan, *args, **kw)
         monkeypatch.setattr(HttpPipeline, name, spy)
     h = await start_harness(tmp_path, loopback_ip, routing=ROUTING)
+    client = h.client()
     try:
         # 1. A matching preflight: the waypoint answers it; no pod sees it.
-        status, hdrs, body = await _send(h, "/headers", b"OPTIONS", _preflight_headers(b"https://app.example"))
+        status, hdrs, body = await client.fetch("/headers", b"OPTIONS", _preflight_headers(b"https://app.example"))
         assert (status, body) == (200, b"")
         assert hdrs["access-control-allow-origin"] == "https://app.example"
         assert hdrs["access-control-allow-methods"] == "GET,POST"
@@ -332,36 +301,37 @@ async def test_waypoint_cors_preflight_simple_request_forwarding_and_authz(tmp_p
 
         # 2. An actual request from a matching origin: forwarded, the answer gets the CORS headers, set after
         # the route's own response ops (the route's "access-control-allow-origin: *" is replaced).
-        status, hdrs, body = await _send(h, "/headers", b"GET", [(b"origin", b"https://shop.example.org")])
+        status, hdrs, body = await client.fetch("/headers", b"GET", [(b"origin", b"https://shop.example.org")])
         assert status == 200 and json.loads(body)["origin"] == "https://shop.example.org"
         assert hdrs["access-control-allow-origin"] == "https://shop.example.org"
         assert hdrs["access-control-allow-credentials"] == "true"
         assert hdrs["access-control-expose-headers"] == "x-version"
         assert hdrs["x-route"] == "r" and hdrs["x-version"] == "v1"
         # Another origin: forwarded, nothing CORS added (the route's own header stays).
-        status, hdrs, body = await _send(h, "/headers", b"GET", [(b"origin", b"https://evil.example")])
+        status, hdrs, body = await client.fetch("/headers", b"GET", [(b"origin", b"https://evil.example")])
         assert status == 200 and hdrs["access-control-allow-origin"] == "*"
         assert "access-control-allow-credentials" not in hdrs and "access-control-expose-headers" not in hdrs
 
         # 3. A preflight from another origin (FORWARD, the default): the pod answers it, untouched.
-        status, hdrs, body = await _send(h, "/headers", b"OPTIONS", _preflight_headers(b"https://evil.example"))
+        status, hdrs, body = await client.fetch("/headers", b"OPTIONS", _preflight_headers(b"https://evil.example"))
         echoed = json.loads(body)
         assert status == 200 and echoed["access-control-request-method"] == "POST"
         assert echoed["origin"] == "https://evil.example" and hdrs["x-version"] == "v1"
         assert "access-control-allow-methods" not in hdrs and "access-control-allow-credentials" not in hdrs
 
         # 4. IGNORE: a preflight from another origin is answered here, 200 without allow-origin.
-        status, hdrs, body = await _send(h, "/ignore", b"OPTIONS", _preflight_headers(b"https://evil.example"))
+        status, hdrs, body = await client.fetch("/ignore", b"OPTIONS", _preflight_headers(b"https://evil.example"))
         assert (status, body) == (200, b"") and "x-version" not in hdrs
         assert "access-control-allow-origin" not in hdrs and hdrs["access-control-allow-methods"] == "GET"
 
         # 5. A route without corsPolicy: a preflight is just a request.
-        status, hdrs, body = await _send(h, "/plain/headers", b"OPTIONS", _preflight_headers(b"https://app.example"))
+        status, hdrs, body = await client.fetch("/plain/headers", b"OPTIONS",
+                                                _preflight_headers(b"https://app.example"))
         assert status == 200 and hdrs["x-version"] == "v1" and "access-control-allow-origin" not in hdrs
 
         # 6. Authorization runs first: a caller the AuthorizationPolicy does not allow gets 403 for its preflight.
-        status, hdrs, body = await _send(h, "/headers", b"OPTIONS", _preflight_headers(b"https://app.example"),
-                                         sa="bookinfo-ratings")
+        status, hdrs, body = await h.client("bookinfo-ratings").fetch("/headers", b"OPTIONS",
+                                                                     _preflight_headers(b"https://app.example"))
         assert status == 403 and body == b"RBAC: access denied"
         assert "access-control-allow-origin" not in hdrs
 
@@ -405,24 +375,18 @@ async def test_waypoint_cors_over_h2c(tmp_path, loopback_ip):
         await h.close()
 
 
-FAULT_ROUTING = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{destination: {host: reviews}}]
-    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
-    corsPolicy: {allowOrigins: [{exact: "https://app.example"}], allowMethods: [GET]}
-"""
+FAULT_ROUTING = virtual_service("reviews", """
+    - route: [{destination: {host: reviews}}]
+      fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+      corsPolicy: {allowOrigins: [{exact: "https://app.example"}], allowMethods: [GET]}
+""")
 
 
 async def test_the_fault_filter_runs_before_cors(tmp_path, loopback_ip):
     # istiod's chain: ... Fault, Cors, router. An abort answers even a matching preflight, without CORS headers.
     h = await start_harness(tmp_path, loopback_ip, routing=FAULT_ROUTING, authz=False)
     try:
-        status, hdrs, _ = await _send(h, "/headers", b"OPTIONS", _preflight_headers(b"https://app.example"))
+        status, hdrs, _ = await h.client().fetch("/headers", b"OPTIONS", _preflight_headers(b"https://app.example"))
         assert status == 418 and "access-control-allow-origin" not in hdrs
         (line,) = await h.http_lines(1)
         assert line["response_flags"] == "FI"

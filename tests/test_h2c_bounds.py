@@ -15,7 +15,6 @@ Real loopback sockets, real h2 peers (the h2 library, not our code) recording th
 
 from __future__ import annotations
 
-import asyncio
 import functools
 
 import h2.config
@@ -28,9 +27,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hbone.stream import TcpStream
 from proxy.pipeline.h2c import (HEADER_LIST_HARD_BYTES, MAX_HEADER_LIST_BYTES, MAX_HEADERS, Data, Ended, H2Core,
-                                Headers, Reset, Trailers, serve_h2c)
-from tests.test_request_trailers import GRPC_HEADERS, ROUTES, H2Recorder, send_trailers, trailers_of_size, until
-from tests.test_waypoint_l7 import GREETER_VIP, SAY_HELLO, RawH2, grpc_frame, grpc_unframe, l7_harness
+                                Headers, Reset, Trailers)
+from tests.h2c_peers import H2cServer, H2Upstream
+from tests.test_request_trailers import (GRPC_HEADERS, greeter, send_trailers, start_grpc, stream_two_messages,
+                                         trailers_of_size, until)
+from tests.test_waypoint_l7 import SAY_HELLO, RawH2, grpc_frame, grpc_unframe, l7_harness
 from tests.waypoint_harness import REVIEWS_VIP
 
 PROTOCOL_ERROR = int(ErrorCodes.PROTOCOL_ERROR)
@@ -196,64 +197,20 @@ def test_client_core_block_limit_is_exactly_the_model(n_fields, value_len, as_tr
 # 1. Through the waypoint: an HTTP/2 upstream answering with oversized heads and trailers
 
 
-class BigUpstream:
-    """An h2c server (the h2 library) on both greeter pods that answers each request as its HEADERS arrive,
-    by path: ``/head-count`` / ``/head-size`` a head one over the limits (and no END_STREAM: its stream stays
-    open, so our reset reaches it as a reset); ``/head-at`` a head exactly at both limits; ``/trailers`` a
-    200 head, a body and trailers one field over; ``/hard`` a head over the HPACK hard limit; the rest ``200
-    fine``. Records each request (path, reset, end) and each connection it accepted (the pod, and the GOAWAY
-    code it got from us, if any)."""
+class BigUpstream(H2Upstream):
+    """On both greeter pods (``H2Upstream``), answering each request as its HEADERS arrive, by path:
+    ``/head-count`` / ``/head-size`` a head one over the limits (and no END_STREAM: its stream stays open, so
+    our reset reaches it as a reset); ``/head-at`` a head exactly at both limits; ``/trailers`` a 200 head, a
+    body and trailers one field over; ``/hard`` a head over the HPACK hard limit; the rest ``200 fine``."""
 
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.connections: list[dict] = []
+    huffman = False   # its heads of 60-120 KiB (see H2Upstream.huffman)
 
     def served_by_one_connection_per_pod(self) -> bool:
         pods = [c["pod"] for c in self.connections]
         return len(pods) == len(set(pods)) and all(c["goaway"] is None for c in self.connections)
 
-    async def install(self, h, ips: dict) -> "BigUpstream":
-        for key in ("GREETER1", "GREETER2"):
-            pod = h.pods[ips[key]]
-            await pod.stop_backend()
-            pod.backend = await asyncio.start_server(self._serve, ips[key], 9090)
-        return self
-
-    async def _serve(self, reader, writer) -> None:
-        record = {"pod": writer.get_extra_info("sockname")[0], "goaway": None, "closed": False}
-        self.connections.append(record)
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
-        conn.encoder.encode = functools.partial(conn.encoder.encode, huffman=False)   # (see _answer above)
-        conn.initiate_connection()
-        writer.write(conn.data_to_send())
-        streams: dict[int, dict] = {}
-        try:
-            while data := await reader.read(65536):
-                for e in conn.receive_data(data):
-                    sid = getattr(e, "stream_id", 0)
-                    r = streams.get(sid)
-                    if isinstance(e, ev.RequestReceived):
-                        r = streams[sid] = {"path": dict(e.headers)[b":path"], "reset": None, "ended": False}
-                        self.requests.append(r)
-                        self._answer(conn, sid, r["path"])
-                    elif isinstance(e, ev.DataReceived):
-                        conn.acknowledge_received_data(e.flow_controlled_length, sid)
-                    elif isinstance(e, ev.StreamEnded) and r is not None:
-                        r["ended"] = True
-                    elif isinstance(e, ev.StreamReset) and r is not None:
-                        r["reset"] = int(e.error_code)
-                    elif isinstance(e, ev.ConnectionTerminated):
-                        record["goaway"] = int(e.error_code)
-                writer.write(conn.data_to_send())
-                await writer.drain()
-        except (OSError, h2.exceptions.H2Error):
-            pass
-        finally:
-            record["closed"] = True
-            writer.close()
-
-    @staticmethod
-    def _answer(conn, sid: int, path: bytes) -> None:
+    def on_request(self, conn, sid: int, r: dict) -> None:
+        path = r["headers"][b":path"]
         if path.startswith(b"/head-count"):
             conn.send_headers(sid, many_fields(MAX_HEADERS + 1))
         elif path.startswith(b"/head-size"):
@@ -272,17 +229,17 @@ class BigUpstream:
             conn.send_data(sid, b"fine", end_stream=True)
 
 
-async def _big(tmp_path, loopback_ip):
-    h, _, ips = await l7_harness(tmp_path, loopback_ip, ROUTES)
-    up = await BigUpstream().install(h, ips)
-    return h, up, RawH2(await h.client().tunnel(f"{GREETER_VIP}:9090"))
-
-
 def _protocol_errors(h, kind: str) -> float:
     for line in h.metrics.exposition().decode().splitlines():
         if line.startswith(f'hbone_h2_protocol_errors_total{{kind="{kind}"}} '):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+async def _still_served(c: RawH2) -> None:
+    """Four more requests on the same tunnel are answered (the waypoint spreads them over both pods)."""
+    for _ in range(4):
+        assert (await c.get(b"/after", authority=b"greeter:9090"))["data"] == b"fine"
 
 
 async def _lines_for(h, path: str, n: int = 1) -> list[dict]:
@@ -293,7 +250,7 @@ async def _lines_for(h, path: str, n: int = 1) -> list[dict]:
 
 async def test_an_oversized_upstream_response_head_is_a_502_upe_and_the_waypoint_keeps_serving(tmp_path,
                                                                                                   loopback_ip):
-    h, up, c = await _big(tmp_path, loopback_ip)
+    h, up, c = await greeter(tmp_path, loopback_ip, BigUpstream)
     try:
         for path, limit in ((b"/head-count", "limit 100"), (b"/head-size", "limit 61440")):
             r = await c.get(path, authority=b"greeter:9090")
@@ -312,8 +269,7 @@ async def test_an_oversized_upstream_response_head_is_a_502_upe_and_the_waypoint
         r = await c.get(b"/head-at", authority=b"greeter:9090")
         assert r["headers"][b":status"] == b"200" and r["data"] == b"at the limit"
         assert len(r["headers"]) == MAX_HEADERS
-        for _ in range(4):
-            assert (await c.get(b"/after", authority=b"greeter:9090"))["data"] == b"fine"
+        await _still_served(c)
         assert up.served_by_one_connection_per_pod()
     finally:
         await h.close()
@@ -321,7 +277,7 @@ async def test_an_oversized_upstream_response_head_is_a_502_upe_and_the_waypoint
 
 async def test_an_oversized_upstream_head_to_a_grpc_client_is_unavailable(tmp_path, loopback_ip):
     """A gRPC request gets Envoy's gRPC local reply for the 502: trailers-only, grpc-status 14 UNAVAILABLE."""
-    h, up, c = await _big(tmp_path, loopback_ip)
+    h, up, c = await greeter(tmp_path, loopback_ip, BigUpstream)
     try:
         r = await c.get(b"/head-count/grpc", method=b"POST", authority=b"greeter:9090", headers=GRPC_HEADERS,
                         body=grpc_frame(b"hi"))
@@ -336,7 +292,7 @@ async def test_an_oversized_upstream_head_to_a_grpc_client_is_unavailable(tmp_pa
 async def test_oversized_upstream_trailers_reset_the_downstream_stream_after_the_head(tmp_path, loopback_ip):
     """The head and the body went downstream already: the client's stream is reset (never ended as if
     complete, never given trailers), the upstream's too; the log says 200 UPE with the limit."""
-    h, up, c = await _big(tmp_path, loopback_ip)
+    h, up, c = await greeter(tmp_path, loopback_ip, BigUpstream)
     try:
         sid = c.start(b"/trailers", method=b"POST", authority=b"greeter:9090", headers=GRPC_HEADERS,
                       body=grpc_frame(b"one"), end=False)
@@ -352,8 +308,7 @@ async def test_oversized_upstream_trailers_reset_the_downstream_stream_after_the
         assert "response trailers" in line["error"] and "limit 100" in line["error"]
         assert _protocol_errors(h, "h2c_upstream_response_trailers_too_large") == 1
         # Same tunnel, same upstream connections: served.
-        for _ in range(4):
-            assert (await c.get(b"/next", authority=b"greeter:9090"))["data"] == b"fine"
+        await _still_served(c)
         assert up.served_by_one_connection_per_pod()
     finally:
         await h.close()
@@ -363,15 +318,14 @@ async def test_a_head_over_the_hpack_hard_limit_ends_only_that_upstream_connecti
     """Past HEADER_LIST_HARD_BYTES h2's decoder stops (an HPACK bomb): GOAWAY ENHANCE_YOUR_CALM to the upstream,
     the request fails as the connection's streams do (503 UC, the error naming the limit), that connection is
     closed, and the next requests are served (on a new connection where needed)."""
-    h, up, c = await _big(tmp_path, loopback_ip)
+    h, up, c = await greeter(tmp_path, loopback_ip, BigUpstream)
     try:
         r = await c.get(b"/hard", authority=b"greeter:9090")
         assert r["headers"][b":status"] == b"503"
         (line,) = await _lines_for(h, "/hard")
         assert "UC" in line["response_flags"] and "header_list_too_large" in line["error"]
         await until(lambda: up.connections[0]["closed"])
-        for _ in range(4):
-            assert (await c.get(b"/after", authority=b"greeter:9090"))["data"] == b"fine"
+        await _still_served(c)
         assert len(up.connections) >= 2 and not any(x["closed"] for x in up.connections[1:])
     finally:
         await h.close()
@@ -381,14 +335,8 @@ async def test_a_head_over_the_hpack_hard_limit_ends_only_that_upstream_connecti
 # 2. END_STREAM on the last DATA frame: requests to an HTTP/2 upstream
 
 
-async def _greeter(tmp_path, loopback_ip):
-    h, _, ips = await l7_harness(tmp_path, loopback_ip, ROUTES)
-    rec = await H2Recorder().install(h, ips)
-    return h, rec, WireH2(await h.client().tunnel(f"{GREETER_VIP}:9090"))
-
-
 async def test_a_buffered_request_body_ends_on_its_last_data_frame(tmp_path, loopback_ip):
-    h, rec, c = await _greeter(tmp_path, loopback_ip)
+    h, rec, c = await greeter(tmp_path, loopback_ip, client=WireH2)
     try:
         r = await c.get(b"/small", method=b"POST", authority=b"greeter:9090", body=b"abc")
         assert r["data"] == b"got 3"
@@ -410,14 +358,9 @@ async def test_a_buffered_request_body_ends_on_its_last_data_frame(tmp_path, loo
 
 async def test_a_streamed_grpc_body_ends_on_its_last_message_and_each_message_still_goes_at_once(tmp_path,
                                                                                                    loopback_ip):
-    h, rec, c = await _greeter(tmp_path, loopback_ip)
+    h, rec, c = await greeter(tmp_path, loopback_ip, client=WireH2)
     try:
-        sid = c.start(SAY_HELLO, method=b"POST", authority=b"greeter:9090", headers=GRPC_HEADERS,
-                      body=grpc_frame(b"one"), end=False)
-        # Streamed: the first message reaches the upstream while the client's stream is still open.
-        await until(lambda: rec.requests and rec.requests[0]["data"] == grpc_frame(b"one"))
-        c.send(sid, grpc_frame(b"two"), end=False)
-        await until(lambda: rec.requests[0]["data"] == grpc_frame(b"one") + grpc_frame(b"two"))
+        sid = await stream_two_messages(c, rec)
         # The last message with END_STREAM on its DATA frame: the upstream gets it the same way.
         c.conn.send_data(sid, grpc_frame(b"three"), end_stream=True)
         c._flush()
@@ -429,8 +372,7 @@ async def test_a_streamed_grpc_body_ends_on_its_last_message_and_each_message_st
                                 ("data", len(grpc_frame(b"three")), True)]
         # An end that comes later, on its own (an empty DATA frame with END_STREAM): the upstream gets the same
         # — the message was forwarded before its end was known.
-        sid = c.start(SAY_HELLO, method=b"POST", authority=b"greeter:9090", headers=GRPC_HEADERS,
-                      body=grpc_frame(b"solo"), end=False)
+        sid = start_grpc(c, b"solo")
         await until(lambda: len(rec.requests) == 2 and rec.requests[1]["data"] == grpc_frame(b"solo"))
         c.send(sid, b"", end=True)
         await c.pump([sid])
@@ -442,7 +384,7 @@ async def test_a_streamed_grpc_body_ends_on_its_last_message_and_each_message_st
 
 async def test_a_body_past_the_buffer_limit_still_ends_on_its_last_data_frame(tmp_path, loopback_ip):
     """Not gRPC, over the buffer limit: streamed (read part, then the rest); its end is known with the last chunk."""
-    h, rec, c = await _greeter(tmp_path, loopback_ip)
+    h, rec, c = await greeter(tmp_path, loopback_ip, client=WireH2)
     try:
         h.waypoint.http.buffer_limit = 1000   # (the limit is a pipeline parameter; small here to stay fast)
         sid = c.start(b"/stream", method=b"POST", authority=b"greeter:9090", end=False)
@@ -461,7 +403,7 @@ async def test_a_body_past_the_buffer_limit_still_ends_on_its_last_data_frame(tm
 # 2. END_STREAM on the last DATA frame: responses to an h2c client
 
 
-class _Server:
+class _Server(H2cServer):
     """``serve_h2c`` on loopback with a handler answering by path through the ``H2Responder`` API."""
 
     async def handle(self, request, responder) -> None:
@@ -476,21 +418,6 @@ class _Server:
             await responder.send_response(204, [], b"")
         else:
             await responder.send_local_reply(404, b"no such thing")
-
-    async def start(self, ip: str) -> "_Server":
-        async def serve(reader, writer):
-            stream = TcpStream(reader, writer)
-            try:
-                await serve_h2c(stream, self.handle)
-            finally:
-                stream.close()
-        self.server = await asyncio.start_server(serve, ip, 0)
-        self.addr = self.server.sockets[0].getsockname()[:2]
-        return self
-
-    async def close(self) -> None:
-        self.server.close()
-        await self.server.wait_closed()
 
 
 async def test_whole_responses_end_on_their_data_frame(loopback_ip):
@@ -539,10 +466,9 @@ async def test_an_http1_upstreams_small_response_reaches_an_h2c_client_in_two_fr
 
 
 async def test_oversized_request_trailers_are_logged_dpe_with_the_limit_and_counted(tmp_path, loopback_ip):
-    h, rec, c = await _greeter(tmp_path, loopback_ip)
+    h, rec, c = await greeter(tmp_path, loopback_ip, client=WireH2)
     try:
-        sid = c.start(SAY_HELLO, method=b"POST", authority=b"greeter:9090", headers=GRPC_HEADERS,
-                      body=grpc_frame(b"one"), end=False)
+        sid = start_grpc(c, b"one")
         await until(lambda: rec.requests and rec.requests[0]["data"])
         send_trailers(c, sid, trailers_of_size(MAX_HEADER_LIST_BYTES + 1))
         await c.pump([sid])
@@ -553,8 +479,7 @@ async def test_oversized_request_trailers_are_logged_dpe_with_the_limit_and_coun
         assert "request trailers" in line["error"] and "limit 61440" in line["error"]
         assert _protocol_errors(h, "h2c_request_trailers_too_large") == 1
         # A client's own reset stays DR.
-        sid = c.start(SAY_HELLO, method=b"POST", authority=b"greeter:9090", headers=GRPC_HEADERS,
-                      body=grpc_frame(b"two"), end=False)
+        sid = start_grpc(c, b"two")
         await until(lambda: len(rec.requests) == 2 and rec.requests[1]["data"])
         c.reset(sid)
         lines = await _lines_for(h, SAY_HELLO.decode(), 2)

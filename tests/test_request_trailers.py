@@ -11,45 +11,27 @@ from __future__ import annotations
 
 import asyncio
 
-import h2.config
-import h2.connection
-import h2.events as ev
 from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame
 
 from proxy.pipeline.h2c import HEADER_LIST_HARD_BYTES, MAX_HEADER_LIST_BYTES, MAX_HEADERS, h2_trailer_fields
-from tests.h2c_peers import EYC, RawClient
+from tests.h2c_peers import EYC, H2Upstream, RawClient
 from tests.test_h2c_limits import server, still_serving  # noqa: F401 — the h2c server fixture
 from tests.test_waypoint_l7 import GREETER_VIP, SAY_HELLO, RawH2, grpc_frame, grpc_unframe, l7_harness
-from tests.waypoint_harness import REVIEWS_VIP
+from tests.waypoint_harness import REVIEWS_VIP, config_docs, destination_rule, virtual_service
 
 GRPC_HEADERS = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
 
-ROUTES = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: greeter, namespace: default}
-spec:
-  hosts: [greeter]
-  http:
-  - match: [{uri: {prefix: /retry}}]
-    retries: {attempts: 2, retryOn: 5xx}
-    route: [{destination: {host: greeter}}]
-  - match: [{uri: {prefix: /mirror}}]
-    route: [{destination: {host: greeter, subset: v1}}]
-    mirror: {host: greeter, subset: v2}
-    mirrorPercentage: {value: 100}
-  - route: [{destination: {host: greeter}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: greeter, namespace: default}
-spec:
-  host: greeter.default.svc.cluster.local
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-"""
+ROUTES = config_docs(virtual_service("greeter", """
+    - match: [{uri: {prefix: /retry}}]
+      retries: {attempts: 2, retryOn: 5xx}
+      route: [{destination: {host: greeter}}]
+    - match: [{uri: {prefix: /mirror}}]
+      route: [{destination: {host: greeter, subset: v1}}]
+      mirror: {host: greeter, subset: v2}
+      mirrorPercentage: {value: 100}
+    - route: [{destination: {host: greeter}}]
+"""), destination_rule("greeter", subsets=("v1", "v2")))
 
 
 async def until(cond, timeout: float = 5.0) -> None:
@@ -62,58 +44,16 @@ async def until(cond, timeout: float = 5.0) -> None:
 # Upstreams that record what reached them
 
 
-class H2Recorder:
-    """An h2c server on the h2 library (not our code), on every greeter pod: each request's frames in
-    order (``events``), its body and trailers. A path starting ``/retry`` is answered 503 the first time;
-    a gRPC request gets one message back and ``grpc-status: 0`` trailers; the rest ``200 got <n>``."""
+class H2Recorder(H2Upstream):
+    """On every greeter pod, recording each request's frames in order (``H2Upstream``). A path starting
+    ``/retry`` is answered 503 the first time; a gRPC request gets one message back and ``grpc-status: 0``
+    trailers; the rest ``200 got <n>``. Each answer goes once the request has ended."""
 
     def __init__(self):
-        self.requests: list[dict] = []
+        super().__init__()
         self.failed_once = False
-        self.servers: list[asyncio.AbstractServer] = []
 
-    async def install(self, h, ips: dict) -> "H2Recorder":
-        for key in ("GREETER1", "GREETER2"):
-            pod = h.pods[ips[key]]
-            await pod.stop_backend()
-            pod.backend = await asyncio.start_server(self._serve, ips[key], 9090)
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
-        conn.initiate_connection()
-        writer.write(conn.data_to_send())
-        streams: dict[int, dict] = {}
-        try:
-            while data := await reader.read(65536):
-                for e in conn.receive_data(data):
-                    sid = getattr(e, "stream_id", 0)
-                    r = streams.get(sid)
-                    if isinstance(e, ev.RequestReceived):
-                        r = streams[sid] = {"headers": dict(e.headers), "events": ["headers"], "data": b"",
-                                            "trailers": None, "reset": None, "ended": False}
-                        self.requests.append(r)
-                    elif isinstance(e, ev.DataReceived):
-                        r["events"].append(("data", len(e.data), e.stream_ended is not None))
-                        r["data"] += e.data
-                        conn.acknowledge_received_data(e.flow_controlled_length, sid)
-                    elif isinstance(e, ev.TrailersReceived):
-                        r["events"].append(("trailers", e.stream_ended is not None))
-                        r["trailers"] = list(e.headers)
-                    elif isinstance(e, ev.StreamEnded):
-                        r["events"].append("end")
-                        r["ended"] = True
-                        self._answer(conn, sid, r)
-                    elif isinstance(e, ev.StreamReset) and r is not None:
-                        r["reset"] = e.error_code
-                writer.write(conn.data_to_send())
-                await writer.drain()
-        except (OSError, h2.exceptions.H2Error):
-            pass
-        finally:
-            writer.close()
-
-    def _answer(self, conn, sid: int, r: dict) -> None:
+    def on_end(self, conn, sid: int, r: dict) -> None:
         path = r["headers"][b":path"]
         if path.startswith(b"/retry") and not self.failed_once:
             self.failed_once = True
@@ -160,16 +100,42 @@ class Http1Recorder:
         finally:
             writer.close()
 
+    def assert_one_request_without_trailers(self, body: bytes) -> None:
+        """One request came, its ``body`` framed by content-length, and nothing of the client's trailer
+        field (``x-trailer-field: dropped``)."""
+        (sent,) = self.requests
+        head, _, got = sent.partition(b"\r\n\r\n")
+        assert got == body and b"content-length: %d" % len(body) in head.lower()
+        assert b"x-trailer-field" not in sent.lower() and b"dropped" not in sent
+
+
+def start_grpc(c: RawH2, message: bytes) -> int:
+    """A gRPC call to greeter, opened with one message; its stream stays open."""
+    return c.start(SAY_HELLO, method=b"POST", authority=b"greeter:9090", headers=GRPC_HEADERS,
+                   body=grpc_frame(message), end=False)
+
+
+async def stream_two_messages(c: RawH2, rec: H2Recorder) -> int:
+    """A gRPC call streamed: each of its two messages reaches the upstream before the client sends the next.
+    Its stream stays open."""
+    sid = start_grpc(c, b"one")
+    await until(lambda: rec.requests and rec.requests[0]["data"] == grpc_frame(b"one"))
+    c.send(sid, grpc_frame(b"two"), end=False)
+    await until(lambda: rec.requests[0]["data"] == grpc_frame(b"one") + grpc_frame(b"two"))
+    return sid
+
 
 def send_trailers(c: RawH2, sid: int, fields) -> None:
     c.conn.send_headers(sid, list(fields), end_stream=True)
     c._flush()
 
 
-async def greeter(tmp_path, loopback_ip):
+async def greeter(tmp_path, loopback_ip, upstream: type[H2Upstream] = H2Recorder, client: type[RawH2] = RawH2):
+    """The L7 harness routed by ROUTES, ``upstream`` on both greeter pods, and a ``client`` h2c connection
+    over a tunnel to greeter: (harness, upstream, client)."""
     h, _, ips = await l7_harness(tmp_path, loopback_ip, ROUTES)
-    rec = await H2Recorder().install(h, ips)
-    return h, rec, RawH2(await h.client().tunnel(f"{GREETER_VIP}:9090"))
+    up = await upstream().install(h, ips)
+    return h, up, client(await h.client().tunnel(f"{GREETER_VIP}:9090"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,12 +145,7 @@ async def greeter(tmp_path, loopback_ip):
 async def test_grpc_client_streaming_trailers_reach_the_upstream_after_all_data(tmp_path, loopback_ip):
     h, rec, c = await greeter(tmp_path, loopback_ip)
     try:
-        sid = c.start(SAY_HELLO, method=b"POST", authority=b"greeter:9090", headers=GRPC_HEADERS,
-                      body=grpc_frame(b"one"), end=False)
-        # Streamed: each message reaches the upstream before the client has sent the next.
-        await until(lambda: rec.requests and rec.requests[0]["data"] == grpc_frame(b"one"))
-        c.send(sid, grpc_frame(b"two"), end=False)
-        await until(lambda: rec.requests[0]["data"] == grpc_frame(b"one") + grpc_frame(b"two"))
+        sid = await stream_two_messages(c, rec)
         send_trailers(c, sid, [(b"x-checksum", b"c0ffee"), (b"x-count", b"2")])
         await c.pump([sid])
         r = c.results[sid]
@@ -296,10 +257,7 @@ async def test_h2c_request_trailers_are_dropped_toward_an_http1_upstream(tmp_pat
         send_trailers(c, sid, [(b"x-trailer-field", b"dropped")])
         await c.pump([sid])
         assert c.results[sid]["headers"][b":status"] == b"200" and c.results[sid]["data"] == b"ok"
-        (sent,) = rec.requests
-        head, _, body = sent.partition(b"\r\n\r\n")
-        assert body == b"hello world" and b"content-length: 11" in head.lower()
-        assert b"x-trailer-field" not in sent.lower() and b"dropped" not in sent
+        rec.assert_one_request_without_trailers(b"hello world")
     finally:
         await h.close()
 
@@ -316,10 +274,7 @@ async def test_http1_chunked_request_trailers_are_dropped_and_the_request_works(
             while not got.endswith(b"ok"):
                 got += await s.read()
         assert got.startswith(b"HTTP/1.1 200")
-        (sent,) = rec.requests
-        head, _, body = sent.partition(b"\r\n\r\n")
-        assert body == b"hello world" and b"content-length: 11" in head.lower()
-        assert b"x-trailer-field" not in sent.lower() and b"dropped" not in sent
+        rec.assert_one_request_without_trailers(b"hello world")
     finally:
         await h.close()
 
@@ -336,8 +291,7 @@ async def test_pseudo_header_in_trailers_is_a_protocol_error_and_the_upstream_se
     h, rec, c = await greeter(tmp_path, loopback_ip)
     try:
         other = RawH2(await h.client().tunnel(f"{GREETER_VIP}:9090"))
-        sid = c.start(SAY_HELLO, method=b"POST", authority=b"greeter:9090", headers=GRPC_HEADERS,
-                      body=grpc_frame(b"one"), end=False)
+        sid = start_grpc(c, b"one")
         await until(lambda: rec.requests and rec.requests[0]["data"])
         c.conn.config.validate_outbound_headers = False   # our h2 client would refuse to send it
         send_trailers(c, sid, [(b":path", b"/other"), (b"x-trailer", b"t")])
@@ -358,16 +312,14 @@ async def test_oversized_trailers_reset_the_stream_and_its_upstream_request(tmp_
     upstream is reset there (never completed without its trailers), and the same h2c connection goes on."""
     h, rec, c = await greeter(tmp_path, loopback_ip)
     try:
-        sid = c.start(SAY_HELLO, method=b"POST", authority=b"greeter:9090", headers=GRPC_HEADERS,
-                      body=grpc_frame(b"one"), end=False)
+        sid = start_grpc(c, b"one")
         await until(lambda: rec.requests and rec.requests[0]["data"])
         send_trailers(c, sid, trailers_of_size(MAX_HEADER_LIST_BYTES + 1))
         await c.pump([sid])
         assert c.results[sid]["reset"] == ErrorCodes.PROTOCOL_ERROR and c.goaway is None
         await until(lambda: rec.requests[0]["reset"] is not None)
         assert rec.requests[0]["trailers"] is None and not rec.requests[0]["ended"]
-        sid = c.start(SAY_HELLO, method=b"POST", authority=b"greeter:9090", headers=GRPC_HEADERS,
-                      body=grpc_frame(b"two"), end=False)
+        sid = start_grpc(c, b"two")
         send_trailers(c, sid, [(b"x-ok", b"1")])
         await c.pump([sid])
         assert c.results[sid]["trailers"] == {b"grpc-status": b"0"}

@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import random
+import textwrap
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -61,6 +62,34 @@ services:
   appProtocols: {{9000: tcp}}
   waypoint: {{destination: "default/reviews-waypoint.default.svc.cluster.local", hboneMtlsPort: 15008}}
 """
+
+
+def _istio_head(kind: str, name: str) -> str:
+    return f"apiVersion: networking.istio.io/v1\nkind: {kind}\nmetadata: {{name: {name}, namespace: default}}\nspec:\n"
+
+
+def virtual_service(host: str, http: str) -> str:
+    """A VirtualService of the default namespace, named after its one host ``host``, with these ``http``
+    rules: YAML lines (``- match: ...``) at any common indentation."""
+    rules = textwrap.indent(textwrap.dedent(http).strip("\n"), "  ")
+    return _istio_head("VirtualService", host) + f"  hosts: [{host}]\n  http:\n{rules}\n"
+
+
+def destination_rule(host: str, *, traffic_policy: str = "", subsets: tuple[str, ...] = ()) -> str:
+    """A DestinationRule of the default namespace for ``host``.default.svc.cluster.local, named after it:
+    ``traffic_policy`` a YAML flow mapping (``{connectionPool: ...}``), and a subset per version in
+    ``subsets``, each selecting ``version: <its name>``."""
+    text = _istio_head("DestinationRule", host) + f"  host: {host}.default.svc.cluster.local\n"
+    if traffic_policy:
+        text += f"  trafficPolicy: {traffic_policy}\n"
+    if subsets:
+        text += "  subsets:\n" + "".join(f"  - {{name: {v}, labels: {{version: {v}}}}}\n" for v in subsets)
+    return text
+
+
+def config_docs(*docs: str) -> str:
+    """Several resources in one YAML stream (one config file)."""
+    return "---\n".join(docs)
 
 
 async def backend_handler(version: str, request, responder) -> None:
@@ -206,10 +235,12 @@ class Client:
     src: MintingCertSource
     h: Harness
 
-    async def tunnel(self, authority: str):
+    async def tunnel(self, authority: str, source: str = "127.0.0.1"):
+        """A tunnel to the waypoint for ``authority``, as a node proxy opens it for a client at ``source``
+        (its ``forwarded: for=``)."""
         return await self.pool.open_tunnel(
             src_identity=self.src.identity, dst_identities=frozenset({MESH.identity("default", "reviews-waypoint")}),
-            dst=(self.h.wp_ip, 15008), authority=authority, headers={"forwarded": 'for="127.0.0.1:5555"'})
+            dst=(self.h.wp_ip, 15008), authority=authority, headers={"forwarded": f'for="{source}:5555"'})
 
     async def request(self, stream, path: str = "/", method: bytes = b"GET", headers=(), body=None,
                       host: bytes = b"reviews:9080") -> tuple[int, dict, bytes]:
@@ -218,6 +249,16 @@ class Client:
         async for chunk in resp.body_chunks():
             data += chunk
         return resp.status, {k.decode(): v.decode() for k, v in resp.headers}, data
+
+    async def fetch(self, path: str = "/", method: bytes = b"GET", headers=(), *,
+                    source: str = "127.0.0.1") -> tuple[int, dict, bytes]:
+        """One HTTP/1.1 request to reviews on a tunnel of its own (from ``source``), closed after:
+        (status, headers, body)."""
+        stream = await self.tunnel(f"{REVIEWS_VIP}:9080", source)
+        try:
+            return await self.request(stream, path, method=method, headers=list(headers))
+        finally:
+            stream.close()
 
 
 async def start_harness(tmp_path: Path, loopback_ip, *, routing: str | None = "default", authz: bool = True,
