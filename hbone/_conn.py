@@ -193,6 +193,46 @@ class HboneStream:
             conn.schedule_flush()
         return chunk
 
+    # -- callbacks instead of read(): a listener (proxy.pipeline.lean; hbone.relay's splice uses the slot itself) --
+    def listen(self, listener) -> None:
+        """Hand what arrives to ``listener`` from inside the connection's callbacks instead of buffering it for
+        ``read``: ``h_data(bytes)`` (acknowledge each with ``ack``), ``h_eof()``, ``h_error(StreamReset)`` and
+        ``h_writable()`` (after ``over_send_buffer`` said True). ``None``: back to ``read``. What arrived before
+        stays buffered: see ``take_buffered``, ``_recv_eof``/``_error`` via ``at_eof``/``error``."""
+        self._splice = listener
+
+    def take_buffered(self) -> list[bytes]:
+        """The bytes received and not yet read (a listener's to acknowledge with ``ack``)."""
+        recv = self._recv
+        if not recv:
+            return []
+        self._recv = None
+        self._recv_bytes = 0
+        return [bytes(chunk) for chunk in recv]
+
+    def ack(self, n: int) -> None:
+        """``n`` received bytes are consumed: their flow-control window goes back to the peer."""
+        self._conn.ack(self.stream_id, n)
+
+    @property
+    def at_eof(self) -> bool:
+        """The peer ended its side (END_STREAM), or the stream is over."""
+        return self._recv_eof or self._done
+
+    @property
+    def error(self) -> StreamReset | None:
+        return self._error
+
+    def over_send_buffer(self) -> bool:
+        """More than ``settings.stream_send_buffer`` bytes wait to leave (what ``drain`` waits on); then the
+        listener's ``h_writable`` is called once they are down to it (and may ask again)."""
+        conn = self._conn
+        if conn.core.pending(self.stream_id) <= conn.settings.stream_send_buffer:
+            conn.drain_waiting.discard(self)
+            return False
+        conn.drain_waiting.add(self)
+        return True
+
     def write(self, data: bytes) -> None:
         if self._error is not None:
             raise self._error

@@ -347,7 +347,10 @@ async def test_waypoint_cors_preflight_simple_request_forwarding_and_authz(tmp_p
         # Exactly the forwarded requests reached a pod.
         reached = [x["method"] for x in lines if x.get("upstream_host") not in ("", None, "-")]
         assert reached == ["GET", "GET", "OPTIONS", "OPTIONS"]
-        assert [n for n, p in served if p.startswith("/plain")] == ["_execute_lean"]
+        # (the plain route's request took a lean path: _execute_lean, or proxy.pipeline.lean's callbacks when the
+        # pool already held a connection to its pod)
+        plain = [n for n, p in served if p.startswith("/plain")]
+        assert plain in (["_execute_lean"], []) and len(plain) + h.waypoint.http.inline >= 1
         assert {n for n, p in served if not p.startswith("/plain")} == {"_execute"}
     finally:
         await h.close()

@@ -241,6 +241,14 @@ class Responder:
                             reason: bytes | None = None) -> None:
         """``send_head`` + ``send_body(body)`` + ``end()`` for a body that is all there: the same framing
         and checks, one write and one drain (a proxied small response costs one HBONE write, not three)."""
+        stream = self._conn.stream
+        stream.write(self.response_bytes(status, headers, body, reason))
+        await stream.drain()
+
+    def response_bytes(self, status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes,
+                       reason: bytes | None = None) -> bytes:
+        """What ``send_response`` writes (the response counts as sent once this returns): for a caller that
+        writes it itself, inside a stream's callbacks (proxy.pipeline.lean)."""
         head = self._head_bytes(status, headers, reason)
         n = len(body)
         mode = self._mode
@@ -264,9 +272,7 @@ class Responder:
         self.ended = True
         if mode == "chunked":
             data += LAST_CHUNK
-        stream = self._conn.stream
-        stream.write(data)
-        await stream.drain()
+        return data
 
     async def send_local_reply(self, status: int, body: bytes = b"",
                                headers: Iterable[tuple[bytes, bytes]] = (), *,

@@ -100,6 +100,9 @@ UPGRADE_TYPE = b"websocket"
 # The waypoint's common request (HTTP/1.1, no body, a plain forward) takes HttpPipeline._execute_lean; False:
 # every request takes _execute (the generic path, which the lean one is tested against).
 LEAN_HTTP1 = True
+# An HTTP/1.1 client in an HBONE tunnel is served by proxy.pipeline.lean.LeanHttp1 (the common request inside the
+# streams' callbacks, the rest handed to serve_http1); False: serve_http1 from the start.
+LEAN_CALLBACKS = True
 
 # Envoy per_connection_buffer_limit_bytes default (1 MiB): a request body up to this is buffered so a
 # retry can replay it; a longer one is streamed and the request is not retried once it was sent.
@@ -331,6 +334,14 @@ DECISION_KEY_MAX_BYTES = 1024
 _PSEUDO_NAMES = frozenset((":authority", ":method", ":path", ":scheme"))
 
 
+def plain_forward(plan: RequestPlan) -> bool:
+    """The plan is a plain forward: authorized and routed to a cluster that needs none of the generic path's
+    machinery (``Upstream.plain``), no fault, no mirror — with an HTTP/1.1 bodiless request, what
+    ``HttpPipeline._execute_lean`` (and proxy.pipeline.lean's inline path) serve."""
+    up = plan.upstream
+    return up is not None and up.plain and plan.error is None and plan.fault is NO_FAULT and not plan.mirrors
+
+
 def consulted_headers(chain: Chain, snapshot: Snapshot, memo: dict | None = None) -> frozenset[bytes] | None:
     """The request header names (lower-case bytes, as the HTTP/1.1 codec gives them) whose values the
     chain's L7 authorization and route matching read; None when that cannot be told (a matcher of an
@@ -532,6 +543,7 @@ class HttpPipeline:
         self.active: dict[str, int] = {}
         self.outliers: dict[tuple[str, OutlierDetection], OutlierDetector] = {}
         self.requests = 0
+        self.inline = 0   # requests proxy.pipeline.lean answered inside the streams' callbacks
         # Per-request work that only depends on the config or the peer, done once (see plan_request,
         # _report): the snapshot the upstream memo belongs to, and metrics peer labels by identity.
         self._memo_snapshot: Snapshot | None = None
@@ -541,7 +553,7 @@ class HttpPipeline:
         self._labels_memo: dict = {}
 
     def __repr__(self) -> str:
-        return (f"<HttpPipeline requests={self.requests} in_flight={sum(self.active.values())} {self.h1pool!r} "
+        return (f"<HttpPipeline requests={self.requests} inline={self.inline} in_flight={sum(self.active.values())} {self.h1pool!r} "
                 f"{self.h2pool!r} {self.mirrorer!r} {self.lb!r}>")
 
     async def serve(self, stream: ByteStream, ctx: TunnelContext, chain: Chain,
@@ -575,20 +587,24 @@ class HttpPipeline:
                     self.metrics.h2_protocol_error(f"h2c_{abuse.reason}")
                 log.warning("h2c connection from %s in a tunnel to %s shut: %s %s", ctx.peer_identity,
                             addr_str(ctx.authority), abuse.reason, abuse.detail)
-        elif isinstance(stream, PrefixedStream):
+        else:
             # The sniffed bytes go to the HTTP/1.1 parser first, then it reads the tunnel's stream itself:
             # no wrapper coroutine on every read and drain. PERF NOTE (/tmp/wph/ab.py: the benchmark's
             # mesh, httpload c=64, 8 x 3 s alternating with the session's previous tree; with the h2 send /
             # acknowledgement cuts of hbone/_h2fast.py 7b./7c. and the http1 server's cached loop):
             # waypoint 101.7 -> 91.5 us per request (medians).
-            inner, prefix = stream.unwrap()
+            inner, prefix = stream.unwrap() if isinstance(stream, PrefixedStream) else (stream, b"")
+            if LEAN_CALLBACKS and hasattr(inner, "listen"):   # (an HboneStream: hbone/_conn.py)
+                # The common request served inside the HBONE callbacks (proxy/pipeline/lean.py, PERF NOTE there)
+                # until the tunnel needs the coroutine server, which goes on from the bytes it hands back.
+                prefix = await LeanHttp1(self, inner, ctx, chain, snapshot).run(prefix)
+                if prefix is CLOSE:
+                    return
             await serve_http1(inner, handler_h1, prefix=prefix)
-        else:
-            await serve_http1(stream, handler_h1)
 
     # -- one request --
-    async def handle(self, request, responder, ctx: TunnelContext, chain: Chain, snapshot: Snapshot,
-                     protocol: str, upgrade: bytes | None = None) -> None:
+    def begin(self, request, ctx: TunnelContext, chain: Chain, snapshot: Snapshot) -> tuple[RequestPlan, _Log, float]:
+        """The start of every request: counted, its log record and clock started, its plan made."""
         self.requests += 1
         log = _Log(self.clock())
         t0 = time.monotonic()
@@ -604,6 +620,16 @@ class HttpPipeline:
                            chain.port, rng=self.rng, memo=self._upstream_memo, decisions=self._decision_memo)
         if plan.route is not None:
             log.route = plan.route.route_config
+        return plan, log, t0
+
+    async def handle(self, request, responder, ctx: TunnelContext, chain: Chain, snapshot: Snapshot,
+                     protocol: str, upgrade: bytes | None = None, planned: tuple | None = None,
+                     resume: tuple | None = None) -> None:
+        """One request, start to end. ``planned``: what ``begin`` returned for it, when the caller began it;
+        ``resume``: (headers, target, authority, first) of a lean request whose first attempt the caller made
+        (proxy.pipeline.lean, which hands over what it cannot finish inside its callbacks): it goes on in
+        ``_execute_lean`` from that attempt."""
+        plan, log, t0 = planned or self.begin(request, ctx, chain, snapshot)
         grpc = is_grpc(request.headers)
         up = plan.upstream
         try:
@@ -614,10 +640,9 @@ class HttpPipeline:
             # benchmark's mesh (/tmp/wp/ab.py, 6 x 3 s alternating with the previous tree, medians):
             # waypoint 66.6 -> 56.4 us per request (an upstream read through the HBONE stream is one task
             # wake-up resuming 3 coroutine frames instead of 7).
-            if (up is not None and up.plain and upgrade is None and not grpc and not request.has_body
-                    and protocol == "http/1.1" and plan.error is None and plan.fault is NO_FAULT and not plan.mirrors
-                    and LEAN_HTTP1):
-                await self._execute_lean(plan, up, request, responder, ctx, log)
+            if resume is not None or (upgrade is None and not grpc and not request.has_body and protocol == "http/1.1"
+                                      and LEAN_HTTP1 and plain_forward(plan)):
+                await self._execute_lean(plan, up, request, responder, ctx, log, resume)
             else:
                 await self._execute(plan, request, responder, ctx, log, protocol, grpc, upgrade)
         except ProxyError as err:
@@ -788,7 +813,7 @@ class HttpPipeline:
                             local_address=addr_str(ctx.authority))
 
     async def _execute_lean(self, plan: RequestPlan, up: Upstream, request, responder, ctx: TunnelContext,
-                            log: _Log) -> None:
+                            log: _Log, resume: tuple | None = None) -> None:
         """``_execute`` for the waypoint's common request: HTTP/1.1 both ways, no body, no upgrade, not gRPC,
         a plain forward (no fault, mirror, route or per-try timeout, outlier detection). The same steps in
         the same order — header operations and x-request-id, the host pick, the attempt on a pooled
@@ -797,10 +822,14 @@ class HttpPipeline:
         ``_next_event``. Anything else after the pick (no idle connection, a dead one, a reset, a retriable
         answer) goes on in ``_forward`` with this attempt handed over as its first (``first=``), and a
         response that is still arriving is streamed by ``_respond``: only the usual case is shortened.
-        PERF NOTE at the call site in ``handle``."""
+        PERF NOTE at the call site in ``handle``. ``resume``: see ``handle``."""
         log.cluster = up.cluster
-        headers, target, authority = self._upstream_request(plan, up, request)
         method = request.method
+        if resume is not None:
+            headers, target, authority, first = resume
+            await self._forward_respond(up, ctx, method, target, authority, headers, request, responder, log, first)
+            return
+        headers, target, authority = self._upstream_request(plan, up, request)
         policy = up.retry
         now = time.monotonic()
         cand = self.lb.pick(up.candidates, rng=self.rng, exclude=_NONE, active_requests=self.active, lb=up.lb,
@@ -842,9 +871,7 @@ class HttpPipeline:
                 if policy.should_retry(1, Outcome(resp.status, None, int(gs) if gs.isdigit() else None)):
                     first = (cand, now, _value((resp, stream, key)))
         if first is not None:
-            resp, stream, key = await self._forward(up, ctx, method, target, authority, headers, None, None, True,
-                                                    log, first=first)
-            await self._respond(up, resp, stream, key, request, responder, log, False, None, None)
+            await self._forward_respond(up, ctx, method, target, authority, headers, request, responder, log, first)
             return
         whole = resp.complete_body()
         if whole is None:   # still arriving: streamed
@@ -859,6 +886,13 @@ class HttpPipeline:
         except BaseException:
             resp.abort()
             raise
+
+    async def _forward_respond(self, up: Upstream, ctx: TunnelContext, method: bytes, target: bytes,
+                               authority: bytes, headers: list, request, responder, log: _Log, first: tuple) -> None:
+        """A lean request from its first attempt on (made inline): classified, retried, answered."""
+        resp, stream, key = await self._forward(up, ctx, method, target, authority, headers, None, None, True, log,
+                                                first=first)
+        await self._respond(up, resp, stream, key, request, responder, log, False, None, None)
 
     def _upstream_request(self, plan: RequestPlan, up: Upstream, request) -> tuple[list, bytes, bytes]:
         """(headers, target, authority) of the request as it goes upstream: header operations, an
@@ -1428,3 +1462,6 @@ def _grpc_status_of(headers) -> str:
 
 __all__ = ["HttpPipeline", "RequestPlan", "Upstream", "plan_request", "request_view", "apply_ops", "read_body",
            "REQUEST_BUFFER_LIMIT_BYTES"]
+
+
+from .lean import CLOSE, LeanHttp1  # noqa: E402 — lean builds on this module's names

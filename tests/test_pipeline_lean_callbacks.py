@@ -1,0 +1,236 @@
+"""proxy.pipeline.lean (the common HTTP/1.1 request served inside the streams' callbacks) is a twin of the
+coroutine server (serve_http1 → HttpPipeline.handle): the same scripted upstream answers, the same requests
+arriving the same way, the same rng seed give the same bytes to the client and to every upstream connection,
+the same access-log records, metrics, pool state and stream ends — with LEAN_CALLBACKS on and off. Untimed;
+fake streams that speak the listener protocol of hbone's HboneStream (``listen``/``take_buffered``/``ack``).
+Through real HBONE: tests/test_pipeline_lean_hbone.py."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+import proxy.pipeline.http as http_mod
+import proxy.pipeline.lean as lean_mod
+from hbone.stream import StreamReset
+from proxy.http1.server import Http1Limits
+from proxy.pipeline.chains import match_chain
+from proxy.telemetry.metrics import Metrics
+from tests.test_pipeline_lean import OK, REQUESTS, SCRIPTS, _Log, _Stream, _Upstreams
+from tests.test_pipeline_plan import _ctx, snap  # noqa: F401  (snap: the bookinfo fixture)
+
+
+class _ListenStream(_Stream):
+    """_Stream with HboneStream's listener slot: what is fed goes to the listener while there is one."""
+
+    def __init__(self, on_write=None, name=""):
+        super().__init__(on_write, name)
+        self.listener = None
+        self.fed = 0       # bytes received
+        self.acked = 0     # bytes a listener (or read) consumed
+        self.eof_in = False
+        self.err = None
+
+    def listen(self, listener):
+        self.listener = listener
+
+    def take_buffered(self):
+        out = []
+        while self.chunks and isinstance(self.chunks[0], bytes):
+            out.append(self.chunks.pop(0))
+        return out
+
+    def ack(self, n):
+        self.acked += n
+
+    @property
+    def at_eof(self):
+        return self.eof_in
+
+    @property
+    def error(self):
+        return self.err
+
+    def over_send_buffer(self):
+        return False
+
+    def feed(self, item):
+        if isinstance(item, bytes):
+            self.fed += len(item)
+        elif item == "eof":
+            self.eof_in = True
+        elif item == "reset":
+            self.err = StreamReset("upstream reset")
+        listener = self.listener
+        if listener is None or self.state == "aborted":
+            return super().feed(item)
+        if item == "eof":
+            listener.h_eof()
+        elif item == "reset":
+            listener.h_error(self.err)
+        else:
+            listener.h_data(item)
+
+    async def read(self, n=65536):
+        data = await super().read(n)
+        self.acked += len(data)
+        return data
+
+
+class _ListenUpstreams(_Upstreams):
+    async def open(self, cand, **kw):
+        stream = await super().open(cand, **kw)
+        listening = _ListenStream(self._answer, stream.name)
+        self.streams[-1] = listening
+        return listening
+
+
+async def _session(snap, script, requests, seed, callbacks, monkeypatch, how="one-read", lean=True):
+    monkeypatch.setattr(http_mod, "LEAN_CALLBACKS", callbacks)
+    monkeypatch.setattr(http_mod, "LEAN_HTTP1", lean)
+    monkeypatch.setattr(lean_mod, "LEAN_HTTP1", lean)
+    ups = _ListenUpstreams(script)
+    log = _Log()
+    metrics = Metrics()
+    rng = random.Random(seed)
+    pipe = http_mod.HttpPipeline(ups, metrics=metrics, access_log=log, rng=rng, clock=lambda: 1000.0)
+    ctx = _ctx()
+    chain = match_chain(ctx.authority, snap).resolved("http")
+    down = _ListenStream(name="down")
+    server = asyncio.ensure_future(pipe.serve(down, ctx, chain, lambda: snap))
+    if how == "pipelined":
+        down.feed(b"".join(requests))
+    for i, request in enumerate(requests if how != "pipelined" else ()):
+        if how == "split":   # each head in two reads
+            down.feed(request[:7])
+            await asyncio.sleep(0)
+            down.feed(request[7:])
+        else:
+            down.feed(request)
+        for k in range(2200):   # until its access-log record is out (the answer was written before it)
+            if len(log.records) > i or server.done():
+                break
+            await asyncio.sleep(0 if k < 200 else 0.005)   # (a retry's backoff takes real time)
+        assert len(log.records) > i or server.done(), f"request {i} not answered"
+    down.feed("eof")
+    await asyncio.wait_for(server, 10)
+    series = sorted((key, s.count, s.request_sum, s.response_sum, tuple(s.request), tuple(s.response))
+                    for key, s in metrics._http_series.items())
+    pooled = sorted((k, [(s.name, s.state) for s, _, _ in conns]) for k, conns in pipe.h1pool._idle.items())
+    # A pooled upstream connection has had everything it sent consumed (acknowledged).
+    for conns in pipe.h1pool._idle.values():
+        for s, _, _ in conns:
+            assert s.acked == s.fed, (s.name, s.fed, s.acked)
+    return (bytes(down.written), down.state, (down.fed, down.acked),
+            [(s.name, bytes(s.written), s.state, s.fed, s.acked) for s in ups.streams],
+            log.records, series, pooled, rng.random(), pipe.requests, dict(pipe.active))
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+@pytest.mark.parametrize("how", ["one-read", "split", "pipelined"])
+async def test_callbacks_are_a_twin_of_the_coroutine_server(snap, name, how, monkeypatch):
+    script = SCRIPTS[name]
+    for seed in (1, 2):
+        requests = (REQUESTS * 2)[seed:seed + 6]
+        callbacks = await _session(snap, script, requests, seed, True, monkeypatch, how)
+        coroutines = await _session(snap, script, requests, seed, False, monkeypatch, how)
+        assert callbacks == coroutines
+        assert callbacks[0].count(b"HTTP/1.") >= 1   # the client got answers
+
+
+@pytest.mark.parametrize("name", ["keepalive", "retry-503", "dead-pooled"])
+async def test_callbacks_twin_with_the_generic_path(snap, name, monkeypatch):
+    """LEAN_HTTP1 off: every request goes to HttpPipeline.handle's generic path, from callbacks or not."""
+    requests = (REQUESTS * 2)[1:7]
+    callbacks = await _session(snap, SCRIPTS[name], requests, 1, True, monkeypatch, lean=False)
+    coroutines = await _session(snap, SCRIPTS[name], requests, 1, False, monkeypatch, lean=False)
+    assert callbacks == coroutines
+
+
+async def test_the_common_request_is_served_in_callbacks(snap, monkeypatch):
+    """A regression check (untimed): once the pool has a connection, the common request is answered inside the
+    streams' callbacks — no HttpPipeline.handle, no task."""
+    calls = []
+    orig = http_mod.HttpPipeline.handle
+
+    def spy(self, *a, **kw):
+        calls.append(a[0].target)
+        return orig(self, *a, **kw)
+    monkeypatch.setattr(http_mod.HttpPipeline, "handle", spy)
+    requests = [b"GET /r%d HTTP/1.1\r\nHost: reviews\r\n\r\n" % i for i in range(5)]
+    out = await _session(snap, [[OK]] * 5, requests, 1, True, monkeypatch)
+    assert out[0].count(b"HTTP/1.1 200 OK") == 5
+    assert calls == [b"/r0"]     # only the first, which had to dial
+    assert len(out[3]) == 1      # one upstream connection, reused
+    assert [r.status for r in out[4]] == [200] * 5
+
+
+async def test_a_request_with_a_body_hands_the_tunnel_to_serve_http1(snap, monkeypatch):
+    served = []
+    orig = http_mod.serve_http1
+
+    async def spy(stream, handler, **kw):
+        served.append(kw.get("prefix", b""))
+        return await orig(stream, handler, **kw)
+    monkeypatch.setattr(http_mod, "serve_http1", spy)
+    # (a body ending in CRLF CRLF: the scripted upstream answers a request once its bytes end so)
+    post = b"POST / HTTP/1.1\r\nHost: reviews\r\nContent-Length: 5\r\n\r\na\r\n\r\n"
+    get = b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n"
+    out = await _session(snap, [[OK]] * 4, [get, get, post, get], 1, True, monkeypatch)
+    assert served == [post]       # from the POST on, the coroutine server (its bytes handed over whole)
+    assert out[0].count(b"HTTP/1.1 200 OK") == 4
+
+
+async def test_idle_timeout_closes_the_tunnel(snap):
+    """serve_http1's idle timeout (Envoy's HCM idle_timeout) holds in callbacks: no request for that long →
+    the connection is shut quietly (END_STREAM, then closed)."""
+    ups = _ListenUpstreams([[OK]])
+    pipe = http_mod.HttpPipeline(ups, metrics=Metrics(), rng=random.Random(1))
+    ctx = _ctx()
+    chain = match_chain(ctx.authority, snap).resolved("http")   # noqa: F811
+    down = _ListenStream(name="down")
+    lean = lean_mod.LeanHttp1(pipe, down, ctx, chain, lambda: snap, Http1Limits(idle_timeout_s=0.05))
+    down.feed(b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
+    result = await asyncio.wait_for(lean.run(), 10)
+    assert result is lean_mod.CLOSE
+    assert down.written.startswith(b"HTTP/1.1 200 OK") and down.state == "closed"
+
+
+async def _reset_while_upstream(snap, callbacks, monkeypatch):
+    monkeypatch.setattr(http_mod, "LEAN_CALLBACKS", callbacks)
+    ups = _ListenUpstreams([[OK], []])   # the second request gets no answer until the test feeds one
+    log = _Log()
+    pipe = http_mod.HttpPipeline(ups, metrics=Metrics(), access_log=log, rng=random.Random(1),
+                                 clock=lambda: 1000.0)
+    ctx = _ctx()
+    chain = match_chain(ctx.authority, snap).resolved("http")
+    down = _ListenStream(name="down")
+    server = asyncio.ensure_future(pipe.serve(down, ctx, chain, lambda: snap))
+    get = b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n"
+    down.feed(get)
+    while not log.records:
+        await asyncio.sleep(0)
+    down.feed(get)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    up = ups.streams[0]
+    assert up.written.count(b"GET /") == 2     # the second request went out on the pooled connection
+    down.feed("reset")
+    down.state = "reset"                        # (writes now fail, as on a reset HboneStream)
+    up.feed(OK)
+    await asyncio.wait_for(server, 10)
+    return log.records, up.state, bytes(down.written), pipe.h1pool._idle, pipe.active
+
+
+async def test_client_reset_while_the_upstream_answers(snap, monkeypatch):
+    """The client resets its tunnel while its request is upstream: the answer cannot be written, the upstream
+    connection is reset (not pooled with an answer half-read) and the request is logged DC — as handle does
+    (its status is the answer's, whose head was made before the write failed)."""
+    callbacks = await _reset_while_upstream(snap, True, monkeypatch)
+    assert callbacks == await _reset_while_upstream(snap, False, monkeypatch)
+    records, up_state, written, idle, active = callbacks
+    assert [r.response_flags for r in records] == ["-", ("DC",)]
+    assert up_state == "aborted" and not idle and not active
+    assert written.count(b"HTTP/1.1 200 OK") == 1
