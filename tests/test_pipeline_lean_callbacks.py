@@ -234,3 +234,40 @@ async def test_client_reset_while_the_upstream_answers(snap, monkeypatch):
     assert [r.response_flags for r in records] == ["-", ("DC",)]
     assert up_state == "aborted" and not idle and not active
     assert written.count(b"HTTP/1.1 200 OK") == 1
+
+
+async def test_a_client_that_reads_slowly_is_not_sent_more(snap, monkeypatch):
+    """Backpressure, as serve_http1's drain after each answer: while the tunnel's send buffer is over its bound,
+    the next request waits (held, not acknowledged) until the stream reports it writable again."""
+    monkeypatch.setattr(http_mod, "LEAN_CALLBACKS", True)
+
+    class Slow(_ListenStream):
+        full = False
+
+        def over_send_buffer(self):
+            return self.full
+
+    ups = _ListenUpstreams([[OK]] * 3)
+    log = _Log()
+    pipe = http_mod.HttpPipeline(ups, metrics=Metrics(), access_log=log, rng=random.Random(1), clock=lambda: 1000.0)
+    ctx = _ctx()
+    chain = match_chain(ctx.authority, snap).resolved("http")
+    down = Slow(name="down")
+    server = asyncio.ensure_future(pipe.serve(down, ctx, chain, lambda: snap))
+    get = b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n"
+    down.full = True          # from now on, answers do not leave
+    down.feed(get)
+    while not log.records:
+        await asyncio.sleep(0)
+    down.feed(get)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(log.records) == 1 and down.acked == len(get)   # the second request is held, unacknowledged
+    down.full = False
+    down.listener.h_writable()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(log.records) == 2 and down.acked == 2 * len(get)
+    assert down.written.count(b"HTTP/1.1 200 OK") == 2
+    down.feed("eof")
+    await asyncio.wait_for(server, 10)
