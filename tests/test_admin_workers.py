@@ -61,8 +61,11 @@ def test_gauges_sum_or_take_the_earliest_or_worker_0s():
           "process_resident_memory_bytes 1000.0\n"
           "# HELP process_max_fds Max fds.\n# TYPE process_max_fds gauge\nprocess_max_fds 1024.0\n"
           '# HELP python_info Python platform information\n# TYPE python_info gauge\npython_info{version="3.11.7"} 1.0\n')
+    w0 += ('# HELP envoy_cluster_upstream_rq_active Total active requests\n# TYPE envoy_cluster_upstream_rq_active gauge\n'
+           'envoy_cluster_upstream_rq_active{cluster_name="outbound|9080||reviews"} 3\n')
     w1 = w0.replace("200.0", "150.0").replace("1000.0", "500.0").replace("1024.0", "4096.0")
     got = _samples(merge_expositions([w0, w1], reporting=2, unreachable=1))
+    assert got['envoy_cluster_upstream_rq_active{cluster_name="outbound|9080||reviews"}'] == 6.0   # summed
     assert got["process_start_time_seconds"] == 150.0           # the earliest
     assert got["process_resident_memory_bytes"] == 1500.0       # summed
     assert got["process_max_fds"] == 1024.0                     # worker 0's

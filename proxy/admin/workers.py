@@ -32,6 +32,8 @@ from typing import Callable, Iterable
 
 from prometheus_client.utils import floatToGoString
 
+from proxy.telemetry.cluster_stats import CLUSTER_STAT_TYPES
+
 # A sibling's exposition is read with this deadline: a worker stuck for longer is reported as
 # unreachable rather than holding up the scrape (Prometheus' default scrape_timeout is 10 s).
 WORKER_SCRAPE_TIMEOUT_S = 1.0
@@ -45,6 +47,8 @@ SUMMED_GAUGES = frozenset({
     "process_virtual_memory_bytes",
     "process_resident_memory_bytes",
     "process_open_fds",
+    # Envoy's cluster gauges (upstream_rq_active, ...): each worker counts its own requests and connections.
+    *(f"envoy_cluster_{stat}" for stat, (kind, _) in CLUSTER_STAT_TYPES.items() if kind == "gauge"),
 })
 EARLIEST_GAUGES = frozenset({"process_start_time_seconds"})
 
