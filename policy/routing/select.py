@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Sequence, TypeVar
 
+from .hashing import query_value
 from .model import EMPTY, NO_HEADER_RULES, FaultDecision, GwMatch, HttpMatch, RedirectSpec, RewriteSpec
 
 T = TypeVar("T")
@@ -67,14 +68,9 @@ class HttpRequestView(NamedTuple):
         return ",".join(v)
 
     def query_param(self, name: str) -> str | None:
-        """The first value of a query parameter; ``?key`` gives "" (so Istio's ``exact: ""`` matches)."""
-        for part in self.query.split("&"):
-            if not part:
-                continue
-            k, _, v = part.partition("=")
-            if k == name:
-                return v
-        return None
+        """The first value of a query parameter; ``?key`` gives "" (so Istio's ``exact: ""`` matches).
+        Envoy's rule, the one the consistent-hash key uses (hashing.py ``query_value``)."""
+        return query_value(self.query, name, "&", "=")
 
 
 # ---------------------------------------------------------------------------------------------
