@@ -7,6 +7,7 @@ request headers and whose access-log lines say which requests reached a pod)."""
 from __future__ import annotations
 
 import json
+import string
 
 import pytest
 import yaml
@@ -15,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from policy.errors import ConfigError, Where
 from policy.routing import cors
 from policy.routing.model import DEFAULT_RETRY_POLICY, CorsPolicy, StringMatch
-from policy.routing.parse import parse_virtual_service
+from policy.routing.parse import parse_destination_rule, parse_virtual_service
 from policy.routing.regex import compile_regex
 from proxy.pipeline.http import HttpPipeline, Upstream
 from tests.test_waypoint_l7 import RawH2
@@ -114,6 +115,46 @@ def test_parse_errors_name_the_field(cors_yaml, path, problem):
         parse_virtual_service(_vs(cors_yaml), W)
     assert e.value.path == path, str(e.value)
     assert problem in str(e.value)
+
+
+# Every character of Latin-1 and beyond (policy/routing/parse.py r.str refuses lone surrogates first).
+_CHARS = [chr(i) for i in range(0x300)] + ["\u2028", "\ufffd", "\U0001f36a", "\U0010ffff"]
+
+
+def test_header_names_and_cookie_names_share_the_token_rule_and_load_as_before():
+    """parse.py checks allowHeaders / exposeHeaders names and ``consistentHash.httpCookie`` names with one
+    token set (RFC 9110 tchar). Each character, alone in a name: a CORS header name loads if and only if it is
+    a tchar; a cookie name as it did before the two checks were one (RFC 2616 §2.2: not a CTL nor a
+    separator; anything non-ASCII passes), refused with the same message naming that character."""
+    tchar = set("!#$%&'*+-.^_`|~") | set(string.ascii_letters + string.digits)
+    separators = set('()<>@,;:\\"/[]?={} \t')
+    dr_where = Where("dr.yaml")
+    vs = _vs("{}")
+    for c in _CHARS:
+        cors_ok = c in tchar
+        vs["spec"]["http"][0]["corsPolicy"] = {"allowHeaders": [f"x{c}y"]}   # a document as YAML loads it
+        try:
+            parse_virtual_service(vs, W)
+        except ConfigError as e:
+            assert not cors_ok and e.path == "spec.http[0].corsPolicy.allowHeaders[0]", (c, str(e))
+            assert f"not a valid header name (character {c!r})" in str(e)
+        else:
+            assert cors_ok, repr(c)
+        cookie_ok = not (c in separators or ord(c) < 0x20 or ord(c) == 0x7F)
+        doc = {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+               "metadata": {"name": "reviews", "namespace": "default"},
+               "spec": {"host": "reviews", "trafficPolicy": {"loadBalancer": {"consistentHash": {
+                   "httpCookie": {"name": f"s{c}x", "ttl": "10s"}}}}}}
+        try:
+            dr = parse_destination_rule(doc, dr_where)
+        except ConfigError as e:
+            assert not cookie_ok, (c, str(e))
+            assert e.path == "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name", str(e)
+            # NUL, CR and LF are refused earlier, as any value put on the wire (r.wire_str).
+            assert f"{c!r} cannot be in a cookie name" in str(e) or c in "\0\r\n", (c, str(e))
+        else:
+            assert cookie_ok, repr(c)
+            assert dr.traffic_policy.consistent_hash.cookie.name == f"s{c}x"
 
 
 _values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=6)

@@ -311,7 +311,8 @@ _CORS_FIELDS = ("allowOrigin", "allowOrigins", "allowMethods", "allowHeaders", "
 # istiod validateHTTPMethod: `"%q is not a supported HTTP method"` outside this set (validation.go).
 _CORS_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "OPTIONS", "TRACE"))
 # RFC 9110 §5.6.2 tchar: what a header name in allowHeaders / exposeHeaders may hold (istiod rejects empty
-# names; these lists become header values, so nothing else may pass either).
+# names; these lists become header values, so nothing else may pass either). The ASCII a cookie name may
+# hold too (_http_cookie).
 _TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
@@ -743,8 +744,6 @@ def _traffic_policy(r: _R, v: Any, path: str, *, top: bool) -> TrafficPolicy:
 
 
 _HASH_KEYS = (HASH_HEADER, HASH_COOKIE, HASH_SOURCE_IP, HASH_QUERY)
-# RFC 6265 §4.1.1: cookie-name is a token (RFC 2616 §2.2: no CTLs or separators).
-_COOKIE_NAME_BAD = frozenset('()<>@,;:\\"/[]?={} \t')
 
 
 def _consistent_hash(r: _R, v: Any, path: str) -> ConsistentHash:
@@ -822,7 +821,9 @@ def _http_cookie(r: _R, v: Any, path: str) -> HttpCookie:
     if m.get("name") in (None, ""):
         raise r.fail(f"{path}.name", "name required for HttpCookie")          # istiod's message
     name = r.wire_str(m["name"], f"{path}.name")
-    bad = next((c for c in name if c in _COOKIE_NAME_BAD or ord(c) < 0x20 or ord(c) == 0x7F), None)
+    # RFC 6265 §4.1.1: cookie-name is a token, RFC 2616 §2.2 "any CHAR except CTLs or separators": among
+    # ASCII exactly RFC 9110's tchar. A non-ASCII character is neither a CTL nor a separator and passes.
+    bad = next((c for c in name if c.isascii() and c not in _TCHARS), None)
     if bad is not None:
         raise r.fail(f"{path}.name", f"{bad!r} cannot be in a cookie name (RFC 6265: a token)")
     cpath = r.wire_str(m.get("path", ""), f"{path}.path", empty_ok=True)
