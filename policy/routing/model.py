@@ -631,8 +631,11 @@ class TrafficPolicy:
 
     @property
     def lb_policy(self) -> str:
-        """The Envoy cluster ``lb_policy`` (views): RING_HASH / MAGLEV with consistent hashing, else
-        ``lb_algorithm``."""
+        """The Envoy cluster ``lb_policy`` istiod sets for this policy: RING_HASH / MAGLEV with consistent
+        hashing (cluster_traffic_policy.go ``ApplyRingHashLoadBalancer``), else ``lb_algorithm``. The
+        proxy-config views do not show it (their clusters have no load-balancing field: proxy/admin/views.py
+        ``Cluster``), and the request path reads ``consistent_hash`` and ``lb_algorithm`` themselves; the tests
+        read it to check what a subset or port-level policy resolves to."""
         return self.consistent_hash.algorithm if self.consistent_hash is not None else self.lb_algorithm
 
     @property
