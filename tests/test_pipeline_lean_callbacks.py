@@ -11,8 +11,11 @@ import asyncio
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import proxy.pipeline.http as http_mod
+import tests.test_pipeline_lean as tl
 import proxy.pipeline.lean as lean_mod
 from hbone.stream import StreamReset
 from proxy.http1.server import Http1Limits
@@ -110,10 +113,10 @@ async def _session(snap, script, requests, seed, callbacks, monkeypatch, how="on
         else:
             down.feed(request)
         for k in range(2200):   # until its access-log record is out (the answer was written before it)
-            if len(log.records) > i or server.done():
+            if len(log.records) > i or server.done() or down.state != "open":   # (or the server ended the tunnel)
                 break
             await asyncio.sleep(0 if k < 200 else 0.005)   # (a retry's backoff takes real time)
-        assert len(log.records) > i or server.done(), f"request {i} not answered"
+        assert len(log.records) > i or server.done() or down.state != "open", f"request {i} not answered"
     down.feed("eof")
     await asyncio.wait_for(server, 10)
     series = sorted((key, s.count, s.request_sum, s.response_sum, tuple(s.request), tuple(s.response))
@@ -191,7 +194,7 @@ async def test_idle_timeout_closes_the_tunnel(snap):
     ctx = _ctx()
     chain = match_chain(ctx.authority, snap).resolved("http")   # noqa: F811
     down = _ListenStream(name="down")
-    lean = lean_mod.LeanHttp1(pipe, down, ctx, chain, lambda: snap, Http1Limits(idle_timeout_s=0.05))
+    lean = lean_mod.LeanHttp1(pipe, down, ctx, chain, lambda: snap, Http1Limits(idle_timeout_s=0.05, linger_s=0.05))
     down.feed(b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
     result = await asyncio.wait_for(lean.run(), 10)
     assert result is lean_mod.CLOSE
@@ -271,3 +274,33 @@ async def test_a_client_that_reads_slowly_is_not_sent_more(snap, monkeypatch):
     assert down.written.count(b"HTTP/1.1 200 OK") == 2
     down.feed("eof")
     await asyncio.wait_for(server, 10)
+
+
+# Requests a client may send on one tunnel, for the property below: the common one, others the callback
+# server must hand over (a body, Connection: close, an upgrade, garbage), and HEAD.
+_MIXED = [
+    *REQUESTS,
+    b"POST /p HTTP/1.1\r\nHost: reviews\r\nContent-Length: 5\r\n\r\na\r\n\r\n",
+    b"GET /c HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: reviews\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"BAD REQUEST\r\n\r\n",
+]
+_READS = [[OK], [OK[:20], OK[20:]], [tl.CHUNKED], [tl.UNAVAILABLE], [tl.CLOSE], [tl.NO_CONTENT],
+          [tl.CONTINUE_THEN_OK], ["eof"], ["reset"], [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", "eof"],
+          [b"NOT HTTP\r\n\r\n"], "refuse"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(st.sampled_from(_MIXED), min_size=1, max_size=6),
+       script=st.lists(st.sampled_from(_READS), max_size=8),
+       how=st.sampled_from(["one-read", "split", "pipelined"]), seed=st.integers(0, 3))
+def test_callbacks_twin_property(snap, requests, script, how, seed):
+    """Any mix of requests, arrivals and upstream fates: the callback server and the coroutine server give the
+    client, the upstreams, the log, the metrics and the pool the same."""
+    async def both():
+        with pytest.MonkeyPatch.context() as mp:
+            a = await _session(snap, [[OK]] + script, requests, seed, True, mp, how)
+            b = await _session(snap, [[OK]] + script, requests, seed, False, mp, how)
+        return a, b
+    callbacks, coroutines = asyncio.run(both())
+    assert callbacks == coroutines
