@@ -24,7 +24,8 @@ from proxy.pipeline.h2c import H2UpstreamPool
 from proxy.pipeline.http import Upstream
 from policy.routing.model import DEFAULT_RETRY_POLICY
 from tests.h2c_peers import H2cServer
-from tests.waypoint_harness import REVIEWS_VIP, TCP_VIP, config_docs, destination_rule, start_harness, virtual_service
+from tests.waypoint_harness import (REVIEWS_VIP, TCP_VIP, config_docs, destination_rule, start_harness, until,
+                                   virtual_service)
 
 C = "inbound-vip|9080|http/v1|reviews.default.svc.cluster.local"   # the waypoint's cluster for subset v1
 OVERFLOW_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
@@ -298,7 +299,7 @@ async def test_h2_connection_takes_no_new_stream_after_max_requests_then_closes(
         assert await body(await b.request(b"GET", b"/3", b"svc", [], None)) == b"ok /3"
         srv.release.set()
         assert await body(await hang) == b"ok /hang"
-        await _until(lambda: not a.alive, "the drained connection closed after its last stream")
+        await until(lambda: not a.alive, "the drained connection closed after its last stream")
         assert b.alive and pool.get("ep") is b
         # Without a limit the pool is as before: one connection for everything.
         assert (await pool.connect("other", dial)) is (await pool.connect("other", dial))
@@ -365,16 +366,6 @@ async def _get(h, path: str, tunnel=None):
         stream.close()
 
 
-async def _until(cond, what: str, timeout: float = 5.0) -> None:
-    """Wait (not a timing assertion: a bound against hanging) until ``cond()``."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.005)
-
-
 async def _upstream_connections_for(h, n: int, pause_s: float = 0.0) -> int:
     """``n`` GETs one after the other on one kept-alive downstream tunnel, each answered by v1 and followed
     by a pause of ``pause_s``: how many upstream connections the waypoint opened for them."""
@@ -411,9 +402,9 @@ async def test_max_connections_1_pending_1_three_slow_requests(tmp_path, loopbac
     try:
         t1, t2, t3 = [await _tunnel(h) for _ in range(3)]
         first = asyncio.ensure_future(_get(h, "/slow?s=0.5", t1))
-        await _until(lambda: _stats(h)["cx_active"] == 1 and _stats(h)["rq_active"] == 1, "first request in flight")
+        await until(lambda: _stats(h)["cx_active"] == 1 and _stats(h)["rq_active"] == 1, "first request in flight")
         second = asyncio.ensure_future(_get(h, "/slow?s=0.5", t2))
-        await _until(lambda: _stats(h)["rq_pending_active"] == 1, "second request queued")
+        await until(lambda: _stats(h)["rq_pending_active"] == 1, "second request queued")
         assert not first.done()
         status, _, body = await _get(h, "/slow?s=0.5", t3)
         assert (status, body) == (503, OVERFLOW_BODY)
@@ -447,7 +438,7 @@ async def test_a_pending_request_that_times_out_leaves_the_queue(tmp_path, loopb
     try:
         t1, t2 = [await _tunnel(h) for _ in range(2)]
         first = asyncio.ensure_future(_get(h, "/slow?s=0.8", t1))
-        await _until(lambda: _stats(h)["rq_active"] == 1 and _stats(h)["cx_active"] == 1, "first request in flight")
+        await until(lambda: _stats(h)["rq_active"] == 1 and _stats(h)["cx_active"] == 1, "first request in flight")
         status, _, body = await _get(h, "/", t2)   # waits for the one connection, past the route timeout
         assert (status, body) == (504, b"upstream request timeout")
         assert _stats(h)["rq_pending_active"] == 0
@@ -468,7 +459,7 @@ async def test_the_per_try_timeout_starts_when_the_connection_is_ready(tmp_path,
     try:
         t1, t2 = [await _tunnel(h) for _ in range(2)]
         first = asyncio.ensure_future(_get(h, "/slow?s=0.6", t1))
-        await _until(lambda: _stats(h)["rq_active"] == 1 and _stats(h)["cx_active"] == 1, "first request in flight")
+        await until(lambda: _stats(h)["rq_active"] == 1 and _stats(h)["cx_active"] == 1, "first request in flight")
         status, _, body = await _get(h, "/", t2)   # pending ~0.6 s, three times its per-try timeout
         assert (status, body) == (200, b"v1")
         assert first.done() and (await first)[0] == 200
@@ -511,7 +502,7 @@ async def test_http2_max_requests_1_a_concurrent_second_request_overflows(tmp_pa
     try:
         t1, t2 = [await _tunnel(h) for _ in range(2)]
         first = asyncio.ensure_future(_get(h, "/slow?s=0.5", t1))
-        await _until(lambda: _stats(h)["rq_active"] == 1, "first request in flight")
+        await until(lambda: _stats(h)["rq_active"] == 1, "first request in flight")
         status, _, body = await _get(h, "/", t2)
         assert (status, body) == (503, OVERFLOW_BODY)
         assert (await first)[0] == 200
@@ -531,7 +522,7 @@ async def test_max_retries_1_a_second_concurrent_retry_is_not_made(tmp_path, loo
     try:
         t1, t2 = [await _tunnel(h) for _ in range(2)]
         slow = asyncio.ensure_future(_get(h, "/slow?s=2", t1))
-        await _until(lambda: _stats(h)["rq_retry_active"] == 1, "the slow request's retry scheduled")
+        await until(lambda: _stats(h)["rq_retry_active"] == 1, "the slow request's retry scheduled")
         status, _, body = await _get(h, "/status/503", t2)
         assert (status, body) == (503, b"v1")   # the upstream's answer, not a local reply
         assert (await slow)[0] == 504
@@ -573,7 +564,7 @@ async def test_tcp_max_connections_1_a_second_tunnel_is_refused(tmp_path, loopba
         first.close()
         cb = h.waypoint.http.breakers
         cluster = next(iter(cb.clusters))
-        await _until(lambda: cb.stats(cluster)["cx_active"] == 0, "the first tunnel's upstream released")
+        await until(lambda: cb.stats(cluster)["cx_active"] == 0, "the first tunnel's upstream released")
         again = await client.tunnel(f"{TCP_VIP}:9000")   # room again
         again.write(b"pong")
         await again.drain()
@@ -587,7 +578,7 @@ async def test_tcp_max_connections_1_a_second_tunnel_is_refused(tmp_path, loopba
                           if x.get("kind") == "tunnel" and x.get("status") == 503]
             return bool(refused)
 
-        await _until(logged, "the refused tunnel's line")
+        await until(logged, "the refused tunnel's line")
         assert len(refused) == 1 and refused[0]["response_flags"] == "UO"
     finally:
         await h.close()

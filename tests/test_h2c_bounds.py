@@ -30,9 +30,9 @@ from proxy.pipeline.h2c import (HEADER_LIST_HARD_BYTES, MAX_HEADER_LIST_BYTES, M
                                 Headers, Reset, Trailers)
 from tests.h2c_peers import H2cServer, H2Upstream
 from tests.test_request_trailers import (GRPC_HEADERS, greeter, send_trailers, start_grpc, stream_two_messages,
-                                         trailers_of_size, until)
+                                         trailers_of_size)
 from tests.test_waypoint_l7 import SAY_HELLO, RawH2, grpc_frame, grpc_unframe, l7_harness
-from tests.waypoint_harness import REVIEWS_VIP
+from tests.waypoint_harness import REVIEWS_VIP, until
 
 PROTOCOL_ERROR = int(ErrorCodes.PROTOCOL_ERROR)
 RESET_BEFORE = "upstream_reset_before_response_started{protocol_error}"

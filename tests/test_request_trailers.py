@@ -18,7 +18,7 @@ from proxy.pipeline.h2c import HEADER_LIST_HARD_BYTES, MAX_HEADER_LIST_BYTES, MA
 from tests.h2c_peers import EYC, H2Upstream, RawClient
 from tests.test_h2c_limits import server, still_serving  # noqa: F401 — the h2c server fixture
 from tests.test_waypoint_l7 import GREETER_VIP, SAY_HELLO, RawH2, grpc_frame, grpc_unframe, l7_harness
-from tests.waypoint_harness import REVIEWS_VIP, config_docs, destination_rule, virtual_service
+from tests.waypoint_harness import REVIEWS_VIP, config_docs, destination_rule, until, virtual_service
 
 GRPC_HEADERS = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
 
@@ -32,12 +32,6 @@ ROUTES = config_docs(virtual_service("greeter", """
       mirrorPercentage: {value: 100}
     - route: [{destination: {host: greeter}}]
 """), destination_rule("greeter", subsets=("v1", "v2")))
-
-
-async def until(cond, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------------------------

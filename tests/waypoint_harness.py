@@ -92,6 +92,16 @@ def config_docs(*docs: str) -> str:
     return "---\n".join(docs)
 
 
+async def until(cond, what: str = "", timeout: float = 5.0) -> None:
+    """Wait until ``cond()`` holds, polling: a bound against hanging, not a timing assertion."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError(f"never happened: {what or cond}")
+        await asyncio.sleep(0.005)
+
+
 async def backend_handler(version: str, request, responder) -> None:
     target = request.target.decode()
     path, _, query = target.partition("?")
