@@ -76,10 +76,11 @@ def test_no_warning_on_a_route_rule_and_rule_headers_kept():
 
 
 @pytest.mark.parametrize("action", ["redirect: {uri: /x}", "directResponse: {status: 204}"])
-def test_a_redirect_or_direct_response_rule_warns_that_cors_is_not_applied(action):
+def test_a_redirect_or_direct_response_rule_keeps_its_cors_policy(action):
+    """Envoy's CORS filter runs before the router on every route (tests/test_cors_local_answers.py)."""
     vs = parse_virtual_service(_vs("{allowOrigins: [{exact: a}]}", action=action), W)
-    assert vs.http[0].headers.cors is None
-    assert any(w.startswith("spec.http[0].corsPolicy:") and "route rules only" in w for w in vs.warnings)
+    assert vs.http[0].headers.cors.allow_origins[0].value == "a"
+    assert not vs.warnings
 
 
 @pytest.mark.parametrize("cors_yaml, path, problem", [

@@ -427,6 +427,8 @@ class RedirectSpec:
     path_kind: str | None = None     # None | "full" | "prefix"
     path: str = ""
     element_wise: bool = False
+    # The VirtualService rule's corsPolicy (Envoy's CORS filter runs before the router that makes the redirect).
+    cors: CorsPolicy | None = None
     # Wire forms (derived) of the values that end up in Location: Envoy's scheme_redirect, host_redirect,
     # path_redirect and prefix_rewrite send the config string's UTF-8 bytes.
     scheme_wire: str | None = field(init=False, compare=False, repr=False)

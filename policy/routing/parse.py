@@ -295,14 +295,10 @@ def _vs_http_rule(r: _R, v: Any, path: str) -> HttpRule:
         mirrors.append(MirrorSpec(d.host, d.subset, d.port, pct))
     headers = _vs_headers(r, m.get("headers"), f"{path}.headers")
     if m.get("corsPolicy") is not None:
-        cors = _vs_cors(r, m.get("corsPolicy"), f"{path}.corsPolicy")
-        if route:
-            headers = HeaderRules(headers.request, headers.response, cors)
-        else:
-            # The policy reaches the waypoint's pipeline with the rule's Forward action (HeaderRules.cors);
-            # a redirect / directResponse rule has none, so Envoy's preflight answer is not given there.
-            r.warn(f"{path}.corsPolicy", "CORS is enforced on route rules only; ignored on a redirect or "
-                   "directResponse rule")
+        # The policy rides with the rule's header rules to its action: the Forward's (HeaderRules.cors), or a
+        # redirect's / directResponse's own ``cors`` (table.py ``_vs_action``) — Envoy's CORS filter runs before
+        # the router on every route, whatever answers it.
+        headers = HeaderRules(headers.request, headers.response, _vs_cors(r, m.get("corsPolicy"), f"{path}.corsPolicy"))
     return HttpRule(name, matches, route, redirect, direct, rewrite, timeout, retries, fault, tuple(mirrors), headers)
 
 

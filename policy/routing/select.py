@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Sequence, TypeVar
 
 from .hashing import query_value
-from .model import EMPTY, NO_HEADER_RULES, FaultDecision, GwMatch, HttpMatch, RedirectSpec, RewriteSpec
+from .model import EMPTY, NO_HEADER_RULES, CorsPolicy, FaultDecision, GwMatch, HttpMatch, RedirectSpec, RewriteSpec
 
 T = TypeVar("T")
 
@@ -186,6 +186,7 @@ class Redirect:
     host: str
     port: int | None
     path: str
+    cors: CorsPolicy | None = None   # the rule's corsPolicy (see RedirectSpec.cors)
 
     @property
     def location(self) -> str:
@@ -198,6 +199,7 @@ class DirectResponse:
     status: int
     body: str = ""
     flag: str = ""       # Envoy response flag, if any (e.g. "" for a configured directResponse)
+    cors: CorsPolicy | None = None   # the rule's corsPolicy (Envoy's CORS filter runs before the router)
 
 
 class RouteDecision(NamedTuple):
@@ -337,7 +339,7 @@ def redirect_for(spec: RedirectSpec, req: HttpRequestView, matched_prefix: str) 
         path = spec.path_wire if "?" in spec.path_wire else _with_query(spec.path_wire, req)
     elif spec.path_kind == "prefix":
         path = _with_query(_replace_prefix(req.path_only, matched_prefix, spec.path_wire, spec.element_wise), req)
-    return Redirect(spec.status, scheme, host, port, path)
+    return Redirect(spec.status, scheme, host, port, path, spec.cors)
 
 
 # ---------------------------------------------------------------------------------------------

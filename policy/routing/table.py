@@ -16,6 +16,7 @@ behavior" (istio.io migrate-policies); here HTTPRoutes win and a warning says so
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Iterable, Mapping
@@ -383,10 +384,11 @@ def _compile_vs(ctx: _Ctx, svc: Service, port: int, vss: list[VirtualService]) -
 
 
 def _vs_action(ctx: _Ctx, vs: VirtualService, r: HttpRule, port: int):
+    cors = r.headers.cors
     if r.redirect is not None:
-        return r.redirect
+        return r.redirect if cors is None else dataclasses.replace(r.redirect, cors=cors)
     if r.direct_response is not None:
-        return DirectResponse(*r.direct_response)
+        return DirectResponse(*r.direct_response, cors=cors)
     dests = []
     for d in r.route:
         # "If there is only one destination in a rule, it will receive all traffic."

@@ -710,13 +710,8 @@ class HttpPipeline:
         if plan.error is not None:
             raise plan.error
         local = plan.local
-        if isinstance(local, Redirect):
-            log.status = local.status
-            await responder.send_local_reply(local.status, b"", [(b"location", local.location.encode("latin-1"))])
-            return
-        if isinstance(local, DirectResponse):
-            log.status = local.status
-            await responder.send_local_reply(local.status, local.body.encode())
+        if local is not None:
+            await self._answer_locally(local, request, responder, log)
             return
         up = plan.upstream
         assert up is not None
@@ -797,6 +792,27 @@ class HttpPipeline:
         finally:
             if limits is not None:
                 self.breakers.end_request(up.cluster)
+
+    @staticmethod
+    async def _answer_locally(local: Redirect | DirectResponse, request, responder, log: _Log) -> None:
+        """A redirect or directResponse rule's answer. Its corsPolicy applies as on a forwarding rule: Envoy's
+        CORS filter sits before the router, which makes these answers (a direct_response route's reply passes
+        back through the encoder filters before the router) — so a preflight is answered by the filter, and
+        another request from an allowed origin gets the filter's headers on the redirect or direct response."""
+        if isinstance(local, Redirect):
+            status, body, fields = local.status, b"", [(b"location", local.location.encode("latin-1"))]
+        else:
+            status, body, fields = local.status, local.body.encode(), []
+        if local.cors is not None:
+            answer = cors_filter.decide(local.cors, request.method, request.headers)
+            if answer is not None:
+                if answer.kind == cors_filter.PREFLIGHT:
+                    log.status, log.detail = cors_filter.PREFLIGHT_STATUS, cors_filter.CORS_RESPONSE_DETAIL
+                    await responder.send_local_reply(cors_filter.PREFLIGHT_STATUS, b"", list(answer.headers))
+                    return
+                fields = cors_filter.set_headers(fields, answer.headers)
+        log.status = status
+        await responder.send_local_reply(status, body, fields)
 
     @staticmethod
     def _hash_request(ch: ConsistentHash, request, ctx: TunnelContext) -> tuple[bytes | None, bytes | None]:
