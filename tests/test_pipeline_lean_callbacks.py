@@ -93,7 +93,6 @@ class _ListenUpstreams(_Upstreams):
 async def _session(snap, script, requests, seed, callbacks, monkeypatch, how="one-read", lean=True):
     monkeypatch.setattr(http_mod, "LEAN_CALLBACKS", callbacks)
     monkeypatch.setattr(http_mod, "LEAN_HTTP1", lean)
-    monkeypatch.setattr(lean_mod, "LEAN_HTTP1", lean)
     ups = _ListenUpstreams(script)
     log = _Log()
     metrics = Metrics()

@@ -595,6 +595,7 @@ class HttpPipeline:
             # waypoint 101.7 -> 91.5 us per request (medians).
             inner, prefix = stream.unwrap() if isinstance(stream, PrefixedStream) else (stream, b"")
             if LEAN_CALLBACKS and hasattr(inner, "listen"):   # (an HboneStream: hbone/_conn.py)
+                from .lean import CLOSE, LeanHttp1   # (lean builds on this module: imported once it is loaded)
                 # The common request served inside the HBONE callbacks (proxy/pipeline/lean.py, PERF NOTE there)
                 # until the tunnel needs the coroutine server, which goes on from the bytes it hands back.
                 prefix = await LeanHttp1(self, inner, ctx, chain, snapshot).run(prefix)
@@ -1478,6 +1479,3 @@ def _grpc_status_of(headers) -> str:
 
 __all__ = ["HttpPipeline", "RequestPlan", "Upstream", "plan_request", "request_view", "apply_ops", "read_body",
            "REQUEST_BUFFER_LIMIT_BYTES"]
-
-
-from .lean import CLOSE, LeanHttp1  # noqa: E402 — lean builds on this module's names

@@ -43,7 +43,8 @@ from proxy.http1.codec import Http1Error, MessageEnd, ResponseHead
 from proxy.http1.server import DEFAULT_LIMITS, Http1Limits, Http1Request, Responder, _Conn, _error_reply
 
 from .answers import is_grpc
-from .http import LEAN_HTTP1, _NONE, _grpc_status_of, _raise, _value, apply_ops, plain_forward
+from . import http as pipeline_http
+from .http import _NONE, _grpc_status_of, _raise, _value, apply_ops, plain_forward
 
 log = logging.getLogger("hbone.waypoint")
 
@@ -191,7 +192,7 @@ class LeanHttp1:
         planned = p.begin(request, self.ctx, self.chain, snapshot)
         plan = planned[0]
         self.busy = True
-        if not (LEAN_HTTP1 and plain_forward(plan)) or is_grpc(head.headers):
+        if not (pipeline_http.LEAN_HTTP1 and plain_forward(plan)) or is_grpc(head.headers):
             self._in_task(request, responder, snapshot, planned, None)
             return
         up = plan.upstream
