@@ -107,6 +107,11 @@ BAD_REQUESTS = [
     (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400),             # obs-fold
     (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 400),
     (b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n", 501),
+    (b"get / HTTP/1.1\r\nHost: a\r\n\r\n", 501),             # a token, case-sensitive: unknown (RFC 9110 §9.1)
+    (b"DESCRIBE / HTTP/1.1\r\nHost: a\r\n\r\n", 501),        # RTSP's, not HTTP's
+    (b"FO\x00 / HTTP/1.1\r\nHost: a\r\n\r\n", 400),          # not a token then SP
+    # whitespace padding past the raw bound (MAX_HEAD_BYTES + 1/16), though the count is tiny
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX:" + b" " * (MAX_HEAD_BYTES * 9 // 8) + b"v\r\n\r\n", 431),
     (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nContent-Length: 3\r\n\r\nabc", 400),   # CONNECT has no content
     # An upgrade with a request body (Content-Length or chunked): 501, the upgrade payload would be ambiguous.
     (b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 2\r\n\r\nab", 501),
