@@ -156,10 +156,11 @@ def test_padding_past_the_raw_bound_is_431_whole_and_split():
 
 def test_an_error_before_the_raw_bound_wins_over_it_after_it_loses():
     # The answer is the first problem in the byte stream, wherever the reads end.
-    bad_early = b"GET / HTTP/1.1\r\nHost: a\r\nX\x01: v\r\n" + b" " * 700
-    assert _all_splits_agree(_limited, bad_early, every_cut=False)[1] == 400
+    # (every cut: the read that crosses the bound also holds the bad byte, or not)
+    bad_early = b"GET / HTTP/1.1\r\nHost: a\r\nX:" + b" " * 500 + b"\x01" + b" " * 200
+    assert _all_splits_agree(_limited, bad_early)[1] == 400
     bad_late = b"GET / HTTP/1.1\r\nHost: a\r\nX:" + b" " * 700 + b"\x01\r\n\r\n"
-    assert _all_splits_agree(_limited, bad_late, every_cut=False)[1] == 431
+    assert _all_splits_agree(_limited, bad_late)[1] == 431
     long_url_bad_char = b"GET /" + b"a" * 700 + b"\x01 HTTP/1.1\r\n\r\n"
     assert _all_splits_agree(_limited, long_url_bad_char, every_cut=False)[1] == 431
     # The target's count is judged once it has ended (llhttp hands it over in pieces at read ends):
@@ -187,6 +188,23 @@ def test_a_pipelined_head_is_measured_from_its_own_first_byte(first, pad):
     events, got = _all_splits_agree(_limited, first + second, every_cut=False)
     assert got == (431 if pad else None)
     assert sum(1 for e in events if e is MessageEnd) == (1 if pad else 2)
+
+
+def test_a_read_cut_at_the_raw_bound_goes_on_with_the_rest():
+    # A head carried in is fed no further than the bound; what follows it in the same read (here a
+    # method token that straddles the bound's byte) is then read as usual.
+    base = _head(fields=[(b"Host", b"a"), (b"X", b"v")], ows=b"")
+    first = base.replace(b"X:", b"X:" + b" " * (RAW_LIMIT - 12 - len(base)))
+    events, got = _all_splits_agree(_limited, first + b"X" * 20 + b" / HTTP/1.1\r\n\r\n")
+    assert got == 501 and isinstance(events[0], RequestHead) and events[1] is MessageEnd
+    up = _head(fields=[(b"Host", b"a"), (b"Connection", b"upgrade"), (b"Upgrade", b"websocket"), (b"X", b"v")],
+               ows=b"")
+    upgrade = up.replace(b"X:", b"X:" + b" " * (RAW_LIMIT - 5 - len(up)))
+    reader = _limited()
+    reader.feed(upgrade[:100])
+    head, end = reader.feed(upgrade[100:] + b"\x00websocket bytes" * 40)
+    assert head.upgrade == b"websocket" and end is MessageEnd and reader.upgrading
+    assert reader.take_upgrade_tail() == b"\x00websocket bytes" * 40
 
 
 def test_slowloris_whitespace_stays_bounded_at_the_default_limit():

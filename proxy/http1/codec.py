@@ -184,10 +184,10 @@ def _framing(headers: list, err_status: int) -> tuple[bool, int | None]:
 class _Reader:
     """Shared callback machinery of the request and response readers."""
 
-    __slots__ = ("_parser", "_events", "_headers", "_head_bytes", "_raw_head", "_head_parts", "_room",
-                 "_raw_limit", "_body_head", "_chunk_state", "_resume_at", "_judging", "_awaiting_head",
-                 "_in_message", "_body_bytes", "_error", "_cb_error", "max_head_bytes", "max_headers",
-                 "max_body_bytes", "_upgrading", "_held", "__weakref__")
+    __slots__ = ("_parser", "_events", "_headers", "_head_bytes", "_raw_head", "_head_lead", "_head_tail",
+                 "_room", "_raw_limit", "_body_head", "_chunk_state", "_resume_at", "_judging", "_divert",
+                 "_awaiting_head", "_in_message", "_body_bytes", "_error", "_cb_error", "max_head_bytes",
+                 "max_headers", "max_body_bytes", "_upgrading", "_held", "__weakref__")
 
     _err_status = 400
     _too_large = 431
@@ -200,18 +200,21 @@ class _Reader:
         self._events: list = []
         self._headers: list = []
         self._head_bytes = 0
-        # The raw bound (see raw_head_limit) and the state that keeps it exact across reads: the
-        # bytes of a head still incomplete at the end of a read (_head_parts, _raw_head of them), and
-        # _room, the read length past which feed() must look at where heads begin (-1 while a head is
-        # carried, so that every read does). See _settle.
+        # The raw bound (see raw_head_limit) and the state that keeps it exact across reads: of a head
+        # still incomplete at the end of a read, its length so far (_raw_head), first bytes (to judge a
+        # bad method) and last 3 (its CRLFCRLF may straddle reads); _room, the read length past which
+        # feed() must look at where heads begin (-1 for one read after a response to HEAD). See _settle.
         self._raw_limit = raw_head_limit(max_head_bytes)
         self._room = self._raw_limit
         self._raw_head = 0
-        self._head_parts: list = []
+        self._head_lead = b""
+        self._head_tail = b""
         self._body_head = None      # the head whose body the last read ended in (to walk past its end)
         self._chunk_state = _CHUNK_START   # where in its chunked framing that read ended (_walk_chunks)
         self._resume_at = None      # (ResponseReader, HEAD) where llhttp took over in this read
         self._judging = None        # the first bytes of a message whose bad method is not judged yet
+        # feed's one test for the unusual states: a head carried in, a method being judged, an upgrade.
+        self._divert = False
         self._awaiting_head = True
         self._in_message = False
         self._body_bytes = 0
@@ -296,11 +299,8 @@ class _Reader:
         # the whole server loop with the pipeline's checks (serve_http1 over an in-memory stream, 50 000
         # keep-alive GETs answered with send_response, best of 5, old/new trees alternating):
         # 5.12 / 4.97 -> 5.16 / 5.00 us per request.
-        if self._upgrading:
-            if self._judging is not None:
-                return self._judge_method(data, False)
-            self._held += data
-            return []
+        if self._divert:
+            return self._feed_diverted(data)
         events = self._events = []
         began_in = self._in_message
         try:
@@ -322,6 +322,47 @@ class _Reader:
         return events
 
     # the slow path: where heads begin, the raw bound, a bad method's status -----------------------
+    def _feed_core(self, data: bytes) -> list:
+        """feed() without its first tests (the same steps; feed has them inline, one call less)."""
+        events = self._events = []
+        began_in = self._in_message
+        try:
+            self._execute(data)
+        except Exception as exc:  # noqa: BLE001 — as in feed
+            return self._settle(data, began_in, exc)
+        if self._in_message or len(data) > self._room:
+            return self._settle(data, began_in, None)
+        return events
+
+    def _feed_diverted(self, data: bytes) -> list:
+        if self._judging is not None:
+            return self._judge_method(data, False)
+        if self._upgrading:
+            self._held += data
+            return []
+        # A head carried in from earlier reads: llhttp sees no more of it than the raw bound allows, so
+        # a problem before that byte is found first and the bound is crossed at the same byte, however
+        # the reads fall (and the head's bytes need not be kept for _probe).
+        cut = self._raw_limit - self._raw_head
+        if len(data) <= cut:
+            return self._feed_core(data)
+        events = self._feed_core(data[:cut])
+        if self._error is not None:
+            return events
+        if self._raw_head == self._raw_limit and self._judging is None:
+            # That head, still incomplete: data[cut] crosses the bound. (A head begun after it in
+            # data[:cut] is shorter; a method being judged or an upgrade take the rest below.)
+            self._error = Http1Error(self._too_large, "headers too large")
+            if not events:
+                raise self._error
+            return events
+        try:
+            return events + self.feed(data[cut:])
+        except Http1Error:
+            if events:
+                return events                     # (the error stays in failed, raised by the next feed)
+            raise
+
     def _settle(self, data: bytes, began_in: bool, exc: Exception | None) -> list:
         """After llhttp has seen ``data``: apply the raw bound to every head this read touched, judge a
         bad method on its own bytes, carry an incomplete head's bytes to the next read.
@@ -332,7 +373,7 @@ class _Reader:
         (_probe) reads its first raw-bound bytes, and an error inside them (the first problem in the
         stream) is the answer; else the head is too large. Events of that head and after are dropped."""
         events = self._events
-        if exc is None and began_in and not self._awaiting_head and not self._head_parts \
+        if exc is None and began_in and not self._awaiting_head and not self._raw_head \
                 and MessageEnd not in events and self._resume_at is None:
             # Within one body from start to end (a streamed body's reads): no head to measure; only a
             # chunked body's place in its framing is kept (see _head_spans).
@@ -348,11 +389,9 @@ class _Reader:
         limit = self._raw_limit
         for start, end, index in spans:
             if (n if end is None else end) - start > limit:
-                if start >= 0:
-                    head = data[start:start + limit]
-                else:
-                    head = (b"".join(self._head_parts) + data)[:limit]
-                verdict = self._probe(head)
+                # (a head carried in never gets here: _feed_diverted cut the read at the bound)
+                verdict = self._probe(data[start:start + limit]) if start >= 0 else \
+                    Http1Error(self._too_large, "headers too large")
                 if verdict is not None:
                     if index is not None:
                         del events[index:]
@@ -362,31 +401,35 @@ class _Reader:
             if spans and isinstance(self, RequestReader):
                 start = spans[-1][0]
                 lead = data[start:start + MAX_METHOD_BYTES + 1] if start >= 0 else \
-                    (b"".join(self._head_parts) + data)[:MAX_METHOD_BYTES + 1]
+                    (self._head_lead + data)[:MAX_METHOD_BYTES + 1]
             verdict = self._classify(exc, lead, False)
             if verdict is None:          # a method token cut by the end of this read: wait for its end
                 self._judging = lead
-                self._upgrading = True   # (feed diverts the next bytes to _judge_method)
+                self._divert = True
                 return events
         if verdict is not None:
             self._error = verdict
             if not events:
                 raise verdict
             return events
-        # Carry the bytes of a head still incomplete (at most the raw bound) to the next read.
+        # Carry what the next read needs of a head still incomplete.
         if self._in_message and self._awaiting_head and spans and spans[-1][1] is None:
             start = spans[-1][0]
             if start >= 0:
-                self._head_parts = [data[start:]]
                 self._raw_head = n - start
+                self._head_lead = data[start:start + MAX_METHOD_BYTES + 1]
+                self._head_tail = data[max(start, n - 3):]
             else:
-                self._head_parts.append(data)
                 self._raw_head += n
-            self._room = -1
-        elif self._room < 0:
-            self._head_parts = []
+                if len(self._head_lead) <= MAX_METHOD_BYTES:
+                    self._head_lead = (self._head_lead + data)[:MAX_METHOD_BYTES + 1]
+                self._head_tail = (self._head_tail + data)[-3:]
+            self._divert = True
+        elif self._raw_head:
             self._raw_head = 0
-            self._room = limit
+            self._head_lead = self._head_tail = b""
+            self._divert = self._upgrading
+        self._room = limit
         if self._in_message and not self._awaiting_head:
             for e in reversed(events):
                 if e.__class__ is RequestHead or e.__class__ is ResponseHead:
@@ -411,8 +454,8 @@ class _Reader:
         if resume is not None:       # a response to HEAD cut out by ResponseReader._execute
             pos, i = resume
         elif began_in:
-            if self._head_parts:     # a head carried in: it ends at the first CRLFCRLF across the boundary
-                tail = b"".join(self._head_parts[-3:])[-3:]
+            if self._raw_head:       # a head carried in: it ends at the first CRLFCRLF across the boundary
+                tail = self._head_tail
                 k = (tail + data).find(b"\r\n\r\n")
                 head = events[0] if events and events[0].__class__ in _HEADS else None
                 if k < 0 or head is None:
@@ -502,14 +545,14 @@ class _Reader:
         if status is None:
             return []
         self._judging = None
-        self._upgrading = False
+        self._divert = False
         self._error = Http1Error(status, "unknown method" if status == 501 else "invalid method")
         raise self._error
 
     @property
     def upgrading(self) -> bool:
         """An upgrade head was parsed; what follows is held until ``take_upgrade_tail``/``resume_http``."""
-        return self._upgrading and self._judging is None
+        return self._upgrading
 
     def take_upgrade_tail(self) -> bytes:
         """The protocol switched: the bytes received after the upgrade head (they belong to the new
@@ -522,7 +565,7 @@ class _Reader:
         """The upgrade was refused (a non-101 answer): parse the held bytes as HTTP/1.1 and return
         their events."""
         held, self._held = self._held, b""
-        self._upgrading = False
+        self._upgrading = self._divert = False
         return self.feed(held) if held else []
 
     def feed_eof(self) -> list:
@@ -633,7 +676,7 @@ class RequestReader(_Reader):
                 if chunked or length:
                     self._fail(400, "CONNECT with a body")   # RFC 9110 §9.3.6: it has no content
                 upgrade_to = b"CONNECT"
-                self._upgrading = True
+                self._upgrading = self._divert = True
                 keep_alive = False
             elif chunked or length:
                 self._fail(501, "protocol upgrade with a request body is not supported")
@@ -641,7 +684,7 @@ class RequestReader(_Reader):
                 tokens = {t.strip().lower() for t in (upgrade or b"").split(b",")}
                 if tokens != {b"h2c"}:
                     upgrade_to = upgrade or b""
-                    self._upgrading = True
+                    self._upgrading = self._divert = True
         if length is not None and self.max_body_bytes is not None and length > self.max_body_bytes:
             self._fail(413, "body too large")   # known up front: refuse before reading it
         has_body = chunked or bool(length)
@@ -719,7 +762,7 @@ class ResponseReader(_Reader):
         if status == 101:
             if not self._upgrade_expected:
                 self._fail(502, "unexpected 101 Switching Protocols")
-            self._upgrading = True
+            self._upgrading = self._divert = True
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
             self._fail(502, "unsupported HTTP version")
