@@ -4,7 +4,8 @@ fed whole, byte by byte, or cut at any point give the same events and the same e
 The cases first found by fuzzing (an unknown method cut at a read boundary; a head just over the
 size limit sent in pieces), then the two rules they pin down (RFC 9110 §9.1 method status; Envoy's
 max_request_headers_kb count plus the raw bound on an incomplete head), then hypothesis: random valid
-and invalid heads, alone or after a message with a body, cut at random points."""
+and invalid heads, alone or after a message with a body, and streams of pipelined messages of every
+framing, cut at random points."""
 
 from __future__ import annotations
 
@@ -349,3 +350,48 @@ def test_hypothesis_responses_whole_equals_any_split(data, cuts, method):
     assert _run(make, _cut(data, cuts)) == whole
     assert _run(make, [data[i:i + 1] for i in range(len(data))]) == whole
     assert whole[1] in (None, 502)
+
+
+# Streams of whole messages (every framing: none, Content-Length, chunked with extensions, leading
+# zeros, CRLFCRLF in its data and trailers; empty lines between; a padded head; bad methods), cut anywhere.
+_REQUESTS = st.sampled_from([
+    GET_A,
+    b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\n\r\nGET / \r",
+    b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3;x=\"a;b\"\r\n\r\n\r\r\n00A\r\n0123456789\r\n000\r\nT: 1\r\nU: 2\r\n\r\n",
+    b"POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
+    b"\r\n",
+    b"GET /x HTTP/1.1\r\nHost: a\r\nX:" + b" " * 580 + b"v\r\n\r\n",
+    b"FOO / HTTP/1.1\r\n\r\n", b"FO\x00", b"GET\t/", b"\x16\x03\x01",
+])
+_RESPONSES = st.sampled_from([
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+    b"HTTP/1.1 100 Continue\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"3;x=\"a;b\"\r\n\r\n\r\r\n00A\r\n0123456789\r\n000\r\nT: 1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX:" + b" " * 580 + b"v\r\nContent-Length: 0\r\n\r\n",
+    b"\r\n", b"HTTP/1.1 2000 X\r\n\r\n",
+])
+
+
+def _stream_and_cuts(messages):
+    return st.lists(messages, min_size=1, max_size=5).map(b"".join).flatmap(
+        lambda d: st.tuples(st.just(d), st.lists(st.integers(min_value=1, max_value=len(d)), max_size=8)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_stream_and_cuts(_REQUESTS), st.sampled_from([64, 100]))
+def test_hypothesis_request_streams_whole_equals_any_split(stream, limit):
+    data, cuts = stream
+    def make():
+        return RequestReader(max_head_bytes=limit, max_headers=6)
+    assert _run(make, _cut(data, cuts)) == _run(make, [data])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_stream_and_cuts(_RESPONSES), st.sampled_from([b"GET", b"HEAD"]))
+def test_hypothesis_response_streams_whole_equals_any_split(stream, method):
+    data, cuts = stream
+    make = _response_reader(method)
+    assert _run(make, _cut(data, cuts)) == _run(make, [data])
