@@ -308,15 +308,16 @@ class _Reader:
         except Exception as exc:  # noqa: BLE001 — _settle classifies: httptools' oddities must not escape
             return self._settle(data, began_in, exc)
         # PERF NOTE (split-independent answers, tests/test_http1_codec_splits.py): a read that ends
-        # between messages, no longer than the raw bound, with no head carried in, costs this one test;
-        # every other read goes to _settle, which finds where heads begin. It replaces the per-read
-        # "first 32 bytes" slice and raw count of the old method and size checks, and the limits moved
-        # from each field to the head's end: RequestReader.feed of a 5-header GET 2.30 -> 2.15 us,
-        # ResponseReader.feed (after expect) of a 2-byte response 1.93 -> 1.84 us (timeit, 200 000 feeds
-        # each, this codec and the one before loaded side by side, 15 alternating rounds, medians; paired
-        # new/old 0.94 and 0.96). What it costs: a read inside a streamed body calls _settle: a 16 KiB
-        # read of a Content-Length body 0.41 -> 0.50 us; of a chunked body (two 8 KiB chunks) 0.69 ->
-        # 1.80 us, the walk that keeps the body's place in its chunked framing (~0.45 us a chunk).
+        # between messages, no longer than the raw bound, with no head carried in, costs this one test
+        # (and the _divert test above, in place of the _upgrading one); every other read goes to
+        # _settle, which finds where heads begin. It replaces the per-read "first 32 bytes" slice and
+        # raw count of the old method and size checks, and the limits moved from each field to the
+        # head's end: RequestReader.feed of a 5-header GET 2.34 -> 2.20 us, ResponseReader.feed (after
+        # expect) of a 2-byte response 1.93 -> 1.84 us (timeit, 200 000 feeds each, this codec and the
+        # one before loaded side by side, 15 alternating rounds, medians; paired new/old 0.94, 0.96).
+        # What it costs: a read inside a streamed body goes to _settle: a 16 KiB read of a
+        # Content-Length body 0.44 -> 0.51 us; of a chunked body (two 8 KiB chunks) 0.68 -> 1.89 us,
+        # the walk that keeps the body's place in its chunked framing (~0.45 us a chunk, _walk_chunks).
         if self._in_message or len(data) > self._room:
             return self._settle(data, began_in, None)
         return events
@@ -365,13 +366,15 @@ class _Reader:
 
     def _settle(self, data: bytes, began_in: bool, exc: Exception | None) -> list:
         """After llhttp has seen ``data``: apply the raw bound to every head this read touched, judge a
-        bad method on its own bytes, carry an incomplete head's bytes to the next read.
+        bad method on its own bytes, carry what the next read needs of a head still incomplete.
 
         Each head is measured from its own first byte (llhttp skips empty lines before it), found by
         walking the read (_head_spans): so the bound is crossed at the same byte of the stream however
-        the reads fall. A head past it is answered as if the stream stopped there: a fresh parser
-        (_probe) reads its first raw-bound bytes, and an error inside them (the first problem in the
-        stream) is the answer; else the head is too large. Events of that head and after are dropped."""
+        the reads fall. A head begun in this read and past the bound is answered as if the stream
+        stopped there: a fresh parser (_probe) reads its first raw-bound bytes, and an error inside them
+        (the first problem in the stream) is the answer; else the head is too large. Events of that head
+        and after are dropped. (A head carried in is cut at the bound before llhttp sees it:
+        _feed_diverted.)"""
         events = self._events
         if exc is None and began_in and not self._awaiting_head and not self._raw_head \
                 and MessageEnd not in events and self._resume_at is None:
@@ -517,8 +520,10 @@ class _Reader:
         return (pos, i + 1) if i < len(events) else None
 
     def _probe(self, head: bytes) -> Http1Error | None:
-        """The answer for a head longer than the raw bound: an error a fresh reader finds within its
-        first ``len(head)`` bytes, else "headers too large"; None if the head ends within them."""
+        """The answer for a head longer than the raw bound, from its first raw-bound bytes ``head``: an
+        error a fresh reader finds within them, else "headers too large"; None if the head ends within
+        them. (Here, for responses, every answer is 502, so which comes first does not matter;
+        RequestReader reads them.)"""
         return Http1Error(self._too_large, "headers too large")
 
     def _classify(self, exc: Exception, lead: bytes, final: bool) -> Http1Error | None:
