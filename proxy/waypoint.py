@@ -95,6 +95,8 @@ class Waypoint:
                                      source_ip=None if bind_ip in ("0.0.0.0", "::", "") else bind_ip)
         self.http = HttpPipeline(self.originator, metrics=metrics, access_log=access_log, rng=self.rng)
         self.lb = LoadBalancer()
+        # TCP chains' plans per config snapshot (plan_tcp's memo): (the snapshot, its memo).
+        self._tcp_plans: tuple[Snapshot | None, dict] = (None, {})
         self.live: set[LiveTunnel] = set()
         if metrics is not None:
             # hbone_tunnels_active is the live set's size, read at scrape time (as the node proxy reads its
@@ -201,7 +203,9 @@ class Waypoint:
     async def _tcp(self, tunnel: InboundTunnel, stream: ByteStream | None, ctx: TunnelContext, chain: Chain,
                    snapshot: Snapshot, rec: _TunnelLog, live: LiveTunnel) -> None:
         try:
-            plan = plan_tcp(chain, snapshot, rng=self.rng)
+            if self._tcp_plans[0] is not snapshot:
+                self._tcp_plans = (snapshot, {})
+            plan = plan_tcp(chain, snapshot, rng=self.rng, memo=self._tcp_plans[1])
             rec.cluster = plan.cluster
             upstream, cand, _ = await connect_upstream(plan, ctx, self.originator, self.lb, self.rng,
                                                        breakers=self.http.breakers)

@@ -154,13 +154,22 @@ async def test_a_tcp_chain_carries_the_destination_rule_hash_policy(tmp_path, lo
         plan = plan_tcp(match_chain((TCP_VIP, 9000), snap), snap, rng=random.Random(1))
         assert isinstance(plan.consistent, ConsistentHash) and plan.consistent.key_kind == HASH_SOURCE_IP
         client = h.client()
-        stream = await client.tunnel(f"{TCP_VIP}:9000")
-        stream.write(b"ping")
-        await stream.drain()
-        stream.write_eof()
-        got = b""
-        while data := await stream.read():
-            got += data
-        assert got == b"ping"
+        for _ in range(3):
+            stream = await client.tunnel(f"{TCP_VIP}:9000")
+            stream.write(b"ping")
+            await stream.drain()
+            stream.write_eof()
+            got = b""
+            while data := await stream.read():
+                got += data
+            assert got == b"ping"
+        # The plan is made once per snapshot and destination (plan_tcp's memo): the three tunnels shared its
+        # candidates tuple, by which a cluster's hash view is found (LoadBalancer.pick; this one-pod cluster needs
+        # none), instead of a new tuple and view per tunnel.
+        memo_snapshot, memo = h.waypoint._tcp_plans
+        assert memo_snapshot is snap and len(memo) == 1
+        (_, memo_plan), = memo.values()
+        assert memo_plan == plan and plan_tcp(match_chain((TCP_VIP, 9000), snap), snap, rng=random.Random(1),
+                                              memo=memo) is memo_plan
     finally:
         await h.close()

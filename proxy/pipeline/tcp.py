@@ -56,8 +56,18 @@ class TcpPlan:
     limits: CircuitLimits | None = None
 
 
-def plan_tcp(chain: Chain, snapshot: Snapshot, *, rng: random.Random) -> TcpPlan:
-    """Pure: the cluster and candidate endpoints for one TCP tunnel. Raises a ProxyError."""
+# Plans remembered per snapshot (plan_tcp's ``memo``): one per (route destination) of the config, so the bound only
+# protects against a pathological config (the memo then starts afresh).
+TCP_PLAN_MEMO_ENTRIES = 4096
+
+
+def plan_tcp(chain: Chain, snapshot: Snapshot, *, rng: random.Random, memo: dict | None = None) -> TcpPlan:
+    """Pure: the cluster and candidate endpoints for one TCP tunnel. Raises a ProxyError.
+
+    ``memo``: a dict the caller keeps per snapshot. The plan of a route destination is the same for every tunnel
+    that draws it, so it is made once: ``endpoints_for`` walks the service's endpoints, and the same candidates
+    tuple lets a consistentHash cluster find its ring or Maglev view by identity (``LoadBalancer.pick``) instead
+    of rebuilding it per tunnel. Keyed by the destination's identity; the memo holds it, so its id is not reused."""
     inv = snapshot.mesh.inventory
     if chain.kind != INBOUND_VIP:
         wl = chain.workload
@@ -67,6 +77,19 @@ def plan_tcp(chain: Chain, snapshot: Snapshot, *, rng: random.Random) -> TcpPlan
     assert chain.service is not None and snapshot.routes is not None
     routes = snapshot.routes.tcp_routes_for(chain.service, chain.port)
     dest = route_tcp(routes, rng, destination_ip=chain.destination[0])
+    if memo is not None:
+        hit = memo.get(id(dest))
+        if hit is not None and hit[0] is dest:
+            return hit[1]
+        plan = _plan_for(inv, dest)
+        if len(memo) >= TCP_PLAN_MEMO_ENTRIES:
+            memo.clear()
+        memo[id(dest)] = (dest, plan)
+        return plan
+    return _plan_for(inv, dest)
+
+
+def _plan_for(inv, dest) -> TcpPlan:
     if dest.fail_status is not None:
         raise DestinationUnavailable(dest.fail_status, dest.fail_flag, dest.problem)
     svc = inv.services.get(dest.service_key) if dest.service_key else None
@@ -121,4 +144,4 @@ async def connect_upstream(plan: TcpPlan, ctx: TunnelContext, originator: Origin
     raise exhausted(last, len(tried))
 
 
-__all__ = ["TcpPlan", "plan_tcp", "connect_upstream", "TCP_MAX_CONNECT_ATTEMPTS"]
+__all__ = ["TcpPlan", "plan_tcp", "connect_upstream", "TCP_MAX_CONNECT_ATTEMPTS", "TCP_PLAN_MEMO_ENTRIES"]
