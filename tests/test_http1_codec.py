@@ -398,3 +398,15 @@ def test_hypothesis_response_101_then_anything(tail, cut):
     events = reader.feed(data[:cut]) + reader.feed(data[cut:])
     assert events[0].status == 101 and events[1:] == [MessageEnd]
     assert reader.take_upgrade_tail() == tail
+
+
+def test_field_values_lose_their_trailing_whitespace_as_envoy_trims_them():
+    """RFC 9110 §5.5: a field value has no leading or trailing whitespace. llhttp drops the leading OWS only;
+    the request codec trims the trailing too, as Envoy's does (routes and policies then match "a", not "a "); a
+    response's fields are passed on as they came (their recipient ignores the OWS)."""
+    head = RequestReader().feed(b"GET / HTTP/1.1\r\nHost: a \r\nX: b \t\r\nY:  \r\nZ: c d\r\n\r\n")[0]
+    assert head.host == b"a" and head.headers == [(b"host", b"a"), (b"x", b"b"), (b"y", b""), (b"z", b"c d")]
+    r = ResponseReader()
+    r.expect(b"GET")
+    events = r.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2 \r\nX-A: v \r\n\r\nok")
+    assert events[0].content_length == 2 and events[1].data == b"ok"

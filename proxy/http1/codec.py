@@ -91,6 +91,7 @@ _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                         b"transfer-encoding", b"upgrade"))
 _FRAMING = frozenset((b"content-length", b"transfer-encoding"))
+_OWS = b" \t"   # RFC 9110 §5.6.3 optional whitespace: SP / HTAB
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 # RFC 9110 §5.6.2: token = 1*tchar; tchar = "!" / "#" / "$" / "%" / "&" / "'" / "*" / "+" / "-" / "." /
 # "^" / "_" / "`" / "|" / "~" / DIGIT / ALPHA
@@ -628,6 +629,17 @@ class RequestReader(_Reader):
         # further on (400) first.
         self._url += url
         self._head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """``_Reader.on_header`` with the value's trailing whitespace trimmed. RFC 9110 §5.5: "a field value does
+        not include leading or trailing whitespace"; llhttp drops the leading OWS only, Envoy's codec trims both,
+        so routes, policies and upstreams see ``a``, not ``a `` (request fields only: what the waypoint matches on;
+        a response's fields are passed on, and their recipient ignores the OWS — ~40 ns per field saved there)."""
+        if value and value[-1] in _OWS:
+            value = value.rstrip(b" \t")
+        self._head_bytes += len(name) + len(value)
+        if self._awaiting_head:
+            self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         parser = self._parser
