@@ -731,13 +731,11 @@ class HttpPipeline:
             # before the router: listener_builder.go, "TypedPerFilterConfig in route needs these filters.
             # filters = append(filters, xdsfilters.Fault, xdsfilters.Cors)". A preflight it answers never
             # reaches the router.
-            answer = cors_filter.decide(up.cors, request.method, request.headers)
-            if answer is not None:
-                if answer.kind == cors_filter.PREFLIGHT:
-                    log.status, log.detail = cors_filter.PREFLIGHT_STATUS, cors_filter.CORS_RESPONSE_DETAIL
-                    await responder.send_local_reply(cors_filter.PREFLIGHT_STATUS, b"", list(answer.headers))
-                    return
-                log.cors = answer.headers
+            cors = await self._cors_filter(up.cors, request, responder, log)
+            if cors is None:
+                return
+            if cors:
+                log.cors = cors
         if grpc:
             # gRPC streams messages both ways (client/bidi streaming): the body must flow upstream as
             # it arrives, not after END_STREAM. Such a request is retried only while nothing of it
@@ -805,15 +803,26 @@ class HttpPipeline:
         else:
             status, body, fields = local.status, local.body.encode(), []
         if local.cors is not None:
-            answer = cors_filter.decide(local.cors, request.method, request.headers)
-            if answer is not None:
-                if answer.kind == cors_filter.PREFLIGHT:
-                    log.status, log.detail = cors_filter.PREFLIGHT_STATUS, cors_filter.CORS_RESPONSE_DETAIL
-                    await responder.send_local_reply(cors_filter.PREFLIGHT_STATUS, b"", list(answer.headers))
-                    return
-                fields = cors_filter.set_headers(fields, answer.headers)
+            cors = await HttpPipeline._cors_filter(local.cors, request, responder, log)
+            if cors is None:
+                return
+            fields = cors_filter.set_headers(fields, cors)
         log.status = status
         await responder.send_local_reply(status, body, fields)
+
+    @staticmethod
+    async def _cors_filter(policy: CorsPolicy, request, responder, log: _Log) -> tuple | None:
+        """Envoy's CORS filter on a route with ``policy``: None when it answered the request itself (a preflight:
+        200, details ``cors_response``, nothing reaches the router), else the headers it sets on the answer
+        (empty: none)."""
+        answer = cors_filter.decide(policy, request.method, request.headers)
+        if answer is None:
+            return ()
+        if answer.kind == cors_filter.PREFLIGHT:
+            log.status, log.detail = cors_filter.PREFLIGHT_STATUS, cors_filter.CORS_RESPONSE_DETAIL
+            await responder.send_local_reply(cors_filter.PREFLIGHT_STATUS, b"", list(answer.headers))
+            return None
+        return answer.headers
 
     @staticmethod
     def _hash_request(ch: ConsistentHash, request, ctx: TunnelContext) -> tuple[bytes | None, bytes | None]:
