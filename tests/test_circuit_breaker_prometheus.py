@@ -21,7 +21,7 @@ from proxy.pipeline.circuit import CircuitBreakers, CircuitLimits
 from proxy.telemetry.cluster_stats import (CLUSTER_STAT_TYPES, ClusterStatsCollector, cluster_families, envoy_series,
                                            sanitize, write_text)
 from proxy.telemetry.metrics import Metrics
-from tests.waypoint_harness import MESH, REVIEWS_VIP, start_harness
+from tests.waypoint_harness import REVIEWS_VIP, config_docs, destination_rule, start_harness, until, virtual_service
 
 C = "inbound-vip|9080|http/v1|reviews.default.svc.cluster.local"   # the waypoint's cluster for reviews subset v1
 OUTBOUND = "outbound|9080|v1|reviews.default.svc.cluster.local"
@@ -159,34 +159,14 @@ def test_the_exposition_shows_exactly_what_admin_stats_shows_read_at_scrape_time
 # End to end: a real overflow at the waypoint, scraped over HTTP
 
 
-ROUTING_MAX_REQUESTS_1 = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - route: [{destination: {host: reviews, subset: v1}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews.default.svc.cluster.local
-  trafficPolicy:
-    connectionPool: {http: {http2MaxRequests: 1}}
-  subsets:
-  - name: v1
-    labels: {version: v1}
-"""
+ROUTING_MAX_REQUESTS_1 = config_docs(
+    virtual_service("reviews", "- route: [{destination: {host: reviews, subset: v1}}]"),
+    destination_rule("reviews", traffic_policy="{connectionPool: {http: {http2MaxRequests: 1}}}", subsets=("v1",)))
 
 
 async def _tunnel(h):
     client = h.client()
-    stream = await client.pool.open_tunnel(
-        src_identity=client.src.identity, dst_identities=frozenset({MESH.identity("default", "reviews-waypoint")}),
-        dst=(h.wp_ip, 15008), authority=f"{REVIEWS_VIP}:9080", headers={"forwarded": 'for="127.0.0.1:5555"'})
-    return client, stream
+    return client, await client.tunnel(f"{REVIEWS_VIP}:9080")
 
 
 async def _get(tunnel, path: str) -> tuple[int, bytes]:
@@ -213,16 +193,6 @@ async def _http_get(addr: tuple[str, int], path: str) -> tuple[int, str, str]:
         writer.close()
 
 
-async def _until(cond, what: str, timeout: float = 5.0) -> None:
-    """Wait (a bound against hanging, not a timing assertion) until ``cond()``."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.005)
-
-
 async def test_an_overflow_at_the_waypoint_is_scraped_as_envoys_series(tmp_path, loopback_ip):
     """Istio's circuit-breaking task read through Prometheus: http2MaxRequests 1, a second request while the first
     is in flight gets 503 UO; /metrics and /stats/prometheus then carry
@@ -239,7 +209,7 @@ async def test_an_overflow_at_the_waypoint_is_scraped_as_envoys_series(tmp_path,
 
         t1, t2 = await _tunnel(h), await _tunnel(h)
         first = asyncio.ensure_future(_get(t1, "/slow?s=0.5"))
-        await _until(lambda: breakers.stats(C)["rq_active"] == 1, "first request in flight")
+        await until(lambda: breakers.stats(C)["rq_active"] == 1, "first request in flight")
         assert (await _get(t2, "/"))[0] == 503   # over http2MaxRequests: UO
         assert (await first)[0] == 200
 
