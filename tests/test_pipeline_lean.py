@@ -141,22 +141,32 @@ class _Log:
         self.records.append(dataclasses.replace(record, duration_ms=0.0))
 
 
+def _pipeline(snap, ups, seed):
+    """The pipeline under test (its originator ``ups``), its access log, metrics and rng, the tunnel's context
+    and chain."""
+    log, metrics, rng = _Log(), Metrics(), random.Random(seed)
+    pipe = http_mod.HttpPipeline(ups, metrics=metrics, access_log=log, rng=rng, clock=lambda: 1000.0)
+    ctx = _ctx()
+    return pipe, log, metrics, rng, ctx, match_chain(ctx.authority, snap).resolved("http")
+
+
+def _held(pipe, metrics) -> tuple[list, list]:
+    """What the pipeline's HTTP metric series and its upstream pool hold."""
+    series = sorted((key, s.count, s.request_sum, s.response_sum, tuple(s.request), tuple(s.response))
+                    for key, s in metrics._http_series.items())
+    pooled = sorted((k, [(s.name, s.state) for s, _, _ in conns]) for k, conns in pipe.h1pool._idle.items())
+    return series, pooled
+
+
 async def _session(snap, script, requests, seed, lean, monkeypatch):
     monkeypatch.setattr(http_mod, "LEAN_HTTP1", lean)
     ups = _Upstreams(script)
-    log = _Log()
-    metrics = Metrics()
-    rng = random.Random(seed)
-    pipe = http_mod.HttpPipeline(ups, metrics=metrics, access_log=log, rng=rng, clock=lambda: 1000.0)
-    ctx = _ctx()
-    chain = match_chain(ctx.authority, snap).resolved("http")
+    pipe, log, metrics, rng, ctx, chain = _pipeline(snap, ups, seed)
     down = _Stream(name="down")
     down.feed(b"".join(requests))
     down.feed("eof")
     await asyncio.wait_for(pipe.serve(down, ctx, chain, lambda: snap), 10)
-    series = sorted((key, s.count, s.request_sum, s.response_sum, tuple(s.request), tuple(s.response))
-                    for key, s in metrics._http_series.items())
-    pooled = sorted((k, [(s.name, s.state) for s, _, _ in conns]) for k, conns in pipe.h1pool._idle.items())
+    series, pooled = _held(pipe, metrics)
     return (bytes(down.written), down.state, [(s.name, bytes(s.written), s.state) for s in ups.streams],
             log.records, series, pooled, rng.random(), pipe.requests, dict(pipe.active))
 

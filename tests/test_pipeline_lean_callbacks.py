@@ -21,7 +21,7 @@ from hbone.stream import StreamReset
 from proxy.http1.server import Http1Limits
 from proxy.pipeline.chains import match_chain
 from proxy.telemetry.metrics import Metrics
-from tests.test_pipeline_lean import OK, REQUESTS, SCRIPTS, _Log, _Stream, _Upstreams
+from tests.test_pipeline_lean import OK, REQUESTS, SCRIPTS, _held, _Log, _pipeline, _Stream, _Upstreams
 from tests.test_pipeline_plan import _ctx, snap  # noqa: F401  (snap: the bookinfo fixture)
 
 
@@ -94,12 +94,7 @@ async def _session(snap, script, requests, seed, callbacks, monkeypatch, how="on
     monkeypatch.setattr(http_mod, "LEAN_CALLBACKS", callbacks)
     monkeypatch.setattr(http_mod, "LEAN_HTTP1", lean)
     ups = _ListenUpstreams(script)
-    log = _Log()
-    metrics = Metrics()
-    rng = random.Random(seed)
-    pipe = http_mod.HttpPipeline(ups, metrics=metrics, access_log=log, rng=rng, clock=lambda: 1000.0)
-    ctx = _ctx()
-    chain = match_chain(ctx.authority, snap).resolved("http")
+    pipe, log, metrics, rng, ctx, chain = _pipeline(snap, ups, seed)
     down = _ListenStream(name="down")
     server = asyncio.ensure_future(pipe.serve(down, ctx, chain, lambda: snap))
     if how == "pipelined":
@@ -118,9 +113,7 @@ async def _session(snap, script, requests, seed, callbacks, monkeypatch, how="on
         assert len(log.records) > i or server.done() or down.state != "open", f"request {i} not answered"
     down.feed("eof")
     await asyncio.wait_for(server, 10)
-    series = sorted((key, s.count, s.request_sum, s.response_sum, tuple(s.request), tuple(s.response))
-                    for key, s in metrics._http_series.items())
-    pooled = sorted((k, [(s.name, s.state) for s, _, _ in conns]) for k, conns in pipe.h1pool._idle.items())
+    series, pooled = _held(pipe, metrics)
     # A pooled upstream connection has had everything it sent consumed (acknowledged).
     for conns in pipe.h1pool._idle.values():
         for s, _, _ in conns:
