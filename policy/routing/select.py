@@ -10,7 +10,7 @@ import bisect
 import functools
 import ipaddress
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Sequence, TypeVar
 
 from .hashing import query_value
