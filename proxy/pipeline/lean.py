@@ -23,8 +23,8 @@ PERF NOTE: what this saves is the coroutine machinery around the request, not pr
 (the client's bytes, the upstream's answer), each resuming serve_http1 → handle → _execute_lean →
 forward_bodiless → HboneStream.read, their futures, and _Conn.next_head's wait bookkeeping. Measured on the
 benchmark's waypoint alone (benchmarks/http.py WaypointOnly, the C client at c=64 through HBONE, waypoint CPU per
-request; /tmp/s6/ab6.sh: 3 runs x 3 rounds of 4 s each, alternating with the previous tree, rounds 2-3 of each
-run): 41.3 -> 34.9 us per request (medians; min 39.1 -> 33.3).
+request; 3 runs x 3 rounds of 4 s each, alternating with the previous tree, rounds 2-3 of each run:
+benchmarks/results/2026-11-26-s6-ab.txt): 41.3 -> 34.9 us per request (medians; min 39.1 -> 33.3).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import inspect
 import logging
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from hbone.stream import StreamReset
 from policy.routing.model import Outcome
@@ -52,6 +52,23 @@ log = logging.getLogger("hbone.waypoint")
 # these bytes on; CLOSE — the connection is over (client EOF, reset, idle timeout, ``Connection: close``
 # answered): shut it as serve_http1 does.
 CLOSE = None
+_tuple_new = tuple.__new__
+
+
+class _Flight(NamedTuple):
+    """The request answered inline, from its upstream write to its answer (built with ``_tuple_new``)."""
+    request: Http1Request
+    responder: Responder
+    snapshot: object
+    planned: tuple        # HttpPipeline.begin's (plan, log, t0)
+    up: object            # the plan's Upstream
+    cand: object          # the host picked (Candidate)
+    now: float            # when it was picked (the first attempt's time, for _forward)
+    headers: list         # the upstream request's, after header operations
+    target: bytes
+    authority: bytes
+    ustream: object       # the pooled upstream connection (HboneStream) and its parser
+    ureader: object
 
 
 class _UpstreamListener:
@@ -100,7 +117,7 @@ class LeanHttp1:
         self.timer: asyncio.TimerHandle | None = None
         self.last = 0.0          # loop time the last request ended (the idle timeout counts from it)
         self.up_listener = _UpstreamListener(self)
-        self.fl: tuple | None = None   # the inline request in flight (see _start)
+        self.fl: _Flight | None = None   # the request answered inline, while its upstream answers
         self.events: deque = deque()   # its upstream response's parser events
 
     async def run(self, prefix: bytes = b"") -> bytes | None:
@@ -224,8 +241,8 @@ class LeanHttp1:
         active = p.active
         active[key] = active.get(key, 0) + 1
         ureader.expect(method)
-        self.fl = (request, responder, snapshot, planned, up, cand, now, headers, target, authority, ustream,
-                   ureader)
+        self.fl = _tuple_new(_Flight, (request, responder, snapshot, planned, up, cand, now, headers, target, authority,
+                                       ustream, ureader))
         try:
             ustream.write(blob)
         except OSError:
@@ -245,8 +262,8 @@ class LeanHttp1:
     # -- the upstream stream's listener (through _UpstreamListener) --
     def up_data(self, data: bytes) -> None:
         fl = self.fl
-        ustream, ureader = fl[10], fl[11]
-        ustream.ack(len(data))
+        ureader = fl.ureader
+        fl.ustream.ack(len(data))
         events = self.events
         try:
             events.extend(ureader.feed(data))
@@ -274,7 +291,7 @@ class LeanHttp1:
         events = self.events
         if err is None:
             try:
-                events.extend(self.fl[11].feed_eof())   # a response that ends with the connection ends here
+                events.extend(self.fl.ureader.feed_eof())   # a response that ends with the connection ends here
             except Http1Error:
                 pass
             while events and not (events[0].__class__ is ResponseHead and events[0].status >= 200):
@@ -306,7 +323,7 @@ class LeanHttp1:
         if not up.retry.should_retry(1, Outcome(resp.status, None, int(gs) if gs.isdigit() else None)):
             whole = resp.complete_body()
         if whole is None:   # a retriable status, or a body still arriving: _forward / _respond
-            self._hand_over(_value((resp, ustream, key)), events_kept=True)
+            self._hand_over(_value((resp, ustream, key)))
             return
         ustream.listen(None)
         self._settle(key)
@@ -351,12 +368,12 @@ class LeanHttp1:
         if not active[key]:
             del active[key]
 
-    def _hand_over(self, attempt, abort: bool = False, events_kept: bool = False) -> None:
-        """The inline request goes on in a task from its first attempt (``attempt``: its awaitable outcome)."""
+    def _hand_over(self, attempt, abort: bool = False) -> None:
+        """The inline request goes on in a task from its first attempt (``attempt``: its awaitable outcome; the
+        parser events so far are the response's, if it has one)."""
         request, responder, snapshot, planned, up, cand, now, headers, target, authority, ustream, _ = self.fl
         self.fl = None
-        if not events_kept:
-            self.events = deque()
+        self.events = deque()
         ustream.listen(None)
         if abort:
             ustream.abort()
