@@ -1040,12 +1040,16 @@ class H2Responder:
         self._head(status, headers, False)
         await self.conn.drain()
 
-    async def send_body(self, data: bytes) -> None:
+    async def send_body(self, data: bytes, *, end: bool = False) -> None:
+        """``end``: these are the body's last bytes and no trailers follow — END_STREAM goes on their DATA frame
+        (the response is then ended), not on an empty DATA frame from ``end()`` after them."""
         if not self.head_sent or self.ended:
             raise RuntimeError("send_body outside of a started response")
         if not data or self._head_only:
-            return
-        await self.conn.write(self.sid, data)
+            return   # (an end then still comes from end())
+        if end:
+            self.ended = True
+        await self.conn.write(self.sid, data, end=end)
         self.body_bytes += len(data)
 
     async def end(self, trailers: Iterable[tuple[bytes, bytes]] = ()) -> None:
@@ -1213,6 +1217,14 @@ class H2Response:
         finally:
             if self.done:
                 self._finish()
+
+    def at_end(self) -> bool:
+        """Nothing more will come but the end, and no trailers with it: the upstream's END_STREAM has arrived on
+        its DATA and every chunk has been taken. Asked right after a chunk, it lets that chunk carry END_STREAM
+        to an h2c client too (``H2Responder.send_body(end=True)``); an end that comes later, on its own, or with
+        trailers, is passed on as it came."""
+        st = self.up.conn.streams.get(self.sid)
+        return st is not None and st.ended and not st.chunks and st.reset is None and not st.trailers
 
     def _finish(self) -> None:
         if self._sender is not None and not self._sender.done():

@@ -979,13 +979,15 @@ class HttpPipeline:
                     release(key, stream, resp)
                 return
             await responder.send_head(resp.status, out_headers, reason=resp.reason or None)
+            # An HTTP/2 answer to an h2c client: its last chunk carries END_STREAM when the upstream's end came with
+            # it (H2Response.at_end), not an empty DATA frame after it. (The generator still runs to its end: that
+            # releases the upstream stream.)
+            at_end = getattr(resp, "at_end", None) if hasattr(responder, "conn") else None
             if deadline is None:
-                async for chunk in resp.body_chunks():
-                    await responder.send_body(chunk)
+                await _stream_body(resp.body_chunks(), responder, at_end)
             else:
                 async with asyncio.timeout_at(deadline):
-                    async for chunk in resp.body_chunks():
-                        await responder.send_body(chunk)
+                    await _stream_body(resp.body_chunks(), responder, at_end)
             if stream is not None:
                 # The upstream response is complete: pool its connection now, not after our own
                 # end() — another downstream's request may want it meanwhile (fewer re-dials).
@@ -1462,6 +1464,16 @@ async def _on_fresh(stream, method, target, authority, headers, body, clen, upgr
     except BaseException:
         stream.abort()
         raise
+
+
+async def _stream_body(chunks, responder, at_end: Callable[[], bool] | None) -> None:
+    """An answer's body chunk by chunk to the client; ``at_end`` (an HTTP/2 answer to an h2c client): the last
+    chunk carries the end when it is known with it."""
+    async for chunk in chunks:
+        if at_end is not None and at_end():
+            await responder.send_body(chunk, end=True)
+        else:
+            await responder.send_body(chunk)
 
 
 async def _raise(err: BaseException):
