@@ -553,8 +553,8 @@ class HttpPipeline:
         self._labels_memo: dict = {}
 
     def __repr__(self) -> str:
-        return (f"<HttpPipeline requests={self.requests} inline={self.inline} in_flight={sum(self.active.values())} {self.h1pool!r} "
-                f"{self.h2pool!r} {self.mirrorer!r} {self.lb!r}>")
+        return (f"<HttpPipeline requests={self.requests} inline={self.inline} in_flight={sum(self.active.values())} "
+                f"{self.h1pool!r} {self.h2pool!r} {self.mirrorer!r} {self.lb!r}>")
 
     async def serve(self, stream: ByteStream, ctx: TunnelContext, chain: Chain,
                     snapshot: Callable[[], Snapshot], protocol: str = "http/1.1") -> None:
@@ -604,7 +604,8 @@ class HttpPipeline:
             await serve_http1(inner, handler_h1, prefix=prefix)
 
     # -- one request --
-    def begin(self, request, ctx: TunnelContext, chain: Chain, snapshot: Snapshot) -> tuple[RequestPlan, _Log, float]:
+    def begin(self, request, ctx: TunnelContext, chain: Chain,
+              snapshot: Snapshot) -> tuple[RequestPlan, _Log, float]:
         """The start of every request: counted, its log record and clock started, its plan made."""
         self.requests += 1
         log = _Log(self.clock())
