@@ -1,7 +1,7 @@
 """An HTTP/2 upstream's streamed answer reaches an h2c client with END_STREAM on its last DATA frame when the
 upstream's end came with that data (``H2Response.at_end`` → ``H2Responder.send_body(end=True)``), not on an
-extra empty DATA frame after it; trailers (gRPC) still carry the end themselves. Through a real waypoint (tests/test_request_trailers.py's
-harness)."""
+extra empty DATA frame after it; trailers (gRPC) still carry the end themselves. Through a real waypoint
+(tests/test_request_trailers.py's harness)."""
 
 from __future__ import annotations
 
