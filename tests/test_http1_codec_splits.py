@@ -14,16 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from proxy.http1.codec import (BodyChunk, Http1Error, MessageEnd, RequestHead, RequestReader,
                                ResponseReader, raw_head_limit)
-
-
-def _collapse(events):
-    out = []
-    for e in events:
-        if isinstance(e, BodyChunk) and out and isinstance(out[-1], BodyChunk):
-            out[-1] = BodyChunk(out[-1].data + e.data)
-        else:
-            out.append(e)
-    return out
+from tests.test_http1_codec import _collapse
 
 
 def _run(make, pieces):

@@ -21,7 +21,7 @@ from hbone.stream import StreamReset
 from proxy.http1.server import Http1Limits
 from proxy.pipeline.chains import match_chain
 from proxy.telemetry.metrics import Metrics
-from tests.test_pipeline_lean import OK, REQUESTS, SCRIPTS, _held, _Log, _pipeline, _Stream, _Upstreams
+from tests.test_pipeline_lean import OK, REQUESTS, SCRIPTS, _held, _pipeline, _Stream, _Upstreams
 from tests.test_pipeline_plan import _ctx, snap  # noqa: F401  (snap: the bookinfo fixture)
 
 
@@ -196,11 +196,7 @@ async def test_idle_timeout_closes_the_tunnel(snap):
 async def _reset_while_upstream(snap, callbacks, monkeypatch):
     monkeypatch.setattr(http_mod, "LEAN_CALLBACKS", callbacks)
     ups = _ListenUpstreams([[OK], []])   # the second request gets no answer until the test feeds one
-    log = _Log()
-    pipe = http_mod.HttpPipeline(ups, metrics=Metrics(), access_log=log, rng=random.Random(1),
-                                 clock=lambda: 1000.0)
-    ctx = _ctx()
-    chain = match_chain(ctx.authority, snap).resolved("http")
+    pipe, log, _, _, ctx, chain = _pipeline(snap, ups, 1)
     down = _ListenStream(name="down")
     server = asyncio.ensure_future(pipe.serve(down, ctx, chain, lambda: snap))
     get = b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n"
@@ -242,11 +238,7 @@ async def test_a_client_that_reads_slowly_is_not_sent_more(snap, monkeypatch):
         def over_send_buffer(self):
             return self.full
 
-    ups = _ListenUpstreams([[OK]] * 3)
-    log = _Log()
-    pipe = http_mod.HttpPipeline(ups, metrics=Metrics(), access_log=log, rng=random.Random(1), clock=lambda: 1000.0)
-    ctx = _ctx()
-    chain = match_chain(ctx.authority, snap).resolved("http")
+    pipe, log, _, _, ctx, chain = _pipeline(snap, _ListenUpstreams([[OK]] * 3), 1)
     down = Slow(name="down")
     server = asyncio.ensure_future(pipe.serve(down, ctx, chain, lambda: snap))
     get = b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n"
