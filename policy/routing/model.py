@@ -114,7 +114,7 @@ class HeaderOps:
 
 
 # ---------------------------------------------------------------------------------------------
-# CORS (VirtualService ``corsPolicy``; the decision per request: policy/routing/cors.py)
+# CORS (VirtualService ``corsPolicy``, HTTPRoute ``CORS`` filter; the decision per request: policy/routing/cors.py)
 
 # Istio CorsPolicy.UnmatchedPreflights: "FORWARD: Preflight requests not matching the configured allowed
 # origin will be forwarded to the upstream. IGNORE: ... will not be forwarded to the upstream"; unset
@@ -147,7 +147,8 @@ class HeaderRules:
     response: HeaderOps = HeaderOps()
     # The rule's corsPolicy rides with its header rules: they are what the route table hands from a
     # VirtualService rule to its Forward action (table.py ``_vs_action``), and CORS is the rule's other
-    # response-header behaviour. None on Gateway API rules and per-destination headers.
+    # response-header behaviour. An HTTPRoute rule's CORS filter rides the same way (parse.py ``_gw_cors``).
+    # None on per-destination headers.
     cors: CorsPolicy | None = None
 
 
@@ -427,7 +428,7 @@ class RedirectSpec:
     path_kind: str | None = None     # None | "full" | "prefix"
     path: str = ""
     element_wise: bool = False
-    # The VirtualService rule's corsPolicy (Envoy's CORS filter runs before the router that makes the redirect).
+    # The rule's corsPolicy / HTTPRoute CORS filter (Envoy's CORS filter runs before the router that makes the redirect).
     cors: CorsPolicy | None = None
     # Wire forms (derived) of the values that end up in Location: Envoy's scheme_redirect, host_redirect,
     # path_redirect and prefix_rewrite send the config string's UTF-8 bytes.

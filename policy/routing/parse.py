@@ -1078,6 +1078,105 @@ def _gw_header_ops(r: _R, v: Any, path: str) -> HeaderOps:
     return HeaderOps(pairs("set"), pairs("add"), _removed(r, m.get("remove"), f"{path}.remove"))
 
 
+# Gateway API HTTPCORSFilter (GEP-1767; apis/v1/httproute_types.go). The CRD's own limits and enums, which
+# the API server enforces before istiod sees the route (MaxItems, +listType=set: no duplicates).
+GW_CORS_MAX_ORIGINS = 64      # allowOrigins: "MaxItems=64"
+GW_CORS_MAX_METHODS = 9       # allowMethods: "MaxItems=9" (the nine methods; "*" only alone)
+GW_CORS_MAX_HEADERS = 64      # allowHeaders / exposeHeaders: "MaxItems=64"
+GW_HEADER_NAME_MAX = 256      # HTTPHeaderName's CRD MaxLength
+GW_CORS_MAX_AGE_DEFAULT = 5   # maxAge: "+kubebuilder:default=5" ("The default value of Access-Control-Max-Age ... is 5")
+GW_CORS_MAX_AGE_MAX = 2**31 - 1   # maxAge is an int32 ("Minimum=1")
+# HTTPMethodWithWildcard: "Enum=GET;HEAD;POST;PUT;DELETE;CONNECT;OPTIONS;TRACE;PATCH;*".
+_GW_CORS_METHODS = frozenset(_CORS_METHODS | {"*"})
+# CORSOrigin: "*", or "<scheme>://<host>(:<port>)" (the CRD's doc; its pattern refuses a path, query or
+# fragment and a port of more than 5 digits); the host may hold "*" wildcards.
+_GW_ORIGIN = re.compile(r"\*|[a-zA-Z][a-zA-Z0-9+\-.]+://[^:/?#]+(:[0-9]{1,5})?")
+# What current istiod makes of a wildcard origin (below): one or more DNS labels, or an IP literal.
+_ORIGIN_HOST_RE = r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])"
+_ORIGIN_ANY_RE = r"[A-Za-z][A-Za-z0-9+.-]*://" + _ORIGIN_HOST_RE + r"(?::[0-9]{1,5})?"
+_ORIGIN_LABELS_RE = r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+
+
+def _gw_cors(r: _R, v: Any, path: str) -> CorsPolicy:
+    """A Gateway API ``CORS`` filter (HTTPCORSFilter), checked as its CRD does and translated as istiod's
+    gateway conversion does (``createCorsFilter`` in pilot/pkg/config/kube/gateway/conversion.go) into
+    the VirtualService corsPolicy that TranslateCORSPolicy then hands to Envoy — so the same
+    ``CorsPolicy`` the VirtualService parser builds.
+
+    istiod as of istio/istio#59018 ("gatewayapi: fix cors origin and preflight filters": "Support
+    wildcards on origins (uses the same approach of kgateway)", "Disable forwarding unmatched
+    preflights") and #59026 ("make the cors origin stricter with wildcards": for ``*``, "Use strict regex
+    that only matches valid origin formats per RFC 6454 / Format: <scheme>://<host>(:<port>)?"), both
+    back-ported to release-1.28 (#59360). Before them istiod made every origin an exact match ("TODO:
+    support wildcards (https://github.com/kubernetes-sigs/gateway-api/issues/3648)"), so
+    ``https://*.example.com`` never matched a real origin — istio/istio#58729. So:
+
+    - an origin without ``*`` is an exact match; ``*`` alone allows any well-formed origin
+      (``<scheme>://<host>(:<port>)``); a ``*`` inside the host stands for one or more DNS labels (the
+      CRD: "``*`` is a greedy match to the left, including any number of DNS labels"), the rest literal.
+      (The two regexes are ours, written to those rules: the PRs' exact expressions were not at hand.)
+    - unmatched preflights are not forwarded (IGNORE): a preflight from another origin is answered 200
+      without ``access-control-allow-origin`` (the CRD: "the gateway returns 204/200 response but
+      doesn't set the relevant cross-origin response headers").
+    - ``maxAge`` has the CRD's default, 5 s; istiod passes it on when > 0 (the CRD's minimum is 1).
+    - ``allowCredentials: true`` sets the header; false or unset omits it.
+    - ``*`` in allowMethods / allowHeaders is handed on as is: Envoy's filter echoes the preflight's
+      requested method / headers for it (policy/routing/cors.py), which is also what the CRD asks for
+      with credentials ("the value ... is same as the Access-Control-Request-Method header").
+    """
+    m = r.map(v, path, ("allowOrigins", "allowCredentials", "allowMethods", "allowHeaders", "exposeHeaders",
+                        "maxAge"))
+
+    def items(key: str, limit: int) -> tuple[str, ...]:
+        out = r.strs(m.get(key), f"{path}.{key}")
+        if len(out) > limit:
+            raise r.fail(f"{path}.{key}", f"at most {limit} items")
+        for i, x in enumerate(out):
+            if x in out[:i]:
+                raise r.fail(f"{path}.{key}[{i}]", f"duplicate value {x!r}")
+        return out
+
+    origins_v = items("allowOrigins", GW_CORS_MAX_ORIGINS)
+    if "*" in origins_v and len(origins_v) > 1:
+        raise r.fail(f"{path}.allowOrigins", "AllowOrigins cannot contain '*' alongside other origins")
+    origins: list[StringMatch] = []
+    for i, x in enumerate(origins_v):
+        p = f"{path}.allowOrigins[{i}]"
+        if not _GW_ORIGIN.fullmatch(x):
+            raise r.fail(p, "expected \"*\" or <scheme>://<host>(:<port>), without a path")
+        if "*" not in x:
+            origins.append(StringMatch("exact", x))
+            continue
+        text = _ORIGIN_ANY_RE if x == "*" else _ORIGIN_LABELS_RE.join(re.escape(part) for part in x.split("*"))
+        try:
+            origins.append(StringMatch("regex", text, pattern=compile_regex(text)))
+        except RegexError as e:
+            raise r.fail(p, f"cannot be made a regular expression: {e}") from None
+    methods = items("allowMethods", GW_CORS_MAX_METHODS)
+    for i, x in enumerate(methods):
+        if x not in _GW_CORS_METHODS:
+            raise r.fail(f"{path}.allowMethods[{i}]", f"{x!r} is not one of " + ", ".join(sorted(_GW_CORS_METHODS)))
+    if "*" in methods and len(methods) > 1:
+        raise r.fail(f"{path}.allowMethods", "AllowMethods cannot contain '*' alongside other methods")
+
+    def names(key: str) -> str:
+        out = items(key, GW_CORS_MAX_HEADERS)
+        for i, x in enumerate(out):
+            # HTTPHeaderName: a non-empty RFC 9110 token (tchar), as the VirtualService check.
+            bad = next((c for c in x if c not in _TCHARS), None)
+            if bad is not None:
+                raise r.fail(f"{path}.{key}[{i}]", f"not a valid header name (character {bad!r})")
+            if len(x) > GW_HEADER_NAME_MAX:
+                raise r.fail(f"{path}.{key}[{i}]", f"longer than {GW_HEADER_NAME_MAX} characters")
+        return ",".join(out)   # istiod appends each, TranslateCORSPolicy joins them with ","
+
+    max_age = r.int(m.get("maxAge", GW_CORS_MAX_AGE_DEFAULT), f"{path}.maxAge", 1, GW_CORS_MAX_AGE_MAX)
+    credentials = r.bool(m["allowCredentials"], f"{path}.allowCredentials") \
+        if m.get("allowCredentials") is not None else False
+    return CorsPolicy(tuple(origins), ",".join(methods), names("allowHeaders"), names("exposeHeaders"),
+                      str(max_age), credentials, forward_unmatched_preflights=False)
+
+
 _FILTER_FIELD = {
     "RequestHeaderModifier": "requestHeaderModifier", "ResponseHeaderModifier": "responseHeaderModifier",
     "URLRewrite": "urlRewrite", "RequestRedirect": "requestRedirect", "RequestMirror": "requestMirror",
@@ -1086,7 +1185,9 @@ _FILTER_FIELD = {
 
 
 def _gw_filters(r: _R, v: Any, path: str, *, allow_redirect: bool) -> dict:
+    """A rule's (``allow_redirect``) or a backendRef's filters."""
     req, resp = HeaderOps(), HeaderOps()
+    cors: CorsPolicy | None = None
     rewrite: RewriteSpec | None = None
     redirect: RedirectSpec | None = None
     mirrors: list[MirrorSpec] = []
@@ -1098,7 +1199,7 @@ def _gw_filters(r: _R, v: Any, path: str, *, allow_redirect: bool) -> dict:
             raise r.fail(f"{p}.type", "expected one of " + ", ".join(_FILTER_FIELD))
         body_path = f"{p}.{_FILTER_FIELD[t]}"
         body = m.get(_FILTER_FIELD[t])
-        if t != "ExtensionRef" and t != "CORS" and body is None:
+        if t != "ExtensionRef" and body is None:
             raise r.fail(body_path, "required for this filter type")
         if t == "RequestHeaderModifier":
             req = _merge_ops(req, _gw_header_ops(r, body, body_path))
@@ -1117,10 +1218,18 @@ def _gw_filters(r: _R, v: Any, path: str, *, allow_redirect: bool) -> dict:
         elif t == "RequestMirror":
             mirrors.append(_gw_mirror(r, body, body_path))
         elif t == "CORS":
-            r.warn(p, "CORS is not enforced by this proxy; ignored")
+            if not allow_redirect:
+                # A CORS policy is the route's (Envoy's CORS filter reads it per route, istiod puts it on the
+                # route it builds from the rule), not one backend's.
+                raise r.fail(p, "CORS is not allowed on a backendRef (it is a rule's filter)")
+            if cors is not None:
+                raise r.fail(p, "CORS may appear only once")
+            cors = _gw_cors(r, body, body_path)
         else:
             raise r.fail(p, "ExtensionRef filters are not supported")
-    return {"headers": HeaderRules(req, resp) if (req or resp) else NO_HEADER_RULES,
+    # The rule's CORS policy rides with its header rules to its action, as a VirtualService rule's corsPolicy
+    # does (HeaderRules.cors; a redirect's or direct response's own ``cors``: table.py ``_gw_action``).
+    return {"headers": HeaderRules(req, resp, cors) if (req or resp or cors) else NO_HEADER_RULES,
             "rewrite": rewrite, "redirect": redirect, "mirrors": tuple(mirrors)}
 
 

@@ -456,8 +456,12 @@ def _compile_http_routes(ctx: _Ctx, svc: Service, port: int, routes: list[HttpRo
 
 
 def _gw_action(ctx: _Ctx, hr: HttpRoute, rule: GwRule, port: int):
+    # The rule's CORS filter (HeaderRules.cors) applies whatever answers: istiod puts it on the route it
+    # builds from the rule (vs.CorsPolicy), which Envoy's CORS filter reads before the router forwards,
+    # redirects or answers 500 — so a redirect and the no-backend 500 carry it as a Forward does.
+    cors = rule.headers.cors
     if rule.redirect is not None:
-        return rule.redirect
+        return rule.redirect if cors is None else dataclasses.replace(rule.redirect, cors=cors)
     dests = []
     for b in rule.backend_refs:
         ns = b.namespace or hr.namespace
@@ -476,7 +480,7 @@ def _gw_action(ctx: _Ctx, hr: HttpRoute, rule: GwRule, port: int):
         # Gateway API: "If all entries in BackendRefs are invalid, and there are also no filters specified
         # in this route rule, all traffic which matches this rule MUST receive a 500 status code"; Istio
         # answers 500 for a rule without backends too.
-        return DirectResponse(500, "", "")
+        return DirectResponse(500, "", "", cors=cors)
     if len(dests) == 1 and dests[0].weight > 0:
         dests = [_reweight(dests[0], 1)]
     mirrors = tuple(Mirror(_destination(ctx, m.host, hr.namespace, None, m.port, 1, port, "http"), m.percent)
