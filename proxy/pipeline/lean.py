@@ -243,6 +243,16 @@ class LeanHttp1:
         ureader.expect(method)
         self.fl = _tuple_new(_Flight, (request, responder, snapshot, planned, up, cand, now, headers, target, authority,
                                        ustream, ureader))
+        stray = ustream.take_buffered()
+        if stray:
+            # Bytes that came while the connection sat idle answer no request: fed to this request's parser they
+            # would be taken for its answer (found by tests/test_chaos_lean.py: a pod's unsolicited response went
+            # to the next client). Envoy's HTTP/1 client codec refuses them (PrematureResponse, a codec error
+            # that closes the connection), so the connection is dropped and the request goes on a fresh one, as
+            # for a pooled connection the upstream closed while idle.
+            ustream.ack(sum(map(len, stray)))
+            self._fresh()
+            return
         try:
             ustream.write(blob)
         except OSError:
