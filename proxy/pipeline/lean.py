@@ -260,7 +260,7 @@ class LeanHttp1:
             self._fresh()
             return
         ustream.listen(self.up_listener)
-        # What the pooled stream got while idle (an EOF, a reset, stray bytes) is seen as if it came now.
+        # An EOF or a reset the pooled stream got while idle is seen as if it came now (its bytes: see above).
         buffered = ustream.take_buffered()
         for chunk in buffered:
             if self.fl is None:
