@@ -158,6 +158,7 @@ ACTIONS = st.one_of(
     st.tuples(st.just("trickle"), st.lists(st.sampled_from((*GET_PATHS, "/slow?s=0.05", "/status/503")),
                                            min_size=2, max_size=4), _pause),
     st.tuples(st.just("get"), st.just("/status/503")),
+    st.tuples(st.just("get10")),   # HTTP/1.0 with Connection: keep-alive: answered, the tunnel goes on
     st.tuples(st.just("get"), st.just(f"/big?n={BIG}")),
     st.tuples(st.just("get"), st.just("/slow?s=0.05")),
 )
@@ -174,6 +175,9 @@ ENDINGS = st.one_of(
     st.tuples(st.just("reset_response"), st.integers(1, 3)),     # abort with the big answer half read
     st.tuples(st.just("reset_trickle"), st.integers(1, 3), _pause),  # abort with GETs unanswered (some held)
     st.tuples(st.just("upstream_dies")),   # the pod resets mid-answer: the client's tunnel is reset after it
+    st.tuples(st.just("eof_mid_head"), st.integers(1, 30)),   # a head cut short by the client's end: 400, ended
+    # HTTP/1.0 without keep-alive, or an answer of unknown length to a 1.0 client (close-delimited): ended
+    st.tuples(st.just("http10"), st.sampled_from((("/", False), (f"/big?n={BIG}", False), (f"/big?n={BIG}", True)))),
 )
 SCRIPTS = st.tuples(st.lists(ACTIONS, max_size=4), ENDINGS)
 
@@ -221,6 +225,10 @@ async def _act(t: _Tunnel, action: tuple) -> None:
     elif kind == "head":
         t.send(b"HEAD / HTTP/1.1\r\nHost: " + HOST + b"\r\n\r\n", b"HEAD")
         await t.answer(b"HEAD", "/")
+    elif kind == "get10":
+        t.send(b"GET / HTTP/1.0\r\nHost: " + HOST + b"\r\nConnection: keep-alive\r\n\r\n")
+        _, headers, _ = await t.answer(b"GET", "/")
+        assert headers.get(b"connection") == b"keep-alive", headers   # (RFC 9112 §9.3: a 1.0 client is told)
     elif kind == "trickle":
         _, paths, pause = action
         t.send(_get(paths[0]))
@@ -291,6 +299,31 @@ async def _finish(t: _Tunnel, ending: tuple) -> int:
             t.s.write(_get("/slow?s=0.05"))
         t.s.abort()
         return 1 + n
+    elif kind in ("eof_mid_head", "http10"):
+        if kind == "eof_mid_head":
+            path, method = "-", b"GET"
+            t.send(_get("/")[:ending[1]])
+        else:
+            (path, keep_alive), method = ending[1], b"GET"
+            t.send(b"GET " + path.encode() + b" HTTP/1.0\r\nHost: " + HOST + b"\r\n"
+                   + (b"Connection: keep-alive\r\n" if keep_alive else b"") + b"\r\n")
+        t.s.write_eof()
+        while (data := await asyncio.wait_for(t.s.read(), READ_TIMEOUT_S)):
+            t.events.extend(t.reader.feed(data))
+        t.events.extend(t.reader.feed_eof())   # (a close-delimited body ends here)
+        head = t.events.popleft()
+        body = bytearray()
+        while (ev := t.events.popleft()) is not MessageEnd:
+            body += ev.data
+        assert not t.events, list(t.events)
+        if kind == "eof_mid_head":
+            assert head.status == 400, head
+        else:
+            headers = dict(head.headers)
+            assert headers.get(b"connection") == b"close", headers
+            _check_answer(method, path, head.status, headers, bytes(body))
+            t.answered.append((method, path, head.status))
+        t.s.close()
     elif kind == "upstream_dies":
         # Envoy: an upstream reset after the response started resets the downstream (flag UC); through
         # HBONE, the tunnel's stream is reset after the part of the answer that came.
