@@ -124,7 +124,9 @@ class TcpStream:
             if sock is not None:
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-                except OSError:
+                except (OSError, ValueError):
+                    # ValueError: uvloop hands a closed transport's socket over as a PseudoSocket of fd -1
+                    # ("negative file descriptor"); there is nothing left to reset then.
                     pass
             transport.abort()
 

@@ -471,7 +471,8 @@ async def _probe_pool(h, dropped: bool) -> int:
     n = 0
     for key, conns in list(pool._idle.items()):
         probe = []
-        for stream, reader in [pool.take(key) for _ in range(len(conns))]:
+        while (taken := pool.take(key)) is not None:   # (take drops a connection ended or reset while idle)
+            stream, reader = taken
             assert stream._splice is None, ("a pooled connection still has a listener", key, stream._splice)
             if dropped and (stream.error is not None or stream.at_eof):
                 stream.abort()
@@ -739,18 +740,13 @@ async def _stray(tmp: Path, loopback_ip) -> None:
         await h.close()
 
 
-@pytest.mark.parametrize("lean", [
-    True,
-    pytest.param(False, marks=pytest.mark.xfail(
-        strict=True, reason="the coroutine path (HttpPipeline._execute_lean/_attempt on a pooled connection) still "
-        "feeds bytes that came while the connection was idle to the next request's parser: Http1Pool.take should "
-        "drop such a connection (proxy/http1/client.py, not this helper's to change)")),
-])
+@pytest.mark.parametrize("lean", [True, False])
 def test_an_unsolicited_answer_on_an_idle_pooled_connection_never_reaches_the_next_request(
         tmp_path, loopback_ip, monkeypatch, lean):
     """Regression (found by this file's chaos test): a pod that writes a response nobody asked for on an idle
     keep-alive connection. Envoy's HTTP/1 client codec refuses it (PrematureResponse: a codec error, the
     connection is closed); the waypoint took it for the answer to the next request on that connection, which
-    may be another client's. Now the connection is dropped and the request goes on a fresh one."""
+    may be another client's. Now Http1Pool.take drops the connection (both paths) and the request goes on a
+    fresh one."""
     monkeypatch.setattr(http_mod, "LEAN_CALLBACKS", lean)
     run("asyncio", lambda: asyncio.wait_for(_stray(tmp_path, loopback_ip), EXAMPLE_DEADLINE_S))

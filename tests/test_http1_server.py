@@ -322,6 +322,37 @@ def test_pool_take_put_expire():
     assert pool.take("k") is None and b.closed                      # aged out
 
 
+def test_pool_never_hands_over_a_connection_that_got_something_while_idle():
+    """A pooled connection that received bytes while idle (an answer to no request: Envoy's premature response,
+    a codec error) is aborted, its bytes acknowledged; one the upstream ended or reset is closed; the next good
+    one is handed over (found by tests/test_chaos_lean.py: the stray answer went to the next client)."""
+    class Idle:   # the HboneStream surface the pool looks at
+        def __init__(self, buffered=b"", at_eof=False, error=None):
+            self.chunks, self.at_eof, self.error = [buffered] if buffered else [], at_eof, error
+            self.buffered = len(buffered)
+            self.acked, self.state = 0, "idle"
+
+        def take_buffered(self):
+            chunks, self.chunks, self.buffered = self.chunks, [], 0
+            return chunks
+
+        def ack(self, n):
+            self.acked += n
+
+        def abort(self):
+            self.state = "aborted"
+
+        def close(self):
+            self.state = "closed"
+
+    pool = Http1Pool()
+    good, stray, ended, reset = Idle(), Idle(b"HTTP/1.1 200 OK\r\n\r\n"), Idle(at_eof=True), Idle(error=OSError())
+    for s in (good, reset, ended, stray):   # taken most recent first: stray, ended, reset, then good
+        pool.put("k", s, None)
+    assert pool.take("k")[0] is good and pool.take("k") is None
+    assert (stray.state, stray.acked) == ("aborted", 19) and ended.state == reset.state == "closed"
+
+
 async def upgrade_handler(request, responder):
     """Switches to an echo protocol for /up; a plain 200 otherwise (the upgrade refused)."""
     if request.upgrade is None or request.target != b"/up":

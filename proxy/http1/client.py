@@ -406,11 +406,23 @@ class Http1Pool:
         ttl = self._ttl if max_idle_s is None or max_idle_s > self._ttl else max_idle_s
         while conns:
             stream, reader, since = conns.pop()
-            if now - since <= ttl:
+            if now - since > ttl:
+                stream.close()
+            elif getattr(stream, "buffered", 0):
+                # Bytes that came while the connection sat idle answer no request: read as the next request's
+                # answer they would reach the wrong client (found by tests/test_chaos_lean.py). Envoy's HTTP/1
+                # client codec refuses them (a premature response: a codec error, the connection closed); so is
+                # this connection, and the request goes on another one.
+                take = getattr(stream, "take_buffered", None)
+                if take is not None:
+                    stream.ack(sum(map(len, take())))   # (their flow-control window goes back to the connection)
+                stream.abort()
+            elif getattr(stream, "at_eof", False) or getattr(stream, "error", None) is not None:
+                stream.close()   # the upstream closed or reset it while idle: a fresh one, without a failed try
+            else:
                 if not conns:
                     del self._idle[key]
                 return stream, reader
-            stream.close()
         self._idle.pop(key, None)
         return None
 

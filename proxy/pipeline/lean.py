@@ -243,16 +243,8 @@ class LeanHttp1:
         ureader.expect(method)
         self.fl = _tuple_new(_Flight, (request, responder, snapshot, planned, up, cand, now, headers, target, authority,
                                        ustream, ureader))
-        stray = ustream.take_buffered()
-        if stray:
-            # Bytes that came while the connection sat idle answer no request: fed to this request's parser they
-            # would be taken for its answer (found by tests/test_chaos_lean.py: a pod's unsolicited response went
-            # to the next client). Envoy's HTTP/1 client codec refuses them (PrematureResponse, a codec error
-            # that closes the connection), so the connection is dropped and the request goes on a fresh one, as
-            # for a pooled connection the upstream closed while idle.
-            ustream.ack(sum(map(len, stray)))
-            self._fresh()
-            return
+        # (Http1Pool.take hands over only a connection that got nothing while idle: no bytes — an answer to no
+        # request, which would be taken for this one's — no end, no reset.)
         try:
             ustream.write(blob)
         except OSError:
@@ -260,7 +252,8 @@ class LeanHttp1:
             self._fresh()
             return
         ustream.listen(self.up_listener)
-        # An EOF or a reset the pooled stream got while idle is seen as if it came now (its bytes: see above).
+        # Anything the stream already holds is seen as if it came now (Http1Pool.take hands over none: kept so a
+        # stream that did would never wait for bytes that are already here).
         buffered = ustream.take_buffered()
         for chunk in buffered:
             if self.fl is None:
