@@ -71,6 +71,13 @@ class _Flight(NamedTuple):
     ureader: object
 
 
+def _skip_interim(events: deque) -> None:
+    """Drop what precedes the final answer's head: 1xx interim responses (RFC 9110 §15.2) with their MessageEnd,
+    as forward_bodiless skips them."""
+    while events and not (events[0].__class__ is ResponseHead and events[0].status >= 200):
+        events.popleft()
+
+
 class _UpstreamListener:
     """The in-flight request's upstream stream reports here (a stream has one listener slot)."""
 
@@ -243,8 +250,8 @@ class LeanHttp1:
         ureader.expect(method)
         self.fl = _tuple_new(_Flight, (request, responder, snapshot, planned, up, cand, now, headers, target, authority,
                                        ustream, ureader))
-        # (Http1Pool.take hands over only a connection that got nothing while idle: no bytes — an answer to no
-        # request, which would be taken for this one's — no end, no reset.)
+        # (Http1Pool.take hands over only a connection that got nothing while idle — no bytes, no end, no reset — and
+        # nothing can arrive before the listener is set below: the loop is not left in between.)
         try:
             ustream.write(blob)
         except OSError:
@@ -252,15 +259,6 @@ class LeanHttp1:
             self._fresh()
             return
         ustream.listen(self.up_listener)
-        # Anything the stream already holds is seen as if it came now (Http1Pool.take hands over none: kept so a
-        # stream that did would never wait for bytes that are already here).
-        buffered = ustream.take_buffered()
-        for chunk in buffered:
-            if self.fl is None:
-                break
-            self.up_data(chunk)
-        if self.fl is not None and (ustream.error is not None or ustream.at_eof):
-            self.up_failed(ustream.error)
 
     # -- the upstream stream's listener (through _UpstreamListener) --
     def up_data(self, data: bytes) -> None:
@@ -277,9 +275,7 @@ class LeanHttp1:
             log.exception("lean HTTP/1.1 server failed on an upstream answer to %s", self.ctx.authority)
             self._hand_over(_raise(Http1Error(502, "invalid response")), abort=True)
             return
-        # 1xx interim responses (RFC 9110 §15.2) are skipped with their MessageEnd, as forward_bodiless does.
-        while events and not (events[0].__class__ is ResponseHead and events[0].status >= 200):
-            events.popleft()
+        _skip_interim(events)
         if not events:
             return   # the head is not whole yet (the parser bounds it)
         try:
@@ -297,8 +293,7 @@ class LeanHttp1:
                 events.extend(self.fl.ureader.feed_eof())   # a response that ends with the connection ends here
             except Http1Error:
                 pass
-            while events and not (events[0].__class__ is ResponseHead and events[0].status >= 200):
-                events.popleft()
+            _skip_interim(events)
             if events and events[-1] is MessageEnd:
                 self._answer()
                 return
