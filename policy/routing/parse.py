@@ -337,12 +337,8 @@ def _vs_cors(r: _R, v: Any, path: str) -> CorsPolicy:
             raise r.fail(f"{path}.allowMethods[{i}]", f"{x!r} is not a supported HTTP method")
 
     def names(key: str) -> str:
-        out = r.strs(m.get(key), f"{path}.{key}")
-        for i, x in enumerate(out):
-            bad = next((c for c in x if c not in _TCHARS), None)
-            if bad is not None:
-                raise r.fail(f"{path}.{key}[{i}]", f"not a valid header name (character {bad!r})")
-        return ",".join(out)   # istiod: strings.Join(in.AllowHeaders, ",")
+        # istiod: strings.Join(in.AllowHeaders, ",")
+        return _cors_header_names(r, r.strs(m.get(key), f"{path}.{key}"), f"{path}.{key}")
 
     max_age = ""
     if m.get("maxAge") is not None:
@@ -361,6 +357,18 @@ def _vs_cors(r: _R, v: Any, path: str) -> CorsPolicy:
         raise r.fail(f"{path}.unmatchedPreflights", "expected one of " + ", ".join(UNMATCHED_PREFLIGHTS))
     return CorsPolicy(tuple(origins), ",".join(methods), names("allowHeaders"), names("exposeHeaders"), max_age,
                       credentials, forward_unmatched_preflights=unmatched != "IGNORE")
+
+
+def _cors_header_names(r: _R, names: list[str] | tuple[str, ...], path: str, max_len: int | None = None) -> str:
+    """A CORS header-name list (allowHeaders, exposeHeaders) as the one value Envoy gets: each name an RFC 9110
+    token (tchar) of at most ``max_len`` characters, joined with ","."""
+    for i, x in enumerate(names):
+        bad = next((c for c in x if c not in _TCHARS), None)
+        if bad is not None:
+            raise r.fail(f"{path}[{i}]", f"not a valid header name (character {bad!r})")
+        if max_len is not None and len(x) > max_len:
+            raise r.fail(f"{path}[{i}]", f"longer than {max_len} characters")
+    return ",".join(names)
 
 
 def _string_match(r: _R, v: Any, path: str, *, empty_is_presence: bool, ignore_case: bool = False,
@@ -1160,15 +1168,9 @@ def _gw_cors(r: _R, v: Any, path: str) -> CorsPolicy:
         raise r.fail(f"{path}.allowMethods", "AllowMethods cannot contain '*' alongside other methods")
 
     def names(key: str) -> str:
-        out = items(key, GW_CORS_MAX_HEADERS)
-        for i, x in enumerate(out):
-            # HTTPHeaderName: a non-empty RFC 9110 token (tchar), as the VirtualService check.
-            bad = next((c for c in x if c not in _TCHARS), None)
-            if bad is not None:
-                raise r.fail(f"{path}.{key}[{i}]", f"not a valid header name (character {bad!r})")
-            if len(x) > GW_HEADER_NAME_MAX:
-                raise r.fail(f"{path}.{key}[{i}]", f"longer than {GW_HEADER_NAME_MAX} characters")
-        return ",".join(out)   # istiod appends each, TranslateCORSPolicy joins them with ","
+        # HTTPHeaderName: an RFC 9110 token (tchar), as the VirtualService check, of at most its CRD length.
+        # istiod appends each, TranslateCORSPolicy joins them with ",".
+        return _cors_header_names(r, items(key, GW_CORS_MAX_HEADERS), f"{path}.{key}", GW_HEADER_NAME_MAX)
 
     max_age = r.int(m.get("maxAge", GW_CORS_MAX_AGE_DEFAULT), f"{path}.maxAge", 1, GW_CORS_MAX_AGE_MAX)
     credentials = r.bool(m["allowCredentials"], f"{path}.allowCredentials") \
