@@ -7,21 +7,28 @@
   ``previous_hosts`` predicate does (``host_selection_retry_max_attempts`` reselections).
 * ``OutlierDetector``: DestinationRule ``outlierDetection`` (consecutive 5xx ⇒ ejection for
   base time × ejection count, at most max-ejection-percent of hosts).
+* ``locality_plan`` / ``with_locality``: DestinationRule ``localityLbSetting`` as istiod applies it to the
+  endpoints it sends a proxy (priorities and locality weights relative to the proxy's own locality), and
+  ``priority_loads``: how Envoy spreads load over those priorities by their health. ``pick`` follows such a
+  plan when the candidates carry one (``Prioritized``); plain candidates take the path they always took.
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
 import math
 import random
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from policy.inventory import Inventory, Service, Workload
+from policy.inventory import Inventory, Locality, Service, Workload
 
 from .hashing import MaglevTable, RingTable, build_table, hash64
 from .model import (
-    OUTCOME_ERRORS, HOST_SELECTION_MAX_ATTEMPTS, ConsistentHash, OutlierDetection, Outcome, TrafficPolicy,
+    LABEL_CLUSTER, LABEL_HOSTNAME, LABEL_NETWORK, LABEL_REGION, LABEL_SUBZONE, LABEL_ZONE,
+    MESH_LOCALITY_LB_DEFAULT, OUTCOME_ERRORS, HOST_SELECTION_MAX_ATTEMPTS, ConsistentHash, LocalityLbSetting,
+    OutlierDetection, Outcome, TrafficPolicy,
 )
 from .select import pick_weighted
 
@@ -125,6 +132,10 @@ class LoadBalancer:
         if consistent is not None:
             return self._pick_hashed(candidates, consistent, hash_key, rng, exclude, ejected,
                                      host_selection_max_attempts)
+        if candidates.__class__ is Prioritized:
+            # Locality priorities (``with_locality``): never a plain cluster, which skips this branch.
+            return self._pick_prioritized(candidates.plan, rng, exclude, active_requests, _algorithm(lb), cluster,
+                                          ejected, host_selection_max_attempts)
         usable = [c for c in candidates if c.key not in ejected and c.weight > 0]
         if not usable:
             return None
@@ -135,6 +146,55 @@ class LoadBalancer:
                 break
             choice = self._pick_once(usable, rng, active_requests, algo, cluster)
         return choice
+
+    def _pick_prioritized(self, plan: "PriorityPlan", rng: random.Random, exclude: frozenset[str],
+                          active: Mapping[str, int] | None, algo: str, cluster: str,
+                          ejected: frozenset[str] | set[str], max_attempts: int) -> Candidate | None:
+        """Envoy's host choice over priority levels (LoadBalancerBase::chooseHostSet, then the cluster's
+        algorithm within the level): outlier-ejected hosts are the unhealthy ones."""
+        healthy = tuple(tuple(c for c in hosts if c.key not in ejected) for hosts in plan.level_hosts)
+        loads, panic = priority_loads([(len(h), len(a)) for h, a in zip(healthy, plan.level_hosts)],
+                                      plan.panic_threshold_pct)
+        choice = self._choose_in_plan(plan, healthy, loads, panic, rng, active, algo, cluster)
+        # As ``pick``: Envoy's previous_hosts predicate redoes the whole choice (priority, locality, host).
+        for _ in range(max_attempts):
+            if choice is None or choice.key not in exclude:
+                break
+            choice = self._choose_in_plan(plan, healthy, loads, panic, rng, active, algo, cluster)
+        return choice
+
+    def _choose_in_plan(self, plan: "PriorityPlan", healthy: tuple[tuple[Candidate, ...], ...],
+                        loads: tuple[int, ...], panic: tuple[bool, ...], rng: random.Random,
+                        active: Mapping[str, int] | None, algo: str, cluster: str) -> Candidate | None:
+        if not plan.levels:
+            return None
+        # Envoy choosePriority: "hash = hash % 100 + 1; // 1-100", then the first priority whose cumulative
+        # load reaches it.
+        point = rng.randrange(100) + 1
+        level = len(loads) - 1
+        total = 0
+        for i, load in enumerate(loads):
+            total += load
+            if point <= total:
+                level = i
+                break
+        if panic[level]:
+            # Envoy hostSourceToUse: a priority in panic uses all its hosts, healthy or not, and no locality.
+            hosts: Sequence[Candidate] = plan.level_hosts[level]
+            source = f"{cluster}|P{level}|panic"
+        else:
+            hosts = healthy[level]
+            source = f"{cluster}|P{level}"
+            if plan.locality_weighted and hosts:
+                group = _choose_locality(plan.levels[level], healthy[level], rng)
+                if group is not None:
+                    hosts = [c for c in group.hosts if c in healthy[level]]
+                    source = f"{cluster}|P{level}|{group.locality.region}/{group.locality.zone}/{group.locality.subzone}"
+        if not hosts:
+            # No healthy host and no panic (Istio's default minHealthPercent 0): "no healthy upstream".
+            return None
+        # Round-robin state per host source, as Envoy keeps a scheduler per priority / locality.
+        return self._pick_once(list(hosts), rng, active, algo, source)
 
     def _pick_hashed(self, candidates: Sequence[Candidate], ch: ConsistentHash, key: bytes | None,
                      rng: random.Random, exclude: frozenset[str], ejected: frozenset[str] | set[str],
@@ -210,6 +270,305 @@ class LoadBalancer:
             picks = [usable[rng.randrange(len(usable))] for _ in range(LEAST_REQUEST_CHOICES)]
             return min(picks, key=lambda c: active.get(c.key, 0))
         return pick_weighted([(c, c.weight / (active.get(c.key, 0) + 1)) for c in usable], rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# Locality load balancing: istiod's side (which priority and weight each endpoint gets, relative to the
+# proxy's locality) and Envoy's side (how much load each priority gets, by health).
+
+# Envoy ClusterLoadAssignment.Policy.overprovisioning_factor: "Defaults to 140 (in percentage, which means
+# 140%)"; istiod leaves it unset. "a priority level or locality will not be considered unavailable until the
+# percentage of available endpoints goes below 72%" (Envoy docs, load_balancing/overprovisioning).
+OVERPROVISIONING_FACTOR_PCT = 140
+# Envoy CommonLbConfig.healthy_panic_threshold default ("The default panic threshold is 50%"); Istio sets it
+# to outlierDetection.minHealthPercent (default 0: panic off) whenever outlier detection is configured.
+ENVOY_PANIC_THRESHOLD_DEFAULT_PCT = 50.0
+# istiod applyLocalityFailover: a region other than the proxy's gets priority 3, or 4 when a ``failover``
+# rule for the proxy's region names another region; priorities from failoverPriority are multiplied by 5
+# ("there are at most 5 priorities can be assigned using locality failover(0-4)").
+_LOCALITY_PRIORITY_SPAN = 5
+_FAILOVER_NOT_TARGET = 4
+
+
+@dataclass(frozen=True)
+class LocalityGroup:
+    """The hosts of one locality at one priority (Envoy's ``LocalityLbEndpoints``), with its locality
+    weight (``load_balancing_weight``: the ``distribute`` weight, else the sum of its hosts' weights)."""
+
+    locality: Locality
+    weight: int
+    hosts: tuple[Candidate, ...]
+
+
+@dataclass(frozen=True)
+class PriorityPlan:
+    """What istiod's ``ApplyLocalityLoadBalancer`` makes of a cluster's endpoints for one proxy: priority
+    levels (0 first), each a tuple of locality groups; ``locality_weighted`` when the cluster has Envoy's
+    ``locality_weighted_lb_config``; ``panic_threshold_pct`` Envoy's ``healthy_panic_threshold``."""
+
+    levels: tuple[tuple[LocalityGroup, ...], ...]
+    locality_weighted: bool = False
+    panic_threshold_pct: float = 0.0
+    level_hosts: tuple[tuple[Candidate, ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "level_hosts",
+                           tuple(tuple(c for g in level for c in g.hosts) for level in self.levels))
+
+    @property
+    def hosts(self) -> tuple[Candidate, ...]:
+        return tuple(c for hosts in self.level_hosts for c in hosts)
+
+
+class Prioritized(tuple):
+    """A cluster's candidates when locality load balancing applies: the hosts (so every reader of
+    ``Upstream.candidates`` sees a tuple of them, as before) and the ``plan`` that ``LoadBalancer.pick``
+    follows. Made once per config snapshot (``with_locality`` at ``_upstream_for`` time)."""
+
+    plan: PriorityPlan
+
+    def __new__(cls, plan: PriorityPlan) -> "Prioritized":
+        self = super().__new__(cls, plan.hosts)
+        self.plan = plan
+        return self
+
+    def __repr__(self) -> str:
+        sizes = "/".join(str(len(h)) for h in self.plan.level_hosts)
+        return f"<Prioritized hosts={len(self)} per_priority={sizes} weighted={self.plan.locality_weighted}>"
+
+
+def priority_loads(health: Sequence[tuple[int, int]], panic_threshold_pct: float) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """Envoy's per-priority load (percent, summing to 100) and panic flags from (healthy, total) host counts
+    per priority: LoadBalancerBase::recalculatePerPriorityState / recalculatePerPriorityPanic /
+    recalculateLoadInTotalPanic, in the same integer arithmetic."""
+    n = len(health)
+    if n == 0:
+        return (), ()
+    # "Each priority level's health is ratio of healthy hosts to total number of hosts in a priority
+    # multiplied by overprovisioning factor of 1.4 and capped at 100%."
+    avail = [min(100, OVERPROVISIONING_FACTOR_PCT * h // t) if t > 0 else 0 for h, t in health]
+    # "Sum of priority levels' health ... is capped at 100 and referred as normalized total availability."
+    normalized = min(100, sum(avail))
+    loads = [0] * n
+    if normalized:
+        remaining, first = 100, -1
+        for i, a in enumerate(avail):      # distributeLoad
+            if first < 0 and a > 0:
+                first = i
+            loads[i] = min(remaining, a * 100 // normalized)
+            remaining -= loads[i]
+        if remaining:                       # "rounding errors ... to the first available priority"
+            loads[first] += remaining
+    threshold = min(100, int(panic_threshold_pct + 0.5))   # PROTOBUF_PERCENT_TO_ROUNDED_INTEGER_OR_DEFAULT
+    if threshold == 0 and normalized == 0:
+        # "panic is disabled and there is no hosts available ... 100% is assigned to P=0 ... no traffic
+        # will be routed"
+        loads[0] = 100
+        return tuple(loads), (False,) * n
+    # "Never set panic mode if normalized total health is 100%"; else isHostSetInPanic: healthy % < threshold.
+    panic = tuple(False if normalized == 100 else (100.0 * h / t if t else 0.0) < threshold for h, t in health)
+    if all(panic):
+        # recalculateLoadInTotalPanic: load by host count, regardless of health.
+        total_hosts = sum(t for _, t in health)
+        if total_hosts == 0:
+            return (100,) + (0,) * (n - 1), panic
+        remaining, first = 100, -1
+        for i, (_, t) in enumerate(health):
+            if first < 0 and t:
+                first = i
+            loads[i] = 100 * t // total_hosts
+            remaining -= loads[i]
+        loads[first] += remaining
+    return tuple(loads), panic
+
+
+def _choose_locality(groups: tuple[LocalityGroup, ...], healthy: tuple[Candidate, ...],
+                     rng: random.Random) -> LocalityGroup | None:
+    """Envoy chooseHealthyLocality: locality weight × availability, where "effective_locality_availability_ratio
+    = min(1.0, (overprovisioning_factor / 100.0) * locality_availability_ratio)". Envoy walks an EDF
+    schedule of these weights; a weighted draw gives the same shares. None when every weight is 0."""
+    ok = set(healthy)
+    choices = []
+    for g in groups:
+        if not g.hosts or g.weight <= 0:
+            continue
+        up = sum(1 for c in g.hosts if c in ok)
+        w = g.weight * min(1.0, OVERPROVISIONING_FACTOR_PCT / 100.0 * up / len(g.hosts))
+        if w > 0:
+            choices.append((g, w))
+    if not choices:
+        return None
+    return pick_weighted(choices, rng)
+
+
+def topology_labels(w: Workload) -> Mapping[str, str]:
+    """A workload's labels as istiod sees them for ``failoverPriority``: its own, plus the topology labels
+    istiod adds (pkg/serviceregistry/util/label AugmentLabels: region, zone, subzone, cluster, node, and the
+    network "if ... out[label.TopologyNetwork.Name] == \"\"")."""
+    out = dict(w.labels)
+    loc = w.locality
+    for name, value in ((LABEL_REGION, loc.region), (LABEL_ZONE, loc.zone), (LABEL_SUBZONE, loc.subzone),
+                        (LABEL_CLUSTER, w.cluster_id), (LABEL_HOSTNAME, w.node)):
+        if value:
+            out[name] = value
+    if w.network and not out.get(LABEL_NETWORK):
+        out[LABEL_NETWORK] = w.network
+    return out
+
+
+def locality_matches(loc: Locality, rule: str) -> bool:
+    """istiod util.LocalityMatch: ``region/zone/subzone`` with ``*`` or a missing segment matching anything
+    (the region must be given or ``*``)."""
+    parts = rule.split("/")
+    region = parts[0]
+    zone = parts[1] if len(parts) > 1 else ""
+    subzone = parts[2] if len(parts) > 2 else ""
+    return ((region == "*" or loc.region == region)
+            and (zone in ("*", "") or loc.zone == zone)
+            and (subzone in ("*", "") or loc.subzone == subzone))
+
+
+def lb_priority(proxy: Locality, ep: Locality) -> int:
+    """istiod util.LbPriority: "if region/zone/subZone all match, the priority is 0. if region/zone match,
+    the priority is 1. if region matches, the priority is 2. if locality not match, the priority is 3." """
+    if proxy.region == ep.region:
+        if proxy.zone == ep.zone:
+            return 0 if proxy.subzone == ep.subzone else 1
+        return 2
+    return 3
+
+
+def _specificity(pattern: str) -> int:
+    return sum(1 for part in pattern.split("/") if part != "*")
+
+
+def locality_plan(candidates: Sequence[Candidate], setting: LocalityLbSetting | None, proxy: Workload | None, *,
+                  outlier: OutlierDetection | None) -> PriorityPlan | None:
+    """istiod's ApplyLocalityLoadBalancer (networking/core/loadbalancer/loadbalancer.go) for one cluster and
+    this proxy: None when nothing changes (then ``pick`` takes its plain path).
+
+    * ``setting`` None: the mesh default ``{enabled: true}``; ``enabled: false`` turns it off.
+    * ``distribute`` (applied with or without outlier detection): the first rule whose ``from`` matches the
+      proxy's locality gives each ``to`` locality its weight, split over the localities it matches by their
+      own weight ("the load balancing weight for a locality is divided by the sum of the weights of all
+      localities"); localities no ``to`` matches get no traffic ("remove groups of endpoints in a locality
+      that miss matched"). All stay at priority 0, locality-weighted.
+    * otherwise failover, only with outlier detection ("Failover needs outlier detection, otherwise Envoy
+      will never drop down to a lower priority"): ``failoverPriority`` labels (first mismatch at label j of
+      n ⇒ priority n − j), then — by default, or with ``failover`` also set — the locality priority
+      (``lb_priority``; 4 for a region ``failover`` does not name), combined as ``label priority × 5 +
+      locality priority`` and renumbered 0..N without gaps.
+
+    No proxy locality (and, for ``failoverPriority``, no proxy workload) ⇒ None: nothing to compare with."""
+    if proxy is None:
+        return None
+    setting = setting if setting is not None else MESH_LOCALITY_LB_DEFAULT
+    if setting.enabled is False:
+        return None
+    here = proxy.locality
+    hosts = [c for c in candidates if c.weight > 0]
+    if not hosts:
+        return None
+    # Envoy's default panic threshold unless Istio sets it (only with outlier detection).
+    panic = outlier.min_health_percent if outlier is not None else ENVOY_PANIC_THRESHOLD_DEFAULT_PCT
+    if setting.distribute:
+        if not here.region:
+            return None
+        return _distribute_plan(hosts, setting, here, panic)
+    if outlier is None:
+        return None
+    explicit = bool(setting.failover or setting.failover_priority)
+    prio = {c.key: 0 for c in hosts}
+    if setting.failover_priority:
+        mine = topology_labels(proxy)
+        names = [x.partition("=")[0] for x in setting.failover_priority]
+        forced = {k: v for k, eq, v in (x.partition("=") for x in setting.failover_priority) if eq}
+        if mine:   # istiod: "if len(proxyLabels) == 0 ... return"
+            n = len(names)
+            for c in hosts:
+                theirs = topology_labels(c.workload)
+                for j, name in enumerate(names):
+                    if forced.get(name, mine.get(name, "")) != theirs.get(name, ""):
+                        prio[c.key] = n - j
+                        break
+    if not setting.failover_priority or setting.failover:
+        if here.region:
+            for c in hosts:
+                p = lb_priority(here, c.workload.locality)
+                if p == 3:
+                    for rule in setting.failover:
+                        if rule.source == here.region:
+                            if c.workload.locality.region != rule.to:
+                                p = _FAILOVER_NOT_TARGET
+                            break
+                prio[c.key] = prio[c.key] * _LOCALITY_PRIORITY_SPAN + p
+        elif not setting.failover_priority:
+            return None
+    # "Priorities should range from 0 (highest) to N (lowest) without skipping."
+    ranks = {p: i for i, p in enumerate(sorted(set(prio.values())))}
+    levels: list[dict[Locality, list[Candidate]]] = [{} for _ in ranks]
+    for c in hosts:
+        levels[ranks[prio[c.key]]].setdefault(c.workload.locality, []).append(c)
+    if len(levels) == 1 and not explicit:
+        return None   # one priority, no locality weights: exactly the plain cluster
+    return PriorityPlan(
+        tuple(tuple(LocalityGroup(loc, sum(c.weight for c in cs), tuple(cs)) for loc, cs in level.items())
+              for level in levels),
+        # cluster_traffic_policy.go applyLocalityLoadBalancer sets locality_weighted_lb_config when
+        # "enableFailover && (localityLB.GetFailover() != nil || localityLB.GetFailoverPriority() != nil)".
+        locality_weighted=explicit, panic_threshold_pct=panic)
+
+
+def _distribute_plan(hosts: list[Candidate], setting: LocalityLbSetting, here: Locality, panic: float) -> PriorityPlan:
+    groups: dict[Locality, list[Candidate]] = {}
+    for c in hosts:
+        groups.setdefault(c.workload.locality, []).append(c)
+    own_weight = {loc: sum(c.weight for c in cs) for loc, cs in groups.items()}
+    rule = next((d for d in setting.distribute if locality_matches(here, d.source)), None)
+    if rule is None:
+        # No rule for this proxy: istiod leaves the weights as they are (each locality's endpoints' sum),
+        # still with locality_weighted_lb_config ("localityLB.GetDistribute() != nil").
+        weights = own_weight
+    else:
+        weights = {}
+        # istiod walks ``to`` (a Go map: no order) and each pattern claims the localities not yet claimed;
+        # the most specific pattern first gives the answer a user means when patterns overlap.
+        order = sorted(rule.to, key=lambda kv: -_specificity(kv[0]))
+        for pattern, w in order:
+            matched = [loc for loc in groups if loc not in weights and locality_matches(loc, pattern)]
+            total = sum(own_weight[loc] for loc in matched)
+            for loc in matched:
+                weights[loc] = math.ceil(own_weight[loc] * w / total)
+    level = tuple(LocalityGroup(loc, weights[loc], tuple(cs)) for loc, cs in groups.items() if loc in weights)
+    return PriorityPlan((level,), locality_weighted=True, panic_threshold_pct=panic)
+
+
+def proxy_workload(inventory: Inventory, ip: str | None) -> Workload | None:
+    """This proxy's own workload (its pod), found by its IP: where its locality and labels come from, as
+    istiod takes a proxy's locality and labels from its pod (topology labels of its node)."""
+    if not ip:
+        return None
+    w = inventory.workload_by_ip.get(ip)
+    if w is None:
+        try:
+            norm = str(ipaddress.ip_address(ip))
+        except ValueError:
+            return None
+        w = inventory.workload_by_ip.get(norm)
+    return w
+
+
+def with_locality(candidates: tuple[Candidate, ...], policy: TrafficPolicy,
+                  proxy: Workload | None) -> tuple[Candidate, ...]:
+    """The candidates ``LoadBalancer.pick`` gets for this cluster at this proxy: ``Prioritized`` when the
+    DestinationRule's locality settings (or the mesh default with outlier detection) change anything, else
+    ``candidates`` itself. Consistent hashing keeps its one table (parse.py drops localityLbSetting there)."""
+    if proxy is None or policy.consistent_hash is not None or not candidates:
+        return candidates
+    if policy.locality_lb is None and policy.outlier_detection is None:
+        return candidates
+    plan = locality_plan(candidates, policy.locality_lb, proxy, outlier=policy.outlier_detection)
+    return candidates if plan is None else Prioritized(plan)
 
 
 def _algorithm(lb: str | TrafficPolicy | None) -> str:
@@ -306,4 +665,6 @@ class OutlierDetector:
                     h.healthy_since += steps * interval
 
 
-__all__ = ["Candidate", "endpoints_for", "LoadBalancer", "OutlierDetector"]
+__all__ = ["Candidate", "endpoints_for", "LoadBalancer", "OutlierDetector", "LocalityGroup", "PriorityPlan",
+           "Prioritized", "priority_loads", "locality_plan", "with_locality", "proxy_workload", "topology_labels",
+           "locality_matches", "lb_priority"]

@@ -603,6 +603,54 @@ class ConsistentHash:
         return self.cookie is not None and self.cookie.ttl_s is not None
 
 
+# ---------------------------------------------------------------------------------------------
+# Locality load balancing (DestinationRule loadBalancer.localityLbSetting; applied by
+# policy/routing/endpoints.py ``locality_plan`` as istiod's loadbalancer.go ApplyLocalityLoadBalancer does)
+
+# The topology labels istiod adds to every endpoint's and proxy's labels (pkg/serviceregistry/util/label
+# AugmentLabels), which ``failoverPriority`` may name; a workload's are derived from its locality,
+# network, cluster and node (``endpoints.topology_labels``).
+LABEL_REGION = "topology.kubernetes.io/region"
+LABEL_ZONE = "topology.kubernetes.io/zone"
+LABEL_SUBZONE = "topology.istio.io/subzone"
+LABEL_NETWORK = "topology.istio.io/network"
+LABEL_CLUSTER = "topology.istio.io/cluster"
+LABEL_HOSTNAME = "kubernetes.io/hostname"
+
+
+@dataclass(frozen=True)
+class LocalityDistribute:
+    """One ``distribute`` entry: traffic from proxies in ``source`` (``region/zone/subzone``, a trailing
+    ``*`` segment a wildcard) goes to the localities of ``to`` with those weights (each 1..100, sum 100)."""
+
+    source: str
+    to: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class LocalityFailover:
+    """One ``failover`` entry: a proxy in region ``source`` fails over (past its own region) to region ``to``."""
+
+    source: str
+    to: str
+
+
+@dataclass(frozen=True)
+class LocalityLbSetting:
+    """``loadBalancer.localityLbSetting``. ``enabled`` None means unset: the mesh default
+    (``MeshConfig.localityLbSetting: {enabled: true}``) applies, so failover by locality is on whenever
+    the cluster has outlier detection."""
+
+    enabled: bool | None = None
+    distribute: tuple[LocalityDistribute, ...] = ()
+    failover: tuple[LocalityFailover, ...] = ()
+    failover_priority: tuple[str, ...] = ()       # label names, each optionally "name=value"
+
+
+# Istio MeshConfig default (pkg/config/mesh/mesh.go DefaultMeshConfig): ``localityLbSetting: {enabled: true}``.
+MESH_LOCALITY_LB_DEFAULT = LocalityLbSetting(enabled=True)
+
+
 @dataclass(frozen=True)
 class TrafficPolicy:
     load_balancer: str | None = None             # ROUND_ROBIN | RANDOM | LEAST_REQUEST | PASSTHROUGH
@@ -611,6 +659,11 @@ class TrafficPolicy:
     outlier_detection: OutlierDetection | None = None
     tls_mode: str | None = None
     port_level: tuple[tuple[int, "TrafficPolicy"], ...] = ()
+    locality_lb: LocalityLbSetting | None = None   # loadBalancer.localityLbSetting (None: the mesh default)
+
+    @property
+    def _has_load_balancer(self) -> bool:
+        return self.load_balancer is not None or self.consistent_hash is not None or self.locality_lb is not None
 
     def for_port(self, port: int | None) -> "TrafficPolicy":
         """Top-level policy with the port-level entry for ``port`` applied. Istio (MergeTrafficPolicy):
@@ -618,18 +671,22 @@ class TrafficPolicy:
         for number, p in self.port_level:
             if port is not None and number == port:
                 return TrafficPolicy(p.load_balancer, p.consistent_hash, p.connection_pool,
-                                     p.outlier_detection, p.tls_mode)
+                                     p.outlier_detection, p.tls_mode, locality_lb=p.locality_lb)
         return TrafficPolicy(self.load_balancer, self.consistent_hash, self.connection_pool,
-                             self.outlier_detection, self.tls_mode)
+                             self.outlier_detection, self.tls_mode, locality_lb=self.locality_lb)
 
     def overridden_by(self, sub: "TrafficPolicy") -> "TrafficPolicy":
-        """Field-wise override: each field the subset sets replaces the top-level one."""
+        """Field-wise override: each field the subset sets replaces the top-level one. ``loadBalancer`` is
+        one field (Istio MergeTrafficPolicy: ``if subsetPolicy.LoadBalancer != nil { mergedPolicy.LoadBalancer
+        = subsetPolicy.LoadBalancer }``): simple, consistentHash and localityLbSetting go together."""
+        lb = sub if sub._has_load_balancer else self
         return TrafficPolicy(
-            load_balancer=sub.load_balancer if sub.load_balancer is not None or sub.consistent_hash else self.load_balancer,
-            consistent_hash=sub.consistent_hash if sub.load_balancer is not None or sub.consistent_hash else self.consistent_hash,
+            load_balancer=lb.load_balancer,
+            consistent_hash=lb.consistent_hash,
             connection_pool=sub.connection_pool if sub.connection_pool is not None else self.connection_pool,
             outlier_detection=sub.outlier_detection if sub.outlier_detection is not None else self.outlier_detection,
             tls_mode=sub.tls_mode if sub.tls_mode is not None else self.tls_mode,
+            locality_lb=lb.locality_lb,
         )
 
     @property

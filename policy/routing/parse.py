@@ -4,7 +4,7 @@ DestinationRule, ``gateway.networking.k8s.io`` HTTPRoute and Gateway.
 Each takes one decoded YAML document and returns a frozen model, or raises ``ConfigError`` naming the
 exact field (``spec.http[0].route[1].weight: expected an integer 0..``). Unknown fields inside ``spec``
 are errors, as ``kubectl apply`` does with its default strict field validation; fields we read but do
-not enforce (locality load balancing, TLS routes) are accepted and reported in ``.warnings``.
+not enforce (slow-start warmup, TLS routes) are accepted and reported in ``.warnings``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from .hashing import MAGLEV_BUILD_MAX_TABLE_SIZE, RING_BUILD_MAX_SIZE, is_prime
 from .model import (
     HASH_COOKIE, HASH_HEADER, HASH_QUERY, HASH_SOURCE_IP, MAGLEV, MAGLEV_TABLE_SIZE_DEFAULT,
     MAGLEV_TABLE_SIZE_LIMIT, RING_HASH, RING_HASH_MAX_SIZE, RING_HASH_MIN_SIZE_DEFAULT, UNMATCHED_PREFLIGHTS,
-    ConsistentHash, CorsPolicy, HttpCookie,
+    ConsistentHash, CorsPolicy, HttpCookie, LABEL_REGION, LABEL_SUBZONE, LABEL_ZONE, LocalityDistribute,
+    LocalityFailover, LocalityLbSetting,
     BackendRef, ConnectionPool, DestinationRule, Fault, Gateway, GwHeaderMatch, GwMatch, GwRule,
     HeaderOps, HeaderRules, HttpMatch, HttpRoute, HttpRule, KNOWN_RETRY_ON, Listener, MirrorSpec,
     NO_HEADER_RULES, OutlierDetection, ParentRef, RedirectSpec, RetryPolicy, RewriteSpec, StringMatch,
@@ -704,7 +705,7 @@ def _traffic_policy(r: _R, v: Any, path: str, *, top: bool) -> TrafficPolicy:
     else:
         fields.append("port")
     m = r.map(v, path, fields)
-    lb, ch = None, None
+    lb, ch, locality = None, None, None
     if m.get("loadBalancer") is not None:
         p = f"{path}.loadBalancer"
         lbm = r.map(m.get("loadBalancer"), p, ("simple", "consistentHash", "localityLbSetting",
@@ -718,8 +719,14 @@ def _traffic_policy(r: _R, v: Any, path: str, *, top: bool) -> TrafficPolicy:
         if lbm.get("consistentHash") is not None:
             ch = _consistent_hash(r, lbm["consistentHash"], f"{p}.consistentHash")
         if lbm.get("localityLbSetting") is not None:
-            r.map(lbm["localityLbSetting"], f"{p}.localityLbSetting")
-            r.warn(f"{p}.localityLbSetting", "locality load balancing is not supported; ignored")
+            loc = _locality_lb(r, lbm["localityLbSetting"], f"{p}.localityLbSetting",
+                               outlier=m.get("outlierDetection") is not None)
+            if ch is not None:
+                # Our consistent-hash tables are built over one host set, not per priority level.
+                r.warn(f"{p}.localityLbSetting",
+                       "locality load balancing is not supported with consistentHash; ignored")
+            else:
+                locality = loc
         if lbm.get("warmupDurationSecs") is not None or lbm.get("warmup") is not None:
             r.warn(p, "slow-start warmup is not supported; ignored")
     pool = _connection_pool(r, m.get("connectionPool"), f"{path}.connectionPool") \
@@ -744,7 +751,103 @@ def _traffic_policy(r: _R, v: Any, path: str, *, top: bool) -> TrafficPolicy:
             sub = _traffic_policy(r, x, p, top=False)
             pm = r.map(r.map(x, p).get("port"), f"{p}.port", ("number",))
             port_level.append((r.int(pm.get("number"), f"{p}.port.number", 1, MAX_PORT), sub))
-    return TrafficPolicy(lb, ch, pool, od, tls_mode, tuple(port_level))
+    return TrafficPolicy(lb, ch, pool, od, tls_mode, tuple(port_level), locality_lb=locality)
+
+
+_TOPOLOGY_LOCALITY_LABELS = (LABEL_REGION, LABEL_ZONE, LABEL_SUBZONE)
+
+
+def _locality_lb(r: _R, v: Any, path: str, *, outlier: bool) -> LocalityLbSetting:
+    """``loadBalancer.localityLbSetting`` (destination_rule.proto LocalityLoadBalancerSetting), validated as
+    istiod's ``ValidateLocalityLbSetting`` (pkg/config/validation/validation.go) does."""
+    m = r.map(v, path, ("enabled", "distribute", "failover", "failoverPriority"))
+    enabled = None if m.get("enabled") is None else r.bool(m["enabled"], f"{path}.enabled")
+    raw_distribute = r.list(m.get("distribute"), f"{path}.distribute")
+    raw_failover = r.list(m.get("failover"), f"{path}.failover")
+    if raw_distribute and raw_failover:
+        # istiod: "can not simultaneously specify 'distribute' and 'failover'".
+        raise r.fail(path, "can not simultaneously specify 'distribute' and 'failover'")
+    priority = r.strs(m.get("failoverPriority"), f"{path}.failoverPriority")
+    for i, item in enumerate(priority):
+        name, eq, value = item.partition("=")
+        # istiod splits "label=value" at '=' (priorityLabelOverrides); the value overrides the proxy's own.
+        if not name or "=" in value:
+            raise r.fail(f"{path}.failoverPriority[{i}]", "expected a label name, or name=value")
+        if raw_failover and name in _TOPOLOGY_LOCALITY_LABELS:
+            # istiod: "can not simultaneously set 'failover' and topology label '%s' in 'failover_priority'".
+            raise r.fail(f"{path}.failoverPriority[{i}]",
+                         f"can not simultaneously set 'failover' and topology label '{name}' in 'failoverPriority'")
+    distribute = []
+    sources = []
+    for i, x in enumerate(raw_distribute):
+        p = f"{path}.distribute[{i}]"
+        dm = r.map(x, p, ("from", "to"))
+        src = r.str(dm.get("from"), f"{p}.from")
+        to = r.map(dm.get("to"), f"{p}.to")
+        if not to:
+            raise r.fail(f"{p}.to", "at least one locality is required")
+        weights = []
+        for loc, w in to.items():
+            # istiod: "locality weight must be in range [1, 100]"; "total locality weight %v != 100".
+            weights.append((loc, r.int(w, f"{p}.to.{loc}", 1, 100)))
+        total = sum(w for _, w in weights)
+        if total != 100:
+            raise r.fail(f"{p}.to", f"total locality weight {total} != 100")
+        _check_localities(r, [loc for loc, _ in weights], f"{p}.to")
+        sources.append(src)
+        distribute.append(LocalityDistribute(src, tuple(weights)))
+    _check_localities(r, sources, f"{path}.distribute")
+    failover = []
+    for i, x in enumerate(raw_failover):
+        p = f"{path}.failover[{i}]"
+        fm = r.map(x, p, ("from", "to"))
+        src, dst = r.str(fm.get("from"), f"{p}.from"), r.str(fm.get("to"), f"{p}.to")
+        if src == dst:
+            raise r.fail(p, "locality lb failover settings must specify different regions")
+        for key, val in (("from", src), ("to", dst)):
+            if "/" in val:
+                raise r.fail(f"{p}.{key}", "locality lb failover only specify region")
+            if "*" in val:
+                raise r.fail(f"{p}.{key}", "locality lb failover region should not contain '*' wildcard")
+        failover.append(LocalityFailover(src, dst))
+    if (failover or priority) and not outlier:
+        # istiod's warning; without outlier detection no host is ever unhealthy, so nothing fails over.
+        r.warn(path, "outlier detection policy must be provided for failover; failover is not applied")
+    if distribute and priority:
+        # istiod ApplyLocalityLoadBalancer: "one of Distribute or Failover settings can be applied" — distribute.
+        r.warn(f"{path}.failoverPriority", "ignored: distribute is set")
+    return LocalityLbSetting(enabled, tuple(distribute), tuple(failover), priority)
+
+
+def _check_localities(r: _R, localities: list[str], path: str) -> None:
+    """istiod ``validateLocalities``: at most one '*', only as the last segment; no empty segment; no
+    locality overlapping one listed before it (the same walk over a region → zone → subzone tree)."""
+    tree: dict[str, dict[str, set[str]]] = {}
+    for loc in localities:
+        n = loc.count("*")
+        if n and (n > 1 or not loc.endswith("*")):
+            raise r.fail(path, f"locality {loc} wildcard '*' number can not exceed 1 and must be in the end")
+        if "*" in tree:
+            raise r.fail(path, f"locality {loc} overlap with previous specified ones")
+        items = loc.split("/", 2)
+        if any(x == "" for x in items):
+            raise r.fail(path, f"locality {loc} must not contain empty region/zone/subzone info")
+        overlap = False
+        region = items[0]
+        if len(items) == 1:
+            overlap = region in tree
+            tree[region] = {"*": {"*"}}
+        elif len(items) == 2:
+            zones = tree.setdefault(region, {})
+            overlap = "*" in zones or items[1] in zones
+            zones[items[1]] = {"*"}
+        else:
+            zones = tree.setdefault(region, {})
+            subs = zones.setdefault(items[1], set()) if "*" not in zones else {"*"}
+            overlap = "*" in zones or "*" in subs or items[2] in subs
+            subs.add(items[2])
+        if overlap:
+            raise r.fail(path, f"locality {loc} overlap with previous specified ones")
 
 
 _HASH_KEYS = (HASH_HEADER, HASH_COOKIE, HASH_SOURCE_IP, HASH_QUERY)
