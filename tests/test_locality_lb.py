@@ -18,7 +18,7 @@ from policy.inventory import Locality, Workload
 from policy.routing import parse_destination_rule
 from policy.routing.endpoints import (
     Candidate, LoadBalancer, Prioritized, lb_priority, locality_matches, locality_plan, priority_loads,
-    topology_labels, with_locality,
+    topology_labels, lb_candidates,
 )
 from policy.routing.model import (
     LocalityDistribute, LocalityFailover, LocalityLbSetting, OutlierDetection, TrafficPolicy,
@@ -150,11 +150,11 @@ def test_distribute_weights_localities_and_drops_unlisted_ones():
     assert "10.0.0.5" not in [c.ip for c in plan.hosts]
 
 
-def test_with_locality_leaves_the_common_cluster_alone():
+def test_lb_candidates_leaves_the_common_cluster_alone():
     hosts = cands("r1/z1/s1", "r2/z1/s1")
-    assert with_locality(hosts, TrafficPolicy(), PROXY) is hosts                          # no DR settings
-    assert with_locality(hosts, TrafficPolicy(outlier_detection=OD), None) is hosts       # no proxy workload
-    pri = with_locality(hosts, TrafficPolicy(outlier_detection=OD), PROXY)
+    assert lb_candidates(hosts, TrafficPolicy(), PROXY) is hosts                          # no DR settings
+    assert lb_candidates(hosts, TrafficPolicy(outlier_detection=OD), None) is hosts       # no proxy workload
+    pri = lb_candidates(hosts, TrafficPolicy(outlier_detection=OD), PROXY)
     assert type(pri) is Prioritized and tuple(pri) == hosts and "per_priority=1/1" in repr(pri)
 
 
@@ -202,7 +202,7 @@ def share(picks, ips) -> float:
 @pytest.mark.parametrize("algo", ["LEAST_REQUEST", "ROUND_ROBIN", "RANDOM"])
 def test_pick_stays_local_then_spills_by_health_then_fails_over(algo):
     hosts = cands("r1/z1/s1", "r1/z1/s1", "r2/z1/s1", "r2/z1/s1")
-    pri = with_locality(hosts, TrafficPolicy(outlier_detection=OD), PROXY)
+    pri = lb_candidates(hosts, TrafficPolicy(outlier_detection=OD), PROXY)
     lb, rng = LoadBalancer(), random.Random(1)
     local, remote = {"10.0.0.1", "10.0.0.2"}, {"10.0.0.3", "10.0.0.4"}
     n = 4000
@@ -220,7 +220,7 @@ def test_pick_stays_local_then_spills_by_health_then_fails_over(algo):
 
 def test_pick_in_panic_uses_ejected_hosts():
     od = OutlierDetection(min_health_percent=50.0)
-    pri = with_locality(cands("r1/z1/s1", "r2/z1/s1"), TrafficPolicy(outlier_detection=od), PROXY)
+    pri = lb_candidates(cands("r1/z1/s1", "r2/z1/s1"), TrafficPolicy(outlier_detection=od), PROXY)
     rng = random.Random(2)
     everyone = {"10.0.0.1:9080", "10.0.0.2:9080"}
     picks = [LoadBalancer().pick(pri, rng=rng, cluster="c", ejected=everyone) for _ in range(2000)]
@@ -229,7 +229,7 @@ def test_pick_in_panic_uses_ejected_hosts():
 
 
 def test_retry_avoids_the_previous_host_across_priorities():
-    pri = with_locality(cands("r1/z1/s1", "r2/z1/s1"), TrafficPolicy(outlier_detection=OD), PROXY)
+    pri = lb_candidates(cands("r1/z1/s1", "r2/z1/s1"), TrafficPolicy(outlier_detection=OD), PROXY)
     rng = random.Random(3)
     picks = [LoadBalancer().pick(pri, rng=rng, cluster="c", exclude=frozenset({"10.0.0.1:9080"}))
              for _ in range(500)]
@@ -242,7 +242,7 @@ def test_distribute_shares_follow_the_locality_weights():
     hosts = cands("r1/z1/s1", "r1/z1/s1", "r1/z2/s1", "r2/z1/s1")
     setting = LocalityLbSetting(distribute=(LocalityDistribute("r1/z1/*", (("r1/z1/*", 70), ("r1/z2", 20),
                                                                          ("r2", 10))),))
-    pri = with_locality(hosts, TrafficPolicy(locality_lb=setting), PROXY)
+    pri = lb_candidates(hosts, TrafficPolicy(locality_lb=setting), PROXY)
     lb, rng = LoadBalancer(), random.Random(4)
     picks = collections.Counter(lb.pick(pri, rng=rng, lb="ROUND_ROBIN", cluster="c").ip for _ in range(20000))
     assert 0.67 < (picks["10.0.0.1"] + picks["10.0.0.2"]) / 20000 < 0.73
@@ -461,3 +461,25 @@ spec:
         for s in servers:
             s.close()
             await s.wait_closed()
+
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-5, 150), st.floats(allow_nan=True),
+                  st.sampled_from(["r1", "r1/z1", "r1/*", "*", "a//b", "10s", "x=y", "=", "", "r1/z1/s1/x"]))
+_value = st.recursive(_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=3),
+    st.dictionaries(st.sampled_from(["from", "to", "enabled", "distribute", "failover", "failoverPriority",
+                                     "duration", "minimumPercent", "aggression", "r1", "r2/*", "x"]),
+                    inner, max_size=4)), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["localityLbSetting", "warmup", "warmupDurationSecs", "simple"]), _value,
+                       max_size=3), st.booleans())
+def test_only_config_errors_escape_the_load_balancer_parser(lb, outlier):
+    try:
+        rule = dr(lb, outlier=outlier)
+    except ConfigError:
+        return
+    tp = rule.traffic_policy
+    if tp.locality_lb is not None:   # what parses also plans without error
+        locality_plan(cands("r1/z1/s1", "r2/z1/s1"), tp.locality_lb, PROXY, outlier=OD)

@@ -7,10 +7,11 @@
   ``previous_hosts`` predicate does (``host_selection_retry_max_attempts`` reselections).
 * ``OutlierDetector``: DestinationRule ``outlierDetection`` (consecutive 5xx ⇒ ejection for
   base time × ejection count, at most max-ejection-percent of hosts).
-* ``locality_plan`` / ``with_locality``: DestinationRule ``localityLbSetting`` as istiod applies it to the
+* ``locality_plan`` / ``lb_candidates``: DestinationRule ``localityLbSetting`` as istiod applies it to the
   endpoints it sends a proxy (priorities and locality weights relative to the proxy's own locality), and
-  ``priority_loads``: how Envoy spreads load over those priorities by their health. ``pick`` follows such a
-  plan when the candidates carry one (``Prioritized``); plain candidates take the path they always took.
+  ``priority_loads``: how Envoy spreads load over those priorities by their health; ``warmup`` (Envoy slow
+  start: ``slow_start_weights``). ``pick`` follows such a plan when the candidates carry one
+  (``Prioritized``); plain candidates take the path they always took.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import functools
 import ipaddress
 import math
 import random
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 from policy.inventory import Inventory, Locality, Service, Workload
@@ -28,7 +30,7 @@ from .hashing import MaglevTable, RingTable, build_table, hash64
 from .model import (
     LABEL_CLUSTER, LABEL_HOSTNAME, LABEL_NETWORK, LABEL_REGION, LABEL_SUBZONE, LABEL_ZONE,
     MESH_LOCALITY_LB_DEFAULT, OUTCOME_ERRORS, HOST_SELECTION_MAX_ATTEMPTS, ConsistentHash, LocalityLbSetting,
-    OutlierDetection, Outcome, TrafficPolicy,
+    OutlierDetection, Outcome, TrafficPolicy, Warmup,
 )
 from .select import pick_weighted
 
@@ -44,6 +46,10 @@ CONSISTENT_TABLES_MAX = 64
 # candidate tuples are memoised per config snapshot, so the live set is one per (cluster, ejection
 # state); 256 leaves room for the previous snapshot's while it drains.
 CONSISTENT_VIEWS_MAX = 256
+# Slow-start clusters whose hosts' join times are kept (LoadBalancer.joined): one entry per warmup cluster
+# (DestinationRule × subset × port) the proxy has picked from; 1 024 is far above a waypoint's scope and only
+# stops a pathological config from growing it without end (the oldest is forgotten first).
+JOINED_CLUSTERS_MAX = 1024
 _NO_EJECTED: frozenset = frozenset()
 
 
@@ -104,6 +110,8 @@ class LoadBalancer:
         # Consistent hashing (see CONSISTENT_TABLES_MAX / CONSISTENT_VIEWS_MAX).
         self.tables: dict[tuple, RingTable | MaglevTable] = {}
         self.views: dict[tuple, tuple] = {}
+        # Slow start: cluster → (the candidates last seen, host key → when it joined), see ``_slow_start``.
+        self.joined: dict[str, tuple[object, dict[str, float]]] = {}
 
     def __repr__(self) -> str:
         return (f"<LoadBalancer round_robin_clusters={len(self.rr)} hash_tables={len(self.tables)} "
@@ -113,7 +121,8 @@ class LoadBalancer:
              active_requests: Mapping[str, int] | None = None, lb: str = "LEAST_REQUEST", cluster: str = "",
              ejected: frozenset[str] | set[str] = frozenset(),
              host_selection_max_attempts: int = HOST_SELECTION_MAX_ATTEMPTS,
-             consistent: ConsistentHash | None = None, hash_key: bytes | None = None) -> Candidate | None:
+             consistent: ConsistentHash | None = None, hash_key: bytes | None = None,
+             now: float | None = None) -> Candidate | None:
         """One host, or None when no host can be used (⇒ 503 UH, "no healthy upstream").
 
         ``exclude``: hosts tried by earlier attempts of this request. As Envoy's previous_hosts predicate,
@@ -123,7 +132,10 @@ class LoadBalancer:
         ``consistent``: the cluster's ``consistentHash`` (then ``lb`` is not used): the host is the ring's
         or Maglev table's for ``hash_key`` (``hashing.request_hash``), a random point when ``hash_key`` is
         None. ``candidates`` is then expected to be the same (memoised) sequence from request to request:
-        the table is found by its identity in O(1)."""
+        the table is found by its identity in O(1).
+
+        ``now`` (monotonic seconds): only a warmup (slow start) cluster reads it; when not given such a
+        cluster reads the clock itself."""
         if len(candidates) == 1:
             # One host (e.g. a one-pod subset): it, if usable — no algorithm can choose otherwise, and
             # reselection for ``exclude`` would land on it again (then Envoy uses the last pick).
@@ -133,9 +145,9 @@ class LoadBalancer:
             return self._pick_hashed(candidates, consistent, hash_key, rng, exclude, ejected,
                                      host_selection_max_attempts)
         if candidates.__class__ is Prioritized:
-            # Locality priorities (``with_locality``): never a plain cluster, which skips this branch.
-            return self._pick_prioritized(candidates.plan, rng, exclude, active_requests, _algorithm(lb), cluster,
-                                          ejected, host_selection_max_attempts)
+            # Locality priorities / slow start (``lb_candidates``): never a plain cluster, which skips this.
+            return self._pick_prioritized(candidates, rng, exclude, active_requests, _algorithm(lb), cluster,
+                                          ejected, host_selection_max_attempts, now)
         usable = [c for c in candidates if c.key not in ejected and c.weight > 0]
         if not usable:
             return None
@@ -147,25 +159,47 @@ class LoadBalancer:
             choice = self._pick_once(usable, rng, active_requests, algo, cluster)
         return choice
 
-    def _pick_prioritized(self, plan: "PriorityPlan", rng: random.Random, exclude: frozenset[str],
+    def _pick_prioritized(self, candidates: "Prioritized", rng: random.Random, exclude: frozenset[str],
                           active: Mapping[str, int] | None, algo: str, cluster: str,
-                          ejected: frozenset[str] | set[str], max_attempts: int) -> Candidate | None:
+                          ejected: frozenset[str] | set[str], max_attempts: int, now: float | None) -> Candidate | None:
         """Envoy's host choice over priority levels (LoadBalancerBase::chooseHostSet, then the cluster's
         algorithm within the level): outlier-ejected hosts are the unhealthy ones."""
+        plan = candidates.plan
+        weights = None
+        if plan.warmup is not None and algo != "RANDOM":
+            weights = self._slow_start(candidates, plan.warmup, cluster, time.monotonic() if now is None else now)
         healthy = tuple(tuple(c for c in hosts if c.key not in ejected) for hosts in plan.level_hosts)
         loads, panic = priority_loads([(len(h), len(a)) for h, a in zip(healthy, plan.level_hosts)],
                                       plan.panic_threshold_pct)
-        choice = self._choose_in_plan(plan, healthy, loads, panic, rng, active, algo, cluster)
+        choice = self._choose_in_plan(plan, healthy, loads, panic, rng, active, algo, cluster, weights)
         # As ``pick``: Envoy's previous_hosts predicate redoes the whole choice (priority, locality, host).
         for _ in range(max_attempts):
             if choice is None or choice.key not in exclude:
                 break
-            choice = self._choose_in_plan(plan, healthy, loads, panic, rng, active, algo, cluster)
+            choice = self._choose_in_plan(plan, healthy, loads, panic, rng, active, algo, cluster, weights)
         return choice
+
+    def _slow_start(self, candidates: "Prioritized", warmup: Warmup, cluster: str, now: float) -> dict[str, float] | None:
+        """The warming hosts' weights (``slow_start_weights``), with when each host joined this cluster kept
+        here, per cluster name and host, across config reloads. Envoy (EdfLoadBalancerBase::
+        recalculateHostsInSlowStart): "If there is no active HC enabled or HC has not run, start slow start
+        window from current time" — for the hosts of a new cluster and for hosts added later alike; a host
+        that leaves and comes back starts again."""
+        entry = self.joined.get(cluster)
+        if entry is None or entry[0] is not candidates:
+            old = entry[1] if entry is not None else {}
+            joined = {c.key: old.get(c.key, now) for c in candidates}
+            if entry is None and len(self.joined) >= JOINED_CLUSTERS_MAX:
+                del self.joined[next(iter(self.joined))]
+            self.joined[cluster] = (candidates, joined)
+        else:
+            joined = entry[1]
+        return slow_start_weights(candidates, joined, warmup, now)
 
     def _choose_in_plan(self, plan: "PriorityPlan", healthy: tuple[tuple[Candidate, ...], ...],
                         loads: tuple[int, ...], panic: tuple[bool, ...], rng: random.Random,
-                        active: Mapping[str, int] | None, algo: str, cluster: str) -> Candidate | None:
+                        active: Mapping[str, int] | None, algo: str, cluster: str,
+                        weights: dict[str, float] | None = None) -> Candidate | None:
         if not plan.levels:
             return None
         # Envoy choosePriority: "hash = hash % 100 + 1; // 1-100", then the first priority whose cumulative
@@ -194,7 +228,32 @@ class LoadBalancer:
             # No healthy host and no panic (Istio's default minHealthPercent 0): "no healthy upstream".
             return None
         # Round-robin state per host source, as Envoy keeps a scheduler per priority / locality.
+        if weights is not None and len(hosts) > 1:
+            return self._pick_warming(hosts, weights, rng, active, algo, source)
         return self._pick_once(list(hosts), rng, active, algo, source)
+
+    def _pick_warming(self, hosts: Sequence[Candidate], weights: Mapping[str, float], rng: random.Random,
+                      active: Mapping[str, int] | None, algo: str, source: str) -> Candidate:
+        """ROUND_ROBIN / LEAST_REQUEST while some host is in slow start: Envoy then always uses its EDF
+        scheduler with ``hostWeight`` = weight × slow-start factor (LEAST_REQUEST: "host.weight() /
+        active_request_value", then the factor). Smooth weighted round robin and a weighted draw give the
+        same shares."""
+        if algo == "ROUND_ROBIN":
+            state = self.rr.setdefault(source, {})
+            total = 0.0
+            best: Candidate | None = None
+            for c in hosts:
+                w = weights.get(c.key, c.weight)
+                cur = state.get(c.key, 0.0) + w
+                state[c.key] = cur
+                total += w
+                if best is None or cur > state[best.key]:
+                    best = c
+            assert best is not None
+            state[best.key] -= total
+            return best
+        active = active or {}
+        return pick_weighted([(c, weights.get(c.key, c.weight) / (active.get(c.key, 0) + 1)) for c in hosts], rng)
 
     def _pick_hashed(self, candidates: Sequence[Candidate], ch: ConsistentHash, key: bytes | None,
                      rng: random.Random, exclude: frozenset[str], ejected: frozenset[str] | set[str],
@@ -287,6 +346,8 @@ ENVOY_PANIC_THRESHOLD_DEFAULT_PCT = 50.0
 # rule for the proxy's region names another region; priorities from failoverPriority are multiplied by 5
 # ("there are at most 5 priorities can be assigned using locality failover(0-4)").
 _LOCALITY_PRIORITY_SPAN = 5
+# Envoy applySlowStartFactor: "std::max(std::chrono::milliseconds(1).count(), in_healthy_state_duration.count())".
+SLOW_START_MIN_AGE_S = 0.001
 _FAILOVER_NOT_TARGET = 4
 
 
@@ -309,6 +370,7 @@ class PriorityPlan:
     levels: tuple[tuple[LocalityGroup, ...], ...]
     locality_weighted: bool = False
     panic_threshold_pct: float = 0.0
+    warmup: Warmup | None = None            # slow start within the chosen hosts (``slow_start_weights``)
     level_hosts: tuple[tuple[Candidate, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -323,7 +385,7 @@ class PriorityPlan:
 class Prioritized(tuple):
     """A cluster's candidates when locality load balancing applies: the hosts (so every reader of
     ``Upstream.candidates`` sees a tuple of them, as before) and the ``plan`` that ``LoadBalancer.pick``
-    follows. Made once per config snapshot (``with_locality`` at ``_upstream_for`` time)."""
+    follows. Made once per config snapshot (``lb_candidates`` at ``_upstream_for`` time)."""
 
     plan: PriorityPlan
 
@@ -558,17 +620,51 @@ def proxy_workload(inventory: Inventory, ip: str | None) -> Workload | None:
     return w
 
 
-def with_locality(candidates: tuple[Candidate, ...], policy: TrafficPolicy,
+def lb_candidates(candidates: tuple[Candidate, ...], policy: TrafficPolicy,
                   proxy: Workload | None) -> tuple[Candidate, ...]:
     """The candidates ``LoadBalancer.pick`` gets for this cluster at this proxy: ``Prioritized`` when the
-    DestinationRule's locality settings (or the mesh default with outlier detection) change anything, else
-    ``candidates`` itself. Consistent hashing keeps its one table (parse.py drops localityLbSetting there)."""
-    if proxy is None or policy.consistent_hash is not None or not candidates:
+    DestinationRule's locality settings (or the mesh default with outlier detection) or its warmup change
+    anything, else ``candidates`` itself (the plain path). Consistent hashing keeps its one table (parse.py
+    drops localityLbSetting and warmup there)."""
+    if policy.consistent_hash is not None or not candidates:
         return candidates
-    if policy.locality_lb is None and policy.outlier_detection is None:
-        return candidates
-    plan = locality_plan(candidates, policy.locality_lb, proxy, outlier=policy.outlier_detection)
+    plan = None
+    if proxy is not None and (policy.locality_lb is not None or policy.outlier_detection is not None):
+        plan = locality_plan(candidates, policy.locality_lb, proxy, outlier=policy.outlier_detection)
+    if policy.warmup is not None and len(candidates) > 1:
+        if plan is None:
+            hosts = tuple(c for c in candidates if c.weight > 0)
+            od = policy.outlier_detection
+            plan = PriorityPlan(((LocalityGroup(Locality(), sum(c.weight for c in hosts), hosts),),),
+                                panic_threshold_pct=od.min_health_percent if od is not None
+                                else ENVOY_PANIC_THRESHOLD_DEFAULT_PCT)
+        plan = replace(plan, warmup=policy.warmup)
     return candidates if plan is None else Prioritized(plan)
+
+
+def slow_start_factor(age_s: float, warmup: Warmup) -> float:
+    """Envoy EdfLoadBalancerBase::applySlowStartFactor: inside the window, ``max(applyAggressionFactor(
+    time_factor), min_weight_percent)`` with ``time_factor = max(1 ms, age) / window`` and the aggression
+    factor ``time_factor ^ (1 / aggression)``; 1 once the window is over."""
+    if age_s >= warmup.duration_s:
+        return 1.0
+    time_factor = max(age_s, SLOW_START_MIN_AGE_S) / warmup.duration_s
+    if warmup.aggression != 1.0:
+        time_factor = time_factor ** (1.0 / warmup.aggression)
+    return max(time_factor, warmup.minimum_percent / 100.0)
+
+
+def slow_start_weights(hosts: Sequence[Candidate], joined: Mapping[str, float], warmup: Warmup,
+                       now: float) -> dict[str, float] | None:
+    """Each host's weight × its slow-start factor, or None when no host is in its window (Envoy's
+    ``noHostsAreInSlowStart``: the weights are then the plain ones)."""
+    out: dict[str, float] = {}
+    warming = False
+    for c in hosts:
+        f = slow_start_factor(now - joined.get(c.key, now), warmup)
+        warming = warming or f < 1.0
+        out[c.key] = c.weight * f
+    return out if warming else None
 
 
 def _algorithm(lb: str | TrafficPolicy | None) -> str:
@@ -666,5 +762,5 @@ class OutlierDetector:
 
 
 __all__ = ["Candidate", "endpoints_for", "LoadBalancer", "OutlierDetector", "LocalityGroup", "PriorityPlan",
-           "Prioritized", "priority_loads", "locality_plan", "with_locality", "proxy_workload", "topology_labels",
-           "locality_matches", "lb_priority"]
+           "Prioritized", "priority_loads", "locality_plan", "lb_candidates", "proxy_workload", "topology_labels",
+           "locality_matches", "lb_priority", "slow_start_factor", "slow_start_weights"]

@@ -651,6 +651,23 @@ class LocalityLbSetting:
 MESH_LOCALITY_LB_DEFAULT = LocalityLbSetting(enabled=True)
 
 
+# Slow start (DestinationRule loadBalancer.warmup / warmupDurationSecs → Envoy slow_start_config).
+# istiod setWarmup: "If not specified, aggression defaults to 1.0 ensuring a linear traffic rampup";
+# "If not specified, minWeightPersent default to 10, aligned with envoy default".
+WARMUP_AGGRESSION_DEFAULT = 1.0
+WARMUP_MIN_PERCENT_DEFAULT = 10.0
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """Envoy ``slow_start_config``: a host's weight ramps up over ``duration_s`` after it joins the cluster,
+    ``weight × max(minimum_percent / 100, time_factor ^ (1 / aggression))``."""
+
+    duration_s: float
+    minimum_percent: float = WARMUP_MIN_PERCENT_DEFAULT
+    aggression: float = WARMUP_AGGRESSION_DEFAULT
+
+
 @dataclass(frozen=True)
 class TrafficPolicy:
     load_balancer: str | None = None             # ROUND_ROBIN | RANDOM | LEAST_REQUEST | PASSTHROUGH
@@ -660,10 +677,12 @@ class TrafficPolicy:
     tls_mode: str | None = None
     port_level: tuple[tuple[int, "TrafficPolicy"], ...] = ()
     locality_lb: LocalityLbSetting | None = None   # loadBalancer.localityLbSetting (None: the mesh default)
+    warmup: Warmup | None = None                   # loadBalancer.warmup / warmupDurationSecs
 
     @property
     def _has_load_balancer(self) -> bool:
-        return self.load_balancer is not None or self.consistent_hash is not None or self.locality_lb is not None
+        return (self.load_balancer is not None or self.consistent_hash is not None or self.locality_lb is not None
+                or self.warmup is not None)
 
     def for_port(self, port: int | None) -> "TrafficPolicy":
         """Top-level policy with the port-level entry for ``port`` applied. Istio (MergeTrafficPolicy):
@@ -671,14 +690,14 @@ class TrafficPolicy:
         for number, p in self.port_level:
             if port is not None and number == port:
                 return TrafficPolicy(p.load_balancer, p.consistent_hash, p.connection_pool,
-                                     p.outlier_detection, p.tls_mode, locality_lb=p.locality_lb)
+                                     p.outlier_detection, p.tls_mode, locality_lb=p.locality_lb, warmup=p.warmup)
         return TrafficPolicy(self.load_balancer, self.consistent_hash, self.connection_pool,
-                             self.outlier_detection, self.tls_mode, locality_lb=self.locality_lb)
+                             self.outlier_detection, self.tls_mode, locality_lb=self.locality_lb, warmup=self.warmup)
 
     def overridden_by(self, sub: "TrafficPolicy") -> "TrafficPolicy":
         """Field-wise override: each field the subset sets replaces the top-level one. ``loadBalancer`` is
         one field (Istio MergeTrafficPolicy: ``if subsetPolicy.LoadBalancer != nil { mergedPolicy.LoadBalancer
-        = subsetPolicy.LoadBalancer }``): simple, consistentHash and localityLbSetting go together."""
+        = subsetPolicy.LoadBalancer }``): simple, consistentHash, localityLbSetting and warmup go together."""
         lb = sub if sub._has_load_balancer else self
         return TrafficPolicy(
             load_balancer=lb.load_balancer,
@@ -687,6 +706,7 @@ class TrafficPolicy:
             outlier_detection=sub.outlier_detection if sub.outlier_detection is not None else self.outlier_detection,
             tls_mode=sub.tls_mode if sub.tls_mode is not None else self.tls_mode,
             locality_lb=lb.locality_lb,
+            warmup=lb.warmup,
         )
 
     @property

@@ -4,13 +4,14 @@ DestinationRule, ``gateway.networking.k8s.io`` HTTPRoute and Gateway.
 Each takes one decoded YAML document and returns a frozen model, or raises ``ConfigError`` naming the
 exact field (``spec.http[0].route[1].weight: expected an integer 0..``). Unknown fields inside ``spec``
 are errors, as ``kubectl apply`` does with its default strict field validation; fields we read but do
-not enforce (slow-start warmup, TLS routes) are accepted and reported in ``.warnings``.
+not enforce (TLS routes, localityLbSetting with consistentHash) are accepted and reported in ``.warnings``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 from types import MappingProxyType
 from typing import Any, Callable, Iterable
@@ -24,7 +25,7 @@ from .model import (
     HASH_COOKIE, HASH_HEADER, HASH_QUERY, HASH_SOURCE_IP, MAGLEV, MAGLEV_TABLE_SIZE_DEFAULT,
     MAGLEV_TABLE_SIZE_LIMIT, RING_HASH, RING_HASH_MAX_SIZE, RING_HASH_MIN_SIZE_DEFAULT, UNMATCHED_PREFLIGHTS,
     ConsistentHash, CorsPolicy, HttpCookie, LABEL_REGION, LABEL_SUBZONE, LABEL_ZONE, LocalityDistribute,
-    LocalityFailover, LocalityLbSetting,
+    LocalityFailover, LocalityLbSetting, WARMUP_AGGRESSION_DEFAULT, WARMUP_MIN_PERCENT_DEFAULT, Warmup,
     BackendRef, ConnectionPool, DestinationRule, Fault, Gateway, GwHeaderMatch, GwMatch, GwRule,
     HeaderOps, HeaderRules, HttpMatch, HttpRoute, HttpRule, KNOWN_RETRY_ON, Listener, MirrorSpec,
     NO_HEADER_RULES, OutlierDetection, ParentRef, RedirectSpec, RetryPolicy, RewriteSpec, StringMatch,
@@ -705,7 +706,7 @@ def _traffic_policy(r: _R, v: Any, path: str, *, top: bool) -> TrafficPolicy:
     else:
         fields.append("port")
     m = r.map(v, path, fields)
-    lb, ch, locality = None, None, None
+    lb, ch, locality, warmup = None, None, None, None
     if m.get("loadBalancer") is not None:
         p = f"{path}.loadBalancer"
         lbm = r.map(m.get("loadBalancer"), p, ("simple", "consistentHash", "localityLbSetting",
@@ -727,8 +728,21 @@ def _traffic_policy(r: _R, v: Any, path: str, *, top: bool) -> TrafficPolicy:
                        "locality load balancing is not supported with consistentHash; ignored")
             else:
                 locality = loc
-        if lbm.get("warmupDurationSecs") is not None or lbm.get("warmup") is not None:
-            r.warn(p, "slow-start warmup is not supported; ignored")
+        if lbm.get("warmup") is not None:
+            warmup = _warmup(r, lbm["warmup"], f"{p}.warmup")
+            if lbm.get("warmupDurationSecs") is not None:
+                _positive(r, lbm["warmupDurationSecs"], f"{p}.warmupDurationSecs", 0.0)
+                # istiod applyRoundRobinLoadBalancer: ``case loadbalancer.GetWarmup() != nil`` comes first.
+                r.warn(f"{p}.warmupDurationSecs", "ignored: warmup is set")
+        elif lbm.get("warmupDurationSecs") is not None:
+            # Deprecated: istiod setSlowStartConfig sets only the window (Envoy's defaults for the rest).
+            warmup = Warmup(_positive(r, lbm["warmupDurationSecs"], f"{p}.warmupDurationSecs", 0.0))
+        if warmup is not None and (ch is not None or lb in ("RANDOM", "PASSTHROUGH")):
+            # istiod sets slow_start_config only in applyRoundRobinLoadBalancer / applyLeastRequestLoadBalancer
+            # (Envoy: "slow start is supported in Round Robin and Least Request load balancer types").
+            r.warn(f"{p}.warmup" if lbm.get("warmup") is not None else f"{p}.warmupDurationSecs",
+                   "slow start applies to ROUND_ROBIN and LEAST_REQUEST only; ignored")
+            warmup = None
     pool = _connection_pool(r, m.get("connectionPool"), f"{path}.connectionPool") \
         if m.get("connectionPool") is not None else None
     od = _outlier(r, m.get("outlierDetection"), f"{path}.outlierDetection") \
@@ -751,7 +765,28 @@ def _traffic_policy(r: _R, v: Any, path: str, *, top: bool) -> TrafficPolicy:
             sub = _traffic_policy(r, x, p, top=False)
             pm = r.map(r.map(x, p).get("port"), f"{p}.port", ("number",))
             port_level.append((r.int(pm.get("number"), f"{p}.port.number", 1, MAX_PORT), sub))
-    return TrafficPolicy(lb, ch, pool, od, tls_mode, tuple(port_level), locality_lb=locality)
+    return TrafficPolicy(lb, ch, pool, od, tls_mode, tuple(port_level), locality_lb=locality, warmup=warmup)
+
+
+def _warmup(r: _R, v: Any, path: str) -> Warmup:
+    """``loadBalancer.warmup`` (destination_rule.proto WarmupConfiguration): ``duration`` required;
+    ``minimumPercent`` 0..100; ``aggression`` at least 1 (the CRD's minimum)."""
+    m = r.map(v, path, ("duration", "minimumPercent", "aggression"))
+    if m.get("duration") is None:
+        raise r.fail(f"{path}.duration", "required field is missing")
+    duration = _positive(r, m["duration"], f"{path}.duration", 0.0)
+
+    def number(key: str, default: float, lo: float, hi: float | None) -> float:
+        x = m.get(key)
+        if x is None:
+            return default
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < lo or (hi is not None and x > hi):
+            raise r.fail(f"{path}.{key}", f"expected a number {lo:g}..{hi:g}" if hi is not None
+                         else f"expected a number >= {lo:g}")
+        return float(x)
+
+    return Warmup(duration, number("minimumPercent", WARMUP_MIN_PERCENT_DEFAULT, 0.0, 100.0),
+                  number("aggression", WARMUP_AGGRESSION_DEFAULT, 1.0, None))
 
 
 _TOPOLOGY_LOCALITY_LABELS = (LABEL_REGION, LABEL_ZONE, LABEL_SUBZONE)

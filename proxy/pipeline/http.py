@@ -223,16 +223,17 @@ def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, des
     req_ops = tuple(o for o in (getattr(rule_headers, "request", None), dest.headers.request) if o)
     resp_ops = tuple(o for o in (getattr(rule_headers, "response", None), dest.headers.response) if o)
     candidates = endpoints_for(inv, svc, dest.port, dest.subset_labels)
-    if tp.locality_lb is not None or tp.outlier_detection is not None:
-        # DestinationRule localityLbSetting (or the mesh default with outlier detection): priorities and
-        # locality weights relative to this waypoint's own pod, carried by the candidates (Prioritized).
-        from policy.routing.endpoints import proxy_workload, with_locality   # (memoised per snapshot)
+    if tp.locality_lb is not None or tp.outlier_detection is not None or tp.warmup is not None:
+        # DestinationRule localityLbSetting (or the mesh default with outlier detection) and warmup: priorities,
+        # locality weights relative to this waypoint's own pod, slow start — carried by the candidates
+        # (Prioritized), so the pick call sites stay as they are.
+        from policy.routing.endpoints import lb_candidates, proxy_workload   # (memoised per snapshot)
         # The waypoint's own pod: Snapshot.proxy_workload (found in the whole mesh by the HBONE address, as
         # proxy/identity.py waypoint_identity does), else the held inventory.
         me = getattr(snapshot, "proxy_workload", None)
         if me is None and snapshot.scope is not None:
             me = proxy_workload(inv, snapshot.scope.address_ip)
-        candidates = with_locality(candidates, tp, me)
+        candidates = lb_candidates(candidates, tp, me)
     return Upstream(dest.cluster_name, svc, candidates,
                     forward.retry, forward.timeout_s, connect_timeout, tp.lb_algorithm, req_ops, resp_ops,
                     tp.outlier_detection, svc.app_protocols.get(dest.port) if dest.port is not None else None,
