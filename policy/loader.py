@@ -77,6 +77,12 @@ RESOURCE_KINDS: tuple[ResourceKind, ...] = (
                  "policy.routing.parse:parse_http_route", "http_routes"),
     ResourceKind("gateway.networking.k8s.io", "Gateway", ("v1", "v1beta1"),
                  "policy.routing.parse:parse_gateway", "gateways"),
+    # GRPCRoute and TCPRoute share MeshConfig.http_routes with HTTPRoute (the Gateway API routes, each kind
+    # its own model): scoping (policy.scope) and the route table read that one list.
+    ResourceKind("gateway.networking.k8s.io", "GRPCRoute", ("v1", "v1alpha2"),
+                 "policy.routing.gateway_routes:parse_grpc_route", "http_routes"),
+    ResourceKind("gateway.networking.k8s.io", "TCPRoute", ("v1alpha2", "v1"),
+                 "policy.routing.gateway_routes:parse_tcp_route", "http_routes"),
 )
 _BY_GROUP_KIND = {(r.group, r.kind): r for r in RESOURCE_KINDS}
 SUPPORTED_KINDS_TEXT = ", ".join(f"{r.group}/{'|'.join(r.versions)} {r.kind}" for r in RESOURCE_KINDS)

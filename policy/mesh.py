@@ -21,7 +21,11 @@ from policy.inventory import Inventory
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 
 # The kinds `counts()` reports, in the order `config check` prints them.
-KINDS = ("Workload", "Service", "AuthorizationPolicy", "VirtualService", "DestinationRule", "HTTPRoute", "Gateway")
+KINDS = ("Workload", "Service", "AuthorizationPolicy", "VirtualService", "DestinationRule", "HTTPRoute", "GRPCRoute",
+         "TCPRoute", "Gateway")
+# The Gateway API route kinds kept together in ``MeshConfig.http_routes``; each model's class attribute
+# ``kind`` says which (policy.routing.gateway_routes; HTTPRoute's model has none).
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "TCPRoute")
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class MeshConfig:
     authorization_policies: tuple[Any, ...] = ()   # policy.authz.model.AuthorizationPolicy (resources and ztunnel `policies:`)
     virtual_services: tuple[Any, ...] = ()         # policy.routing models
     destination_rules: tuple[Any, ...] = ()
-    http_routes: tuple[Any, ...] = ()
+    http_routes: tuple[Any, ...] = ()              # Gateway API routes: HTTPRoute, GRPCRoute, TCPRoute (ROUTE_KINDS)
     gateways: tuple[Any, ...] = ()
     sources: tuple[str, ...] = ()                  # the files read, in order
     warnings: tuple[str, ...] = ()                 # full lines: "FILE: document N (Kind ns/name): path: problem"
@@ -42,11 +46,12 @@ class MeshConfig:
             return tuple(self.inventory.workloads.values())
         if kind == "Service":
             return tuple(self.inventory.services.values())
+        if kind in ROUTE_KINDS:
+            return tuple(r for r in self.http_routes if getattr(type(r), "kind", "HTTPRoute") == kind)
         return {
             "AuthorizationPolicy": self.authorization_policies,
             "VirtualService": self.virtual_services,
             "DestinationRule": self.destination_rules,
-            "HTTPRoute": self.http_routes,
             "Gateway": self.gateways,
         }[kind]
 

@@ -12,6 +12,20 @@ Which configuration applies (reference/istio-semantics.md §2, §3):
 
 Mixing VirtualService and HTTPRoute for one service "is not supported and leads to undefined
 behavior" (istio.io migrate-policies); here HTTPRoutes win and a warning says so.
+
+GRPCRoute and TCPRoute (``policy.routing.gateway_routes``) arrive in the same ``http_routes`` list:
+
+* GRPCRoutes compile into the same ``CompiledRule``/``GwMatcher``/``Forward`` objects as HTTPRoute rules,
+  ordered as istiod's ``sortHTTPRoutes`` orders the VirtualService routes it converts them to (uri match
+  Exact > Prefix > Regex > none, longer uri first, more header matches first; then oldest route,
+  ``{namespace}/{name}``, rule and match order). A service port with both HTTPRoutes and GRPCRoutes keeps
+  only the kind of the oldest of them: Gateway API (GRPCRouteSpec.Hostnames) "MUST accept exactly one of
+  these two routes ... The oldest Route based on creation timestamp", and the waypoint builds its HTTP
+  routes from the first VirtualService with http routes only (listener_waypoint.go
+  ``buildWaypointInboundHTTPRouteConfig``), each route kind being converted to VirtualServices of its own.
+* TCPRoutes add ``TcpRule``s: istiod makes a VirtualService with ``tcp`` routes of each, and the waypoint
+  takes the first TCP route that matches the port across all the service's VirtualServices in age order
+  (``getWaypointTCPRoutes``), so TCPRoutes and VirtualService ``tcp`` routes interleave by age.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from .model import (
     DEFAULT_RETRY_POLICY, EMPTY, NO_HEADER_RULES, NO_TRAFFIC_POLICY, DestinationRule, Gateway, GwRule,
     HeaderRules, HttpRoute, HttpRule, RetryPolicy, TrafficPolicy, VirtualService,
 )
+from .gateway_routes import GrpcRoute, TcpRoute
 from .select import DirectResponse, Forward, GwMatcher, VsMatcher
 
 CLUSTER_DOMAIN = "cluster.local"   # Kubernetes' default cluster domain (svc.cluster.local)
@@ -155,12 +170,16 @@ def build_route_table(inventory: Inventory, services: Iterable[Service], virtual
     drs = sorted(destination_rules, key=lambda d: (d.order, d.namespace, d.name))
     # Gateway API precedence falls back to "oldest route, then {namespace}/{name}"; load order stands in
     # for creationTimestamp.
-    hrs = sorted(http_routes, key=lambda h: (h.order, h.namespace, h.name))
+    every = sorted(http_routes, key=lambda h: (h.order, h.namespace, h.name))
+    # ``http_routes`` holds every Gateway API route kind (policy.mesh ROUTE_KINDS).
+    hrs = [h for h in every if not isinstance(h, (GrpcRoute, TcpRoute))]
+    grs = [g for g in every if isinstance(g, GrpcRoute) and g.rules]   # no rules: istiod converts nothing
+    trs = [t for t in every if isinstance(t, TcpRoute)]
     gw_key = gateway.key if isinstance(gateway, Gateway) else gateway
     warnings: list[str] = []
     ctx = _Ctx(inventory, {s.key for s in services}, drs, waypoint_namespace, warnings)
-    for res in (*vss, *drs, *hrs):
-        kind = type(res).__name__
+    for res in (*vss, *drs, *every):
+        kind = getattr(type(res), "kind", None) or type(res).__name__
         warnings.extend(f"{kind} {res.key}: {w}" for w in res.warnings)
     http: dict[tuple[str, int], ServiceRoutes] = {}
     tcp: dict[tuple[str, int], TcpRoutes] = {}
@@ -168,14 +187,20 @@ def build_route_table(inventory: Inventory, services: Iterable[Service], virtual
         svc_vss = [v for v in vss if _vs_applies(v, svc, waypoint_namespace)]
         for port in sorted(svc.ports):
             routes = [h for h in hrs if _hr_applies(h, svc, port, gw_key)]
-            if routes:
+            grpcs = [g for g in grs if _hr_applies(g, svc, port, gw_key)] if grs else []
+            if routes and grpcs:
+                routes, grpcs = _one_route_kind(ctx, svc, port, routes, grpcs)
+            if routes or grpcs:
+                kind = "HTTPRoute" if routes else "GRPCRoute"
                 if svc_vss:
-                    warnings.append(f"service {svc.key}: both HTTPRoute and VirtualService attach; "
-                                    "using HTTPRoute (Istio: mixing them is undefined behavior)")
-                http[(svc.key, port)] = _compile_http_routes(ctx, svc, port, routes)
+                    warnings.append(f"service {svc.key}: both {kind} and VirtualService attach; "
+                                    f"using {kind} (Istio: mixing them is undefined behavior)")
+                http[(svc.key, port)] = (_compile_http_routes(ctx, svc, port, routes) if routes
+                                         else _compile_grpc_routes(ctx, svc, port, grpcs))
             else:
                 http[(svc.key, port)] = _compile_vs(ctx, svc, port, svc_vss) or _default_http(ctx, svc, port)
-            tcp[(svc.key, port)] = _compile_tcp(ctx, svc, port, svc_vss)
+            svc_trs = [t for t in trs if _hr_applies(t, svc, port, gw_key)] if trs else []
+            tcp[(svc.key, port)] = _compile_tcp(ctx, svc, port, svc_vss, svc_trs)
     return RouteTable(MappingProxyType(http), MappingProxyType(tcp), tuple(warnings), ctx)
 
 
@@ -400,10 +425,19 @@ def _vs_action(ctx: _Ctx, vs: VirtualService, r: HttpRule, port: int):
     return Forward(tuple(dests), r.timeout_s, retry, r.fault, r.rewrite, r.headers, mirrors)
 
 
-def _compile_tcp(ctx: _Ctx, svc: Service, port: int, vss: list[VirtualService]) -> TcpRoutes:
+def _compile_tcp(ctx: _Ctx, svc: Service, port: int, vss: list[VirtualService],
+                 tcp_routes: list[TcpRoute] = ()) -> TcpRoutes:
     rules = []
     sources = []
-    for vs in vss:
+    # VirtualServices and TCPRoutes (istiod: VirtualServices too) in age order: the first TCP route whose
+    # match fits wins (getWaypointTCPRoutes), so a TCPRoute's rule sits where its age puts it.
+    ordered = sorted([*vss, *tcp_routes], key=lambda v: (v.order, v.namespace, v.name)) if tcp_routes else vss
+    for vs in ordered:
+        if isinstance(vs, TcpRoute):
+            for tr in vs.rules:
+                rules.append(TcpRule((), _tcp_route_destinations(ctx, vs, tr, port)))
+            sources.append(f"TCPRoute {vs.key}")
+            continue
         for r in vs.tcp:
             subnets: list = []
             applies = not r.matches
@@ -487,6 +521,80 @@ def _gw_action(ctx: _Ctx, hr: HttpRoute, rule: GwRule, port: int):
                     for m in rule.mirrors)
     retry: RetryPolicy = rule.retries if rule.retries is not None else DEFAULT_RETRY_POLICY
     return Forward(tuple(dests), rule.request_timeout_s, retry, None, rule.rewrite, rule.headers, mirrors)
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPCRoute and TCPRoute (policy.routing.gateway_routes)
+
+# istiod getURIRank: Exact 3 > Prefix 2 > Regex 1 > no uri match -1 (sortHTTPRoutes).
+_GRPC_URI_RANK = {"Exact": 3, "Prefix": 2, "RegularExpression": 1, "Any": -1}
+ZERO_WEIGHT_HOST = "internal.cluster.local"   # istiod convertTCPRoute's stand-in for "reject the connection"
+
+
+def _one_route_kind(ctx: _Ctx, svc: Service, port: int, routes: list[HttpRoute],
+                    grpcs: list[GrpcRoute]) -> tuple[list[HttpRoute], list[GrpcRoute]]:
+    """Both kinds attach to one service port: keep the kind of the oldest route (then ``{namespace}/{name}``),
+    as GRPCRouteSpec.Hostnames requires ("MUST accept exactly one of these two routes, determined by ...
+    The oldest Route based on creation timestamp. The Route appearing first in alphabetical order by
+    {namespace}/{name}")."""
+    h0, g0 = routes[0], grpcs[0]   # each list is in (order, namespace, name) order
+    keep_http = (h0.order, f"{h0.namespace}/{h0.name}") <= (g0.order, f"{g0.namespace}/{g0.name}")
+    dropped = grpcs if keep_http else routes
+    kept = "HTTPRoute" if keep_http else "GRPCRoute"
+    names = ", ".join(r.key for r in dropped)
+    w = (f"service {svc.key} port {port}: both HTTPRoute and GRPCRoute attach; the older kind ({kept}) is used, "
+         f"{'GRPCRoute' if keep_http else 'HTTPRoute'} {names} ignored (Gateway API: exactly one is accepted)")
+    if w not in ctx.warnings:
+        ctx.warnings.append(w)
+    return (routes, []) if keep_http else ([], grpcs)
+
+
+def _compile_grpc_routes(ctx: _Ctx, svc: Service, port: int, routes: list[GrpcRoute]) -> ServiceRoutes:
+    entries = []
+    for gr in routes:
+        for i, rule in enumerate(gr.rules):
+            # A GRPCRoute rule's action is an HTTPRoute rule's: weights, 500 without a live backend
+            # (istiod: "return 500 when there are no >0 weight backends"), header filters, mirrors.
+            action = _gw_action(ctx, gr, rule, port)
+            for j, m in enumerate(rule.matches):
+                has_uri = m.path_type != "Any"
+                key = (-_GRPC_URI_RANK[m.path_type], -len(m.path) if has_uri else 0, -len(m.headers),
+                       gr.order, f"{gr.namespace}/{gr.name}", i, j)
+                matchers = (GwMatcher(m),) if has_uri or m.headers else ()
+                entries.append((key, CompiledRule(i, rule.name, f"{gr.name}.{gr.namespace}", matchers, action)))
+    entries.sort(key=lambda e: e[0])
+    return ServiceRoutes(route_name(svc, port, "http"), svc.key, port, "GRPCRoute", tuple(e[1] for e in entries),
+                         tuple(f"GRPCRoute {g.key}" for g in routes))
+
+
+def _tcp_route_destinations(ctx: _Ctx, tr: TcpRoute, rule, port: int) -> tuple[Destination, ...]:
+    """istiod convertTCPRoute / buildTCPDestination: weight-0 backendRefs are dropped, a single one left
+    takes all connections; none left ⇒ a destination that rejects every connection ("The spec requires us
+    to reject connections when there are no >0 weight backends"); an invalid backendRef rejects its share
+    ("Connection rejections must respect weight", TCPRouteRule.BackendRefs)."""
+    live = [b for b in rule.backend_refs if b.weight > 0]
+    if not live:
+        return (Destination(ZERO_WEIGHT_HOST, None, "zero-weight", 65535, 1,
+                            f"outbound|65535|zero-weight|{ZERO_WEIGHT_HOST}", fail_status=503, fail_flag=NOT_FOUND_FLAG,
+                            problem=f"TCPRoute {tr.key}: no backendRef with weight > 0"),)
+    out = []
+    for b in live:
+        w = 1 if len(live) == 1 else b.weight
+        ns = b.namespace or tr.namespace
+        if b.kind != "Service" or b.group not in ("", "core"):
+            # istiod: an unsupported backend kind leaves an empty destination ⇒ cluster "UnknownService".
+            out.append(Destination(b.name, None, None, b.port, w, "UnknownService", fail_status=503,
+                                   fail_flag=NOT_FOUND_FLAG, problem=f"backendRef kind {b.group}/{b.kind} is not supported"))
+        elif ns != tr.namespace:
+            # As for HTTPRoute and GRPCRoute here (_gw_action): no ReferenceGrant is read, so a
+            # cross-namespace backendRef is refused (RefNotPermitted) for its share.
+            out.append(Destination(f"{b.name}.{ns}", None, None, b.port, w, "UnknownService", fail_status=503,
+                                   fail_flag=NOT_FOUND_FLAG, problem="cross-namespace backendRef without ReferenceGrant"))
+        else:
+            # An unknown Service: istiod keeps the destination (backend not found), whose cluster does not
+            # exist, so the connection is refused (503, NC).
+            out.append(_destination(ctx, b.name, ns, None, b.port, w, port, "tcp"))
+    return tuple(out)
 
 
 def _reweight(d: Destination, w: int) -> Destination:

@@ -99,7 +99,7 @@ class RouteInput:
     port: int                              # service port
     destinations: tuple[tuple[str, int], ...]   # (subset, weight); subset "" = the whole service
     match: tuple[str, str] = ("prefix", "/")    # ("prefix" | "exact" | "regex" | "path_separated_prefix", value)
-    config: tuple[str, str, str] | None = None  # (kind "VirtualService" | "HTTPRoute", namespace, name)
+    config: tuple[str, str, str] | None = None  # (kind "VirtualService" | "HTTPRoute" | "GRPCRoute", namespace, name)
     retries: RetryInput | None = ISTIO_DEFAULT_RETRY
     timeout_s: float | None = None         # None: no route timeout (Istio's default, rendered 0s)
 
@@ -325,6 +325,8 @@ def config_path(kind: str, namespace: str, name: str) -> str:
     """Istio's route metadata ``config`` value naming the resource that produced a route."""
     if kind == "HTTPRoute":
         return f"/apis/gateway.networking.k8s.io/v1/namespaces/{namespace}/http-route/{name}"
+    if kind == "GRPCRoute":
+        return f"/apis/gateway.networking.k8s.io/v1/namespaces/{namespace}/grpc-route/{name}"
     return f"/apis/networking.istio.io/v1alpha3/namespaces/{namespace}/virtual-service/{name}"
 
 
