@@ -37,8 +37,15 @@ Rules (each is a decision a user of Envoy would recognise):
   HTTP/1 ``CONNECT`` is passed on with ``upgrade=b"CONNECT"`` and ``keep_alive`` false: the pipeline
   answers it 404 NR, as Envoy does without ``upgrade_type: CONNECT`` (which Istio does not configure).
   A response reader told ``expect(method, upgrade=True)`` accepts a 101 the same way.
-- Trailers of chunked messages are parsed, counted against the head limit and dropped (Envoy drops
-  HTTP/1 trailers unless ``enable_trailers`` is set).
+- Trailers of chunked messages are parsed and dropped (Envoy drops HTTP/1 trailers unless ``enable_trailers``
+  is set, which Istio does not set). Their names and values count against the head's ``max_head_bytes``, as
+  they always have here; and the trailer section is bounded on the wire on its own, as Envoy's parser bounds
+  it (quiche BalsaFrame, READING_TRAILER: "Reuse the header length limit for trailer", ``trailer_length_ >
+  max_header_length_`` → TRAILER_TOO_LONG, which Envoy's codec answers 431 ``http1.headers_too_large``):
+  ``max_head_bytes`` bytes from its first byte through the LF of its empty line. Past it: 431 (502 for a
+  response), at that byte, however the bytes are split into reads (llhttp holds a trailer field until it
+  ends, so before this bound a trailer that never ended grew without limit). ``max_headers`` does not apply
+  to trailers: Envoy counts them only with ``enable_trailers``.
 """
 
 from __future__ import annotations
@@ -186,8 +193,8 @@ class _Reader:
     """Shared callback machinery of the request and response readers."""
 
     __slots__ = ("_parser", "_events", "_headers", "_head_bytes", "_raw_head", "_head_lead", "_head_tail",
-                 "_room", "_raw_limit", "_body_head", "_chunk_state", "_resume_at", "_judging", "_divert",
-                 "_awaiting_head", "_in_message", "_body_bytes", "_error", "_cb_error", "max_head_bytes",
+                 "_room", "_raw_limit", "_body_head", "_chunk_state", "_in_chunked", "_resume_at", "_judging",
+                 "_divert", "_awaiting_head", "_in_message", "_body_bytes", "_error", "_cb_error", "max_head_bytes",
                  "max_headers", "max_body_bytes", "_upgrading", "_held", "__weakref__")
 
     _err_status = 400
@@ -205,13 +212,16 @@ class _Reader:
         # still incomplete at the end of a read, its length so far (_raw_head), first bytes (to judge a
         # bad method) and last 3 (its CRLFCRLF may straddle reads); _room, the read length past which
         # feed() must look at where heads begin (-1 for one read after a response to HEAD). See _settle.
+        # _room is max_head_bytes, not the raw bound: no shorter read can hold a head past its raw bound
+        # nor a trailer section past its own bound (max_head_bytes too) that begins in it.
         self._raw_limit = raw_head_limit(max_head_bytes)
-        self._room = self._raw_limit
+        self._room = max_head_bytes
         self._raw_head = 0
         self._head_lead = b""
         self._head_tail = b""
         self._body_head = None      # the head whose body the last read ended in (to walk past its end)
         self._chunk_state = _CHUNK_START   # where in its chunked framing that read ended (_walk_chunks)
+        self._in_chunked = False    # the last read ended inside a chunked body (the next is walked first)
         self._resume_at = None      # (ResponseReader, HEAD) where llhttp took over in this read
         self._judging = None        # the first bytes of a message whose bad method is not judged yet
         # feed's one test for the unusual states: a head carried in, a method being judged, an upgrade.
@@ -301,7 +311,7 @@ class _Reader:
         # keep-alive GETs answered with send_response, best of 5, old/new trees alternating):
         # 5.12 / 4.97 -> 5.16 / 5.00 us per request.
         if self._divert:
-            return self._feed_diverted(data)
+            return self._feed_chunked(data) if self._in_chunked else self._feed_diverted(data)
         events = self._events = []
         began_in = self._in_message
         try:
@@ -365,6 +375,58 @@ class _Reader:
                 return events                     # (the error stays in failed, raised by the next feed)
             raise
 
+    def _feed_chunked(self, data: bytes) -> list:
+        """A read that begins inside a chunked body (RFC 9112 §7.1). Its trailer section is bounded like a
+        head, on its own: ``max_head_bytes`` bytes on the wire, from its first byte through the LF of its
+        empty line (see _walk_chunks); past that, 431 (a response: 502), at the same byte of the stream
+        however the reads fall, and an error llhttp finds before that byte comes first."""
+        state = self._chunk_state
+        limit = self.max_head_bytes
+        if len(data) <= (limit - state[1][1] if state[0] == _TRAILERS else limit):
+            # No trailer section can cross its bound in this read: llhttp first, then the walk that keeps
+            # the body's place, only if the body goes on (a read that ends it and ends between messages,
+            # the last read of a body, costs what it did before the bound).
+            events = self._events = []
+            try:
+                self._execute(data)
+            except Exception as exc:  # noqa: BLE001 — as in feed (the walk starts where this read did)
+                return self._settle(data, True, exc)
+            if not self._in_message:
+                self._in_chunked = False
+                self._divert = self._upgrading     # (an upgrade request may have followed the body)
+                return events
+            pos, state = _walk_chunks(data, 0, state, limit)
+            if pos is None:
+                self._chunk_state = state
+                return events
+            # The body ended and another message began: _settle measures its head (walking this body
+            # again from where the read began, to find it).
+            self._in_chunked = False
+            self._divert = self._upgrading
+            return self._settle(data, True, None)
+        # A longer read (or a section near its bound): walked before llhttp sees it, so that a section
+        # crossing the bound is cut there (llhttp, which holds a trailer field until it ends, never gets
+        # more of it, and what it finds before that byte comes first).
+        pos, state = _walk_chunks(data, 0, state, limit)
+        if pos is not None:
+            # The body ends in this read: the usual path (what follows is measured by _settle).
+            self._in_chunked = self._divert = False
+            return self._feed_core(data)
+        if state[0] == _OVER:
+            data = data[:state[1]]
+        events = self._events = []
+        try:
+            self._execute(data)
+        except Exception as exc:  # noqa: BLE001 — as in feed
+            return self._settle(data, True, exc)
+        if state[0] != _OVER:
+            self._chunk_state = state
+            return events
+        self._error = Http1Error(self._too_large, "trailers too large")
+        if not events:
+            raise self._error
+        return events
+
     def _settle(self, data: bytes, began_in: bool, exc: Exception | None) -> list:
         """After llhttp has seen ``data``: apply the raw bound to every head this read touched, judge a
         bad method on its own bytes, carry what the next read needs of a head still incomplete.
@@ -379,11 +441,8 @@ class _Reader:
         events = self._events
         if exc is None and began_in and not self._awaiting_head and not self._raw_head \
                 and MessageEnd not in events and self._resume_at is None:
-            # Within one body from start to end (a streamed body's reads): no head to measure; only a
-            # chunked body's place in its framing is kept (see _head_spans).
-            if self._body_head is not None and self._body_head.chunked:
-                pos, state = _walk_chunks(data, 0, self._chunk_state)
-                self._chunk_state = state if pos is None else _CHUNK_START
+            # Within one body from start to end (a streamed body's reads): no head to measure. (A chunked
+            # body's reads do not come here: _feed_chunked walks them.)
             return events
         n = len(data)
         resume = self._resume_at
@@ -399,6 +458,18 @@ class _Reader:
                 if verdict is not None:
                     if index is not None:
                         del events[index:]
+                    break
+        if verdict is None and self._chunk_state[0] == _OVER:
+            # The last message's trailer section began in this read and grew past its bound in it
+            # (_past_body; a section carried in is cut at the bound before llhttp sees it: _feed_chunked).
+            # The answer is the first problem in the stream: an error a fresh reader finds in that
+            # message's body up to the bound's byte, else "trailers too large"; events from there on go.
+            _, body, index = spans[-1] if spans else (0, None, -1)   # (spans: always, see _feed_chunked)
+            verdict = body is not None and self._probe_trailers(data[body:self._chunk_state[1]]) or \
+                Http1Error(self._too_large, "trailers too large")
+            for j in range(index + 1, len(events)):
+                if events[j] is MessageEnd:
+                    del events[j:]
                     break
         if verdict is None and exc is not None:
             lead = b""
@@ -433,12 +504,15 @@ class _Reader:
             self._raw_head = 0
             self._head_lead = self._head_tail = b""
             self._divert = self._upgrading
-        self._room = limit
+        self._room = self.max_head_bytes
         if self._in_message and not self._awaiting_head:
             for e in reversed(events):
                 if e.__class__ is RequestHead or e.__class__ is ResponseHead:
                     self._body_head = e
                     break
+            if self._body_head.chunked and not self._upgrading:   # (a 101's body is the new protocol's)
+                # Inside a chunked body: the next reads go to _feed_chunked, which keeps its place.
+                self._in_chunked = self._divert = True
         return events
 
     def _head_spans(self, data: bytes, began_in: bool, events: list, resume) -> list:
@@ -508,7 +582,7 @@ class _Reader:
         ``pos`` and whose events after its head start at ``i``; None if it does not end in this read
         (a chunked body's place is kept in _chunk_state for the next read)."""
         if kind == "chunked":
-            pos, state = _walk_chunks(data, pos, chunk_state)
+            pos, state = _walk_chunks(data, pos, chunk_state, self.max_head_bytes)
             if pos is None:
                 self._chunk_state = state
                 return None
@@ -526,6 +600,11 @@ class _Reader:
         them. (Here, for responses, every answer is 502, so which comes first does not matter;
         RequestReader reads them.)"""
         return Http1Error(self._too_large, "headers too large")
+
+    def _probe_trailers(self, body: bytes) -> Http1Error | None:
+        """The error in ``body`` (a chunked body from its first byte up to the trailer bound's byte) a
+        fresh reader finds, or None. (Here, for responses, every answer is 502; RequestReader reads it.)"""
+        return None
 
     def _classify(self, exc: Exception, lead: bytes, final: bool) -> Http1Error | None:
         """The Http1Error for an exception out of llhttp or a callback (None: a method not judged yet)."""
@@ -604,6 +683,10 @@ def _body_kind(head) -> int | str:
     if head.chunked:
         return "chunked"
     return "open" if head.content_length is None else head.content_length
+
+
+# A chunked request head, for RequestReader._probe_trailers.
+_PROBE_HEAD = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
 class RequestReader(_Reader):
@@ -716,6 +799,20 @@ class RequestReader(_Reader):
         except Exception as exc:  # noqa: BLE001 — classified like feed's
             return probe._classify(exc, head[:MAX_METHOD_BYTES + 1], True)
         return Http1Error(431, "headers too large") if probe._awaiting_head else None
+
+    def _probe_trailers(self, body: bytes) -> Http1Error | None:
+        # The body's parse does not depend on the head it follows beyond "chunked" (no upgrade, not CONNECT:
+        # those were refused with a body), so a stand-in head puts a fresh reader where this one was. The
+        # head is read under the default limits (ours may be too small for it), the body under ours.
+        probe = RequestReader(max_body_bytes=self.max_body_bytes)
+        probe.feed(_PROBE_HEAD)
+        probe.max_head_bytes = self.max_head_bytes
+        probe.max_headers = self.max_headers
+        try:
+            probe.feed(body)
+        except Http1Error as err:
+            return err
+        return probe.failed
 
     def _execute(self, data: bytes) -> None:
         while True:
@@ -870,16 +967,28 @@ class _ClosedParser:
 
 
 # Where a read ended in chunked framing (RFC 9112 §7.1), for _walk_chunks: (phase, detail).
-_SIZE_LINE, _CHUNK_DATA, _TRAILERS = 0, 1, 2
-_CHUNK_START = (_SIZE_LINE, b"")     # detail: the size line so far (its first bytes: the size is there)
-# detail of _CHUNK_DATA: data bytes + CRLF still to come; of _TRAILERS: True while the line so far is empty
+_SIZE_LINE, _CHUNK_DATA, _TRAILERS, _OVER = 0, 1, 2, 3
+_CHUNK_START = (_SIZE_LINE, b"")     # detail: the size line so far, kept short (see CHUNK_LINE_KEPT_BYTES)
+# detail of _CHUNK_DATA: data bytes + CRLF still to come; of _TRAILERS: (the line so far is empty, the
+# section's bytes so far); of _OVER (a result, never carried): the offset in the read of the byte that takes
+# the trailer section past its bound.
+# A size line is walked, not held: of one cut by a read boundary the walker keeps its first bytes, its leading
+# zeros collapsed to one (llhttp accepts any number of them), which always include the whole size (at most 16
+# hex digits: llhttp refuses a larger one) and the ";" after it. The rest of the line (chunk extensions, which
+# llhttp checks and httptools does not hand over) is neither kept nor bounded, as in Envoy: its parser,
+# quiche's BalsaFrame (READING_CHUNK_EXTENSION), scans extensions to the LF without a limit and Envoy's
+# BalsaParser::OnChunkExtensionInput drops them. So an endless extension costs time (the stream's timeouts
+# bound it), never memory.
+CHUNK_LINE_KEPT_BYTES = 64
 
 
-def _walk_chunks(data: bytes, pos: int, state: tuple) -> tuple:
+def _walk_chunks(data: bytes, pos: int, state: tuple, limit: int) -> tuple:
     """Walk chunked framing from ``pos`` in ``state``: (offset just past the body's last CRLF, None),
-    or (None, the state at the end of ``data``). llhttp has accepted these bytes (unless the read ends
-    in an error, when where the walk stops does not matter), so nothing is checked: size lines (hex
-    size, optional extensions), data and its CRLF, then trailer lines up to an empty one."""
+    or (None, the state at the end of ``data``), or (None, (_OVER, offset)) when the trailer section
+    grows past ``limit`` bytes at data[offset]. Size lines (hex size, optional extensions), data and
+    its CRLF, then trailer lines up to an empty one. Nothing is checked (llhttp checks the same bytes,
+    and any error it finds before the walk's answer comes first), but on bytes llhttp accepts the walk
+    is exact."""
     phase, detail = state
     n = len(data)
     while True:
@@ -891,22 +1000,34 @@ def _walk_chunks(data: bytes, pos: int, state: tuple) -> tuple:
         elif phase == _SIZE_LINE:
             lf = data.find(b"\n", pos)
             if lf < 0:
-                return None, (_SIZE_LINE, (detail + data[pos:])[:64])
+                line = detail + data[pos:]
+                if line and line[0] == 48 and len(line) > 1:      # "0"
+                    line = b"0" + line.lstrip(b"0")
+                return None, (_SIZE_LINE, line[:CHUNK_LINE_KEPT_BYTES])
             line = detail + data[pos:lf] if detail else data[pos:lf]
             try:
                 size = int(line.partition(b";")[0], 16)   # (int() drops the CR)
             except ValueError:   # bytes llhttp refused (the read ends in an error): no end to find
                 return None, state
             pos = lf + 1
-            phase, detail = (_CHUNK_DATA, size + 2) if size else (_TRAILERS, True)
+            phase, detail = (_CHUNK_DATA, size + 2) if size else (_TRAILERS, (True, 0))
         else:
-            lf = data.find(b"\n", pos)
-            if lf < 0:
-                return None, (_TRAILERS, detail and data[pos:] in (b"", b"\r"))
-            if detail and data[pos:lf] in (b"", b"\r"):
-                return lf + 1, None
-            pos = lf + 1
-            detail = True
+            # The trailer section: lines up to an empty one, bounded as a whole (see _Reader._feed_chunked):
+            # the section's byte number limit + 1 (at data[stop]) is over the bound.
+            empty, seen = detail
+            start = pos - seen
+            stop = start + limit
+            while True:
+                lf = data.find(b"\n", pos, stop)
+                if lf < 0:
+                    if n > stop:
+                        return None, (_OVER, stop)
+                    return None, (_TRAILERS, (empty and (pos == n or (pos == n - 1 and data[pos] == 13)),
+                                              n - start))
+                if empty and (lf == pos or (lf == pos + 1 and data[pos] == 13)):
+                    return lf + 1, None
+                pos = lf + 1
+                empty = True
 
 
 # ---- serializers ------------------------------------------------------------------------------
