@@ -17,8 +17,8 @@ from policy.errors import ConfigError, Where
 from policy.inventory import Locality, Workload
 from policy.routing import parse_destination_rule
 from policy.routing.endpoints import (
-    Candidate, LoadBalancer, Prioritized, lb_priority, locality_matches, locality_plan, priority_loads,
-    topology_labels, lb_candidates,
+    Candidate, LoadBalancer, Prioritized, lb_candidates, lb_priority, locality_matches, locality_plan,
+    priority_loads, proxy_workload, topology_labels,
 )
 from policy.routing.model import (
     LocalityDistribute, LocalityFailover, LocalityLbSetting, OutlierDetection, TrafficPolicy,
@@ -156,6 +156,28 @@ def test_lb_candidates_leaves_the_common_cluster_alone():
     assert lb_candidates(hosts, TrafficPolicy(outlier_detection=OD), None) is hosts       # no proxy workload
     pri = lb_candidates(hosts, TrafficPolicy(outlier_detection=OD), PROXY)
     assert type(pri) is Prioritized and tuple(pri) == hosts and "per_priority=1/1" in repr(pri)
+
+
+def test_the_proxy_is_the_workload_at_its_hbone_address():
+    from policy.inventory import Inventory
+    me = Workload(uid="wp", name="wp", namespace="default", workload_ips=("fd00::9",),
+                  locality=Locality("r1", "z1", ""))
+    inv = Inventory.build([me], [])
+    assert proxy_workload(inv, "fd00::9") is me
+    assert proxy_workload(inv, "fd00:0:0::9") is me            # another spelling of the same address
+    assert proxy_workload(inv, "10.0.0.1") is None and proxy_workload(inv, None) is None
+    assert proxy_workload(inv, "not-an-ip") is None
+
+
+def test_topology_labels_are_istiods_augmented_labels():
+    w = Workload(uid="u", name="n", namespace="default", workload_ips=("10.0.0.1",), node="node-a",
+                 cluster_id="c1", network="n1", locality=Locality("r", "z", "s"),
+                 labels={"app": "x", "topology.istio.io/network": "from-label"})
+    assert topology_labels(w) == {
+        "app": "x", "topology.kubernetes.io/region": "r", "topology.kubernetes.io/zone": "z",
+        "topology.istio.io/subzone": "s", "topology.istio.io/cluster": "c1", "kubernetes.io/hostname": "node-a",
+        # "In c.Network(), we already set the network label in priority order pod labels > ...": the pod's wins.
+        "topology.istio.io/network": "from-label"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def test_a_new_host_ramps_up_over_the_window_and_join_times_survive_reloads():
     back = lb_candidates((cand(1), cand(2), cand(3)), policy, None)
     lb.pick(back, rng=random.Random(1), lb="ROUND_ROBIN", cluster="c", now=40.0)
     assert rr_shares(lb, back, now=45.0, n=2500)["10.0.0.3"] == pytest.approx(0.5 / 2.5, abs=0.002)
-    assert "c" in lb.joined
+    assert "slow_start_clusters=1>" in repr(lb)
 
 
 def test_least_request_weights_by_slow_start_and_active_requests():

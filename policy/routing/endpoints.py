@@ -115,7 +115,7 @@ class LoadBalancer:
 
     def __repr__(self) -> str:
         return (f"<LoadBalancer round_robin_clusters={len(self.rr)} hash_tables={len(self.tables)} "
-                f"hash_views={len(self.views)}>")
+                f"hash_views={len(self.views)} slow_start_clusters={len(self.joined)}>")
 
     def pick(self, candidates: Sequence[Candidate], *, rng: random.Random, exclude: frozenset[str] = frozenset(),
              active_requests: Mapping[str, int] | None = None, lb: str = "LEAST_REQUEST", cluster: str = "",
