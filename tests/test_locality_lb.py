@@ -250,6 +250,24 @@ def test_pick_in_panic_uses_ejected_hosts():
     assert 0.44 < share(picks, {"10.0.0.1"}) < 0.56 and share(picks, {"10.0.0.2"}) > 0.44
 
 
+def test_min_health_percent_is_the_panic_threshold_without_localities_too():
+    # Istio: below minHealthPercent healthy hosts "the proxy will load balance across all hosts in the pool
+    # (healthy and unhealthy)". No proxy locality here: one priority.
+    hosts = cands("", "", "")
+    od = OutlierDetection(min_health_percent=50.0)
+    pri = lb_candidates(hosts, TrafficPolicy(outlier_detection=od), None)
+    assert type(pri) is Prioritized and len(pri.plan.levels) == 1
+    rng, lb = random.Random(6), LoadBalancer()
+    two_out = {"10.0.0.1:9080", "10.0.0.2:9080"}                       # 33 % healthy < 50 %: panic
+    picks = [lb.pick(pri, rng=rng, cluster="c", ejected=two_out) for _ in range(3000)]
+    assert 0.6 < share(picks, {"10.0.0.1", "10.0.0.2"}) < 0.73
+    # 2 of 3 healthy (67 %): no panic, the ejected host gets nothing.
+    picks = [lb.pick(pri, rng=rng, cluster="c", ejected={"10.0.0.1:9080"}) for _ in range(500)]
+    assert share(picks, {"10.0.0.1"}) == 0.0
+    # Istio's default 0 % keeps the plain path (the candidates as they are).
+    assert lb_candidates(hosts, TrafficPolicy(outlier_detection=OD), None) is hosts
+
+
 def test_retry_avoids_the_previous_host_across_priorities():
     pri = lb_candidates(cands("r1/z1/s1", "r2/z1/s1"), TrafficPolicy(outlier_detection=OD), PROXY)
     rng = random.Random(3)

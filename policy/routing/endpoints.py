@@ -623,21 +623,25 @@ def proxy_workload(inventory: Inventory, ip: str | None) -> Workload | None:
 def lb_candidates(candidates: tuple[Candidate, ...], policy: TrafficPolicy,
                   proxy: Workload | None) -> tuple[Candidate, ...]:
     """The candidates ``LoadBalancer.pick`` gets for this cluster at this proxy: ``Prioritized`` when the
-    DestinationRule's locality settings (or the mesh default with outlier detection) or its warmup change
-    anything, else ``candidates`` itself (the plain path). Consistent hashing keeps its one table (parse.py
+    DestinationRule's locality settings (or the mesh default with outlier detection), its warmup or an
+    outlierDetection ``minHealthPercent`` (a panic threshold) change anything, else ``candidates`` itself
+    (the plain path). Consistent hashing keeps its one table (parse.py
     drops localityLbSetting and warmup there)."""
     if policy.consistent_hash is not None or not candidates:
         return candidates
     plan = None
-    if proxy is not None and (policy.locality_lb is not None or policy.outlier_detection is not None):
-        plan = locality_plan(candidates, policy.locality_lb, proxy, outlier=policy.outlier_detection)
-    if policy.warmup is not None and len(candidates) > 1:
-        if plan is None:
-            hosts = tuple(c for c in candidates if c.weight > 0)
-            od = policy.outlier_detection
-            plan = PriorityPlan(((LocalityGroup(Locality(), sum(c.weight for c in hosts), hosts),),),
-                                panic_threshold_pct=od.min_health_percent if od is not None
-                                else ENVOY_PANIC_THRESHOLD_DEFAULT_PCT)
+    od = policy.outlier_detection
+    if proxy is not None and (policy.locality_lb is not None or od is not None):
+        plan = locality_plan(candidates, policy.locality_lb, proxy, outlier=od)
+    panics = od is not None and od.min_health_percent > 0
+    if plan is None and len(candidates) > 1 and (policy.warmup is not None or panics):
+        # One priority: Envoy's panic threshold (Istio: minHealthPercent, "the proxy will load balance
+        # across all hosts in the pool (healthy and unhealthy)" below it) and/or slow start.
+        hosts = tuple(c for c in candidates if c.weight > 0)
+        plan = PriorityPlan(((LocalityGroup(Locality(), sum(c.weight for c in hosts), hosts),),),
+                            panic_threshold_pct=od.min_health_percent if od is not None
+                            else ENVOY_PANIC_THRESHOLD_DEFAULT_PCT)
+    if plan is not None and policy.warmup is not None:
         plan = replace(plan, warmup=policy.warmup)
     return candidates if plan is None else Prioritized(plan)
 
