@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import random
 from collections import Counter
 
@@ -23,7 +24,7 @@ from policy.routing.select import route_tcp
 from policy.routing.table import build_route_table
 from policy.scope import WaypointScope
 from proxy.snapshot import build_snapshot
-from tests.waypoint_harness import Pod, start_harness, start_node_inbound
+from tests.waypoint_harness import Pod, start_harness, start_node_inbound, until
 
 W = Where("routes.yaml", 2)
 
@@ -431,7 +432,13 @@ async def test_tcproute_80_20_split_end_to_end_counted_per_pod(tmp_path, loopbac
         assert 8 <= by_version[b"v2"] <= 45, by_version
         assert counts == Counter({"v1": by_version[b"v1"], "v2": by_version[b"v2"]})
         # The access log names the version Services' clusters (the route's), not tcp-echo's own.
-        lines = [x for x in await h.log_lines(TUNNELS) if x.get("kind") == "tunnel"]
+        lines: list[dict] = []
+
+        def all_logged() -> bool:   # the access log is written by its own thread
+            lines[:] = [x for x in map(json.loads, h.log_sink.getvalue().splitlines()) if x.get("kind") == "tunnel"]
+            return len(lines) >= TUNNELS
+
+        await until(all_logged, "a tunnel line per tunnel")
         assert Counter(x["upstream_cluster"] for x in lines) == Counter({
             "outbound|9000||tcp-echo-v1.default.svc.cluster.local": by_version[b"v1"],
             "outbound|9000||tcp-echo-v2.default.svc.cluster.local": by_version[b"v2"]})
