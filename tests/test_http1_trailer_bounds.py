@@ -349,3 +349,34 @@ def test_an_upgrade_request_after_a_chunked_body_in_the_same_read_still_holds_it
     assert events[-2].upgrade == b"websocket" and events[-1] is MessageEnd and reader.upgrading
     assert reader.feed(b"\x01more") == []
     assert reader.take_upgrade_tail() == b"\x00ws\x01more"
+
+
+@pytest.mark.parametrize("make,start,status", [
+    (RequestReader, b"GET / HTTP/1.1\r\nHost: a\r\n", 431),
+    (None, b"HTTP/1.1 200 OK\r\n", 502),
+])
+def test_a_head_of_many_tiny_fields_holds_max_headers_plus_one_across_reads(make, start, status):
+    # Found auditing: fields are counted against max_headers when the head ends (split independence), and
+    # until then every one was kept: 15 000 "a:\r\n" lines (60 KiB, within the raw bound) held ~1.5 MB of
+    # tuples across reads. Now one too many is kept; the answer is the same.
+    def response():
+        reader = ResponseReader()
+        reader.expect(b"GET")
+        return reader
+    reader = (make or response)()
+
+    def feeds():
+        reader.feed(start)
+        yield
+        for _ in range(59):
+            reader.feed(b"a:\r\n" * 256)
+            yield
+    assert _retained(feeds()) < raw_head_limit(MAX_HEAD_BYTES) + 16 * KiB
+    assert len(reader._headers) == reader.max_headers + 1
+    with pytest.raises(Http1Error) as err:
+        reader.feed(b"\r\n")
+    assert err.value.status == status and err.value.reason == "too many headers"
+    whole = (make or response)()
+    with pytest.raises(Http1Error) as err:
+        whole.feed(start + b"a:\r\n" * 256 * 59 + b"\r\n")
+    assert err.value.status == status and err.value.reason == "too many headers"
