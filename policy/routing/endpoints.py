@@ -179,7 +179,8 @@ class LoadBalancer:
             choice = self._choose_in_plan(plan, healthy, loads, panic, rng, active, algo, cluster, weights)
         return choice
 
-    def _slow_start(self, candidates: "Prioritized", warmup: Warmup, cluster: str, now: float) -> dict[str, float] | None:
+    def _slow_start(self, candidates: "Prioritized", warmup: Warmup, cluster: str,
+                    now: float) -> dict[str, float] | None:
         """The warming hosts' weights (``slow_start_weights``), with when each host joined this cluster kept
         here, per cluster name and host, across config reloads. Envoy (EdfLoadBalancerBase::
         recalculateHostsInSlowStart): "If there is no active HC enabled or HC has not run, start slow start
@@ -223,7 +224,8 @@ class LoadBalancer:
                 group = _choose_locality(plan.levels[level], healthy[level], rng)
                 if group is not None:
                     hosts = [c for c in group.hosts if c in healthy[level]]
-                    source = f"{cluster}|P{level}|{group.locality.region}/{group.locality.zone}/{group.locality.subzone}"
+                    loc = group.locality
+                    source = f"{cluster}|P{level}|{loc.region}/{loc.zone}/{loc.subzone}"
         if not hosts:
             # No healthy host and no panic (Istio's default minHealthPercent 0): "no healthy upstream".
             return None
@@ -399,7 +401,8 @@ class Prioritized(tuple):
         return f"<Prioritized hosts={len(self)} per_priority={sizes} weighted={self.plan.locality_weighted}>"
 
 
-def priority_loads(health: Sequence[tuple[int, int]], panic_threshold_pct: float) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+def priority_loads(health: Sequence[tuple[int, int]],
+                   panic_threshold_pct: float) -> tuple[tuple[int, ...], tuple[bool, ...]]:
     """Envoy's per-priority load (percent, summing to 100) and panic flags from (healthy, total) host counts
     per priority: LoadBalancerBase::recalculatePerPriorityState / recalculatePerPriorityPanic /
     recalculateLoadInTotalPanic, in the same integer arithmetic."""

@@ -780,7 +780,8 @@ def _warmup(r: _R, v: Any, path: str) -> Warmup:
         x = m.get(key)
         if x is None:
             return default
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < lo or (hi is not None and x > hi):
+        bad = isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)
+        if bad or x < lo or (hi is not None and x > hi):
             raise r.fail(f"{path}.{key}", f"expected a number {lo:g}..{hi:g}" if hi is not None
                          else f"expected a number >= {lo:g}")
         return float(x)
