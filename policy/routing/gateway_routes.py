@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from policy.errors import ConfigError, Where
+from policy.errors import Where
 from policy.wire import ascii_lower, wire_form
 
 from .model import NO_HEADER_RULES, BackendRef, GwHeaderMatch, GwMatch, GwRule, ParentRef, StringMatch
@@ -375,4 +375,4 @@ def _grpc_header(r: _R, v: Any, path: str) -> tuple[str, StringMatch]:
 
 
 __all__ = ["TcpRoute", "TcpRouteRule", "GrpcRoute", "parse_tcp_route", "parse_grpc_route",
-           "TCP_ROUTE_VERSIONS", "GRPC_ROUTE_VERSIONS", "ConfigError"]
+           "TCP_ROUTE_VERSIONS", "GRPC_ROUTE_VERSIONS"]
