@@ -75,7 +75,7 @@ class HboneStream:
 
     __slots__ = ("_conn", "stream_id", "local_addr", "remote_addr", "_recv", "_recv_bytes",
                  "_recv_eof", "_error", "_read_waiter", "_drain_waiter", "_eof_sent", "_closing",
-                 "_done", "_done_fut", "bytes_received", "bytes_sent", "_splice", "__weakref__")
+                 "_done", "_done_fut", "bytes_received", "bytes_sent", "_splice", "_on_lost", "__weakref__")
 
     def __init__(self, conn: "HboneConnection", stream_id: int):
         self._conn = conn
@@ -97,6 +97,7 @@ class HboneStream:
         self.bytes_received = 0
         self.bytes_sent = 0
         self._splice = None  # hbone.relay._Splice while spliced to a TcpConnection
+        self._on_lost: Callable[[StreamReset], None] | None = None   # see watch_lost
 
     # -- fed by the connection --
     def _feed(self, data: bytes) -> None:
@@ -129,8 +130,15 @@ class HboneStream:
             self._error = err
             if self._splice is not None:
                 self._splice.h_error(err)
+            if self._on_lost is not None:
+                self._lost(err)
         self._wake_reader()
         self._wake_drain()
+
+    def _lost(self, err: StreamReset) -> None:
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None:
+            on_lost(err)
 
     def _wake_reader(self) -> None:
         w = self._read_waiter
@@ -147,6 +155,10 @@ class HboneStream:
     def _finish(self) -> None:
         """Both directions are over (or the stream/connection was reset)."""
         self._done = True
+        if self._on_lost is not None and not self._eof_sent:
+            # Over before our END_STREAM: the peer reset it with NO_ERROR/CANCEL (read as a clean end, but
+            # nothing can be written any more).
+            self._lost(StreamReset("the peer closed the stream before it was answered"))
         self._wake_reader()
         self._wake_drain()
         if self._done_fut is not None and not self._done_fut.done():
@@ -200,6 +212,20 @@ class HboneStream:
         ``h_writable()`` (after ``over_send_buffer`` said True). ``None``: back to ``read``. What arrived before
         stays buffered: see ``take_buffered``, ``_recv_eof``/``_error`` via ``at_eof``/``error``."""
         self._splice = listener
+
+    def watch_lost(self, on_lost: Callable[[StreamReset], None] | None) -> None:
+        """Call ``on_lost(err)`` once if the stream is lost to the peer before our END_STREAM: reset with an error
+        code, reset clean (NO_ERROR/CANCEL: ``read`` sees an end, yet nothing can be written any more), or its
+        connection died. Not for ``abort``/``close`` of ours. ``None``: stop watching. Called before a reader or
+        drainer waiting on this stream wakes (``waiting``), so the watcher can tell it would see the loss itself.
+        What a server uses to stop work done for a client that is gone (proxy/pipeline/http.py: Envoy's HCM
+        resets the upstream request when its downstream disconnects)."""
+        self._on_lost = on_lost
+
+    @property
+    def waiting(self) -> bool:
+        """A task waits in ``read`` or ``drain`` on this stream (and will see what happens to it)."""
+        return self._read_waiter is not None or self._drain_waiter is not None
 
     def take_buffered(self) -> list[bytes]:
         """The bytes received and not yet read (a listener's to acknowledge with ``ack``)."""
@@ -272,6 +298,7 @@ class HboneStream:
     def close(self) -> None:
         if self._done:
             return
+        self._on_lost = None   # (our own doing)
         self._closing = True
         # Anything unread will never be read: hand its window back now.
         if self._recv_bytes:
@@ -287,6 +314,7 @@ class HboneStream:
         Pass CANCEL explicitly to say "no longer needed" without claiming an error."""
         if self._done:
             return
+        self._on_lost = None   # (our own doing)
         self._conn.core.reset(self.stream_id, code)
         self._fail(StreamReset("stream aborted locally"))
         self._conn.stream_finished(self.stream_id)

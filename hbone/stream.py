@@ -551,6 +551,13 @@ class PrefixedStream:
     async def wait_closed(self) -> None:
         await self._inner.wait_closed()
 
+    def __getattr__(self, name: str):
+        # What only some inner streams offer (an HboneStream's ``watch_lost``): theirs, or AttributeError as for
+        # the inner stream itself. (Only for names not defined here: the ByteStream methods above stay direct.)
+        if name in ("watch_lost", "waiting"):
+            return getattr(self._inner, name)
+        raise AttributeError(name)
+
     def unwrap(self) -> tuple[ByteStream, bytes]:
         """(the inner stream, the bytes not yet replayed), for a consumer that takes the prefix itself
         and then reads the inner stream directly: no wrapper call on every read and drain (a waypoint

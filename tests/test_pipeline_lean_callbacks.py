@@ -35,9 +35,21 @@ class _ListenStream(_Stream):
         self.acked = 0     # bytes a listener (or read) consumed
         self.eof_in = False
         self.err = None
+        self.on_lost = None
 
     def listen(self, listener):
         self.listener = listener
+
+    def watch_lost(self, on_lost):
+        self.on_lost = on_lost
+
+    @property
+    def waiting(self):
+        return self.waiter is not None
+
+    def abort(self):
+        self.on_lost = None
+        super().abort()
 
     def take_buffered(self):
         out = []
@@ -68,13 +80,22 @@ class _ListenStream(_Stream):
             self.err = StreamReset("upstream reset")
         listener = self.listener
         if listener is None or self.state == "aborted":
+            if item == "reset":
+                self._lost()
             return super().feed(item)
         if item == "eof":
             listener.h_eof()
         elif item == "reset":
             listener.h_error(self.err)
+            self._lost()
         else:
             listener.h_data(item)
+
+    def _lost(self):
+        """As HboneStream: the watcher hears of a reset after the listener, before a waiting reader wakes."""
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            on_lost(self.err)
 
     async def read(self, n=65536):
         data = await super().read(n)

@@ -657,6 +657,7 @@ class H2cConn:
         self.on_reset = on_reset
         self.terminated: Terminated | None = None
         self.error: str = ""
+        self.lost = False   # the downstream connection (the tunnel) was lost with streams in flight (serve_h2c)
         self.requests = 0
         self._drain_lock = asyncio.Lock()
         self.flush()
@@ -1144,10 +1145,25 @@ async def serve_h2c(stream: ByteStream, handler: Handler, *, limits: H2Limits = 
                 else:
                     conn.reset(sid, ErrorCodes.INTERNAL_ERROR)
 
+        def lost(err) -> None:
+            # The tunnel, the client's HTTP/2 connection, is lost (reset, or its HBONE connection died: nothing can
+            # be answered on it any more): every request in flight stops and its upstream request is reset, as
+            # Envoy's HCM does for each active stream of a connection that went away (conn_manager_impl.cc onEvent
+            # RemoteClose → doConnectionClose, flag DC). A half-close (END_STREAM) is not this: answers can still go.
+            conn.lost = True
+            for task in list(handlers.values()):
+                if not task.done():
+                    task.cancel()
+
         conn = H2cConn(stream, core, on_request=start, on_reset=downstream_reset)
+        watch_lost = getattr(stream, "watch_lost", None)   # (an HboneStream: hbone/_conn.py)
+        if watch_lost is not None:
+            watch_lost(lost)
         try:
             await conn.run()
         finally:
+            if watch_lost is not None:
+                watch_lost(None)
             if not core.closed:
                 conn.close()
     # Every stream is answered (or reset): the GOAWAY goes out, then the tunnel ends (END_STREAM).

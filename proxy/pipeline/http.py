@@ -121,6 +121,9 @@ class UpstreamProtocolError(BadUpstreamResponse):
 
 # Envoy's details for the same reset once the response head had gone downstream (the client's stream is reset).
 UPSTREAM_RESET_AFTER_PROTOCOL_ERROR = "upstream_reset_after_response_started{protocol_error}"
+# Envoy's details for a request whose client went away before its answer (conn_manager_impl.cc onEvent, RemoteClose:
+# doConnectionClose(..., DownstreamConnectionTermination, ResponseCodeDetails DownstreamRemoteDisconnect)), flag DC.
+DOWNSTREAM_REMOTE_DISCONNECT = "downstream_remote_disconnect"
 # Envoy's HTTP/2 codec details for a header block (head or trailers) over max_headers_kb / max_headers_count
 # (codec_impl.cc Http2ResponseCodeDetailValues::too_many_headers).
 H2_TOO_MANY_HEADERS = "http2.too_many_headers"
@@ -238,6 +241,27 @@ def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, des
                     forward.retry, forward.timeout_s, connect_timeout, tp.lb_algorithm, req_ops, resp_ops,
                     tp.outlier_detection, svc.app_protocols.get(dest.port) if dest.port is not None else None,
                     tp.consistent_hash, circuit_limits(pool), getattr(rule_headers, "cors", None))
+
+
+class _StopOnLoss:
+    """Stops ``serve_http1``'s task when its HBONE stream is lost (``HboneStream.watch_lost``: the client reset the
+    tunnel or its connection died) while the task waits on something else — an upstream's answer, a retry's back-off,
+    a fault's delay. Envoy's HCM resets the requests of a connection that went away (conn_manager_impl.cc onEvent:
+    RemoteClose → doConnectionClose → each active stream's onResetStream, whose router resets its upstream request);
+    without this the request would run to its end upstream, and its answer would find the tunnel gone. A task that
+    waits on the stream itself (``waiting``: a read or a drain) sees the loss there, as before."""
+
+    __slots__ = ("task", "stream", "fired")
+
+    def __init__(self, task: asyncio.Task, stream) -> None:
+        self.task = task
+        self.stream = stream
+        self.fired = False
+
+    def __call__(self, err) -> None:
+        if not self.stream.waiting:
+            self.fired = True
+            self.task.cancel()
 
 
 _NONE: frozenset = frozenset()   # no hosts excluded / ejected (one shared empty set, not two per attempt)
@@ -606,14 +630,26 @@ class HttpPipeline:
             # acknowledgement cuts of hbone/_h2fast.py 7b./7c. and the http1 server's cached loop):
             # waypoint 101.7 -> 91.5 us per request (medians).
             inner, prefix = stream.unwrap() if isinstance(stream, PrefixedStream) else (stream, b"")
-            if LEAN_CALLBACKS and hasattr(inner, "listen"):   # (an HboneStream: hbone/_conn.py)
+            if not hasattr(inner, "listen"):   # (not an HboneStream: hbone/_conn.py)
+                await serve_http1(inner, handler_h1, prefix=prefix)
+                return
+            if LEAN_CALLBACKS:
                 from .lean import CLOSE, LeanHttp1   # (lean builds on this module: imported once it is loaded)
                 # The common request served inside the HBONE callbacks (proxy/pipeline/lean.py, PERF NOTE there)
                 # until the tunnel needs the coroutine server, which goes on from the bytes it hands back.
                 prefix = await LeanHttp1(self, inner, ctx, chain, snapshot).run(prefix)
                 if prefix is CLOSE:
                     return
-            await serve_http1(inner, handler_h1, prefix=prefix)
+            task = asyncio.current_task()
+            stop = _StopOnLoss(task, inner)
+            inner.watch_lost(stop)
+            try:
+                await serve_http1(inner, handler_h1, prefix=prefix)
+            except asyncio.CancelledError:
+                if not stop.fired or task.uncancel():
+                    raise   # (not only ours: the tunnel's task is cancelled too)
+            finally:
+                inner.watch_lost(None)
 
     # -- one request --
     def begin(self, request, ctx: TunnelContext, chain: Chain,
@@ -693,9 +729,18 @@ class HttpPipeline:
                 log.flags.append("DPE")
                 log.detail, log.error = H2_TOO_MANY_HEADERS, refused
                 self._h2_protocol_error("h2c_request_trailers_too_large")
-            log.error = log.error or "downstream reset"
-            if not log.flags:
-                log.flags.append("DR")   # Envoy: DownstreamRemoteReset (h2c RST_STREAM from the client)
+            if protocol == "h2c" and not request.conn.lost:
+                log.error = log.error or "downstream reset"
+                if not log.flags:
+                    log.flags.append("DR")   # Envoy: DownstreamRemoteReset (h2c RST_STREAM from the client)
+            else:
+                # The tunnel, the client's connection, is gone (serve's _StopOnLoss, LeanHttp1._lost, serve_h2c's
+                # lost) or the waypoint stops. Envoy's HCM resets the request's upstream (our attempt was cancelled, which
+                # resets its upstream stream) and logs DC, "downstream_remote_disconnect".
+                log.error = log.error or "downstream connection termination"
+                log.detail = log.detail or DOWNSTREAM_REMOTE_DISCONNECT
+                if not log.flags:
+                    log.flags.append("DC")
             raise
         except Exception as err:
             # Not a ProxyError: a fault of ours. serve_http1 / serve_h2c answer it 500 when no head has

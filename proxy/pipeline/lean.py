@@ -44,7 +44,7 @@ from proxy.http1.server import DEFAULT_LIMITS, Http1Limits, Http1Request, Respon
 
 from .answers import is_grpc
 from . import http as pipeline_http
-from .http import _NONE, _grpc_status_of, _raise, _value, apply_ops, plain_forward
+from .http import _NONE, DOWNSTREAM_REMOTE_DISCONNECT, _grpc_status_of, _raise, _value, apply_ops, plain_forward
 
 log = logging.getLogger("hbone.waypoint")
 
@@ -136,6 +136,7 @@ class LeanHttp1:
         self.last = loop.time()
         self.timer = loop.call_at(self.last + self.conn.limits.idle_timeout_s, self._on_timer)
         h.listen(self)
+        h.watch_lost(self._lost)
         try:
             buffered = h.take_buffered()
             if buffered:
@@ -172,9 +173,26 @@ class LeanHttp1:
             self._end(CLOSE)
 
     def h_error(self, err: StreamReset) -> None:
-        if not self.busy:   # (else the answer's write fails, and the request is logged as the client's reset)
+        if not self.busy:   # (else _lost: the request in flight is stopped)
             self.conn.aborted = True
             self._end(CLOSE)
+
+    def _lost(self, err: StreamReset) -> None:
+        """The tunnel can carry no answer any more (the client reset it, or its HBONE connection died). A request
+        in flight stops as under Envoy's HCM on a downstream disconnect (conn_manager_impl.cc: the connection's
+        RemoteClose → doConnectionClose with DownstreamConnectionTermination, "downstream_remote_disconnect"):
+        its upstream request is reset, not left to run to its end, and it is logged with flag DC and no
+        status."""
+        if not self.busy:
+            return   # an idle tunnel: h_error / h_eof end it
+        self.conn.aborted = True
+        if self.fl is not None:
+            self._drop_flight("downstream connection termination")
+            self._end(CLOSE)
+        elif self.task is not None:
+            self.task.cancel()   # handle() resets its upstream attempt and reports; _handle then ends the tunnel
+        else:
+            self._end(CLOSE)     # its answer is written and waits to drain: nothing upstream to stop
 
     def h_writable(self) -> None:
         if self.busy and self.fl is None and self.task is None and not self.h.over_send_buffer():
@@ -391,6 +409,11 @@ class LeanHttp1:
                                     resume)
                 if not responder.ended:
                     raise RuntimeError("handler returned without ending the response")
+            except asyncio.CancelledError:
+                if not conn.aborted:
+                    raise
+                self._end(CLOSE)   # _lost: the client is gone, and handle() logged the request
+                return
             except Exception as exc:  # noqa: BLE001 — serve_http1's one place that turns a failure into an answer
                 if responder.head_sent or conn.aborted:
                     conn.abort()
@@ -460,24 +483,32 @@ class LeanHttp1:
 
     def _stop(self) -> None:
         self.h.listen(None)
+        self.h.watch_lost(None)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
 
     def _abandon(self) -> None:
         """The tunnel's task was cancelled (the waypoint stops, the tunnel was closed): nothing more is served."""
-        fl, self.fl = self.fl, None
-        if fl is not None:
-            request, responder, snapshot, (plan, lg, t0), up, cand, *_, ustream, _ = fl
-            ustream.listen(None)
-            ustream.abort()
-            self._settle(cand.key)
-            lg.error = "downstream reset"
-            if not lg.flags:
-                lg.flags.append("DR")
-            self.p._report(plan, self.ctx, lg, request, responder, "http/1.1", t0, False)
+        if self.fl is not None:
+            self._drop_flight("downstream reset")
         if self.task is not None:
             self.task.cancel()
+
+    def _drop_flight(self, error: str) -> None:
+        """The inline request is over before its answer (the tunnel is lost or closed): its upstream connection
+        is reset (it holds an answer nobody will read) and the request logged as handle() logs a cancelled one."""
+        fl, self.fl = self.fl, None
+        request, responder, snapshot, (plan, lg, t0), up, cand, *_, ustream, _ = fl
+        self.events = deque()
+        ustream.listen(None)
+        ustream.abort()
+        self._settle(cand.key)
+        lg.error = error
+        lg.detail = lg.detail or DOWNSTREAM_REMOTE_DISCONNECT
+        if not lg.flags:
+            lg.flags.append("DC")
+        self.p._report(plan, self.ctx, lg, request, responder, "http/1.1", t0, False)
 
 
 __all__ = ["LeanHttp1", "CLOSE"]
