@@ -380,3 +380,20 @@ def test_a_head_of_many_tiny_fields_holds_max_headers_plus_one_across_reads(make
     with pytest.raises(Http1Error) as err:
         whole.feed(start + b"a:\r\n" * 256 * 59 + b"\r\n")
     assert err.value.status == status and err.value.reason == "too many headers"
+
+
+# ---- 6. over a real socket ----------------------------------------------------------------------
+
+async def test_serve_http1_answers_an_endless_trailer_431_and_closes():
+    # The reader's answer reaches the client as Envoy's would (431, connection closed): the error comes out
+    # of the body the handler reads, before any response was sent.
+    from hbone.stream import TcpStream
+    from tests.test_http1_server import echo_handler, http1_server, read_until_close
+    async with http1_server(echo_handler) as (port, errors):
+        client = await TcpStream.connect("127.0.0.1", port)
+        section = b"X-T: " + b"a" * (MAX_HEAD_BYTES + 1 - len(b"X-T: "))    # its last byte crosses the bound
+        client.write(CHUNKED + b"3\r\nabc\r\n0\r\n" + section)
+        out = await read_until_close(client)
+        client.close()
+    assert out.startswith(b"HTTP/1.1 431 ") and b"connection: close" in out
+    assert [(e.status, e.reason) for e in errors] == [(431, "trailers too large")]
