@@ -16,7 +16,9 @@ from typing import Callable, Sequence
 from policy.authz.select import PolicyIndex
 from policy.authz.trust_domain import for_waypoint
 from policy.errors import ConfigError
+from policy.inventory import Workload
 from policy.mesh import MeshConfig, gc_paused, load_mesh_config
+from policy.routing.endpoints import proxy_workload
 from policy.routing.table import RouteTable, build_route_table
 from policy.scope import WaypointScope, scope_for_waypoint
 
@@ -32,6 +34,10 @@ class Snapshot:
     scope: WaypointScope | None = None
     loaded_at: float = 0.0           # time.time() when built (for /config_dump)
     sources: tuple[str, ...] = field(default=())
+    # The waypoint's own workload (its pod: locality and labels, for DestinationRule localityLbSetting), looked
+    # up in the whole mesh by its HBONE address, as proxy/identity.py finds its identity; its scope does not hold
+    # it (traffic to the waypoint's own IP would then get a direct chain back to itself).
+    proxy_workload: Workload | None = None
 
     def __repr__(self) -> str:
         return f"<Snapshot v{self.version} {self.mesh!r} scope={self.scope}>"
@@ -59,7 +65,8 @@ def build_snapshot(mesh: MeshConfig, *, mode: str, scope: WaypointScope | None, 
         authz = for_waypoint(authz, trust_domains)
         held = replace(held, authorization_policies=authz)
     policies = PolicyIndex.build(authz, root_namespace=held.root_namespace)
-    return Snapshot(version, held, policies, routes, scope, now, held.sources)
+    me = proxy_workload(mesh.inventory, scope.address_ip) if scope is not None else None
+    return Snapshot(version, held, policies, routes, scope, now, held.sources, proxy_workload=me)
 
 
 def _settle(fut: asyncio.Future, result: tuple) -> None:

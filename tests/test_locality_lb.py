@@ -368,16 +368,6 @@ def test_validation_errors_name_the_file_document_resource_and_field(setting, wh
 # End to end: a real waypoint on loopback fails over to the other region when its own region's pods are ejected
 
 
-def _snapshot_knows_the_waypoints_pod() -> bool:
-    from proxy.snapshot import Snapshot
-    return "proxy_workload" in Snapshot.__dataclass_fields__
-
-
-# The waypoint's own pod is not in the scoped inventory it holds; ``Snapshot.proxy_workload`` (found in the
-# whole mesh by the HBONE address) is the lead's change to proxy/snapshot.py. Until it is merged this test
-# fails (traffic spreads over both regions) and is expected to; after, it runs as any other.
-@pytest.mark.xfail(not _snapshot_knows_the_waypoints_pod(), strict=True, raises=AssertionError,
-                   reason="needs Snapshot.proxy_workload (proxy/snapshot.py build_snapshot)")
 async def test_waypoint_prefers_its_own_locality_and_fails_over_when_the_local_pods_are_ejected(tmp_path, loopback_ip):
     from hbone.stream import TcpStream
     from policy.scope import WaypointScope

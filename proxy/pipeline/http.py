@@ -56,7 +56,7 @@ from hbone.stream import MiB, ByteStream, PrefixedStream
 from policy.authz.evaluate import Decision
 from policy.authz.model import A_REQUEST_HEADER
 from policy.inventory import Service
-from policy.routing.endpoints import Candidate, LoadBalancer, OutlierDetector, endpoints_for
+from policy.routing.endpoints import Candidate, LoadBalancer, OutlierDetector, endpoints_for, lb_candidates
 from policy.routing import cors as cors_filter
 from policy.routing.hashing import request_hash
 from policy.routing.model import (CONNECT_FAILURE, DEFAULT_RETRY_POLICY, PER_TRY_TIMEOUT, RESET, ConsistentHash,
@@ -230,13 +230,8 @@ def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, des
         # DestinationRule localityLbSetting (or the mesh default with outlier detection) and warmup: priorities,
         # locality weights relative to this waypoint's own pod, slow start — carried by the candidates
         # (Prioritized), so the pick call sites stay as they are.
-        from policy.routing.endpoints import lb_candidates, proxy_workload   # (memoised per snapshot)
-        # The waypoint's own pod: Snapshot.proxy_workload (found in the whole mesh by the HBONE address, as
-        # proxy/identity.py waypoint_identity does), else the held inventory.
-        me = getattr(snapshot, "proxy_workload", None)
-        if me is None and snapshot.scope is not None:
-            me = proxy_workload(inv, snapshot.scope.address_ip)
-        candidates = lb_candidates(candidates, tp, me)
+        # (memoised per snapshot, as the whole Upstream.) The waypoint's own pod: Snapshot.proxy_workload.
+        candidates = lb_candidates(candidates, tp, snapshot.proxy_workload)
     return Upstream(dest.cluster_name, svc, candidates,
                     forward.retry, forward.timeout_s, connect_timeout, tp.lb_algorithm, req_ops, resp_ops,
                     tp.outlier_detection, svc.app_protocols.get(dest.port) if dest.port is not None else None,
