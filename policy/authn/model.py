@@ -11,7 +11,7 @@ Sources (read through the project's search index; the snapshots named in referen
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Mapping
 
