@@ -506,3 +506,20 @@ def test_proxy_config_routes_name_the_grpcroute_that_made_them():
     assert len(entries) == 3
     assert {e["metadata"]["filterMetadata"]["istio"]["config"] for e in entries} == {
         "/apis/gateway.networking.k8s.io/v1/namespaces/default/grpc-route/greeter"}
+
+
+def test_proxy_config_routes_show_a_service_only_method_match_as_a_prefix():
+    """istiod writes a service-only Exact method match as a plain prefix ``/<service>/``: the view says prefix."""
+    from proxy.admin.views import build_waypoint_views
+    from proxy.pipeline.views_input import views_input
+    from proxy.snapshot import build_snapshot
+    from policy.scope import WaypointScope
+
+    route = GREETER_GRPCROUTE.replace("- method: {service: greeter.Greeter, method: SayHello}",
+                                      "- method: {service: greeter.Greeter}")
+    snap = build_snapshot(mesh_of(inventory(), route), mode="waypoint", version=1, now=0.0,
+                          scope=WaypointScope.parse("default", gateway="default/reviews-waypoint"))
+    (cfg,) = [r for r in build_waypoint_views(**views_input(snap)).to_dict()["routes"]
+              if r["name"] == "inbound-vip|9090|http|greeter.default.svc.cluster.local"]
+    assert [e["match"] for e in cfg["virtualHosts"][0]["routes"]] == [
+        {"prefix": "/greeter.Greeter/"}, {"prefix": "/"}, {"prefix": "/"}]

@@ -31,8 +31,9 @@ def _match(matchers: tuple) -> tuple[str, str]:
             return (kind if kind in ("prefix", "exact", "regex") else "prefix", mt.m.uri.value)
         if isinstance(mt, GwMatcher):
             t = mt.m.path_type
-            return ({"Exact": "exact", "RegularExpression": "regex"}.get(t, "path_separated_prefix" if mt.m.path not in ("", "/")
-                                                                         else "prefix"), mt.m.path or "/")
+            # "Prefix": a GRPCRoute's service-only method match, a plain string prefix (/svc/) as istiod writes it.
+            return ({"Exact": "exact", "RegularExpression": "regex", "Prefix": "prefix"}.get(
+                t, "path_separated_prefix" if mt.m.path not in ("", "/") else "prefix"), mt.m.path or "/")
     return ("prefix", "/")
 
 
