@@ -8,6 +8,7 @@ import base64
 import json
 import math
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -84,6 +85,24 @@ def test_default_access_token_query_parameter_is_checked_and_removed():
     # The first value counts (getFirstValue); an invalid one is a 401.
     r = run(ONE, target=f"/get?access_token=bad&access_token={token}".encode())
     assert r.body == Status.JWT_BAD_FORMAT.text
+
+
+def test_query_tokens_are_percent_decoded_and_the_rest_of_the_query_kept_as_sent():
+    token = A.mint()
+    encoded = token.replace(".", "%2E").encode()
+    r = run(ONE, target=b"/get?x=%C3%A9&access_token=" + encoded + b"&y=\xff&&z")
+    assert r.principal == f"{A.iss}/alice"
+    assert r.target == b"/get?x=%C3%A9&y=\xff&z"
+
+
+def test_claims_are_read_only_and_plain_rule_tuples_work_too():
+    r = authenticate(ONE.rules, [HOST, bearer(A.mint({"org": {"team": "t"}, "groups": ["a"]}))], b"/", now=NOW)
+    assert r.principal == f"{A.iss}/alice"
+    with pytest.raises(TypeError):
+        r.claims["sub"] = "admin"
+    with pytest.raises(TypeError):
+        r.claims["org"]["team"] = "x"
+    assert r.claims["groups"] == ("a",)
 
 
 def test_two_tokens_for_one_rule_follow_envoys_token_order():

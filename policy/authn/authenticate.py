@@ -130,7 +130,8 @@ def _query_pairs(target: str) -> list[tuple[str, str, str]]:
 
 
 def _pct(text: str) -> str:
-    return unquote_to_bytes(text).decode("latin-1") if "%" in text else text
+    # Percent-decoding of the request's bytes (one str char per byte), not of UTF-8 text.
+    return unquote_to_bytes(text.encode("latin-1")).decode("latin-1") if "%" in text else text
 
 
 def _cookies(headers: list[tuple[str, str]], wanted: set[str]) -> dict[str, str]:
@@ -163,7 +164,6 @@ class _Token:
 class _Request:
     headers: list[tuple[str, str]]
     target: str
-    original_target: str
     removed: set[str] = field(default_factory=set)
     added: list[tuple[str, str]] = field(default_factory=list)
     payload: Any = None
@@ -463,7 +463,7 @@ def authenticate(rules: JwtRuleSet | Sequence[JwtRule], headers: Sequence[tuple[
     # Access-Control-Request-Method). No sanitising either: the filter completes before any verifier runs.
     if meth == "OPTIONS" and _header(hdrs, "origin") and _header(hdrs, "access-control-request-method"):
         return ALLOWED_NO_RULES
-    req = _Request(list(hdrs), tgt, tgt)
+    req = _Request(list(hdrs), tgt)
     now_s = int(math.floor(now))
     status = _run(rule_set._tree, req, rule_set, now_s)
     if status is Status.OK:

@@ -1,6 +1,7 @@
 """Which RequestAuthentication policies a waypoint enforces — the same attachment rule as AuthorizationPolicy
-(``policy.authz.select.PolicyIndex.for_waypoint``; istio ``pilot/pkg/model/policyattachment.go``, which istiod
-uses for every targetRef-able security policy): targetRefs to the waypoint's Gateway (policy in the Gateway's
+(``policy.authz.select.PolicyIndex.for_waypoint``): istiod's ``pilot/pkg/model/authentication.go
+getConfigsForWorkload`` picks RequestAuthentications with ``selectionOpts.WithRootNamespace(rootNamespace)
+.ShouldAttachPolicy(...)``, the same ``policyattachment.go`` check AuthorizationPolicy uses: targetRefs to the waypoint's Gateway (policy in the Gateway's
 namespace), to a Service it serves (policy in the Service's namespace; group "" or "core"), or, for a policy in
 the root namespace, to GatewayClass ``istio-waypoint`` (every waypoint). "Waypoints never use selector": a
 policy with a selector or with neither field does not apply to a waypoint.
