@@ -437,8 +437,10 @@ def authenticate(rules: JwtRuleSet | Sequence[JwtRule], headers: Sequence[tuple[
     """Decide one request against the waypoint's JWT rules (Envoy jwt_authn as istiod configures it).
 
     ``headers``: the request headers as (name, value) bytes, names in any case (HTTP/2 pseudo-headers may be
-    included); ``target``: the request target (path and query); ``now``: Unix seconds (Envoy uses whole
-    seconds); ``method``/``authority`` when not among ``headers`` (``:method``/``:authority``/``Host``).
+    included); ``target``: the request target (path and query); ``now``: Unix seconds, finite (Envoy uses
+    whole seconds); ``method``/``authority`` when not among ``headers`` (``:method``/``:authority``/``Host``).
+    Pass the ``JwtRuleSet`` built once per snapshot (``jwt_rules_for_waypoint``); a plain sequence of rules
+    is accepted but compiled on every call.
 
     O(1) without rules. Never raises for any header, target or token: bad input is a 401 (or 403 for
     "Audiences in Jwt are not allowed", as Envoy answers).

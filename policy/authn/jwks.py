@@ -146,6 +146,7 @@ def parse_jwks(text: str, *, fake: bool = False) -> Jwks:
             kty = _string(key, "kty", "[kty] is missing in [keys]", "[kty] is bad in [keys]")
             if kty not in _BY_KTY:
                 raise JwksError("[kty] is not supported in [keys]")
+            # (Envoy has no status of its own for a non-string kid/alg; these two texts are ours.)
             kid = _optional_string(key, "kid", "[kid] is bad in [keys]")
             alg = _optional_string(key, "alg", "[alg] is bad in [keys]")
             out.append(_BY_KTY[kty](key, kid, alg))
