@@ -390,6 +390,9 @@ class _Reader:
             try:
                 self._execute(data)
             except Exception as exc:  # noqa: BLE001 — as in feed (the walk starts where this read did)
+                # An error, or a next message's method cut by the read's end (_settle waits for it): either
+                # way no chunked body goes on.
+                self._in_chunked = False
                 return self._settle(data, True, exc)
             if not self._in_message:
                 self._in_chunked = False
@@ -418,6 +421,7 @@ class _Reader:
         try:
             self._execute(data)
         except Exception as exc:  # noqa: BLE001 — as in feed
+            self._in_chunked = False
             return self._settle(data, True, exc)
         if state[0] != _OVER:
             self._chunk_state = state
