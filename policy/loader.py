@@ -83,6 +83,8 @@ RESOURCE_KINDS: tuple[ResourceKind, ...] = (
                  "policy.routing.gateway_routes:parse_grpc_route", "http_routes"),
     ResourceKind("gateway.networking.k8s.io", "TCPRoute", ("v1alpha2", "v1"),
                  "policy.routing.gateway_routes:parse_tcp_route", "http_routes"),
+    ResourceKind("security.istio.io", "RequestAuthentication", ("v1", "v1beta1"),
+                 "policy.authn.parse:parse_request_authentication", "request_authentications"),
 )
 _BY_GROUP_KIND = {(r.group, r.kind): r for r in RESOURCE_KINDS}
 SUPPORTED_KINDS_TEXT = ", ".join(f"{r.group}/{'|'.join(r.versions)} {r.kind}" for r in RESOURCE_KINDS)
@@ -665,6 +667,7 @@ def build_mesh_config(
     return MeshConfig(
         inventory=inventory,
         authorization_policies=tuple(got.resources["authorization_policies"]),
+        request_authentications=tuple(got.resources["request_authentications"]),
         virtual_services=tuple(got.resources["virtual_services"]),
         destination_rules=tuple(got.resources["destination_rules"]),
         http_routes=tuple(got.resources["http_routes"]),

@@ -21,8 +21,8 @@ from policy.inventory import Inventory
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 
 # The kinds `counts()` reports, in the order `config check` prints them.
-KINDS = ("Workload", "Service", "AuthorizationPolicy", "VirtualService", "DestinationRule", "HTTPRoute", "GRPCRoute",
-         "TCPRoute", "Gateway")
+KINDS = ("Workload", "Service", "AuthorizationPolicy", "RequestAuthentication", "VirtualService", "DestinationRule",
+         "HTTPRoute", "GRPCRoute", "TCPRoute", "Gateway")
 # The Gateway API route kinds kept together in ``MeshConfig.http_routes``; each model's class attribute
 # ``kind`` says which (policy.routing.gateway_routes; HTTPRoute's model has none).
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "TCPRoute")
@@ -32,6 +32,7 @@ ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "TCPRoute")
 class MeshConfig:
     inventory: Inventory = field(default_factory=Inventory)
     authorization_policies: tuple[Any, ...] = ()   # policy.authz.model.AuthorizationPolicy (resources and ztunnel `policies:`)
+    request_authentications: tuple[Any, ...] = ()  # policy.authn.model.RequestAuthentication (JWT rules)
     virtual_services: tuple[Any, ...] = ()         # policy.routing models
     destination_rules: tuple[Any, ...] = ()
     http_routes: tuple[Any, ...] = ()              # Gateway API routes: HTTPRoute, GRPCRoute, TCPRoute (ROUTE_KINDS)
@@ -50,6 +51,7 @@ class MeshConfig:
             return tuple(r for r in self.http_routes if getattr(type(r), "kind", "HTTPRoute") == kind)
         return {
             "AuthorizationPolicy": self.authorization_policies,
+            "RequestAuthentication": self.request_authentications,
             "VirtualService": self.virtual_services,
             "DestinationRule": self.destination_rules,
             "Gateway": self.gateways,

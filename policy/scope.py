@@ -187,6 +187,14 @@ def scope_for_waypoint(mesh: MeshConfig, scope: WaypointScope) -> MeshConfig:
 
         index = PolicyIndex.build(mesh.authorization_policies, root_namespace=mesh.root_namespace)
         policies = tuple(index.for_waypoint(gateway=scope.gateway, services=[(s.namespace, s.name) for s in bound]))
+    authentications: tuple[Any, ...] = ()
+    if mesh.request_authentications:
+        from policy.authn.select import policies_for_waypoint as authn_for_waypoint
+
+        # RequestAuthentication attaches as AuthorizationPolicy does (targetRefs only: policy/authn/select.py).
+        authentications = authn_for_waypoint(mesh.request_authentications, gateway=scope.gateway,
+                                             services=[(s.namespace, s.name) for s in bound],
+                                             root_namespace=mesh.root_namespace)
     hostnames = {s.hostname for s in services}
     destination_rules = tuple(
         dr for dr in mesh.destination_rules
@@ -199,6 +207,7 @@ def scope_for_waypoint(mesh: MeshConfig, scope: WaypointScope) -> MeshConfig:
     return MeshConfig(
         inventory=inventory,
         authorization_policies=policies,
+        request_authentications=authentications,
         virtual_services=virtual_services,
         destination_rules=destination_rules,
         http_routes=http_routes,

@@ -104,10 +104,12 @@ class _Facts:
 
     @classmethod
     def l7(cls, source_ip: str, principal: str | None, destination_ip: str, destination_port: int, method: str,
-           path: str, host: str, headers: Mapping[str, tuple[str, ...]]) -> "_Facts":
+           path: str, host: str, headers: Mapping[str, tuple[str, ...]],
+           claims: Mapping[str, Any] | None = None, request_principal: str | None = None) -> "_Facts":
         """The facts of ``AuthzRequest(source_ip, principal, destination_ip, destination_port,
-        http=HttpAttributes(method, path, host, headers))`` without building those two objects (no JWT,
-        no SNI, no remote IP: what a waypoint's HTTP request carries)."""
+        http=HttpAttributes(method, path, host, headers, jwt_claims=claims, request_principal=...))`` without
+        building those two objects (no SNI, no remote IP: what a waypoint's HTTP request carries; ``claims``: a
+        JWT the waypoint's RequestAuthentication validated, policy/authn)."""
         f = cls()
         f.principal, f.trust_domain, f.namespace, f.service_account = _peer(principal)
         f.source_ip = f.remote_ip = parse_ip(source_ip)
@@ -117,7 +119,11 @@ class _Facts:
         f.http = True   # only tested for "is this HTTP"; the attributes are the fields below
         f.method, f.raw_path, f.host, f.headers = method, path, host, headers
         f.path = normalize_path(path)
-        f.claims = f.request_principal = None
+        f.claims = claims
+        if request_principal is None and claims is not None and isinstance(claims.get("iss"), str) \
+                and isinstance(claims.get("sub"), str):
+            request_principal = f"{claims['iss']}/{claims['sub']}"  # Istio: request principal = "<iss>/<sub>"
+        f.request_principal = request_principal
         return f
 
 
@@ -362,11 +368,13 @@ class Authorizer:
         return self._decide(_Facts(request))
 
     def decide_http(self, source_ip: str, principal: str | None, destination_ip: str, destination_port: int, *,
-                    method: str, path: str, host: str, headers: Mapping[str, tuple[str, ...]]) -> Decision:
+                    method: str, path: str, host: str, headers: Mapping[str, tuple[str, ...]],
+                    claims: Mapping[str, Any] | None = None) -> Decision:
         """``decide(AuthzRequest(source_ip, principal, destination_ip, destination_port,
-        http=HttpAttributes(method, path, host, headers)))``, without building the request objects."""
+        http=HttpAttributes(method, path, host, headers, jwt_claims=claims)))``, without building the request
+        objects."""
         return self._decide(_Facts.l7(source_ip, principal, destination_ip, destination_port, method, path, host,
-                                      headers))
+                                      headers, claims))
 
     def _decide(self, facts: _Facts) -> Decision:
         enforcement = self.enforcement

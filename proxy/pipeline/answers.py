@@ -35,6 +35,24 @@ class LocalReply:
     body: bytes
     flags: tuple[str, ...]
     detail: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()   # beyond content-length/-type (JwtRejected's www-authenticate)
+
+
+class JwtRejected(ProxyError):
+    """A RequestAuthentication rejected the request's JWT (policy/authn: Envoy's jwt_authn filter as istiod
+    configures it — a token that is present but invalid, or from an issuer no rule names). The answer is the
+    filter's: 401 (403 "Audiences in Jwt are not allowed") with its text as the body and a ``www-authenticate``
+    header, no response flag, details ``jwt_authn_access_denied{...}``; before authorization, as the filter
+    comes before RBAC in the waypoint's chain."""
+    hbone_status = 401
+    http_status = 401
+    flag = NO_FLAGS
+
+    def __init__(self, result):
+        super().__init__(result.body, detail=result.detail)
+        self.http_status = result.status
+        self.body_override = result.body.encode("latin-1")
+        self.headers = tuple(result.response_headers)
 
 
 def flags_of(err: ProxyError) -> tuple[str, ...]:
@@ -59,7 +77,8 @@ def local_reply(err: ProxyError) -> LocalReply:
     body = getattr(err, "body_override", None) or body
     if isinstance(err, RetriesExhausted) or "URX" in flags_of(err):
         body = _BODIES[RetriesExhausted]
-    return LocalReply(getattr(err, "status_override", None) or err.http_status, body, flags_of(err), err.detail)
+    return LocalReply(getattr(err, "status_override", None) or err.http_status, body, flags_of(err), err.detail,
+                      getattr(err, "headers", ()))
 
 
 def exhausted(last: ProxyError, attempts: int) -> ProxyError:

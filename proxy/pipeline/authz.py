@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from policy.authn import EMPTY_RULE_SET, JwtRuleSet, jwt_rules_for_waypoint
 from policy.authz.evaluate import AuthzRequest, Authorizer, Decision, Enforcement, HttpAttributes, authorize
 
 from proxy.snapshot import Snapshot
@@ -74,12 +75,36 @@ def l7_authorizer(chain: Chain, snapshot: Snapshot, memo: dict | None = None) ->
 
 
 def l7_decision(chain: Chain, snapshot: Snapshot, source_ip: str, principal: str | None, *, method: str,
-                path: str, host: str, headers: Mapping[str, tuple[str, ...]], memo: dict | None = None) -> Decision:
-    """The per-request decision on an HTTP chain (``memo``: see ``l7_authorizer``)."""
+                path: str, host: str, headers: Mapping[str, tuple[str, ...]], memo: dict | None = None,
+                claims: Mapping | None = None) -> Decision:
+    """The per-request decision on an HTTP chain (``memo``: see ``l7_authorizer``; ``claims``: the request's JWT
+    as the waypoint's RequestAuthentication validated it, ``jwt_rules``)."""
     # Istio §6 item 7: at a waypoint chain, `ports` are the Service port addressed (the :authority's).
     return l7_authorizer(chain, snapshot, memo).decide_http(
         source_ip, principal, chain.destination[0], chain.destination[1], method=method, path=path, host=host,
-        headers=headers)
+        headers=headers, claims=claims)
 
 
-__all__ = ["policies_for", "authz_request", "l4_decision", "l7_authorizer", "l7_decision"]
+def jwt_rules(chain: Chain, snapshot: Snapshot, memo: dict) -> JwtRuleSet:
+    """The JWT rules of the RequestAuthentications attached to this chain at the waypoint (targetRefs to the
+    waypoint's Gateway, the Service addressed, or GatewayClass istio-waypoint from the root namespace, as
+    ``policies_for`` picks AuthorizationPolicies), compiled once per chain and snapshot (``memo``: as
+    ``l7_authorizer``'s). Empty — falsy — for a chain without any: the request path then skips authentication."""
+    key = ("authn", id(chain))
+    hit = memo.get(key)
+    if hit is not None and hit[0] is chain:
+        return hit[1]
+    policies = snapshot.mesh.request_authentications
+    if not policies:
+        rules = EMPTY_RULE_SET
+    else:
+        scope = snapshot.scope
+        services = [(chain.service.namespace, chain.service.name)] if chain.kind == INBOUND_VIP and chain.service \
+            else []
+        rules = jwt_rules_for_waypoint(policies, gateway=scope.gateway if scope is not None else None,
+                                       services=services, root_namespace=snapshot.mesh.root_namespace)
+    memo[key] = (chain, rules)
+    return rules
+
+
+__all__ = ["policies_for", "authz_request", "l4_decision", "l7_authorizer", "l7_decision", "jwt_rules"]
