@@ -38,14 +38,13 @@ Rules (each is a decision a user of Envoy would recognise):
   answers it 404 NR, as Envoy does without ``upgrade_type: CONNECT`` (which Istio does not configure).
   A response reader told ``expect(method, upgrade=True)`` accepts a 101 the same way.
 - Trailers of chunked messages are parsed and dropped (Envoy drops HTTP/1 trailers unless ``enable_trailers``
-  is set, which Istio does not set). Their names and values count against the head's ``max_head_bytes``, as
-  they always have here; and the trailer section is bounded on the wire on its own, as Envoy's parser bounds
-  it (quiche BalsaFrame, READING_TRAILER: "Reuse the header length limit for trailer", ``trailer_length_ >
-  max_header_length_`` → TRAILER_TOO_LONG, which Envoy's codec answers 431 ``http1.headers_too_large``):
-  ``max_head_bytes`` bytes from its first byte through the LF of its empty line. Past it: 431 (502 for a
-  response), at that byte, however the bytes are split into reads (llhttp holds a trailer field until it
-  ends, so before this bound a trailer that never ended grew without limit). ``max_headers`` does not apply
-  to trailers: Envoy counts them only with ``enable_trailers``.
+  is set, which Istio does not set). The trailer section is bounded on the wire on its own (the head's count
+  is not shared), as Envoy's parser bounds it (quiche BalsaFrame, READING_TRAILER: "Reuse the header length
+  limit for trailer", ``trailer_length_ > max_header_length_`` → TRAILER_TOO_LONG, which Envoy's codec
+  answers 431 ``http1.headers_too_large``): ``max_head_bytes`` bytes from its first byte through the LF of
+  its empty line. Past it: 431 (502 for a response), at that byte, however the bytes are split into reads
+  (llhttp holds a trailer field until it ends, so before this bound a trailer that never ended grew without
+  limit). ``max_headers`` does not apply to trailers: Envoy counts them only with ``enable_trailers``.
 """
 
 from __future__ import annotations
@@ -259,7 +258,7 @@ class _Reader:
         self._body_bytes = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Counted here, judged when the head (or the trailer section) ends: httptools hands a field over
+        # Counted here, judged when the head ends: httptools hands a field over
         # when the next one begins, and only if that one's first bytes are good when they come in the
         # same read, so a limit judged here would answer 431 byte by byte where the whole read finds the
         # next field bad (400). Until the end, what is held is bounded raw (see raw_head_limit).
@@ -287,8 +286,7 @@ class _Reader:
         self._events.append(_tuple_new(BodyChunk, (body,)))
 
     def on_message_complete(self) -> None:
-        if self._head_bytes > self.max_head_bytes:     # the trailers (see on_header)
-            self._fail(self._too_large, "trailers too large")
+        # (Trailers: bounded on the wire, on their own, while they arrive: see _feed_chunked.)
         self._in_message = False
         self._awaiting_head = True
         self._events.append(MessageEnd)
