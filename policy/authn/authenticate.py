@@ -22,6 +22,7 @@ header edits land exactly as Envoy's would (including sanitising the output head
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 from urllib.parse import unquote_to_bytes
@@ -103,16 +104,15 @@ class _Extractor:
         return cls(locations(headers), locations(params), locations(cookies), tuple(dict.fromkeys(sanitize)))
 
 
+_B64URL_DOT_RUN = re.compile(r"[A-Za-z0-9\-_.]+")   # a run of _B64URL_DOT characters (ASCII only)
+
+
 def _extract_jwt(value: str, after: int) -> str:
     """extractJWT: skip to the first base64url-or-dot character after the prefix and take the run of them;
-    "if it finds no suitable string, it returns value_str as-is"."""
-    start = next((i for i in range(after, len(value)) if value[i] in _B64URL_DOT), -1)
-    if start < 0:
-        return value
-    end = start
-    while end < len(value) and value[end] in _B64URL_DOT:
-        end += 1
-    return value[start:end]
+    "if it finds no suitable string, it returns value_str as-is". (One regex search: the character loop it
+    replaces took ~30 µs for a 600-byte token.)"""
+    m = _B64URL_DOT_RUN.search(value, after)
+    return value if m is None else m.group()
 
 
 def _query_pairs(target: str) -> list[tuple[str, str, str]]:
