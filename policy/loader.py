@@ -4,7 +4,8 @@ A document (see ``policy.documents``) is either
 
 1. an **inventory** in ztunnel's local-config shape (reference/ztunnel.md §5): top-level
    ``workloads:``, ``services:``, ``policies:``, camelCase fields, unknown fields rejected (ztunnel's
-   serde ``deny_unknown_fields``), plus a workload's ``labels`` and a service's ``appProtocols``; or
+   serde ``deny_unknown_fields``), plus a workload's ``labels`` and a service's ``appProtocols`` and
+   ``trafficDistribution`` (Kubernetes' field, read as the ``loadBalancer`` istiod makes of it); or
 2. a **Kubernetes resource** (``apiVersion`` + ``kind``), dispatched by API group and kind to the
    parser that owns it (``policy.authz``, ``policy.routing``).
 
@@ -430,6 +431,7 @@ WORKLOAD_FIELDS = (
 SERVICE_FIELDS = (
     "name", "namespace", "hostname", "vips", "ports", "appProtocols", "cidrVips", "endpoints",
     "subjectAltNames", "waypoint", "weightedWaypoints", "loadBalancer", "ipFamilies", "canonical", "visibility",
+    "trafficDistribution",
 )
 
 
@@ -557,6 +559,12 @@ def parse_service(item: Any, ctx: _Ctx, path: str) -> Service | None:
         ip_families=f.get("ipFamilies", _enum("Dual", "IPv4", "IPv6"), None),
         visibility=f.get("visibility", _enum("Public", "Namespace"), "Public"),
     )
+    distribution = f.get("trafficDistribution", _enum(*TRAFFIC_DISTRIBUTIONS), None)
+    if distribution is not None:
+        if s["load_balancer"] is not None:
+            ctx.error(_join(path, "trafficDistribution"), "set either loadBalancer or trafficDistribution, not both "
+                      "(istiod derives the one from the other)")
+        s["load_balancer"] = TRAFFIC_DISTRIBUTIONS[distribution]
     ports = s["ports"]
     for p in s["app_protocols"] or {}:
         if ports is not None and p not in ports:
@@ -615,6 +623,19 @@ def _weighted_waypoint(v: Any, path: str, ctx: _Ctx) -> WeightedWaypoint | None:
 
 
 ROUTING_PREFERENCES = ("Region", "Zone", "Subzone", "Node", "Cluster", "Network")
+
+# A Kubernetes Service's ``spec.trafficDistribution`` as istiod hands it to ztunnel
+# (serviceregistry/kube/controller/ambient/services.go): model.GetTrafficDistribution maps "PreferClose" and
+# "PreferSameZone" to TrafficDistributionPreferSameZone → preferSameZoneLoadBalancer ``{routingPreference:
+# [NETWORK, REGION, ZONE], mode: FAILOVER}`` ("Prefer endpoints in close zones, but allow spilling over to further
+# endpoints where required"); "PreferSameNode" → preferSameNodeLoadBalancer ``[NETWORK, REGION, ZONE, SUBZONE,
+# NODE]``. The waypoint reads the same loadBalancer back as istiod's Envoy failoverPriority
+# (policy.routing.endpoints.service_locality_setting). The Kubernetes API server rejects other values.
+TRAFFIC_DISTRIBUTIONS: Mapping[str, LoadBalancer] = MappingProxyType({
+    "PreferClose": LoadBalancer(("Network", "Region", "Zone"), "Failover", "OnlyHealthy"),
+    "PreferSameZone": LoadBalancer(("Network", "Region", "Zone"), "Failover", "OnlyHealthy"),
+    "PreferSameNode": LoadBalancer(("Network", "Region", "Zone", "Subzone", "Node"), "Failover", "OnlyHealthy"),
+})
 
 
 def _load_balancer(v: Any, path: str, ctx: _Ctx) -> LoadBalancer | None:

@@ -12,6 +12,9 @@
   ``priority_loads``: how Envoy spreads load over those priorities by their health; ``warmup`` (Envoy slow
   start: ``slow_start_weights``). ``pick`` follows such a plan when the candidates carry one
   (``Prioritized``); plain candidates take the path they always took.
+* ``service_locality_setting`` / ``strict_match``: a Service's ``loadBalancer`` (its Kubernetes traffic
+  distribution, ``internalTrafficPolicy: Local``) as istiod says it to the waypoint's Envoy; ``lb_candidates``
+  applies it when the DestinationRule has no localityLbSetting, with ``not_ready_for``'s endpoints counted.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 from policy.inventory import Inventory, Locality, Service, Workload
+from policy.inventory import LoadBalancer as ServiceLoadBalancer
 
 from .hashing import MaglevTable, RingTable, build_table, hash64
 from .model import (
@@ -77,10 +81,23 @@ class Candidate:
 def endpoints_for(inventory: Inventory, service: Service, port: int,
                   subset_labels: Mapping[str, str] | None) -> tuple[Candidate, ...]:
     """The service's endpoints able to take traffic on ``port``, in a stable order (by workload uid)."""
+    return _endpoints(inventory, service, port, subset_labels, healthy=True)
+
+
+def not_ready_for(inventory: Inventory, service: Service, port: int,
+                  subset_labels: Mapping[str, str] | None) -> tuple[Candidate, ...]:
+    """The endpoints ``endpoints_for`` leaves out only for their health (workload or endpoint status
+    Unhealthy): what istiod still sends a proxy, marked UNHEALTHY, for a Service with a traffic distribution
+    (``lb_candidates``), and what a ``healthPolicy: AllowAll`` Service uses as healthy."""
+    return _endpoints(inventory, service, port, subset_labels, healthy=False)
+
+
+def _endpoints(inventory: Inventory, service: Service, port: int, subset_labels: Mapping[str, str] | None, *,
+               healthy: bool) -> tuple[Candidate, ...]:
     out = []
     for wl, ep in inventory.endpoints_of(service):
         # ztunnel: "Only healthy endpoints are used" — the workload's and the endpoint's status.
-        if not wl.healthy or ep.status != "Healthy":
+        if (wl.healthy and ep.status == "Healthy") is not healthy:
             continue
         # ztunnel: "The endpoint must have the service port."
         target = ep.ports.get(port)
@@ -168,6 +185,8 @@ class LoadBalancer:
         weights = None
         if plan.warmup is not None and algo != "RANDOM":
             weights = self._slow_start(candidates, plan.warmup, cluster, time.monotonic() if now is None else now)
+        if plan.down:
+            ejected = plan.down.union(ejected)   # control-plane UNHEALTHY: as unusable as an outlier ejection
         healthy = tuple(tuple(c for c in hosts if c.key not in ejected) for hosts in plan.level_hosts)
         loads, panic = priority_loads([(len(h), len(a)) for h, a in zip(healthy, plan.level_hosts)],
                                       plan.panic_threshold_pct)
@@ -373,6 +392,10 @@ class PriorityPlan:
     locality_weighted: bool = False
     panic_threshold_pct: float = 0.0
     warmup: Warmup | None = None            # slow start within the chosen hosts (``slow_start_weights``)
+    # Keys of hosts istiod sends marked UNHEALTHY (a Service with a traffic distribution: ``lb_candidates``):
+    # they count in their priority's and locality's size, so their absence lowers its availability, and are
+    # never picked outside panic.
+    down: frozenset[str] = frozenset()
     level_hosts: tuple[tuple[Candidate, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -381,6 +404,7 @@ class PriorityPlan:
 
     @property
     def hosts(self) -> tuple[Candidate, ...]:
+        """Every host of the plan, ``down`` ones included."""
         return tuple(c for hosts in self.level_hosts for c in hosts)
 
 
@@ -392,13 +416,16 @@ class Prioritized(tuple):
     plan: PriorityPlan
 
     def __new__(cls, plan: PriorityPlan) -> "Prioritized":
-        self = super().__new__(cls, plan.hosts)
+        down = plan.down
+        self = super().__new__(cls, [c for c in plan.hosts if c.key not in down] if down else plan.hosts)
         self.plan = plan
         return self
 
     def __repr__(self) -> str:
         sizes = "/".join(str(len(h)) for h in self.plan.level_hosts)
-        return f"<Prioritized hosts={len(self)} per_priority={sizes} weighted={self.plan.locality_weighted}>"
+        down = f" down={len(self.plan.down)}" if self.plan.down else ""
+        return (f"<Prioritized hosts={len(self)} per_priority={sizes}{down} "
+                f"weighted={self.plan.locality_weighted}>")
 
 
 def priority_loads(health: Sequence[tuple[int, int]],
@@ -508,7 +535,8 @@ def _specificity(pattern: str) -> int:
 
 
 def locality_plan(candidates: Sequence[Candidate], setting: LocalityLbSetting | None, proxy: Workload | None, *,
-                  outlier: OutlierDetection | None) -> PriorityPlan | None:
+                  outlier: OutlierDetection | None, force_failover: bool = False, down: Sequence[Candidate] = (),
+                  panic_threshold_pct: float | None = None) -> PriorityPlan | None:
     """istiod's ApplyLocalityLoadBalancer (networking/core/loadbalancer/loadbalancer.go) for one cluster and
     this proxy: None when nothing changes (then ``pick`` takes its plain path).
 
@@ -524,6 +552,10 @@ def locality_plan(candidates: Sequence[Candidate], setting: LocalityLbSetting | 
       (``lb_priority``; 4 for a region ``failover`` does not name), combined as ``label priority × 5 +
       locality priority`` and renumbered 0..N without gaps.
 
+    ``force_failover``: failover without outlier detection (istiod's ``forceFailover``, for a Service's traffic
+    distribution: ``service_locality_setting``). ``down``: hosts sent marked UNHEALTHY (``PriorityPlan.down``),
+    placed like the others. ``panic_threshold_pct``: Istio's, when it sets one regardless of outlier detection.
+
     No proxy locality (and, for ``failoverPriority``, no proxy workload) ⇒ None: nothing to compare with."""
     if proxy is None:
         return None
@@ -534,13 +566,17 @@ def locality_plan(candidates: Sequence[Candidate], setting: LocalityLbSetting | 
     hosts = [c for c in candidates if c.weight > 0]
     if not hosts:
         return None
-    # Envoy's default panic threshold unless Istio sets it (only with outlier detection).
-    panic = outlier.min_health_percent if outlier is not None else ENVOY_PANIC_THRESHOLD_DEFAULT_PCT
+    down_keys = frozenset(c.key for c in down if c.weight > 0)
+    if down_keys:
+        hosts += [c for c in down if c.key in down_keys]
+    # Envoy's default panic threshold unless Istio sets it (with outlier detection, or for a traffic distribution).
+    panic = (panic_threshold_pct if panic_threshold_pct is not None
+             else outlier.min_health_percent if outlier is not None else ENVOY_PANIC_THRESHOLD_DEFAULT_PCT)
     if setting.distribute:
         if not here.region:
             return None
-        return _distribute_plan(hosts, setting, here, panic)
-    if outlier is None:
+        return replace(_distribute_plan(hosts, setting, here, panic), down=down_keys)
+    if outlier is None and not force_failover:
         return None
     explicit = bool(setting.failover or setting.failover_priority)
     prio = {c.key: 0 for c in hosts}
@@ -575,13 +611,15 @@ def locality_plan(candidates: Sequence[Candidate], setting: LocalityLbSetting | 
     for c in hosts:
         levels[ranks[prio[c.key]]].setdefault(c.workload.locality, []).append(c)
     if len(levels) == 1 and not explicit:
-        return None   # one priority, no locality weights: exactly the plain cluster
+        # One priority, no locality weights: exactly the plain cluster (``down`` hosts, unhealthy in the only
+        # priority, change nothing there: Envoy picks among the healthy ones).
+        return None
     return PriorityPlan(
         tuple(tuple(LocalityGroup(loc, sum(c.weight for c in cs), tuple(cs)) for loc, cs in level.items())
               for level in levels),
         # cluster_traffic_policy.go applyLocalityLoadBalancer sets locality_weighted_lb_config when
         # "enableFailover && (localityLB.GetFailover() != nil || localityLB.GetFailoverPriority() != nil)".
-        locality_weighted=explicit, panic_threshold_pct=panic)
+        locality_weighted=explicit, panic_threshold_pct=panic, down=down_keys)
 
 
 def _distribute_plan(hosts: list[Candidate], setting: LocalityLbSetting, here: Locality, panic: float) -> PriorityPlan:
@@ -623,27 +661,102 @@ def proxy_workload(inventory: Inventory, ip: str | None) -> Workload | None:
     return w
 
 
-def lb_candidates(candidates: tuple[Candidate, ...], policy: TrafficPolicy,
-                  proxy: Workload | None) -> tuple[Candidate, ...]:
+# ztunnel's LoadBalancing scopes (a Service's ``loadBalancer.routingPreferences``) as the topology labels istiod
+# compares for a ``failoverPriority`` (pilot/pkg/serviceregistry/util/label AugmentLabels puts them on endpoints
+# and proxies): the same closeness, said to Envoy.
+SCOPE_LABELS: Mapping[str, str] = {
+    "Network": LABEL_NETWORK, "Region": LABEL_REGION, "Zone": LABEL_ZONE, "Subzone": LABEL_SUBZONE,
+    "Node": LABEL_HOSTNAME, "Cluster": LABEL_CLUSTER,
+}
+
+
+def service_locality_setting(lb: ServiceLoadBalancer | None) -> LocalityLbSetting | None:
+    """The ``localityLbSetting`` istiod gives a proxy's Envoy for a Service's traffic distribution, from the
+    ``loadBalancer`` the same Service has in our (ztunnel-shaped) inventory; None when it has none.
+
+    istiod derives both from one source. For ztunnel (serviceregistry/kube/controller/ambient/services.go):
+    ``PreferClose``/``PreferSameZone`` → ``{routingPreference: [NETWORK, REGION, ZONE], mode: FAILOVER}``,
+    ``PreferSameNode`` → ``[NETWORK, REGION, ZONE, SUBZONE, NODE]``. For Envoy (networking/core/loadbalancer/
+    loadbalancer.go GetLocalityLbSetting, used when the DestinationRule has no localityLbSetting):
+    ``TrafficDistributionPreferSameZone`` → ``{enabled: true, failoverPriority: [topology.istio.io/network,
+    topology.kubernetes.io/region, topology.kubernetes.io/zone]}`` ("Prefer same zone, region, network"),
+    ``PreferSameNode`` → ``[network, region, zone, topology.istio.io/subzone, kubernetes.io/hostname]``. So a
+    ``Failover`` loadBalancer reads back as the failoverPriority of its scopes' labels, in its order (the two
+    lists above; any other list the same way). Strict, Standard and Passthrough are no traffic distribution."""
+    if lb is None or lb.mode != "Failover" or not lb.routing_preferences:
+        return None
+    return LocalityLbSetting(enabled=True, failover_priority=tuple(SCOPE_LABELS[p] for p in lb.routing_preferences))
+
+
+def strict_match(proxy: Workload | None, endpoint: Workload, scopes: Sequence[str]) -> bool:
+    """A ``mode: Strict`` loadBalancer keeps only endpoints that share every scope with this proxy (ztunnel:
+    "Strict drops endpoints that are not full matches"). istiod's one Strict is ``internalTrafficPolicy:
+    Local`` (``{routingPreference: [NODE], mode: STRICT}``), which it says to Envoy as endpoint filtering
+    (endpoint_builder.go filterIstioEndpoint: ``if b.service.Attributes.NodeLocal && ep.NodeName !=
+    b.proxy.GetNodeName() { return false }``): the same test, by each scope's label. No proxy workload: its
+    values are empty, as istiod's ``GetNodeName()`` of a proxy without a node."""
+    mine = topology_labels(proxy) if proxy is not None else {}
+    theirs = topology_labels(endpoint)
+    return all(mine.get(SCOPE_LABELS[s], "") == theirs.get(SCOPE_LABELS[s], "") for s in scopes)
+
+
+def lb_candidates(candidates: tuple[Candidate, ...], policy: TrafficPolicy, proxy: Workload | None, *,
+                  service_lb: ServiceLoadBalancer | None = None,
+                  unready: tuple[Candidate, ...] = ()) -> tuple[Candidate, ...]:
     """The candidates ``LoadBalancer.pick`` gets for this cluster at this proxy: ``Prioritized`` when the
-    DestinationRule's locality settings (or the mesh default with outlier detection), its warmup or an
-    outlierDetection ``minHealthPercent`` (a panic threshold) change anything, else ``candidates`` itself
-    (the plain path). Consistent hashing keeps its one table (parse.py
-    drops localityLbSetting and warmup there)."""
+    DestinationRule's locality settings (or the mesh default with outlier detection), the Service's traffic
+    distribution, its warmup or an outlierDetection ``minHealthPercent`` (a panic threshold) change anything,
+    else ``candidates`` itself (the plain path). Consistent hashing keeps its one table (parse.py drops
+    localityLbSetting and warmup there; a traffic distribution's priorities are not applied to it either).
+
+    ``service_lb``: the Service's ``loadBalancer``; ``unready``: its endpoints left out only for their health
+    (``not_ready_for``), read only with a ``service_lb``:
+
+    * ``healthPolicy: AllowAll`` (istiod's for ``publishNotReadyAddresses``; Kubernetes then reports every
+      endpoint ready, so Envoy gets them healthy): they are candidates like the others.
+    * ``mode: Strict``: only endpoints sharing every preferred scope with this proxy (``strict_match``).
+    * ``mode: Failover`` (a traffic distribution, ``service_locality_setting``): when the DestinationRule has no
+      localityLbSetting — "We follow this ordering of precedence: DR locality LB > prefer close > mesh config
+      locality LB" (istio/istio#54715) — priorities by the failoverPriority labels relative to this proxy, with
+      failover even without outlier detection (GetLocalityLbSetting's ``forceFailover``; endpoint_builder.go
+      ``enableFailover = enableFailover || forceFailover``). Either way istiod sends the unready endpoints
+      marked UNHEALTHY and sets the panic threshold to 0 (model.Service.SupportsUnhealthyEndpoints: "If they
+      use the newer Kubernetes-native TrafficDistribution we don't want to require an Istio-specific outlier
+      rule, and instead will use endpoint health which requires sending unhealthy endpoints";
+      cluster_traffic_policy.go applyLoadBalancer: ``if svc.SupportsUnhealthyEndpoints() {
+      HealthyPanicThreshold = 0 }``): they count in their priority's health (``PriorityPlan.down``), so a
+      zone losing pods spills its share to the next priority as Envoy's overprovisioning factor says."""
+    forced = False
+    setting = policy.locality_lb
+    down: tuple[Candidate, ...] = ()
+    panic: float | None = None
+    if service_lb is not None:
+        if service_lb.health_policy == "AllowAll" and unready:
+            candidates, unready = candidates + unready, ()
+        if service_lb.mode == "Strict":
+            prefs = service_lb.routing_preferences
+            candidates = tuple(c for c in candidates if strict_match(proxy, c.workload, prefs))
+            unready = ()
+        distribution = service_locality_setting(service_lb)
+        if distribution is not None:
+            panic, down = 0.0, unready
+            if setting is None:
+                setting, forced = distribution, True
     if policy.consistent_hash is not None or not candidates:
         return candidates
     plan = None
     od = policy.outlier_detection
-    if proxy is not None and (policy.locality_lb is not None or od is not None):
-        plan = locality_plan(candidates, policy.locality_lb, proxy, outlier=od)
-    panics = od is not None and od.min_health_percent > 0
+    if proxy is not None and (setting is not None or od is not None):
+        plan = locality_plan(candidates, setting, proxy, outlier=od, force_failover=forced, down=down,
+                             panic_threshold_pct=panic)
+    panics = od is not None and od.min_health_percent > 0 and panic is None
     if plan is None and len(candidates) > 1 and (policy.warmup is not None or panics):
         # One priority: Envoy's panic threshold (Istio: minHealthPercent, "the proxy will load balance
         # across all hosts in the pool (healthy and unhealthy)" below it) and/or slow start.
         hosts = tuple(c for c in candidates if c.weight > 0)
         plan = PriorityPlan(((LocalityGroup(Locality(), sum(c.weight for c in hosts), hosts),),),
-                            panic_threshold_pct=od.min_health_percent if od is not None
-                            else ENVOY_PANIC_THRESHOLD_DEFAULT_PCT)
+                            panic_threshold_pct=panic if panic is not None else od.min_health_percent
+                            if od is not None else ENVOY_PANIC_THRESHOLD_DEFAULT_PCT)
     if plan is not None and policy.warmup is not None:
         plan = replace(plan, warmup=policy.warmup)
     return candidates if plan is None else Prioritized(plan)
@@ -770,4 +883,5 @@ class OutlierDetector:
 
 __all__ = ["Candidate", "endpoints_for", "LoadBalancer", "OutlierDetector", "LocalityGroup", "PriorityPlan",
            "Prioritized", "priority_loads", "locality_plan", "lb_candidates", "proxy_workload", "topology_labels",
-           "locality_matches", "lb_priority", "slow_start_factor", "slow_start_weights"]
+           "locality_matches", "lb_priority", "slow_start_factor", "slow_start_weights", "not_ready_for",
+           "service_locality_setting", "strict_match", "SCOPE_LABELS"]

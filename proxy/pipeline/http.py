@@ -227,12 +227,19 @@ def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, des
     req_ops = tuple(o for o in (getattr(rule_headers, "request", None), dest.headers.request) if o)
     resp_ops = tuple(o for o in (getattr(rule_headers, "response", None), dest.headers.response) if o)
     candidates = endpoints_for(inv, svc, dest.port, dest.subset_labels)
-    if tp.locality_lb is not None or tp.outlier_detection is not None or tp.warmup is not None:
-        # DestinationRule localityLbSetting (or the mesh default with outlier detection) and warmup: priorities,
+    service_lb = svc.load_balancer
+    if tp.locality_lb is not None or tp.outlier_detection is not None or tp.warmup is not None or \
+            service_lb is not None:
+        # DestinationRule localityLbSetting (or the mesh default with outlier detection) and warmup, and the
+        # Service's loadBalancer (its traffic distribution, Strict scopes, AllowAll health policy): priorities,
         # locality weights relative to this waypoint's own pod, slow start — carried by the candidates
         # (Prioritized), so the pick call sites stay as they are.
         # (memoised per snapshot, as the whole Upstream.) The waypoint's own pod: Snapshot.proxy_workload.
-        candidates = lb_candidates(candidates, tp, snapshot.proxy_workload)
+        unready = ()
+        if service_lb is not None:
+            from policy.routing.endpoints import not_ready_for   # (here: this hunk stays inside _upstream_for)
+            unready = not_ready_for(inv, svc, dest.port, dest.subset_labels)
+        candidates = lb_candidates(candidates, tp, snapshot.proxy_workload, service_lb=service_lb, unready=unready)
     return Upstream(dest.cluster_name, svc, candidates,
                     forward.retry, forward.timeout_s, connect_timeout, tp.lb_algorithm, req_ops, resp_ops,
                     tp.outlier_detection, svc.app_protocols.get(dest.port) if dest.port is not None else None,
