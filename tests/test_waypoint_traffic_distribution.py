@@ -401,3 +401,51 @@ spec:
         for s in servers:
             s.close()
             await s.wait_closed()
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties over random topologies
+
+
+_loc = st.tuples(st.sampled_from(["r1", "r2"]), st.sampled_from(["z1", "z2"]), st.sampled_from(["s1", "s2"]),
+                 st.sampled_from(["node-1", "node-2"]), st.sampled_from(["", "net-2"]), st.booleans())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_loc, min_size=1, max_size=8), st.sampled_from(list(TRAFFIC_DISTRIBUTIONS)), st.integers(0, 2**16))
+def test_picks_are_ready_pods_of_the_closest_priority_that_has_one(specs, distribution, seed):
+    pods = [Candidate(w, w.workload_ips[0], 9080, w.uid) for w in (
+        Workload(uid=f"uid-{i}", name=f"p{i}", namespace="default", workload_ips=(f"10.0.1.{i}",),
+                 locality=Locality(r, z, s), node=node, network=net)
+        for i, (r, z, s, node, net, _) in enumerate(specs))]
+    ready = tuple(c for c, spec in zip(pods, specs) if spec[5])
+    unready = tuple(c for c, spec in zip(pods, specs) if not spec[5])
+    lb_setting = TRAFFIC_DISTRIBUTIONS[distribution]
+    out = lb_candidates(ready, TrafficPolicy(), WAYPOINT, service_lb=lb_setting, unready=unready)
+    assert set(out) == set(ready)                      # the candidates are the ready pods, never an unready one
+    if not ready:
+        assert out == ()
+        return
+    labels = service_locality_setting(lb_setting).failover_priority
+    from policy.routing.endpoints import topology_labels
+    mine = topology_labels(WAYPOINT)
+
+    def closeness(c: Candidate) -> int:   # how many preferred labels, in order, the pod shares with the waypoint
+        theirs = topology_labels(c.workload)
+        n = 0
+        for name in labels:
+            if mine.get(name, "") != theirs.get(name, ""):
+                break
+            n += 1
+        return n
+
+    rng = random.Random(seed)
+    lb = LoadBalancer()
+    picks = [lb.pick(out, rng=rng, cluster="c") for _ in range(20)]
+    assert all(p in ready for p in picks)
+    # A pick is never closer than the closest ready pod, and every pod of the best closeness class beats a
+    # farther one unless that class has unready pods (then some load spills to the next class).
+    best = max(closeness(c) for c in ready)
+    assert all(closeness(p) <= best for p in picks)
+    if not any(closeness(c) >= best for c in unready):
+        assert all(closeness(p) == best for p in picks)

@@ -713,7 +713,8 @@ def lb_candidates(candidates: tuple[Candidate, ...], policy: TrafficPolicy, prox
     (``not_ready_for``), read only with a ``service_lb``:
 
     * ``healthPolicy: AllowAll`` (istiod's for ``publishNotReadyAddresses``; Kubernetes then reports every
-      endpoint ready, so Envoy gets them healthy): they are candidates like the others.
+      endpoint ready — EndpointSlice controller ``ready := service.Spec.PublishNotReadyAddresses ||
+      podutil.IsPodReady(pod)`` — so Envoy gets them healthy): they are candidates like the others.
     * ``mode: Strict``: only endpoints sharing every preferred scope with this proxy (``strict_match``).
     * ``mode: Failover`` (a traffic distribution, ``service_locality_setting``): when the DestinationRule has no
       localityLbSetting — "We follow this ordering of precedence: DR locality LB > prefer close > mesh config
