@@ -208,7 +208,7 @@ class Waypoint:
             plan = plan_tcp(chain, snapshot, rng=self.rng, memo=self._tcp_plans[1])
             rec.cluster = plan.cluster
             upstream, cand, _ = await connect_upstream(plan, ctx, self.originator, self.lb, self.rng,
-                                                       breakers=self.http.breakers)
+                                                       breakers=self.http.breakers, outliers=self.http.outliers)
         except ProxyError:
             if stream is not None:   # answered 200 already (sniffed): the client must see a reset
                 stream.abort()

@@ -284,6 +284,30 @@ class LoadBalancer:
         # every host-set or health change: so an ejected host's keys move to other hosts and come back
         # when it returns. Here: one table per usable host set, cached.
         ej = ejected if type(ejected) is frozenset else (frozenset(ejected) if ejected else _NO_EJECTED)
+        h: int | None = None
+        if candidates.__class__ is Prioritized:
+            # A Service's traffic distribution (``lb_candidates``): Envoy's ThreadAwareLoadBalancerBase
+            # chooseHost takes the priority from the same hash — ``choosePriority(h, healthy_priority_load,
+            # ...)``, i.e. ``h % 100 + 1`` against the cumulative loads — then that priority's own table (built
+            # from its healthy hosts, or all of them in panic). Locality weights do not enter a table here.
+            plan = candidates.plan
+            if plan.down:
+                ej = plan.down.union(ej)
+            healthy = tuple(tuple(c for c in hosts if c.key not in ej) for hosts in plan.level_hosts)
+            loads, panic = priority_loads([(len(hc), len(a)) for hc, a in zip(healthy, plan.level_hosts)],
+                                          plan.panic_threshold_pct)
+            if not loads:
+                return None
+            h = hash64(key) if key is not None else rng.getrandbits(64)
+            point, level, total = h % 100 + 1, len(loads) - 1, 0
+            for i, load in enumerate(loads):
+                total += load
+                if point <= total:
+                    level = i
+                    break
+            candidates = plan.level_hosts[level]          # stable per plan: its table is found by identity
+            if panic[level]:
+                ej = _NO_EJECTED
         params = ch.table_params
         vkey = (id(candidates), ej, params)
         view = self.views.get(vkey)
@@ -297,7 +321,8 @@ class LoadBalancer:
             return None
         # Envoy: "If there is no hash in the context, just choose a random value (this effectively becomes
         # the random LB ...)" — a random point of the same ring/table, so weights still hold.
-        h = hash64(key) if key is not None else rng.getrandbits(64)
+        if h is None:
+            h = hash64(key) if key is not None else rng.getrandbits(64)
         choice = usable[table.choose(h, 0)]
         # Envoy's host selection with a retry host predicate (ThreadAwareLoadBalancerBase chooseHost):
         # ``for (i = 0; i < max_attempts; ++i) { host = chooseHost(h, i); if (!shouldSelectAnotherHost(host))
@@ -700,6 +725,22 @@ def strict_match(proxy: Workload | None, endpoint: Workload, scopes: Sequence[st
     return all(mine.get(SCOPE_LABELS[s], "") == theirs.get(SCOPE_LABELS[s], "") for s in scopes)
 
 
+def cluster_candidates(inventory: Inventory, service: Service, port: int | None, subset_labels,
+                       policy: TrafficPolicy, proxy: Workload | None) -> tuple[Candidate, ...]:
+    """The candidates of one cluster (a service port, maybe a subset) as ``LoadBalancer.pick`` takes them at this
+    proxy: ``endpoints_for``, then ``lb_candidates`` when the DestinationRule (locality settings, outlier
+    detection, warmup) or the Service's ``loadBalancer`` (its traffic distribution) asks for more; else the
+    plain tuple. The same for HTTP and TCP clusters (Envoy's load balancer does not care what the cluster
+    carries); the caller memoises it per config snapshot."""
+    candidates = endpoints_for(inventory, service, port, subset_labels)
+    service_lb = service.load_balancer
+    if policy.locality_lb is None and policy.outlier_detection is None and policy.warmup is None \
+            and service_lb is None:
+        return candidates
+    unready = not_ready_for(inventory, service, port, subset_labels) if service_lb is not None else ()
+    return lb_candidates(candidates, policy, proxy, service_lb=service_lb, unready=unready)
+
+
 def lb_candidates(candidates: tuple[Candidate, ...], policy: TrafficPolicy, proxy: Workload | None, *,
                   service_lb: ServiceLoadBalancer | None = None,
                   unready: tuple[Candidate, ...] = ()) -> tuple[Candidate, ...]:
@@ -707,7 +748,7 @@ def lb_candidates(candidates: tuple[Candidate, ...], policy: TrafficPolicy, prox
     DestinationRule's locality settings (or the mesh default with outlier detection), the Service's traffic
     distribution, its warmup or an outlierDetection ``minHealthPercent`` (a panic threshold) change anything,
     else ``candidates`` itself (the plain path). Consistent hashing keeps its one table (parse.py drops
-    localityLbSetting and warmup there; a traffic distribution's priorities are not applied to it either).
+    localityLbSetting and warmup there) unless the Service has a traffic distribution: then one per priority.
 
     ``service_lb``: the Service's ``loadBalancer``; ``unready``: its endpoints left out only for their health
     (``not_ready_for``), read only with a ``service_lb``:
@@ -743,10 +784,19 @@ def lb_candidates(candidates: tuple[Candidate, ...], policy: TrafficPolicy, prox
             panic, down = 0.0, unready
             if setting is None:
                 setting, forced = distribution, True
-    if policy.consistent_hash is not None or not candidates:
+    if not candidates:
         return candidates
-    plan = None
     od = policy.outlier_detection
+    if policy.consistent_hash is not None:
+        # The DestinationRule's locality settings and warmup stay out of a ring/Maglev cluster (parse.py drops
+        # them, with a warning); a traffic distribution still gives it priorities, each priority with its own
+        # table (``LoadBalancer._pick_hashed``), as Envoy's ring hash and Maglev do.
+        if not forced or proxy is None:
+            return candidates
+        plan = locality_plan(candidates, setting, proxy, outlier=od, force_failover=True, down=down,
+                             panic_threshold_pct=panic)
+        return candidates if plan is None else Prioritized(plan)
+    plan = None
     if proxy is not None and (setting is not None or od is not None):
         plan = locality_plan(candidates, setting, proxy, outlier=od, force_failover=forced, down=down,
                              panic_threshold_pct=panic)

@@ -57,7 +57,7 @@ from policy.authn import authenticate
 from policy.authz.evaluate import Decision
 from policy.authz.model import A_REQUEST_HEADER
 from policy.inventory import Service
-from policy.routing.endpoints import Candidate, LoadBalancer, OutlierDetector, endpoints_for, lb_candidates
+from policy.routing.endpoints import Candidate, LoadBalancer, OutlierDetector, cluster_candidates
 from policy.routing import cors as cors_filter
 from policy.routing.hashing import request_hash
 from policy.routing.model import (CONNECT_FAILURE, DEFAULT_RETRY_POLICY, PER_TRY_TIMEOUT, RESET, ConsistentHash,
@@ -226,20 +226,11 @@ def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, des
     rule_headers = forward.headers
     req_ops = tuple(o for o in (getattr(rule_headers, "request", None), dest.headers.request) if o)
     resp_ops = tuple(o for o in (getattr(rule_headers, "response", None), dest.headers.response) if o)
-    candidates = endpoints_for(inv, svc, dest.port, dest.subset_labels)
-    service_lb = svc.load_balancer
-    if tp.locality_lb is not None or tp.outlier_detection is not None or tp.warmup is not None or \
-            service_lb is not None:
-        # DestinationRule localityLbSetting (or the mesh default with outlier detection) and warmup, and the
-        # Service's loadBalancer (its traffic distribution, Strict scopes, AllowAll health policy): priorities,
-        # locality weights relative to this waypoint's own pod, slow start — carried by the candidates
-        # (Prioritized), so the pick call sites stay as they are.
-        # (memoised per snapshot, as the whole Upstream.) The waypoint's own pod: Snapshot.proxy_workload.
-        unready = ()
-        if service_lb is not None:
-            from policy.routing.endpoints import not_ready_for   # (here: this hunk stays inside _upstream_for)
-            unready = not_ready_for(inv, svc, dest.port, dest.subset_labels)
-        candidates = lb_candidates(candidates, tp, snapshot.proxy_workload, service_lb=service_lb, unready=unready)
+    # DestinationRule localityLbSetting (or the mesh default with outlier detection), warmup, and the Service's
+    # loadBalancer (its traffic distribution, Strict scopes, AllowAll health policy): priorities, locality weights
+    # relative to this waypoint's own pod (Snapshot.proxy_workload), slow start — carried by the candidates
+    # (Prioritized), so the pick call sites stay as they are. Memoised per snapshot, as the whole Upstream.
+    candidates = cluster_candidates(inv, svc, dest.port, dest.subset_labels, tp, snapshot.proxy_workload)
     return Upstream(dest.cluster_name, svc, candidates,
                     forward.retry, forward.timeout_s, connect_timeout, tp.lb_algorithm, req_ops, resp_ops,
                     tp.outlier_detection, svc.app_protocols.get(dest.port) if dest.port is not None else None,

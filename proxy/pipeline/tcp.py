@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import functools
 import random
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 from hbone.stream import ByteStream
-from policy.routing.endpoints import Candidate, LoadBalancer, endpoints_for
+from policy.routing.endpoints import Candidate, LoadBalancer, OutlierDetector, cluster_candidates
 from policy.routing.hashing import hash_key
-from policy.routing.model import ConsistentHash
+from policy.routing.model import CONNECT_FAILURE, ConsistentHash, OutlierDetection
 from policy.routing.select import route_tcp
 from proxy.errors import NoHealthyUpstream, ProxyError, UpstreamOverflow
 from proxy.snapshot import Snapshot
@@ -54,6 +56,11 @@ class TcpPlan:
     consistent: ConsistentHash | None = None
     # DestinationRule connectionPool limits (only maxConnections applies to a TCP chain); None: none set.
     limits: CircuitLimits | None = None
+    # DestinationRule outlierDetection: Envoy's tcp_proxy reports each connect attempt to the cluster's outlier
+    # detector (LocalOriginConnectFailed / ...Success; with split_external_local_origin_errors off, as Istio
+    # leaves it, a failure counts as a 5xx / gateway error and a success as a 200), and ejected hosts are not
+    # picked. None: not set (Istio: "only when present").
+    outlier: OutlierDetection | None = None
 
 
 # Plans remembered per snapshot (plan_tcp's ``memo``): one per (route destination) of the config, so the bound only
@@ -81,41 +88,55 @@ def plan_tcp(chain: Chain, snapshot: Snapshot, *, rng: random.Random, memo: dict
         hit = memo.get(id(dest))
         if hit is not None and hit[0] is dest:
             return hit[1]
-        plan = _plan_for(inv, dest)
+        plan = _plan_for(inv, dest, snapshot.proxy_workload)
         if len(memo) >= TCP_PLAN_MEMO_ENTRIES:
             memo.clear()
         memo[id(dest)] = (dest, plan)
         return plan
-    return _plan_for(inv, dest)
+    return _plan_for(inv, dest, snapshot.proxy_workload)
 
 
-def _plan_for(inv, dest) -> TcpPlan:
+def _plan_for(inv, dest, proxy_workload) -> TcpPlan:
     if dest.fail_status is not None:
         raise DestinationUnavailable(dest.fail_status, dest.fail_flag, dest.problem)
     svc = inv.services.get(dest.service_key) if dest.service_key else None
     if svc is None:
         raise DestinationUnavailable(503, "NC", f"unknown service {dest.host}")
-    pool = dest.traffic_policy.connection_pool
+    tp = dest.traffic_policy
+    pool = tp.connection_pool
     timeout = pool.connect_timeout_s if pool is not None and pool.connect_timeout_s else CONNECT_TIMEOUT_S
-    return TcpPlan(dest.cluster_name, svc.hostname, endpoints_for(inv, svc, dest.port, dest.subset_labels),
-                   timeout, tuple(svc.subject_alt_names), dest.traffic_policy.lb_algorithm,
-                   dest.traffic_policy.consistent_hash, circuit_limits(pool))
+    # Locality (DestinationRule localityLbSetting, the Service's traffic distribution), warmup, the panic
+    # threshold: as for an HTTP cluster (cluster_candidates), relative to the waypoint's own pod.
+    return TcpPlan(dest.cluster_name, svc.hostname,
+                   cluster_candidates(inv, svc, dest.port, dest.subset_labels, tp, proxy_workload),
+                   timeout, tuple(svc.subject_alt_names), tp.lb_algorithm, tp.consistent_hash, circuit_limits(pool),
+                   tp.outlier_detection)
 
 
 async def connect_upstream(plan: TcpPlan, ctx: TunnelContext, originator: Originator, lb: LoadBalancer,
                            rng: random.Random, attempts: int = TCP_MAX_CONNECT_ATTEMPTS, *,
-                           breakers: CircuitBreakers) -> tuple[ByteStream, Candidate, int]:
+                           breakers: CircuitBreakers, outliers: dict | None = None,
+                           clock: Callable[[], float] = time.monotonic) -> tuple[ByteStream, Candidate, int]:
     """Open the upstream, trying up to ``attempts`` distinct hosts. Raises ProxyError (UF / UF,URX / UH; UO over
     the cluster's maxConnections). ``breakers``: the proxy's circuit breakers (the waypoint's HTTP pipeline's,
-    shared); with limits, the stream returned is counted until it is closed."""
+    shared); with limits, the stream returned is counted until it is closed. ``outliers``: the proxy's outlier
+    detectors by (cluster, config) (the HTTP pipeline's, shared: clusters differ by name), for a plan with
+    ``outlier``."""
     limits = plan.limits
     tried: set[str] = set()
     last: ProxyError | None = None
     ch = plan.consistent
     key = hash_key(ch, headers=(), query=b"", source_ip=ctx.client_addr[0]) if ch is not None else None
+    detector = None
+    if plan.outlier is not None and outliers is not None:
+        detector = outliers.get((plan.cluster, plan.outlier))
+        if detector is None:
+            detector = outliers[(plan.cluster, plan.outlier)] = OutlierDetector(plan.outlier)
     for attempt in range(1, attempts + 1):
+        now = clock()
         cand = lb.pick(plan.candidates, rng=rng, exclude=frozenset(tried), lb=plan.lb, cluster=plan.cluster,
-                       consistent=ch, hash_key=key)
+                       consistent=ch, hash_key=key, ejected=detector.ejected(now) if detector else frozenset(),
+                       now=now)
         if cand is None:
             raise NoHealthyUpstream(f"cluster {plan.cluster} has no healthy endpoint")
         if cand.key in tried:
@@ -134,11 +155,15 @@ async def connect_upstream(plan: TcpPlan, ctx: TunnelContext, originator: Origin
             last = err
             if release is not None:
                 release()
+            if detector is not None:
+                detector.record(cand.key, CONNECT_FAILURE, clock(), total_hosts=len(plan.candidates))
             continue
         except BaseException:
             if release is not None:
                 release()
             raise
+        if detector is not None:
+            detector.record(cand.key, 200, clock(), total_hosts=len(plan.candidates))
         return (stream if release is None else CountedStream(stream, release)), cand, attempt
     assert last is not None
     raise exhausted(last, len(tried))

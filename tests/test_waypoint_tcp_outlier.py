@@ -1,0 +1,71 @@
+"""DestinationRule outlierDetection on a TCP service at the waypoint: Envoy's tcp_proxy reports every connect
+attempt to the cluster's outlier detector (a failed one counts as a 5xx with split_external_local_origin_errors
+off, as Istio leaves it), so a pod that refuses connections is ejected and later tunnels are not even tried on
+it; before, every tunnel could dial it first and pay a failed attempt. Through a real waypoint on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+
+from hbone.server import HboneServer
+from tests.test_gateway_tcproute import TCP_VIP, inventory, start_version_pod
+from tests.waypoint_harness import Pod, cert_source, start_harness
+
+DR = """
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: tcp-echo, namespace: default}
+spec:
+  host: tcp-echo
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1, interval: 10s, baseEjectionTime: 60s, maxEjectionPercent: 100}
+"""
+TUNNELS = 24
+
+
+async def _refusing_node(ip: str, tries: Counter) -> HboneServer:
+    """v2's node proxy with nothing listening behind it: every CONNECT is answered 503 (a failed connect)."""
+    async def node_inbound(tunnel):
+        tries["v2"] += 1
+        await tunnel.reject(503, "upstream connect failed")
+
+    src = cert_source("default", "tcp-echo")
+    return await HboneServer(src.server_context, node_inbound, trust_domain="cluster.local").start(ip, 15008)
+
+
+async def _through(client, payload: bytes) -> bytes:
+    t = await client.tunnel(f"{TCP_VIP}:9000")
+    try:
+        t.write(payload)
+        await t.drain()
+        got = b""
+        while chunk := await asyncio.wait_for(t.read(), 10):
+            got += chunk
+        return got
+    finally:
+        t.close()
+
+
+async def test_a_pod_that_refuses_connections_is_ejected_from_a_tcp_cluster(tmp_path, loopback_ip):
+    v1, v2 = loopback_ip(), loopback_ip()
+    h = await start_harness(tmp_path, loopback_ip, routing=None, authz=False, extra=inventory(v1, v2) + "---\n" + DR,
+                            rng=random.Random(5))
+    counts: Counter = Counter()
+    tries: Counter = Counter()
+    try:
+        h.pods[v1] = await start_version_pod(v1, "v1", counts)
+        h.pods[v2] = Pod(v2, "v2", hbone=await _refusing_node(v2, tries))
+        client = h.client()
+        replies = [await _through(client, b"n%d" % i) for i in range(TUNNELS)]
+        # Every tunnel is served by v1 (a failed connect to v2 goes on to v1 within the tunnel's attempts) ...
+        assert replies == [b"v1:n%d" % i for i in range(TUNNELS)]
+        assert counts == Counter({"v1": TUNNELS})
+        # ... and v2 is dialed once: its first failure ejects it (consecutive5xxErrors: 1) for 60 s. Without the
+        # detector about half the tunnels would try v2 first (a random pick of two).
+        assert tries["v2"] == 1
+        (detector,) = [d for (cluster, _), d in h.waypoint.http.outliers.items() if "tcp-echo" in cluster]
+        assert len(detector.ejected(asyncio.get_running_loop().time())) == 1
+    finally:
+        await h.close()
