@@ -23,6 +23,7 @@ from policy.loader import TRAFFIC_DISTRIBUTIONS, parse_inventory
 from policy.routing.endpoints import (
     Candidate, LoadBalancer, Prioritized, lb_candidates, priority_loads, service_locality_setting, strict_match,
 )
+from policy.routing.hashing import hash64
 from policy.routing.model import (
     HASH_SOURCE_IP, LABEL_HOSTNAME, LABEL_NETWORK, LABEL_REGION, LABEL_SUBZONE, LABEL_ZONE, ConsistentHash, LocalityLbSetting,
     OutlierDetection, TrafficPolicy, Warmup,
@@ -226,10 +227,37 @@ def test_allow_all_uses_unready_endpoints():
     assert tuple(pri) == (ready, unready) and not pri.plan.down
 
 
-def test_consistent_hash_keeps_its_one_table():
-    hosts = cands("r1/z1/s1", "r2/z1/s1")
-    ch = TrafficPolicy(consistent_hash=ConsistentHash(key_kind=HASH_SOURCE_IP))
-    assert lb_candidates(hosts, ch, WAYPOINT, service_lb=PREFER_CLOSE) is hosts
+@pytest.mark.parametrize("algorithm", ["RING_HASH", "MAGLEV"])
+def test_consistent_hash_picks_the_priority_by_the_same_hash_then_its_own_table(algorithm):
+    # Envoy ThreadAwareLoadBalancerBase chooseHost: ``choosePriority(h, healthy_priority_load, ...)`` with the
+    # request's hash h, then the chosen priority's ring / Maglev table.
+    near_a, near_b, far_a, far_b = cands("r1/z1/s1", "r1/z1/s2", "r1/z2/s1", "r2/z1/s1")
+    ch = ConsistentHash(key_kind=HASH_SOURCE_IP, algorithm=algorithm, table_size=65537)
+    tp = TrafficPolicy(consistent_hash=ch)
+    pri = lb_candidates((near_a, near_b, far_a, far_b), tp, WAYPOINT, service_lb=PREFER_CLOSE)
+    assert levels(pri) == [["10.0.0.1", "10.0.0.2"], ["10.0.0.3"], ["10.0.0.4"]]
+    lb, rng = LoadBalancer(), random.Random(0)
+    keys = [f"10.1.{i // 250}.{i % 250}".encode() for i in range(400)]
+    first = {k: lb.pick(pri, rng=rng, consistent=ch, hash_key=k) for k in keys}
+    assert {c.ip for c in first.values()} == {"10.0.0.1", "10.0.0.2"}                  # all in the zone
+    assert all(lb.pick(pri, rng=rng, consistent=ch, hash_key=k) == c for k, c in first.items())  # sticky
+    # One zone pod ejected: P0 keeps 70 % of the keys (by the hash), the rest go to the next priority.
+    moved = {k: lb.pick(pri, rng=rng, consistent=ch, hash_key=k, ejected={near_a.key}) for k in keys}
+    share = sum(1 for c in moved.values() if c == near_b) / len(keys)
+    assert 0.6 < share < 0.8 and {c.ip for c in moved.values()} == {"10.0.0.2", "10.0.0.3"}
+    # The priority is the hash's: ``h % 100 + 1`` up to 70 stays in P0 (a key already on near_b stays there),
+    # above goes to P1.
+    points = {k: hash64(k) % 100 + 1 for k in keys}
+    stay = [k for k, c in first.items() if c == near_b and points[k] <= 70]
+    assert stay and all(moved[k] == near_b for k in stay)
+    assert all((moved[k] == far_a) == (points[k] > 70) for k in keys)
+    # Both zone pods ejected: every key goes to the region's other zone; none ready at all: no host.
+    both = {near_a.key, near_b.key}
+    assert {lb.pick(pri, rng=rng, consistent=ch, hash_key=k, ejected=both).ip for k in keys} == {"10.0.0.3"}
+    assert lb.pick(pri, rng=rng, consistent=ch, hash_key=b"k", ejected={c.key for c in pri}) is None
+    # Without a traffic distribution the cluster keeps its one table.
+    hosts = (near_a, far_b)
+    assert lb_candidates(hosts, tp, WAYPOINT) is hosts
 
 
 # ---------------------------------------------------------------------------------------------
