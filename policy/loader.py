@@ -86,6 +86,12 @@ RESOURCE_KINDS: tuple[ResourceKind, ...] = (
                  "policy.routing.gateway_routes:parse_tcp_route", "http_routes"),
     ResourceKind("security.istio.io", "RequestAuthentication", ("v1", "v1beta1"),
                  "policy.authn.parse:parse_request_authentication", "request_authentications"),
+    # ServiceEntry / WorkloadEntry are kept as parsed and converted into inventory services and workloads by
+    # _build_inventory (policy.serviceentry.convert, as istiod's ambient index converts them for ztunnel).
+    ResourceKind("networking.istio.io", "ServiceEntry", ("v1", "v1beta1", "v1alpha3"),
+                 "policy.serviceentry:parse_service_entry", "service_entries"),
+    ResourceKind("networking.istio.io", "WorkloadEntry", ("v1", "v1beta1", "v1alpha3"),
+                 "policy.serviceentry:parse_workload_entry", "workload_entries"),
 )
 _BY_GROUP_KIND = {(r.group, r.kind): r for r in RESOURCE_KINDS}
 SUPPORTED_KINDS_TEXT = ", ".join(f"{r.group}/{'|'.join(r.versions)} {r.kind}" for r in RESOURCE_KINDS)
@@ -693,6 +699,8 @@ def build_mesh_config(
         destination_rules=tuple(got.resources["destination_rules"]),
         http_routes=tuple(got.resources["http_routes"]),
         gateways=tuple(got.resources["gateways"]),
+        service_entries=tuple(got.resources["service_entries"]),
+        workload_entries=tuple(got.resources["workload_entries"]),
         sources=tuple(sources),
         warnings=tuple(warnings),
         root_namespace=root_namespace,
@@ -809,6 +817,8 @@ def _add_resource(obj: Any, kind: str, field_name: str, ctx: _Ctx, got: _Collect
 
 def _build_inventory(got: _Collected, errors: list[ConfigError], warnings: list[str]) -> Inventory:
     """Check cross-item rules (duplicates, references) and build the indexed ``Inventory``."""
+    if got.resources["service_entries"] or got.resources["workload_entries"]:
+        _add_entries(got, warnings)
     workloads: dict[str, Workload] = {}
     first_at: dict[Any, str] = {}
 
@@ -860,6 +870,27 @@ def _build_inventory(got: _Collected, errors: list[ConfigError], warnings: list[
             if uid not in workloads:
                 warnings.append(ConfigError(where, _key(f"{path}.endpoints", uid), "no workload has this uid; endpoint unused").message)
     return Inventory.build(list(workloads.values()), list(services.values()))
+
+
+def _add_entries(got: _Collected, warnings: list[str]) -> None:
+    """ServiceEntries and WorkloadEntries → inventory services and workloads (``policy.serviceentry.convert``),
+    added to ``got`` before the duplicate and reference checks, which they then pass like ztunnel-shaped
+    entries (a VIP, workload IP or uid used twice is an error naming both places). Pods a ServiceEntry's
+    ``workloadSelector`` selects gain its services in their ``services`` map, as istiod's pod builder adds them."""
+    from policy.serviceentry import convert
+
+    conv = convert(got.resources["service_entries"], got.resources["workload_entries"],
+                   pods=[w for w, _, _ in got.workloads], taken_services=[s.key for s, _, _ in got.services],
+                   gateways=got.resources["gateways"], cluster_id=DEFAULT_CLUSTER_ID)
+    warnings.extend(conv.warnings)
+    if conv.pod_services:
+        got.workloads = [
+            (dataclasses.replace(w, services=MappingProxyType({**conv.pod_services[w.uid], **w.services}))
+             if w.uid in conv.pod_services else w, where, path)
+            for w, where, path in got.workloads
+        ]
+    got.services.extend((item.obj, item.where, item.path) for item in conv.services)
+    got.workloads.extend((item.obj, item.where, item.path) for item in conv.workloads)
 
 
 def parse_inventory(doc: dict, where: Where) -> Inventory:

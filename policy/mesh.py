@@ -22,7 +22,7 @@ DEFAULT_ROOT_NAMESPACE = "istio-system"
 
 # The kinds `counts()` reports, in the order `config check` prints them.
 KINDS = ("Workload", "Service", "AuthorizationPolicy", "RequestAuthentication", "VirtualService", "DestinationRule",
-         "HTTPRoute", "GRPCRoute", "TCPRoute", "Gateway")
+         "HTTPRoute", "GRPCRoute", "TCPRoute", "Gateway", "ServiceEntry", "WorkloadEntry")
 # The Gateway API route kinds kept together in ``MeshConfig.http_routes``; each model's class attribute
 # ``kind`` says which (policy.routing.gateway_routes; HTTPRoute's model has none).
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "TCPRoute")
@@ -37,6 +37,10 @@ class MeshConfig:
     destination_rules: tuple[Any, ...] = ()
     http_routes: tuple[Any, ...] = ()              # Gateway API routes: HTTPRoute, GRPCRoute, TCPRoute (ROUTE_KINDS)
     gateways: tuple[Any, ...] = ()
+    # policy.serviceentry models, as loaded: their converted services and workloads are in ``inventory``
+    # (counted as Service / Workload too); a waypoint's scoped MeshConfig does not carry these.
+    service_entries: tuple[Any, ...] = ()
+    workload_entries: tuple[Any, ...] = ()
     sources: tuple[str, ...] = ()                  # the files read, in order
     warnings: tuple[str, ...] = ()                 # full lines: "FILE: document N (Kind ns/name): path: problem"
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
@@ -55,6 +59,8 @@ class MeshConfig:
             "VirtualService": self.virtual_services,
             "DestinationRule": self.destination_rules,
             "Gateway": self.gateways,
+            "ServiceEntry": self.service_entries,
+            "WorkloadEntry": self.workload_entries,
         }[kind]
 
     def counts(self) -> dict[str, int]:
