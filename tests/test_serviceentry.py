@@ -305,7 +305,10 @@ spec:
     svc = load(text).inventory.services["default/db.internal"]
     # services.go: "When resolution is NONE, we want to passthrough traffic to the destination address."
     assert svc.load_balancer == LoadBalancer((), "Passthrough", "AllowAll")
-    assert load(text).inventory.workloads == {}
+    mesh = load(text)
+    assert mesh.inventory.workloads == {}
+    assert any("spec.resolution: NONE (passthrough to the original destination) is not implemented" in line
+               for line in mesh.warnings)
 
 
 def test_dns_without_endpoints_keeps_one_hostname_endpoint_per_host_and_warns():
@@ -420,6 +423,79 @@ def test_duplicate_service_entry_name_is_an_error():
 def test_export_to_is_accepted_with_a_warning():
     mesh = load(MONGO_STATIC.replace("resolution: STATIC", "resolution: STATIC\n  exportTo: ['.']"))
     assert any("spec.exportTo: not applied in ambient mode (istio/istio#55163)" in w for w in mesh.warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the node proxy makes of the converted entries (pure plan, no sockets)
+
+CLIENT = """
+workloads:
+- {name: client-0, namespace: default, serviceAccount: client, workloadIps: ["10.0.0.10"], protocol: HBONE, node: n1}
+- {name: wp-0, namespace: egress, serviceAccount: waypoint, workloadIps: ["10.0.0.99"], protocol: HBONE,
+   services: {egress/waypoint.egress.svc.cluster.local: {15008: 15008}}}
+services:
+- {name: waypoint, namespace: egress, hostname: waypoint.egress.svc.cluster.local, vips: ["/10.96.0.99"],
+   ports: {15008: 15008}}
+"""
+
+
+def _plan(mesh, dst):
+    import random
+    from proxy.node.outbound import plan_outbound
+    from proxy.snapshot import build_snapshot
+    snap = build_snapshot(mesh, mode="node", scope=None, version=1, now=0.0)
+    return plan_outbound(dst, mesh.inventory.workload_by_ip["10.0.0.10"], snap, random.Random(0))
+
+
+def test_node_plan_static_endpoint_by_vip_is_plain_tcp_at_the_target_port():
+    mesh = load(MONGO_STATIC.replace("192.192.192.192/24", "10.9.0.1"), inventory=CLIENT)
+    plan = _plan(mesh, ("10.9.0.1", 27018))
+    assert (plan.protocol, plan.dst[1], plan.reason, plan.host) == ("tcp", 27018, "endpoint", "mymongodb.somedomain")
+    assert plan.dst[0] in ("2.2.2.2", "3.3.3.3")
+
+
+def test_node_plan_hbone_endpoint_gets_hbone_with_the_endpoint_identity():
+    text = MONGO_STATIC.replace("192.192.192.192/24", "10.9.0.1").replace(
+        "name: external-svc-mongocluster", "name: m\n  annotations: {ambient.istio.io/redirection: enabled}").replace(
+        "  - address: 3.3.3.3\n", "").replace("  - address: 2.2.2.2", "  - {address: 2.2.2.2, serviceAccount: db}")
+    plan = _plan(load(text, inventory=CLIENT), ("10.9.0.1", 27018))
+    assert (plan.protocol, plan.dst, plan.authority) == ("hbone", ("2.2.2.2", 15008), "2.2.2.2:27018")
+    assert {str(i) for i in plan.identities} == {"spiffe://cluster.local/ns/default/sa/db"}
+
+
+def test_node_plan_through_the_use_waypoint_waypoint():
+    text = EGRESS_WAYPOINT.replace("resolution: DNS", "resolution: DNS\n  addresses: [10.9.0.80]")
+    plan = _plan(load(text, inventory=CLIENT), ("10.9.0.80", 80))
+    assert (plan.protocol, plan.dst, plan.authority, plan.reason) == ("hbone", ("10.0.0.99", 15008), "10.9.0.80:80",
+                                                                       "waypoint")
+
+
+def test_node_plan_dns_service_fails_clearly_without_a_waypoint():
+    from proxy.errors import NoHealthyUpstream
+    text = EGRESS_WAYPOINT.replace("resolution: DNS", "resolution: DNS\n  addresses: [10.9.0.80]").replace(
+        "istio.io/use-waypoint: waypoint", "app: httpbin")
+    with pytest.raises(NoHealthyUpstream, match="no healthy endpoint of httpbin.org serves port 80"):
+        _plan(load(text, inventory=CLIENT), ("10.9.0.80", 80))
+
+
+def test_config_check_counts_entries_and_prints_their_warnings(tmp_path):
+    import io
+    from proxy.config_check import main
+
+    path = tmp_path / "entries.yaml"
+    path.write_text("---".join([VM_WORKLOAD_ENTRY, VM_SERVICE_ENTRY, EXTERNAL_HTTPS]))
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["check", str(path)], out=out, err=err) == 0, err.getvalue()
+    rows = {line.split()[0]: line.split()[1:] for line in out.getvalue().splitlines() if line[:1].isupper()}
+    assert rows["ServiceEntry"] == ["2", "2"] and rows["WorkloadEntry"] == ["1", "1"]
+    assert rows["Service"] == ["4", "4"] and rows["Workload"] == ["4", "4"]
+    assert "(ServiceEntry default/external-svc-https): spec.resolution: DNS: hbone-proxy resolves no names" in out.getvalue()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(VM_SERVICE_ENTRY.replace("protocol: HTTP", "protocol: QUIC"))
+    out, err = io.StringIO(), io.StringIO()
+    assert main(["check", str(bad)], out=out, err=err) == 2
+    assert f"{bad}: document 1 (ServiceEntry default/details-svc): spec.ports[0].protocol: unsupported protocol: QUIC" \
+        in err.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
