@@ -273,6 +273,35 @@ def test_workload_entry_selected_by_service_entry():
     assert any("no spec.addresses" in line for line in mesh.warnings)
 
 
+def test_workload_entry_fields_waypoint_and_tunnel_label():
+    text = """
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata:
+  name: vm-1
+  namespace: shop
+  labels: {istio.io/use-waypoint: shop-wp, networking.istio.io/tunnel: http}
+spec:
+  address: 10.40.0.1
+  network: vm-net
+  locality: eu-west/b
+  weight: 3
+  labels: {app: cart, version: v2, service.istio.io/workload-name: cart-vms}
+"""
+    (w,) = load(text).inventory.workloads.values()
+    assert (w.uid, w.name, w.workload_ips, w.network, w.locality, w.capacity) == (
+        "Kubernetes/networking.istio.io/WorkloadEntry/shop/vm-1", "vm-1", ("10.40.0.1",), "vm-net",
+        Locality("eu-west", "b", ""), 3)
+    assert (w.protocol, w.native_tunnel, w.service_account, w.workload_name) == ("HBONE", True, "default", "cart-vms")
+    assert (w.canonical_name, w.canonical_revision) == ("cart", "v2")
+    assert w.waypoint == GatewayAddress(hostname="shop-wp.shop.svc.cluster.local", namespace="shop")
+    assert dict(w.services) == {}     # no ServiceEntry selects it: a workload of its own (pod-IP traffic)
+    hostname = load(text.replace("address: 10.40.0.1", "address: vm-1.corp.example"))
+    (w,) = hostname.inventory.workloads.values()
+    assert (w.workload_ips, w.hostname) == ((), "vm-1.corp.example")
+    assert any("spec.address: 'vm-1.corp.example' is a hostname" in line for line in hostname.warnings)
+
+
 def test_selector_selects_pods_of_its_namespace_only_and_not_with_empty_selector():
     inventory = """
 workloads:
@@ -596,9 +625,8 @@ def test_workload_entry_errors_name_the_field(path, value, message):
     bad = _set(doc(VM_WORKLOAD_ENTRY), path, value)
     with pytest.raises(ConfigErrors) as err:
         build_mesh_config([(W, bad)])
-    assert f"entries.yaml: document 1 (WorkloadEntri" in str(err.value) or \
-        "entries.yaml: document 1 (WorkloadEntry default/details-svc): " + message in str(err.value), str(err.value)
-    assert message in str(err.value)
+    kind = bad["kind"]
+    assert f"entries.yaml: document 1 ({kind} default/details-svc): {message}" in str(err.value), str(err.value)
 
 
 def test_loader_reports_service_entry_errors_with_file_document_and_resource():
