@@ -7,7 +7,9 @@ A document (see ``policy.documents``) is either
    serde ``deny_unknown_fields``), plus a workload's ``labels`` and a service's ``appProtocols`` and
    ``trafficDistribution`` (Kubernetes' field, read as the ``loadBalancer`` istiod makes of it); or
 2. a **Kubernetes resource** (``apiVersion`` + ``kind``), dispatched by API group and kind to the
-   parser that owns it (``policy.authz``, ``policy.routing``).
+   parser that owns it (``policy.authz``, ``policy.authn``, ``policy.routing``, ``policy.serviceentry``).
+   ServiceEntries and WorkloadEntries are then converted into inventory services and workloads
+   (``_add_entries``), which pass the same duplicate and reference checks as ``workloads:``/``services:``.
 
 All problems across all documents are collected and raised together as one ``ConfigErrors``, one
 line each: ``FILE: document N (Kind ns/name): field.path: problem``.
