@@ -138,7 +138,10 @@ class HboneStream:
     def _lost(self, err: StreamReset) -> None:
         on_lost, self._on_lost = self._on_lost, None
         if on_lost is not None:
-            on_lost(err)
+            try:
+                on_lost(err)
+            except Exception:   # noqa: BLE001 — a watcher's fault must not stop the connection failing its streams
+                log.exception("HBONE stream %d: its loss watcher failed", self.stream_id)
 
     def _wake_reader(self) -> None:
         w = self._read_waiter
@@ -219,13 +222,22 @@ class HboneStream:
         connection died. Not for ``abort``/``close`` of ours. ``None``: stop watching. Called before a reader or
         drainer waiting on this stream wakes (``waiting``), so the watcher can tell it would see the loss itself.
         What a server uses to stop work done for a client that is gone (proxy/pipeline/http.py: Envoy's HCM
-        resets the upstream request when its downstream disconnects)."""
+        resets the upstream request when its downstream disconnects). Already lost: called at once."""
         self._on_lost = on_lost
+        if on_lost is not None and self.lost:
+            self._lost(self._error or StreamReset("the peer closed the stream before it was answered"))
+
+    @property
+    def lost(self) -> bool:
+        """Lost to the peer before our END_STREAM (what ``watch_lost`` reports): reset, or over without our end."""
+        return self._error is not None or (self._done and not self._eof_sent)
 
     @property
     def waiting(self) -> bool:
-        """A task waits in ``read`` or ``drain`` on this stream (and will see what happens to it)."""
-        return self._read_waiter is not None or self._drain_waiter is not None
+        """A task waits in ``read`` or ``drain`` on this stream and has not been woken yet (so it will see what
+        happens to it; one already woken by data may go on to serve that data)."""
+        r, d = self._read_waiter, self._drain_waiter
+        return (r is not None and not r.done()) or (d is not None and not d.done())
 
     def take_buffered(self) -> list[bytes]:
         """The bytes received and not yet read (a listener's to acknowledge with ``ack``)."""

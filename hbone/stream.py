@@ -554,7 +554,7 @@ class PrefixedStream:
     def __getattr__(self, name: str):
         # What only some inner streams offer (an HboneStream's ``watch_lost``): theirs, or AttributeError as for
         # the inner stream itself. (Only for names not defined here: the ByteStream methods above stay direct.)
-        if name in ("watch_lost", "waiting"):
+        if name in ("watch_lost", "waiting", "lost"):
             return getattr(self._inner, name)
         raise AttributeError(name)
 

@@ -201,3 +201,95 @@ async def test_h2c_requests_are_reset_upstream_when_the_tunnel_goes(tmp_path, lo
         await h.close()
         for p in pods:
             await p.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss in the same read as the request (found by review): the request's head and the tunnel's RST_STREAM
+# leave the client in one flush, so the waypoint gets both from one TLS read, in one round of callbacks.
+
+async def _head_and_reset_together(stream, data: bytes) -> None:
+    stream.write(data)
+    stream._conn.flush_now()   # the head goes out now ...
+    stream.abort()             # ... and the RST_STREAM right behind it, before the waypoint reads either
+
+
+async def _nothing_left(h, pods) -> None:
+    """Every /hang that reached a pod had its connection closed, nothing is in flight, and the tunnel is over
+    (its task ended: not waiting for good on a request task that never ran)."""
+    await until(lambda: not h.waypoint.live, "the tunnel's task ended")
+    await until(lambda: sum(p.dropped for p in pods) == sum(p.hanging for p in pods), "no /hang left upstream")
+    await until(lambda: not h.waypoint.http.active, "no request in flight")
+
+
+async def test_a_request_handed_to_a_task_in_the_read_that_resets_the_tunnel(tmp_path, loopback_ip):
+    """Lean path: the request goes to a task (gRPC content-type: not the common request) created in the same
+    round of callbacks as the loss; cancelled before its first step, it would never end the tunnel."""
+    h, pods = await _harness(tmp_path, loopback_ip)
+    try:
+        c = h.client()
+        stream = await c.tunnel(f"{REVIEWS_VIP}:9080")
+        assert (await c.request(stream))[0] == 200
+        await _head_and_reset_together(
+            stream, b"GET /hang HTTP/1.1\r\nHost: reviews:9080\r\ncontent-type: application/grpc\r\n\r\n")
+        await _nothing_left(h, pods)
+        lines = await h.http_lines(1, path="/hang")
+        assert [(l["status"], l["response_flags"]) for l in lines] == [(0, "DC")]
+    finally:
+        await h.close()
+        for p in pods:
+            await p.stop()
+
+
+async def test_a_first_request_and_the_reset_in_one_read(tmp_path, loopback_ip):
+    """Lean path on a fresh tunnel: the sniffer reads the head, the loss comes before the lean server watches."""
+    h, pods = await _harness(tmp_path, loopback_ip)
+    try:
+        c = h.client()
+        stream = await c.tunnel(f"{REVIEWS_VIP}:9080")
+        await _head_and_reset_together(stream, HANG)
+        await _nothing_left(h, pods)
+        lines = await h.http_lines(1, path="/hang")
+        assert [(l["status"], l["response_flags"]) for l in lines] == [(0, "DC")]
+    finally:
+        await h.close()
+        for p in pods:
+            await p.stop()
+
+
+async def test_serve_http1_woken_by_data_in_the_read_that_resets_the_tunnel(tmp_path, loopback_ip):
+    """serve_http1 waits in read; the head wakes it and the reset comes in the same read: its reader is woken
+    already, so the loss must still stop it (the request is not sent upstream at all)."""
+    h, pods = await _harness(tmp_path, loopback_ip)
+    try:
+        c = h.client()
+        stream = await c.tunnel(f"{REVIEWS_VIP}:9080")
+        assert (await c.request(stream, "/", method=b"POST", body=b"payload"))[0] == 200
+        await asyncio.sleep(0.05)   # (serve_http1 now waits for the next head)
+        await _head_and_reset_together(stream, HANG)
+        await _nothing_left(h, pods)
+        assert sum(p.hanging for p in pods) == 0
+    finally:
+        await h.close()
+        for p in pods:
+            await p.stop()
+
+
+async def test_h2c_requests_read_after_the_tunnel_was_lost(tmp_path, loopback_ip):
+    """h2c: the frames still buffered when the loss is seen are read, and their requests started after it."""
+    import h2.config
+    import h2.connection
+
+    h, pods = await _harness(tmp_path, loopback_ip)
+    try:
+        c = h.client()
+        stream = await c.tunnel(f"{REVIEWS_VIP}:9080")
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.send_headers(1, [(":method", "GET"), (":scheme", "http"), (":authority", "reviews:9080"),
+                                (":path", "/hang")], end_stream=True)
+        await _head_and_reset_together(stream, client.data_to_send())
+        await _nothing_left(h, pods)
+    finally:
+        await h.close()
+        for p in pods:
+            await p.stop()

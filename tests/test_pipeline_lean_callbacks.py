@@ -45,7 +45,11 @@ class _ListenStream(_Stream):
 
     @property
     def waiting(self):
-        return self.waiter is not None
+        return self.waiter is not None and not self.waiter.done()
+
+    @property
+    def lost(self):
+        return self.err is not None
 
     def abort(self):
         self.on_lost = None

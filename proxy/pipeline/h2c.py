@@ -1110,6 +1110,10 @@ async def serve_h2c(stream: ByteStream, handler: Handler, *, limits: H2Limits = 
             # client reset its stream in the same read: rapid reset) never enters its try, and its
             # stream must still stop counting against max_concurrent_streams.
             task.add_done_callback(lambda _t, sid=sid: done(sid))
+            if conn.lost:
+                # The tunnel was lost, and its last frames are still being read: a request among them has no one
+                # to answer (found by review). Cancelled after its first step, so that handle() reports it.
+                asyncio.get_running_loop().call_soon(task.cancel)
 
         def done(sid: int) -> None:
             handlers.pop(sid, None)

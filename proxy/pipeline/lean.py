@@ -104,8 +104,8 @@ class LeanHttp1:
 
     Also the downstream stream's listener (``h_data``/``h_eof``/``h_error``/``h_writable``)."""
 
-    __slots__ = ("p", "h", "ctx", "chain", "snapshot", "conn", "loop", "fut", "busy", "held", "task", "timer",
-                 "last", "up_listener", "fl", "events")
+    __slots__ = ("p", "h", "ctx", "chain", "snapshot", "conn", "loop", "fut", "busy", "held", "task", "started",
+                 "timer", "last", "up_listener", "fl", "events")
 
     def __init__(self, pipeline, stream, ctx, chain, snapshot: Callable[[], object],
                  limits: Http1Limits = DEFAULT_LIMITS):
@@ -121,6 +121,7 @@ class LeanHttp1:
         self.busy = False        # a request is being served (inline, or in a task); or its answer drains
         self.held: list[bytes] = []   # bytes that came meanwhile (unacknowledged: the stream window bounds them)
         self.task: asyncio.Task | None = None
+        self.started = False     # the task has taken its first step (see _cancel_task)
         self.timer: asyncio.TimerHandle | None = None
         self.last = 0.0          # loop time the last request ended (the idle timeout counts from it)
         self.up_listener = _UpstreamListener(self)
@@ -144,6 +145,10 @@ class LeanHttp1:
                 prefix = b"".join((prefix, *buffered))
             if prefix:
                 self._serve(prefix)
+            if h.lost:
+                # Lost before the watcher was set (read by the sniffer, then reset): the request just begun
+                # stops as one lost later would.
+                self._lost(h.error)
             if not self.busy and not self.fut.done():
                 if h.error is not None:
                     self.h_error(h.error)
@@ -190,7 +195,7 @@ class LeanHttp1:
             self._drop_flight("downstream connection termination")
             self._end(CLOSE)
         elif self.task is not None:
-            self.task.cancel()   # handle() resets its upstream attempt and reports; _handle then ends the tunnel
+            self._cancel_task()   # handle() resets its upstream attempt and reports; _handle then ends the tunnel
         else:
             self._end(CLOSE)     # its answer is written and waits to drain: nothing upstream to stop
 
@@ -398,10 +403,26 @@ class LeanHttp1:
 
     # -- the coroutine path, one request at a time --
     def _in_task(self, request, responder, snapshot, planned, resume) -> None:
+        self.started = False
         self.task = self.loop.create_task(self._handle(request, responder, snapshot, planned, resume))
+
+    def _cancel_task(self) -> None:
+        task = self.task
+        if self.started:
+            task.cancel()
+            return
+        # Created in this same round of callbacks and not run yet: cancelled now, its coroutine would never start —
+        # no _handle try/finally, no report by handle(), the attempt it resumes never closed, and run() left
+        # waiting for good (found by review). Cancelled once it has taken its first step instead.
+        self.loop.call_soon(self._cancel_if_current, task)
+
+    def _cancel_if_current(self, task: asyncio.Task) -> None:
+        if self.task is task:
+            task.cancel()
 
     async def _handle(self, request, responder, snapshot, planned, resume) -> None:
         """``HttpPipeline.handle`` for one request, then what serve_http1 does after a handler."""
+        self.started = True
         conn = self.conn
         try:
             try:
@@ -493,7 +514,7 @@ class LeanHttp1:
         if self.fl is not None:
             self._drop_flight("downstream reset")
         if self.task is not None:
-            self.task.cancel()
+            self._cancel_task()
 
     def _drop_flight(self, error: str) -> None:
         """The inline request is over before its answer (the tunnel is lost or closed): its upstream connection
