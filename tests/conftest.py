@@ -9,6 +9,16 @@ import random
 import socket
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw their examples from a seed derived from each test's name (``derandomize``), so `make test`
+# runs the same examples every time: a CI run is never red from an example no earlier run drew (a property test
+# added in session 7 drew such a case — its assertion, not the code, was wrong). ``HYPOTHESIS_PROFILE=explore``
+# draws fresh examples (and ``max_examples`` can be raised per test by its own env knob where it has one): run it
+# when changing a parser or a pure core.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _rng = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "big"))
 _counter = itertools.count()

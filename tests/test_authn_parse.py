@@ -298,7 +298,7 @@ def test_junk_documents_only_raise_config_error(path, key, value):
     except ConfigError as err:
         assert str(err).startswith("ra.yaml: document 3 (RequestAuthentication")
         return
-    assert ra.name == "jwt"
+    assert ra.name == doc["metadata"]["name"] and len(ra.jwt_rules) >= 1   # (junk may be a valid new name)
 
 
 @settings(max_examples=200, deadline=None)

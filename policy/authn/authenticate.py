@@ -183,15 +183,19 @@ class _Request:
     def extract(self, ex: _Extractor) -> list[_Token]:
         tokens: list[_Token] = []
         for loc in ex.headers:
-            for name, value in self.headers:
-                if name != loc.name:
-                    continue
-                if loc.prefix:
-                    pos = value.find(loc.prefix)
-                    if pos < 0:
-                        continue   # "value_prefix not found anywhere in value_str, so skip"
-                    value = _extract_jwt(value, pos + len(loc.prefix))
-                tokens.append(_Token(value, loc))
+            # extractor.cc: "getAllOfHeaderAsString" — a header sent several times is one value, joined with ",",
+            # and yields one token (the first after the prefix); not one per copy (found by review: a bad token
+            # next to a good one in two Authorization headers was then let through).
+            values = [value for name, value in self.headers if name == loc.name]
+            if not values:
+                continue
+            value = values[0] if len(values) == 1 else ",".join(values)
+            if loc.prefix:
+                pos = value.find(loc.prefix)
+                if pos < 0:
+                    continue   # "value_prefix not found anywhere in value_str, so skip"
+                value = _extract_jwt(value, pos + len(loc.prefix))
+            tokens.append(_Token(value, loc))
         if ex.params:
             first: dict[str, str] = {}
             for key, value, _ in _query_pairs(self.target):

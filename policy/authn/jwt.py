@@ -160,9 +160,18 @@ def _digest(alg: str):
     return _DIGEST.get(alg[-3:], hashes.SHA256)()
 
 
+_FAMILY_OF_ALG = {"RS": "RSA", "PS": "RSA", "ES": "EC", "HS": "oct", "Ed": "OKP"}
+
+
 def _verify_with(jwk: Jwk, jwt: Jwt, data: bytes) -> Status | None:
     """Ok, a final Status, or None (this key did not verify it; try the next)."""
     sig, alg = jwt.signature, jwt.alg
+    # verify.cc verifyJwtWithoutTimeChecking tries a key only for its own algorithm family ("EC" with ES*, "RSA"
+    # with RS*/PS*, "oct" with HS*, "OKP" with EdDSA): a token signed RS256 but labelled ES256 is not verified
+    # with the RSA key (found by review); the key still counted as matching kid/alg, so the answer is "Jwt
+    # verification fails".
+    if _FAMILY_OF_ALG.get(alg[:2]) != jwk.kty:
+        return None
     try:
         if jwk.kty == "EC":
             # verify.cc verifySignatureEC: r = first half, s = second half of the raw signature.
