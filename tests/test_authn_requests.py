@@ -364,3 +364,32 @@ def test_junk_requests_never_raise(headers, target, now):
             assert b"\r" not in value and b"\n" not in value
     else:
         assert r.status in (401, 403) and r.body == r.reason.text
+
+
+def test_a_header_sent_twice_is_one_value_and_yields_one_token():
+    """Envoy joins repeated header values with "," (getAllOfHeaderAsString) and extracts one token: a bad token
+    before a good one is what it checks (401), not let through by the good one."""
+    good = A.mint()
+    h, p, s = good.split(".")
+    bad = f"{h}.{p}.{s[:-4]}AAAA"
+    r = run(ONE, [bearer(bad), bearer(good)])
+    assert (r.allowed, r.status, r.body) == (False, 401, "Jwt verification fails")
+    r = run(ONE, [bearer(good), bearer(bad)])
+    assert r.allowed and r.principal == f"{A.iss}/alice"
+
+
+def test_a_key_verifies_only_its_own_algorithm_family():
+    """verify.cc: an RSA key is used for RS*/PS* tokens only; the same RSA signature labelled ES256 fails. (The
+    key names no alg, so the kid/alg filter lets it through and only the family check can refuse.)"""
+    issuer = Issuer("https://noalg.example.com", jwk_alg=False)
+    rules = rules_for({"issuer": issuer.iss, "jwks": issuer.jwks()})
+    token = issuer.mint()
+    assert run(rules, [bearer(token)]).allowed
+    h, p, s = token.split(".")
+    relabelled_head = base64.urlsafe_b64encode(json.dumps({"alg": "ES256", "typ": "JWT", "kid": issuer.kid}).encode()
+                                               ).rstrip(b"=").decode()
+    # (re-signed with the RSA key over the relabelled header: a valid RS256 signature under an ES256 label)
+    forged = f"{relabelled_head}.{p}." + base64.urlsafe_b64encode(
+        issuer.sign(f"{relabelled_head}.{p}".encode(), "RS256")).rstrip(b"=").decode()
+    r = run(rules, [bearer(forged)])
+    assert (r.allowed, r.body) == (False, "Jwt verification fails")
