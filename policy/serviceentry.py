@@ -505,14 +505,9 @@ def _service(se: ServiceEntry, host: str, index: int, waypoint: GatewayAddress |
                                                               "upstream").message)
     lb = None
     if se.resolution == "NONE":
+        # ztunnel state.rs find_upstream: "if lb.mode == LoadBalancerMode::Passthrough { return
+        # Some(UpstreamDestination::OriginalDestination) }" (proxy/node/outbound.py _to_service).
         lb = LoadBalancer((), "Passthrough", "AllowAll")
-        if vips and index == 0:
-            # ztunnel state.rs find_upstream: "if lb.mode == LoadBalancerMode::Passthrough { return
-            # Some(UpstreamDestination::OriginalDestination) }" — proxy/node/outbound.py does not do this yet.
-            warnings.append(ConfigError(where, "spec.resolution", "NONE (passthrough to the original destination) "
-                                                                  "is not implemented by the node proxy for a "
-                                                                  "service VIP: connections to spec.addresses fail "
-                                                                  "with no healthy upstream").message)
     return Service(
         name=se.name, namespace=se.namespace, hostname=host, vips=vips, ports=MappingProxyType(ports),
         app_protocols=MappingProxyType(app), subject_alt_names=se.subject_alt_names, waypoint=waypoint,

@@ -17,6 +17,7 @@ from policy.errors import ConfigError, ConfigErrors, Where
 from policy.inventory import CidrVip, GatewayAddress, LoadBalancer, Locality, NetworkAddress
 from policy.loader import build_mesh_config
 from policy.serviceentry import parse_service_entry, parse_workload_entry
+from proxy.errors import NoHealthyUpstream
 
 W = Where("entries.yaml", 1)
 
@@ -336,8 +337,29 @@ spec:
     assert svc.load_balancer == LoadBalancer((), "Passthrough", "AllowAll")
     mesh = load(text)
     assert mesh.inventory.workloads == {}
-    assert any("spec.resolution: NONE (passthrough to the original destination) is not implemented" in line
-               for line in mesh.warnings)
+    assert not any("spec.resolution" in line for line in mesh.warnings)
+
+
+def test_node_plan_passthrough_service_goes_to_the_original_destination():
+    """ztunnel find_upstream: a Passthrough service's connection goes where the app sent it (plain TCP)."""
+    text = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db-range}
+spec:
+  hosts: [db.internal]
+  addresses: [10.20.0.7]
+  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
+  resolution: NONE
+"""
+    mesh = load(text, inventory=CLIENT)
+    plan = _plan(mesh, ("10.20.0.7", 5432))
+    assert (plan.protocol, plan.dst, plan.reason, plan.host, plan.workload) == \
+        ("tcp", ("10.20.0.7", 5432), "passthrough", "db.internal", None)
+    assert _plan(mesh, ("db.internal", 5432)).dst == ("10.20.0.7", 5432)   # by name (SOCKS5): its address
+    no_address = load(text.replace("  addresses: [10.20.0.7]\n", ""), inventory=CLIENT)
+    with pytest.raises(NoHealthyUpstream):   # by name, with no address: no original destination to go to
+        _plan(no_address, ("db.internal", 5432))
 
 
 def test_dns_without_endpoints_keeps_one_hostname_endpoint_per_host_and_warns():

@@ -254,6 +254,16 @@ def _to_service(inventory: Inventory, service: Service, vip: str | None, port: i
         dst, ids, wl = _waypoint_endpoint(inventory, gw, rng)
         return OutboundPlan("hbone", dst, format_authority(authority_ip, port), ids, service, wl, True,
                             service.hostname, "waypoint")
+    lb = service.load_balancer
+    if lb is not None and lb.mode == "Passthrough":
+        # ztunnel state.rs find_upstream: "if lb.mode == LoadBalancerMode::Passthrough { return
+        # Some(UpstreamDestination::OriginalDestination) }" — a ServiceEntry with resolution NONE: the connection
+        # goes where the app sent it, in plain TCP (no endpoint, so no identity to check).
+        if authority_ip is None:
+            raise NoHealthyUpstream(f"{service.hostname} passes connections through to their original "
+                                    "destination, and a connection by name has none")
+        return OutboundPlan("tcp", (authority_ip, port), None, frozenset(), service, None, False, service.hostname,
+                            "passthrough")
     key = ("endpoints", service.namespace, service.hostname, port, source.uid if source is not None else None)
     weighted = memo.get(key) if memo is not None else None
     if weighted is None:
