@@ -80,12 +80,14 @@ RESOURCE_KINDS: tuple[ResourceKind, ...] = (
                  "policy.routing.parse:parse_http_route", "http_routes"),
     ResourceKind("gateway.networking.k8s.io", "Gateway", ("v1", "v1beta1"),
                  "policy.routing.parse:parse_gateway", "gateways"),
-    # GRPCRoute and TCPRoute share MeshConfig.http_routes with HTTPRoute (the Gateway API routes, each kind
+    # GRPCRoute, TCPRoute and TLSRoute share MeshConfig.http_routes with HTTPRoute (the Gateway API routes, each kind
     # its own model): scoping (policy.scope) and the route table read that one list.
     ResourceKind("gateway.networking.k8s.io", "GRPCRoute", ("v1", "v1alpha2"),
                  "policy.routing.gateway_routes:parse_grpc_route", "http_routes"),
     ResourceKind("gateway.networking.k8s.io", "TCPRoute", ("v1alpha2", "v1"),
                  "policy.routing.gateway_routes:parse_tcp_route", "http_routes"),
+    ResourceKind("gateway.networking.k8s.io", "TLSRoute", ("v1alpha2", "v1"),
+                 "policy.routing.gateway_routes:parse_tls_route", "http_routes"),
     ResourceKind("security.istio.io", "RequestAuthentication", ("v1", "v1beta1"),
                  "policy.authn.parse:parse_request_authentication", "request_authentications"),
     # ServiceEntry / WorkloadEntry are kept as parsed and converted into inventory services and workloads by

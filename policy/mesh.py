@@ -22,10 +22,10 @@ DEFAULT_ROOT_NAMESPACE = "istio-system"
 
 # The kinds `counts()` reports, in the order `config check` prints them.
 KINDS = ("Workload", "Service", "AuthorizationPolicy", "RequestAuthentication", "VirtualService", "DestinationRule",
-         "HTTPRoute", "GRPCRoute", "TCPRoute", "Gateway", "ServiceEntry", "WorkloadEntry")
+         "HTTPRoute", "GRPCRoute", "TCPRoute", "TLSRoute", "Gateway", "ServiceEntry", "WorkloadEntry")
 # The Gateway API route kinds kept together in ``MeshConfig.http_routes``; each model's class attribute
 # ``kind`` says which (policy.routing.gateway_routes; HTTPRoute's model has none).
-ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "TCPRoute")
+ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "TCPRoute", "TLSRoute")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class MeshConfig:
     request_authentications: tuple[Any, ...] = ()  # policy.authn.model.RequestAuthentication (JWT rules)
     virtual_services: tuple[Any, ...] = ()         # policy.routing models
     destination_rules: tuple[Any, ...] = ()
-    http_routes: tuple[Any, ...] = ()              # Gateway API routes: HTTPRoute, GRPCRoute, TCPRoute (ROUTE_KINDS)
+    http_routes: tuple[Any, ...] = ()              # Gateway API routes: HTTPRoute, GRPCRoute, TCPRoute, TLSRoute (ROUTE_KINDS)
     gateways: tuple[Any, ...] = ()
     # policy.serviceentry models, as loaded: their converted services and workloads are in ``inventory``
     # (counted as Service / Workload too); a waypoint's scoped MeshConfig does not carry these.

@@ -1,4 +1,4 @@
-"""Gateway API ``TCPRoute`` and ``GRPCRoute`` for the waypoint, parsed as istiod translates them.
+"""Gateway API ``TCPRoute``, ``TLSRoute`` and ``GRPCRoute`` for the waypoint, parsed as istiod translates them.
 
 Both attach like an HTTPRoute (``parentRefs`` to a Service, ``group: ""``, optional ``port``, or to the
 waypoint's Gateway; table.py ``_hr_applies``) and are compiled by ``policy.routing.table`` into the
@@ -9,6 +9,9 @@ objects the route selector already handles, so the request path does not change:
   with ``tcp`` routes (``pilot/pkg/config/kube/gateway/route_collections.go TCPRouteCollection``) and the
   waypoint takes the first TCP route whose match fits the port across those VirtualServices
   (``pilot/pkg/networking/core/listener_waypoint.go getWaypointTCPRoutes``).
+* TLSRoute → a TLS route of the service port's ``TcpRoutes``, which wins over every TCP route; the waypoint
+  does not read the SNI, so a TLSRoute applies only when its hostnames allow the Service's own hostname
+  (policy.routing.tls has istiod's rule, quoted).
 * GRPCRoute → ``CompiledRule``s of ``GwMatcher`` over a path match, because istiod turns a
   ``GRPCMethodMatch`` into a VirtualService ``uri`` match (``conversion.go createGRPCURIMatch``):
 
@@ -50,6 +53,10 @@ GATEWAY_API_GROUP = "gateway.networking.k8s.io"
 # TCPRoute: v1alpha2 is what Istio's controller reads (sigs.k8s.io/gateway-api/apis/v1alpha2 TCPRoute in
 # route_collections.go); Gateway API later served the same schema as v1 (apis/v1/tcproute_types.go).
 TCP_ROUTE_VERSIONS = tuple(f"{GATEWAY_API_GROUP}/{v}" for v in ("v1alpha2", "v1"))
+# TLSRoute: v1alpha2 is what Istio's controller reads (gatewayalpha.TLSRoute in route_collections.go
+# TLSRouteCollection); later Gateway API serves the same fields as v1 (Istio converts v1 to v1alpha2,
+# convertTLSRouteV1ToV1Alpha2).
+TLS_ROUTE_VERSIONS = tuple(f"{GATEWAY_API_GROUP}/{v}" for v in ("v1alpha2", "v1"))
 # GRPCRoute: v1 since Gateway API v1.1.0 (Standard channel), v1alpha2 before; same schema.
 GRPC_ROUTE_VERSIONS = tuple(f"{GATEWAY_API_GROUP}/{v}" for v in ("v1", "v1alpha2"))
 
@@ -58,7 +65,7 @@ GRPC_ROUTE_VERSIONS = tuple(f"{GATEWAY_API_GROUP}/{v}" for v in ("v1", "v1alpha2
 MAX_PARENT_REFS = 32          # CommonRouteSpec.ParentRefs "MaxItems=32"
 MAX_RULES = 16                # TCPRouteSpec.Rules / GRPCRouteSpec.Rules "MaxItems=16"
 MAX_BACKEND_REFS = 16         # TCPRouteRule.BackendRefs / GRPCRouteRule.BackendRefs "MaxItems=16"
-MAX_HOSTNAMES = 16            # GRPCRouteSpec.Hostnames "MaxItems=16"
+MAX_HOSTNAMES = 16            # GRPCRouteSpec.Hostnames / TLSRouteSpec.Hostnames "MaxItems=16"
 MAX_GRPC_MATCHES = 8          # GRPCRouteRule.Matches "MaxItems=8" (16 x 8 is within the CRD's 128-match total)
 MAX_FILTERS = 16              # GRPCRouteRule.Filters / GRPCBackendRef.Filters "MaxItems=16"
 MAX_GRPC_HEADERS = 16         # GRPCRouteMatch.Headers "MaxItems=16"
@@ -99,6 +106,25 @@ class TcpRoute:
     order: int = 0                   # load order, standing in for creationTimestamp ("oldest first")
     warnings: tuple[str, ...] = ()
     hostnames: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class TlsRoute:
+    """A Gateway API TLSRoute: a TCPRoute with ``hostnames`` (the SNI names). Its rules are ``TcpRouteRule``s
+    (TLSRouteRule has the same fields). How a waypoint applies it: policy.routing.tls."""
+
+    kind: ClassVar[str] = "TLSRoute"
+    namespace: str
+    name: str
+    parent_refs: tuple[ParentRef, ...]
+    hostnames: tuple[str, ...] = ()
+    rules: tuple[TcpRouteRule, ...] = ()
+    order: int = 0
+    warnings: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -226,6 +252,47 @@ def parse_tcp_route(doc: dict, where: Where, *, order: int = 0) -> TcpRoute:
         r.warn("spec.rules", f"only the first of {len(rules)} rules is used (TCPRoute rules have no matches; "
                              "the waypoint takes the first TCP route)")
     return TcpRoute(ns, name, parents, tuple(rules), order, tuple(r.warnings))
+
+
+# ---------------------------------------------------------------------------------------------
+# TLSRoute
+
+# Gateway API ``Hostname``: "a fully qualified domain name ... Hostname MAY be prefixed with a wildcard label
+# (*.)" (the CRD's pattern, shared_types.go: lowercase labels, "MaxLength=253").
+_GW_HOSTNAME = re.compile(r"(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+GW_HOSTNAME_MAX = 253
+
+
+def parse_tls_route(doc: dict, where: Where, *, order: int = 0) -> TlsRoute:
+    r, ns, name, _, spec = _envelope(doc, where, (), TLS_ROUTE_VERSIONS, "TLSRoute")
+    r.map(spec, "spec", ("parentRefs", "hostnames", "rules"))
+    parents = _parent_refs(r, spec)
+    hostnames = r.strs(_bounded_list(r, spec.get("hostnames"), "spec.hostnames", MAX_HOSTNAMES), "spec.hostnames")
+    for i, h in enumerate(hostnames):
+        if len(h) > GW_HOSTNAME_MAX or not _GW_HOSTNAME.fullmatch(h):
+            raise r.fail(f"spec.hostnames[{i}]", f"{h!r} is not a hostname (a lowercase DNS name, "
+                                                 "optionally prefixed with '*.')")
+    if spec.get("rules") is None:
+        raise r.fail("spec.rules", "required (TLSRoute: rules MinItems=1)")
+    rules_v = _bounded_list(r, spec.get("rules"), "spec.rules", MAX_RULES)
+    if not rules_v:
+        raise r.fail("spec.rules", "at least one rule is required")
+    rules = []
+    names: set[str] = set()
+    for i, x in enumerate(rules_v):
+        p = f"spec.rules[{i}]"
+        m = r.map(x, p, ("name", "backendRefs"))
+        rule_name = _rule_name(r, m, p, names)
+        refs_v = _bounded_list(r, m.get("backendRefs"), f"{p}.backendRefs", MAX_BACKEND_REFS)
+        if not refs_v:
+            raise r.fail(f"{p}.backendRefs", "at least one backendRef is required")   # "MinItems=1"
+        refs = tuple(_backend_ref(r, b, f"{p}.backendRefs[{j}]", grpc=False) for j, b in enumerate(refs_v))
+        rules.append(TcpRouteRule(rule_name, refs))
+    if len(rules) > 1:
+        # Every rule gets the same match (the route's hostnames), so the first one always wins.
+        r.warn("spec.rules", f"only the first of {len(rules)} rules is used (TLSRoute rules all match the "
+                             "route's hostnames; the waypoint takes the first TLS route)")
+    return TlsRoute(ns, name, parents, hostnames, tuple(rules), order, tuple(r.warnings))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,5 +441,5 @@ def _grpc_header(r: _R, v: Any, path: str) -> tuple[str, StringMatch]:
     raise r.fail(f"{path}.type", "expected Exact or RegularExpression")
 
 
-__all__ = ["TcpRoute", "TcpRouteRule", "GrpcRoute", "parse_tcp_route", "parse_grpc_route",
-           "TCP_ROUTE_VERSIONS", "GRPC_ROUTE_VERSIONS"]
+__all__ = ["TcpRoute", "TcpRouteRule", "TlsRoute", "GrpcRoute", "parse_tcp_route", "parse_tls_route", "parse_grpc_route",
+           "TCP_ROUTE_VERSIONS", "TLS_ROUTE_VERSIONS", "GRPC_ROUTE_VERSIONS"]

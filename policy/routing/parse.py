@@ -4,12 +4,13 @@ DestinationRule, ``gateway.networking.k8s.io`` HTTPRoute and Gateway.
 Each takes one decoded YAML document and returns a frozen model, or raises ``ConfigError`` naming the
 exact field (``spec.http[0].route[1].weight: expected an integer 0..``). Unknown fields inside ``spec``
 are errors, as ``kubectl apply`` does with its default strict field validation; fields we read but do
-not enforce (TLS routes, localityLbSetting with consistentHash) are accepted and reported in ``.warnings``.
+not enforce (localityLbSetting with consistentHash) are accepted and reported in ``.warnings``.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import binascii
 import math
 import re
@@ -20,6 +21,7 @@ from policy.errors import ConfigError, Where
 from policy.wire import ascii_lower, wire_form
 
 from .regex import Regex, RegexError, check_rewrite, compile_regex
+from .tls import TlsMatch, TlsRule, sni_host_within
 from .hashing import MAGLEV_BUILD_MAX_TABLE_SIZE, RING_BUILD_MAX_SIZE, is_prime
 from .model import (
     HASH_COOKIE, HASH_HEADER, HASH_QUERY, HASH_SOURCE_IP, MAGLEV, MAGLEV_TABLE_SIZE_DEFAULT,
@@ -240,8 +242,10 @@ def parse_virtual_service(doc: dict, where: Where, *, order: int = 0) -> Virtual
     gateways = r.strs(spec.get("gateways"), "spec.gateways")
     http = tuple(_vs_http_rule(r, x, f"spec.http[{i}]") for i, x in enumerate(r.list(spec.get("http"), "spec.http")))
     tcp = tuple(_vs_tcp_rule(r, x, f"spec.tcp[{i}]") for i, x in enumerate(r.list(spec.get("tcp"), "spec.tcp")))
-    if r.list(spec.get("tls"), "spec.tls"):
-        r.warn("spec.tls", "TLS (SNI) routes are not supported by this proxy; ignored")
+    # TLS rules ride in ``tcp`` as ``TlsRule`` (policy.routing.tls explains how a waypoint applies them).
+    tls = tuple(_vs_tls_rule(r, x, f"spec.tls[{i}]", hosts) for i, x in enumerate(r.list(spec.get("tls"), "spec.tls")))
+    if tls:
+        tcp = tcp + tls
     export_to = r.strs(spec.get("exportTo"), "spec.exportTo")
     return VirtualService(ns, name, hosts, gateways, http, tcp, export_to, order, tuple(r.warnings))
 
@@ -667,6 +671,41 @@ def _vs_tcp_rule(r: _R, v: Any, path: str) -> TcpRule:
     if len(route) > 1 and sum(d.weight or 0 for d in route) == 0:
         raise r.fail(f"{path}.route", "total destination weight = 0")
     return TcpRule(tuple(matches), tuple(route))
+
+
+def _vs_tls_rule(r: _R, v: Any, path: str, hosts: tuple[str, ...]) -> TlsRule:
+    """A VirtualService ``tls`` rule, checked as Istio's validateTLSRoute / validateTLSMatch check it."""
+    m = r.map(v, path, ("match", "route"))
+    matches_v = r.list(m.get("match"), f"{path}.match")
+    if not matches_v:
+        raise r.fail(f"{path}.match", "TLS route must have at least one match condition")
+    matches = []
+    for i, x in enumerate(matches_v):
+        p = f"{path}.match[{i}]"
+        mm = r.map(x, p, ("sniHosts", "destinationSubnets", "port", "sourceLabels", "gateways", "sourceNamespace"))
+        sni = r.strs(mm.get("sniHosts"), f"{p}.sniHosts")
+        if not sni:
+            raise r.fail(f"{p}.sniHosts", "TLS match must have at least one SNI host")
+        for j, h in enumerate(sni):
+            if not sni_host_within(h, hosts):
+                raise r.fail(f"{p}.sniHosts[{j}]", f"SNI host {h!r} is not a compatible subset of any of the "
+                                                   f"virtual service hosts: [{', '.join(hosts)}]")
+        subnets = r.strs(mm.get("destinationSubnets"), f"{p}.destinationSubnets")
+        for j, s in enumerate(subnets):
+            try:
+                ipaddress.ip_network(s, strict=False)
+            except ValueError:
+                raise r.fail(f"{p}.destinationSubnets[{j}]", f"{s!r} is not an IP address or CIDR range") from None
+        matches.append(TlsMatch(
+            port=r.opt_int(mm.get("port"), f"{p}.port", 1, MAX_PORT),
+            destination_subnets=subnets,
+            source_labels=r.labels(mm.get("sourceLabels"), f"{p}.sourceLabels"),
+            source_namespace=r.str(mm.get("sourceNamespace", ""), f"{p}.sourceNamespace", empty_ok=True),
+            gateways=r.strs(mm.get("gateways"), f"{p}.gateways"),
+            sni_hosts=sni,   # compared as written, as istiod compares them
+        ))
+    base = _vs_tcp_rule(r, {"route": m.get("route")}, path)   # the destinations are a tcp rule's
+    return TlsRule(tuple(matches), base.route)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,10 @@ GRPCRoute and TCPRoute (``policy.routing.gateway_routes``) arrive in the same ``
   these two routes ... The oldest Route based on creation timestamp", and the waypoint builds its HTTP
   routes from the first VirtualService with http routes only (listener_waypoint.go
   ``buildWaypointInboundHTTPRouteConfig``), each route kind being converted to VirtualServices of its own.
+* TLS routes (VirtualService ``tls``, TLSRoute; policy.routing.tls) come first: the first one that applies to the
+  port, in age order across them all, is the port's only TCP route (``getWaypointTCPRoutes`` looks for a TLS
+  route before any TCP route). A waypoint does not read the SNI: a match applies only when its ``sniHosts`` is
+  exactly the service's hostname (``getTLSRouteMatch``); the others are skipped with a warning.
 * TCPRoutes add ``TcpRule``s: istiod makes a VirtualService with ``tcp`` routes of each, and the waypoint
   takes the first TCP route that matches the port across all the service's VirtualServices in age order
   (``getWaypointTCPRoutes``), so TCPRoutes and VirtualService ``tcp`` routes interleave by age.
@@ -43,7 +47,8 @@ from .model import (
     DEFAULT_RETRY_POLICY, EMPTY, NO_HEADER_RULES, NO_TRAFFIC_POLICY, DestinationRule, Gateway, GwRule,
     HeaderRules, HttpRoute, HttpRule, RetryPolicy, TrafficPolicy, VirtualService,
 )
-from .gateway_routes import GrpcRoute, TcpRoute
+from .gateway_routes import GrpcRoute, TcpRoute, TlsRoute
+from .tls import TlsRule, tls_match_applies, tls_route_sni_hosts
 from .select import DirectResponse, Forward, GwMatcher, VsMatcher
 
 CLUSTER_DOMAIN = "cluster.local"   # Kubernetes' default cluster domain (svc.cluster.local)
@@ -172,9 +177,9 @@ def build_route_table(inventory: Inventory, services: Iterable[Service], virtual
     # for creationTimestamp.
     every = sorted(http_routes, key=lambda h: (h.order, h.namespace, h.name))
     # ``http_routes`` holds every Gateway API route kind (policy.mesh ROUTE_KINDS).
-    hrs = [h for h in every if not isinstance(h, (GrpcRoute, TcpRoute))]
+    hrs = [h for h in every if not isinstance(h, (GrpcRoute, TcpRoute, TlsRoute))]
     grs = [g for g in every if isinstance(g, GrpcRoute) and g.rules]   # no rules: istiod converts nothing
-    trs = [t for t in every if isinstance(t, TcpRoute)]
+    trs = [t for t in every if isinstance(t, (TcpRoute, TlsRoute))]
     gw_key = gateway.key if isinstance(gateway, Gateway) else gateway
     warnings: list[str] = []
     ctx = _Ctx(inventory, {s.key for s in services}, drs, waypoint_namespace, warnings)
@@ -200,7 +205,7 @@ def build_route_table(inventory: Inventory, services: Iterable[Service], virtual
             else:
                 http[(svc.key, port)] = _compile_vs(ctx, svc, port, svc_vss) or _default_http(ctx, svc, port)
             svc_trs = [t for t in trs if _hr_applies(t, svc, port, gw_key)] if trs else []
-            tcp[(svc.key, port)] = _compile_tcp(ctx, svc, port, svc_vss, svc_trs)
+            tcp[(svc.key, port)] = _compile_tcp(ctx, svc, port, svc_vss, svc_trs, gw_key)
     return RouteTable(MappingProxyType(http), MappingProxyType(tcp), tuple(warnings), ctx)
 
 
@@ -426,19 +431,30 @@ def _vs_action(ctx: _Ctx, vs: VirtualService, r: HttpRule, port: int):
 
 
 def _compile_tcp(ctx: _Ctx, svc: Service, port: int, vss: list[VirtualService],
-                 tcp_routes: list[TcpRoute] = ()) -> TcpRoutes:
+                 tcp_routes: list = (), gw_key: str | None = None) -> TcpRoutes:
     rules = []
     sources = []
-    # VirtualServices and TCPRoutes (istiod: VirtualServices too) in age order: the first TCP route whose
-    # match fits wins (getWaypointTCPRoutes), so a TCPRoute's rule sits where its age puts it.
+    # VirtualServices and TCPRoutes / TLSRoutes (istiod: VirtualServices too) in age order: the first TCP route
+    # whose match fits wins (getWaypointTCPRoutes), so a TCPRoute's rule sits where its age puts it.
     ordered = sorted([*vss, *tcp_routes], key=lambda v: (v.order, v.namespace, v.name)) if tcp_routes else vss
+    tls = _waypoint_tls_route(ctx, svc, port, ordered, gw_key)
+    if tls is not None:
+        # getWaypointTCPRoutes: "respect TLS routes before TCP routes" — a TLS route found in any of the
+        # service's VirtualServices is the port's only route; no TCP route is looked at.
+        rule, source = tls
+        return TcpRoutes(route_name(svc, port, "tcp"), svc.key, port, (rule,),
+                         _self_destination(ctx, svc, port, "tcp"), (source,))
     for vs in ordered:
+        if isinstance(vs, TlsRoute):
+            continue
         if isinstance(vs, TcpRoute):
             for tr in vs.rules:
                 rules.append(TcpRule((), _tcp_route_destinations(ctx, vs, tr, port)))
             sources.append(f"TCPRoute {vs.key}")
             continue
         for r in vs.tcp:
+            if isinstance(r, TlsRule):
+                continue   # looked at above
             subnets: list = []
             applies = not r.matches
             for m in r.matches:
@@ -595,6 +611,46 @@ def _tcp_route_destinations(ctx: _Ctx, tr: TcpRoute, rule, port: int) -> tuple[D
             # exist, so the connection is refused (503, NC).
             out.append(_destination(ctx, b.name, ns, None, b.port, w, port, "tcp"))
     return tuple(out)
+
+
+def _waypoint_tls_route(ctx: _Ctx, svc: Service, port: int, ordered: list, gw_key: str | None):
+    """The first TLS route that applies to this service port at a waypoint (policy.routing.tls: istiod's
+    getTLSRouteMatch, which decides on the configuration, never on the connection's SNI), as a catch-all
+    ``TcpRule`` and the source naming it; None without one. TLS matches that the waypoint skips because they
+    name other SNI hosts are reported, since an Istio user may expect SNI routing there."""
+    for res in ordered:
+        if isinstance(res, TlsRoute):
+            if not res.rules:
+                continue
+            kinds = {("service" if p.is_service else "gateway") for p in res.parent_refs
+                     if _hr_applies(dataclasses.replace(res, parent_refs=(p,)), svc, port, gw_key)}
+            if any(tls_route_sni_hosts(res.hostnames, svc.hostname, mesh=(k == "service")) == (svc.hostname,)
+                   for k in kinds):
+                return TcpRule((), _tcp_route_destinations(ctx, res, res.rules[0], port)), f"TLSRoute {res.key}"
+            _warn_once(ctx, f"TLSRoute {res.key}: hostnames {list(res.hostnames)} do not narrow to "
+                            f"{svc.hostname}: the waypoint does not route by SNI, so this route does not apply "
+                            f"to port {port} (istiod getTLSRouteMatch)")
+            continue
+        if isinstance(res, TcpRoute):
+            continue
+        for r in res.tcp:
+            if not isinstance(r, TlsRule):
+                continue
+            if not r.matches or any(tls_match_applies(m, svc.hostname, port) for m in r.matches):
+                n = len(r.route)
+                dests = tuple(_destination(ctx, d.host, res.namespace, d.subset, d.port,
+                                           1 if n == 1 else (d.weight or 0), port, "tcp") for d in r.route)
+                return TcpRule((), dests), f"VirtualService {res.key}"
+            if any(m.sni_hosts != (svc.hostname,) for m in r.matches):
+                _warn_once(ctx, f"VirtualService {res.key}: a tls route matching sniHosts other than exactly "
+                                f"[{svc.hostname}] is ignored at the waypoint, which does not route by SNI "
+                                f"(istiod getTLSRouteMatch)")
+    return None
+
+
+def _warn_once(ctx: _Ctx, w: str) -> None:
+    if w not in ctx.warnings:
+        ctx.warnings.append(w)
 
 
 def _reweight(d: Destination, w: int) -> Destination:
