@@ -108,7 +108,8 @@ def test_the_message_whole_inside_a_longer_record_is_enough():
 # Not TLS, malformed, too large
 
 
-@pytest.mark.parametrize("data", [b"G", b"GET / HTTP/1.1\r\n", b"PRI * HTTP/2.0", b"\x00", b"\x16\x01", b"\x17\x03\x03"])
+@pytest.mark.parametrize("data", [b"G", b"GET / HTTP/1.1\r\n", b"PRI * HTTP/2.0", b"\x00", b"\x16\x01",
+                                  b"\x17\x03\x03"])
 def test_plaintext_is_not_tls_from_the_first_bytes(data):
     got = inspect(data)
     assert got.state == "not_tls" and got.stat == "tls_not_found" and got.reason

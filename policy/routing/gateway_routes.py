@@ -441,5 +441,6 @@ def _grpc_header(r: _R, v: Any, path: str) -> tuple[str, StringMatch]:
     raise r.fail(f"{path}.type", "expected Exact or RegularExpression")
 
 
-__all__ = ["TcpRoute", "TcpRouteRule", "TlsRoute", "GrpcRoute", "parse_tcp_route", "parse_tls_route", "parse_grpc_route",
+__all__ = ["TcpRoute", "TcpRouteRule", "TlsRoute", "GrpcRoute", "parse_tcp_route", "parse_tls_route",
+           "parse_grpc_route",
            "TCP_ROUTE_VERSIONS", "TLS_ROUTE_VERSIONS", "GRPC_ROUTE_VERSIONS"]
