@@ -180,8 +180,16 @@ class Inventory:
     def build(cls, workloads: list[Workload], services: list[Service]) -> "Inventory":
         wl = {w.uid: w for w in workloads}
         sv = {s.key: s for s in services}
-        by_ip = {ip: w for w in workloads for ip in w.workload_ips}
-        by_vip = {v.ip: s for s in services for v in s.vips}
+        # The first workload / service listed keeps an address (the loader lists hand-written entries before those
+        # made from ServiceEntries, which may share one: ztunnel prefers a pod's workload for its address).
+        by_ip: dict[str, Workload] = {}
+        for w in workloads:
+            for ip in w.workload_ips:
+                by_ip.setdefault(ip, w)
+        by_vip: dict[str, Service] = {}
+        for s in services:
+            for v in s.vips:
+                by_vip.setdefault(v.ip, s)
         by_host = {s.hostname: s for s in services}
         eps: dict[str, dict[str, Endpoint]] = {key: dict(s.endpoints) for key, s in sv.items()}
         # As ztunnel's LocalClient does: each workload's ``services`` map becomes service endpoints.

@@ -669,6 +669,7 @@ class _Collected:
     services: list[tuple[Service, Where, str]] = field(default_factory=list)
     resources: dict[str, list[Any]] = field(default_factory=lambda: {r.field: [] for r in RESOURCE_KINDS})
     seen: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (kind, ns, name) → where first
+    derived: set[int] = field(default_factory=set)   # ids of the workloads/services made from Service/WorkloadEntries
 
 
 def build_mesh_config(
@@ -826,31 +827,42 @@ def _build_inventory(got: _Collected, errors: list[ConfigError], warnings: list[
     workloads: dict[str, Workload] = {}
     first_at: dict[Any, str] = {}
 
-    def claim(key: Any, where: Where, item_path: str, path: str, what: str) -> bool:
+    def claim(key: Any, where: Where, item_path: str, path: str, what: str, derived: bool = False) -> bool:
         prev = first_at.get(key)
         if prev is not None:
+            if derived:
+                # Made from a ServiceEntry/WorkloadEntry: istiod accepts these (ztunnel keeps several workloads per
+                # address and one service per VIP — WorkloadByAddr, by_vip), so the first one keeps the address or
+                # name and this is a warning, not a load failure (found by review).
+                warnings.append(ConfigError(where, path, f"{what} is already used (first at {prev}); the first "
+                                                         "keeps it").message)
+                return False
             errors.append(ConfigError(where, path, f"duplicate {what} (first defined at {prev})"))
             _check_error_count(errors, where)
             return False
         first_at[key] = f"{where.describe()}: {item_path}"
         return True
 
+    derived = got.derived
     for w, where, path in got.workloads:
-        if not claim(("uid", w.uid), where, path, _join(path, "uid"), f"workload uid {w.uid!r}"):
+        d = id(w) in derived
+        if not claim(("uid", w.uid), where, path, _join(path, "uid"), f"workload uid {w.uid!r}", d):
             continue
         ok = True
         for i, ip in enumerate(w.workload_ips):
-            ok &= claim(("ip", w.network, ip), where, path, f"{path}.workloadIps[{i}]", f"workload IP {ip} (network {w.network!r})")
-        if ok:
+            ok &= claim(("ip", w.network, ip), where, path, f"{path}.workloadIps[{i}]",
+                        f"workload IP {ip} (network {w.network!r})", d)
+        if ok or d:   # (a derived workload sharing an address still backs its service; the address stays the first's)
             workloads[w.uid] = w
     services: dict[str, Service] = {}
     for s, where, path in got.services:
-        if not claim(("svc", s.key), where, path, _join(path, "hostname"), f"service {s.key}"):
+        d = id(s) in derived
+        if not claim(("svc", s.key), where, path, _join(path, "hostname"), f"service {s.key}", d):
             continue
         ok = True
         for i, vip in enumerate(s.vips):
-            ok &= claim(("vip", vip.network, vip.ip), where, path, f"{path}.vips[{i}]", f"service VIP {vip}")
-        if ok:
+            ok &= claim(("vip", vip.network, vip.ip), where, path, f"{path}.vips[{i}]", f"service VIP {vip}", d)
+        if ok or d:
             services[s.key] = s
     # References that ztunnel tolerates (it stages endpoints until the service appears, and skips
     # unknown policy keys with a warning): warnings, not errors.
@@ -879,8 +891,9 @@ def _build_inventory(got: _Collected, errors: list[ConfigError], warnings: list[
 def _add_entries(got: _Collected, warnings: list[str]) -> None:
     """ServiceEntries and WorkloadEntries → inventory services and workloads (``policy.serviceentry.convert``),
     added to ``got`` before the duplicate and reference checks, which they then pass like ztunnel-shaped
-    entries (a VIP, workload IP or uid used twice is an error naming both places). Pods a ServiceEntry's
-    ``workloadSelector`` selects gain its services in their ``services`` map, as istiod's pod builder adds them."""
+    entries, except that what they share with an earlier item is a warning (``claim``'s ``derived``). Pods a
+    ServiceEntry's ``workloadSelector`` selects gain its services in their ``services`` map, as istiod's pod
+    builder adds them."""
     from policy.serviceentry import convert
 
     conv = convert(got.resources["service_entries"], got.resources["workload_entries"],
@@ -895,6 +908,7 @@ def _add_entries(got: _Collected, warnings: list[str]) -> None:
         ]
     got.services.extend((item.obj, item.where, item.path) for item in conv.services)
     got.workloads.extend((item.obj, item.where, item.path) for item in conv.workloads)
+    got.derived.update(id(item.obj) for item in (*conv.services, *conv.workloads))
 
 
 def parse_inventory(doc: dict, where: Where) -> Inventory:

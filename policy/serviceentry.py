@@ -491,10 +491,15 @@ def _service(se: ServiceEntry, host: str, index: int, waypoint: GatewayAddress |
                                                                    f"{se.hosts[0]!r}; connections to those VIPs are "
                                                                    f"attributed to {se.hosts[0]!r}").message)
         vips = ()
-    if not vips and not cidrs:
+    if not vips and not cidrs and not (index > 0 and se.addresses):
         warnings.append(ConfigError(where, f"spec.hosts[{index}]", "no spec.addresses (and no auto-allocated "
                                                                    "status.addresses): reachable by hostname only "
                                                                    "(SOCKS5), not by a VIP").message)
+    if se.resolution == "NONE" and waypoint is not None:
+        # The waypoint would need Envoy's ORIGINAL_DST cluster for it, which it does not have (found by review).
+        warnings.append(ConfigError(where, "spec.resolution", "NONE (passthrough) through a waypoint is not "
+                                                              "implemented: the waypoint has no endpoint to send "
+                                                              "these connections to (503 UH)").message)
     if cidrs:
         warnings.append(ConfigError(where, "spec.addresses", "CIDR addresses are kept as cidrVips, but the node "
                                                              "proxy matches exact VIPs only").message)

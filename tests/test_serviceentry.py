@@ -443,26 +443,41 @@ def test_multi_host_entry_gives_the_vips_to_the_first_host():
     assert any("attributed to 'api.dropboxapi.com'" in line for line in mesh.warnings)
 
 
-def test_duplicate_vip_against_a_ztunnel_service_is_an_error_naming_both():
+def test_a_vip_a_ztunnel_service_already_has_stays_its_own_with_a_warning_naming_both():
+    """istiod accepts it (ztunnel keeps one service per VIP): a warning, not a load failure; the first keeps it."""
     inventory = """
 services:
 - {name: a, namespace: default, hostname: a.default.svc.cluster.local, vips: ["/10.9.0.1"], ports: {80: 80}}
 """
-    with pytest.raises(ConfigErrors) as err:
-        load(MONGO_STATIC.replace("192.192.192.192/24", "10.9.0.1"), inventory=inventory)
-    msg = str(err.value)
-    assert "(ServiceEntry default/external-svc-mongocluster): spec.hosts[0].vips[0]: duplicate service VIP /10.9.0.1" \
-        in msg and "services[0]" in msg
+    mesh = load(MONGO_STATIC.replace("192.192.192.192/24", "10.9.0.1"), inventory=inventory)
+    assert mesh.inventory.service_by_vip["10.9.0.1"].hostname == "a.default.svc.cluster.local"
+    assert "mymongodb.somedomain" in {s.hostname for s in mesh.inventory.services.values()}
+    (line,) = [w for w in mesh.warnings if "service VIP /10.9.0.1 is already used" in w]
+    assert "(ServiceEntry default/external-svc-mongocluster): spec.hosts[0].vips[0]:" in line and "services[0]" in line
 
 
-def test_duplicate_endpoint_ip_against_a_pod_is_an_error():
+def test_an_endpoint_ip_a_pod_already_has_stays_the_pods_and_the_endpoint_still_backs_its_service():
     inventory = """
 workloads:
 - {name: p, namespace: default, workloadIps: ["2.2.2.2"]}
 """
-    with pytest.raises(ConfigErrors) as err:
-        load(MONGO_STATIC, inventory=inventory)
-    assert "spec.endpoints[0].workloadIps[0]: duplicate workload IP 2.2.2.2" in str(err.value)
+    mesh = load(MONGO_STATIC, inventory=inventory)
+    assert mesh.inventory.workload_by_ip["2.2.2.2"].name == "p"
+    assert any("spec.endpoints[0].workloadIps[0]: workload IP 2.2.2.2 (network '') is already used" in w
+               for w in mesh.warnings)
+    svc = mesh.inventory.services["default/mymongodb.somedomain"]
+    assert "2.2.2.2" in {w.workload_ips[0] for w, _ in mesh.inventory.endpoints_of(svc)}
+
+
+def test_two_entries_sharing_an_endpoint_address_both_load():
+    """One VM or external IP behind two hosts: istiod accepts it (ztunnel's WorkloadByAddr holds several)."""
+    other = MONGO_STATIC.replace("external-svc-mongocluster", "other-mongo").replace("mymongodb.somedomain",
+                                                                                     "other.somedomain")
+    other = other.replace("192.192.192.192/24", "192.192.193.1")
+    mesh = load(MONGO_STATIC, other)
+    for host in ("mymongodb.somedomain", "other.somedomain"):
+        svc = mesh.inventory.services[f"default/{host}"]
+        assert {w.workload_ips[0] for w, _ in mesh.inventory.endpoints_of(svc)} == {"2.2.2.2", "3.3.3.3"}
 
 
 def test_duplicate_service_entry_name_is_an_error():
@@ -797,3 +812,29 @@ def test_end_to_end_static_endpoint_by_vip_directly_and_through_the_waypoint(tmp
         assert not any("legacy-db" in str(l) for l in waypoint.access_lines())
     finally:
         mesh.close()
+
+
+def test_passthrough_by_name_works_for_every_host_of_the_entry():
+    text = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db-range}
+spec:
+  hosts: [a.db.internal, b.db.internal]
+  addresses: [10.20.0.7]
+  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
+  resolution: NONE
+"""
+    mesh = load(text, inventory=CLIENT)
+    for host in ("a.db.internal", "b.db.internal"):
+        plan = _plan(mesh, (host, 5432))
+        assert (plan.protocol, plan.dst, plan.reason, plan.host) == ("tcp", ("10.20.0.7", 5432), "passthrough", host)
+    assert not any("reachable by hostname only" in w for w in mesh.warnings)
+
+
+def test_passthrough_through_a_waypoint_is_warned_as_not_implemented():
+    text = EGRESS_WAYPOINT.replace("resolution: DNS", "resolution: NONE\n  addresses: [10.20.0.9]")
+    mesh = load(text)
+    assert mesh.inventory.services["egress/httpbin.org"].waypoint is not None
+    assert any("spec.resolution: NONE (passthrough) through a waypoint is not implemented" in w for w in mesh.warnings)
+    assert not any("through a waypoint" in w for w in load(EGRESS_WAYPOINT).warnings)   # (only NONE)

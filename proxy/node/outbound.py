@@ -260,6 +260,11 @@ def _to_service(inventory: Inventory, service: Service, vip: str | None, port: i
         # Some(UpstreamDestination::OriginalDestination) }" — a ServiceEntry with resolution NONE: the connection
         # goes where the app sent it, in plain TCP (no endpoint, so no identity to check).
         if authority_ip is None:
+            # By name, a host of a multi-host entry whose addresses went to its first host (policy/serviceentry.py:
+            # one service per VIP): istiod gives every host the entry's addresses, so do those (found by review).
+            authority_ip = next((s.vips[0].ip for s in inventory.services.values()
+                                 if s.namespace == service.namespace and s.name == service.name and s.vips), None)
+        if authority_ip is None:
             raise NoHealthyUpstream(f"{service.hostname} passes connections through to their original "
                                     "destination, and a connection by name has none")
         return OutboundPlan("tcp", (authority_ip, port), None, frozenset(), service, None, False, service.hostname,
