@@ -69,3 +69,26 @@ async def test_a_pod_that_refuses_connections_is_ejected_from_a_tcp_cluster(tmp_
         assert len(detector.ejected(asyncio.get_running_loop().time())) == 1
     finally:
         await h.close()
+
+
+def test_detectors_are_made_once_and_bounded(monkeypatch):
+    """One detector per (cluster, settings), looked up without allocating; reloads that rename clusters cannot
+    grow the proxy's detectors, nor pod churn a detector's hosts, past their bounds (an ejection is kept)."""
+    import policy.routing.endpoints as ep
+    from policy.routing.model import OutlierDetection
+
+    od = OutlierDetection(consecutive_5xx_errors=1, max_ejection_percent=100.0)
+    detectors: dict = {}
+    first = ep.detector_for(detectors, "c0", od)
+    assert ep.detector_for(detectors, "c0", od) is first
+    first.record("pod-a", 503, 0.0)               # ejected: kept through pruning
+    monkeypatch.setattr(ep, "OUTLIER_DETECTORS_MAX", 8)
+    for i in range(1, 40):
+        ep.detector_for(detectors, f"c{i}", od)
+        assert len(detectors) <= 8
+    assert detectors[("c0", od)] is first
+    monkeypatch.setattr(ep, "OUTLIER_HOSTS_MAX", 16)
+    for i in range(100):
+        first.record(f"pod-{i}", 200, 1.0)
+        assert len(first.hosts) <= 16
+    assert "pod-a" in first.hosts and first.ejected(1.0) == {"pod-a"}

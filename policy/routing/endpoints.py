@@ -866,6 +866,28 @@ class _HostState:
     healthy_since: float = 0.0
 
 
+# Outlier detectors a proxy keeps, one per (cluster, outlierDetection settings): a config reload that renames a
+# cluster or changes its settings starts a new one, so past this many the ones with no host ejected are dropped
+# (their consecutive-error counts start afresh; an ejection in progress is kept).
+OUTLIER_DETECTORS_MAX = 1024
+# Hosts one detector remembers: pods come and go (new uids); past this many, hosts with nothing to remember (not
+# ejected, no consecutive errors, no past ejection) are forgotten.
+OUTLIER_HOSTS_MAX = 4096
+
+
+def detector_for(detectors: dict, cluster: str, config: "OutlierDetection") -> "OutlierDetector":
+    """The cluster's detector in ``detectors`` (the proxy's, shared by its HTTP and TCP paths), made on first use:
+    a lookup per request, no allocation (``setdefault`` made a detector per request only to drop it)."""
+    key = (cluster, config)
+    d = detectors.get(key)
+    if d is None:
+        if len(detectors) >= OUTLIER_DETECTORS_MAX:
+            for k in [k for k, v in detectors.items() if not any(h.ejected_until is not None for h in v.hosts.values())]:
+                del detectors[k]
+        d = detectors[key] = OutlierDetector(config)
+    return d
+
+
 class OutlierDetector:
     """Passive health checking for one cluster (Envoy outlier detection as Istio configures it).
 
@@ -891,7 +913,14 @@ class OutlierDetector:
         """Account one attempt's outcome; returns True when this outcome ejected the host."""
         self._refresh(now)
         o = Outcome.of(outcome)
-        st = self.hosts.setdefault(host, _HostState(healthy_since=now))
+        hosts = self.hosts
+        st = hosts.get(host)
+        if st is None:
+            if len(hosts) >= OUTLIER_HOSTS_MAX:
+                for k in [k for k, h in hosts.items() if h.ejected_until is None and not h.ejections
+                          and not h.consecutive_5xx and not h.consecutive_gateway]:
+                    del hosts[k]
+            st = hosts[host] = _HostState(healthy_since=now)
         # Envoy (split_external_local_origin_errors false): local-origin failures count as 5xx /
         # gateway errors (a connect failure is reported as 503).
         is_error = o.error in OUTCOME_ERRORS

@@ -57,7 +57,7 @@ from policy.authn import authenticate
 from policy.authz.evaluate import Decision
 from policy.authz.model import A_REQUEST_HEADER
 from policy.inventory import Service
-from policy.routing.endpoints import Candidate, LoadBalancer, OutlierDetector, cluster_candidates
+from policy.routing.endpoints import Candidate, LoadBalancer, OutlierDetector, cluster_candidates, detector_for
 from policy.routing import cors as cors_filter
 from policy.routing.hashing import request_hash
 from policy.routing.model import (CONNECT_FAILURE, DEFAULT_RETRY_POLICY, PER_TRY_TIMEOUT, RESET, ConsistentHash,
@@ -1169,7 +1169,7 @@ class HttpPipeline:
         tried: set[str] = set()
         detector = None
         if up.outlier is not None:
-            detector = self.outliers.setdefault((up.cluster, up.outlier), OutlierDetector(up.outlier))
+            detector = detector_for(self.outliers, up.cluster, up.outlier)
         attempt = 0
         last: ProxyError | None = None
         limits = up.limits

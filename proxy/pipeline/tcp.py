@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from hbone.stream import ByteStream
-from policy.routing.endpoints import Candidate, LoadBalancer, OutlierDetector, cluster_candidates
+from policy.routing.endpoints import Candidate, LoadBalancer, cluster_candidates, detector_for
 from policy.routing.hashing import hash_key
 from policy.routing.model import CONNECT_FAILURE, ConsistentHash, OutlierDetection
 from policy.routing.select import route_tcp
@@ -127,11 +127,8 @@ async def connect_upstream(plan: TcpPlan, ctx: TunnelContext, originator: Origin
     last: ProxyError | None = None
     ch = plan.consistent
     key = hash_key(ch, headers=(), query=b"", source_ip=ctx.client_addr[0]) if ch is not None else None
-    detector = None
-    if plan.outlier is not None and outliers is not None:
-        detector = outliers.get((plan.cluster, plan.outlier))
-        if detector is None:
-            detector = outliers[(plan.cluster, plan.outlier)] = OutlierDetector(plan.outlier)
+    detector = detector_for(outliers, plan.cluster, plan.outlier) \
+        if plan.outlier is not None and outliers is not None else None
     for attempt in range(1, attempts + 1):
         now = clock()
         cand = lb.pick(plan.candidates, rng=rng, exclude=frozenset(tried), lb=plan.lb, cluster=plan.cluster,
