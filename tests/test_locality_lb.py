@@ -329,8 +329,25 @@ def test_parse_warns_where_istiod_warns_and_ignores_it_with_consistent_hash():
     no_od = dr({"localityLbSetting": {"failover": [{"from": "a", "to": "b"}]}}, outlier=False)
     assert any("outlier detection policy must be provided for failover" in w for w in no_od.warnings)
     hashed = dr({"consistentHash": {"httpHeaderName": "x"}, "localityLbSetting": {"enabled": True}})
-    assert hashed.traffic_policy.locality_lb is None
+    # Kept (it takes precedence over a Service's traffic distribution), not applied to the hash table.
+    assert hashed.traffic_policy.locality_lb is not None
     assert any("not supported with consistentHash" in w for w in hashed.warnings)
+
+
+def test_a_destination_rule_setting_turns_a_traffic_distribution_off_under_consistent_hash_too():
+    """istiod GetLocalityLbSetting: the DR's setting first — ``enabled: false`` returns none, and the Service's
+    PreferClose then gives no priorities, with or without consistentHash (found by review)."""
+    from policy.inventory import LoadBalancer as ServiceLB
+    from policy.routing.endpoints import lb_candidates
+
+    me = wl("me", "10.0.0.100", "us-east/a")
+    cands = tuple(cand(w) for w in (wl("a1", "10.0.0.1", "us-east/a"), wl("b1", "10.0.0.2", "eu-west/b")))
+    prefer_close = ServiceLB(("Network", "Region", "Zone"), "Failover", "OnlyHealthy")
+    for spec in ({"consistentHash": {"useSourceIp": True}}, {}):
+        off = dr({**spec, "localityLbSetting": {"enabled": False}}, outlier=False).traffic_policy
+        assert lb_candidates(cands, off, me, service_lb=prefer_close) is cands   # plain: no priorities
+        plain = dr(spec, outlier=False).traffic_policy
+        assert lb_candidates(cands, plain, me, service_lb=prefer_close) is not cands   # the distribution applies
 
 
 PREFIX = "dr.yaml: document 2 (DestinationRule default/reviews): spec.trafficPolicy.loadBalancer.localityLbSetting"

@@ -762,11 +762,14 @@ def _traffic_policy(r: _R, v: Any, path: str, *, top: bool) -> TrafficPolicy:
             loc = _locality_lb(r, lbm["localityLbSetting"], f"{p}.localityLbSetting",
                                outlier=m.get("outlierDetection") is not None)
             if ch is not None:
-                # Our consistent-hash tables are built over one host set, not per priority level.
+                # Our consistent-hash tables take priorities only from a Service's traffic distribution. The
+                # setting is kept all the same: istiod's precedence (GetLocalityLbSetting: the DR's setting, then
+                # the traffic distribution) means a DR setting — even ``enabled: false`` — turns the distribution
+                # off (found by review; endpoints.lb_candidates reads it).
                 r.warn(f"{p}.localityLbSetting",
-                       "locality load balancing is not supported with consistentHash; ignored")
-            else:
-                locality = loc
+                       "locality load balancing is not supported with consistentHash; ignored, except that it "
+                       "overrides the Service's traffic distribution, as in istiod")
+            locality = loc
         if lbm.get("warmup") is not None:
             warmup = _warmup(r, lbm["warmup"], f"{p}.warmup")
             if lbm.get("warmupDurationSecs") is not None:
