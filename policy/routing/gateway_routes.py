@@ -225,12 +225,11 @@ def _backend_ref(r: _R, v: Any, path: str, *, grpc: bool) -> BackendRef:
 # TCPRoute
 
 
-def parse_tcp_route(doc: dict, where: Where, *, order: int = 0) -> TcpRoute:
-    r, ns, name, _, spec = _envelope(doc, where, (), TCP_ROUTE_VERSIONS, "TCPRoute")
-    r.map(spec, "spec", ("parentRefs", "rules"))
-    parents = _parent_refs(r, spec)
+def _l4_rules(r, spec: dict, kind: str) -> list[TcpRouteRule]:
+    """A TCPRoute's or TLSRoute's ``rules``: each a name and its backendRefs (the CRDs: rules and each rule's
+    backendRefs "MinItems=1", at most MAX_RULES / MAX_BACKEND_REFS)."""
     if spec.get("rules") is None:
-        raise r.fail("spec.rules", "required (TCPRoute: rules MinItems=1)")
+        raise r.fail("spec.rules", f"required ({kind}: rules MinItems=1)")
     rules_v = _bounded_list(r, spec.get("rules"), "spec.rules", MAX_RULES)
     if not rules_v:
         raise r.fail("spec.rules", "at least one rule is required")
@@ -242,10 +241,17 @@ def parse_tcp_route(doc: dict, where: Where, *, order: int = 0) -> TcpRoute:
         rule_name = _rule_name(r, m, p, names)
         refs_v = _bounded_list(r, m.get("backendRefs"), f"{p}.backendRefs", MAX_BACKEND_REFS)
         if not refs_v:
-            # TCPRouteRule.BackendRefs "MinItems=1".
-            raise r.fail(f"{p}.backendRefs", "at least one backendRef is required")
+            raise r.fail(f"{p}.backendRefs", "at least one backendRef is required")   # "MinItems=1"
         refs = tuple(_backend_ref(r, b, f"{p}.backendRefs[{j}]", grpc=False) for j, b in enumerate(refs_v))
         rules.append(TcpRouteRule(rule_name, refs))
+    return rules
+
+
+def parse_tcp_route(doc: dict, where: Where, *, order: int = 0) -> TcpRoute:
+    r, ns, name, _, spec = _envelope(doc, where, (), TCP_ROUTE_VERSIONS, "TCPRoute")
+    r.map(spec, "spec", ("parentRefs", "rules"))
+    parents = _parent_refs(r, spec)
+    rules = _l4_rules(r, spec, "TCPRoute")
     if len(rules) > 1:
         # TCPRoute rules have no matches; istiod makes each a match-less VirtualService tcp route and the
         # waypoint uses the first one that matches (getTCPRouteMatch returns on the first empty match).
@@ -272,22 +278,7 @@ def parse_tls_route(doc: dict, where: Where, *, order: int = 0) -> TlsRoute:
         if len(h) > GW_HOSTNAME_MAX or not _GW_HOSTNAME.fullmatch(h):
             raise r.fail(f"spec.hostnames[{i}]", f"{h!r} is not a hostname (a lowercase DNS name, "
                                                  "optionally prefixed with '*.')")
-    if spec.get("rules") is None:
-        raise r.fail("spec.rules", "required (TLSRoute: rules MinItems=1)")
-    rules_v = _bounded_list(r, spec.get("rules"), "spec.rules", MAX_RULES)
-    if not rules_v:
-        raise r.fail("spec.rules", "at least one rule is required")
-    rules = []
-    names: set[str] = set()
-    for i, x in enumerate(rules_v):
-        p = f"spec.rules[{i}]"
-        m = r.map(x, p, ("name", "backendRefs"))
-        rule_name = _rule_name(r, m, p, names)
-        refs_v = _bounded_list(r, m.get("backendRefs"), f"{p}.backendRefs", MAX_BACKEND_REFS)
-        if not refs_v:
-            raise r.fail(f"{p}.backendRefs", "at least one backendRef is required")   # "MinItems=1"
-        refs = tuple(_backend_ref(r, b, f"{p}.backendRefs[{j}]", grpc=False) for j, b in enumerate(refs_v))
-        rules.append(TcpRouteRule(rule_name, refs))
+    rules = _l4_rules(r, spec, "TLSRoute")
     if len(rules) > 1:
         # Every rule gets the same match (the route's hostnames), so the first one always wins.
         r.warn("spec.rules", f"only the first of {len(rules)} rules is used (TLSRoute rules all match the "
