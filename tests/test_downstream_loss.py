@@ -12,6 +12,7 @@ a task from the callbacks (no idle connection: a fresh dial) and by serve_http1 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -73,6 +74,18 @@ async def _harness(tmp_path, loopback_ip):
     return h, pods
 
 
+@contextlib.asynccontextmanager
+async def _mesh(tmp_path, loopback_ip):
+    """The harness with hanging pods, closed after the test whatever happened."""
+    h, pods = await _harness(tmp_path, loopback_ip)
+    try:
+        yield h, pods
+    finally:
+        await h.close()
+        for p in pods:
+            await p.stop()
+
+
 async def _lose(stream, how: str) -> None:
     if how == "rst":
         stream.abort()                        # RST_STREAM CONNECT_ERROR
@@ -99,8 +112,7 @@ async def _check_stopped(h, pods, n_hang: int = 1) -> None:
 
 @pytest.mark.parametrize("how", ["rst", "cancel", "conn"])
 async def test_inline_request_is_reset_upstream_when_the_client_goes(tmp_path, loopback_ip, how):
-    h, pods = await _harness(tmp_path, loopback_ip)
-    try:
+    async with _mesh(tmp_path, loopback_ip) as (h, pods):
         c = h.client()
         stream = await c.tunnel(f"{REVIEWS_VIP}:9080")
         for _ in range(200):   # until each pod has a pooled keep-alive connection: /hang is then answered inline
@@ -114,33 +126,23 @@ async def test_inline_request_is_reset_upstream_when_the_client_goes(tmp_path, l
         await _lose(stream, how)
         await _check_stopped(h, pods)
         assert sum(p.served for p in pods) == h.waypoint.http.requests - 1   # (no request was re-sent)
-    finally:
-        await h.close()
-        for p in pods:
-            await p.stop()
 
 
 async def test_request_on_a_fresh_dial_is_reset_upstream_when_the_client_goes(tmp_path, loopback_ip):
     """No idle pooled connection: the callbacks hand the request to a task, which dials; the client resets."""
-    h, pods = await _harness(tmp_path, loopback_ip)
-    try:
+    async with _mesh(tmp_path, loopback_ip) as (h, pods):
         c = h.client()
         stream = await c.tunnel(f"{REVIEWS_VIP}:9080")
         stream.write(HANG)
         await until(lambda: sum(p.hanging for p in pods) == 1, "/hang reached a pod")
         await _lose(stream, "rst")
         await _check_stopped(h, pods)
-    finally:
-        await h.close()
-        for p in pods:
-            await p.stop()
 
 
 @pytest.mark.parametrize("how", ["rst", "conn"])
 async def test_request_served_by_serve_http1_is_reset_upstream_when_the_client_goes(tmp_path, loopback_ip, how):
     """After a request with a body the tunnel is served by serve_http1: its task is stopped the same way."""
-    h, pods = await _harness(tmp_path, loopback_ip)
-    try:
+    async with _mesh(tmp_path, loopback_ip) as (h, pods):
         c = h.client()
         stream = await c.tunnel(f"{REVIEWS_VIP}:9080")
         assert (await c.request(stream, "/", method=b"POST", body=b"payload"))[0] == 200
@@ -148,10 +150,6 @@ async def test_request_served_by_serve_http1_is_reset_upstream_when_the_client_g
         await until(lambda: sum(p.hanging for p in pods) == 1, "/hang reached a pod")
         await _lose(stream, how)
         await _check_stopped(h, pods)
-    finally:
-        await h.close()
-        for p in pods:
-            await p.stop()
 
 
 async def test_a_client_that_only_half_closes_still_gets_its_answer(tmp_path, loopback_ip):
@@ -159,8 +157,7 @@ async def test_a_client_that_only_half_closes_still_gets_its_answer(tmp_path, lo
     request and shut their side), so the request goes on and is answered, as before. Envoy's HCM closes such a
     connection and resets the request (envoyproxy/envoy#17160, #2066: the known complaint about it); we answer,
     as nginx does — a deliberate leniency, the README says so."""
-    h, pods = await _harness(tmp_path, loopback_ip)
-    try:
+    async with _mesh(tmp_path, loopback_ip) as (h, pods):
         c = h.client()
         stream = await c.tunnel(f"{REVIEWS_VIP}:9080")
         assert (await c.request(stream))[0] == 200
@@ -171,10 +168,6 @@ async def test_a_client_that_only_half_closes_still_gets_its_answer(tmp_path, lo
             data += chunk
         assert data.startswith(b"HTTP/1.1 200")
         assert sum(p.dropped for p in pods) == 0
-    finally:
-        await h.close()
-        for p in pods:
-            await p.stop()
 
 
 @pytest.mark.parametrize("how", ["rst", "cancel"])
@@ -184,8 +177,7 @@ async def test_h2c_requests_are_reset_upstream_when_the_tunnel_goes(tmp_path, lo
     import h2.config
     import h2.connection
 
-    h, pods = await _harness(tmp_path, loopback_ip)
-    try:
+    async with _mesh(tmp_path, loopback_ip) as (h, pods):
         c = h.client()
         stream = await c.tunnel(f"{REVIEWS_VIP}:9080")
         client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -197,10 +189,6 @@ async def test_h2c_requests_are_reset_upstream_when_the_tunnel_goes(tmp_path, lo
         await until(lambda: sum(p.hanging for p in pods) == 2, "both /hang requests reached a pod")
         await _lose(stream, how)
         await _check_stopped(h, pods, n_hang=2)
-    finally:
-        await h.close()
-        for p in pods:
-            await p.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,8 +212,7 @@ async def _nothing_left(h, pods) -> None:
 async def test_a_request_handed_to_a_task_in_the_read_that_resets_the_tunnel(tmp_path, loopback_ip):
     """Lean path: the request goes to a task (gRPC content-type: not the common request) created in the same
     round of callbacks as the loss; cancelled before its first step, it would never end the tunnel."""
-    h, pods = await _harness(tmp_path, loopback_ip)
-    try:
+    async with _mesh(tmp_path, loopback_ip) as (h, pods):
         c = h.client()
         stream = await c.tunnel(f"{REVIEWS_VIP}:9080")
         assert (await c.request(stream))[0] == 200
@@ -234,33 +221,23 @@ async def test_a_request_handed_to_a_task_in_the_read_that_resets_the_tunnel(tmp
         await _nothing_left(h, pods)
         lines = await h.http_lines(1, path="/hang")
         assert [(l["status"], l["response_flags"]) for l in lines] == [(0, "DC")]
-    finally:
-        await h.close()
-        for p in pods:
-            await p.stop()
 
 
 async def test_a_first_request_and_the_reset_in_one_read(tmp_path, loopback_ip):
     """Lean path on a fresh tunnel: the sniffer reads the head, the loss comes before the lean server watches."""
-    h, pods = await _harness(tmp_path, loopback_ip)
-    try:
+    async with _mesh(tmp_path, loopback_ip) as (h, pods):
         c = h.client()
         stream = await c.tunnel(f"{REVIEWS_VIP}:9080")
         await _head_and_reset_together(stream, HANG)
         await _nothing_left(h, pods)
         lines = await h.http_lines(1, path="/hang")
         assert [(l["status"], l["response_flags"]) for l in lines] == [(0, "DC")]
-    finally:
-        await h.close()
-        for p in pods:
-            await p.stop()
 
 
 async def test_serve_http1_woken_by_data_in_the_read_that_resets_the_tunnel(tmp_path, loopback_ip):
     """serve_http1 waits in read; the head wakes it and the reset comes in the same read: its reader is woken
     already, so the loss must still stop it (the request is not sent upstream at all)."""
-    h, pods = await _harness(tmp_path, loopback_ip)
-    try:
+    async with _mesh(tmp_path, loopback_ip) as (h, pods):
         c = h.client()
         stream = await c.tunnel(f"{REVIEWS_VIP}:9080")
         assert (await c.request(stream, "/", method=b"POST", body=b"payload"))[0] == 200
@@ -268,10 +245,6 @@ async def test_serve_http1_woken_by_data_in_the_read_that_resets_the_tunnel(tmp_
         await _head_and_reset_together(stream, HANG)
         await _nothing_left(h, pods)
         assert sum(p.hanging for p in pods) == 0
-    finally:
-        await h.close()
-        for p in pods:
-            await p.stop()
 
 
 async def test_h2c_requests_read_after_the_tunnel_was_lost(tmp_path, loopback_ip):
@@ -279,8 +252,7 @@ async def test_h2c_requests_read_after_the_tunnel_was_lost(tmp_path, loopback_ip
     import h2.config
     import h2.connection
 
-    h, pods = await _harness(tmp_path, loopback_ip)
-    try:
+    async with _mesh(tmp_path, loopback_ip) as (h, pods):
         c = h.client()
         stream = await c.tunnel(f"{REVIEWS_VIP}:9080")
         client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -289,7 +261,3 @@ async def test_h2c_requests_read_after_the_tunnel_was_lost(tmp_path, loopback_ip
                                 (":path", "/hang")], end_stream=True)
         await _head_and_reset_together(stream, client.data_to_send())
         await _nothing_left(h, pods)
-    finally:
-        await h.close()
-        for p in pods:
-            await p.stop()
