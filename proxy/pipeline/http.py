@@ -759,8 +759,8 @@ class HttpPipeline:
                     log.flags.append("DR")   # Envoy: DownstreamRemoteReset (h2c RST_STREAM from the client)
             else:
                 # The tunnel, the client's connection, is gone (serve's _StopOnLoss, LeanHttp1._lost, serve_h2c's
-                # lost) or the waypoint stops. Envoy's HCM resets the request's upstream (our attempt was cancelled, which
-                # resets its upstream stream) and logs DC, "downstream_remote_disconnect".
+                # lost) or the waypoint stops. Envoy's HCM resets the request's upstream (our attempt was cancelled,
+                # which resets its upstream stream) and logs DC, "downstream_remote_disconnect".
                 log.error = log.error or "downstream connection termination"
                 log.detail = log.detail or DOWNSTREAM_REMOTE_DISCONNECT
                 if not log.flags:
