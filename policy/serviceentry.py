@@ -19,7 +19,8 @@ Sources (istio/istio ``pilot/pkg/serviceregistry/ambient/``; ``kube/controller/a
   HEALTHY, and membership of every host's Service with ports from ``constructServicesFromWorkloadEntry`` (the
   endpoint's ``ports[<port name>]``, else the Service's target port). With DNS resolution and neither endpoints
   nor a selector, istiod makes one "implicit endpoint" per host whose address is the hostname (ztunnel resolves
-  it on demand).
+  it on demand). A hostname endpoint is a ``Workload`` with ``hostname`` and no ``workloadIps``, as ztunnel gets
+  it; the proxies resolve it when they dial it (``proxy/dns.py``: cached for Istio's 60 s ``dnsRefreshRate``).
 * ``workloads.go workloadEntryWorkloadBuilder``: a WorkloadEntry is one ``Workload`` (``Uid:
   generateWorkloadEntryUID`` = ``<cluster>/networking.istio.io/WorkloadEntry/<ns>/<name>``), selected by the
   ServiceEntries of its namespace whose ``workloadSelector`` labels it carries (``FilterSelectsNonEmpty``);
@@ -447,9 +448,10 @@ def convert(service_entries: Sequence[ServiceEntry], workload_entries: Sequence[
             workload_name=we.labels.get(WORKLOAD_NAME_LABEL, we.name), services=memberships, waypoint=waypoint,
             cluster_id=cluster_id)
         if not w.workload_ips and not any(se.resolution in DNS_RESOLUTIONS for se, _ in selecting):
+            # istiod ValidateWorkloadEntry lets a hostname through; only a DNS ServiceEntry's cluster resolves it.
             warnings.append(ConfigError(where, "spec.address", f"{we.spec.address!r} is a hostname: only a DNS "
-                                                               "ServiceEntry resolves it, and hbone-proxy does not "
-                                                               "resolve names; not reachable").message)
+                                                               "ServiceEntry resolves it, and none selects this "
+                                                               "entry; reachable through no service").message)
         workloads.append(Item(w, where, "spec"))
     pod_services: dict[str, dict[str, Mapping[int, int]]] = {}
     for pod in pods:
@@ -503,11 +505,6 @@ def _service(se: ServiceEntry, host: str, index: int, waypoint: GatewayAddress |
     if cidrs:
         warnings.append(ConfigError(where, "spec.addresses", "CIDR addresses are kept as cidrVips, but the node "
                                                              "proxy matches exact VIPs only").message)
-    if se.resolution in DNS_RESOLUTIONS and not se.endpoints and se.workload_selector is None:
-        warnings.append(ConfigError(where, "spec.resolution", f"{se.resolution}: hbone-proxy resolves no names; the "
-                                                              f"endpoint is the hostname {host!r} and connections "
-                                                              "to this service fail with no healthy "
-                                                              "upstream").message)
     lb = None
     if se.resolution == "NONE":
         # ztunnel state.rs find_upstream: "if lb.mode == LoadBalancerMode::Passthrough { return
@@ -553,10 +550,6 @@ def _inline_workloads(se: ServiceEntry, services: list[Service], gw_by_key: Mapp
             tunnel_from=(se.labels, se.annotations), workload_name=se.name,
             services={s.key: _entry_ports(se, s, entry) for s in svcs}, waypoint=waypoint, cluster_id=cluster_id,
             canonical_labels=se.labels)
-        if not w.workload_ips and se.endpoints:
-            warnings.append(ConfigError(where, f"{path}.address", f"{entry.address!r} is a hostname; hbone-proxy "
-                                                                  "resolves no names, so this endpoint is never "
-                                                                  "picked").message)
         out.append(Item(w, where, path))
     return out
 

@@ -372,8 +372,8 @@ def test_dns_without_endpoints_keeps_one_hostname_endpoint_per_host_and_warns():
         "Kubernetes/networking.istio.io/ServiceEntry/default/external-svc-https/www.googleapis.com",
         "www.googleapis.com", ())
     assert dict(ep.ports) == {443: 443}
-    assert sum("resolves no names" in line for line in mesh.warnings) == 3
-    # DNS endpoints with hostnames: one workload per endpoint, none reachable (warned)
+    assert not any("spec.resolution" in line for line in mesh.warnings)   # resolved when dialled (proxy/dns.py)
+    # DNS endpoints with hostnames: one workload per endpoint, resolved when dialled
     mesh = load(DNS_ENDPOINTS)
     eps = mesh.inventory.endpoints_of(mesh.inventory.services["default/foo.bar.com"])
     assert [(w.hostname, dict(ep.ports)) for w, ep in eps] == [("uk.foo.bar.com", {443: 9443}),
@@ -536,12 +536,13 @@ def test_node_plan_through_the_use_waypoint_waypoint():
                                                                        "waypoint")
 
 
-def test_node_plan_dns_service_fails_clearly_without_a_waypoint():
-    from proxy.errors import NoHealthyUpstream
+def test_node_plan_dns_service_dials_the_hostname_endpoint_without_a_waypoint():
+    # The plan names the hostname; OutboundProxy.originate resolves it when dialling (tests/test_dns.py).
     text = EGRESS_WAYPOINT.replace("resolution: DNS", "resolution: DNS\n  addresses: [10.9.0.80]").replace(
         "istio.io/use-waypoint: waypoint", "app: httpbin")
-    with pytest.raises(NoHealthyUpstream, match="no healthy endpoint of httpbin.org serves port 80"):
-        _plan(load(text, inventory=CLIENT), ("10.9.0.80", 80))
+    plan = _plan(load(text, inventory=CLIENT), ("10.9.0.80", 80))
+    assert (plan.protocol, plan.dst, plan.reason, plan.workload.hostname) == ("tcp", ("httpbin.org", 80),
+                                                                              "endpoint", "httpbin.org")
 
 
 def test_config_check_counts_entries_and_prints_their_warnings(tmp_path):
@@ -555,7 +556,7 @@ def test_config_check_counts_entries_and_prints_their_warnings(tmp_path):
     rows = {line.split()[0]: line.split()[1:] for line in out.getvalue().splitlines() if line[:1].isupper()}
     assert rows["ServiceEntry"] == ["2", "2"] and rows["WorkloadEntry"] == ["1", "1"]
     assert rows["Service"] == ["4", "4"] and rows["Workload"] == ["4", "4"]
-    assert "(ServiceEntry default/external-svc-https): spec.resolution: DNS: hbone-proxy resolves no names" in out.getvalue()
+    assert "(ServiceEntry default/external-svc-https): spec.hosts[0]: no spec.addresses" in out.getvalue()
     bad = tmp_path / "bad.yaml"
     bad.write_text(VM_SERVICE_ENTRY.replace("protocol: HTTP", "protocol: QUIC"))
     out, err = io.StringIO(), io.StringIO()

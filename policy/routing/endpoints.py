@@ -60,7 +60,7 @@ _NO_EJECTED: frozenset = frozenset()
 @dataclass(frozen=True)
 class Candidate:
     workload: Workload = field(compare=False)
-    ip: str
+    ip: str                        # the endpoint's IP, or its hostname when it has none (DNS ServiceEntry)
     target_port: int
     uid: str = ""
 
@@ -110,7 +110,12 @@ def _endpoints(inventory: Inventory, service: Service, port: int, subset_labels:
         if subset_labels and any(wl.labels.get(k) != v for k, v in subset_labels.items()):
             continue
         if not wl.workload_ips:
-            continue   # hostname-only / network-gateway workloads are not reachable from here
+            if not wl.hostname:
+                continue   # a network-gateway workload is not reachable from here
+            # A DNS ServiceEntry endpoint: ``ip`` is its hostname, resolved when dialled (proxy/dns.py; ztunnel
+            # resolve_on_demand_dns, Envoy's STRICT_DNS cluster).
+            out.append(Candidate(wl, wl.hostname, target, wl.uid))
+            continue
         out.append(Candidate(wl, wl.workload_ips[0], target, wl.uid))
     return tuple(out)
 

@@ -26,6 +26,7 @@ the certificate (identity) to originate with.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import ipaddress
 import logging
@@ -46,6 +47,7 @@ from policy.inventory import GatewayAddress, Inventory, Service, Workload
 from policy.routing.endpoints import endpoints_for
 from policy.routing.select import pick_weighted
 from proxy import socks5
+from proxy.dns import STRICT_DNS, DnsFailure, Resolver
 from proxy.errors import (AuthorizationDenied, NoHealthyUpstream, ProxyError, SelfCall,
                           UnknownDestination, UpstreamConnectFailure)
 from proxy.origdst import original_dst
@@ -375,6 +377,8 @@ def socks5_reply_for(exc: BaseException) -> int:
         return socks5.HOST_UNREACHABLE
     if isinstance(exc, (SelfCall, AuthorizationDenied, UnknownSource)):
         return socks5.NOT_ALLOWED
+    if isinstance(exc, UpstreamConnectFailure) and isinstance(exc.__cause__, DnsFailure):
+        return socks5.HOST_UNREACHABLE            # the endpoint's hostname did not resolve
     if isinstance(exc, UpstreamConnectFailure) and exc.__cause__ is not None:
         return socks5.reply_code_for(exc.__cause__)
     return socks5.reply_code_for(exc)
@@ -401,7 +405,8 @@ class OutboundProxy:
     def __init__(self, *, snapshot: Callable[[], "Snapshot"], local_workloads: Callable[[], dict[str, Workload]],
                  identities: "Identities", trust_domain: str, metrics: "Metrics | None" = None,
                  access_log: "AccessLog | None" = None, hbone_settings: HboneSettings = HboneSettings(),
-                 rng: random.Random | None = None, connect_timeout: float = CONNECT_TIMEOUT_S):
+                 rng: random.Random | None = None, connect_timeout: float = CONNECT_TIMEOUT_S,
+                 resolver: Resolver | None = None):
         self.snapshot = snapshot
         self.local_workloads = local_workloads
         self.identities = identities
@@ -411,6 +416,8 @@ class OutboundProxy:
         self.hbone_settings = hbone_settings
         self.rng = rng or random.Random()
         self.connect_timeout = connect_timeout
+        # DNS ServiceEntry endpoints (a hostname, no IP) are resolved when dialled, with a cache (proxy/dns.py).
+        self.resolver = resolver or Resolver(rng=self.rng)
         self.pools: dict[SpiffeId, HbonePool] = {}
         self.servers: list[asyncio.base_events.Server] = []
         self._conn_tasks: set[asyncio.Task] = set()
@@ -581,6 +588,9 @@ class OutboundProxy:
         connection is made from the source pod's IP (ztunnel spoofs the pod's source address so the
         destination sees and authorizes the real client IP)."""
         local_ip = source.workload_ips[0] if source.workload_ips else None
+        wl = plan.workload
+        if wl is not None and not wl.workload_ips and wl.hostname and plan.reason == "endpoint":
+            plan = await self._resolved(plan, wl.hostname)
         if plan.protocol == "tcp":
             try:
                 async with asyncio.timeout(self.connect_timeout):
@@ -596,6 +606,23 @@ class OutboundProxy:
         return await pool.open_tunnel(src_identity=_workload_id(source), dst_identities=plan.identities,
                                       dst=plan.dst, authority=plan.authority, headers=headers,
                                       local_host=local_ip)
+
+    async def _resolved(self, plan: OutboundPlan, host: str) -> OutboundPlan:
+        """The plan with a DNS ServiceEntry endpoint's hostname replaced by the address it resolves to now:
+        ztunnel state.rs ``pick_workload_destination_or_resolve`` → ``resolve_on_demand_dns`` ("Randomly pick an
+        IP"); a name that does not resolve fails the connection (``Error::NoResolvedAddresses``): 503 ``UF``."""
+        try:
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    ip = await self.resolver.address_for(host, STRICT_DNS)
+            except TimeoutError:
+                raise DnsFailure(host, f"not resolved within {self.connect_timeout:g}s") from None
+        except DnsFailure as err:
+            raise UpstreamConnectFailure(str(err)) from err
+        authority = plan.authority
+        if authority is not None:   # an HBONE endpoint: CONNECT to <resolved ip>:<target port>
+            authority = format_authority(ip, int(authority.rpartition(":")[2]))
+        return dataclasses.replace(plan, dst=(ip, plan.dst[1]), authority=authority)
 
     @staticmethod
     def _baggage(source: Workload, memo: dict | None) -> str:

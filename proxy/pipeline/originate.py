@@ -8,7 +8,10 @@ ztunnel's (reference/ztunnel.md §1.4, src/proxy/outbound.rs ``build_request``):
   ``forwarded: for="<src>"[;host=<svc>]``, ``baggage``, ``traceparent``; the server must present the
   workload's own SPIFFE identity (or one of the service's ``subjectAltNames``);
 * any other workload (``protocol: TCP``, "not in the mesh") is reached with plain TCP to
-  ``<pod ip>:<target port>``.
+  ``<pod ip>:<target port>``;
+* a workload with a ``hostname`` and no IP (a ServiceEntry ``resolution: DNS`` endpoint) is resolved first
+  (``proxy.dns.Resolver``: Envoy's STRICT_DNS cluster, ztunnel's on-demand DNS), then dialled as above at the
+  address it resolved to; a name that does not resolve is a connect failure (503 ``UF``, reason ``dns``).
 
 Every failure is turned into a ``ProxyError`` that carries its answer (503 ``UF``) and a retry
 ``outcome`` (Envoy's ``connect-failure``), so the router can decide to try another host. The connect
@@ -30,6 +33,7 @@ from hbone.settings import HboneSettings
 from hbone.stream import ByteStream, TcpStream
 from policy.routing.endpoints import Candidate
 from policy.routing.model import CONNECT_FAILURE, CONNECT_TIMEOUT_DEFAULT_S
+from proxy.dns import STRICT_DNS, DnsFailure, Resolver
 from proxy.errors import UpstreamConnectFailure
 
 # Istio MeshConfig.connectTimeout default (pkg/config/mesh/mesh.go), also ztunnel's 10 s.
@@ -41,7 +45,7 @@ HBONE_PORT = 15008
 class OriginateFailed(UpstreamConnectFailure):
     """Opening the upstream stream failed: 503 with Envoy's ``UF``; retriable as ``connect-failure``.
 
-    ``reason``: ``refused`` | ``timeout`` | ``tls`` | ``identity`` | ``closed`` | ``protocol`` |
+    ``reason``: ``refused`` | ``timeout`` | ``dns`` | ``tls`` | ``identity`` | ``closed`` | ``protocol`` |
     ``tunnel_401`` / ``tunnel_503`` (the peer's node proxy answered the CONNECT with that status:
     its L4 policy denied the waypoint, or its workload could not be reached).
     """
@@ -66,8 +70,10 @@ class Originator:
 
     def __init__(self, cert_source: CertSource, *, settings: HboneSettings = HboneSettings(),
                  pool: HbonePool | None = None, rng: random.Random | None = None,
-                 hbone_port: int = HBONE_PORT, source_ip: str | None = None):
+                 hbone_port: int = HBONE_PORT, source_ip: str | None = None, resolver: Resolver | None = None):
         self.cert_source = cert_source
+        # Endpoint hostnames (DNS ServiceEntries), resolved at connect time with a cache (proxy/dns.py).
+        self.resolver = resolver or Resolver(rng=rng)
         # Dial from our own pod IP (the waypoint's HBONE address), as a pod's traffic leaves from its
         # IP: the destination node proxy then logs and authorizes the waypoint's address, not 127.0.0.1.
         self.source_ip = source_ip
@@ -90,8 +96,11 @@ class Originator:
         port = candidate.target_port if authority_port is None else authority_port
         local_host = local_host or self.source_ip
         workload = candidate.workload
+        ip = candidate.ip
+        if not workload.workload_ips:   # a hostname endpoint (endpoints_for keeps it only with a hostname)
+            ip = await self._resolve(ip, port, timeout)
         if workload.protocol != "HBONE":
-            return await self._open_tcp(candidate.ip, port, timeout, local_host)
+            return await self._open_tcp(ip, port, timeout, local_host)
         identities = set()
         for uri in (workload.identity, *subject_alt_names):
             try:
@@ -103,13 +112,13 @@ class Originator:
             headers["baggage"] = baggage
         # ztunnel: a fresh W3C traceparent per outbound downstream connection (TraceParent::new()).
         headers["traceparent"] = traceparent or str(new_traceparent(self.rng))
-        authority = format_authority(candidate.ip, port)
-        upstream = f"{format_authority(candidate.ip, self.hbone_port)} (HBONE {authority})"
+        authority = format_authority(ip, port)
+        upstream = f"{format_authority(ip, self.hbone_port)} (HBONE {authority})"
         try:
             async with asyncio.timeout(timeout):
                 stream = await self.pool.open_tunnel(
                     src_identity=self.cert_source.identity, dst_identities=frozenset(identities),
-                    dst=(candidate.ip, self.hbone_port), authority=authority, headers=headers,
+                    dst=(ip, self.hbone_port), authority=authority, headers=headers,
                     local_host=local_host)
         except TimeoutError:
             self.failed += 1
@@ -126,6 +135,23 @@ class Originator:
             raise OriginateFailed("protocol", str(err), upstream=upstream) from None
         self.opened_hbone += 1
         return stream
+
+    async def _resolve(self, host: str, port: int, timeout: float | None) -> str:
+        """The address to dial for an endpoint hostname, within the connect timeout. ``DnsFailure`` becomes
+        ``OriginateFailed("dns")``: ztunnel fails the connection (NoResolvedAddresses), and here it is retried
+        like any connect failure (another endpoint, if there is one)."""
+        try:
+            async with asyncio.timeout(timeout):
+                # STRICT_DNS (resolution: DNS): the Workload does not say which resolution its ServiceEntry has,
+                # so DNS_ROUND_ROBIN's LOGICAL_DNS (first address) is not told apart here.
+                return await self.resolver.address_for(host, STRICT_DNS)
+        except TimeoutError:
+            self.failed += 1
+            raise OriginateFailed("dns", f"{host} not resolved within {timeout:g}s",
+                                  upstream=format_authority(host, port)) from None
+        except DnsFailure as err:
+            self.failed += 1
+            raise OriginateFailed("dns", str(err), upstream=format_authority(host, port)) from None
 
     async def _open_tcp(self, ip: str, port: int, timeout: float | None,
                         local_host: str | None) -> ByteStream:
