@@ -244,7 +244,20 @@ metadata:
 spec:
   hosts: [localhost]
   addresses: [127.2.0.73]
-  ports: [{{number: {port}, name: tcp-http, protocol: TCP}}]
+  ports: [{{number: {http_port}, name: http, protocol: HTTP}}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: gone-egress
+  namespace: default
+  labels:
+    istio.io/use-waypoint: reviews-waypoint
+spec:
+  hosts: [egress.invalid]
+  addresses: [127.2.0.75]
+  ports: [{{number: 7500, name: http, protocol: HTTP}}]
   resolution: DNS
 ---
 apiVersion: networking.istio.io/v1
@@ -272,18 +285,19 @@ def _wait_count(proc, pred, n: int, timeout: float = 5.0) -> list[dict]:
 
 
 def test_end_to_end_dns_entry_through_the_node_proxy_and_through_the_waypoint(tmp_path):
-    from proxy.demo.mesh import EchoBackend, SocksError
+    from proxy.demo.mesh import EchoBackend, HttpBackend, SocksError
     from tests.e2e.mesh import Mesh, socks5_connect
     from tests.test_serviceentry import _echo, _wait_lines
 
-    port = free_port("127.0.0.1")
-    mesh = Mesh(tmp_path, extra_yaml=(E2E_DNS.format(port=port, bad=UNRESOLVABLE),))
+    port, http_port = free_port("127.0.0.1"), free_port("127.0.0.1")
+    mesh = Mesh(tmp_path, extra_yaml=(E2E_DNS.format(port=port, http_port=http_port, bad=UNRESOLVABLE),))
     try:
         node_a = mesh.start_node("node-a", 1, wait=False)
         waypoint = mesh.start_waypoint(3, wait=False)
         for p in (node_a, waypoint):
             mesh.wait_ready(p)
         mesh.backends.append(EchoBackend("127.0.0.1", port))
+        mesh.backends.append(HttpBackend("127.0.0.1", http_port, b"httpbin"))
         client = mesh.pod(10)   # productpage, on node-a
         # 1. No waypoint (ztunnel's on-demand DNS): node-a resolves the endpoint "localhost" and dials 127.0.0.1.
         for _ in range(2):
@@ -294,10 +308,20 @@ def test_end_to_end_dns_entry_through_the_node_proxy_and_through_the_waypoint(tm
             ("endpoint", "dns-db", "-")] * 2
         # 2. istio.io/use-waypoint (Istio's ambient egress example, with the implicit endpoint = the host): node-a →
         #    HBONE → the waypoint, whose cluster for the entry resolves the host (Envoy STRICT_DNS) and dials it.
-        assert _echo(socks5_connect(node_a.socks5, mesh.vip(73), port, source_ip=client), b"egress") == b"egress"
+        #    The example's HTTP port: the waypoint's HTTP chain picks the endpoint, Originator resolves it.
+        get = b"GET /get HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        answer = _echo(socks5_connect(node_a.socks5, mesh.vip(73), http_port, source_ip=client), get)
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"httpbin"), answer
         at_wp = _wait_lines(waypoint, lambda l: l.get("upstream_cluster", "").endswith("|localhost"))
         assert [(l["upstream_cluster"], l["upstream_host"], l["status"]) for l in at_wp] == [
-            (f"inbound-vip|{port}|tcp|localhost", f"localhost:{port}", 200)]
+            (f"inbound-vip|{http_port}|http|localhost", f"localhost:{http_port}", 200)]
+        #    An egress host that does not resolve: the waypoint answers 503 UF (a connect failure, retried as one).
+        get = b"GET / HTTP/1.1\r\nHost: egress.invalid\r\nConnection: close\r\n\r\n"
+        answer = _echo(socks5_connect(node_a.socks5, mesh.vip(75), 7500, source_ip=client), get)
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        at_wp = _wait_lines(waypoint, lambda l: l.get("upstream_cluster", "").endswith("|egress.invalid"))
+        assert [(l["status"], l["response_flags"]) for l in at_wp] == [(503, "UF,URX")], at_wp   # Envoy: retried
+        assert at_wp[0]["response_code_details"] == "upstream_reset_before_response_started{connection_failure,dns}"
         # 3. A name that does not resolve: a connect failure (UF), the proxy carries on.
         with pytest.raises(SocksError) as err:
             _echo(socks5_connect(node_a.socks5, mesh.vip(74), 7400, source_ip=client), b"x")
