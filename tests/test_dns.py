@@ -208,6 +208,63 @@ async def test_originator_resolves_a_hostname_endpoint_and_fails_an_unresolvable
         echo.close()
 
 
+async def test_originator_hbone_to_a_hostname_endpoint_connects_to_the_address_it_resolved():
+    # A DNS endpoint of an entry with ambient.istio.io/redirection: enabled speaks HBONE: mTLS to <resolved>:15008,
+    # CONNECT <resolved>:<target port> (ztunnel uses the resolved IP as selected_workload_ip).
+    from dataclasses import replace
+    from hbone.server import HboneServer
+    from hbone.testing import echo_handler_factory, start_echo
+    from proxy.pipeline.originate import Originator
+    from tests.test_pipeline_originate import MESH, _roundtrip, _source
+
+    echo, echo_addr = await start_echo("127.0.0.1")
+    seen = []
+    relay = await echo_handler_factory(echo_addr)
+
+    async def handler(tunnel):
+        seen.append(tunnel.request)
+        await relay(tunnel)
+
+    hbone_port = free_port("127.0.0.1")
+    server = await HboneServer(lambda: MESH.server_context(MESH.identity("default", "bookinfo-reviews")),
+                               handler, trust_domain="cluster.local").start("127.0.0.1", hbone_port)
+    orig = Originator(_source(), hbone_port=hbone_port)
+    try:
+        wl = replace(_hostname_workload("localhost"), protocol="HBONE", service_account="bookinfo-reviews")
+        stream = await orig.open(Candidate(wl, "localhost", echo_addr[1]), source=("127.9.9.9", 1))
+        assert await _roundtrip(stream, b"tunnelled") == b"tunnelled"
+        assert seen[0].authority == ("127.0.0.1", echo_addr[1]) and orig.opened_hbone == 1
+    finally:
+        await orig.close()
+        await server.close()
+        echo.close()
+
+
+async def test_node_proxy_resolves_the_plan_of_a_hostname_endpoint_hbone_authority_included():
+    from proxy import socks5
+    from proxy.errors import UpstreamConnectFailure
+    from proxy.node.outbound import OutboundPlan, OutboundProxy, socks5_reply_for
+
+    async def lookup(host: str) -> list[str]:   # a resolver of our own: "svc.example" only
+        if host != "svc.example":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return ["10.0.0.7"]
+
+    node = OutboundProxy(snapshot=lambda: None, local_workloads=dict, identities=None, trust_domain="cluster.local",
+                         resolver=Resolver(lookup=lookup))
+    wl = _hostname_workload("svc.example")
+    hbone = OutboundPlan("hbone", ("svc.example", 15008), "svc.example:9443", frozenset(), None, wl, False,
+                         "svc.example", "endpoint")
+    got = await node._resolved(hbone, "svc.example")
+    assert (got.dst, got.authority, got.workload) == (("10.0.0.7", 15008), "10.0.0.7:9443", wl)
+    tcp = OutboundPlan("tcp", ("svc.example", 80), None, frozenset(), None, wl, False, "svc.example", "endpoint")
+    assert (await node._resolved(tcp, "svc.example")).dst == ("10.0.0.7", 80)
+    with pytest.raises(UpstreamConnectFailure, match="gone.example: DNS resolution failed") as err:
+        await node._resolved(tcp, "gone.example")
+    assert (err.value.flag, err.value.http_status) == ("UF", 503)
+    assert socks5_reply_for(err.value) == socks5.HOST_UNREACHABLE
+
+
 def test_endpoints_for_keeps_a_hostname_endpoint_with_its_name_as_the_address():
     from policy.routing.endpoints import endpoints_for
     from tests.test_serviceentry import DNS_ENDPOINTS, load
