@@ -190,7 +190,9 @@ class Inventory:
         for s in services:
             for v in s.vips:
                 by_vip.setdefault(v.ip, s)
-        by_host = {s.hostname: s for s in services}
+        by_host: dict[str, Service] = {}
+        for s in services:
+            by_host.setdefault(s.hostname, s)   # (first wins, as for addresses: by name and by VIP agree)
         eps: dict[str, dict[str, Endpoint]] = {key: dict(s.endpoints) for key, s in sv.items()}
         # As ztunnel's LocalClient does: each workload's ``services`` map becomes service endpoints.
         for w in workloads:

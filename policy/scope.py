@@ -173,10 +173,14 @@ def scope_for_waypoint(mesh: MeshConfig, scope: WaypointScope) -> MeshConfig:
     #    (pod-IP traffic: the seed's direct-tcp / direct-http chains).
     uids = {uid for eps in keep_eps.values() for uid in eps}
     uids |= {w.uid for w in inv.workloads.values() if scope.is_this(w.waypoint) and scope.holds(w)}
-    workloads = [_trim_workload(inv.workloads[uid], service_keys) for uid in sorted(uids) if uid in inv.workloads]
+    # In the full inventory's order, not sorted: Inventory.build gives a shared address to the first listed (the
+    # loader lists hand-written items before those made from ServiceEntries), and the waypoint must agree with the
+    # node proxies on it (found by review).
+    workloads = [_trim_workload(w, service_keys) for uid, w in inv.workloads.items() if uid in uids]
+    order = {key: i for i, key in enumerate(inv.services)}
     services_out = [
         dataclasses.replace(s, endpoints=MappingProxyType({u: e for u, e in s.endpoints.items() if u in keep_eps[s.key]}))
-        for s in services
+        for s in sorted(services, key=lambda s: order.get(s.key, len(order)))
     ]
     inventory = Inventory.build(workloads, services_out)
 

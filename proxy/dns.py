@@ -47,6 +47,11 @@ DNS_FAILURE_REFRESH_S = DNS_REFRESH_S
 # One lookup's budget (Envoy's DNS cache dns_query_timeout default, 5 s): a resolver that does not answer is a
 # connect failure, never a connection hung on it.
 DNS_LOOKUP_TIMEOUT_S = 5.0
+# A lookup that got no answer in time (not a definite "no such name") is tried again this soon rather than after
+# DNS_FAILURE_REFRESH_S: the resolver may have been slow or busy (getaddrinfo runs in a small thread pool, and
+# time queued there counts), and ztunnel's on-demand DNS does not remember timeouts (found by review).
+DNS_TIMEOUT_RETRY_S = 2.0
+TIMEOUT_ERROR_PREFIX = "no answer within"
 # Names kept (Envoy's DNS cache max_hosts default, 1 024): far above the DNS ServiceEntries a mesh has; bounds
 # the cache should endpoints churn. The least recently used name goes first.
 DNS_CACHE_ENTRIES = 1024
@@ -92,7 +97,8 @@ def entry_state(entry: DnsEntry | None, now: float, *, refresh_s: float = DNS_RE
     | ``"failed"`` (the last attempt failed within its interval, and no good addresses are kept: fail now)."""
     if entry is None:
         return "resolve"
-    interval = failure_refresh_s if entry.error else refresh_s
+    interval = (min(failure_refresh_s, DNS_TIMEOUT_RETRY_S) if entry.error.startswith(TIMEOUT_ERROR_PREFIX)
+                else failure_refresh_s) if entry.error else refresh_s
     if now - entry.attempted_at >= interval or now < entry.attempted_at:   # a clock step back: resolve again
         return "resolve"
     return "fresh" if entry.addresses else "failed"
@@ -217,9 +223,11 @@ class Resolver:
                 found = order_addresses(await self.lookup(key))
             error = "" if found else "no address"
         except TimeoutError:
-            found, error = (), f"no answer within {self.timeout_s:g}s"
+            found, error = (), f"{TIMEOUT_ERROR_PREFIX} {self.timeout_s:g}s"
         except (OSError, UnicodeError, ValueError) as err:   # socket.gaierror is an OSError; bad IDNA a UnicodeError
             found, error = (), getattr(err, "strerror", None) or str(err) or err.__class__.__name__
+        except Exception as err:   # noqa: BLE001 — e.g. RuntimeError from an executor shut down: a failure all the same
+            found, error = (), f"{err.__class__.__name__}: {err}"
         now = self.clock()
         if found:
             entry = after_success(found, now)
@@ -227,8 +235,9 @@ class Resolver:
             self.failures += 1
             if should_log_failure(previous, now, failure_refresh_s=self.failure_refresh_s):
                 kept = f"; keeping {', '.join(previous.addresses)}" if previous and previous.addresses else ""
-                log.warning("DNS resolution of %s failed: %s (next try in %gs%s)", key, error,
-                            self.failure_refresh_s, kept)
+                retry = min(self.failure_refresh_s, DNS_TIMEOUT_RETRY_S) \
+                    if error.startswith(TIMEOUT_ERROR_PREFIX) else self.failure_refresh_s
+                log.warning("DNS resolution of %s failed: %s (next try in %gs%s)", key, error, retry, kept)
             entry = after_failure(previous, error, now)
         self.cache.put(key, entry)
         return entry
@@ -239,5 +248,5 @@ class Resolver:
 
 __all__ = ["Resolver", "DnsFailure", "DnsEntry", "DnsCache", "entry_state", "after_success", "after_failure",
            "should_log_failure", "order_addresses", "pick_address", "is_ip", "getaddrinfo_lookup",
-           "STRICT_DNS", "LOGICAL_DNS", "DNS_REFRESH_S", "DNS_FAILURE_REFRESH_S", "DNS_LOOKUP_TIMEOUT_S",
+           "STRICT_DNS", "LOGICAL_DNS", "DNS_REFRESH_S", "DNS_FAILURE_REFRESH_S", "DNS_LOOKUP_TIMEOUT_S", "DNS_TIMEOUT_RETRY_S",
            "DNS_CACHE_ENTRIES"]

@@ -168,6 +168,33 @@ async def test_resolver_times_out_as_a_failure():
         await r.addresses("slow.example")
 
 
+async def test_a_timeout_is_tried_again_soon_and_any_lookup_error_is_a_failure():
+    """A lookup with no answer in time is retried after DNS_TIMEOUT_RETRY_S, not the 60 s a definite failure waits
+    (the resolver may only have been busy); an unexpected error from the lookup is a DnsFailure too (review)."""
+    from proxy.dns import DNS_TIMEOUT_RETRY_S
+    now = [100.0]
+    calls = []
+
+    async def lookup(host: str) -> list[str]:
+        calls.append(host)
+        if len(calls) == 1:
+            await asyncio.sleep(10)
+        if host == "broken.example":
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        return ["10.0.0.7"]
+
+    r = Resolver(lookup=lookup, timeout_s=0.05, clock=lambda: now[0])
+    with pytest.raises(DnsFailure):
+        await r.addresses("slow.example")
+    with pytest.raises(DnsFailure):          # within the retry delay: fails at once, no lookup
+        await r.addresses("slow.example")
+    assert len(calls) == 1
+    now[0] += DNS_TIMEOUT_RETRY_S
+    assert await r.addresses("slow.example") == ("10.0.0.7",)
+    with pytest.raises(DnsFailure, match="RuntimeError"):
+        await r.addresses("broken.example")
+
+
 async def test_resolver_on_the_system_resolver():
     r = Resolver()
     assert "127.0.0.1" in await r.addresses("localhost")          # /etc/hosts

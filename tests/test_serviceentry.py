@@ -839,3 +839,57 @@ def test_passthrough_through_a_waypoint_is_warned_as_not_implemented():
     assert mesh.inventory.services["egress/httpbin.org"].waypoint is not None
     assert any("spec.resolution: NONE (passthrough) through a waypoint is not implemented" in w for w in mesh.warnings)
     assert not any("through a waypoint" in w for w in load(EGRESS_WAYPOINT).warnings)   # (only NONE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by the third review
+
+
+def test_a_waypoint_bound_entry_without_an_address_is_refused_by_name_not_sent_around_its_waypoint():
+    mesh = load(EGRESS_WAYPOINT, inventory=CLIENT)   # use-waypoint, resolution DNS, no addresses
+    with pytest.raises(NoHealthyUpstream, match="waypoint"):
+        _plan(mesh, ("httpbin.org", 80))
+
+
+def test_passthrough_by_name_takes_only_its_own_entrys_address():
+    entry = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db}
+spec:
+  hosts: [a.db.internal, b.db.internal]
+  addresses: [10.20.0.7]
+  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
+  resolution: NONE
+"""
+    same_name = CLIENT + """services:
+- {name: db, namespace: default, hostname: db.default.svc.cluster.local, vips: ["/10.96.5.5"], ports: {5432: 5432}}
+"""
+    mesh = load(entry, inventory=same_name)
+    assert _plan(mesh, ("b.db.internal", 5432)).dst == ("10.20.0.7", 5432)
+
+
+def test_the_waypoint_and_the_node_proxies_agree_on_who_has_a_shared_address():
+    """The waypoint's scoped inventory keeps the full one's order, so a pod and an entry's endpoint sharing an
+    address resolve to the pod on both (a sorted order gave the waypoint the entry's plain-TCP endpoint)."""
+    from policy.scope import WaypointScope, scope_for_waypoint
+    wp = 'waypoint: {destination: "default/wp.default.svc.cluster.local", hboneMtlsPort: 15008}'
+    inv = f"""
+workloads:
+- {{name: p, clusterId: cluster1, namespace: default, workloadIps: ["2.2.2.2"], protocol: HBONE, {wp}}}
+"""
+    se = MONGO_STATIC.replace("name: external-svc-mongocluster",
+                              "name: external-svc-mongocluster\n  labels: {istio.io/use-waypoint: wp}")
+    mesh = load(se, inventory=inv)
+    scoped = scope_for_waypoint(mesh, WaypointScope.parse("default", gateway="default/wp"))
+    assert mesh.inventory.workload_by_ip["2.2.2.2"].name == "p"
+    assert scoped.inventory.workload_by_ip["2.2.2.2"].name == "p"
+
+
+def test_by_name_and_by_address_agree_on_an_entry_loaded_twice():
+    a = MONGO_STATIC.replace("metadata:\n  name: external-svc-mongocluster",
+                             "metadata:\n  name: m\n  namespace: team-a").replace("192.192.192.192/24", "1.1.1.1")
+    b = a.replace("team-a", "team-b")
+    mesh = load(a, b)
+    by_vip = mesh.inventory.service_by_vip["1.1.1.1"]
+    assert mesh.inventory.service_by_hostname["mymongodb.somedomain"] is by_vip

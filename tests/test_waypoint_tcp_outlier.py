@@ -71,11 +71,21 @@ def test_detectors_are_made_once_and_bounded(monkeypatch):
     first.record("pod-a", 503, 0.0)               # ejected: kept through pruning
     monkeypatch.setattr(ep, "OUTLIER_DETECTORS_MAX", 8)
     for i in range(1, 40):
-        ep.detector_for(detectors, f"c{i}", od)
+        ep.detector_for(detectors, f"c{i}", od, now=1.0)
         assert len(detectors) <= 8
     assert detectors[("c0", od)] is first
     monkeypatch.setattr(ep, "OUTLIER_HOSTS_MAX", 16)
     for i in range(100):
         first.record(f"pod-{i}", 200, 1.0)
         assert len(first.hosts) <= 16
-    assert "pod-a" in first.hosts and first.ejected(1.0) == {"pod-a"}
+    assert first.ejected(1.0) == {"pod-a"}      # the ejected host is kept while others are forgotten
+    for i in range(100):   # departed pods that keep a count or an ejection are forgotten too: the bound holds
+        first.record(f"gone-{i}", 503, 2.0 + i / 1000)
+        assert len(first.hosts) <= 16
+    assert "gone-99" in first.hosts
+    # A detector whose only ejection lapsed while it sat unused counts as having none.
+    later: dict = {("old", od): ep.OutlierDetector(od)}
+    later[("old", od)].record("x", 503, 0.0)      # ejected until 30
+    monkeypatch.setattr(ep, "OUTLIER_DETECTORS_MAX", 1)
+    ep.detector_for(later, "new", od, now=100.0)
+    assert list(later) == [("new", od)]

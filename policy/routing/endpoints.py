@@ -904,6 +904,7 @@ class _HostState:
     ejections: int = 0                   # the ejection-time multiplier
     ejected_until: float | None = None
     healthy_since: float = 0.0
+    last_seen: float = 0.0               # the last outcome recorded (OUTLIER_HOSTS_MAX evicts the longest unseen)
 
 
 # Outlier detectors a proxy keeps, one per (cluster, outlierDetection settings): a config reload that renames a
@@ -915,15 +916,23 @@ OUTLIER_DETECTORS_MAX = 1024
 OUTLIER_HOSTS_MAX = 4096
 
 
-def detector_for(detectors: dict, cluster: str, config: "OutlierDetection") -> "OutlierDetector":
+def detector_for(detectors: dict, cluster: str, config: "OutlierDetection", now: float | None = None
+                 ) -> "OutlierDetector":
     """The cluster's detector in ``detectors`` (the proxy's, shared by its HTTP and TCP paths), made on first use:
-    a lookup per request, no allocation (``setdefault`` made a detector per request only to drop it)."""
+    a lookup per request, no allocation (``setdefault`` made a detector per request only to drop it). Past
+    OUTLIER_DETECTORS_MAX, the detectors without a host ejected at ``now`` go (an ejection that lapsed while its
+    detector sat unused counts as over), then, if that is not enough, the least recently made half."""
     key = (cluster, config)
     d = detectors.get(key)
     if d is None:
         if len(detectors) >= OUTLIER_DETECTORS_MAX:
-            for k in [k for k, v in detectors.items() if not any(h.ejected_until is not None for h in v.hosts.values())]:
+            t = time.monotonic() if now is None else now
+            for k in [k for k, v in detectors.items()
+                      if not any(h.ejected_until is not None and h.ejected_until > t for h in v.hosts.values())]:
                 del detectors[k]
+            if len(detectors) >= OUTLIER_DETECTORS_MAX:
+                for k in list(detectors)[:len(detectors) // 2]:
+                    del detectors[k]
         d = detectors[key] = OutlierDetector(config)
     return d
 
@@ -957,10 +966,14 @@ class OutlierDetector:
         st = hosts.get(host)
         if st is None:
             if len(hosts) >= OUTLIER_HOSTS_MAX:
-                for k in [k for k, h in hosts.items() if h.ejected_until is None and not h.ejections
-                          and not h.consecutive_5xx and not h.consecutive_gateway]:
+                # Pods come and go: forget hosts down to 3/4 of the bound, the ones not ejected now first, longest
+                # unseen first (a departed pod's counts are of no use; one that comes back starts afresh).
+                order = sorted((h.ejected_until is not None and h.ejected_until > now, h.last_seen, k)
+                               for k, h in hosts.items())
+                for _, _, k in order[:len(hosts) - OUTLIER_HOSTS_MAX * 3 // 4]:
                     del hosts[k]
             st = hosts[host] = _HostState(healthy_since=now)
+        st.last_seen = now
         # Envoy (split_external_local_origin_errors false): local-origin failures count as 5xx /
         # gateway errors (a connect failure is reported as 503).
         is_error = o.error in OUTCOME_ERRORS

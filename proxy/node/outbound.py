@@ -252,7 +252,13 @@ def _to_service(inventory: Inventory, service: Service, vip: str | None, port: i
                 source: Workload | None, rng: random.Random, memo: dict | None = None) -> OutboundPlan:
     authority_ip = vip or (service.vips[0].ip if service.vips else None)
     gw = _pick_waypoint(service, rng)
-    if gw is not None and authority_ip is not None:
+    if gw is not None:
+        if authority_ip is None:
+            # Bound to a waypoint but without an address (a ServiceEntry with no addresses, reached by name): the
+            # waypoint's chains are found by VIP, so it cannot take this connection — refused, never sent around
+            # the waypoint's policy to the endpoints (found by review).
+            raise NoHealthyUpstream(f"{service.hostname} is served by its waypoint, which needs its address; it "
+                                    "has none (a ServiceEntry without addresses)")
         dst, ids, wl = _waypoint_endpoint(inventory, gw, rng)
         return OutboundPlan("hbone", dst, format_authority(authority_ip, port), ids, service, wl, True,
                             service.hostname, "waypoint")
@@ -264,8 +270,10 @@ def _to_service(inventory: Inventory, service: Service, vip: str | None, port: i
         if authority_ip is None:
             # By name, a host of a multi-host entry whose addresses went to its first host (policy/serviceentry.py:
             # one service per VIP): istiod gives every host the entry's addresses, so do those (found by review).
+            # (Only another Passthrough service of the same entry: same namespace and name, same mode.)
             authority_ip = next((s.vips[0].ip for s in inventory.services.values()
-                                 if s.namespace == service.namespace and s.name == service.name and s.vips), None)
+                                 if s.namespace == service.namespace and s.name == service.name and s.vips
+                                 and s.load_balancer is not None and s.load_balancer.mode == "Passthrough"), None)
         if authority_ip is None:
             raise NoHealthyUpstream(f"{service.hostname} passes connections through to their original "
                                     "destination, and a connection by name has none")
