@@ -17,14 +17,12 @@ from urllib.parse import urlsplit
 from policy.authn.jwks import JwksError, fake_jwks, parse_jwks
 from policy.authn.model import ClaimToHeader, FromHeader, JwtRule, RequestAuthentication
 from policy.authz.model import TargetRef
-from policy.authz.parse import ALLOWED_TARGET_REFS, DEFAULT_NAMESPACE, MAX_TARGET_REFS, OBJECT_META_FIELDS
+from policy.authz.parse import ALLOWED_TARGET_REFS, DEFAULT_NAMESPACE, MAX_TARGET_REFS, security_envelope
 from policy.errors import ConfigError, Where
 from policy.wire import ascii_lower, wire_form
 
-API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
-KIND = "RequestAuthentication"
+KIND = "RequestAuthentication"   # (its apiVersions and top-level fields: policy.authz.parse.security_envelope)
 
-TOP_FIELDS = frozenset({"apiVersion", "kind", "metadata", "spec", "status"})
 SPEC_FIELDS = frozenset({"selector", "targetRef", "targetRefs", "jwtRules"})
 RULE_FIELDS = frozenset({
     "issuer", "audiences", "jwksUri", "jwks", "fromHeaders", "fromParams", "fromCookies",
@@ -279,8 +277,8 @@ class _Parser(_Reader):
             allowed = ", ".join(sorted(f"{g}/{k}" for k, g in ALLOWED_TARGET_REFS))
             raise self.fail(path, f"targetRef must be to one of {allowed} but was {group or 'core'}/{kind}")
         if kind == "ServiceEntry":
-            self.warn(path, "ServiceEntry targets are accepted but hbone-proxy's inventory has no ServiceEntries, "
-                            "so this reference never attaches")
+            self.warn(path, "ServiceEntry targets are accepted but not attached by hbone-proxy (a Service or the "
+                            "waypoint's Gateway are): this reference never applies")
         return ref
 
 
@@ -289,19 +287,7 @@ def parse_request_authentication(doc: dict, where: Where) -> RequestAuthenticati
     if not where.name and isinstance(doc, dict):
         where = where.with_resource(where.kind or KIND, _best_effort_name(doc.get("metadata")))
     r = _Parser(where)
-    doc = r.fields(doc, "", TOP_FIELDS)
-    api = doc.get("apiVersion")
-    if api not in API_VERSIONS:
-        raise r.fail("apiVersion", f"expected one of {', '.join(API_VERSIONS)}, got {api!r}")
-    if doc.get("kind") != KIND:
-        raise r.fail("kind", f"expected {KIND!r}, got {doc.get('kind')!r}")
-    meta = r.fields(doc.get("metadata"), "metadata", OBJECT_META_FIELDS)
-    if "name" not in meta:
-        raise r.fail("metadata.name", "required field missing")
-    name = r.string(meta["name"], "metadata.name")
-    namespace = r.string(meta.get("namespace", DEFAULT_NAMESPACE), "metadata.namespace")
-    if name == "" or namespace == "":
-        raise r.fail("metadata.name" if name == "" else "metadata.namespace", "must not be empty")
+    doc, meta, name, namespace = security_envelope(r, doc, KIND)
     for key in ("labels", "annotations"):
         if meta.get(key) is not None:
             for k, v in r.mapping(meta[key], f"metadata.{key}").items():

@@ -417,19 +417,17 @@ def _best_effort_name(meta: Any) -> str:
     return f"{ns if isinstance(ns, str) and ns else DEFAULT_NAMESPACE}/{meta['name']}"
 
 
-def parse_authorization_policy(doc: dict, where: Where) -> m.AuthorizationPolicy:
-    """One whole ``security.istio.io`` AuthorizationPolicy document → the model, or ConfigError."""
-    if not where.name and isinstance(doc, dict):
-        # Name the resource in every message as soon as it can be named, even before it validates.
-        where = where.with_resource(where.kind or (doc.get("kind") if isinstance(doc.get("kind"), str) else KIND),
-                                    _best_effort_name(doc.get("metadata")))
-    r = _Reader(where)
+def security_envelope(r, doc: dict, kind: str) -> tuple[dict, dict, str, str]:
+    """The checks every ``security.istio.io`` document gets before its spec (AuthorizationPolicy here,
+    RequestAuthentication in policy/authn/parse.py): known top-level fields, the apiVersion and kind, and a
+    non-empty metadata name and namespace. ``r``: the caller's reader (``fields``, ``fail``, ``string``).
+    Returns (document, metadata, name, namespace)."""
     doc = r.fields(doc, "", TOP_FIELDS)
     api = doc.get("apiVersion")
     if api not in API_VERSIONS:
         raise r.fail("apiVersion", f"expected one of {', '.join(API_VERSIONS)}, got {api!r}")
-    if doc.get("kind") != KIND:
-        raise r.fail("kind", f"expected {KIND!r}, got {doc.get('kind')!r}")
+    if doc.get("kind") != kind:
+        raise r.fail("kind", f"expected {kind!r}, got {doc.get('kind')!r}")
     meta = r.fields(doc.get("metadata"), "metadata", OBJECT_META_FIELDS)
     if "name" not in meta:
         raise r.fail("metadata.name", "required field missing")
@@ -437,6 +435,17 @@ def parse_authorization_policy(doc: dict, where: Where) -> m.AuthorizationPolicy
     namespace = r.string(meta.get("namespace", DEFAULT_NAMESPACE), "metadata.namespace")
     if name == "" or namespace == "":
         raise r.fail("metadata.name" if name == "" else "metadata.namespace", "must not be empty")
+    return doc, meta, name, namespace
+
+
+def parse_authorization_policy(doc: dict, where: Where) -> m.AuthorizationPolicy:
+    """One whole ``security.istio.io`` AuthorizationPolicy document → the model, or ConfigError."""
+    if not where.name and isinstance(doc, dict):
+        # Name the resource in every message as soon as it can be named, even before it validates.
+        where = where.with_resource(where.kind or (doc.get("kind") if isinstance(doc.get("kind"), str) else KIND),
+                                    _best_effort_name(doc.get("metadata")))
+    r = _Reader(where)
+    doc, meta, name, namespace = security_envelope(r, doc, KIND)
     p = _PolicyParser(where, namespace)
 
     dry_run = False
