@@ -390,6 +390,7 @@ def test_end_to_end_dns_entry_through_the_node_proxy_and_through_the_waypoint(tm
         direct = _wait_count(node_a, lambda l: l.get("dst.service") == "dns-db.example.com", 2)
         assert [(l["route"], l["dst.workload"], l["response_flags"]) for l in direct] == [
             ("endpoint", "dns-db", "-")] * 2
+        assert [l["dst.addr"] for l in direct] == [f"127.0.0.1:{port}"] * 2   # the address dialled, as ztunnel logs
         # 2. istio.io/use-waypoint (Istio's ambient egress example, with the implicit endpoint = the host): node-a →
         #    HBONE → the waypoint, whose cluster for the entry resolves the host (Envoy STRICT_DNS) and dials it.
         #    The example's HTTP port: the waypoint's HTTP chain picks the endpoint, Originator resolves it.

@@ -47,7 +47,7 @@ from policy.inventory import GatewayAddress, Inventory, Service, Workload
 from policy.routing.endpoints import endpoints_for
 from policy.routing.select import pick_weighted
 from proxy import socks5
-from proxy.dns import STRICT_DNS, DnsFailure, Resolver
+from proxy.dns import STRICT_DNS, DnsFailure, Resolver, is_ip
 from proxy.errors import (AuthorizationDenied, NoHealthyUpstream, ProxyError, SelfCall,
                           UnknownDestination, UpstreamConnectFailure)
 from proxy.origdst import original_dst
@@ -537,6 +537,8 @@ class OutboundProxy:
         """``memo``: the plan's snapshot's memo (``_memo_for``), for the baggage and the labels."""
         start = time.time()
         try:
+            # A DNS endpoint resolved here, so that the access log names the address dialled, as ztunnel's does.
+            plan = await self.resolve(plan)
             upstream = await self.originate(plan, source, client.remote_addr, memo=memo)
         except (ProxyError, HboneError, OSError, TimeoutError) as err:
             log.info("outbound %s -> %s (%s) failed: %s", client.remote_addr, dst, plan, err)
@@ -596,9 +598,7 @@ class OutboundProxy:
         connection is made from the source pod's IP (ztunnel spoofs the pod's source address so the
         destination sees and authorizes the real client IP)."""
         local_ip = source.workload_ips[0] if source.workload_ips else None
-        wl = plan.workload
-        if wl is not None and not wl.workload_ips and wl.hostname and plan.reason == "endpoint":
-            plan = await self._resolved(plan, wl.hostname)
+        plan = await self.resolve(plan)
         if plan.protocol == "tcp":
             try:
                 async with asyncio.timeout(self.connect_timeout):
@@ -614,6 +614,15 @@ class OutboundProxy:
         return await pool.open_tunnel(src_identity=_workload_id(source), dst_identities=plan.identities,
                                       dst=plan.dst, authority=plan.authority, headers=headers,
                                       local_host=local_ip)
+
+    async def resolve(self, plan: OutboundPlan) -> OutboundPlan:
+        """The plan itself, or for a DNS ServiceEntry endpoint not resolved yet, the plan to the address its
+        hostname resolves to now (``_resolved``); raises ``UpstreamConnectFailure``."""
+        wl = plan.workload
+        if wl is not None and not wl.workload_ips and wl.hostname and plan.reason == "endpoint" \
+                and not is_ip(plan.dst[0]):
+            return await self._resolved(plan, wl.hostname)
+        return plan
 
     async def _resolved(self, plan: OutboundPlan, host: str) -> OutboundPlan:
         """The plan with a DNS ServiceEntry endpoint's hostname replaced by the address it resolves to now:
