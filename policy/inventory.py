@@ -116,6 +116,9 @@ class Workload:
     network_gateway: GatewayAddress | None = None
     native_tunnel: bool = False
     application_tunnel: ApplicationTunnel | None = None
+    # A hostname endpoint (a DNS ServiceEntry's, ``hostname`` set and no IPs): how it resolves — "LOGICAL_DNS"
+    # (resolution DNS_ROUND_ROBIN: the first address, as Envoy's LOGICAL_DNS cluster) or "STRICT_DNS" / "" (any).
+    dns_lookup: str = ""
 
     @property
     def identity(self) -> str:

@@ -549,7 +549,7 @@ def _inline_workloads(se: ServiceEntry, services: list[Service], gw_by_key: Mapp
             name=se.name, namespace=se.namespace, entry=entry, labels=entry.labels,
             tunnel_from=(se.labels, se.annotations), workload_name=se.name,
             services={s.key: _entry_ports(se, s, entry) for s in svcs}, waypoint=waypoint, cluster_id=cluster_id,
-            canonical_labels=se.labels)
+            canonical_labels=se.labels, resolution=se.resolution)
         out.append(Item(w, where, path))
     return out
 
@@ -557,7 +557,7 @@ def _inline_workloads(se: ServiceEntry, services: list[Service], gw_by_key: Mapp
 def _workload(*, uid: str, name: str, namespace: str, entry: EntrySpec, labels: Mapping[str, str],
               tunnel_from: tuple[Mapping[str, str], Mapping[str, str]], workload_name: str,
               services: Mapping[str, Mapping[int, int]], waypoint: GatewayAddress | None, cluster_id: str,
-              canonical_labels: Mapping[str, str] | None = None) -> Workload:
+              canonical_labels: Mapping[str, str] | None = None, resolution: str = "") -> Workload:
     ip = _ip_or_none(entry.address)
     region, zone, subzone = (entry.locality.split("/") + ["", "", ""])[:3]   # labelutil.SplitLocalityLabel
     t_labels, t_annotations = tunnel_from
@@ -576,7 +576,9 @@ def _workload(*, uid: str, name: str, namespace: str, entry: EntrySpec, labels: 
         workload_name=workload_name, workload_type="pod",   # "HACK to impersonate pod" (workloads.go)
         cluster_id=cluster_id, locality=Locality(region, zone, subzone),
         capacity=entry.weight if entry.weight > 0 else 1,
-        services=MappingProxyType(dict(services)))
+        services=MappingProxyType(dict(services)),
+        # Envoy: DNS_ROUND_ROBIN → a LOGICAL_DNS cluster (the first address), DNS → STRICT_DNS (any of them).
+        dns_lookup=("LOGICAL_DNS" if resolution == "DNS_ROUND_ROBIN" else "STRICT_DNS") if not ip else "")
 
 
 def _waypoint(labels: Mapping[str, str], namespace: str, gw_by_key: Mapping, traffic: str, where: Where,

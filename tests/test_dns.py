@@ -235,6 +235,45 @@ async def test_originator_resolves_a_hostname_endpoint_and_fails_an_unresolvable
         echo.close()
 
 
+def test_dns_round_robin_endpoints_resolve_as_logical_dns_and_dns_ones_as_strict_dns():
+    from tests.test_serviceentry import load
+    entry = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: RESOLUTION
+"""
+    for resolution, lookup in (("DNS_ROUND_ROBIN", LOGICAL_DNS), ("DNS", STRICT_DNS)):
+        mesh = load(entry.replace("RESOLUTION", resolution))
+        (w,) = mesh.inventory.workloads.values()
+        assert (w.hostname, w.dns_lookup) == ("api.example.com", lookup)
+
+
+async def test_the_waypoints_dial_takes_the_first_address_for_logical_dns():
+    """Envoy's LOGICAL_DNS cluster (DNS_ROUND_ROBIN) uses the first address the name resolves to; STRICT_DNS any."""
+    from dataclasses import replace
+    from tests.test_pipeline_originate import _source
+    from proxy.pipeline.originate import Originator
+
+    answers = {"multi.example": ["127.0.0.1", "127.0.0.2", "127.0.0.3"]}
+
+    async def lookup(host: str) -> list[str]:
+        return answers[host]
+
+    orig = Originator(_source(), resolver=Resolver(lookup=lookup, rng=random.Random(3)))
+    try:
+        wl = _hostname_workload("multi.example")
+        logical = {await orig._resolve("multi.example", 80, 1.0, replace(wl, dns_lookup=LOGICAL_DNS).dns_lookup)
+                   for _ in range(20)}
+        strict = {await orig._resolve("multi.example", 80, 1.0, STRICT_DNS) for _ in range(40)}
+        assert logical == {"127.0.0.1"} and len(strict) > 1
+    finally:
+        await orig.close()
+
+
 async def test_originator_hbone_to_a_hostname_endpoint_connects_to_the_address_it_resolved():
     # A DNS endpoint of an entry with ambient.istio.io/redirection: enabled speaks HBONE: mTLS to <resolved>:15008,
     # CONNECT <resolved>:<target port> (ztunnel uses the resolved IP as selected_workload_ip).

@@ -631,6 +631,8 @@ class OutboundProxy:
         try:
             try:
                 async with asyncio.timeout(self.connect_timeout):
+                    # ztunnel picks one at random whatever the entry's resolution (Envoy's LOGICAL_DNS, the first
+                    # address, is the waypoint's: proxy/pipeline/originate.py).
                     ip = await self.resolver.address_for(host, STRICT_DNS)
             except TimeoutError:
                 raise DnsFailure(host, f"not resolved within {self.connect_timeout:g}s") from None

@@ -98,7 +98,7 @@ class Originator:
         workload = candidate.workload
         ip = candidate.ip
         if not workload.workload_ips:   # a hostname endpoint (endpoints_for keeps it only with a hostname)
-            ip = await self._resolve(ip, port, timeout)
+            ip = await self._resolve(ip, port, timeout, workload.dns_lookup or STRICT_DNS)
         if workload.protocol != "HBONE":
             return await self._open_tcp(ip, port, timeout, local_host)
         identities = set()
@@ -136,15 +136,15 @@ class Originator:
         self.opened_hbone += 1
         return stream
 
-    async def _resolve(self, host: str, port: int, timeout: float | None) -> str:
+    async def _resolve(self, host: str, port: int, timeout: float | None, mode: str = STRICT_DNS) -> str:
         """The address to dial for an endpoint hostname, within the connect timeout. ``DnsFailure`` becomes
         ``OriginateFailed("dns")``: ztunnel fails the connection (NoResolvedAddresses), and here it is retried
         like any connect failure (another endpoint, if there is one)."""
         try:
             async with asyncio.timeout(timeout):
-                # STRICT_DNS (resolution: DNS): the Workload does not say which resolution its ServiceEntry has,
-                # so DNS_ROUND_ROBIN's LOGICAL_DNS (first address) is not told apart here.
-                return await self.resolver.address_for(host, STRICT_DNS)
+                # ``mode``: the endpoint's Workload.dns_lookup — STRICT_DNS (resolution DNS: any address) or
+                # LOGICAL_DNS (DNS_ROUND_ROBIN: the first), as Envoy's cluster types.
+                return await self.resolver.address_for(host, mode)
         except TimeoutError:
             self.failed += 1
             raise OriginateFailed("dns", f"{host} not resolved within {timeout:g}s",
