@@ -8,7 +8,6 @@ policy that reaches no waypoint — goes to ``policy.warnings``.
 
 from __future__ import annotations
 
-import difflib
 import re
 from types import MappingProxyType
 from typing import Any
@@ -17,7 +16,9 @@ from urllib.parse import urlsplit
 from policy.authn.jwks import JwksError, fake_jwks, parse_jwks
 from policy.authn.model import ClaimToHeader, FromHeader, JwtRule, RequestAuthentication
 from policy.authz.model import TargetRef
-from policy.authz.parse import ALLOWED_TARGET_REFS, DEFAULT_NAMESPACE, MAX_TARGET_REFS, security_envelope
+from policy.authz.parse import (MAX_TARGET_REFS, _best_effort_name, _join, _kind, read_target_ref,
+                                 security_envelope)
+from policy.authz.parse import _Reader as _SecurityReader
 from policy.errors import ConfigError, Where
 from policy.wire import ascii_lower, wire_form
 
@@ -30,7 +31,6 @@ RULE_FIELDS = frozenset({
 })
 FROM_HEADER_FIELDS = frozenset({"name", "prefix"})
 CLAIM_TO_HEADER_FIELDS = frozenset({"header", "claim"})
-TARGET_REF_FIELDS = frozenset({"group", "kind", "name", "namespace"})
 
 # Our bounds: a policy with thousands of providers would make every request walk thousands of extractors.
 MAX_JWT_RULES = 4096
@@ -51,57 +51,16 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
+class _Reader(_SecurityReader):
+    """AuthorizationPolicy's reader (mappings, fields, strings, errors at a path) plus what RequestAuthentication's
+    fields need: warnings, bounded lists, header names."""
 
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-class _Reader:
     def __init__(self, where: Where):
-        self.where = where
+        super().__init__(where)
         self.warnings: list[str] = []
-
-    def fail(self, path: str, problem: str) -> ConfigError:
-        return ConfigError(self.where, path, problem)
 
     def warn(self, path: str, problem: str) -> None:
         self.warnings.append(f"{path}: {problem}" if path else problem)
-
-    def mapping(self, value: Any, path: str) -> dict:
-        if not isinstance(value, dict):
-            raise self.fail(path, f"expected a mapping, got {_kind(value)}")
-        for k in value:
-            if not isinstance(k, str):
-                raise self.fail(path, f"expected string keys, got {_kind(k)} {k!r}")
-        return value
-
-    def fields(self, value: Any, path: str, allowed: frozenset) -> dict:
-        d = self.mapping(value, path)
-        for k in d:
-            if k not in allowed:
-                hint = difflib.get_close_matches(k, sorted(allowed), n=1)
-                raise self.fail(_join(path, k), "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-        return d
-
-    def string(self, value: Any, path: str) -> str:
-        if not isinstance(value, str):
-            raise self.fail(path, f"expected a string, got {_kind(value)}")
-        return value
 
     def list(self, value: Any, path: str, limit: int) -> list:
         if not isinstance(value, list):
@@ -125,13 +84,6 @@ class _Reader:
         if not _HEADER_NAME.fullmatch(name):
             raise self.fail(path, f"invalid header name {name[:60]!r}: must be an HTTP token (RFC 9110 §5.6.2)")
         return ascii_lower(name)
-
-
-def _best_effort_name(meta: Any) -> str:
-    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or not meta["name"]:
-        return ""
-    ns = meta.get("namespace", DEFAULT_NAMESPACE)
-    return f"{ns if isinstance(ns, str) and ns else DEFAULT_NAMESPACE}/{meta['name']}"
 
 
 def _parse_duration(text: str) -> float | None:
@@ -258,29 +210,6 @@ class _Parser(_Reader):
             space_delimited_claims=space_delimited, timeout_s=timeout_s, policy=policy,
         )
 
-    def target_ref(self, raw: Any, path: str) -> TargetRef:
-        body = self.fields(raw, path, TARGET_REF_FIELDS)
-        for req in ("kind", "name"):
-            if req not in body:
-                raise self.fail(_join(path, req), "required field missing")
-        group = self.string(body.get("group", ""), _join(path, "group"))
-        kind = self.string(body["kind"], _join(path, "kind"))
-        name = self.string(body["name"], _join(path, "name"))
-        if name == "":
-            raise self.fail(_join(path, "name"), "targetRef name must be set")
-        if body.get("namespace") not in (None, ""):
-            self.string(body["namespace"], _join(path, "namespace"))
-            raise self.fail(_join(path, "namespace"),
-                            "targetRef namespace must not be set; cross namespace referencing is not supported")
-        ref = TargetRef(group, kind, name)
-        if (kind, ref.canonical_group) not in ALLOWED_TARGET_REFS:
-            allowed = ", ".join(sorted(f"{g}/{k}" for k, g in ALLOWED_TARGET_REFS))
-            raise self.fail(path, f"targetRef must be to one of {allowed} but was {group or 'core'}/{kind}")
-        if kind == "ServiceEntry":
-            self.warn(path, "ServiceEntry targets are accepted but not attached by hbone-proxy (a Service or the "
-                            "waypoint's Gateway are): this reference never applies")
-        return ref
-
 
 def parse_request_authentication(doc: dict, where: Where) -> RequestAuthentication:
     """One whole ``security.istio.io`` RequestAuthentication document → the model, or ``ConfigError``."""
@@ -311,8 +240,8 @@ def parse_request_authentication(doc: dict, where: Where) -> RequestAuthenticati
     refs: list[TargetRef] = []
     if spec.get("targetRefs") is not None:
         raw_refs = r.list(spec["targetRefs"], "spec.targetRefs", MAX_TARGET_REFS)
-        refs = [r.target_ref(x, f"spec.targetRefs[{i}]") for i, x in enumerate(raw_refs)]
-    legacy = r.target_ref(spec["targetRef"], "spec.targetRef") if spec.get("targetRef") is not None else None
+        refs = [read_target_ref(r, x, f"spec.targetRefs[{i}]") for i, x in enumerate(raw_refs)]
+    legacy = read_target_ref(r, spec["targetRef"], "spec.targetRef") if spec.get("targetRef") is not None else None
     if (selector is not None) + (legacy is not None) + bool(refs) > 1:
         # validation.go validateOneOfSelectorType
         raise r.fail("spec", "only one of targetRefs or selector can be set")

@@ -381,28 +381,32 @@ class _PolicyParser(_Reader):
                 clauses.append(m.Clause(f"when[{i}]", (self.condition(item, f"{path}.when[{i}]"),)))
         return m.Rule(index, tuple(clauses))
 
-    def target_ref(self, raw: Any, path: str) -> m.TargetRef:
-        body = self.fields(raw, path, TARGET_REF_FIELDS)
-        for req in ("kind", "name"):
-            if req not in body:
-                raise self.fail(_join(path, req), "required field missing")
-        group = self.string(body.get("group", ""), _join(path, "group"))
-        kind = self.string(body["kind"], _join(path, "kind"))
-        name = self.string(body["name"], _join(path, "name"))
-        if name == "":
-            raise self.fail(_join(path, "name"), "targetRef name must be set")
-        if body.get("namespace") not in (None, ""):
-            self.string(body["namespace"], _join(path, "namespace"))
-            raise self.fail(_join(path, "namespace"),
-                            "targetRef namespace must not be set; cross namespace referencing is not supported")
-        ref = m.TargetRef(group, kind, name)
-        if (kind, ref.canonical_group) not in ALLOWED_TARGET_REFS:
-            allowed = ", ".join(sorted(f"{g}/{k}" for k, g in ALLOWED_TARGET_REFS))
-            raise self.fail(path, f"targetRef must be to one of {allowed} but was {group or 'core'}/{kind}")
-        if kind == "ServiceEntry":
-            self.warnings.append(f"{path}: ServiceEntry targets are accepted but hbone-proxy's inventory has "
-                                 "no ServiceEntries, so this reference never attaches")
-        return ref
+
+def read_target_ref(r, raw: Any, path: str) -> m.TargetRef:
+    """One ``targetRef`` / ``targetRefs[i]`` of a ``security.istio.io`` policy (AuthorizationPolicy here,
+    RequestAuthentication in policy/authn/parse.py), as Istio's webhook checks it. ``r``: the caller's reader
+    (``fields``, ``string``, ``fail``, ``warnings``)."""
+    body = r.fields(raw, path, TARGET_REF_FIELDS)
+    for req in ("kind", "name"):
+        if req not in body:
+            raise r.fail(_join(path, req), "required field missing")
+    group = r.string(body.get("group", ""), _join(path, "group"))
+    kind = r.string(body["kind"], _join(path, "kind"))
+    name = r.string(body["name"], _join(path, "name"))
+    if name == "":
+        raise r.fail(_join(path, "name"), "targetRef name must be set")
+    if body.get("namespace") not in (None, ""):
+        r.string(body["namespace"], _join(path, "namespace"))
+        raise r.fail(_join(path, "namespace"),
+                     "targetRef namespace must not be set; cross namespace referencing is not supported")
+    ref = m.TargetRef(group, kind, name)
+    if (kind, ref.canonical_group) not in ALLOWED_TARGET_REFS:
+        allowed = ", ".join(sorted(f"{g}/{k}" for k, g in ALLOWED_TARGET_REFS))
+        raise r.fail(path, f"targetRef must be to one of {allowed} but was {group or 'core'}/{kind}")
+    if kind == "ServiceEntry":
+        r.warnings.append(f"{path}: ServiceEntry targets are accepted but hbone-proxy attaches policies only to a "
+                          "Service or the waypoint's Gateway, so this reference never attaches")
+    return ref
 
 
 def _set_keys(body: dict) -> set[str]:
@@ -500,10 +504,10 @@ def parse_authorization_policy(doc: dict, where: Where) -> m.AuthorizationPolicy
         raw_refs = p.list(spec["targetRefs"], "spec.targetRefs")
         if len(raw_refs) > MAX_TARGET_REFS:
             raise p.fail("spec.targetRefs", f"may not have more than {MAX_TARGET_REFS} items")
-        refs = [p.target_ref(x, f"spec.targetRefs[{i}]") for i, x in enumerate(raw_refs)]
+        refs = [read_target_ref(p, x, f"spec.targetRefs[{i}]") for i, x in enumerate(raw_refs)]
     legacy = None
     if spec.get("targetRef") is not None:
-        legacy = p.target_ref(spec["targetRef"], "spec.targetRef")
+        legacy = read_target_ref(p, spec["targetRef"], "spec.targetRef")
     set_count = (selector is not None) + (legacy is not None) + bool(refs)
     if set_count > 1:
         raise p.fail("spec", "only one of targetRefs or selector can be set")

@@ -68,7 +68,7 @@ class PolicyIndex:
                         # "kind: GatewayClass, name: istio-waypoint and the policy is in the root namespace
                         # (applies to every waypoint)"
                         target[("GatewayClass", "", WAYPOINT_GATEWAY_CLASS)].append(p)
-                    # ServiceEntry targets: no ServiceEntries in our inventory, so nothing to attach to.
+                    # ServiceEntry targets: not attached (parse.read_target_ref warns), as policy/authn/select.py.
             elif p.selector is not None:
                 sel[p.namespace].append(p)
                 by_key[p.key].append(p)
