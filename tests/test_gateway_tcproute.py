@@ -22,6 +22,7 @@ from policy.loader import build_mesh_config
 from policy.routing.gateway_routes import TcpRoute, parse_tcp_route
 from policy.routing.select import route_tcp
 from policy.routing.table import build_route_table
+from tests.test_routing_parse import _leaves, _set   # (the routing parsers' document mutation helpers)
 from policy.scope import WaypointScope
 from proxy.snapshot import build_snapshot
 from tests.waypoint_harness import Pod, start_harness, start_node_inbound, until
@@ -229,16 +230,6 @@ json_values = st.recursive(
 )
 
 
-def _leaves(node, path=()):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _leaves(v, path + (k,))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield from _leaves(v, path + (i,))
-    yield path
-
-
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=json_values, data=st.data())
 def test_junk_only_ever_raises_config_error(spec, data):
@@ -247,13 +238,11 @@ def test_junk_only_ever_raises_config_error(spec, data):
     d = copy.deepcopy(DOC)
     paths = [p for p in _leaves(d) if p]
     for _ in range(data.draw(st.integers(1, 3))):
-        node, path = d, data.draw(st.sampled_from(paths))
+        path = data.draw(st.sampled_from(paths))
         try:
-            for p in path[:-1]:
-                node = node[p]
-            node[path[-1]] = data.draw(json_values)
+            _set(d, path, data.draw(json_values))
         except (KeyError, IndexError, TypeError):
-            continue
+            continue   # an earlier mutation removed this path
     docs.append(d)
     for doc in docs:
         try:

@@ -18,6 +18,7 @@ from policy.inventory import CidrVip, GatewayAddress, LoadBalancer, Locality, Ne
 from policy.loader import build_mesh_config
 from policy.serviceentry import parse_service_entry, parse_workload_entry
 from proxy.errors import NoHealthyUpstream
+from tests.test_routing_parse import _leaves   # (the routing parsers' document mutation helper)
 
 W = Where("entries.yaml", 1)
 
@@ -687,17 +688,6 @@ json_values = st.recursive(
     max_leaves=8)
 
 
-def _leaves(d, prefix=()):
-    if isinstance(d, dict):
-        for k, v in d.items():
-            yield prefix + (k,)
-            yield from _leaves(v, prefix + (k,))
-    elif isinstance(d, list):
-        for i, v in enumerate(d):
-            yield prefix + (i,)
-            yield from _leaves(v, prefix + (i,))
-
-
 BASES = [doc(t) for t in (EXTERNAL_HTTPS, MONGO_STATIC, VM_SERVICE_ENTRY, DNS_ENDPOINTS, EGRESS_WAYPOINT,
                           VM_WORKLOAD_ENTRY)]
 
@@ -711,13 +701,10 @@ def test_junk_only_ever_raises_config_error(data):
         paths = [p for p in _leaves(d) if p]
         for _ in range(data.draw(st.integers(0, 3))):
             path = data.draw(st.sampled_from(paths))
-            node = d
             try:
-                for p in path[:-1]:
-                    node = node[p]
-                node[path[-1]] = data.draw(json_values)
+                d = _set(d, path, data.draw(json_values))   # (this file's _set: a changed copy)
             except (KeyError, IndexError, TypeError):
-                pass
+                pass   # an earlier mutation removed this path
         docs.append(d)
     try:
         mesh = build_mesh_config([(Where("j.yaml", i + 1), d) for i, d in enumerate(docs)])
