@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import io
 import random
 import time
@@ -385,7 +386,11 @@ def test_validation_errors_name_the_file_document_resource_and_field(setting, wh
 # End to end: a real waypoint on loopback fails over to the other region when its own region's pods are ejected
 
 
-async def test_waypoint_prefers_its_own_locality_and_fails_over_when_the_local_pods_are_ejected(tmp_path, loopback_ip):
+@contextlib.asynccontextmanager
+async def named_pods_and_waypoint(cfg, wp_ip: str, vip: str, pods: dict[str, str], broken: set[str] = frozenset()):
+    """The end-to-end locality set-up: each pod (ip → name) an HTTP server answering its name (503 while its name
+    is in ``broken``) behind its node proxy, and a waypoint on ``wp_ip`` reading ``cfg``. Yields (waypoint, config
+    store, fetch): ``fetch()`` is one GET to ``vip:9080`` on a tunnel of its own, → (status, body)."""
     from hbone.stream import TcpStream
     from policy.scope import WaypointScope
     from proxy.http1.server import serve_http1
@@ -396,6 +401,49 @@ async def test_waypoint_prefers_its_own_locality_and_fails_over_when_the_local_p
     from proxy.waypoint import Waypoint
     from tests.waypoint_harness import Harness, cert_source, start_node_inbound
 
+    servers, terminators = [], []
+    for ip, name in pods.items():
+        async def handler(request, responder, name=name):
+            async for _ in request.body_chunks():
+                pass
+            await responder.send_local_reply(503 if name in broken else 200, name.encode())
+
+        async def serve(reader, writer, handler=handler):
+            await serve_http1(TcpStream(reader, writer), handler)
+
+        servers.append(await asyncio.start_server(serve, ip, 9080))
+        terminators.append(await start_node_inbound(ip, "bookinfo-reviews"))
+    scope = WaypointScope.parse("default", gateway="default/reviews-waypoint", address_ip=wp_ip)
+    store = ConfigStore([str(cfg)], mode="waypoint", scope=scope, clock=time.time)
+    store.load()
+    metrics = Metrics(process_metrics=False)
+    access_log = AccessLog(io.StringIO(), metrics=metrics)
+    settings_ = ProxySettings(mode="waypoint", config_paths=(str(cfg),), hbone_addr=(wp_ip, 15008))
+    wp = await Waypoint.start(settings_, store, cert_source("default", "reviews-waypoint"), metrics, access_log,
+                              rng=random.Random(5))
+    h = Harness(wp, store, {}, wp_ip, metrics, io.StringIO(), access_log)
+    client = h.client()
+
+    async def fetch() -> tuple[int, str]:
+        stream = await client.tunnel(f"{vip}:9080")
+        try:
+            status, _, body = await client.request(stream, "/")
+            return status, body.decode()
+        finally:
+            stream.close()
+
+    try:
+        yield wp, store, fetch
+    finally:
+        await h.close()
+        for t in terminators:
+            await t.close()
+        for srv in servers:
+            srv.close()
+            await srv.wait_closed()
+
+
+async def test_waypoint_prefers_its_own_locality_and_fails_over_when_the_local_pods_are_ejected(tmp_path, loopback_ip):
     wp_ip, vip = loopback_ip(), loopback_ip()
     pods = {loopback_ip(): name for name in ("local-a", "local-b", "remote-a", "remote-b")}
     broken: set[str] = set()
@@ -450,39 +498,7 @@ spec:
     cfg = tmp_path / "config"
     cfg.mkdir()
     (cfg / "mesh.yaml").write_text("---\n".join([inventory, rule, gateway]))
-
-    servers, terminators = [], []
-    for ip, name in pods.items():
-        async def handler(request, responder, name=name):
-            async for _ in request.body_chunks():
-                pass
-            await responder.send_local_reply(503 if name in broken else 200, name.encode())
-
-        async def serve(reader, writer, handler=handler):
-            await serve_http1(TcpStream(reader, writer), handler)
-
-        servers.append(await asyncio.start_server(serve, ip, 9080))
-        terminators.append(await start_node_inbound(ip, "bookinfo-reviews"))
-
-    scope = WaypointScope.parse("default", gateway="default/reviews-waypoint", address_ip=wp_ip)
-    store = ConfigStore([str(cfg)], mode="waypoint", scope=scope, clock=time.time)
-    store.load()
-    metrics = Metrics(process_metrics=False)
-    access_log = AccessLog(io.StringIO(), metrics=metrics)
-    settings_ = ProxySettings(mode="waypoint", config_paths=(str(cfg),), hbone_addr=(wp_ip, 15008))
-    wp = await Waypoint.start(settings_, store, cert_source("default", "reviews-waypoint"), metrics, access_log,
-                              rng=random.Random(5))
-    h = Harness(wp, store, {}, wp_ip, metrics, io.StringIO(), access_log)
-    client = h.client()
-    try:
-        async def fetch() -> tuple[int, str]:
-            stream = await client.tunnel(f"{vip}:9080")
-            try:
-                status, _, body = await client.request(stream, "/")
-                return status, body.decode()
-            finally:
-                stream.close()
-
+    async with named_pods_and_waypoint(cfg, wp_ip, vip, pods, broken) as (wp, store, fetch):
         # All healthy: every request stays in the waypoint's own region (priority 0).
         answers = collections.Counter([await fetch() for _ in range(30)])
         assert set(answers) <= {(200, "local-a"), (200, "local-b")} and sum(answers.values()) == 30
@@ -503,13 +519,6 @@ spec:
         assert ejected() == local
         after = collections.Counter([await fetch() for _ in range(30)])
         assert set(after) <= {(200, "remote-a"), (200, "remote-b")} and sum(after.values()) == 30
-    finally:
-        await h.close()
-        for t in terminators:
-            await t.close()
-        for s in servers:
-            s.close()
-            await s.wait_closed()
 
 
 _leaf = st.one_of(st.none(), st.booleans(), st.integers(-5, 150), st.floats(allow_nan=True),

@@ -8,11 +8,8 @@ waypoint on loopback."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import io
 import random
-import time
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -24,6 +21,7 @@ from policy.routing.endpoints import (
     Candidate, LoadBalancer, Prioritized, lb_candidates, priority_loads, service_locality_setting, strict_match,
 )
 from policy.routing.hashing import hash64
+from tests.test_locality_lb import named_pods_and_waypoint
 from policy.routing.model import (
     HASH_SOURCE_IP, LABEL_HOSTNAME, LABEL_NETWORK, LABEL_REGION, LABEL_SUBZONE, LABEL_ZONE, ConsistentHash, LocalityLbSetting,
     OutlierDetection, TrafficPolicy, Warmup,
@@ -315,16 +313,6 @@ def test_only_config_errors_escape_the_service_loader(extra):
 
 
 async def test_waypoint_keeps_prefer_close_traffic_in_its_zone(tmp_path, loopback_ip):
-    from hbone.stream import TcpStream
-    from policy.scope import WaypointScope
-    from proxy.http1.server import serve_http1
-    from proxy.settings import ProxySettings
-    from proxy.snapshot import ConfigStore
-    from proxy.telemetry.accesslog import AccessLog
-    from proxy.telemetry.metrics import Metrics
-    from proxy.waypoint import Waypoint
-    from tests.waypoint_harness import Harness, cert_source, start_node_inbound
-
     wp_ip, vip = loopback_ip(), loopback_ip()
     pods = {loopback_ip(): name for name in ("near-a", "near-b", "far-a", "far-b")}
 
@@ -376,38 +364,7 @@ spec:
     cfg.mkdir()
     write_config(set())
 
-    servers, terminators = [], []
-    for ip, name in pods.items():
-        async def handler(request, responder, name=name):
-            async for _ in request.body_chunks():
-                pass
-            await responder.send_local_reply(200, name.encode())
-
-        async def serve(reader, writer, handler=handler):
-            await serve_http1(TcpStream(reader, writer), handler)
-
-        servers.append(await asyncio.start_server(serve, ip, 9080))
-        terminators.append(await start_node_inbound(ip, "bookinfo-reviews"))
-
-    scope = WaypointScope.parse("default", gateway="default/reviews-waypoint", address_ip=wp_ip)
-    store = ConfigStore([str(cfg)], mode="waypoint", scope=scope, clock=time.time)
-    store.load()
-    metrics = Metrics(process_metrics=False)
-    access_log = AccessLog(io.StringIO(), metrics=metrics)
-    settings_ = ProxySettings(mode="waypoint", config_paths=(str(cfg),), hbone_addr=(wp_ip, 15008))
-    wp = await Waypoint.start(settings_, store, cert_source("default", "reviews-waypoint"), metrics, access_log,
-                              rng=random.Random(5))
-    h = Harness(wp, store, {}, wp_ip, metrics, io.StringIO(), access_log)
-    client = h.client()
-    try:
-        async def fetch() -> tuple[int, str]:
-            stream = await client.tunnel(f"{vip}:9080")
-            try:
-                status, _, body = await client.request(stream, "/")
-                return status, body.decode()
-            finally:
-                stream.close()
-
+    async with named_pods_and_waypoint(cfg, wp_ip, vip, pods) as (wp, store, fetch):
         # All ready: every request stays in the waypoint's zone, no DestinationRule, no outlier detection.
         answers = collections.Counter([await fetch() for _ in range(30)])
         assert set(answers) == {(200, "near-a"), (200, "near-b")} and sum(answers.values()) == 30
@@ -422,13 +379,6 @@ spec:
         mixed = collections.Counter(body for _, body in [await fetch() for _ in range(60)])
         assert set(mixed) <= {"near-a", "far-a", "far-b"} and "near-b" not in mixed
         assert 25 <= mixed["near-a"] <= 55
-    finally:
-        await h.close()
-        for t in terminators:
-            await t.close()
-        for s in servers:
-            s.close()
-            await s.wait_closed()
 
 
 # ---------------------------------------------------------------------------------------------
