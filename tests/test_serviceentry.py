@@ -322,8 +322,8 @@ workloads:
     assert mesh.inventory.endpoints_of(mesh.inventory.services["default/details.bookinfo.com"]) == []
 
 
-def test_resolution_none_is_passthrough():
-    text = """
+# resolution NONE: a passthrough entry (one host; two hosts sharing the address).
+PASSTHROUGH_DB = """
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: db-range}
@@ -333,26 +333,22 @@ spec:
   ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
   resolution: NONE
 """
-    svc = load(text).inventory.services["default/db.internal"]
+PASSTHROUGH_DB_TWO_HOSTS = PASSTHROUGH_DB.replace("hosts: [db.internal]", "hosts: [a.db.internal, b.db.internal]")
+
+
+def test_resolution_none_is_passthrough():
+    text = PASSTHROUGH_DB
+    mesh = load(text)
+    svc = mesh.inventory.services["default/db.internal"]
     # services.go: "When resolution is NONE, we want to passthrough traffic to the destination address."
     assert svc.load_balancer == LoadBalancer((), "Passthrough", "AllowAll")
-    mesh = load(text)
     assert mesh.inventory.workloads == {}
     assert not any("spec.resolution" in line for line in mesh.warnings)
 
 
 def test_node_plan_passthrough_service_goes_to_the_original_destination():
     """ztunnel find_upstream: a Passthrough service's connection goes where the app sent it (plain TCP)."""
-    text = """
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: db-range}
-spec:
-  hosts: [db.internal]
-  addresses: [10.20.0.7]
-  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
-  resolution: NONE
-"""
+    text = PASSTHROUGH_DB
     mesh = load(text, inventory=CLIENT)
     plan = _plan(mesh, ("10.20.0.7", 5432))
     assert (plan.protocol, plan.dst, plan.reason, plan.host, plan.workload) == \
@@ -803,16 +799,7 @@ def test_end_to_end_static_endpoint_by_vip_directly_and_through_the_waypoint(tmp
 
 
 def test_passthrough_by_name_works_for_every_host_of_the_entry():
-    text = """
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: db-range}
-spec:
-  hosts: [a.db.internal, b.db.internal]
-  addresses: [10.20.0.7]
-  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
-  resolution: NONE
-"""
+    text = PASSTHROUGH_DB_TWO_HOSTS
     mesh = load(text, inventory=CLIENT)
     for host in ("a.db.internal", "b.db.internal"):
         plan = _plan(mesh, (host, 5432))
@@ -839,16 +826,7 @@ def test_a_waypoint_bound_entry_without_an_address_is_refused_by_name_not_sent_a
 
 
 def test_passthrough_by_name_takes_only_its_own_entrys_address():
-    entry = """
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: db}
-spec:
-  hosts: [a.db.internal, b.db.internal]
-  addresses: [10.20.0.7]
-  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
-  resolution: NONE
-"""
+    entry = PASSTHROUGH_DB_TWO_HOSTS.replace("name: db-range", "name: db")   # (the name the Service below has)
     same_name = CLIENT + """services:
 - {name: db, namespace: default, hostname: db.default.svc.cluster.local, vips: ["/10.96.5.5"], ports: {5432: 5432}}
 """
