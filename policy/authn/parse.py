@@ -9,15 +9,12 @@ policy that reaches no waypoint — goes to ``policy.warnings``.
 from __future__ import annotations
 
 import re
-from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
 from policy.authn.jwks import JwksError, fake_jwks, parse_jwks
 from policy.authn.model import ClaimToHeader, FromHeader, JwtRule, RequestAuthentication
-from policy.authz.model import TargetRef
-from policy.authz.parse import (MAX_TARGET_REFS, _best_effort_name, _join, _kind, read_target_ref,
-                                 security_envelope)
+from policy.authz.parse import _best_effort_name, _join, _kind, read_attachment, security_envelope
 from policy.authz.parse import _Reader as _SecurityReader
 from policy.errors import ConfigError, Where
 from policy.wire import ascii_lower, wire_form
@@ -224,29 +221,7 @@ def parse_request_authentication(doc: dict, where: Where) -> RequestAuthenticati
 
     spec = r.fields(doc.get("spec") if doc.get("spec") is not None else {}, "spec", SPEC_FIELDS)
 
-    selector = None
-    if spec.get("selector") is not None:
-        sel = r.fields(spec["selector"], "spec.selector", frozenset({"matchLabels"}))
-        labels = r.mapping(sel.get("matchLabels") or {}, "spec.selector.matchLabels")
-        for k, v in labels.items():
-            lp = f"spec.selector.matchLabels[{k}]"
-            r.string(v, lp)
-            if k == "":
-                raise r.fail(lp, "empty key is not supported in selector")
-            if "*" in k or "*" in v:
-                raise r.fail(lp, f"wildcard is not supported in selector: {k}={v}")
-        selector = MappingProxyType(dict(labels))
-
-    refs: list[TargetRef] = []
-    if spec.get("targetRefs") is not None:
-        raw_refs = r.list(spec["targetRefs"], "spec.targetRefs", MAX_TARGET_REFS)
-        refs = [read_target_ref(r, x, f"spec.targetRefs[{i}]") for i, x in enumerate(raw_refs)]
-    legacy = read_target_ref(r, spec["targetRef"], "spec.targetRef") if spec.get("targetRef") is not None else None
-    if (selector is not None) + (legacy is not None) + bool(refs) > 1:
-        # validation.go validateOneOfSelectorType
-        raise r.fail("spec", "only one of targetRefs or selector can be set")
-    if legacy is not None:
-        refs = [legacy]   # policyattachment.go GetTargetRefs: targetRef is used only if targetRefs is empty
+    selector, refs = read_attachment(r, spec)
 
     rules: list[JwtRule] = []
     if spec.get("jwtRules") is not None:

@@ -409,6 +409,37 @@ def read_target_ref(r, raw: Any, path: str) -> m.TargetRef:
     return ref
 
 
+def read_attachment(r, spec: dict) -> tuple[MappingProxyType | None, list[m.TargetRef]]:
+    """What a ``security.istio.io`` policy attaches to (AuthorizationPolicy here, RequestAuthentication in
+    policy/authn/parse.py): its ``selector`` labels (None when unset) and its ``targetRefs`` (or the legacy
+    ``targetRef``), at most one of them, as Istio's webhook checks them. ``r``: the caller's reader."""
+    selector = None
+    if spec.get("selector") is not None:
+        sel = r.fields(spec["selector"], "spec.selector", frozenset({"matchLabels"}))
+        labels = r.mapping(sel.get("matchLabels") or {}, "spec.selector.matchLabels")
+        for k, v in labels.items():
+            lp = f"spec.selector.matchLabels[{k}]"
+            r.string(v, lp)
+            if k == "":
+                raise r.fail(lp, "empty key is not supported in selector")
+            if "*" in k or "*" in v:
+                raise r.fail(lp, f"wildcard is not supported in selector: {k}={v}")
+        selector = MappingProxyType(dict(labels))
+    refs: list[m.TargetRef] = []
+    if spec.get("targetRefs") is not None:
+        raw_refs = _Reader.list(r, spec["targetRefs"], "spec.targetRefs")
+        if len(raw_refs) > MAX_TARGET_REFS:
+            raise r.fail("spec.targetRefs", f"may not have more than {MAX_TARGET_REFS} items")
+        refs = [read_target_ref(r, x, f"spec.targetRefs[{i}]") for i, x in enumerate(raw_refs)]
+    legacy = read_target_ref(r, spec["targetRef"], "spec.targetRef") if spec.get("targetRef") is not None else None
+    if (selector is not None) + (legacy is not None) + bool(refs) > 1:
+        # validation.go validateOneOfSelectorType
+        raise r.fail("spec", "only one of targetRefs or selector can be set")
+    if legacy is not None:
+        refs = [legacy]  # policyattachment.go GetTargetRefs: targetRef is used only if targetRefs is empty
+    return selector, refs
+
+
 def _set_keys(body: dict) -> set[str]:
     """Keys whose value is present and non-empty (proto3: an empty list is the same as unset)."""
     return {k for k, v in body.items() if v not in (None, [], {})}
@@ -483,36 +514,10 @@ def parse_authorization_policy(doc: dict, where: Where) -> m.AuthorizationPolicy
         p.mapping(spec["provider"], "spec.provider")
         raise p.fail("spec.provider", f"`provider` must not be with non CUSTOM action, found {action}")
 
-    selector = None
-    if spec.get("selector") is not None:
-        sel = p.fields(spec["selector"], "spec.selector", frozenset({"matchLabels"}))
-        labels = p.mapping(sel.get("matchLabels") or {}, "spec.selector.matchLabels")
-        for k, v in labels.items():
-            lp = f"spec.selector.matchLabels[{k}]"
-            p.string(v, lp)
-            if k == "":
-                raise p.fail(lp, "empty key is not supported in selector")
-            if "*" in k or "*" in v:
-                raise p.fail(lp, f"wildcard is not supported in selector: {k}={v}")
-        if not labels:
-            p.warnings.append("spec.selector: workload selector specified without labels (selects every "
-                              "workload in the namespace)")
-        selector = MappingProxyType(dict(labels))
-
-    refs: list[m.TargetRef] = []
-    if spec.get("targetRefs") is not None:
-        raw_refs = p.list(spec["targetRefs"], "spec.targetRefs")
-        if len(raw_refs) > MAX_TARGET_REFS:
-            raise p.fail("spec.targetRefs", f"may not have more than {MAX_TARGET_REFS} items")
-        refs = [read_target_ref(p, x, f"spec.targetRefs[{i}]") for i, x in enumerate(raw_refs)]
-    legacy = None
-    if spec.get("targetRef") is not None:
-        legacy = read_target_ref(p, spec["targetRef"], "spec.targetRef")
-    set_count = (selector is not None) + (legacy is not None) + bool(refs)
-    if set_count > 1:
-        raise p.fail("spec", "only one of targetRefs or selector can be set")
-    if legacy is not None:
-        refs = [legacy]  # policyattachment.go GetTargetRefs: targetRef is used only if targetRefs is empty
+    selector, refs = read_attachment(p, spec)
+    if selector is not None and not selector:
+        p.warnings.append("spec.selector: workload selector specified without labels (selects every "
+                          "workload in the namespace)")
 
     rules_raw = spec.get("rules")
     rules: list[m.Rule] = []
