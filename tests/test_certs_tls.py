@@ -421,3 +421,54 @@ def test_classify_handshake_error_unwraps_and_defaults():
     assert classify_handshake_error(asyncio.TimeoutError()) == "handshake"
     with pytest.raises(ValueError):
         PeerIdentityError("not-a-reason", "x")
+
+
+def _memory_handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    """A real TLS 1.3 handshake between two SSLObjects over memory BIOs: (server side, client side)."""
+    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    srv = server.wrap_bio(s_in, s_out, server_side=True)
+    cli = client.wrap_bio(c_in, c_out, server_side=False, server_hostname=None)
+    done = {srv: False, cli: False}
+    for _ in range(10):   # TLS 1.3 with a client certificate: two flights each way
+        for obj, outgoing, peer_in in ((cli, c_out, s_in), (srv, s_out, c_in)):
+            if not done[obj]:
+                try:
+                    obj.do_handshake()
+                    done[obj] = True
+                except ssl.SSLWantReadError:
+                    pass
+            peer_in.write(outgoing.read())
+        if all(done.values()):
+            return srv, cli
+    raise AssertionError("the in-memory handshake did not finish")
+
+
+def test_peer_identity_is_remembered_per_certificate_role_and_trust_domain(cas, monkeypatch):
+    """certs.tls PERF NOTE: a success is remembered per (certificate bytes, role, trust domain); another
+    trust domain is still refused, a refusal is never remembered, and the memo stays bounded."""
+    import certs.tls as tls
+    ca, _ = cas
+    monkeypatch.setattr(tls, "_identity_memo", {})
+    parsed = []
+    real = tls.x509.load_der_x509_certificate
+    monkeypatch.setattr(tls.x509, "load_der_x509_certificate", lambda der: parsed.append(der) or real(der))
+    srv_bundle = bundle(ca.issue(SERVER_ID, now=NOW), ca.root_cert_pem)
+    cli_bundle = bundle(ca.issue(CLIENT_ID, now=NOW), ca.root_cert_pem)
+    srv, cli = _memory_handshake(server_context(srv_bundle), client_context(cli_bundle))
+    for _ in range(3):
+        assert peer_identity(srv, TD) == CLIENT_ID
+        assert peer_identity(cli, TD) == SERVER_ID
+    assert len(parsed) == 2                          # once per (certificate, role), not per call
+    for _ in range(2):
+        with pytest.raises(PeerIdentityError) as err:
+            peer_identity(srv, "other.local")       # the same certificate, another trust domain
+        assert err.value.reason == "wrong_trust_domain"
+    assert len(parsed) == 4                          # refusals are worked out each time
+    # A second connection from the same client: the same bytes, no parse.
+    srv2, _ = _memory_handshake(server_context(srv_bundle), client_context(cli_bundle))
+    assert peer_identity(srv2, TD) == CLIENT_ID and len(parsed) == 4
+    # Bounded: at the limit the memo starts over.
+    monkeypatch.setattr(tls, "PEER_IDENTITY_MEMO_MAX", 2)
+    srv3, _ = _memory_handshake(server_context(srv_bundle), client_context(bundle(ca.issue(SpiffeId(TD, "ns", "x"), now=NOW), ca.root_cert_pem)))
+    assert peer_identity(srv3, TD) == SpiffeId(TD, "ns", "x")
+    assert len(tls._identity_memo) == 1
