@@ -38,6 +38,8 @@ class Snapshot:
     # up in the whole mesh by its HBONE address, as proxy/identity.py finds its identity; its scope does not hold
     # it (traffic to the waypoint's own IP would then get a direct chain back to itself).
     proxy_workload: Workload | None = None
+    # What this proxy's view of the config makes worth a warning (logged when the snapshot is installed).
+    warnings: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"<Snapshot v{self.version} {self.mesh!r} scope={self.scope}>"
@@ -66,7 +68,26 @@ def build_snapshot(mesh: MeshConfig, *, mode: str, scope: WaypointScope | None, 
         held = replace(held, authorization_policies=authz)
     policies = PolicyIndex.build(authz, root_namespace=held.root_namespace)
     me = proxy_workload(mesh.inventory, scope.address_ip) if scope is not None else None
-    return Snapshot(version, held, policies, routes, scope, now, held.sources, proxy_workload=me)
+    return Snapshot(version, held, policies, routes, scope, now, held.sources, proxy_workload=me,
+                    warnings=strict_without_proxy(held, scope, me))
+
+
+def strict_without_proxy(held: MeshConfig, scope: WaypointScope | None, me: Workload | None) -> tuple[str, ...]:
+    """A waypoint whose own pod is not in the inventory, serving a Service whose ``loadBalancer`` is ``mode:
+    Strict``: every endpoint with a value for one of the preferred scopes is dropped (``strict_match`` compares
+    with a proxy whose labels are all empty, as istiod's endpoint filter compares with ``GetNodeName()`` of a
+    proxy without a node) — which istiod does silently; said here, once per snapshot."""
+    if scope is None or me is not None:
+        return ()
+    strict = sorted(f"{s.namespace}/{s.name}" for s in held.inventory.services.values()
+                    if s.load_balancer is not None and s.load_balancer.mode == "Strict")
+    if not strict:
+        return ()
+    where = scope.address_ip or "(none: --hbone-addr is a wildcard address)"
+    return (f"waypoint: no workload in the inventory has this waypoint's address {where}, so it has no locality; "
+            f"{'Service' if len(strict) == 1 else 'Services'} {', '.join(strict)} (loadBalancer mode: Strict) "
+            f"{'keeps' if len(strict) == 1 else 'keep'} only endpoints with no value for any of the routingPreferences' "
+            f"labels here — add the waypoint's pod to the inventory",)
 
 
 def _settle(fut: asyncio.Future, result: tuple) -> None:
@@ -110,6 +131,9 @@ class ConfigStore:
         """Swap ``snap`` in and tell the subscribers (on the event loop's thread)."""
         old, self.current = self.current, snap
         self._version = snap.version
+        for w in snap.warnings:
+            if old is None or w not in old.warnings:   # (said when it first holds, not on every reload)
+                log.warning("%s", w)
         self.reloads_ok += 1
         self.last_error = None
         for fn in self._subscribers:

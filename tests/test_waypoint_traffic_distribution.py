@@ -427,3 +427,33 @@ def test_picks_are_ready_pods_of_the_closest_priority_that_has_one(specs, distri
     assert all(closeness(p) <= best for p in picks)
     if not any(closeness(c) >= best for c in unready):
         assert all(closeness(p) == best for p in picks)
+
+
+def test_a_waypoint_without_its_pod_warns_about_strict_services(caplog):
+    """``mode: Strict`` compares endpoints with the waypoint's own pod; a waypoint whose address no workload has
+    would drop every endpoint with a locality silently (as istiod does): the snapshot says so, logged once."""
+    import dataclasses
+    from pathlib import Path
+    from policy.mesh import load_mesh_config
+    from policy.scope import WaypointScope
+    from proxy.snapshot import ConfigStore, build_snapshot
+
+    mesh = load_mesh_config([str(Path(__file__).parent / "fixtures" / "bookinfo")])
+    key = next(k for k, s in mesh.inventory.services.items() if s.name == "reviews")
+    services = dict(mesh.inventory.services)
+    services[key] = dataclasses.replace(services[key], load_balancer=NODE_LOCAL)
+    strict = dataclasses.replace(mesh, inventory=dataclasses.replace(mesh.inventory, services=services))
+    scope = WaypointScope.parse("default", gateway="default/reviews-waypoint", address_ip="127.250.0.1")
+    snap = build_snapshot(strict, mode="waypoint", scope=scope, version=1, now=0)
+    assert snap.proxy_workload is None
+    assert len(snap.warnings) == 1 and "127.250.0.1" in snap.warnings[0]
+    assert "default/reviews (loadBalancer mode: Strict)" in snap.warnings[0]
+    # Not said without a Strict service, nor by a node proxy.
+    assert build_snapshot(mesh, mode="waypoint", scope=scope, version=1, now=0).warnings == ()
+    assert build_snapshot(strict, mode="node", scope=None, version=1, now=0).warnings == ()
+    # Logged when the snapshot is installed, once (not again on a reload that still has it).
+    store = ConfigStore([], mode="waypoint", scope=scope, clock=lambda: 0.0)
+    with caplog.at_level("WARNING", logger="hbone.config"):
+        store.install(snap)
+        store.install(dataclasses.replace(snap, version=2))
+    assert [r.getMessage() for r in caplog.records if r.name == "hbone.config"] == [snap.warnings[0]]
