@@ -14,6 +14,7 @@ from policy.authz import parse_authorization_policy, parse_ztunnel_policy
 from policy.authz.model import (A_DESTINATION_PORT, A_HOST, A_PATH, A_REQUEST_CLAIMS, A_REQUEST_HEADER,
                                 A_SOURCE_SERVICE_ACCOUNT, ServiceAccountMatch)
 from policy.errors import ConfigError, Where
+from tests.mutation_helpers import leaves, mutate
 
 FULL = """
 apiVersion: security.istio.io/v1
@@ -393,27 +394,10 @@ JSONISH = st.recursive(SCALARS, lambda children: st.one_of(
     st.lists(children, max_size=4), st.dictionaries(st.sampled_from(KEYS), children, max_size=5)), max_leaves=25)
 
 
-def _paths(obj, prefix=()):
-    yield prefix
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _paths(v, prefix + (k,))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _paths(v, prefix + (i,))
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_mutated_documents_only_raise_config_error(data):
-    doc = base()
-    paths = list(_paths(doc))[1:]
-    for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(paths))
-        try:
-            _set(doc, list(path), data.draw(JSONISH))
-        except (KeyError, IndexError, TypeError):
-            pass  # an earlier mutation replaced a parent; keep going
+    doc = mutate(base(), data, JSONISH)
     try:
         parse_authorization_policy(copy.deepcopy(doc), Where("fuzz.yaml"))
     except ConfigError as e:
@@ -435,7 +419,7 @@ def test_random_documents_only_raise_config_error(doc):
 @given(st.data())
 def test_mutated_ztunnel_policies_only_raise_config_error(data):
     item = zt(0)
-    paths = list(_paths(item))[1:]
+    paths = list(leaves(item))
     path = data.draw(st.sampled_from(paths))
     _set(item, list(path), data.draw(JSONISH))
     try:

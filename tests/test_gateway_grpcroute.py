@@ -18,7 +18,7 @@ from policy.loader import build_mesh_config
 from policy.routing.gateway_routes import GrpcRoute, parse_grpc_route
 from policy.routing.select import DirectResponse, Forward, HttpRequestView, NoRoute, route_http
 from policy.routing.table import build_route_table
-from tests.test_routing_parse import _leaves, _set   # (the routing parsers' document mutation helpers)
+from tests.mutation_helpers import mutate
 from tests.test_waypoint_l7 import SAY_HELLO, RawH2, grpc_unframe, start_h2c_pod
 from tests.waypoint_harness import start_harness
 
@@ -325,15 +325,7 @@ json_values = st.recursive(
 def test_junk_only_ever_raises_config_error(spec, data):
     docs = [{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute", "metadata": {"name": "n"},
              "spec": spec}]
-    d = yaml.safe_load(GREETER_GRPCROUTE)
-    paths = [p for p in _leaves(d) if p]
-    for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(paths))
-        try:
-            _set(d, path, data.draw(json_values))
-        except (KeyError, IndexError, TypeError):
-            continue   # an earlier mutation removed this path
-    docs.append(d)
+    docs.append(mutate(yaml.safe_load(GREETER_GRPCROUTE), data, json_values))
     for doc in docs:
         try:
             parse_grpc_route(doc, W)

@@ -22,9 +22,9 @@ from policy.loader import build_mesh_config
 from policy.routing.gateway_routes import TcpRoute, parse_tcp_route
 from policy.routing.select import route_tcp
 from policy.routing.table import build_route_table
-from tests.test_routing_parse import _leaves, _set   # (the routing parsers' document mutation helpers)
 from policy.scope import WaypointScope
 from proxy.snapshot import build_snapshot
+from tests.mutation_helpers import mutate
 from tests.waypoint_harness import Pod, start_harness, start_node_inbound, until
 
 W = Where("routes.yaml", 2)
@@ -235,15 +235,7 @@ json_values = st.recursive(
 def test_junk_only_ever_raises_config_error(spec, data):
     docs = [{"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute", "metadata": {"name": "n"},
              "spec": spec}]
-    d = copy.deepcopy(DOC)
-    paths = [p for p in _leaves(d) if p]
-    for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(paths))
-        try:
-            _set(d, path, data.draw(json_values))
-        except (KeyError, IndexError, TypeError):
-            continue   # an earlier mutation removed this path
-    docs.append(d)
+    docs.append(mutate(copy.deepcopy(DOC), data, json_values))
     for doc in docs:
         try:
             parse_tcp_route(doc, W)

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from policy.errors import ConfigError, Where
 from policy.routing import parse_destination_rule, parse_gateway, parse_http_route, parse_virtual_service
 from policy.routing.parse import PARSERS
+from tests.mutation_helpers import leaves, mutate, set_at
 
 W = Where("mesh.yaml", 3)
 
@@ -212,30 +213,13 @@ def test_durations_in_protobuf_and_gateway_api_forms(text, seconds):
 BAD_VALUES = [None, "", "x", -1, 0, 70000, 1.5, True, [], {}, ["x"], {"x": 1}, {"exact": 1}, "(["]
 
 
-def _leaves(node, path=()):
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield path + (k,)
-            yield from _leaves(v, path + (k,))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            yield path + (i,)
-            yield from _leaves(v, path + (i,))
-
-
-def _set(node, path, value):
-    for p in path[:-1]:
-        node = node[p]
-    node[path[-1]] = value
-
-
 @pytest.mark.parametrize("index", range(len(DOCS)))
 def test_every_field_replaced_by_bad_values_gives_config_error_or_a_model(index):
     base = DOCS[index]
-    for path in list(_leaves(base)):
+    for path in list(leaves(base)):
         for bad in BAD_VALUES:
             d = copy.deepcopy(base)
-            _set(d, path, copy.deepcopy(bad))
+            set_at(d, path, copy.deepcopy(bad))
             try:
                 parse(d, base["kind"])
             except ConfigError:
@@ -269,14 +253,7 @@ def test_random_documents_only_raise_config_error(kind, spec, meta):
 @settings(max_examples=200, deadline=None)
 @given(index=st.integers(0, len(DOCS) - 1), data=st.data())
 def test_mutated_valid_documents_only_raise_config_error(index, data):
-    d = copy.deepcopy(DOCS[index])
-    paths = list(_leaves(d))
-    for _ in range(data.draw(st.integers(1, 3))):
-        path = data.draw(st.sampled_from(paths))
-        try:
-            _set(d, path, data.draw(json_values))
-        except (KeyError, IndexError, TypeError):
-            continue   # an earlier mutation removed this path
+    d = mutate(copy.deepcopy(DOCS[index]), data, json_values)
     try:
         parse(d, DOCS[index]["kind"])
     except ConfigError:

@@ -18,7 +18,7 @@ from policy.inventory import CidrVip, GatewayAddress, LoadBalancer, Locality, Ne
 from policy.loader import build_mesh_config
 from policy.serviceentry import parse_service_entry, parse_workload_entry
 from proxy.errors import NoHealthyUpstream
-from tests.test_routing_parse import _leaves   # (the routing parsers' document mutation helper)
+from tests.mutation_helpers import mutate
 
 W = Where("entries.yaml", 1)
 
@@ -693,15 +693,7 @@ BASES = [doc(t) for t in (EXTERNAL_HTTPS, MONGO_STATIC, VM_SERVICE_ENTRY, DNS_EN
 def test_junk_only_ever_raises_config_error(data):
     docs = []
     for base in data.draw(st.lists(st.sampled_from(BASES), min_size=1, max_size=3)):
-        d = copy.deepcopy(base)
-        paths = [p for p in _leaves(d) if p]
-        for _ in range(data.draw(st.integers(0, 3))):
-            path = data.draw(st.sampled_from(paths))
-            try:
-                d = _set(d, path, data.draw(json_values))   # (this file's _set: a changed copy)
-            except (KeyError, IndexError, TypeError):
-                pass   # an earlier mutation removed this path
-        docs.append(d)
+        docs.append(mutate(copy.deepcopy(base), data, json_values, min_times=0))
     try:
         mesh = build_mesh_config([(Where("j.yaml", i + 1), d) for i, d in enumerate(docs)])
     except ConfigErrors as err:
