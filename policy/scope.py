@@ -36,6 +36,7 @@ from policy.inventory import (
     Workload,
 )
 from policy.mesh import MeshConfig
+from policy.routing.table import host_matches
 
 # Kubernetes' default cluster domain: a Service's hostname is <name>.<ns>.svc.cluster.local.
 CLUSTER_DOMAIN = "cluster.local"
@@ -128,15 +129,6 @@ def resolve_host(host: str, namespace: str) -> str:
     if h == "*" or "." in h or ":" in h:
         return h
     return f"{h}.{namespace}.svc.{CLUSTER_DOMAIN}"
-
-
-def host_matches(pattern: str, hostname: str) -> bool:
-    """``*`` matches all; ``*.suffix`` matches names ending in ``.suffix``; else equality (case-insensitive)."""
-    if pattern == "*":
-        return True
-    if pattern.startswith("*."):
-        return hostname.endswith(pattern[1:])
-    return pattern == hostname
 
 
 def scope_for_waypoint(mesh: MeshConfig, scope: WaypointScope) -> MeshConfig:

@@ -221,7 +221,8 @@ def fqdn(host: str, namespace: str) -> str:
     return f"{host}.{namespace}.svc.{CLUSTER_DOMAIN}"
 
 
-def _host_matches(pattern: str, hostname: str) -> bool:
+def host_matches(pattern: str, hostname: str) -> bool:
+    """``*`` matches all; ``*.suffix`` matches names ending in ``.suffix``; else equality."""
     if pattern == "*":
         return True
     if pattern.startswith("*."):
@@ -252,7 +253,7 @@ def _vs_applies(vs: VirtualService, svc: Service, waypoint_ns: str) -> bool:
     if vs.gateways and "mesh" not in vs.gateways:
         return False
     for h in vs.hosts:
-        if _host_matches(fqdn(h, vs.namespace), svc.hostname):
+        if host_matches(fqdn(h, vs.namespace), svc.hostname):
             return True
         if "." not in h and h == svc.name and vs.namespace == svc.namespace:
             return True
@@ -273,7 +274,7 @@ def _hr_applies(hr: HttpRoute, svc: Service, port: int, gw_key: str | None) -> b
                 continue
             # Hostnames apply to Gateway parents (matched against the service hostname); for Service
             # parents GEP-1426 has the Service itself define the host.
-            if not hr.hostnames or any(_host_matches(h, svc.hostname) for h in hr.hostnames):
+            if not hr.hostnames or any(host_matches(h, svc.hostname) for h in hr.hostnames):
                 return True
     return False
 
@@ -291,7 +292,7 @@ def _dr_for(ctx: _Ctx, svc: Service) -> DestinationRule | None:
     for dr in ctx.destination_rules:
         h = fqdn(dr.host, dr.namespace)
         exact = h == svc.hostname or ("." not in dr.host and dr.host == svc.name and dr.namespace == svc.namespace)
-        if not exact and not _host_matches(h, svc.hostname):
+        if not exact and not host_matches(h, svc.hostname):
             continue
         if dr.namespace == ctx.waypoint_namespace:
             ns_rank = 0
