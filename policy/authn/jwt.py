@@ -81,6 +81,15 @@ def _get_u64(obj: dict, name: str) -> tuple[str, int]:
     return "ok", int(d)
 
 
+def _json_section(b64: str, bad_base64: Status, bad_json: Status) -> dict | Status:
+    """The header or the payload: a base64url JSON object, or the status naming which of the two failed."""
+    raw = b64url_decode(b64)
+    if raw is None:
+        return bad_base64
+    obj = loads_object(raw)
+    return bad_json if obj is None else obj
+
+
 def parse_jwt(token: str) -> Jwt | Status:
     """Jwt::parseFromString, check by check, in Envoy's order (the first failing check names the status)."""
     if len(token) > MAX_TOKEN_BYTES:
@@ -90,12 +99,9 @@ def parse_jwt(token: str) -> Jwt | Status:
     if len(parts) != 3:
         return Status.JWT_BAD_FORMAT
     header_b64, payload_b64, sig_b64 = parts
-    header_raw = b64url_decode(header_b64)
-    if header_raw is None:
-        return Status.JWT_HEADER_BAD_BASE64
-    header = loads_object(header_raw)
-    if header is None:
-        return Status.JWT_HEADER_BAD_JSON
+    header = _json_section(header_b64, Status.JWT_HEADER_BAD_BASE64, Status.JWT_HEADER_BAD_JSON)
+    if isinstance(header, Status):
+        return header
     ok, alg = _get_string(header, "alg")
     if not ok or "alg" not in header:
         return Status.JWT_HEADER_BAD_ALG
@@ -104,12 +110,9 @@ def parse_jwt(token: str) -> Jwt | Status:
     ok, kid = _get_string(header, "kid")
     if not ok:
         return Status.JWT_HEADER_BAD_KID
-    payload_raw = b64url_decode(payload_b64)
-    if payload_raw is None:
-        return Status.JWT_PAYLOAD_BAD_BASE64
-    payload = loads_object(payload_raw)
-    if payload is None:
-        return Status.JWT_PAYLOAD_BAD_JSON
+    payload = _json_section(payload_b64, Status.JWT_PAYLOAD_BAD_BASE64, Status.JWT_PAYLOAD_BAD_JSON)
+    if isinstance(payload, Status):
+        return payload
     ok, iss = _get_string(payload, "iss")
     if not ok:
         return Status.JWT_PAYLOAD_ISS_NOT_STRING
