@@ -4,10 +4,7 @@ validation, and one end-to-end failover through a real waypoint on loopback."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
-import io
 import random
 import time
 
@@ -24,6 +21,7 @@ from policy.routing.endpoints import (
 from policy.routing.model import (
     LocalityDistribute, LocalityFailover, LocalityLbSetting, OutlierDetection, TrafficPolicy,
 )
+from tests.locality_helpers import WAYPOINT_GATEWAY, named_pods_and_waypoint, reviews_inventory
 
 OD = OutlierDetection(consecutive_5xx_errors=1, max_ejection_percent=100.0)
 
@@ -386,63 +384,6 @@ def test_validation_errors_name_the_file_document_resource_and_field(setting, wh
 # End to end: a real waypoint on loopback fails over to the other region when its own region's pods are ejected
 
 
-@contextlib.asynccontextmanager
-async def named_pods_and_waypoint(cfg, wp_ip: str, vip: str, pods: dict[str, str], broken: set[str] = frozenset()):
-    """The end-to-end locality set-up: each pod (ip → name) an HTTP server answering its name (503 while its name
-    is in ``broken``) behind its node proxy, and a waypoint on ``wp_ip`` reading ``cfg``. Yields (waypoint, config
-    store, fetch): ``fetch()`` is one GET to ``vip:9080`` on a tunnel of its own, → (status, body)."""
-    from hbone.stream import TcpStream
-    from policy.scope import WaypointScope
-    from proxy.http1.server import serve_http1
-    from proxy.settings import ProxySettings
-    from proxy.snapshot import ConfigStore
-    from proxy.telemetry.accesslog import AccessLog
-    from proxy.telemetry.metrics import Metrics
-    from proxy.waypoint import Waypoint
-    from tests.waypoint_harness import Harness, cert_source, start_node_inbound
-
-    servers, terminators = [], []
-    for ip, name in pods.items():
-        async def handler(request, responder, name=name):
-            async for _ in request.body_chunks():
-                pass
-            await responder.send_local_reply(503 if name in broken else 200, name.encode())
-
-        async def serve(reader, writer, handler=handler):
-            await serve_http1(TcpStream(reader, writer), handler)
-
-        servers.append(await asyncio.start_server(serve, ip, 9080))
-        terminators.append(await start_node_inbound(ip, "bookinfo-reviews"))
-    scope = WaypointScope.parse("default", gateway="default/reviews-waypoint", address_ip=wp_ip)
-    store = ConfigStore([str(cfg)], mode="waypoint", scope=scope, clock=time.time)
-    store.load()
-    metrics = Metrics(process_metrics=False)
-    access_log = AccessLog(io.StringIO(), metrics=metrics)
-    settings_ = ProxySettings(mode="waypoint", config_paths=(str(cfg),), hbone_addr=(wp_ip, 15008))
-    wp = await Waypoint.start(settings_, store, cert_source("default", "reviews-waypoint"), metrics, access_log,
-                              rng=random.Random(5))
-    h = Harness(wp, store, {}, wp_ip, metrics, io.StringIO(), access_log)
-    client = h.client()
-
-    async def fetch() -> tuple[int, str]:
-        stream = await client.tunnel(f"{vip}:9080")
-        try:
-            status, _, body = await client.request(stream, "/")
-            return status, body.decode()
-        finally:
-            stream.close()
-
-    try:
-        yield wp, store, fetch
-    finally:
-        await h.close()
-        for t in terminators:
-            await t.close()
-        for srv in servers:
-            srv.close()
-            await srv.wait_closed()
-
-
 async def test_waypoint_prefers_its_own_locality_and_fails_over_when_the_local_pods_are_ejected(tmp_path, loopback_ip):
     wp_ip, vip = loopback_ip(), loopback_ip()
     pods = {loopback_ip(): name for name in ("local-a", "local-b", "remote-a", "remote-b")}
@@ -462,24 +403,7 @@ async def test_waypoint_prefers_its_own_locality_and_fails_over_when_the_local_p
   services:
     default/reviews.default.svc.cluster.local: {{9080: 9080}}"""
 
-    inventory = "workloads:" + "".join(pod_doc(ip, name) for ip, name in pods.items()) + f"""
-- uid: Kubernetes//v1/Pod/default/reviews-waypoint-0
-  name: reviews-waypoint-0
-  namespace: default
-  serviceAccount: reviews-waypoint
-  workloadIps: ["{wp_ip}"]
-  protocol: TCP
-  locality: {{region: us-east, zone: us-east-1, subzone: ""}}
-  labels: {{gateway.networking.k8s.io/gateway-name: reviews-waypoint}}
-services:
-- name: reviews
-  namespace: default
-  hostname: reviews.default.svc.cluster.local
-  vips: ["/{vip}"]
-  ports: {{9080: 9080}}
-  appProtocols: {{9080: http}}
-  waypoint: {{destination: "default/reviews-waypoint.default.svc.cluster.local", hboneMtlsPort: 15008}}
-"""
+    inventory = reviews_inventory("".join(pod_doc(ip, name) for ip, name in pods.items()), wp_ip, vip, zone="us-east-1")
     rule = """apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: reviews, namespace: default}
@@ -488,16 +412,9 @@ spec:
   trafficPolicy:
     outlierDetection: {consecutive5xxErrors: 2, interval: 30s, baseEjectionTime: 60s, maxEjectionPercent: 100}
 """
-    gateway = """apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: reviews-waypoint, namespace: default}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
-"""
     cfg = tmp_path / "config"
     cfg.mkdir()
-    (cfg / "mesh.yaml").write_text("---\n".join([inventory, rule, gateway]))
+    (cfg / "mesh.yaml").write_text("---\n".join([inventory, rule, WAYPOINT_GATEWAY]))
     async with named_pods_and_waypoint(cfg, wp_ip, vip, pods, broken) as (wp, store, fetch):
         # All healthy: every request stays in the waypoint's own region (priority 0).
         answers = collections.Counter([await fetch() for _ in range(30)])

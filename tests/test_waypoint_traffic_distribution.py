@@ -21,11 +21,11 @@ from policy.routing.endpoints import (
     Candidate, LoadBalancer, Prioritized, lb_candidates, priority_loads, service_locality_setting, strict_match,
 )
 from policy.routing.hashing import hash64
-from tests.test_locality_lb import named_pods_and_waypoint
 from policy.routing.model import (
     HASH_SOURCE_IP, LABEL_HOSTNAME, LABEL_NETWORK, LABEL_REGION, LABEL_SUBZONE, LABEL_ZONE, ConsistentHash, LocalityLbSetting,
     OutlierDetection, TrafficPolicy, Warmup,
 )
+from tests.locality_helpers import WAYPOINT_GATEWAY, named_pods_and_waypoint, reviews_inventory
 
 PREFER_CLOSE = TRAFFIC_DISTRIBUTIONS["PreferClose"]
 PREFER_SAME_NODE = TRAFFIC_DISTRIBUTIONS["PreferSameNode"]
@@ -332,33 +332,9 @@ async def test_waypoint_keeps_prefer_close_traffic_in_its_zone(tmp_path, loopbac
   services:
     default/reviews.default.svc.cluster.local: {{9080: 9080}}"""
 
-        inventory = "workloads:" + "".join(pod_doc(ip, name) for ip, name in pods.items()) + f"""
-- uid: Kubernetes//v1/Pod/default/reviews-waypoint-0
-  name: reviews-waypoint-0
-  namespace: default
-  serviceAccount: reviews-waypoint
-  workloadIps: ["{wp_ip}"]
-  protocol: TCP
-  locality: {{region: us-east, zone: us-east-1a, subzone: ""}}
-  labels: {{gateway.networking.k8s.io/gateway-name: reviews-waypoint}}
-services:
-- name: reviews
-  namespace: default
-  hostname: reviews.default.svc.cluster.local
-  vips: ["/{vip}"]
-  ports: {{9080: 9080}}
-  appProtocols: {{9080: http}}
-  trafficDistribution: PreferClose
-  waypoint: {{destination: "default/reviews-waypoint.default.svc.cluster.local", hboneMtlsPort: 15008}}
-"""
-        gateway = """apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: reviews-waypoint, namespace: default}
-spec:
-  gatewayClassName: istio-waypoint
-  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
-"""
-        (cfg / "mesh.yaml").write_text("---\n".join([inventory, gateway]))
+        inventory = reviews_inventory("".join(pod_doc(ip, name) for ip, name in pods.items()), wp_ip, vip,
+                                      zone="us-east-1a", service_lines="  trafficDistribution: PreferClose\n")
+        (cfg / "mesh.yaml").write_text("---\n".join([inventory, WAYPOINT_GATEWAY]))
 
     cfg = tmp_path / "config"
     cfg.mkdir()
