@@ -108,21 +108,17 @@ class _Reader:
         return value
 
 
+# What an error says a wrong value is, checked in this order (bool first: a bool is an int in Python).
+_KIND_NAMES = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+               (list, "a list"), (dict, "a mapping"))
+
+
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
+    for kind, name in _KIND_NAMES:
+        if isinstance(value, kind):
+            return name
     return type(value).__name__
 
 
