@@ -34,7 +34,7 @@ from proxy.pipeline.views_input import views_input
 from tests.test_authz_helpers import allowed, deny, http
 from tests.test_routing_common import REVIEWS, SUBSETS_DR, dr, hr, table, vs
 from tests.test_waypoint_l7 import RawH2
-from tests.waypoint_harness import REVIEWS_VIP, start_harness
+from tests.waypoint_harness import REVIEWS_VIP, start_harness, virtual_service
 
 UTF8 = "utf-8"
 
@@ -82,13 +82,7 @@ async def recording_backends(h) -> Recorder:
     return rec
 
 
-WIRE_ROUTES = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
+WIRE_ROUTES = virtual_service("reviews", """
   - name: header-exact
     match: [{headers: {x-name: {exact: "José"}}}]
     route: [{destination: {host: reviews}}]
@@ -105,7 +99,7 @@ spec:
     redirect: {uri: "/ünïcode/€", authority: "bücher.example"}
   - name: rest
     route: [{destination: {host: reviews}}]
-"""
+""")
 
 
 async def wire_harness(tmp_path, loopback_ip, routing: str = WIRE_ROUTES, authz: bool = False):

@@ -11,6 +11,7 @@ from policy.routing.select import HttpRequestView
 from proxy.pipeline.authz import l7_authorizer
 from proxy.pipeline.http import plan_request
 from tests.test_pipeline_plan import PRODUCTPAGE, _ctx, snap  # noqa: F401  (snap: the bookinfo fixture)
+from tests.waypoint_harness import config_docs, destination_rule, virtual_service
 
 OTHER = "spiffe://cluster.local/ns/default/sa/other"
 
@@ -75,13 +76,19 @@ async def test_http1_on_a_sniffed_stream_reads_the_tunnel_stream_directly(monkey
 
 # ---- plan_cached: the same plans as plan_request, with the decisions remembered ----------------------
 
-_TWIN_ROUTING = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
+_TWIN_DENY_POLICY = """apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-x-deny, namespace: default}
 spec:
-  hosts: [reviews]
-  http:
+  targetRefs: [{kind: Service, group: "", name: reviews}]
+  action: DENY
+  rules:
+  - when: [{key: "request.headers[x-deny]", values: ["*"]}]
+  - to: [{operation: {methods: [PUT], paths: [/admin*]}}]
+"""
+
+_TWIN_ROUTING = config_docs(
+    virtual_service("reviews", """
   - match: [{headers: {end-user: {exact: jason}}}]
     route: [{destination: {host: reviews, subset: v2}}]
   - match: [{uri: {prefix: /old}}]
@@ -99,27 +106,10 @@ spec:
     route:
     - {destination: {host: reviews, subset: v1}, weight: 90}
     - {destination: {host: reviews, subset: v2}, weight: 10}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews.default.svc.cluster.local
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-  - {name: v3, labels: {version: v3}}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-x-deny, namespace: default}
-spec:
-  targetRefs: [{kind: Service, group: "", name: reviews}]
-  action: DENY
-  rules:
-  - when: [{key: "request.headers[x-deny]", values: ["*"]}]
-  - to: [{operation: {methods: [PUT], paths: [/admin*]}}]
-"""
+"""),
+    destination_rule("reviews", subsets=("v1", "v2", "v3")),
+    _TWIN_DENY_POLICY,
+)
 
 _TWIN_HEADERS = [(b"end-user", b"jason"), (b"end-user", b"bob"), (b"x-deny", b"1"), (b"x-deny", b""),
                  (b"x-canary", b"no"), (b"x-canary", b"yes"), (b"user-agent", b"t"), (b"x-request-id", b"r1"),

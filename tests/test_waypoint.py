@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from tests.waypoint_harness import REVIEWS_VIP, TCP_VIP, start_harness
+from tests.waypoint_harness import REVIEWS_VIP, TCP_VIP, config_docs, destination_rule, start_harness, virtual_service
 
 
 async def test_90_10_split_keepalive_and_authz(tmp_path, loopback_ip):
@@ -151,13 +151,8 @@ async def test_one_pod_down_retries_then_all_down_503(tmp_path, loopback_ip):
         await h.close()
 
 
-ROUTES = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
+ROUTES = config_docs(
+    virtual_service("reviews", """
   - match: [{uri: {prefix: /slow}}]
     timeout: 0.3s
     route: [{destination: {host: reviews, subset: v1}}]
@@ -176,17 +171,9 @@ spec:
     route: [{destination: {host: reviews, subset: v3}}]
   - match: [{uri: {exact: /v1}}]
     route: [{destination: {host: reviews, subset: v1}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews.default.svc.cluster.local
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-  - {name: v3, labels: {version: v3}}
-"""
+"""),
+    destination_rule("reviews", subsets=("v1", "v2", "v3")),
+)
 
 
 async def test_timeout_fault_headers_noroute_streaming(tmp_path, loopback_ip):

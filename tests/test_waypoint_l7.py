@@ -16,7 +16,8 @@ from h2.errors import ErrorCodes
 
 from hbone.stream import TcpStream
 from proxy.pipeline.h2c import serve_h2c
-from tests.waypoint_harness import REVIEWS_VIP, Pod, start_harness, start_node_inbound, start_pod
+from tests.waypoint_harness import (REVIEWS_VIP, Pod, config_docs, destination_rule, start_harness, start_node_inbound,
+                                    start_pod, virtual_service)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GREETER_VIP = "127.2.0.90"
@@ -229,13 +230,7 @@ async def l7_harness(tmp_path, loopback_ip, routing: str | None = None, authz: b
     return h, backends, ips
 
 
-GREETER_ROUTES = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: greeter, namespace: default}
-spec:
-  hosts: [greeter]
-  http:
+GREETER_ROUTES = virtual_service("greeter", """
   - match: [{uri: {prefix: /greeter.Greeter/Abort}}]
     fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
     route: [{destination: {host: greeter}}]
@@ -250,7 +245,7 @@ spec:
     route: [{destination: {host: greeter}}]
   - match: [{uri: {prefix: /reset-mid}}]
     route: [{destination: {host: greeter}}]
-"""
+""")
 
 
 async def test_grpc_over_h2c_multiplexed_to_h2c_upstream(tmp_path, loopback_ip):
@@ -411,29 +406,17 @@ async def test_protocol_error_goaway_ends_only_that_tunnel(tmp_path, loopback_ip
         await h.close()
 
 
-MIRROR_ROUTES = """
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
+MIRROR_ROUTES = config_docs(
+    virtual_service("reviews", """
   - match: [{uri: {prefix: /dead}}]
     route: [{destination: {host: reviews, subset: v1}}]
     mirror: {host: reviews, subset: v3}
   - route: [{destination: {host: reviews, subset: v1}}]
     mirror: {host: greeter}
     mirrorPercentage: {value: 100}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: reviews, namespace: default}
-spec:
-  host: reviews.default.svc.cluster.local
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v3, labels: {version: v3}}
-"""
+"""),
+    destination_rule("reviews", subsets=("v1", "v3")),
+)
 
 
 async def test_mirror_copies_request_with_shadow_authority(tmp_path, loopback_ip):
