@@ -213,7 +213,8 @@ def _hostname_workload(host: str) -> Workload:
 
 
 async def test_originator_resolves_a_hostname_endpoint_and_fails_an_unresolvable_one_as_uf():
-    from tests.test_pipeline_originate import _roundtrip, _source
+    from tests.stream_helpers import exchange
+    from tests.test_pipeline_originate import _source
     from hbone.testing import start_echo
     from proxy.pipeline.originate import OriginateFailed, Originator
 
@@ -222,7 +223,7 @@ async def test_originator_resolves_a_hostname_endpoint_and_fails_an_unresolvable
     try:
         stream = await orig.open(Candidate(_hostname_workload("localhost"), "localhost", addr[1]),
                                  source=("127.0.0.1", 1))
-        assert await _roundtrip(stream, b"by name") == b"by name"
+        assert await exchange(stream, b"by name") == b"by name"
         stream.close()
         assert orig.opened_tcp == 1
         with pytest.raises(OriginateFailed) as err:
@@ -281,7 +282,8 @@ async def test_originator_hbone_to_a_hostname_endpoint_connects_to_the_address_i
     from hbone.server import HboneServer
     from hbone.testing import echo_handler_factory, start_echo
     from proxy.pipeline.originate import Originator
-    from tests.test_pipeline_originate import MESH, _roundtrip, _source
+    from tests.stream_helpers import exchange
+    from tests.test_pipeline_originate import MESH, _source
 
     echo, echo_addr = await start_echo("127.0.0.1")
     seen = []
@@ -298,7 +300,7 @@ async def test_originator_hbone_to_a_hostname_endpoint_connects_to_the_address_i
     try:
         wl = replace(_hostname_workload("localhost"), protocol="HBONE", service_account="bookinfo-reviews")
         stream = await orig.open(Candidate(wl, "localhost", echo_addr[1]), source=("127.9.9.9", 1))
-        assert await _roundtrip(stream, b"tunnelled") == b"tunnelled"
+        assert await exchange(stream, b"tunnelled") == b"tunnelled"
         assert seen[0].authority == ("127.0.0.1", echo_addr[1]) and orig.opened_hbone == 1
     finally:
         await orig.close()

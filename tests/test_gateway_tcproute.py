@@ -16,7 +16,6 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hbone.errors import TunnelRefused
-from hbone.stream import TcpStream
 from policy.errors import ConfigError, ConfigErrors, Where
 from policy.loader import build_mesh_config
 from policy.routing.gateway_routes import TcpRoute, parse_tcp_route
@@ -25,7 +24,8 @@ from policy.routing.table import build_route_table
 from policy.scope import WaypointScope
 from proxy.snapshot import build_snapshot
 from tests.mutation_helpers import mutate
-from tests.waypoint_harness import Pod, start_harness, start_node_inbound, until
+from tests.stream_helpers import exchange
+from tests.waypoint_harness import Pod, start_answering_pod, start_harness, until
 
 W = Where("routes.yaml", 2)
 
@@ -354,23 +354,12 @@ def test_route_warnings_reach_the_table_and_the_route_backends_stay_in_the_waypo
 
 async def start_version_pod(ip: str, version: str, counts: Counter) -> Pod:
     """A TCP pod that answers each connection with ``<version>:<what it read>`` and closes; counts them."""
-    async def serve(reader, writer):
-        stream = TcpStream(reader, writer)
-        try:
-            data = await stream.read()
-            counts[version] += 1
-            stream.write(version.encode() + b":" + data)
-            await stream.drain()
-            stream.write_eof()
-        except OSError:
-            pass
-        finally:
-            stream.close()
+    async def answer(stream) -> bytes:
+        data = await stream.read()
+        counts[version] += 1
+        return data
 
-    pod = Pod(ip, version)
-    pod.backend = await asyncio.start_server(serve, ip, 9000)
-    pod.hbone = await start_node_inbound(ip, "tcp-echo")
-    return pod
+    return await start_answering_pod(ip, version, answer)
 
 
 TUNNELS = 120          # per-tunnel split: enough draws that 80/20 is unmistakable
@@ -380,12 +369,7 @@ CONCURRENT = 8         # tunnels in flight at once (keeps the test short on a lo
 async def _echo_through(client, payload: bytes) -> bytes:
     t = await client.tunnel(f"{TCP_VIP}:9000")
     try:
-        t.write(payload)
-        await t.drain()
-        got = b""
-        while chunk := await t.read():
-            got += chunk
-        return got
+        return await exchange(t, payload, half_close=False)
     finally:
         t.close()
 

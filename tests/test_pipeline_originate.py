@@ -14,6 +14,7 @@ from hbone.testing import Mesh, echo_handler_factory, start_echo
 from policy.inventory import Workload
 from policy.routing.endpoints import Candidate
 from proxy.pipeline.originate import OriginateFailed, Originator
+from tests.stream_helpers import exchange
 
 MESH = Mesh.create()
 WAYPOINT = MESH.identity("default", "reviews-waypoint")
@@ -26,16 +27,6 @@ def _source():
 def _workload(ip: str, sa: str = "bookinfo-reviews", protocol: str = "HBONE") -> Workload:
     return Workload(uid=f"uid-{ip}", name=f"pod-{ip}", namespace="default", workload_ips=(ip,),
                     service_account=sa, protocol=protocol)
-
-
-async def _roundtrip(stream, payload: bytes) -> bytes:
-    stream.write(payload)
-    await stream.drain()
-    stream.write_eof()
-    got = b""
-    while chunk := await stream.read():
-        got += chunk
-    return got
 
 
 async def test_hbone_to_pod_with_headers_and_identity(loopback_ip):
@@ -55,7 +46,7 @@ async def test_hbone_to_pod_with_headers_and_identity(loopback_ip):
         cand = Candidate(_workload(pod), pod, echo_addr[1])
         stream = await orig.open(cand, source=("127.9.9.9", 4444),
                                  service_hostname="reviews.default.svc.cluster.local", baggage="k8s.namespace.name=default")
-        assert await _roundtrip(stream, b"hello" * 1000) == b"hello" * 1000
+        assert await exchange(stream, b"hello" * 1000) == b"hello" * 1000
         req = seen[0]
         assert req.authority == (pod, echo_addr[1])
         assert req.header("forwarded") == 'for="127.9.9.9:4444";host=reviews.default.svc.cluster.local'
@@ -71,7 +62,7 @@ async def test_hbone_to_pod_with_headers_and_identity(loopback_ip):
         # ...unless the service's subjectAltNames name it.
         ok = await orig.open(wrong, source=("127.9.9.9", 1), timeout=2,
                              subject_alt_names=["spiffe://cluster.local/ns/default/sa/bookinfo-reviews", "dns.example"])
-        assert await _roundtrip(ok, b"x") == b"x"
+        assert await exchange(ok, b"x") == b"x"
     finally:
         await orig.close()
         await server.close()
@@ -110,7 +101,7 @@ async def test_plain_tcp_for_workloads_outside_the_mesh(loopback_ip):
     try:
         stream = await orig.open(Candidate(_workload(pod, protocol="TCP"), pod, echo_addr[1]),
                                  source=("127.0.0.1", 1))
-        assert await _roundtrip(stream, b"plain") == b"plain"
+        assert await exchange(stream, b"plain") == b"plain"
         stream.close()
         assert orig.opened_tcp == 1 and orig.opened_hbone == 0
         with pytest.raises(OriginateFailed) as err:

@@ -3,6 +3,7 @@ waypoint, end to end over real HBONE tunnels (fixture tests/fixtures/l7)."""
 
 from __future__ import annotations
 
+from tests.stream_helpers import read_all
 from tests.test_waypoint_l7 import PLAIN_HTTP_VIP, PLAIN_TCP_VIP, RawH2, l7_harness
 
 
@@ -25,10 +26,7 @@ async def test_direct_http_and_direct_tcp_by_pod_ip(tmp_path, loopback_ip):
         payload = bytes(range(256)) * 1024
         t.write(payload)
         t.write_eof()
-        got = b""
-        while chunk := await t.read():
-            got += chunk
-        assert got == payload
+        assert await read_all(t) == payload
         lines = await h.log_lines(8)
         chains = {x["chain"] for x in lines}
         assert "direct-http" in chains and "direct-tcp" in chains
@@ -52,10 +50,7 @@ async def test_sniffed_port_http_takes_l7_path_tcp_takes_l4_decision(tmp_path, l
         t = await client.tunnel(f"{PLAIN_TCP_VIP}:7100")
         t.write(b"\x00\x01binary, not HTTP")
         t.write_eof()
-        got = b""
-        while chunk := await t.read():
-            got += chunk
-        assert got == b"\x00\x01binary, not HTTP"
+        assert await read_all(t) == b"\x00\x01binary, not HTTP"
         # Another identity: the policy denies at L4; the tunnel is closed without any data.
         other = h.client("bookinfo-ratings")
         d = await other.tunnel(f"{PLAIN_TCP_VIP}:7100")

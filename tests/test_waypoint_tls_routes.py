@@ -6,7 +6,6 @@ and end to end: real TLS ClientHellos with different SNIs through a real waypoin
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import hashlib
 import random
@@ -17,7 +16,6 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from hbone.stream import TcpStream
 from policy.errors import ConfigError, ConfigErrors, Where
 from policy.routing.gateway_routes import TlsRoute, parse_tls_route
 from policy.routing.parse import parse_virtual_service
@@ -26,7 +24,8 @@ from policy.routing.tls import TlsMatch, TlsRule, host_overlaps, tls_route_sni_h
 from policy.scope import WaypointScope
 from proxy.snapshot import build_snapshot
 from tests.test_gateway_tcproute import TCP_VIP, inventory, mesh_of, route_doc, table_of, backends
-from tests.waypoint_harness import Pod, start_harness, start_node_inbound
+from tests.stream_helpers import exchange, read_all
+from tests.waypoint_harness import Pod, start_answering_pod, start_harness
 
 W = Where("routes.yaml", 2)
 SVC = "tcp-echo.default.svc.cluster.local"
@@ -355,37 +354,18 @@ def client_hello(sni: str) -> bytes:
 
 async def start_hello_pod(ip: str, version: str, seen: list) -> Pod:
     """A pod that reads the whole connection and answers ``<version>:<sha256 of what it read>``."""
-    async def serve(reader, writer):
-        stream = TcpStream(reader, writer)
-        try:
-            data = b""
-            while chunk := await stream.read():
-                data += chunk
-            seen.append((version, data))
-            stream.write(version.encode() + b":" + hashlib.sha256(data).hexdigest().encode())
-            await stream.drain()
-            stream.write_eof()
-        except OSError:
-            pass
-        finally:
-            stream.close()
+    async def answer(stream) -> bytes:
+        data = await read_all(stream)
+        seen.append((version, data))
+        return hashlib.sha256(data).hexdigest().encode()
 
-    pod = Pod(ip, version)
-    pod.backend = await asyncio.start_server(serve, ip, 9000)
-    pod.hbone = await start_node_inbound(ip, "tcp-echo")
-    return pod
+    return await start_answering_pod(ip, version, answer)
 
 
 async def _send(client, payload: bytes) -> bytes:
     t = await client.tunnel(f"{TCP_VIP}:9000")
     try:
-        t.write(payload)
-        await t.drain()
-        t.write_eof()
-        got = b""
-        while chunk := await t.read():
-            got += chunk
-        return got
+        return await exchange(t, payload)
     finally:
         t.close()
 

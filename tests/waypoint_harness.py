@@ -170,6 +170,27 @@ async def start_pod(ip: str, version: str, sa: str = "bookinfo-reviews", port: i
     return pod
 
 
+async def start_answering_pod(ip: str, version: str, answer) -> Pod:
+    """A TCP pod on port 9000 (identity tcp-echo) behind its node proxy: for each connection ``await
+    answer(stream)`` reads what it wants and returns what follows ``<version>:`` in the reply; then EOF."""
+    async def serve(reader, writer):
+        stream = TcpStream(reader, writer)
+        try:
+            reply = await answer(stream)
+            stream.write(version.encode() + b":" + reply)
+            await stream.drain()
+            stream.write_eof()
+        except OSError:
+            pass
+        finally:
+            stream.close()
+
+    pod = Pod(ip, version)
+    pod.backend = await asyncio.start_server(serve, ip, 9000)
+    pod.hbone = await start_node_inbound(ip, "tcp-echo")
+    return pod
+
+
 async def start_node_inbound(ip: str, sa: str) -> HboneServer:
     """The destination node proxy in front of the pod at ip (identity sa): terminate, then plaintext to
     the pod's port from the CONNECT authority; a refused port is answered 503."""
