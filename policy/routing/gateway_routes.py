@@ -46,6 +46,7 @@ from policy.wire import ascii_lower, wire_form
 from .model import NO_HEADER_RULES, BackendRef, GwHeaderMatch, GwMatch, GwRule, ParentRef, StringMatch
 from .parse import (
     GATEWAY_MAX_WEIGHT, GW_HEADER_NAME_MAX, GW_HEADER_VALUE_MAX, MAX_PORT, _R, _TCHARS, _envelope, _gw_filters,
+    _read_parent_refs,
 )
 from .regex import RegexError, compile_regex
 
@@ -162,22 +163,8 @@ def _bounded_list(r: _R, v: Any, path: str, max_items: int) -> list:
 
 
 def _parent_refs(r: _R, spec: dict) -> tuple[ParentRef, ...]:
-    # Read as parse_http_route reads them: group defaults to the Gateway API group, kind to Gateway.
-    parents = []
-    for i, x in enumerate(_bounded_list(r, spec.get("parentRefs"), "spec.parentRefs", MAX_PARENT_REFS)):
-        p = f"spec.parentRefs[{i}]"
-        m = r.map(x, p, ("group", "kind", "name", "namespace", "port", "sectionName"))
-        parents.append(ParentRef(
-            group=r.str(m.get("group", GATEWAY_API_GROUP), f"{p}.group", empty_ok=True),
-            kind=r.str(m.get("kind", "Gateway"), f"{p}.kind"),
-            name=r.str(m.get("name"), f"{p}.name"),
-            namespace=r.opt_str(m.get("namespace"), f"{p}.namespace"),
-            port=r.opt_int(m.get("port"), f"{p}.port", 1, MAX_PORT),
-            section_name=r.opt_str(m.get("sectionName"), f"{p}.sectionName"),
-        ))
-    if not parents:
-        raise r.fail("spec.parentRefs", "at least one parentRef is required (a Service or the waypoint Gateway)")
-    return tuple(parents)
+    # Read as parse_http_route reads them, within the CRD's bound on their number.
+    return _read_parent_refs(r, _bounded_list(r, spec.get("parentRefs"), "spec.parentRefs", MAX_PARENT_REFS))
 
 
 def _rule_name(r: _R, m: dict, path: str, seen: set[str]) -> str:

@@ -1099,8 +1099,19 @@ def _positive(r: _R, v: Any, path: str, default: float) -> float:
 def parse_http_route(doc: dict, where: Where, *, order: int = 0) -> HttpRoute:
     r, ns, name, _, spec = _envelope(doc, where, (), GATEWAY_API_VERSIONS, "HTTPRoute")
     r.map(spec, "spec", ("parentRefs", "hostnames", "rules"))
+    parents = _read_parent_refs(r, r.list(spec.get("parentRefs"), "spec.parentRefs"))
+    hostnames = tuple(h.lower() for h in r.strs(spec.get("hostnames"), "spec.hostnames"))
+    rules_v = r.list(spec.get("rules"), "spec.rules")
+    # Gateway API: rules default to one rule matching PathPrefix "/" with no backends.
+    rules = tuple(_gw_rule(r, x, f"spec.rules[{i}]") for i, x in enumerate(rules_v)) if rules_v else (GwRule(),)
+    return HttpRoute(ns, name, parents, hostnames, rules, order, tuple(r.warnings))
+
+
+def _read_parent_refs(r: _R, items: list) -> tuple[ParentRef, ...]:
+    """A Gateway API route's ``spec.parentRefs`` (``items``, the list as read): group defaults to the Gateway API
+    group, kind to Gateway; at least one is required."""
     parents = []
-    for i, x in enumerate(r.list(spec.get("parentRefs"), "spec.parentRefs")):
+    for i, x in enumerate(items):
         p = f"spec.parentRefs[{i}]"
         m = r.map(x, p, ("group", "kind", "name", "namespace", "port", "sectionName"))
         parents.append(ParentRef(
@@ -1113,11 +1124,7 @@ def parse_http_route(doc: dict, where: Where, *, order: int = 0) -> HttpRoute:
         ))
     if not parents:
         raise r.fail("spec.parentRefs", "at least one parentRef is required (a Service or the waypoint Gateway)")
-    hostnames = tuple(h.lower() for h in r.strs(spec.get("hostnames"), "spec.hostnames"))
-    rules_v = r.list(spec.get("rules"), "spec.rules")
-    # Gateway API: rules default to one rule matching PathPrefix "/" with no backends.
-    rules = tuple(_gw_rule(r, x, f"spec.rules[{i}]") for i, x in enumerate(rules_v)) if rules_v else (GwRule(),)
-    return HttpRoute(ns, name, tuple(parents), hostnames, rules, order, tuple(r.warnings))
+    return tuple(parents)
 
 
 def _gw_rule(r: _R, v: Any, path: str) -> GwRule:
