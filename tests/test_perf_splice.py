@@ -5,6 +5,7 @@ and no pump tasks. Real mTLS HBONE client (our pool) and a real TCP echo on loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 
@@ -19,26 +20,57 @@ MiB = 1024 * 1024
 loops = pytest.mark.parametrize("loop", LOOPS)
 
 
-async def _splice_env(mesh: Mesh, results: list, spliced: list):
+@contextlib.asynccontextmanager
+async def _echo_env(handler_for):
+    """An HBONE server (a mesh of its own; ``env.open()`` tunnels to it) whose tunnel handler
+    ``handler_for(echo_addr)`` makes, in front of a TCP echo; both closed after. Yields (env, echo_addr)."""
     echo, echo_addr = await start_echo()
+    env = Env(Mesh.create())
+    await env.start(handler_for(echo_addr))
+    try:
+        yield env, echo_addr
+    finally:
+        await env.__aexit__()
+        echo.close()
 
-    async def handler(tunnel):
-        tcp = await TcpStream.connect(*echo_addr)
-        stream = await tunnel.accept()
-        task = asyncio.current_task()
-        relaying = asyncio.get_running_loop().create_task(relay(stream, tcp))
-        await asyncio.sleep(0)
-        spliced.append((stream._splice is not None and tcp._splice is stream._splice, type(tcp),
-                        {t for t in asyncio.all_tasks() if t is not task and t is not relaying}))
-        try:
-            results.append(await relaying)
-        finally:
-            tcp.close()
-            stream.close()
 
-    env = Env(mesh)
-    await env.start(handler)
-    return env, echo
+async def _echo_blocks(s, payload: bytes, block: int) -> bytearray:
+    """Write ``payload`` in ``block``-byte writes (drained each), then half-close, while reading the echo
+    to its EOF (60 s at most): what came back."""
+    got = bytearray()
+
+    async def reader():
+        while chunk := await s.read():
+            got.extend(chunk)
+
+    r = asyncio.get_running_loop().create_task(reader())
+    for i in range(0, len(payload), block):
+        s.write(payload[i:i + block])
+        await s.drain()
+    s.write_eof()
+    await asyncio.wait_for(r, 60)
+    return got
+
+
+def _splicing(results: list, spliced: list):
+    """The handler (per echo address) that relays each tunnel to the echo and records whether the splice took
+    it (and the other tasks then alive) in ``spliced``, the relay's result in ``results``."""
+    def handler_for(echo_addr):
+        async def handler(tunnel):
+            tcp = await TcpStream.connect(*echo_addr)
+            stream = await tunnel.accept()
+            task = asyncio.current_task()
+            relaying = asyncio.get_running_loop().create_task(relay(stream, tcp))
+            await asyncio.sleep(0)
+            spliced.append((stream._splice is not None and tcp._splice is stream._splice, type(tcp),
+                            {t for t in asyncio.all_tasks() if t is not task and t is not relaying}))
+            try:
+                results.append(await relaying)
+            finally:
+                tcp.close()
+                stream.close()
+        return handler
+    return handler_for
 
 
 @loops
@@ -46,35 +78,16 @@ def test_splice_is_byte_exact_both_ways_with_early_data_and_half_close(loop):
     async def main():
         results: list[RelayResult] = []
         spliced: list = []
-        env, echo = await _splice_env(Mesh.create(), results, spliced)
-        try:
+        async with _echo_env(_splicing(results, spliced)) as (env, _):
             s = await env.open()
             payload = os.urandom(8 * MiB + 12345)  # above every window and buffer: backpressure
-            sent, got = hashlib.sha256(), hashlib.sha256()
-            n_got = 0
-
-            async def reader():
-                nonlocal n_got
-                while chunk := await s.read():
-                    got.update(chunk)
-                    n_got += len(chunk)
-
-            r = asyncio.get_running_loop().create_task(reader())
-            for i in range(0, len(payload), 300_001):  # odd sizes: frames split and coalesce
-                block = payload[i:i + 300_001]
-                sent.update(block)
-                s.write(block)
-                await s.drain()
-            s.write_eof()  # half-close: the echo answers EOF after echoing everything
-            await asyncio.wait_for(r, 60)
-            assert n_got == len(payload) and got.digest() == sent.digest()
+            # odd sizes: frames split and coalesce; the half-close: the echo answers EOF after echoing everything
+            got = await _echo_blocks(s, payload, 300_001)
+            assert len(got) == len(payload) and hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
             await asyncio.wait_for(_until(lambda: results), 10)
             assert results == [RelayResult(len(payload), len(payload), None)]
             ok, tcp_type, _ = spliced[0]
             assert ok and tcp_type is TcpConnection
-        finally:
-            await env.__aexit__()
-            echo.close()
     run(loop, main)
 
 
@@ -83,8 +96,7 @@ def test_splice_runs_without_pump_tasks(loop):
     async def main():
         results: list = []
         spliced: list = []
-        env, echo = await _splice_env(Mesh.create(), results, spliced)
-        try:
+        async with _echo_env(_splicing(results, spliced)) as (env, _):
             streams = [await env.open() for _ in range(5)]
             await asyncio.wait_for(_until(lambda: len(spliced) == 5), 10)
             # Besides handler and relay() tasks, nothing per tunnel: the pumps were two tasks each.
@@ -97,9 +109,6 @@ def test_splice_runs_without_pump_tasks(loop):
                 assert await s.read() == b"ping"
                 s.write_eof()
                 assert await s.read() == b""
-        finally:
-            await env.__aexit__()
-            echo.close()
     run(loop, main)
 
 
@@ -108,24 +117,23 @@ async def _until(predicate) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _detached_env(mesh: Mesh, results: list, handlers_done: list):
-    echo, echo_addr = await start_echo()
+def _detaching(results: list, handlers_done: list):
+    """The handler (per echo address) that hands each tunnel and its echo connection to ``relay_detached`` and
+    returns: its stream id in ``handlers_done``, the relay's result in ``results``."""
+    def handler_for(echo_addr):
+        async def handler(tunnel):
+            tcp = await TcpStream.connect(*echo_addr)
+            stream = await tunnel.accept()
 
-    async def handler(tunnel):
-        tcp = await TcpStream.connect(*echo_addr)
-        stream = await tunnel.accept()
+            def finished(result):
+                results.append(result)
+                tcp.close()
+                stream.close()
 
-        def finished(result):
-            results.append(result)
-            tcp.close()
-            stream.close()
-
-        assert relay_detached(stream, tcp, finished)
-        handlers_done.append(tunnel.stream_id)  # the handler returns while the tunnel lives on
-
-    env = Env(mesh)
-    await env.start(handler)
-    return env, echo
+            assert relay_detached(stream, tcp, finished)
+            handlers_done.append(tunnel.stream_id)  # the handler returns while the tunnel lives on
+        return handler
+    return handler_for
 
 
 @loops
@@ -133,33 +141,18 @@ def test_detached_relay_is_byte_exact_and_reports_once_after_the_handler_returne
     async def main():
         results: list[RelayResult] = []
         handlers_done: list = []
-        env, echo = await _detached_env(Mesh.create(), results, handlers_done)
-        try:
+        async with _echo_env(_detaching(results, handlers_done)) as (env, _):
             s = await env.open()
             await asyncio.wait_for(_until(lambda: handlers_done), 10)
             await asyncio.sleep(0.05)
             # no handler task left for this live tunnel: the splice is owned by its streams
             assert all(not conn.handler_tasks for conn in env.server._conns)
             payload = os.urandom(3 * MiB + 7)
-            got = bytearray()
-
-            async def reader():
-                while chunk := await s.read():
-                    got.extend(chunk)
-
-            r = asyncio.get_running_loop().create_task(reader())
-            for i in range(0, len(payload), 200_003):
-                s.write(payload[i:i + 200_003])
-                await s.drain()
-            s.write_eof()
-            await asyncio.wait_for(r, 60)
+            got = await _echo_blocks(s, payload, 200_003)
             assert bytes(got) == payload
             await asyncio.wait_for(_until(lambda: results), 10)
             await asyncio.sleep(0.05)
             assert results == [RelayResult(len(payload), len(payload), None)]  # once
-        finally:
-            await env.__aexit__()
-            echo.close()
     run(loop, main)
 
 
@@ -168,8 +161,7 @@ def test_detached_relay_reports_a_cut_connection(loop):
     async def main():
         results: list[RelayResult] = []
         handlers_done: list = []
-        env, echo = await _detached_env(Mesh.create(), results, handlers_done)
-        try:
+        async with _echo_env(_detaching(results, handlers_done)) as (env, _):
             s = await env.open()
             s.write(b"hello")
             await s.drain()
@@ -178,9 +170,6 @@ def test_detached_relay_reports_a_cut_connection(loop):
                 conn.abort()  # the HBONE connection is cut: the splice must fail and report
             await asyncio.wait_for(_until(lambda: results), 10)
             assert results[0].a_to_b == 5 and results[0].reset is not None
-        finally:
-            await env.__aexit__()
-            echo.close()
     run(loop, main)
 
 
@@ -196,18 +185,17 @@ def test_detached_relay_refuses_pairs_it_cannot_splice():
 def test_detached_relay_without_on_done_closes_both_streams(loop):
     """relay_detached(a, b) with no callback: byte-exact, and both streams closed once it is over."""
     async def main():
-        echo, echo_addr = await start_echo()
         pairs: list = []
 
-        async def handler(tunnel):
-            tcp = await TcpStream.connect(*echo_addr)
-            stream = await tunnel.accept()
-            pairs.append((stream, tcp))
-            assert relay_detached(stream, tcp)
+        def handler_for(echo_addr):
+            async def handler(tunnel):
+                tcp = await TcpStream.connect(*echo_addr)
+                stream = await tunnel.accept()
+                pairs.append((stream, tcp))
+                assert relay_detached(stream, tcp)
+            return handler
 
-        env = Env(Mesh.create())
-        await env.start(handler)
-        try:
+        async with _echo_env(handler_for) as (env, _):
             s = await env.open()
             payload = os.urandom(300_000)
             s.write(payload)
@@ -220,9 +208,6 @@ def test_detached_relay_without_on_done_closes_both_streams(loop):
             await asyncio.wait_for(tcp.wait_closed(), 10)
             await asyncio.wait_for(stream.wait_closed(), 10)
             assert stream._splice is None and tcp._splice is None
-        finally:
-            await env.__aexit__()
-            echo.close()
     run(loop, main)
 
 
@@ -231,23 +216,22 @@ def test_plain_function_handler_runs_without_a_task(loop):
     """A handler that is a plain function answers from its own callbacks; the server keeps no task
     for it, and one that raises is answered 503 like an async handler that fails."""
     async def main():
-        echo, echo_addr = await start_echo()
         seen: list = []
 
-        def handler(tunnel):
-            seen.append(asyncio.current_task())
-            if tunnel.authority[1] == 1:
-                raise RuntimeError("boom")
-            loop_ = asyncio.get_running_loop()
+        def handler_for(echo_addr):
+            def handler(tunnel):
+                seen.append(asyncio.current_task())
+                if tunnel.authority[1] == 1:
+                    raise RuntimeError("boom")
+                loop_ = asyncio.get_running_loop()
 
-            async def dial():  # the test's own task, not the server's
-                tcp = await TcpStream.connect(*echo_addr)
-                assert relay_detached(await tunnel.accept(), tcp)
-            loop_.create_task(dial())
+                async def dial():  # the test's own task, not the server's
+                    tcp = await TcpStream.connect(*echo_addr)
+                    assert relay_detached(await tunnel.accept(), tcp)
+                loop_.create_task(dial())
+            return handler
 
-        env = Env(Mesh.create())
-        await env.start(handler)
-        try:
+        async with _echo_env(handler_for) as (env, echo_addr):
             s = await env.open()
             assert all(not conn.handler_tasks for conn in env.server._conns)
             s.write(b"ping")
@@ -258,9 +242,6 @@ def test_plain_function_handler_runs_without_a_task(loop):
                 await env.open(authority=f"{echo_addr[0]}:1")
             assert "503" in str(err.value)
             assert len(seen) == 2 and seen == [None, None]  # called from data_received, in no task
-        finally:
-            await env.__aexit__()
-            echo.close()
     run(loop, main)
 
 
@@ -296,8 +277,6 @@ def test_benchmark_relay_handler_shape_answers_503_when_the_upstream_is_down(loo
     """benchmarks/relay.py's handler shape (plain function + dial_tcp + reject_nowait/accept_nowait):
     a refused upstream is a 503, a live one relays."""
     async def main():
-        echo, echo_addr = await start_echo()
-
         def handler(tunnel):
             host, port = tunnel.authority
 
@@ -308,9 +287,7 @@ def test_benchmark_relay_handler_shape_answers_503_when_the_upstream_is_down(loo
                 assert relay_detached(tunnel.accept_nowait(), upstream)
             dial_tcp(host, port, connected)
 
-        env = Env(Mesh.create())
-        await env.start(handler)
-        try:
+        async with _echo_env(lambda echo_addr: handler) as (env, echo_addr):
             s = await env.open(authority=f"{echo_addr[0]}:{echo_addr[1]}")
             s.write(b"ping")
             s.write_eof()
@@ -323,9 +300,6 @@ def test_benchmark_relay_handler_shape_answers_503_when_the_upstream_is_down(loo
             with pytest.raises(Exception) as err:
                 await env.open(authority=f"127.0.0.1:{closed_port}")
             assert "503" in str(err.value)
-        finally:
-            await env.__aexit__()
-            echo.close()
     run(loop, main)
 
 
