@@ -15,6 +15,7 @@ import h2.connection
 import h2.events as ev
 import h2.exceptions
 import hpack
+import pytest
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, Frame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
 
@@ -342,3 +343,41 @@ class H2Upstream:
         finally:
             record["closed"] = True
             writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The h2c server fixture and what the limit tests check after an abuse verdict
+
+
+@pytest.fixture
+async def server(loopback_ip):
+    """An ``H2cServer`` (default limits) on a fresh loopback address, closed after the test. (The upstream pool
+    tests import it as ``h2c_server``: pytest names a fixture after the module attribute that holds it.)"""
+    srv = await H2cServer().start(loopback_ip())
+    try:
+        yield srv
+    finally:
+        await srv.close()
+
+
+async def still_serving(srv: H2cServer, *alive: RawClient) -> None:
+    """The listener takes a new connection and serves it; connections opened before still serve."""
+    fresh = await RawClient.open(srv.addr)
+    try:
+        status, _ = await fresh.get(b"/after")
+        assert status == 200 and fresh.goaway is None
+    finally:
+        fresh.close()
+    for c in alive:
+        status, _ = await c.get(b"/still")
+        assert status == 200 and c.goaway is None
+
+
+async def header_list_too_large_goaway(c: RawClient, srv: H2cServer) -> None:
+    """After a header block (or trailers) over the HPACK decoder's hard limit (h2's DenialOfServiceError):
+    GOAWAY ENHANCE_YOUR_CALM on ``c``'s connection with the abuse verdict header_list_too_large, and that
+    connection only: the listener still serves."""
+    code, _ = await c.closed_by_server()
+    assert code == EYC
+    assert (await srv.finished(1))[0].core.abuse.reason == "header_list_too_large"
+    await still_serving(srv)

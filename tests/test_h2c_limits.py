@@ -19,32 +19,11 @@ from proxy.pipeline.h2c import (H2C_FLOOD_SETTINGS, HEADER_LIST_HARD_BYTES, MAX_
                                 MAX_HEADER_LIST_BYTES, MAX_HEADERS, PREMATURE_RESET_TOTAL_STREAM_COUNT, Data, Ended,
                                 H2Core, H2cError, H2Limits, Headers, Refused, Rejected, Reset, Terminated, Trailers,
                                 WindowOpened)
-from tests.h2c_peers import EYC, PREFACE, H2cServer, RawClient, get_fields, raw_frame
+from tests.h2c_peers import (EYC, PREFACE, H2cServer, RawClient, get_fields, header_list_too_large_goaway, raw_frame,
+                             server, still_serving)  # noqa: F401 — server: the h2c server fixture
 
 FRAME_SIZE_ERROR = int(ErrorCodes.FRAME_SIZE_ERROR)
 S = H2C_FLOOD_SETTINGS
-
-
-@pytest.fixture
-async def server(loopback_ip):
-    srv = await H2cServer().start(loopback_ip())
-    try:
-        yield srv
-    finally:
-        await srv.close()
-
-
-async def still_serving(srv: H2cServer, *alive: RawClient) -> None:
-    """The listener takes a new connection and serves it; connections opened before still serve."""
-    fresh = await RawClient.open(srv.addr)
-    try:
-        status, _ = await fresh.get(b"/after")
-        assert status == 200 and fresh.goaway is None
-    finally:
-        fresh.close()
-    for c in alive:
-        status, _ = await c.get(b"/still")
-        assert status == 200 and c.goaway is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,10 +161,7 @@ async def test_header_list_size_and_count_boundaries_answer_431(server):
         # Up to the decoder's hard limit a list is still answered 431; one byte over it, GOAWAY.
         assert (await c.get(b"/h", fields_of_size(HEADER_LIST_HARD_BYTES)[4:]))[0] == 431 and c.goaway is None
         c.request(b"/h", fields_of_size(HEADER_LIST_HARD_BYTES + 1)[4:])
-        code, _ = await c.closed_by_server()
-        assert code == EYC
-        assert (await server.finished(1))[0].core.abuse.reason == "header_list_too_large"
-        await still_serving(server)
+        await header_list_too_large_goaway(c, server)
     finally:
         c.close()
 

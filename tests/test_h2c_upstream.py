@@ -18,7 +18,8 @@ import hpack
 from hbone.stream import TcpStream
 from proxy.pipeline.h2c import H2Limits, H2Upstream, H2UpstreamPool, H2UpstreamReset
 from proxy.pipeline.originate import OriginateFailed
-from tests.h2c_peers import EYC, H2cServer, HostileUpstream, RawClient, raw_frame
+from tests.h2c_peers import EYC, HostileUpstream, RawClient, raw_frame
+from tests.h2c_peers import server as h2c_server  # noqa: F401 — the h2c server fixture, as h2c_server
 
 RST_STREAM, GOAWAY = 0x3, 0x7
 BIG_BODY = b"u" * (200 * 1024)   # more than the 64 KiB a peer's default window lets through
@@ -123,15 +124,6 @@ async def test_without_a_route_timeout_the_stream_flush_timeout_resets_it(loopba
 
 # ---------------------------------------------------------------------------------------------
 # The pool: one dial for concurrent requests, one error for all of them
-
-
-@pytest.fixture
-async def h2c_server(loopback_ip):
-    srv = await H2cServer().start(loopback_ip())
-    try:
-        yield srv
-    finally:
-        await srv.close()
 
 
 def dialer(addr, counter: list, *, delay: float = 0.05, fail: BaseException | None = None):
