@@ -15,7 +15,8 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame
 
 from proxy.pipeline.h2c import HEADER_LIST_HARD_BYTES, MAX_HEADER_LIST_BYTES, MAX_HEADERS, h2_trailer_fields
-from tests.h2c_peers import H2Upstream, RawClient, header_list_too_large_goaway, server, still_serving  # noqa: F401 — server: the h2c server fixture
+from tests.h2c_peers import (H2Upstream, RawClient, header_list_too_large_goaway, server,  # noqa: F401 — the fixture
+                             still_serving)
 from tests.test_waypoint_l7 import GREETER_VIP, SAY_HELLO, RawH2, grpc_frame, grpc_unframe, l7_harness
 from tests.waypoint_harness import REVIEWS_VIP, config_docs, destination_rule, until, virtual_service
 
