@@ -34,6 +34,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -261,6 +262,30 @@ def config_signature(paths: tuple[str, ...]) -> tuple:
 # The running proxy
 
 
+async def _in_daemon_thread(fn, name: str):
+    """``fn()`` on a daemon thread of its own; its result (or exception) once it ends."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def work() -> None:
+        try:
+            result = (fn(), None)
+        except BaseException as err:   # noqa: BLE001 — handed to the loop
+            result = (None, err)
+        loop.call_soon_threadsafe(_settle_future, done, result)
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    value, err = await done
+    if err is not None:
+        raise err
+    return value
+
+
+def _settle_future(fut: asyncio.Future, result: tuple) -> None:
+    if not fut.done():   # (the awaiting task was cancelled: a stop meanwhile)
+        fut.set_result(result)
+
+
 class ProxyApp:
     """One proxy process: config store, certificates, telemetry, admin and the mode's data plane."""
 
@@ -279,6 +304,9 @@ class ProxyApp:
         self._signals = 0
         self._reloading = False      # a reload is running (see reload())
         self._reload_again = False   # ...and another was asked for meanwhile
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._jwks_wake: asyncio.Event | None = None   # a build's JWKS fetch failed: the refresher tries soon
+        self._jwks_due = False                          # ...noted before the refresher started (prepare)
 
     # ---- set-up that can fail with exit 2 (no event loop needed) ----
     def prepare(self) -> None:
@@ -317,6 +345,9 @@ class ProxyApp:
         self.settings = s = replace(s, trust_domain=td)
         self.store = ConfigStore(list(s.config_paths), mode=s.mode, scope=scope, clock=time.time,
                                  trust_domains=(td, *(a for a in s.trust_domain_aliases if a != td)))
+        if s.mode == "waypoint":
+            from proxy.jwks_resolver import JwksResolver
+            self.store.jwks = JwksResolver(on_missing=self._jwks_missing)
         self.store.load()
         self.metrics = Metrics()
         sink: Any = None
@@ -380,6 +411,8 @@ class ProxyApp:
         self._spawn(self._poll_config())
         self._spawn(self._rotate_certs())
         self._spawn(self._trim_when_idle())
+        if self.store.jwks is not None:
+            self._spawn(self._refresh_jwks())
         self.state = "ready"
         log.info("%s proxy ready (config v%s%s)", s.mode, self.store.current.version,
                  f", worker {self.worker}" if s.workers > 1 else "")
@@ -483,6 +516,49 @@ class ProxyApp:
             now = config_signature(paths)
             if now != sig:
                 sig = now
+                self.reload()
+
+    def _jwks_missing(self) -> None:
+        """From the config thread: a key set could not be fetched for the snapshot being built."""
+        self._jwks_due = True
+        loop, wake = self._loop, self._jwks_wake
+        if loop is not None and wake is not None:
+            loop.call_soon_threadsafe(wake.set)
+
+    async def _refresh_jwks(self) -> None:
+        """istiod's JWKS refresher (proxy/jwks_resolver.py): every key set fetched again on its schedule (20
+        minutes; after a failed round 1 minute, doubling up to an hour), the ones a build could not fetch at once
+        when it says so; a changed key set reloads the config. Fetches run on a daemon thread of their own (their
+        retries may take seconds), so a stop never waits for them."""
+        from proxy.jwks_resolver import JWKS_REFRESH_INTERVAL_S, next_refresh_interval
+        loop = self._loop = asyncio.get_running_loop()
+        wake = self._jwks_wake = asyncio.Event()
+        if self._jwks_due:
+            wake.set()
+        resolver = self.store.jwks
+        interval, last_errors = JWKS_REFRESH_INTERVAL_S, False
+        deadline = loop.time() + interval
+        while True:
+            try:
+                await asyncio.wait_for(wake.wait(), max(0.0, deadline - loop.time()))
+                missing_only = True
+            except TimeoutError:
+                missing_only = False
+            wake.clear()
+            self._jwks_due = False
+            try:
+                changed, errors = await _in_daemon_thread(lambda: resolver.refresh(only_missing=missing_only),
+                                                          "jwks-refresh")
+            except Exception:   # noqa: BLE001 — a bug here must not end the refresher: logged, tried again later
+                log.exception("JWKS refresh failed")
+                changed, errors = False, True
+            if not missing_only or errors:
+                # (A failed catch-up round moves the next one to the failure schedule too, so a waypoint that
+                # started while its identity provider was down does not wait the full 20 minutes.)
+                interval = next_refresh_interval(interval, errors, last_errors)
+                last_errors = errors
+                deadline = loop.time() + interval
+            if changed:
                 self.reload()
 
     async def _trim_when_idle(self) -> None:

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
+from policy.authn.remote import remote_sources, with_key_sets
 from policy.authz.select import PolicyIndex
 from policy.authz.trust_domain import for_waypoint
 from policy.errors import ConfigError
@@ -90,6 +91,16 @@ def strict_without_proxy(held: MeshConfig, scope: WaypointScope | None, me: Work
             f"labels here — add the waypoint's pod to the inventory",)
 
 
+def with_fetched_key_sets(snap: Snapshot, resolver) -> Snapshot:
+    """``snap`` with the key sets ``resolver`` has (or fetches now) for its RequestAuthentication rules that name
+    theirs by URL — what istiod inlines into a waypoint's config (proxy/jwks_resolver.py)."""
+    authns = snap.mesh.request_authentications
+    key_sets = resolver.key_sets(remote_sources(authns))
+    if not key_sets:
+        return snap
+    return replace(snap, mesh=replace(snap.mesh, request_authentications=with_key_sets(authns, key_sets)))
+
+
 def _settle(fut: asyncio.Future, result: tuple) -> None:
     if not fut.done():   # (the awaiting task was cancelled: a stop during the reload)
         fut.set_result(result)
@@ -115,6 +126,9 @@ class ConfigStore:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self._subscribers: list[Callable[[Snapshot | None, Snapshot], None]] = []
+        # A waypoint's JWKS resolver (proxy.jwks_resolver.JwksResolver, set by its runner): RequestAuthentication
+        # rules without an inline jwks get the key set it fetched, when the snapshot is built.
+        self.jwks = None
 
     def subscribe(self, fn: Callable[[Snapshot | None, Snapshot], None]) -> None:
         self._subscribers.append(fn)
@@ -124,8 +138,11 @@ class ConfigStore:
         Touches no state the event loop reads, so it may run on another thread (``reload_in_thread``)."""
         with gc_paused():   # (policy/mesh.py: the collector's full passes were half of a big load)
             mesh = load_mesh_config(self.paths)
-            return build_snapshot(mesh, mode=self.mode, scope=self.scope, version=self._version + 1,
+            snap = build_snapshot(mesh, mode=self.mode, scope=self.scope, version=self._version + 1,
                                   now=self._clock(), trust_domains=self.trust_domains)
+        if self.jwks is not None:   # (outside gc_paused: a fetch may wait for the network)
+            snap = with_fetched_key_sets(snap, self.jwks)
+        return snap
 
     def install(self, snap: Snapshot) -> Snapshot:
         """Swap ``snap`` in and tell the subscribers (on the event loop's thread)."""

@@ -107,7 +107,7 @@ def test_the_proto_example_loads_with_honest_warnings():
     assert (ra.namespace, ra.name, dict(ra.selector)) == ("foo", "httpbin", {"app": "httpbin"})
     (rule,) = ra.jwt_rules
     assert rule.issuer == "issuer-foo" and rule.jwks.fake and rule.jwks_uri.endswith("jwks.json")
-    assert any("does not fetch keys" in w and "fake key set" in w for w in ra.warnings)
+    assert any("comes from the network" in w and "fake key set" in w for w in ra.warnings)
     assert any("applies to no waypoint" in w for w in ra.warnings)
     # Selector policies never reach a waypoint.
     assert not jwt_rules_for_waypoint([ra], gateway=("foo", "waypoint"), services=[("foo", "httpbin")])

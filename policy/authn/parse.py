@@ -132,13 +132,15 @@ class _Parser(_Reader):
             except JwksError as err:
                 raise self.fail(_join(path, "jwks"), f"jwks parse error: {err}") from None
         else:
-            # No network at load time: do what istiod does when it cannot fetch the key set (or discover it
-            # from "<issuer>/.well-known/openid-configuration"): inline a fake JWKS that rejects every token.
+            # The key set comes from the network: a waypoint fetches it when it builds its config
+            # (proxy/jwks_resolver.py, as istiod's jwks_resolver.go); until a fetch succeeds it stands in istiod's
+            # fake JWKS ("using a fake JWKS for now"), which rejects every token. A load here does not fetch.
             jwks = fake_jwks(jwks_uri)
             where = f"jwksUri {jwks_uri!r}" if jwks_uri else f"OpenID discovery for issuer {issuer!r}"
-            self.warn(path, f"hbone-proxy does not fetch keys ({where}); as istiod does when a fetch fails, it "
-                            "uses a fake key set, so every token for this rule is rejected with 401 \"Jwks doesn't "
-                            "have key to match kid or alg from Jwt\". Put the key set inline in `jwks`")
+            self.warn(path, f"the key set comes from the network ({where}): a waypoint fetches it when it loads "
+                            "the config and every 20 minutes; until a fetch succeeds it uses istiod's fake key set, "
+                            "so every token for this rule is rejected with 401 \"Jwks doesn't have key to match kid "
+                            "or alg from Jwt\". Put the key set inline in `jwks` to need no network")
         from_headers = []
         if body.get("fromHeaders") is not None:
             items = self.list(body["fromHeaders"], _join(path, "fromHeaders"), MAX_LOCATIONS)
