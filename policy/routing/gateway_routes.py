@@ -43,7 +43,9 @@ from typing import Any, ClassVar
 from policy.errors import Where
 from policy.wire import ascii_lower, wire_form
 
-from .model import NO_HEADER_RULES, BackendRef, GwHeaderMatch, GwMatch, GwRule, ParentRef, StringMatch
+from .model import (
+    NO_HEADER_RULES, BackendRef, GwHeaderMatch, GwMatch, GwRule, NamespacedResource, ParentRef, StringMatch,
+)
 from .parse import (
     GATEWAY_MAX_WEIGHT, GW_HEADER_NAME_MAX, GW_HEADER_VALUE_MAX, MAX_PORT, _R, _TCHARS, _envelope, _gw_filters,
     _read_parent_refs,
@@ -95,7 +97,7 @@ class TcpRouteRule:
 
 
 @dataclass(frozen=True)
-class TcpRoute:
+class TcpRoute(NamespacedResource):
     """A Gateway API TCPRoute. ``hostnames`` is always empty (TCPRoute has none); it is there so the
     attachment check shared with HTTPRoute (table.py ``_hr_applies``) reads every route kind alike."""
 
@@ -108,13 +110,9 @@ class TcpRoute:
     warnings: tuple[str, ...] = ()
     hostnames: tuple[str, ...] = ()
 
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
 
 @dataclass(frozen=True)
-class TlsRoute:
+class TlsRoute(NamespacedResource):
     """A Gateway API TLSRoute: a TCPRoute with ``hostnames`` (the SNI names). Its rules are ``TcpRouteRule``s
     (TLSRouteRule has the same fields). How a waypoint applies it: policy.routing.tls."""
 
@@ -127,13 +125,9 @@ class TlsRoute:
     order: int = 0
     warnings: tuple[str, ...] = ()
 
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
 
 @dataclass(frozen=True)
-class GrpcRoute:
+class GrpcRoute(NamespacedResource):
     """A Gateway API GRPCRoute; its rules are ``GwRule``s (matches as ``GwMatch`` over the path, see the
     module docstring), so table.py builds their actions exactly as an HTTPRoute rule's."""
 
@@ -145,10 +139,6 @@ class GrpcRoute:
     rules: tuple[GwRule, ...] = ()
     order: int = 0
     warnings: tuple[str, ...] = ()
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
 
 # ---------------------------------------------------------------------------------------------

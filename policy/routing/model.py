@@ -23,6 +23,18 @@ EMPTY: Mapping = MappingProxyType({})
 # as written (``value``, ``path``, ...) and in its wire form (``*_wire`` / ``wire``), derived here.
 
 
+class NamespacedResource:
+    """Base of the resource models (frozen dataclasses with ``namespace`` and ``name`` fields; this class adds
+    no field): ``key``, ``namespace/name``, is how indexes, logs and errors name the resource."""
+
+    namespace: str
+    name: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Matching
 
@@ -483,7 +495,7 @@ class TcpRule:
 
 
 @dataclass(frozen=True)
-class VirtualService:
+class VirtualService(NamespacedResource):
     namespace: str
     name: str
     hosts: tuple[str, ...]
@@ -493,10 +505,6 @@ class VirtualService:
     export_to: tuple[str, ...] = ()
     order: int = 0                       # load order, standing in for creationTimestamp
     warnings: tuple[str, ...] = ()
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -738,7 +746,7 @@ class Subset:
 
 
 @dataclass(frozen=True)
-class DestinationRule:
+class DestinationRule(NamespacedResource):
     namespace: str
     name: str
     host: str
@@ -748,10 +756,6 @@ class DestinationRule:
     workload_selector: Mapping[str, str] | None = None
     order: int = 0
     warnings: tuple[str, ...] = ()
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
     def subset(self, name: str) -> Subset | None:
         for s in self.subsets:
@@ -839,7 +843,7 @@ class GwRule:
 
 
 @dataclass(frozen=True)
-class HttpRoute:
+class HttpRoute(NamespacedResource):
     namespace: str
     name: str
     parent_refs: tuple[ParentRef, ...]
@@ -847,10 +851,6 @@ class HttpRoute:
     rules: tuple[GwRule, ...] = ()
     order: int = 0                   # load order, standing in for creationTimestamp ("oldest first")
     warnings: tuple[str, ...] = ()
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -863,7 +863,7 @@ class Listener:
 
 
 @dataclass(frozen=True)
-class Gateway:
+class Gateway(NamespacedResource):
     namespace: str
     name: str
     gateway_class: str
@@ -872,10 +872,6 @@ class Gateway:
     order: int = 0
 
     WAYPOINT_CLASS = "istio-waypoint"   # constants.WaypointGatewayClassName
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
 
     @property
     def is_waypoint(self) -> bool:
