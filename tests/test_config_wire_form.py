@@ -14,6 +14,7 @@ written — end to end through a real waypoint over HBONE, and at the route-sele
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 
@@ -102,15 +103,20 @@ WIRE_ROUTES = virtual_service("reviews", """
 """)
 
 
+@contextlib.asynccontextmanager
 async def wire_harness(tmp_path, loopback_ip, routing: str = WIRE_ROUTES, authz: bool = False):
+    """The reviews harness on ``routing`` with one Recorder behind every pod; yields (harness, recorder) and
+    closes the harness after."""
     h = await start_harness(tmp_path, loopback_ip, routing=routing, authz=authz)
     rec = await recording_backends(h)
-    return h, rec
+    try:
+        yield h, rec
+    finally:
+        await h.close()
 
 
 async def test_e2e_non_ascii_header_match_compares_utf8_bytes(tmp_path, loopback_ip):
-    h, rec = await wire_harness(tmp_path, loopback_ip)
-    try:
+    async with wire_harness(tmp_path, loopback_ip) as (h, rec):
         client = h.client()
         stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
         # exact header match on the UTF-8 bytes of "José"
@@ -120,13 +126,10 @@ async def test_e2e_non_ascii_header_match_compares_utf8_bytes(tmp_path, loopback
         # the same text in latin-1 (one byte 0xE9) is another value: Envoy compares bytes
         status, _, _ = await client.request(stream, "/h", headers=[(b"x-name", "José".encode("latin-1"))])
         assert status == 200 and (b"x-matched", b"header-exact") not in rec.requests[-1]["headers"]
-    finally:
-        await h.close()
 
 
 async def test_e2e_rewrite_and_header_values_with_euro_go_out_as_utf8(tmp_path, loopback_ip):
-    h, rec = await wire_harness(tmp_path, loopback_ip)
-    try:
+    async with wire_harness(tmp_path, loopback_ip) as (h, rec):
         client = h.client()
         stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
         # prefix match on "/café/", rewrite to "/€/é/" (latin-1 cannot even encode "€"), authority rewrite
@@ -141,13 +144,10 @@ async def test_e2e_rewrite_and_header_values_with_euro_go_out_as_utf8(tmp_path, 
         # the tunnel is still good after that
         status, _, body = await client.request(stream, "/plain")
         assert (status, body) == (200, b"ok") and rec.requests[-1]["target"] == b"/plain"
-    finally:
-        await h.close()
 
 
 async def test_e2e_redirect_location_is_utf8(tmp_path, loopback_ip):
-    h, rec = await wire_harness(tmp_path, loopback_ip)
-    try:
+    async with wire_harness(tmp_path, loopback_ip) as (h, rec):
         client = h.client()
         stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
         status, headers, _ = await client.request(stream, "/go")
@@ -155,8 +155,6 @@ async def test_e2e_redirect_location_is_utf8(tmp_path, loopback_ip):
         assert headers["location"] == "http://bücher.example/ünïcode/€"
         status, _, body = await client.request(stream, "/plain")
         assert (status, body) == (200, b"ok")
-    finally:
-        await h.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,8 +392,7 @@ spec:
 
 
 async def test_e2e_h2c_utf8_path_matches_rewrites_and_authz(tmp_path, loopback_ip):
-    h, rec = await wire_harness(tmp_path, loopback_ip, routing=PATH_ROUTES + "\n---\n" + UTF8_DENY)
-    try:
+    async with wire_harness(tmp_path, loopback_ip, routing=PATH_ROUTES + "\n---\n" + UTF8_DENY) as (h, rec):
         c = RawH2(await h.client().tunnel(f"{REVIEWS_VIP}:9080"))
         r = await c.get(wire("/ça/€"))
         assert r["headers"][b":status"] == b"200"
@@ -418,19 +415,14 @@ async def test_e2e_h2c_utf8_path_matches_rewrites_and_authz(tmp_path, loopback_i
         r = await c.get(b"/h", headers=[(b"x-user", b"Jose")])
         assert r["headers"][b":status"] == b"200"
         assert len(rec.requests) == n + 1
-    finally:
-        await h.close()
 
 
 async def test_e2e_views_show_the_config_text_as_written(tmp_path, loopback_ip):
-    h, _ = await wire_harness(tmp_path, loopback_ip, routing=PATH_ROUTES)
-    try:
+    async with wire_harness(tmp_path, loopback_ip, routing=PATH_ROUTES) as (h, _):
         views = build_waypoint_views(**views_input(h.store.current), hbone_addr=f"{h.wp_ip}:15008").to_dict()
         text = json.dumps(views, ensure_ascii=False)
         assert '"/ça/€"' in text                       # the exact match, as written
         assert "Ã" not in text and "â\x82¬" not in text   # no wire form anywhere
-    finally:
-        await h.close()
 
 
 def test_config_check_loads_utf8_values_and_names_a_value_that_would_split_headers(tmp_path):
@@ -470,8 +462,7 @@ def test_exact_and_prefix_match_iff_the_utf8_bytes_do(config, sent, upper):
 
 
 async def test_explain_answers_for_the_utf8_bytes_a_client_would_send(tmp_path, loopback_ip):
-    h, _ = await wire_harness(tmp_path, loopback_ip, routing=PATH_ROUTES)
-    try:
+    async with wire_harness(tmp_path, loopback_ip, routing=PATH_ROUTES) as (h, _):
         src = "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
         ans = explain_request(h.store.current, src, (REVIEWS_VIP, 9080), "GET", "/h", {"x-name": "José"})
         assert ans["route"]["rule"] == 0                            # header-exact
@@ -479,5 +470,3 @@ async def test_explain_answers_for_the_utf8_bytes_a_client_would_send(tmp_path, 
         assert ans["route"]["rule"] == 3                            # utf8-path
         ans = explain_request(h.store.current, src, (REVIEWS_VIP, 9080), "GET", "/go", None)
         assert ans["response"]["location"] == "http://bücher.example/ünïcode/€"
-    finally:
-        await h.close()

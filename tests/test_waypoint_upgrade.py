@@ -6,6 +6,7 @@ websocket}]; other upgrades get Envoy's 403 "upgrade_failed", HTTP/1 CONNECT Env
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import base64
 import hashlib
 from pathlib import Path
@@ -72,7 +73,10 @@ class WsBackend:
         await raw.drain()
 
 
+@contextlib.asynccontextmanager
 async def ws_harness(tmp_path, loopback_ip, routing: str | None = "default"):
+    """The reviews harness with each pod's backend a ``WsBackend`` (same address and port); yields (harness,
+    backends by version) and closes the harness after."""
     h = await start_harness(tmp_path, loopback_ip, routing=routing)
     backends = {}
     for ip, pod in h.pods.items():
@@ -84,7 +88,10 @@ async def ws_harness(tmp_path, loopback_ip, routing: str | None = "default"):
 
         pod.backend = await asyncio.start_server(serve, ip, 9080)
         backends[pod.version] = backend
-    return h, backends
+    try:
+        yield h, backends
+    finally:
+        await h.close()
 
 
 async def handshake(stream, request: bytes) -> tuple[ResponseHead, bytes]:
@@ -122,8 +129,7 @@ async def read_exactly(stream, n: int, have: bytes = b"") -> bytes:
 
 
 async def test_websocket_101_accept_then_1mib_each_way_byte_exact_and_half_close(tmp_path, loopback_ip):
-    h, backends = await ws_harness(tmp_path, loopback_ip)
-    try:
+    async with ws_harness(tmp_path, loopback_ip) as (h, backends):
         client = h.client()
         stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
         # The client's first frame rides in the same write as the handshake: it must reach the backend
@@ -167,13 +173,10 @@ async def test_websocket_101_accept_then_1mib_each_way_byte_exact_and_half_close
         text = h.metrics.exposition().decode()
         assert 'response_code="101"' in text
         assert repr(h.waypoint.http).count("idle=0") >= 1   # the upgraded connection was not pooled
-    finally:
-        await h.close()
 
 
 async def test_upgrade_follows_the_90_10_route(tmp_path, loopback_ip):
-    h, backends = await ws_harness(tmp_path, loopback_ip)
-    try:
+    async with ws_harness(tmp_path, loopback_ip) as (h, backends):
         client = h.client()
         versions: dict[bytes, int] = {}
         for _ in range(200):
@@ -191,13 +194,10 @@ async def test_upgrade_follows_the_90_10_route(tmp_path, loopback_ip):
             raw.close()
         assert set(versions) <= {b"v1", b"v2"}
         assert 8 <= versions.get(b"v2", 0) <= 36, versions     # 10 % of 200, generous bounds
-    finally:
-        await h.close()
 
 
 async def test_denied_upgrade_is_403_and_nothing_is_relayed(tmp_path, loopback_ip):
-    h, backends = await ws_harness(tmp_path, loopback_ip)
-    try:
+    async with ws_harness(tmp_path, loopback_ip) as (h, backends):
         other = h.client("bookinfo-ratings")   # reviews allows only productpage
         stream = await other.tunnel(f"{REVIEWS_VIP}:9080")
         head, body = await handshake(stream, upgrade_request())
@@ -207,13 +207,10 @@ async def test_denied_upgrade_is_403_and_nothing_is_relayed(tmp_path, loopback_i
         lines = await h.log_lines(1)
         deny = [x for x in lines if x.get("kind") == "http"]
         assert deny[0]["status"] == 403 and deny[0]["authz"] == "deny"
-    finally:
-        await h.close()
 
 
 async def test_non_101_answer_is_a_normal_response_and_the_connection_stays_http(tmp_path, loopback_ip):
-    h, backends = await ws_harness(tmp_path, loopback_ip)
-    try:
+    async with ws_harness(tmp_path, loopback_ip) as (h, backends):
         client = h.client()
         stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
         # The next request is pipelined right behind the refused upgrade: held, then parsed as HTTP.
@@ -227,13 +224,10 @@ async def test_non_101_answer_is_a_normal_response_and_the_connection_stays_http
         stream.close()
         seen = [r[0] for b in backends.values() for r in b.requests]
         assert sorted(seen) == [b"/plain", b"/plain2", b"/plain3"]
-    finally:
-        await h.close()
 
 
 async def test_unconfigured_upgrade_403_and_http1_connect_404_nr(tmp_path, loopback_ip):
-    h, backends = await ws_harness(tmp_path, loopback_ip)
-    try:
+    async with ws_harness(tmp_path, loopback_ip) as (h, backends):
         client = h.client()
         stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
         head, body = await handshake(stream, upgrade_request(upgrade=b"foo"))
@@ -257,8 +251,6 @@ async def test_unconfigured_upgrade_403_and_http1_connect_404_nr(tmp_path, loopb
         failed = [x for x in lines if x.get("kind") == "http" and x.get("status") == 403]
         assert failed and failed[0]["response_code_details"] == "upgrade_failed"
         assert [r[0] for b in backends.values() for r in b.requests] == [b"/plain"]   # foo never left
-    finally:
-        await h.close()
 
 
 TIMED_ROUTING = (FIXTURES / "bookinfo" / "reviews-routing.yaml").read_text().replace(
@@ -269,8 +261,7 @@ TIMED_ROUTING = (FIXTURES / "bookinfo" / "reviews-routing.yaml").read_text().rep
 
 async def test_route_timeout_bounds_the_handshake_not_the_relay(tmp_path, loopback_ip):
     assert "timeout: 0.5s" in TIMED_ROUTING
-    h, backends = await ws_harness(tmp_path, loopback_ip, routing=TIMED_ROUTING)
-    try:
+    async with ws_harness(tmp_path, loopback_ip, routing=TIMED_ROUTING) as (h, backends):
         client = h.client()
         stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
         head, body = await handshake(stream, upgrade_request("/timed/ws?delay=2"))
@@ -285,13 +276,10 @@ async def test_route_timeout_bounds_the_handshake_not_the_relay(tmp_path, loopba
         stream.write_eof()
         assert await asyncio.wait_for(stream.read(), 5) == b""
         stream.close()
-    finally:
-        await h.close()
 
 
 async def test_upstream_reset_mid_relay_resets_the_client(tmp_path, loopback_ip):
-    h, backends = await ws_harness(tmp_path, loopback_ip)
-    try:
+    async with ws_harness(tmp_path, loopback_ip) as (h, backends):
         client = h.client()
         stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
         head, tail = await handshake(stream, upgrade_request("/ws?reset"))
@@ -306,8 +294,6 @@ async def test_upstream_reset_mid_relay_resets_the_client(tmp_path, loopback_ip)
         lines = await h.log_lines(2)
         ws = [x for x in lines if x.get("kind") == "http"]
         assert ws[0]["status"] == 101 and "reset" in ws[0]["error"] and ws[0]["response_flags"] == "UC"
-    finally:
-        await h.close()
 
 
 FAULT_ROUTING = (FIXTURES / "bookinfo" / "reviews-routing.yaml").read_text().replace(
@@ -322,8 +308,7 @@ async def test_upgrade_gets_fault_and_header_operations_of_its_route(tmp_path, l
     """The upgrade request goes through the route like any request: a fault abort answers it (and the
     connection stays HTTP), a rule's header set reaches the upstream, its subset is the one chosen."""
     assert "/aborted" in FAULT_ROUTING and "/moved" in FAULT_ROUTING
-    h, backends = await ws_harness(tmp_path, loopback_ip, routing=FAULT_ROUTING)
-    try:
+    async with ws_harness(tmp_path, loopback_ip, routing=FAULT_ROUTING) as (h, backends):
         client = h.client()
         stream = await client.tunnel(f"{REVIEWS_VIP}:9080")
         head, body = await handshake(stream, upgrade_request("/aborted/ws", upgrade=b"WebSocket"))
@@ -340,5 +325,3 @@ async def test_upgrade_gets_fault_and_header_operations_of_its_route(tmp_path, l
         lines = await h.log_lines(3)
         flags = {x["path"]: x["response_flags"] for x in lines if x.get("kind") == "http"}
         assert flags == {"/aborted/ws": "FI", "/moved/ws": "-"}
-    finally:
-        await h.close()
