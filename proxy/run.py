@@ -34,7 +34,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -260,30 +259,6 @@ def config_signature(paths: tuple[str, ...]) -> tuple:
 
 # ---------------------------------------------------------------------------------------------
 # The running proxy
-
-
-async def _in_daemon_thread(fn, name: str):
-    """``fn()`` on a daemon thread of its own; its result (or exception) once it ends."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future = loop.create_future()
-
-    def work() -> None:
-        try:
-            result = (fn(), None)
-        except BaseException as err:   # noqa: BLE001 — handed to the loop
-            result = (None, err)
-        loop.call_soon_threadsafe(_settle_future, done, result)
-
-    threading.Thread(target=work, name=name, daemon=True).start()
-    value, err = await done
-    if err is not None:
-        raise err
-    return value
-
-
-def _settle_future(fut: asyncio.Future, result: tuple) -> None:
-    if not fut.done():   # (the awaiting task was cancelled: a stop meanwhile)
-        fut.set_result(result)
 
 
 class ProxyApp:
@@ -531,6 +506,7 @@ class ProxyApp:
         when it says so; a changed key set reloads the config. Fetches run on a daemon thread of their own (their
         retries may take seconds), so a stop never waits for them."""
         from proxy.jwks_resolver import JWKS_REFRESH_INTERVAL_S, next_refresh_interval
+        from proxy.snapshot import in_daemon_thread
         loop = self._loop = asyncio.get_running_loop()
         wake = self._jwks_wake = asyncio.Event()
         if self._jwks_due:
@@ -547,7 +523,7 @@ class ProxyApp:
             wake.clear()
             self._jwks_due = False
             try:
-                changed, errors = await _in_daemon_thread(lambda: resolver.refresh(only_missing=missing_only),
+                changed, errors = await in_daemon_thread(lambda: resolver.refresh(only_missing=missing_only),
                                                           "jwks-refresh")
             except Exception:   # noqa: BLE001 — a bug here must not end the refresher: logged, tried again later
                 log.exception("JWKS refresh failed")
