@@ -6,8 +6,8 @@ websocket}]; other upgrades get Envoy's 403 "upgrade_failed", HTTP/1 CONNECT Env
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import base64
+import contextlib
 import hashlib
 from pathlib import Path
 
