@@ -26,6 +26,7 @@ roots.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import ssl
@@ -66,11 +67,15 @@ def http_get(url: str, timeout_s: float, max_bytes: int) -> bytes:
     """GET ``url`` (http or https, redirects followed within those schemes) and return its 2xx body, all of it
     within ``timeout_s`` (a deadline for the whole exchange, as istiod's request context) and at most
     ``max_bytes``; anything else raises ``FetchError``."""
-    if urlsplit(url).scheme not in JWKS_FETCH_SCHEMES:
+    parts = urlsplit(url)
+    if parts.scheme not in JWKS_FETCH_SCHEMES:
         raise FetchError(f"scheme of {url[:120]!r} is not http or https")
     deadline = time.monotonic() + timeout_s
     opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(),
+    # Proxies from the environment (http_proxy, https_proxy, no_proxy), except for a loopback host, which Go's
+    # http.ProxyFromEnvironment never proxies (x/net/http/httpproxy useProxy: "localhost" and loopback IPs).
+    proxies = {} if _is_loopback(parts.hostname or "") else None
+    for handler in (urllib.request.ProxyHandler(proxies), urllib.request.HTTPHandler(),
                     urllib.request.HTTPSHandler(context=ssl.create_default_context()),
                     urllib.request.HTTPRedirectHandler(), urllib.request.HTTPDefaultErrorHandler(),
                     urllib.request.HTTPErrorProcessor()):
@@ -98,6 +103,15 @@ def http_get(url: str, timeout_s: float, max_bytes: int) -> bytes:
         reason = getattr(err, "reason", err)
         raise FetchError(f"{reason.__class__.__name__}: {reason}" if isinstance(reason, BaseException)
                          else str(reason)) from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass

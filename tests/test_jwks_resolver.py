@@ -164,6 +164,15 @@ def test_http_get_answers_the_body_or_says_why_not(idp):
     assert time.monotonic() - t0 < 2.0
 
 
+def test_proxies_from_the_environment_are_not_used_for_loopback(idp, monkeypatch):
+    # (Go's http.ProxyFromEnvironment, istiod's client: loopback is never proxied.)
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    assert http_get(idp.serve("/keys", ISSUER.jwks()), 2.0, JWKS_FETCH_MAX_BYTES) == ISSUER.jwks().encode()
+    with pytest.raises(FetchError, match="Connection refused"):   # another host goes to the (dead) proxy
+        http_get("http://idp.invalid/keys", 2.0, 1000)
+
+
 def test_http_get_of_a_closed_port_fails_quickly(loopback_ip):
     with pytest.raises(FetchError):
         http_get(f"http://{loopback_ip()}:9/keys", 2.0, 1000)
