@@ -1,6 +1,7 @@
 """Junk for the parsers' "only our own error type escapes" tests: the paths of a parsed YAML document's
-leaves, setting one, and a hypothesis-drawn mutation of a valid document (a few leaves replaced by drawn
-values), shared by the routing, Gateway API route, ServiceEntry and AuthorizationPolicy parser tests."""
+leaves, setting one, a hypothesis-drawn mutation of a valid document (a few leaves replaced by drawn
+values), shared by the routing, Gateway API route, ServiceEntry and AuthorizationPolicy parser tests; and the
+JSON-like values the Gateway API route tests draw."""
 
 from __future__ import annotations
 
@@ -37,3 +38,14 @@ def mutate(doc, data: st.DataObject, values: st.SearchStrategy, *, min_times: in
         except (KeyError, IndexError, TypeError):
             continue   # an earlier mutation removed this path
     return doc
+
+
+def junk_json(words: list[str], keys: list[str]) -> st.SearchStrategy:
+    """JSON-like values: null, booleans, integers -5..70000, text of up to 6 characters or one of ``words``;
+    lists of up to 4 and mappings of up to 5 (keys from ``keys`` or text of up to 4); at most 25 leaves."""
+    return st.recursive(
+        st.none() | st.booleans() | st.integers(-5, 70000) | st.text(max_size=6) | st.sampled_from(words),
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(
+            st.sampled_from(keys) | st.text(max_size=4), children, max_size=5),
+        max_leaves=25,
+    )
