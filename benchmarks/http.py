@@ -134,37 +134,30 @@ spec:
       values: ["*"]
 """
 
-NGINX_MESH_BACKEND_CONF = """
-daemon off; worker_processes 1; pid {dir}/mesh-backend.pid; error_log {dir}/mesh-backend-error.log warn;
+# What every nginx party here shares: one worker in the foreground, its pid, error log and temporary
+# files in the work directory under the party's name, no access log, and keep-alive connections that
+# are never closed for their request count. ``{http}`` is the party's own part of the http block.
+NGINX_CONF = """
+daemon off; worker_processes 1; pid {dir}/{name}.pid; error_log {dir}/{name}-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   access_log off; keepalive_requests 1000000;
-  client_body_temp_path {dir}/m-body; proxy_temp_path {dir}/m-proxy; fastcgi_temp_path {dir}/m-fcgi;
-  uwsgi_temp_path {dir}/m-uwsgi; scgi_temp_path {dir}/m-scgi;
+  client_body_temp_path {dir}/{name}-body; proxy_temp_path {dir}/{name}-proxy; fastcgi_temp_path {dir}/{name}-fcgi;
+  uwsgi_temp_path {dir}/{name}-uwsgi; scgi_temp_path {dir}/{name}-scgi;
+{http}}}
+"""
+
+NGINX_MESH_BACKEND_HTTP = """\
   server {{ listen {v1}:{port}; location / {{ return 200 "v1\\n"; }} }}
   server {{ listen {v2}:{port}; location / {{ return 200 "v2\\n"; }} }}
-}}
 """
 
-NGINX_BACKEND_CONF = """
-daemon off; worker_processes 1; pid {dir}/backend.pid; error_log {dir}/backend-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off; keepalive_requests 1000000;
-  client_body_temp_path {dir}/b-body; proxy_temp_path {dir}/b-proxy; fastcgi_temp_path {dir}/b-fcgi;
-  uwsgi_temp_path {dir}/b-uwsgi; scgi_temp_path {dir}/b-scgi;
+NGINX_BACKEND_HTTP = """\
   server {{ listen {host}:{v1}; location / {{ return 200 "v1\\n"; }} }}
   server {{ listen {host}:{v2}; location / {{ return 200 "v2\\n"; }} }}
-}}
 """
 
-NGINX_PROXY_CONF = """
-daemon off; worker_processes 1; pid {dir}/proxy.pid; error_log {dir}/proxy-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off; keepalive_requests 1000000;
-  client_body_temp_path {dir}/p-body; proxy_temp_path {dir}/p-proxy; fastcgi_temp_path {dir}/p-fcgi;
-  uwsgi_temp_path {dir}/p-uwsgi; scgi_temp_path {dir}/p-scgi;
+NGINX_PROXY_HTTP = """\
   upstream split {{ server {host}:{v1} weight=9; server {host}:{v2} weight=1; keepalive 64; }}
   server {{
     listen {host}:{port};
@@ -173,7 +166,6 @@ http {{
       proxy_pass http://split; proxy_http_version 1.1; proxy_set_header Connection "";
     }}
   }}
-}}
 """
 
 # maxconn: haproxy needs ~2 descriptors per connection and refuses to start if it cannot raise
@@ -236,8 +228,8 @@ class OursMesh:
             self.reviews = (m.layout.service_vip("reviews"), bi.APP_PORT)
             self.productpage = m.layout.ip_of("productpage-v1-0")
             v1, v2 = m.layout.ip_of("reviews-v1-0"), m.layout.ip_of("reviews-v2-0")
-            conf = NGINX_MESH_BACKEND_CONF.format(dir=workdir, v1=v1, v2=v2, port=bi.APP_PORT)
-            self.backend = _nginx(nginx, workdir, "mesh-backend", conf, (v1, bi.APP_PORT))
+            servers = NGINX_MESH_BACKEND_HTTP.format(v1=v1, v2=v2, port=bi.APP_PORT)
+            self.backend = _nginx(nginx, workdir, "mesh-backend", servers, (v1, bi.APP_PORT))
             quiet = ("--access-log", "off", "--log-level", "warning")
             # All three start at once, then each is waited for (~1.3 s → ~0.6 s on an idle box).
             self.node_a = m.start_node("node-a", bi.INFRA["node-a"], extra=quiet, wait=False)
@@ -477,12 +469,12 @@ def run_http(toolbox: Toolbox, *, repeat: int, seconds: float, full: bool = Fals
     build = builder.submit(build_c, C_CLIENT_SOURCE, exe)
     try:
         v1, v2 = free_port(), free_port()
-        backend = _nginx(tools["nginx"], workdir, "backend", NGINX_BACKEND_CONF.format(dir=workdir, host=HOST, v1=v1, v2=v2), (HOST, v1))
+        backend = _nginx(tools["nginx"], workdir, "backend", NGINX_BACKEND_HTTP.format(host=HOST, v1=v1, v2=v2), (HOST, v1))
         parties.append(backend)
         targets: dict[str, Party | OursMesh | WaypointOnly | WaypointL4 | NoWaypoint | str] = {"direct": f"{HOST}:{v1}"}
         port = free_port()
         try:
-            p = _nginx(tools["nginx"], workdir, "nginx", NGINX_PROXY_CONF.format(dir=workdir, host=HOST, v1=v1, v2=v2, port=port), (HOST, port))
+            p = _nginx(tools["nginx"], workdir, "nginx", NGINX_PROXY_HTTP.format(host=HOST, v1=v1, v2=v2, port=port), (HOST, port))
             parties.append(p)
             _check_split_and_deny(HOST, port)
             targets["nginx"] = p
@@ -776,9 +768,10 @@ def _measure_load(row: Row, target, seconds: float) -> None:
     row.info["bodies"] = r.get("bodies", {})
 
 
-def _nginx(exe: str, workdir: Path, name: str, conf: str, port: tuple[str, int]) -> Party:
+def _nginx(exe: str, workdir: Path, name: str, http: str, port: tuple[str, int]) -> Party:
+    """nginx as the party ``name``, serving ``http`` (its part of NGINX_CONF's http block)."""
     path = workdir / f"{name}.conf"
-    path.write_text(conf)
+    path.write_text(NGINX_CONF.format(dir=workdir, name=name, http=http))
     p = Party(name, [exe, "-c", str(path), "-p", str(workdir)], workdir, port=port)
     p.start()
     return p
