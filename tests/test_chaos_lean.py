@@ -25,6 +25,7 @@ More examples for a bug hunt: CHAOS_LEAN_EXAMPLES=300 (the suite runs EXAMPLES).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -496,13 +497,23 @@ async def _probe_pool(h, dropped: bool) -> int:
     return n
 
 
+@contextlib.asynccontextmanager
+async def _watched_harness(tmp: Path, loopback_ip, **options):
+    """``start_harness(tmp, loopback_ip, **options)`` with an ``_Errors`` handler on the root logger; yields
+    (harness, errors) and, after, takes the handler off and closes the harness."""
+    errors = _Errors()
+    logging.getLogger().addHandler(errors)
+    h = await start_harness(tmp, loopback_ip, **options)
+    try:
+        yield h, errors
+    finally:
+        logging.getLogger().removeHandler(errors)
+        await h.close()
+
+
 async def _example(tmp: Path, loopback_ip, scripts: list, seed: int, drop: float) -> None:
     rng = random.Random(seed)
-    errors = _Errors()
-    root = logging.getLogger()
-    root.addHandler(errors)
-    h = await start_harness(tmp, loopback_ip, rng=random.Random(seed))
-    try:
+    async with _watched_harness(tmp, loopback_ip, rng=random.Random(seed)) as (h, errors):
         backends = await _erratic_pods(h, rng, drop)
         clients = [h.client(), h.client()]   # two HBONE connections to the waypoint, tunnels spread over them
         streams = await asyncio.gather(*(clients[i % 2].tunnel(f"{REVIEWS_VIP}:9080")
@@ -559,9 +570,6 @@ async def _example(tmp: Path, loopback_ip, scripts: list, seed: int, drop: float
         assert sum(extra.values()) <= sum(broke), ("request lines nobody answered", extra, http)
         assert wp.http.inline > 0
         assert not errors.records, errors.text()
-    finally:
-        root.removeHandler(errors)
-        await h.close()
 
 
 @hsettings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -580,10 +588,7 @@ ALL_TO_V1 = config_docs(virtual_service("reviews", "- route:\n  - destination: {
 
 
 async def _pod_drops(tmp: Path, loopback_ip) -> None:
-    errors = _Errors()
-    logging.getLogger().addHandler(errors)
-    h = await start_harness(tmp, loopback_ip, routing=ALL_TO_V1)
-    try:
+    async with _watched_harness(tmp, loopback_ip, routing=ALL_TO_V1) as (h, errors):
         backends = await _erratic_pods(h, random.Random(1), 0.0)
         v1 = next(b for b in backends.values() if b.version == "v1")
         pod = next(p for p in h.pods.values() if p.version == "v1")
@@ -631,9 +636,6 @@ async def _pod_drops(tmp: Path, loopback_ip) -> None:
         http = [x for x in (json.loads(x) for x in h.log_sink.getvalue().splitlines() if x) if x["kind"] == "http"]
         assert [x["status"] for x in http] == [200] * 11 + [503] + [200] * 2, http
         assert not errors.records, errors.text()
-    finally:
-        logging.getLogger().removeHandler(errors)
-        await h.close()
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -653,10 +655,7 @@ PAD = b"x-pad: " + b"a" * 12_000 + b"\r\n"
 
 
 async def _slow_reader(tmp: Path, loopback_ip) -> None:
-    errors = _Errors()
-    logging.getLogger().addHandler(errors)
-    h = await start_harness(tmp, loopback_ip)
-    try:
+    async with _watched_harness(tmp, loopback_ip) as (h, errors):
         src = cert_source("default", "bookinfo-productpage")
         pool = HbonePool(src.client_context, trust_domain="cluster.local",
                          settings=HboneSettings(stream_window=SMALL_WINDOW))
@@ -698,9 +697,6 @@ async def _slow_reader(tmp: Path, loopback_ip) -> None:
                         f"the tunnel ended ({end})", SETTLE_S)
         await _probe_pool(h, False)
         assert not errors.records, errors.text()
-    finally:
-        logging.getLogger().removeHandler(errors)
-        await h.close()
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -712,10 +708,7 @@ def test_a_client_reading_slower_than_it_asks_is_answered_in_order_then_ends(tmp
 
 
 async def _stray(tmp: Path, loopback_ip) -> None:
-    errors = _Errors()
-    logging.getLogger().addHandler(errors)
-    h = await start_harness(tmp, loopback_ip, routing=ALL_TO_V1)
-    try:
+    async with _watched_harness(tmp, loopback_ip, routing=ALL_TO_V1) as (h, errors):
         backends = await _erratic_pods(h, random.Random(1), 0.0)
         v1 = next(b for b in backends.values() if b.version == "v1")
         pool = h.waypoint.http.h1pool
@@ -735,9 +728,6 @@ async def _stray(tmp: Path, loopback_ip) -> None:
         await until(lambda: h.waypoint.active_tunnels == 0 and not _pipeline_tasks(), "the tunnel ended")
         await _probe_pool(h, False)
         assert not errors.records, errors.text()
-    finally:
-        logging.getLogger().removeHandler(errors)
-        await h.close()
 
 
 @pytest.mark.parametrize("lean", [True, False])
