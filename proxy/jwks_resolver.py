@@ -26,6 +26,7 @@ roots.
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import json
 import logging
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
-from policy.authn.jwks import MAX_JWKS_BYTES, JwksError, parse_jwks
+from policy.authn.jwks import MAX_JWKS_BYTES, parse_jwks
 from policy.authn.model import Jwks
 from policy.authn.remote import KeySource, jwks_uri_from_discovery
 
@@ -96,10 +97,12 @@ def http_get(url: str, timeout_s: float, max_bytes: int) -> bytes:
                 size += len(chunk)
             if size > max_bytes:
                 raise FetchError(f"body longer than {max_bytes} bytes")
+            if resp.length:   # (http.client's read1 ends quietly when the peer closes short of Content-Length)
+                raise FetchError(f"body ended {resp.length} bytes short of its Content-Length")
             return b"".join(chunks)
     except urllib.error.HTTPError as err:
         raise FetchError(f"status {err.code}") from None
-    except (urllib.error.URLError, OSError, ValueError) as err:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", err)
         raise FetchError(f"{reason.__class__.__name__}: {reason}" if isinstance(reason, BaseException)
                          else str(reason)) from None
@@ -246,8 +249,10 @@ class JwksResolver:
                 text = self._fetch(uri, src.timeout_s, JWKS_FETCH_MAX_BYTES).decode("utf-8")
                 jwks = parse_jwks(text)
                 result = (jwks, _normal(text), "")
-            except (FetchError, JwksError, UnicodeDecodeError) as err:
-                result = (None, "", f"{err.__class__.__name__}: {err}" if not isinstance(err, FetchError) else str(err))
+            except FetchError as err:
+                result = (None, "", str(err))
+            except Exception as err:   # noqa: BLE001 — whatever a provider sends is a failed fetch, never a crash
+                result = (None, "", f"{err.__class__.__name__}: {err}")
             with self._lock:
                 if result[0] is None:
                     self.fetches_failed += 1

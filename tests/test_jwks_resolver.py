@@ -124,7 +124,8 @@ def test_with_key_sets_puts_fetched_keys_in_place_of_the_fake_ones_only():
 
 
 @pytest.mark.parametrize("body,problem", [
-    (b"not json", "not JSON"), (b"[]", "invalid jwks_uri None"), (b'{"jwks_uri": 7}', "invalid jwks_uri 7"),
+    (b"not json", "not a JSON object"), (b"[]", "not a JSON object"), (b"[" * 100_000, "not a JSON object"),
+    (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "not a JSON object"), (b'{"jwks_uri": 7}', "invalid jwks_uri 7"),
     (b'{"issuer": "x"}', "invalid jwks_uri None in openID discovery configuration"),
 ])
 def test_a_discovery_document_without_a_jwks_uri_is_an_error(body, problem):
@@ -171,6 +172,31 @@ def test_proxies_from_the_environment_are_not_used_for_loopback(idp, monkeypatch
     assert http_get(idp.serve("/keys", ISSUER.jwks()), 2.0, JWKS_FETCH_MAX_BYTES) == ISSUER.jwks().encode()
     with pytest.raises(FetchError, match="Connection refused"):   # another host goes to the (dead) proxy
         http_get("http://idp.invalid/keys", 2.0, 1000)
+
+
+@pytest.mark.parametrize("answer", [b"garbage\r\n\r\n", b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 200 + b"\r\n",
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", b"HTTP/1.1 2",
+                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"])
+def test_a_hostile_answer_is_a_failed_fetch(loopback_ip, answer):
+    """Whatever comes back, a fetch fails with FetchError (and _attempt turns anything into a failed fetch)."""
+    import socket
+    ip = loopback_ip()
+    srv = socket.create_server((ip, 0))
+    port = srv.getsockname()[1]
+
+    def serve():
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(FetchError):
+            http_get(f"http://{ip}:{port}/keys", 2.0, JWKS_FETCH_MAX_BYTES)
+    finally:
+        t.join(5)
+        srv.close()
 
 
 def test_http_get_of_a_closed_port_fails_quickly(loopback_ip):

@@ -7,10 +7,10 @@ rules need a key set from the network (``remote_sources``), the rules with the f
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
+from policy.authn.codec import loads_object
 from policy.authn.jwks import JwksError
 from policy.authn.model import Jwks, RequestAuthentication
 
@@ -68,11 +68,10 @@ def with_key_sets(authns: Sequence[RequestAuthentication],
 def jwks_uri_from_discovery(body: bytes) -> str:
     """The ``jwks_uri`` of an OpenID discovery document; ``JwksError`` with istiod's text when it has none
     (resolveJwksURIUsingOpenID: "invalid jwks_uri %v in openID discovery configuration")."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise JwksError(f"the OpenID discovery configuration is not JSON: {err}") from None
-    uri = data.get("jwks_uri") if isinstance(data, dict) else None
+    data = loads_object(body)   # (never raises: bounded nesting, a hostile document is just not an object)
+    if data is None:
+        raise JwksError("the OpenID discovery configuration is not a JSON object")
+    uri = data.get("jwks_uri")
     if not isinstance(uri, str) or not uri:
         raise JwksError(f"invalid jwks_uri {str(uri)[:120]} in openID discovery configuration")
     return uri
