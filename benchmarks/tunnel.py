@@ -32,8 +32,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Iterator
 
-from benchmarks.harness import Conversation, Party, PartyError, free_port, python_argv, run_client
+from benchmarks.harness import Conversation, Measured, Party, PartyError, free_port, python_argv, run_client
 from benchmarks.report import Column, Row, ScenarioResult, f0, f1, f2, f3
 from hbone.settings import SERVER_MAX_CONCURRENT_STREAMS
 
@@ -270,29 +271,19 @@ def run_bulk(lab: TunnelLab, opts: TunnelOptions, op: str) -> ScenarioResult:
              "multi": f"{tunnels} tunnels on one connection, upload {size / MiB:.0f} MiB in total"}[op]
     res = ScenarioResult(op if op != "multi" else "multi64", title, BULK_COLUMNS)
     res.rows = lab.rows_for(opts.clients)
-    for _ in range(opts.repeat):
-        for row in res.rows:
-            if _is_unavailable(row):
-                continue
-            try:
-                m = run_client(lab.client_argv(row.target, row.client, op, bytes=size, tunnels=tunnels),
-                               lab.measured_parties(row.target))
-                got = m.report.get("bytes", 0)
-                if got != size:
-                    raise PartyError(f"{got} of {size} bytes arrived")
-            except PartyError as err:
-                row.note = f"failed: {err}"
-                continue
-            wall = m.report["wall_s"]
-            row.add("mbps", size / wall / 1e6)
-            row.add("client_cpu_s", m.cpu["client"])
-            row.add("sink_cpu_s", m.cpu["sink"])
-            if "proxy" in m.cpu:
-                row.add("proxy_cpu_s", m.cpu["proxy"])
-                if m.cpu["proxy"] > 0:
-                    row.add("mb_per_cpu_s", size / 1e6 / m.cpu["proxy"])
-            if "frame_out" in m.report:
-                row.info["client_frame_bytes"] = m.report["frame_out"]
+
+    def shortfall(report: dict) -> str | None:
+        got = report.get("bytes", 0)
+        return f"{got} of {size} bytes arrived" if got != size else None
+
+    for row, m in _client_runs(lab, res.rows, opts.repeat, op, shortfall, bytes=size, tunnels=tunnels):
+        wall = m.report["wall_s"]
+        row.add("mbps", size / wall / 1e6)
+        proxy_cpu = _add_cpu(row, m)
+        if proxy_cpu is not None and proxy_cpu > 0:
+            row.add("mb_per_cpu_s", size / 1e6 / proxy_cpu)
+        if "frame_out" in m.report:
+            row.info["client_frame_bytes"] = m.report["frame_out"]
     res.notes.append("frames the client sent: " + ", ".join(
         f"{r.target}/{r.client} {r.info['client_frame_bytes'] // KiB} KiB" for r in res.rows if "client_frame_bytes" in r.info))
     return res
@@ -314,26 +305,19 @@ def run_short(lab: TunnelLab, opts: TunnelOptions) -> ScenarioResult:
     res = ScenarioResult("short", f"short tunnels: CONNECT + 1 KiB each way, {SHORT_INFLIGHT} in flight, "
                                   f"{opts.short_count} per run", SHORT_COLUMNS)
     res.rows = lab.rows_for(opts.clients)
-    for _ in range(opts.repeat):
-        for row in res.rows:
-            if _is_unavailable(row):
-                continue
-            try:
-                m = run_client(lab.client_argv(row.target, row.client, "short", count=opts.short_count,
-                                               inflight=SHORT_INFLIGHT), lab.measured_parties(row.target))
-                if m.report.get("streams") != opts.short_count:
-                    raise PartyError(f"{m.report.get('streams')} of {opts.short_count} streams completed")
-            except PartyError as err:
-                row.note = f"failed: {err}"
-                continue
-            row.add("streams_s", opts.short_count / m.report["wall_s"])
-            row.add("p50_ms", m.report["p50_ms"])
-            row.add("p99_ms", m.report["p99_ms"])
-            row.add("client_cpu_s", m.cpu["client"])
-            row.add("sink_cpu_s", m.cpu["sink"])
-            if "proxy" in m.cpu:
-                row.add("proxy_cpu_s", m.cpu["proxy"])
-                row.add("proxy_us_per_stream", m.cpu["proxy"] / opts.short_count * 1e6)
+
+    def shortfall(report: dict) -> str | None:
+        got = report.get("streams")
+        return f"{got} of {opts.short_count} streams completed" if got != opts.short_count else None
+
+    for row, m in _client_runs(lab, res.rows, opts.repeat, "short", shortfall, count=opts.short_count,
+                               inflight=SHORT_INFLIGHT):
+        row.add("streams_s", opts.short_count / m.report["wall_s"])
+        row.add("p50_ms", m.report["p50_ms"])
+        row.add("p99_ms", m.report["p99_ms"])
+        proxy_cpu = _add_cpu(row, m)
+        if proxy_cpu is not None:
+            row.add("proxy_us_per_stream", proxy_cpu / opts.short_count * 1e6)
     res.notes.append("direct opens one TCP connection per stream; the proxies get one HTTP/2 connection "
                      "and open one TCP connection to the sink per stream")
     return res
@@ -394,3 +378,34 @@ def run_idle(lab: TunnelLab, opts: TunnelOptions, count: int) -> ScenarioResult:
 
 def _is_unavailable(row: Row) -> bool:
     return bool(row.note) and row.note.startswith("not available")
+
+
+def _client_runs(lab: TunnelLab, rows: list[Row], repeat: int, op: str,
+                 shortfall: Callable[[dict], str | None], **client_args) -> Iterator[tuple[Row, Measured]]:
+    """Each available row, ``repeat`` times over: the load client's ``op`` run against it. A run that fails, or
+    whose report ``shortfall`` finds short, notes the row ("failed: ...") and yields nothing."""
+    for _ in range(repeat):
+        for row in rows:
+            if _is_unavailable(row):
+                continue
+            try:
+                m = run_client(lab.client_argv(row.target, row.client, op, **client_args),
+                               lab.measured_parties(row.target))
+                problem = shortfall(m.report)
+                if problem:
+                    raise PartyError(problem)
+            except PartyError as err:
+                row.note = f"failed: {err}"
+                continue
+            yield row, m
+
+
+def _add_cpu(row: Row, m: Measured) -> float | None:
+    """The CPU columns every tunnel scenario has (client, sink, and the proxy when there is one); the
+    proxy's CPU seconds, or None for a target without a proxy (direct)."""
+    row.add("client_cpu_s", m.cpu["client"])
+    row.add("sink_cpu_s", m.cpu["sink"])
+    if "proxy" not in m.cpu:
+        return None
+    row.add("proxy_cpu_s", m.cpu["proxy"])
+    return m.cpu["proxy"]
