@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable
 from urllib.parse import urlsplit
@@ -57,6 +57,7 @@ JWKS_FETCH_MAX_BYTES = MAX_JWKS_BYTES      # a key set parse_jwks would refuse a
 DISCOVERY_MAX_BYTES = 64 * 1024            # an OpenID discovery document is a few KiB (Google's ~1.3 KiB)
 JWKS_SOURCES_MAX = 256                     # distinct (issuer, jwksUri) fetched and kept; more: fake, with a warning
 JWKS_FETCH_PARALLEL = 8                    # one build's first fetches at once (each bounded by its timeout)
+JWKS_FETCH_GRACE_S = 1.0                   # a build waits for its fetches their timeout and this much more
 JWKS_FETCH_SCHEMES = ("http", "https")     # security.ParseJwksURI's; never file:, ftp: or data:
 
 
@@ -186,8 +187,7 @@ class JwksResolver:
                     entry = self._entries[src.key] = _Entry(src)
                     new.append(entry)
         if new:
-            with ThreadPoolExecutor(min(JWKS_FETCH_PARALLEL, len(new)), thread_name_prefix="jwks-fetch") as pool:
-                results = list(pool.map(lambda e: self._attempt(e.source, retries=0), new))
+            results = self._fetch_all([e.source for e in new])
             missing = False
             with self._lock:
                 for entry, (jwks, normal, err) in zip(new, results):
@@ -204,6 +204,20 @@ class JwksResolver:
                 self.on_missing()
         with self._lock:
             return {k: e.jwks for k, e in self._entries.items() if e.jwks is not None}
+
+    def _fetch_all(self, sources: list[KeySource]) -> list[tuple[Jwks | None, str, str]]:
+        """One try of each source, JWKS_FETCH_PARALLEL at a time, within their timeouts: a fetch still running
+        then (a host name whose lookup hangs: the socket timeout does not cover getaddrinfo) is a failed one,
+        and the build goes on without waiting for it."""
+        pool = ThreadPoolExecutor(min(JWKS_FETCH_PARALLEL, len(sources)), thread_name_prefix="jwks-fetch")
+        try:
+            futures = [pool.submit(self._attempt, src, retries=0) for src in sources]
+            rounds = -(-len(sources) // JWKS_FETCH_PARALLEL)
+            wait(futures, timeout=rounds * max(src.timeout_s for src in sources) + JWKS_FETCH_GRACE_S)
+            return [f.result() if f.done() else (None, "", f"no answer within {src.timeout_s:g} s")
+                    for f, src in zip(futures, sources)]
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the background flow --
     def refresh(self, *, only_missing: bool = False) -> tuple[bool, bool]:

@@ -272,6 +272,22 @@ def test_refresh_sees_a_rotation_keeps_the_last_good_keys_and_drops_stale_ones(i
     assert resolver.key_sets(src) == {}
 
 
+def test_a_build_does_not_wait_for_a_fetch_past_its_timeout():
+    """A fetch that outlives its timeout (a hung name lookup is not bounded by the socket timeout) is a failed
+    one for the build, which goes on."""
+    release = threading.Event()
+
+    def hung(url, timeout_s, max_bytes):
+        release.wait(10)
+        raise FetchError("released")
+
+    resolver = JwksResolver(fetch=hung)
+    t0 = time.monotonic()
+    assert resolver.key_sets([KeySource("a", "http://idp.example/keys", 0.2)]) == {}
+    assert time.monotonic() - t0 < 0.2 + 1.0 + 0.5
+    release.set()
+
+
 # ---------------------------------------------------------------------------------------------
 # Through a real waypoint
 
