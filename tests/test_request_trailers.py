@@ -164,7 +164,7 @@ async def test_plain_h2c_body_and_trailers_to_an_http2_declared_upstream(tmp_pat
         body = b"x" * 70000   # over the client's initial window: several DATA frames, buffered here
         sid = c.start(b"/upload", method=b"POST", authority=b"greeter:9090",
                       headers=[(b"content-type", b"text/plain")], end=False)
-        await _upload(c, sid, body)
+        await c.upload(sid, body, end_stream=False)
         send_trailers(c, sid, [(b"x-digest", b"sha-256=abc")])
         await c.pump([sid])
         assert c.results[sid]["headers"][b":status"] == b"200" and c.results[sid]["data"] == b"got 70000"
@@ -180,19 +180,6 @@ async def test_plain_h2c_body_and_trailers_to_an_http2_declared_upstream(tmp_pat
         assert plain["events"][-1] == "end" and plain["events"][-2][0] == "data" and plain["events"][-2][2]
     finally:
         await h.close()
-
-
-async def _upload(c: RawH2, sid: int, body: bytes) -> None:
-    """The body over the windows, without END_STREAM (the trailers end the stream)."""
-    view = memoryview(body)
-    while view:
-        n = min(len(view), c.conn.local_flow_control_window(sid), c.conn.max_outbound_frame_size)
-        if n == 0:
-            await c._read_once()
-            continue
-        c.conn.send_data(sid, bytes(view[:n]))
-        view = view[n:]
-        c._flush()
 
 
 async def test_a_retry_sends_the_body_and_the_trailers_again(tmp_path, loopback_ip):

@@ -16,8 +16,8 @@ from h2.errors import ErrorCodes
 
 from hbone.stream import TcpStream
 from proxy.pipeline.h2c import serve_h2c
-from tests.waypoint_harness import (REVIEWS_VIP, Pod, config_docs, destination_rule, start_harness, start_node_inbound,
-                                    start_pod, virtual_service)
+from tests.waypoint_harness import (REVIEWS_VIP, Pod, config_docs, destination_rule, send_big, start_harness,
+                                    start_node_inbound, start_pod, virtual_service)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GREETER_VIP = "127.2.0.90"
@@ -87,8 +87,9 @@ class RawH2:
                           headers=[(b"content-type", b"application/grpc"), (b"te", b"trailers")],
                           body=grpc_frame(msg))
 
-    async def upload(self, sid: int, body: bytes) -> None:
-        """Send a body larger than the windows: wait for WINDOW_UPDATEs (read and handle frames)."""
+    async def upload(self, sid: int, body: bytes, end_stream: bool = True) -> None:
+        """Send a body larger than the windows: wait for WINDOW_UPDATEs (read and handle frames); then
+        END_STREAM, unless ``end_stream`` is false (trailers are to end the stream)."""
         view = memoryview(body)
         while view:
             n = min(len(view), self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
@@ -98,8 +99,9 @@ class RawH2:
             self.conn.send_data(sid, bytes(view[:n]))
             view = view[n:]
             self._flush()
-        self.conn.end_stream(sid)
-        self._flush()
+        if end_stream:
+            self.conn.end_stream(sid)
+            self._flush()
 
     def reset(self, sid: int, code=ErrorCodes.CANCEL) -> None:
         self.conn.reset_stream(sid, code)
@@ -174,15 +176,7 @@ class H2Backend:
             await responder.send_local_reply(200, b"", [(b"content-type", b"application/grpc"),
                                                         (b"grpc-status", b"14")])
         elif path.startswith(b"/big"):
-            n = int(path.split(b"=")[1])
-            await responder.send_head(200, [(b"x-version", self.version.encode())])
-            piece = bytes(range(256)) * 256
-            sent = 0
-            while sent < n:
-                part = piece[: n - sent]
-                await responder.send_body(part)
-                sent += len(part)
-            await responder.end()
+            await send_big(responder, int(path.split(b"=")[1]), self.version)
         elif path == b"/reset-mid":
             await responder.send_head(200, [])
             await responder.send_body(b"partial")

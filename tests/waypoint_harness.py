@@ -102,6 +102,18 @@ async def until(cond, what: str = "", timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
+async def send_big(responder, n: int, version: str) -> None:
+    """A 200 with ``x-version``, its body ``n`` bytes of 0..255 over and over, sent 64 KiB at a time."""
+    await responder.send_head(200, [(b"x-version", version.encode())])
+    piece = bytes(range(256)) * 256
+    sent = 0
+    while sent < n:
+        part = piece[: n - sent]
+        await responder.send_body(part)
+        sent += len(part)
+    await responder.end()
+
+
 async def backend_handler(version: str, request, responder) -> None:
     target = request.target.decode()
     path, _, query = target.partition("?")
@@ -115,15 +127,7 @@ async def backend_handler(version: str, request, responder) -> None:
         await responder.send_local_reply(int(path.rsplit("/", 1)[1]), version.encode())
         return
     if path.startswith("/big"):
-        n = int(args["n"])
-        await responder.send_head(200, [(b"x-version", version.encode())])
-        piece = bytes(range(256)) * 256
-        sent = 0
-        while sent < n:
-            part = piece[: n - sent]
-            await responder.send_body(part)
-            sent += len(part)
-        await responder.end()
+        await send_big(responder, int(args["n"]), version)
         return
     if path.startswith("/headers"):
         data = json.dumps({k.decode(): v.decode() for k, v in request.headers}).encode()
