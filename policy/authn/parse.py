@@ -9,7 +9,7 @@ policy that reaches no waypoint — goes to ``policy.warnings``.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 from policy.authn.jwks import JwksError, fake_jwks, parse_jwks
@@ -65,6 +65,16 @@ class _Reader(_SecurityReader):
         if len(value) > limit:
             raise self.fail(path, f"may not have more than {limit} items")
         return value
+
+    def entries(self, value: Any, path: str, limit: int, allowed: frozenset[str],
+                null_problem: str) -> Iterator[tuple[str, dict]]:
+        """A bounded list of mappings with only ``allowed`` fields: each entry's path and the entry. A null
+        entry is ``null_problem``."""
+        for i, item in enumerate(self.list(value, path, limit)):
+            ipath = f"{path}[{i}]"
+            if item is None:
+                raise self.fail(ipath, null_problem)
+            yield ipath, self.fields(item, ipath, allowed)
 
     def strings(self, value: Any, path: str, limit: int, empty_problem: str) -> tuple[str, ...]:
         items = self.list(value, path, limit)
@@ -143,12 +153,8 @@ class _Parser(_Reader):
                             "or alg from Jwt\". Put the key set inline in `jwks` to need no network")
         from_headers = []
         if body.get("fromHeaders") is not None:
-            items = self.list(body["fromHeaders"], _join(path, "fromHeaders"), MAX_LOCATIONS)
-            for i, item in enumerate(items):
-                ipath = f"{path}.fromHeaders[{i}]"
-                if item is None:
-                    raise self.fail(ipath, "location header name must be non-null")
-                h = self.fields(item, ipath, FROM_HEADER_FIELDS)
+            for ipath, h in self.entries(body["fromHeaders"], _join(path, "fromHeaders"), MAX_LOCATIONS,
+                                         FROM_HEADER_FIELDS, "location header name must be non-null"):
                 name = self.string(h.get("name", ""), _join(ipath, "name"))
                 if name == "":
                     raise self.fail(_join(ipath, "name"), "location header name must be non-empty string")
@@ -171,13 +177,9 @@ class _Parser(_Reader):
             raise self.fail(_join(path, "forwardOriginalToken"), f"expected a boolean, got {_kind(forward)}")
         claim_headers = []
         if body.get("outputClaimToHeaders") is not None:
-            items = self.list(body["outputClaimToHeaders"], _join(path, "outputClaimToHeaders"),
-                              MAX_CLAIM_TO_HEADERS)
-            for i, item in enumerate(items):
-                ipath = f"{path}.outputClaimToHeaders[{i}]"
-                if item is None:
-                    raise self.fail(ipath, "outputClaimToHeaders must not be null")
-                c = self.fields(item, ipath, CLAIM_TO_HEADER_FIELDS)
+            for ipath, c in self.entries(body["outputClaimToHeaders"], _join(path, "outputClaimToHeaders"),
+                                         MAX_CLAIM_TO_HEADERS, CLAIM_TO_HEADER_FIELDS,
+                                         "outputClaimToHeaders must not be null"):
                 header = self.string(c.get("header", ""), _join(ipath, "header"))
                 claim = self.string(c.get("claim", ""), _join(ipath, "claim"))
                 if header == "" or claim == "":
