@@ -97,25 +97,16 @@ services:
   ports: {{{CLOSED}: {CLOSED}, {BLACKHOLE}: {BLACKHOLE}}}
   appProtocols: {{{CLOSED}: tcp, {BLACKHOLE}: tcp}}
   waypoint: {{destination: "default/reviews-waypoint.default.svc.cluster.local", hboneMtlsPort: 15008}}
----
+""" + "".join(f"""---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
-metadata: {{name: faults-wp, namespace: default}}
+metadata: {{name: {name}, namespace: default}}
 spec:
-  host: faults-wp.default.svc.cluster.local
+  host: {name}.default.svc.cluster.local
   trafficPolicy:
     connectionPool:
       tcp: {{connectTimeout: {SHORT_CONNECT_TIMEOUT_S:g}s}}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{name: legacy-wp, namespace: default}}
-spec:
-  host: legacy-wp.default.svc.cluster.local
-  trafficPolicy:
-    connectionPool:
-      tcp: {{connectTimeout: {SHORT_CONNECT_TIMEOUT_S:g}s}}
-"""
+""" for name in ("faults-wp", "legacy-wp"))   # the black-hole services' short connect timeout
 
 
 # ---------------------------------------------------------------------------------------------
