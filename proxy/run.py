@@ -325,6 +325,9 @@ class ProxyApp:
             self.store.jwks = JwksResolver(on_missing=self._jwks_missing)
         self.store.load()
         self.metrics = Metrics()
+        jwks = self.store.jwks
+        if jwks is not None:
+            self.metrics.jwks_fetches_from(lambda: (jwks.fetches_ok, jwks.fetches_failed))
         sink: Any = None
         if s.access_log == "-":
             sink = sys.stdout

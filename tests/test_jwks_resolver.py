@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from policy.errors import Where
 from proxy.jwks_resolver import (JWKS_FETCH_MAX_BYTES, JWKS_REFRESH_BACKOFF_MAX_S, JWKS_REFRESH_INTERVAL_S,
                                  JWKS_REFRESH_ON_FAILURE_S, JWKS_RETRIES_ON_REFRESH, JWKS_STALE_AFTER_S, FetchError,
                                  JwksResolver, http_get, next_refresh_interval)
+from tests.conftest import free_port
 from tests.test_authn_verify import Issuer
 
 ISSUER = Issuer("https://idp.example.com", alg="ES256", kid="k1")
@@ -341,12 +343,13 @@ def test_the_proxy_process_catches_up_with_a_key_set_served_late(tmp_path, loopb
         "metadata": {"name": "reviews-jwt", "namespace": "default"},
         "spec": {"targetRefs": [{"kind": "Service", "group": "", "name": "reviews"}],
                  "jwtRules": [{"issuer": ISSUER.iss, "jwksUri": uri, "timeout": "1s"}]}}))
-    wp_ip = loopback_ip()
+    wp_ip = metrics_ip = loopback_ip()
+    metrics_port = free_port(metrics_ip)
     MeshCA.init(tmp_path / "ca", now=datetime.now(timezone.utc) - timedelta(hours=1))
     argv = [sys.executable, "-m", "proxy.cli", "run", "--mode", "waypoint", "--config", str(cfg),
             "--ca-dir", str(tmp_path / "ca"), "--identity", "default/reviews-waypoint",
             "--gateway", "default/reviews-waypoint",
-            "--hbone-addr", f"{wp_ip}:15008", "--admin-addr", "off", "--metrics-addr", "off",
+            "--hbone-addr", f"{wp_ip}:15008", "--admin-addr", "off", "--metrics-addr", f"{metrics_ip}:{metrics_port}",
             "--readiness-addr", "off", "--access-log", "off", "--config-poll-interval", "0"]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -365,6 +368,13 @@ def test_the_proxy_process_catches_up_with_a_key_set_served_late(tmp_path, loopb
         text = "".join(lines)
         assert "fetched the JWT key set for issuer 'https://idp.example.com' from " + uri + " (1 keys)" in text, text
         assert "config reloaded: version 2" in text, text
+        with urllib.request.urlopen(f"http://{metrics_ip}:{metrics_port}/metrics", timeout=10) as resp:
+            scraped = resp.read().decode()
+        assert "pilot_jwks_resolver_network_fetch_success_total 1.0" in scraped, scraped
+        # (The start's fetch failed; so may the catch-up round's first tries, before the provider answers.)
+        fails = [float(line.split()[1]) for line in scraped.splitlines()
+                 if line.startswith("pilot_jwks_resolver_network_fetch_fail_total ")]
+        assert fails and fails[0] >= 1.0, scraped
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -287,6 +287,23 @@ class _HttpSeries:
                 (list(zip(_LE, itertools.accumulate(self.response))), self.response_sum))
 
 
+class _JwksFetchCollector:
+    def __init__(self) -> None:
+        self.source: Callable[[], tuple[int, int]] | None = None
+
+    def collect(self) -> list:
+        if self.source is None:
+            return []
+        ok, failed = self.source()
+        return [CounterMetricFamily("pilot_jwks_resolver_network_fetch_success",
+                                    "Total number of successfully network fetch by pilot jwks resolver", value=ok),
+                CounterMetricFamily("pilot_jwks_resolver_network_fetch_fail",
+                                    "Total number of failed network fetch by pilot jwks resolver", value=failed)]
+
+    def describe(self) -> list:
+        return []   # (present only once a resolver is wired)
+
+
 class Metrics:
     """All the proxy's metrics on one private registry (so tests and many proxies in one process
     never share series). Updated and scraped on the event loop's thread: the Istio families and
@@ -329,6 +346,10 @@ class Metrics:
             registry=r)
         for result in ("success", "failure"):   # both series exist from the start, so rate() works at once
             self.config_reloads.labels(result=result)
+        # istiod's JWKS resolver counters, where the waypoint does its fetching (proxy/jwks_resolver.py): read from
+        # the resolver at scrape time (it counts on its own threads); no resolver, no families.
+        self._jwks = _JwksFetchCollector()
+        r.register(self._jwks)
         # --- Envoy's own names (envoy_cluster_*: the waypoint's circuit breakers, read at scrape time) ---
         # A registry of their own, written by cluster_stats.write_text and not generate_latest: that one names a
         # counter family's TYPE line "<name>_total", and Envoy's counters have no suffix (cluster_stats.py).
@@ -408,6 +429,11 @@ class Metrics:
         ``source()`` at scrape time: the ``(cluster.<name>.<stat>, value)`` pairs admin ``/stats`` shows (the
         waypoint's ``CircuitBreakers.envoy_stats``). A later call replaces the source (one waypoint per proxy)."""
         self._cluster_stats.source = source
+
+    def jwks_fetches_from(self, source: Callable[[], tuple[int, int]]) -> None:
+        """``pilot_jwks_resolver_network_fetch_success_total`` / ``_fail_total`` (istiod's names) from
+        ``source()`` = (successful, failed) fetches, at scrape time."""
+        self._jwks.source = source
 
     def exposition(self) -> bytes:
         """The Prometheus text format (``CONTENT_TYPE``) of everything in this registry, then the Envoy-named
