@@ -212,14 +212,20 @@ WORKLOAD_ERRORS = [
 ]
 
 
+def _one_error(doc: dict, head: str, field: str) -> None:
+    """``doc`` gets exactly one error: its resource part starts with ``head``, its field part with ``field``."""
+    lines = errors(doc)
+    assert len(lines) == 1, lines
+    got_head, _, rest = lines[0].partition("): ")
+    assert got_head.startswith(head)
+    assert rest.startswith(field), lines[0]
+
+
 @pytest.mark.parametrize("path, value, expected", [r for r in WORKLOAD_ERRORS if r[2] is not None],
                          ids=[f"{r[0]}={r[1]!r}"[:60] for r in WORKLOAD_ERRORS if r[2] is not None])
 def test_workload_field_errors_name_file_document_resource_and_path(path, value, expected):
-    lines = errors({"workloads": [with_field(WORKLOAD, path, value)]})
-    assert len(lines) == 1, lines
-    head, _, rest = lines[0].partition("): ")
-    assert head.startswith("inv.yaml: document 1 (Workload ")
-    assert rest.startswith(f"workloads[0].{expected}"), lines[0]
+    _one_error({"workloads": [with_field(WORKLOAD, path, value)]}, "inv.yaml: document 1 (Workload ",
+               f"workloads[0].{expected}")
 
 
 def test_null_optional_field_is_its_default():
@@ -265,11 +271,8 @@ SERVICE_ERRORS = [
 
 @pytest.mark.parametrize("path, value, expected", SERVICE_ERRORS, ids=[f"{r[0]}={r[1]!r}"[:60] for r in SERVICE_ERRORS])
 def test_service_field_errors_name_file_document_resource_and_path(path, value, expected):
-    lines = errors({"services": [with_field(SERVICE, path, value)]})
-    assert len(lines) == 1, lines
-    head, _, rest = lines[0].partition("): ")
-    assert head.startswith("inv.yaml: document 1 (Service default/")
-    assert rest.startswith(f"services[0].{expected}"), lines[0]
+    _one_error({"services": [with_field(SERVICE, path, value)]}, "inv.yaml: document 1 (Service default/",
+               f"services[0].{expected}")
 
 
 def test_all_field_errors_of_all_items_are_reported_at_once():
