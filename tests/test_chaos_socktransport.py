@@ -10,7 +10,6 @@ write. The unit tests (tests/test_hbone_socktransport.py) cover each path once; 
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import struct
 
@@ -20,6 +19,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from hbone.socktransport import READ_BYTES, WRITE_HIGH_WATER_BYTES, SocketTransport
 from hbone.testing import LOOPS, run
+from tests.chaos_helpers import pattern, reader_ops, writer_ops
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -92,18 +92,6 @@ class Recorder(asyncio.Protocol):
         self.event.set()
 
 
-def _pattern(offset: int, n: int) -> bytes:
-    """Bytes that say where they are in the stream (a lost, duplicated or reordered chunk shows)."""
-    block = _BLOCK
-    start = offset % len(block)
-    out = block[start:start + n]
-    while len(out) < n:
-        out += block[:n - len(out)]
-    return out
-
-
-_BLOCK = os.urandom(MiB + 4099)  # not a power of two: shifted copies differ
-
 sizes = st.one_of(st.integers(0, 300), st.integers(0, 70 * KiB), st.integers(0, MiB),
                   st.sampled_from([READ_BYTES, WRITE_HIGH_WATER_BYTES, WRITE_HIGH_WATER_BYTES + 1]))
 our_op = st.one_of(
@@ -116,16 +104,8 @@ our_op = st.one_of(
     st.tuples(st.just("close")),
     st.tuples(st.just("abort")),
 )
-peer_op = st.one_of(
-    st.tuples(st.just("write"), sizes),
-    st.tuples(st.just("stall"), st.integers(0, 40)),
-    st.tuples(st.just("write_eof")),
-    st.tuples(st.just("abort")),
-)
-peer_read = st.one_of(
-    st.tuples(st.just("read"), st.integers(1, 2 * MiB)),
-    st.tuples(st.just("stall"), st.integers(0, 40)),
-)
+peer_op = writer_ops(sizes, 40)
+peer_read = reader_ops(2 * MiB, 40)
 
 
 def _dial(addr: tuple[str, int]) -> socket.socket:
@@ -194,14 +174,14 @@ async def _schedule(ip: str, ours_ops, peer_ops, peer_reads, in_callback=()) -> 
                 if proto.lost:
                     return
                 if kind == "write":
-                    data = _pattern(sent, op[1])
+                    data = pattern(sent, op[1])
                     t.write(data)
                     sent += len(data)
                     one = len(data)
                 else:
                     chunks = []
                     for n in op[1]:
-                        chunks.append(_pattern(sent, n))
+                        chunks.append(pattern(sent, n))
                         sent += n
                     t.writelines(chunks)
                     one = sum(op[1])
@@ -244,7 +224,7 @@ async def _schedule(ip: str, ours_ops, peer_ops, peer_reads, in_callback=()) -> 
             for op in peer_ops:
                 kind = op[0]
                 if kind == "write" and peer_sent_at_eof is None:
-                    data = _pattern(peer_sent, op[1])
+                    data = pattern(peer_sent, op[1])
                     await loop.sock_sendall(peer, data)
                     peer_sent += len(data)
                 elif kind == "stall":
@@ -310,7 +290,7 @@ async def _schedule(ip: str, ours_ops, peer_ops, peer_reads, in_callback=()) -> 
 
     we_aborted |= proto.failed
     # what the peer got: a prefix of what we sent, all of it if it saw a clean end
-    assert bytes(peer_got) == _pattern(0, len(peer_got)), "reordered or corrupted toward the peer"
+    assert bytes(peer_got) == pattern(0, len(peer_got)), "reordered or corrupted toward the peer"
     assert len(peer_got) <= sent
     if peer_end == "eof" and peer_write_failed:
         peer_end = "reset"    # the reset went to the writer (see peer_writer)
@@ -320,7 +300,7 @@ async def _schedule(ip: str, ours_ops, peer_ops, peer_reads, in_callback=()) -> 
     elif not peer_aborted:
         assert peer_end == "reset" and (we_aborted or closed_early), f"the peer saw {peer_end}"
     # what we got: a prefix of what the peer sent, all of it if we saw a clean end
-    assert bytes(proto.got) == _pattern(0, len(proto.got)), "reordered or corrupted toward us"
+    assert bytes(proto.got) == pattern(0, len(proto.got)), "reordered or corrupted toward us"
     assert len(proto.got) <= peer_sent
     assert not proto.after_eof_data
     (exc,) = proto.lost
@@ -410,7 +390,7 @@ def test_a_failing_callback_with_writes_queued_is_a_reset_at_the_peer(loopback_i
         asyncio.get_running_loop().set_exception_handler(lambda _loop, _ctx: None)
         proto, peer = await _connected(ip, [(1, "raise")])
         t = proto.transport
-        t.write(_pattern(0, 32 * MiB))           # more than both socket buffers: part stays queued
+        t.write(pattern(0, 32 * MiB))           # more than both socket buffers: part stays queued
         assert t.get_write_buffer_size() > 0
         peer.sendall(b"x")                       # our data_received raises
         await asyncio.wait_for(proto.done.wait(), 5)
@@ -452,7 +432,7 @@ def test_more_ready_sockets_than_one_poll_takes_all_get_their_bytes_and_end(loop
                 if i % 3 == 0:
                     proto.transport.pause_reading()
             for i, (proto, peer) in enumerate(pairs):   # all in one loop turn: one big batch
-                peer.send(_pattern(i, 100 + i))
+                peer.send(pattern(i, 100 + i))
                 if i % 2:
                     peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
                     peer.close()
@@ -468,7 +448,7 @@ def test_more_ready_sockets_than_one_poll_takes_all_get_their_bytes_and_end(loop
                         proto.event.clear()
                         await proto.event.wait()
             for i, (proto, peer) in enumerate(pairs):
-                assert bytes(proto.got) == _pattern(i, 100 + i), i
+                assert bytes(proto.got) == pattern(i, 100 + i), i
                 if i % 2:
                     assert not proto.eof and isinstance(proto.lost[0], ConnectionResetError), (i, proto.lost)
                 else:
@@ -507,7 +487,7 @@ def test_bytes_written_inside_resume_writing_then_eof_or_close_all_arrive(loopba
     async def main(ip: str, end: str):
         loop = asyncio.get_running_loop()
         ours, peer = await _socket_pair(ip)
-        first, last = _pattern(0, 16 * MiB), _pattern(16 * MiB, 16 * MiB)
+        first, last = pattern(0, 16 * MiB), pattern(16 * MiB, 16 * MiB)
         proto = _WritesOnResume(last, end)
         t = SocketTransport(loop, ours, proto)
         t.write(first)                       # above the high-water mark: pause_writing, later resume

@@ -24,7 +24,7 @@ from hbone.settings import HboneSettings
 from hbone.socktransport import WRITE_HIGH_WATER_BYTES
 from hbone.stream import StreamReset, dial_tcp
 from hbone.testing import LOOPS, Mesh, run
-from tests.test_chaos_socktransport import _pattern
+from tests.chaos_helpers import pattern, reader_ops, writer_ops
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -40,23 +40,9 @@ def _mesh() -> Mesh:
 
 
 sizes = st.one_of(st.integers(0, 300), st.integers(0, 200 * KiB), st.integers(0, MiB))
-client_op = st.one_of(
-    st.tuples(st.just("write"), sizes),
-    st.tuples(st.just("stall"), st.integers(0, 30)),
-    st.tuples(st.just("write_eof")),
-    st.tuples(st.just("abort")),
-    st.tuples(st.just("close")),
-)
-writer_op = st.one_of(
-    st.tuples(st.just("write"), sizes),
-    st.tuples(st.just("stall"), st.integers(0, 30)),
-    st.tuples(st.just("write_eof")),
-    st.tuples(st.just("abort")),
-)
-reader_op = st.one_of(
-    st.tuples(st.just("read"), st.integers(1, MiB)),
-    st.tuples(st.just("stall"), st.integers(0, 50)),
-)
+client_op = writer_ops(sizes, 30, st.tuples(st.just("close")))
+writer_op = writer_ops(sizes, 30)
+reader_op = reader_ops(MiB, 50)
 
 
 class Side:
@@ -119,7 +105,7 @@ async def _example(ip_server: str, ip_pod: str, client_ops, client_reads, pod_op
                 try:
                     for op in client_ops:
                         if op[0] == "write" and cli.sent_at_eof is None:
-                            s.write(_pattern(cli.sent, op[1]))
+                            s.write(pattern(cli.sent, op[1]))
                             cli.sent += op[1]
                             await s.drain()
                         elif op[0] == "stall":
@@ -163,7 +149,7 @@ async def _example(ip_server: str, ip_pod: str, client_ops, client_reads, pod_op
                 try:
                     for op in pod_ops:
                         if op[0] == "write" and pod.sent_at_eof is None:
-                            await loop.sock_sendall(psock, _pattern(pod.sent, op[1]))
+                            await loop.sock_sendall(psock, pattern(pod.sent, op[1]))
                             pod.sent += op[1]
                         elif op[0] == "stall":
                             await asyncio.sleep(op[1] / 1000)
@@ -244,7 +230,7 @@ async def _example(ip_server: str, ip_pod: str, client_ops, client_reads, pod_op
     assert queued_max[0] <= WRITE_HIGH_WATER_BYTES + HboneSettings().stream_window, queued_max
     someone_aborted = cli.aborted or pod.aborted
     # client -> pod
-    assert bytes(pod.got) == _pattern(0, len(pod.got)), "corrupted toward the pod"
+    assert bytes(pod.got) == pattern(0, len(pod.got)), "corrupted toward the pod"
     assert len(pod.got) <= cli.sent
     if pod.end == "eof" and pod.write_failed:
         pod.end = "reset"    # the RST went to the pod's send (reported once)
@@ -255,7 +241,7 @@ async def _example(ip_server: str, ip_pod: str, client_ops, client_reads, pod_op
         # the pod's bytes on: it resets the pod, as ztunnel does)
         assert cli.aborted or cli.closed, f"the pod saw {pod.end} though nobody aborted"
     # pod -> client
-    assert bytes(cli.got) == _pattern(0, len(cli.got)), "corrupted toward the client"
+    assert bytes(cli.got) == pattern(0, len(cli.got)), "corrupted toward the client"
     assert len(cli.got) <= pod.sent
     if cli.end == "eof" and not cli.closed:
         assert len(cli.got) == pod.sent_at_eof, f"clean END_STREAM after {len(cli.got)} of {pod.sent_at_eof}"

@@ -27,7 +27,7 @@ from hbone.pool import HbonePool
 from hbone.server import HboneServer
 from hbone.stream import StreamReset
 from hbone.testing import LOOPS, Mesh, run
-from tests.test_chaos_socktransport import _pattern
+from tests.chaos_helpers import pattern
 
 KiB = 1024
 EXAMPLE_DEADLINE_S = 20.0
@@ -92,7 +92,7 @@ def test_layer_plaintext_is_conserved_or_the_end_is_not_clean(mesh, writes, clos
         if close_at == i:
             cli.close()
         if n is not None:
-            cli.write(_pattern(sent, n))
+            cli.write(pattern(sent, n))
             if cli.state == _tls.OPEN:
                 sent += n
     wire = cli.take()
@@ -122,7 +122,7 @@ def test_layer_plaintext_is_conserved_or_the_end_is_not_clean(mesh, writes, clos
     except ssl.SSLError as err:
         error = err
     # never garbage, never reordered: a prefix of what was sent
-    assert bytes(got) == _pattern(0, len(got)), "corrupted plaintext"
+    assert bytes(got) == pattern(0, len(got)), "corrupted plaintext"
     assert len(got) <= sent
     if srv.peer_closed:
         # a clean end (close_notify) means every byte came
@@ -260,7 +260,7 @@ async def _live(mesh: Mesh, ip: str, size: int, chunks, stalls, fault, at, upwar
         try:
             want = int((await stream.read()).decode())
             for off in range(0, want, 32 * KiB):
-                stream.write(_pattern(off, min(32 * KiB, want - off)))
+                stream.write(pattern(off, min(32 * KiB, want - off)))
                 await stream.drain()
             stream.write_eof()
             await stream.wait_closed()
@@ -291,7 +291,7 @@ async def _live(mesh: Mesh, ip: str, size: int, chunks, stalls, fault, at, upwar
                     got += data
             except (StreamReset, HboneError) as err:
                 end = err
-            assert bytes(got) == _pattern(0, len(got)), "corrupted bytes reached the tunnel"
+            assert bytes(got) == pattern(0, len(got)), "corrupted bytes reached the tunnel"
             if end == "clean":
                 assert len(got) == size, f"a clean end after {len(got)} of {size} bytes"
             else:
@@ -303,7 +303,7 @@ async def _live(mesh: Mesh, ip: str, size: int, chunks, stalls, fault, at, upwar
                 try:
                     s2 = await open_tunnel()
                     s2.write(b"5")
-                    assert await s2.read() == _pattern(0, 5)
+                    assert await s2.read() == pattern(0, 5)
                     s2.abort()
                     break
                 except (StreamReset, HboneError):
@@ -352,7 +352,7 @@ async def _close_notify_mid_answer(mesh: Mesh, ip: str, size: int, cut_after: in
                 conn.close_transport()   # close_notify: a clean TLS end, mid-answer
                 return
             n = min(8 * KiB, size - off)
-            stream.write(_pattern(off, n))
+            stream.write(pattern(off, n))
             off += n
             await stream.drain()
         stream.write_eof()
@@ -371,7 +371,7 @@ async def _close_notify_mid_answer(mesh: Mesh, ip: str, size: int, cut_after: in
                 end = "clean"
             except StreamReset:
                 end = "reset"
-            assert bytes(got) == _pattern(0, len(got))
+            assert bytes(got) == pattern(0, len(got))
             if cut[0]:
                 # TLS closed cleanly, but the tunnel had no END_STREAM: a reset, never a clean end
                 assert end == "reset", f"a clean end after {len(got)} of {size} bytes"
