@@ -173,13 +173,31 @@ def _parse_json(file: str, data: bytes) -> Any:
     except UnicodeDecodeError as err:
         raise ConfigError(Where(file, 1), "", f"not UTF-8 text (byte {err.start})") from None
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_json_object)
+    except _DuplicateKey as err:
+        raise ConfigError(Where(file, 1), "", f"duplicate key {json.dumps(err.args[0][:80])} in a JSON object") from None
     except json.JSONDecodeError as err:
         raise ConfigError(Where(file, 1), "", f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     except RecursionError:
         raise ConfigError(Where(file, 1), "", f"nested deeper than {MAX_NESTING_DEPTH} levels") from None
     _check_data_depth(value, Where(file, 1))
     return value
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object with a key twice is refused (Kubernetes' strict decoding: "duplicate field"), as in YAML."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return obj
 
 
 def parse_yaml_stream(file: str, data: bytes) -> list[tuple[int, Any]]:
@@ -272,6 +290,8 @@ def _check_node_graph(root: yaml.Node, where: Where) -> None:
                 raise ConfigError(where, "", "recursive YAML alias (a node that contains itself)")
             if depth > MAX_NESTING_DEPTH:
                 raise ConfigError(where, "", f"nested deeper than {MAX_NESTING_DEPTH} levels")
+            if isinstance(node, yaml.MappingNode):
+                _check_duplicate_keys(node, where)
             on_path.add(key)
             stack.append((node, depth, True))
             for child in _children(node):
@@ -286,6 +306,26 @@ def _check_node_graph(root: yaml.Node, where: Where) -> None:
             raise ConfigError(
                 where, "", f"document expands to more than {MAX_EXPANDED_NODES_PER_DOCUMENT} nodes (YAML alias bomb?)"
             )
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _check_duplicate_keys(node: yaml.MappingNode, where: Where) -> None:
+    """A key twice in one mapping is refused, as kubectl and istioctl refuse it (go-yaml: "mapping key "action"
+    already defined at line 4"; Kubernetes' strict field validation: duplicate field) — PyYAML keeps the last one
+    silently, so ``action: DENY`` ... ``action: ALLOW`` would load as an ALLOW. Keys compare as YAML resolves
+    them (``1`` and ``"1"`` differ); the keys a ``<<`` merge brings in may be overridden, as YAML says."""
+    seen: dict[tuple[str, str], int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+            continue
+        k = (key_node.tag, key_node.value)
+        line = key_node.start_mark.line + 1
+        if k in seen:
+            raise ConfigError(where, "", f"mapping key {json.dumps(key_node.value[:80])} already defined at line "
+                                         f"{seen[k]} (again at line {line})")
+        seen[k] = line
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
