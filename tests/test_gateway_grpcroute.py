@@ -14,10 +14,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from policy.errors import ConfigError, ConfigErrors, Where
-from policy.loader import build_mesh_config
 from policy.routing.gateway_routes import GrpcRoute, parse_grpc_route
 from policy.routing.select import DirectResponse, Forward, HttpRequestView, NoRoute, route_http
 from policy.routing.table import build_route_table
+from tests.gateway_route_helpers import mesh_of, versions_inventory
 from tests.mutation_helpers import junk_json, mutate
 from tests.test_waypoint_l7 import SAY_HELLO, RawH2, grpc_unframe, start_h2c_pod
 from tests.waypoint_harness import start_harness
@@ -95,42 +95,7 @@ GREETER_VIP = "127.2.0.91"   # test_waypoint_l7's greeter is 127.2.0.90; these t
 
 def inventory(v1_ip: str = "10.0.8.1", v2_ip: str = "10.0.8.2") -> str:
     """greeter (gRPC, behind the reviews waypoint) and one Service per version, each pod backing both."""
-    pods = ""
-    for version, ip in (("v1", v1_ip), ("v2", v2_ip)):
-        pods += f"""
-- uid: Kubernetes//v1/Pod/default/greeter-{version}-0
-  name: greeter-{version}-0
-  namespace: default
-  serviceAccount: greeter
-  workloadIps: ["{ip}"]
-  protocol: HBONE
-  labels: {{app: greeter, version: {version}}}
-  services:
-    default/greeter.default.svc.cluster.local: {{9090: 9090}}
-    default/greeter-{version}.default.svc.cluster.local: {{9090: 9090}}
-"""
-    services = ""
-    for name, vip in (("greeter", GREETER_VIP), ("greeter-v1", "127.2.0.92"), ("greeter-v2", "127.2.0.93")):
-        services += f"""
-- name: {name}
-  namespace: default
-  hostname: {name}.default.svc.cluster.local
-  vips: ["/{vip}"]
-  ports: {{9090: 9090}}
-  appProtocols: {{9090: grpc}}
-"""
-        if name == "greeter":
-            services += '  waypoint: {destination: "default/reviews-waypoint.default.svc.cluster.local", hboneMtlsPort: 15008}\n'
-    return "workloads:" + pods + "services:" + services
-
-
-def mesh_of(*texts: str):
-    docs = []
-    for text in texts:
-        for d in yaml.safe_load_all(text):
-            if d is not None:
-                docs.append((Where("mesh.yaml", len(docs) + 1), d))
-    return build_mesh_config(docs)
+    return versions_inventory("greeter", 9090, "grpc", (GREETER_VIP, "127.2.0.92", "127.2.0.93"), (v1_ip, v2_ip))
 
 
 def routes_of(*texts: str, gateway: str | None = "default/waypoint"):

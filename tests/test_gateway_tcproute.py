@@ -17,15 +17,15 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hbone.errors import TunnelRefused
 from policy.errors import ConfigError, ConfigErrors, Where
-from policy.loader import build_mesh_config
 from policy.routing.gateway_routes import TcpRoute, parse_tcp_route
 from policy.routing.select import route_tcp
 from policy.routing.table import build_route_table
 from policy.scope import WaypointScope
 from proxy.snapshot import build_snapshot
+from tests.gateway_route_helpers import (backends, echo_through, mesh_of, route_doc, start_version_pod, table_of,
+                                         tcp_echo_inventory)
 from tests.mutation_helpers import junk_json, mutate
-from tests.stream_helpers import exchange
-from tests.waypoint_harness import Pod, start_answering_pod, start_harness, until
+from tests.waypoint_harness import start_harness, until
 
 W = Where("routes.yaml", 2)
 
@@ -53,73 +53,9 @@ spec:
 """
 DOC = yaml.safe_load(ISTIO_TCPROUTE)
 
-TCP_VIP = "127.2.0.61"   # the harness's own tcp-echo uses 127.2.0.60; these tests declare their own
-
-
-def inventory(v1_ip: str = "10.0.9.1", v2_ip: str = "10.0.9.2", *, waypoint: bool = True) -> str:
-    """tcp-echo (a TCP port, behind the reviews waypoint) and one Service per version, as the Istio task
-    deploys them (tcp-echo-services.yaml): each pod backs tcp-echo and its version's Service."""
-    wp = ('  waypoint: {destination: "default/reviews-waypoint.default.svc.cluster.local", hboneMtlsPort: 15008}\n'
-          if waypoint else "")
-    pods = ""
-    for version, ip in (("v1", v1_ip), ("v2", v2_ip)):
-        pods += f"""
-- uid: Kubernetes//v1/Pod/default/tcp-echo-{version}-0
-  name: tcp-echo-{version}-0
-  namespace: default
-  serviceAccount: tcp-echo
-  workloadIps: ["{ip}"]
-  protocol: HBONE
-  labels: {{app: tcp-echo, version: {version}}}
-  services:
-    default/tcp-echo.default.svc.cluster.local: {{9000: 9000}}
-    default/tcp-echo-{version}.default.svc.cluster.local: {{9000: 9000}}
-"""
-    services = ""
-    for name, vip in (("tcp-echo", TCP_VIP), ("tcp-echo-v1", "127.2.0.62"), ("tcp-echo-v2", "127.2.0.63")):
-        services += f"""
-- name: {name}
-  namespace: default
-  hostname: {name}.default.svc.cluster.local
-  vips: ["/{vip}"]
-  ports: {{9000: 9000}}
-  appProtocols: {{9000: tcp}}
-""" + (wp if name == "tcp-echo" else "")
-    return "workloads:" + pods + "services:" + services
-
-
-def mesh_of(*texts: str):
-    docs = []
-    for text in texts:
-        for d in yaml.safe_load_all(text):
-            if d is not None:
-                docs.append((Where("mesh.yaml", len(docs) + 1), d))
-    return build_mesh_config(docs)
-
-
-def table_of(*texts: str, gateway: str | None = "default/waypoint"):
-    mesh = mesh_of(inventory(), *texts)
-    bound = [mesh.inventory.services[k] for k in ("default/tcp-echo.default.svc.cluster.local",)]
-    return mesh, build_route_table(mesh.inventory, bound, mesh.virtual_services, mesh.destination_rules,
-                                   mesh.http_routes, waypoint_namespace="default", gateway=gateway)
-
-
 def tcp_routes(*texts: str, port: int = 9000):
     mesh, tbl = table_of(*texts)
     return tbl.tcp_routes_for(mesh.inventory.services["default/tcp-echo.default.svc.cluster.local"], port)
-
-
-def route_doc(rules: list, *, name: str = "tcp-echo", ns: str | None = None, parent: dict | None = None) -> str:
-    meta = {"name": name} | ({"namespace": ns} if ns else {})
-    parent = parent or {"group": "", "kind": "Service", "name": "tcp-echo", "port": 9000}
-    if ns:
-        parent = {**parent, "namespace": "default"}
-    return yaml.safe_dump({"apiVersion": "gateway.networking.k8s.io/v1alpha2", "kind": "TCPRoute", "metadata": meta,
-                           "spec": {"parentRefs": [parent], "rules": rules}})
-
-
-def backends(*pairs) -> list:
-    return [{"backendRefs": [{"name": n, "port": 9000, "weight": w} for n, w in pairs]}]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +142,7 @@ def test_each_bad_field_is_named_with_file_document_and_resource(edit, path, pro
 
 
 def test_loader_reads_tcproute_next_to_httproutes_and_counts_it_as_its_own_kind():
-    mesh = mesh_of(inventory(), ISTIO_TCPROUTE)
+    mesh = mesh_of(tcp_echo_inventory(), ISTIO_TCPROUTE)
     assert mesh.counts()["TCPRoute"] == 1 and mesh.counts()["HTTPRoute"] == 0
     assert [r.key for r in mesh.resources("TCPRoute")] == ["default/tcp-echo"]
     assert "TCPRoute=1" in repr(mesh)
@@ -254,7 +190,7 @@ def test_80_20_split_per_tunnel_names_outbound_clusters():
 
 
 def test_parent_port_limits_the_route_to_that_port_and_no_port_means_every_port():
-    text = inventory().replace("ports: {9000: 9000}\n  appProtocols: {9000: tcp}\n  waypoint",
+    text = tcp_echo_inventory().replace("ports: {9000: 9000}\n  appProtocols: {9000: tcp}\n  waypoint",
                                "ports: {9000: 9000, 9001: 9001}\n  appProtocols: {9000: tcp, 9001: tcp}\n  waypoint")
     mesh = mesh_of(text, ISTIO_TCPROUTE)
     svc = mesh.inventory.services["default/tcp-echo.default.svc.cluster.local"]
@@ -329,7 +265,7 @@ def test_tcproute_and_virtualservice_tcp_routes_interleave_by_age_the_older_wins
 def test_route_warnings_reach_the_table_and_the_route_backends_stay_in_the_waypoint_scope():
     d = copy.deepcopy(DOC)
     d["spec"]["rules"].append({"backendRefs": [{"name": "tcp-echo-v2", "port": 9000}]})
-    mesh = mesh_of(inventory(), yaml.safe_dump(d))
+    mesh = mesh_of(tcp_echo_inventory(), yaml.safe_dump(d))
     scope = WaypointScope.parse("default", gateway="default/reviews-waypoint")
     snap = build_snapshot(mesh, mode="waypoint", scope=scope, version=1, now=0.0)
     # scope_for_waypoint keeps the route (it attaches to a bound Service) and the Services it sends to.
@@ -346,32 +282,14 @@ def test_route_warnings_reach_the_table_and_the_route_backends_stay_in_the_waypo
 # End to end: a real waypoint, HBONE tunnels in, HBONE to the version pods
 
 
-async def start_version_pod(ip: str, version: str, counts: Counter) -> Pod:
-    """A TCP pod that answers each connection with ``<version>:<what it read>`` and closes; counts them."""
-    async def answer(stream) -> bytes:
-        data = await stream.read()
-        counts[version] += 1
-        return data
-
-    return await start_answering_pod(ip, version, answer)
-
-
 TUNNELS = 120          # per-tunnel split: enough draws that 80/20 is unmistakable
 CONCURRENT = 8         # tunnels in flight at once (keeps the test short on a loaded box)
-
-
-async def _echo_through(client, payload: bytes) -> bytes:
-    t = await client.tunnel(f"{TCP_VIP}:9000")
-    try:
-        return await exchange(t, payload, half_close=False)
-    finally:
-        t.close()
 
 
 async def test_tcproute_80_20_split_end_to_end_counted_per_pod(tmp_path, loopback_ip):
     v1, v2 = loopback_ip(), loopback_ip()
     h = await start_harness(tmp_path, loopback_ip, routing=None, authz=False,
-                            extra=inventory(v1, v2) + "---\n" + ISTIO_TCPROUTE, rng=random.Random(11))
+                            extra=tcp_echo_inventory(v1, v2) + "---\n" + ISTIO_TCPROUTE, rng=random.Random(11))
     counts: Counter = Counter()
     try:
         h.pods[v1] = await start_version_pod(v1, "v1", counts)
@@ -381,7 +299,7 @@ async def test_tcproute_80_20_split_end_to_end_counted_per_pod(tmp_path, loopbac
 
         async def one(i: int) -> bytes:
             async with sem:
-                return await _echo_through(client, b"n%d" % i)
+                return await echo_through(client, b"n%d" % i)
 
         replies = await asyncio.gather(*(one(i) for i in range(TUNNELS)))
         by_version = Counter(r.split(b":")[0] for r in replies)
@@ -408,12 +326,13 @@ async def test_tcproute_80_20_split_end_to_end_counted_per_pod(tmp_path, loopbac
 async def test_tcproute_with_every_weight_zero_refuses_the_tunnel(tmp_path, loopback_ip):
     v1, v2 = loopback_ip(), loopback_ip()
     zero = route_doc(backends(("tcp-echo-v1", 0), ("tcp-echo-v2", 0)))
-    h = await start_harness(tmp_path, loopback_ip, routing=None, authz=False, extra=inventory(v1, v2) + "---\n" + zero)
+    h = await start_harness(tmp_path, loopback_ip, routing=None, authz=False,
+                            extra=tcp_echo_inventory(v1, v2) + "---\n" + zero)
     counts: Counter = Counter()
     try:
         h.pods[v1] = await start_version_pod(v1, "v1", counts)
         with pytest.raises(TunnelRefused) as err:
-            await _echo_through(h.client(), b"x")
+            await echo_through(h.client(), b"x")
         assert err.value.status == 503 and not counts
     finally:
         await h.close()

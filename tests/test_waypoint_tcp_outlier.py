@@ -10,7 +10,7 @@ import random
 from collections import Counter
 
 from hbone.server import HboneServer
-from tests.test_gateway_tcproute import _echo_through, inventory, start_version_pod
+from tests.gateway_route_helpers import echo_through, start_version_pod, tcp_echo_inventory
 from tests.waypoint_harness import Pod, cert_source, start_harness
 
 DR = """
@@ -37,15 +37,15 @@ async def _refusing_node(ip: str, tries: Counter) -> HboneServer:
 
 async def test_a_pod_that_refuses_connections_is_ejected_from_a_tcp_cluster(tmp_path, loopback_ip):
     v1, v2 = loopback_ip(), loopback_ip()
-    h = await start_harness(tmp_path, loopback_ip, routing=None, authz=False, extra=inventory(v1, v2) + "---\n" + DR,
-                            rng=random.Random(5))
+    h = await start_harness(tmp_path, loopback_ip, routing=None, authz=False,
+                            extra=tcp_echo_inventory(v1, v2) + "---\n" + DR, rng=random.Random(5))
     counts: Counter = Counter()
     tries: Counter = Counter()
     try:
         h.pods[v1] = await start_version_pod(v1, "v1", counts)
         h.pods[v2] = Pod(v2, "v2", hbone=await _refusing_node(v2, tries))
         client = h.client()
-        replies = [await _echo_through(client, b"n%d" % i) for i in range(TUNNELS)]
+        replies = [await echo_through(client, b"n%d" % i) for i in range(TUNNELS)]
         # Every tunnel is served by v1 (a failed connect to v2 goes on to v1 within the tunnel's attempts) ...
         assert replies == [b"v1:n%d" % i for i in range(TUNNELS)]
         assert counts == Counter({"v1": TUNNELS})

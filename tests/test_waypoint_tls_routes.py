@@ -23,7 +23,7 @@ from policy.routing.select import route_tcp
 from policy.routing.tls import TlsMatch, TlsRule, host_overlaps, tls_route_sni_hosts
 from policy.scope import WaypointScope
 from proxy.snapshot import build_snapshot
-from tests.test_gateway_tcproute import TCP_VIP, inventory, mesh_of, route_doc, table_of, backends
+from tests.gateway_route_helpers import TCP_VIP, backends, mesh_of, route_doc, table_of, tcp_echo_inventory
 from tests.mutation_helpers import junk_json
 from tests.stream_helpers import exchange, read_all
 from tests.waypoint_harness import Pod, start_answering_pod, start_harness
@@ -197,7 +197,7 @@ def test_several_rules_warn_that_only_the_first_is_used():
 
 
 def test_loader_reads_tlsroute_as_its_own_route_kind_and_refuses_other_versions():
-    mesh = mesh_of(inventory(), tlsroute_doc(backends(("tcp-echo-v1", 1))))
+    mesh = mesh_of(tcp_echo_inventory(), tlsroute_doc(backends(("tcp-echo-v1", 1))))
     assert mesh.counts()["TLSRoute"] == 1 and mesh.counts()["TCPRoute"] == 0
     assert [r.key for r in mesh.resources("TLSRoute")] == ["default/tcp-echo-tls"] and "TLSRoute=1" in repr(mesh)
     with pytest.raises(ConfigErrors) as e:
@@ -322,7 +322,7 @@ def test_sni_host_helpers_follow_istio():
 
 
 def test_waypoint_scope_keeps_the_tls_route_backends():
-    mesh = mesh_of(inventory(), vs_doc([tls_rule([SVC], "tcp-echo-v2")]))
+    mesh = mesh_of(tcp_echo_inventory(), vs_doc([tls_rule([SVC], "tcp-echo-v2")]))
     scope = WaypointScope.parse("default", gateway="default/reviews-waypoint")
     snap = build_snapshot(mesh, mode="waypoint", scope=scope, version=1, now=0.0)
     assert f"default/{V2}" in snap.mesh.inventory.services
@@ -370,7 +370,7 @@ async def test_tls_clients_reach_the_tls_route_whatever_their_sni(tmp_path, loop
     """An older TCPRoute sends to v1, a newer TLSRoute (no hostnames) to v2: every tunnel goes to v2, whatever
     the ClientHello's SNI (the waypoint does not read it), and the backend gets the ClientHello byte for byte."""
     v1, v2 = loopback_ip(), loopback_ip()
-    config = (inventory(v1, v2) + "---\n" + route_doc(backends(("tcp-echo-v1", 1)), name="a-tcp")
+    config = (tcp_echo_inventory(v1, v2) + "---\n" + route_doc(backends(("tcp-echo-v1", 1)), name="a-tcp")
               + "---\n" + tlsroute_doc(backends(("tcp-echo-v2", 1)), name="b-tls"))
     h = await start_harness(tmp_path, loopback_ip, routing=None, authz=False, extra=config, rng=random.Random(1))
     seen: list = []
@@ -391,7 +391,8 @@ async def test_a_virtual_service_tls_route_for_another_sni_leaves_the_tcp_route(
     v1, v2 = loopback_ip(), loopback_ip()
     vs = vs_doc([tls_rule(["a.example.com"], "tcp-echo-v2")], tcp=[tcp_rule("tcp-echo-v1")],
                 hosts=(SVC, "*.example.com"))
-    h = await start_harness(tmp_path, loopback_ip, routing=None, authz=False, extra=inventory(v1, v2) + "---\n" + vs)
+    h = await start_harness(tmp_path, loopback_ip, routing=None, authz=False,
+                            extra=tcp_echo_inventory(v1, v2) + "---\n" + vs)
     seen: list = []
     try:
         h.pods[v1] = await start_hello_pod(v1, "v1", seen)
