@@ -191,3 +191,71 @@ def test_stats_on_the_seed_waypoints_admin(seed_waypoint):
     with pytest.raises(urllib.error.HTTPError) as bad:
         urllib.request.urlopen(f"http://{_admin(seed_waypoint)}/stats?filter=%28", timeout=10)
     assert bad.value.code == 400
+
+
+# ---------------------------------------------------------------------------------------------
+# A node proxy (ztunnel): its /config_dump has no Envoy listeners; proxy-config shows its own view.
+
+
+@pytest.fixture(scope="module")
+def bookinfo_node(tmp_path_factory):
+    """Bookinfo's node-a, a real ``hbone-proxy run --mode node`` with SOCKS5 and the outbound listener."""
+    mesh = Mesh(tmp_path_factory.mktemp("node"))
+    try:
+        mesh.node_a = mesh.start_node("node-a", 1)
+        yield mesh
+    finally:
+        mesh.close()
+
+
+def _pc_fails(admin: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_cli() + ["proxy-config", *args, "--admin", admin], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+
+
+def test_node_listeners_table(bookinfo_node):
+    """A node's listeners (one HBONE listener per local pod, then outbound and SOCKS5) as NAME ADDRESS
+    WORKLOAD rows, with or without --waypoint (a node has one view); never a traceback."""
+    mesh = bookinfo_node
+    node = mesh.node_a
+    admin, ip = node.addr("admin"), mesh.infra(1)
+    out = _pc(admin, "listeners")
+    assert _pc(admin, "listeners", "--waypoint") == out
+    rows = collapsed(out)
+    # details-v1-0 (node-a, protocol TCP) is not in the mesh: no HBONE listener of its own
+    pods = [(mesh.pod(n), name) for n, name in ((10, "productpage-v1-0"), (30, "ratings-v1-0"))]
+    assert rows == ["NAME ADDRESS WORKLOAD",
+                    *(f"hbone {p} {p}:15008 default/{name}" for p, name in pods),
+                    f"outbound {ip}:15001 -", f"socks5 {ip}:15080 -"]
+
+
+def test_node_all_table_and_full_json_yaml(bookinfo_node):
+    node = bookinfo_node.node_a
+    admin = node.addr("admin")
+    dump = node.config_dump()
+    tables = _pc(admin, "all").split("\n\n")
+    assert [collapsed(t)[0] for t in tables] == ["NAME ADDRESS WORKLOAD",
+                                                 "NAMESPACE POD NAME ADDRESS NODE PROTOCOL",
+                                                 "NAMESPACE SERVICE NAME SERVICE VIP WAYPOINT ENDPOINTS"]
+    workloads, services = collapsed(tables[1])[1:], collapsed(tables[2])[1:]
+    assert len(workloads) == len(dump["workloads"]) and len(services) == len(dump["services"])
+    assert f"default reviews-v2-0 {bookinfo_node.pod(22)} node-b HBONE" in workloads
+    assert (f"default reviews {bookinfo_node.vip(20)} default/reviews-waypoint.default.svc.cluster.local:15008 3"
+            in services)
+    # -o json|yaml: the full data, not the map's keys
+    for fmt, load in (("json", json.loads), ("yaml", yaml.safe_load)):
+        listeners = load(_pc(admin, "listeners", "-o", fmt))
+        assert listeners == dump["listeners"] and all(":" in a for a in listeners.values())
+        everything = load(_pc(admin, "all", "-o", fmt))
+        assert everything.keys() == dump.keys() and everything["local_workloads"] == dump["local_workloads"]
+
+
+@pytest.mark.parametrize("kind", ["clusters", "routes", "endpoints"])
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_node_envoy_kinds_say_so_in_one_line(bookinfo_node, kind, fmt):
+    admin = bookinfo_node.node_a.addr("admin")
+    r = _pc_fails(admin, kind, "-o", fmt)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == (f"hbone-proxy proxy-config: {admin}: this is a node proxy (node node-a), which has no "
+                        f"{kind} (a waypoint's Envoy view); try: proxy-config listeners, or proxy-config all "
+                        f"[-o yaml] for its whole state\n")

@@ -4,11 +4,18 @@ proxy, read from its admin ``/config_dump`` (views in ``proxy.admin.views``).
 Tables are written exactly as istioctl writes them: Go ``text/tabwriter`` (minwidth 0, tabwidth 8,
 padchar ' ', flags 0) over rows whose cells istioctl's ``configdump`` writers would print
 (``istioctl/pkg/writer/envoy/configdump/{listener,cluster,route,endpoint}.go``).
+
+A node proxy (``run --mode node``) is ztunnel, not Envoy: its dump has no clusters, routes or endpoints,
+and its ``listeners`` is a map ``{"hbone <pod ip>": "<ip>:15008", "outbound": ..., "socks5": ...}``.
+Against a node, ``listeners`` prints that map as a table (NAME ADDRESS WORKLOAD), ``all`` adds the
+workloads and services tables of istioctl's ``ztunnel-config`` (the view ztunnel's users know), the
+Envoy-only kinds answer one line saying so, and ``-o json|yaml`` shows the node's own data in full.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import socket
 import sys
@@ -206,6 +213,73 @@ def all_tables(dump: Mapping[str, Any], *, waypoint: bool = False, direction: st
                       tabwrite(r_table, TABLE_PADDING), tabwrite(e_table, TABLE_PADDING)))
 
 
+# ---------------------------------------------------------------------------------------------
+# A node proxy's dump (proxy.node.NodeProxy.config_dump): ztunnel's view, not Envoy's
+
+
+class NotOnNode(ValueError):
+    """An Envoy-only view (clusters, routes, endpoints) asked of a node proxy; the message says so."""
+
+
+def is_node_dump(dump: Mapping[str, Any]) -> bool:
+    """A node proxy's dump: ``mode: node`` (its ``listeners`` is a name → address map)."""
+    return dump.get("mode") == "node" or isinstance(dump.get("listeners"), dict)
+
+
+def _ip_key(addr: str) -> tuple[int, Any, str]:
+    host = addr.rpartition(":")[0].strip("[]")
+    try:
+        return (0, ipaddress.ip_address(host), addr)
+    except ValueError:
+        return (1, 0, addr)
+
+
+def node_listener_rows(dump: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """NAME ADDRESS WORKLOAD: the per-pod HBONE listeners (by pod IP, each with its local workload),
+    then the node-wide ones (outbound, socks5, inbound_plaintext) in the dump's order."""
+    listeners = dump.get("listeners") or {}
+    pods = {w.get("ip"): f"{w.get('namespace')}/{w.get('name')}" for w in dump.get("local_workloads", [])
+            if isinstance(w, dict)}
+    hbone = sorted(((n, a) for n, a in listeners.items() if n.startswith("hbone ")), key=lambda na: _ip_key(na[1]))
+    other = [(n, a) for n, a in listeners.items() if not n.startswith("hbone ")]
+    rows = [("NAME", "ADDRESS", "WORKLOAD")]
+    rows += [(n, str(a), pods.get(n.partition(" ")[2], "-")) for n, a in hbone]
+    rows += [(n, str(a), "-") for n, a in other]
+    return rows
+
+
+def node_workload_rows(dump: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """istioctl ztunnel-config workloads' columns this dump has: NAMESPACE POD NAME ADDRESS NODE PROTOCOL."""
+    rows = [(w.get("namespace", ""), w.get("name", ""), ",".join(w.get("ips", [])), w.get("node") or "",
+             w.get("protocol", "")) for w in dump.get("workloads", []) if isinstance(w, dict)]
+    return [("NAMESPACE", "POD NAME", "ADDRESS", "NODE", "PROTOCOL"), *sorted(rows)]
+
+
+def node_service_rows(dump: Mapping[str, Any]) -> list[tuple[str, ...]]:
+    """istioctl ztunnel-config services: NAMESPACE SERVICE NAME SERVICE VIP WAYPOINT ENDPOINTS (a count:
+    this dump has no per-endpoint health)."""
+    rows = [(s.get("namespace", ""), s.get("name", ""), ",".join(s.get("vips", [])),
+             s.get("waypoint") or "None", str(len(s.get("endpoints", []))))
+            for s in dump.get("services", []) if isinstance(s, dict)]
+    return [("NAMESPACE", "SERVICE NAME", "SERVICE VIP", "WAYPOINT", "ENDPOINTS"), *sorted(rows)]
+
+
+def render_node(dump: Mapping[str, Any], kind: str, *, output: str = "table") -> str:
+    """A node proxy's ``proxy-config``: see the module docstring. Raises NotOnNode for the Envoy kinds."""
+    if kind not in ("listeners", "all"):
+        node = dump.get("node") or "?"
+        raise NotOnNode(f"this is a node proxy (node {node}), which has no {kind} (a waypoint's Envoy view); "
+                        f"try: proxy-config listeners, or proxy-config all [-o yaml] for its whole state")
+    if output in ("json", "yaml"):
+        picked: Any = dict(dump) if kind == "all" else dump.get("listeners") or {}
+        return json.dumps(picked, indent=4) + "\n" if output == "json" else to_yaml(picked)
+    if kind == "listeners":
+        return tabwrite(node_listener_rows(dump), LISTENER_PADDING)
+    return "\n".join((tabwrite(node_listener_rows(dump), LISTENER_PADDING),
+                      tabwrite(node_workload_rows(dump), TABLE_PADDING),
+                      tabwrite(node_service_rows(dump), TABLE_PADDING)))
+
+
 def select(dump: Mapping[str, Any], kind: str, *, name: str | None = None,
            direction: str | None = None) -> list[dict]:
     """The raw JSON objects a table would show (for ``-o json|yaml``), filtered the same way."""
@@ -288,6 +362,8 @@ def fetch_json(admin: str, path: str, *, body: dict | None = None, timeout: floa
 
 def render(dump: Mapping[str, Any], kind: str, *, output: str = "table", name: str | None = None,
            direction: str | None = None, waypoint: bool = False) -> str:
+    if is_node_dump(dump):
+        return render_node(dump, kind, output=output)
     kinds = KINDS if kind == "all" else (kind,)
     if output in ("json", "yaml"):
         picked: Any = ({k: select(dump, k, name=name, direction=direction) for k in kinds} if kind == "all"
@@ -315,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", choices=("inbound", "outbound", "inbound-vip"),
                    help="clusters/endpoints: only this traffic direction")
     p.add_argument("--waypoint", action="store_true",
-                   help="listeners: the waypoint view (LISTENER CHAIN MATCH DESTINATION)")
+                   help="listeners: the waypoint view (LISTENER CHAIN MATCH DESTINATION); a node proxy has one view")
     p.add_argument("--timeout", type=float, default=FETCH_TIMEOUT_S, help="seconds to wait for the proxy")
     return p
 
@@ -330,6 +406,11 @@ def main(argv: list[str]) -> int:
     if not isinstance(dump, dict):
         print("hbone-proxy proxy-config: /config_dump is not a JSON object", file=sys.stderr)
         return 1
-    sys.stdout.write(render(dump, args.kind, output=args.output, name=args.name,
-                            direction=args.direction, waypoint=args.waypoint))
+    try:
+        text = render(dump, args.kind, output=args.output, name=args.name, direction=args.direction,
+                      waypoint=args.waypoint)
+    except NotOnNode as err:
+        print(f"hbone-proxy proxy-config: {args.admin}: {err}", file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
     return 0
