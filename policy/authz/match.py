@@ -225,14 +225,31 @@ def _is_dotdot(segment: str) -> bool:
     return segment.lower() in ("..", ".%2e", "%2e.", "%2e%2e")
 
 
+# RFC 3986 §2.3 unreserved characters: their percent-encodings are decoded (§6.2.2.2), in either hex case.
+_UNRESERVED_ESCAPES = {f"%{c:02x}": chr(c) for c in
+                       b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"}
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def decode_unreserved(path: str) -> str:
+    """``%41``→``A`` and the other unreserved characters' escapes decoded, once (``%2561`` stays: no double
+    decoding); every other escape — ``%2F``, ``%5C``, ``%00``, ``%25`` — as it was."""
+    if "%" not in path:
+        return path
+    return _ESCAPE.sub(lambda m: _UNRESERVED_ESCAPES.get(m.group().lower(), m.group()), path)
+
+
 def normalize_path(raw: str) -> str:
     """The path authorization matches: Istio's default ``pathNormalization: BASE``.
 
-    Istio: BASE = "normalize according to RFC 3986" — Envoy's ``normalize_path`` (dot-segment removal,
-    RFC 3986 §5.2.4; backslashes become ``/`` as Chromium's URL canonicaliser does; ``%2e`` counts as a
-    dot, as there). The query (``?``) and fragment (``#``) are dropped first: Envoy's ``url_path``
-    matcher "matches the path without the query string". No percent-decoding, no slash merging (those
-    are the MERGE_SLASHES / DECODE_AND_MERGE_SLASHES options, not the default).
+    Istio (security/normalization): BASE decodes the single percent-encoded unreserved characters
+    ("%2d, %2e, %30-%39, %41-%5a, %5f, %61-%7a, %7e ... Enabled by default with the normalization option
+    BASE"; "normalization happens only once, no double decoding"), then Envoy's ``normalize_path``:
+    dot-segment removal (RFC 3986 §5.2.4), backslashes become ``/`` as Chromium's URL canonicaliser does.
+    The query (``?``) and fragment (``#``) are dropped first: Envoy's ``url_path`` matcher "matches the
+    path without the query string". ``%2F`` and ``%5C`` stay encoded and slashes are not merged (the
+    DECODE_AND_MERGE_SLASHES / MERGE_SLASHES options, not the default). A ``%00`` stays here; a request with
+    one never gets this far (the waypoint answers it 400, ``proxy.pipeline.http.normalized_target``).
     """
     if raw[:1] == "/" and "/." not in raw and "%" not in raw and "\\" not in raw and "?" not in raw \
             and "#" not in raw:
@@ -249,7 +266,7 @@ def _normalize_path_segments(raw: str) -> str:
         cut = path.find(sep)
         if cut >= 0:
             path = path[:cut]
-    path = path.replace("\\", "/")
+    path = decode_unreserved(path).replace("\\", "/")
     if not path.startswith("/"):
         # An absolute-form or empty request target never reaches here as a path in Envoy; treat it as
         # relative to the root so ``..`` cannot climb above it.

@@ -184,6 +184,16 @@ class RequestOverflow(UpstreamOverflow):
     body_override = b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
 
 
+class PathRejected(ProxyError):
+    """A request path Istio's ``pathNormalization: BASE`` refuses: a ``%00`` ("The request will always be rejected
+    with HTTP code 400", security/normalization). Envoy's HCM answers it before any filter: 400 with an empty
+    body, details ``path_normalization_failed``, no response flag (``maybeNormalizePath`` → Reject)."""
+    http_status = 400
+    hbone_status = 400
+    flag = NO_FLAGS
+    detail = "path_normalization_failed"
+
+
 class BadUpstreamResponse(ProxyError):
     """The upstream's response was malformed (Envoy: 502, flag UPE)."""
     http_status = 502
@@ -192,4 +202,4 @@ class BadUpstreamResponse(ProxyError):
 
 
 __all__ = ["HTTP_TO_GRPC_STATUS", "http_to_grpc_status", "is_grpc", "grpc_local_reply", "LocalReply", "local_reply", "connect_status", "flags_of", "exhausted", "FaultAbort",
-           "DestinationUnavailable", "BadUpstreamResponse", "RequestOverflow", "UpgradeFailed", "NO_FLAGS"]
+           "DestinationUnavailable", "BadUpstreamResponse", "PathRejected", "RequestOverflow", "UpgradeFailed", "NO_FLAGS"]
