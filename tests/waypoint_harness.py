@@ -151,24 +151,33 @@ class Pod:
             self.backend = None
 
 
+def tcp_service(talk):
+    """An ``asyncio.start_server`` callback: ``await talk(stream)`` on each connection's TcpStream; an OSError
+    (the peer went away) ends it quietly, and the stream is closed after."""
+    async def serve(reader, writer):
+        stream = TcpStream(reader, writer)
+        try:
+            await talk(stream)
+        except OSError:
+            pass
+        finally:
+            stream.close()
+    return serve
+
+
 async def start_pod(ip: str, version: str, sa: str = "bookinfo-reviews", port: int = 9080, kind: str = "http") -> Pod:
     pod = Pod(ip, version)
 
-    async def serve(reader, writer):
-        stream = TcpStream(reader, writer)
-        if kind == "http":
-            await serve_http1(stream, lambda rq, rs: backend_handler(version, rq, rs))
-        else:  # echo with half-close
-            try:
-                while data := await stream.read():
-                    stream.write(data)
-                    await stream.drain()
-                stream.write_eof()
-            except OSError:
-                pass
-            finally:
-                stream.close()
+    async def serve_http(reader, writer):
+        await serve_http1(TcpStream(reader, writer), lambda rq, rs: backend_handler(version, rq, rs))
 
+    async def echo(stream):   # with half-close
+        while data := await stream.read():
+            stream.write(data)
+            await stream.drain()
+        stream.write_eof()
+
+    serve = serve_http if kind == "http" else tcp_service(echo)
     pod.backend = await asyncio.start_server(serve, ip, port, limit=256 * 1024)
     pod.hbone = await start_node_inbound(ip, sa)
     return pod
@@ -177,20 +186,14 @@ async def start_pod(ip: str, version: str, sa: str = "bookinfo-reviews", port: i
 async def start_answering_pod(ip: str, version: str, answer) -> Pod:
     """A TCP pod on port 9000 (identity tcp-echo) behind its node proxy: for each connection ``await
     answer(stream)`` reads what it wants and returns what follows ``<version>:`` in the reply; then EOF."""
-    async def serve(reader, writer):
-        stream = TcpStream(reader, writer)
-        try:
-            reply = await answer(stream)
-            stream.write(version.encode() + b":" + reply)
-            await stream.drain()
-            stream.write_eof()
-        except OSError:
-            pass
-        finally:
-            stream.close()
+    async def talk(stream):
+        reply = await answer(stream)
+        stream.write(version.encode() + b":" + reply)
+        await stream.drain()
+        stream.write_eof()
 
     pod = Pod(ip, version)
-    pod.backend = await asyncio.start_server(serve, ip, 9000)
+    pod.backend = await asyncio.start_server(tcp_service(talk), ip, 9000)
     pod.hbone = await start_node_inbound(ip, "tcp-echo")
     return pod
 
