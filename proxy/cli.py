@@ -7,6 +7,8 @@ Each command module exposes ``main(argv: list[str]) -> int``. Modules are import
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 
 # command → (module, one-line help). Order is the order shown in --help.
@@ -19,6 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("proxy.admin.explain", "ask a running proxy how it would handle a request"),
     "bench": ("benchmarks.__main__", "run the benchmarks"),
 }
+
+# The reader of our stdout went away (``hbone-proxy config check ... | head -1``): not an error of ours.
+# A Unix tool is killed by SIGPIPE there and its shell reports 128 + 13; we exit with that status,
+# quietly. (Python ignores SIGPIPE, so the write raises BrokenPipeError instead.)
+EXIT_STDOUT_CLOSED = 128 + signal.SIGPIPE
 
 USAGE = "usage: hbone-proxy COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(
     f"  {name:<14}{help_}" for name, (_, help_) in COMMANDS.items()
@@ -43,9 +50,25 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     try:
-        return int(module.main(rest) or 0)
+        code = int(module.main(rest) or 0)
+        sys.stdout.flush()   # here, not at interpreter exit, so a closed pipe is seen and handled below
+        return code
+    except BrokenPipeError:
+        return stdout_closed()
     except KeyboardInterrupt:
         return 130
+
+
+def stdout_closed() -> int:
+    """Python docs, "Note on SIGPIPE": point stdout at /dev/null so the interpreter's last flush of what is
+    still buffered does not fail again (with an "Exception ignored" message); then exit quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):   # no stdout file descriptor at all (an embedding caller): nothing to flush
+        pass
+    return EXIT_STDOUT_CLOSED
 
 
 if __name__ == "__main__":  # pragma: no cover

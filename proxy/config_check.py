@@ -1,7 +1,8 @@
 """``hbone-proxy config check FILE|DIR...``: load configuration the way ``run`` does, and say what
 was loaded (counts per kind and per namespace, warnings) or every error, one per line.
 
-Exit status: 0 loaded, 2 bad configuration or bad usage. Never a traceback: the user gets
+Exit status: 0 loaded, 2 bad configuration or bad usage (141, quietly, when the reader of stdout goes
+away: ``proxy.cli.EXIT_STDOUT_CLOSED``). Never a traceback: the user gets
 ``FILE: document N (Kind ns/name): field.path: problem`` lines on stderr.
 
 With ``--scope``/``--gateway``/``--waypoint-ip`` it also shows what a waypoint with that scope would
@@ -74,6 +75,8 @@ def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = Non
         print(error.message, file=err)
         print("config check: 1 error; nothing loaded", file=err)
         return EXIT_BAD_CONFIG
+    except BrokenPipeError:   # `config check ... | head -1`: the reader left; proxy/cli.py exits quietly
+        raise
     except Exception as bug:  # noqa: BLE001 - never a traceback for the user; say it is our bug
         print(f"config check: internal error ({type(bug).__name__}: {bug}); please report this", file=err)
         return EXIT_BAD_CONFIG

@@ -111,3 +111,20 @@ def test_in_process_main_matches(capsys):
     assert main(["check", os.path.join(FIXTURES, "bookinfo", "inventory.yaml")]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "OK"
     assert main(["check", os.path.join(FIXTURES, "nope.yaml")]) == 2
+
+
+def test_closed_stdout_exits_quietly_as_unix_tools_do():
+    """`config check ... | head -1`: the reader is gone before a write. Not an internal error: no message,
+    exit 141 (128 + SIGPIPE, what the shell reports for a Unix tool killed by SIGPIPE). The pipe's read end
+    is closed before the process starts, so its first write fails (with or without a stdout buffer)
+    whatever the timing: a reader leaving after one line would race with the writer."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    cmd = [CLI] if os.path.exists(CLI) else [sys.executable, "-m", "proxy.cli"]
+    for env in ({}, {"PYTHONUNBUFFERED": "1"}):   # a block-buffered flush at exit, and a write per print
+        r = subprocess.run(cmd + ["config", "check", "tests/fixtures/bookinfo", "tests/fixtures/shop", "--node",
+                                  "node-b", "--gateway", "default/reviews-waypoint"],
+                           cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=TIMEOUT_S,
+                           env={**os.environ, **env})
+        assert (r.returncode, r.stderr) == (141, ""), env
+    os.close(write_end)

@@ -344,3 +344,26 @@ def test_metric_label_parsing_handles_commas_in_values():
     line = 'istio_requests_total{a="x,y",reporter="waypoint",response_code="403"} 1.0'
     assert tour.labels_of(line) == {"a": "x,y", "reporter": "waypoint", "response_code": "403"}
     assert tour.metric_lines(line + "\nistio_requests_total{reporter=\"source\"} 2.0\n") == [line]
+
+
+def test_closed_stdout_stops_every_proxy_quietly(tmp_path):
+    """`hbone-proxy demo | head -3`: the reader leaves while the proxies run. The demo stops them all and exits
+    quietly with 141 (128 + SIGPIPE, as a shell reports a Unix tool killed by SIGPIPE); no traceback, no line."""
+    workdir = tmp_path / "work"
+    p = subprocess.Popen(_cmd("--block", _free_block(), "--workdir", str(workdir)), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        for line in p.stdout:
+            if line.startswith("1. "):   # the first step's heading: every proxy is up
+                break
+        assert _ours(workdir), "the proxies should be running by step 1"
+        p.stdout.close()   # the demo's next write (the rest of the tour) finds no reader
+        assert p.wait(RUN_TIMEOUT_S) == 141
+        assert p.stderr.read() == ""
+        _no_leftovers(workdir)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        for line in _ours(workdir):
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)

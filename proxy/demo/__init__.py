@@ -8,7 +8,8 @@ No process outlives the demo: each proxy runs in its own process group and is ki
 out — normal end, an error, Ctrl-C (SIGINT), SIGTERM, SIGHUP — and, should the demo itself be
 killed with SIGKILL, by the kernel (parent-death signal). Exit status: 0 done; 1 a step saw something
 wrong or a proxy failed; 2 bad usage or an address already taken; 130 interrupted (128 + SIGINT;
-143 for SIGTERM, 129 for SIGHUP). ``--keep-running`` ends with 0 on Ctrl-C: that is how it is stopped.
+143 for SIGTERM, 129 for SIGHUP); 141, with no message, when the reader of stdout goes away
+(``hbone-proxy demo | head -3``: 128 + SIGPIPE, as a Unix tool's shell reports it). ``--keep-running`` ends with 0 on Ctrl-C: that is how it is stopped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 from typing import TextIO
+
+from proxy.cli import stdout_closed
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -126,14 +129,10 @@ class Demo:
             where = f" (logs in {self.workdir})" if self.workdir and err.code == EXIT_FAILED else ""
             print(f"hbone-proxy demo: {err}{where}", file=sys.stderr)
             code = err.code
-        except BrokenPipeError:   # `hbone-proxy demo | head`: the reader left; stop quietly
+        except BrokenPipeError:   # `hbone-proxy demo | head`: the reader left; stop every proxy, quietly
             self._ignore_signals()
             self.cleanup()
-            try:
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            except OSError:
-                pass
-            code = EXIT_FAILED
+            code = stdout_closed()
         except Exception as err:   # no traceback on any path: one line, and the logs
             self._ignore_signals()
             self.cleanup()
