@@ -33,7 +33,15 @@ USAGE = "usage: hbone-proxy COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _dispatch(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()   # here, not at interpreter exit, so a closed pipe is seen and handled below
+        return code
+    except BrokenPipeError:
+        return stdout_closed()
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
@@ -50,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     try:
-        code = int(module.main(rest) or 0)
-        sys.stdout.flush()   # here, not at interpreter exit, so a closed pipe is seen and handled below
-        return code
-    except BrokenPipeError:
-        return stdout_closed()
+        return int(module.main(rest) or 0)
     except KeyboardInterrupt:
         return 130
 

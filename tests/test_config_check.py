@@ -127,4 +127,6 @@ def test_closed_stdout_exits_quietly_as_unix_tools_do():
                            cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=TIMEOUT_S,
                            env={**os.environ, **env})
         assert (r.returncode, r.stderr) == (141, ""), env
+    r = subprocess.run(cmd + ["--help"], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=TIMEOUT_S)
+    assert (r.returncode, r.stderr) == (141, "")   # the dispatcher's own usage text too
     os.close(write_end)
