@@ -24,8 +24,8 @@ class _Reference:
         self.hists = [Histogram(name, help_text, HTTP_LABELS, buckets=ENVOY_DEFAULT_BUCKETS, registry=r)
                       for name, help_text in (
                           ("istio_request_duration_milliseconds", "Request duration in milliseconds"),
-                          ("istio_request_bytes", "Request size in bytes (headers and body as received)"),
-                          ("istio_response_bytes", "Response size in bytes (headers and body as sent)"))]
+                          ("istio_request_bytes", "HTTP request body size in bytes"),
+                          ("istio_response_bytes", "HTTP response body size in bytes"))]
         self.tcp = [Counter(name, help_text, TCP_LABELS, registry=r) for name, help_text in (
             ("istio_tcp_connections_opened", "TCP connections opened"),
             ("istio_tcp_connections_closed", "TCP connections closed"),

@@ -232,8 +232,10 @@ TCP_FAMILIES: tuple[FamilySpec, ...] = (
 HTTP_FAMILIES: tuple[FamilySpec, ...] = (
     (CounterMetricFamily, "istio_requests", "Requests processed by the proxy"),
     (HistogramMetricFamily, "istio_request_duration_milliseconds", "Request duration in milliseconds"),
-    (HistogramMetricFamily, "istio_request_bytes", "Request size in bytes (headers and body as received)"),
-    (HistogramMetricFamily, "istio_response_bytes", "Response size in bytes (headers and body as sent)"),
+    # Istio's standard metrics: "a DISTRIBUTION which measures HTTP request [response] body sizes"; the values
+    # recorded are the body bytes (proxy/pipeline/http.py passes request.body_bytes, responder.body_bytes).
+    (HistogramMetricFamily, "istio_request_bytes", "HTTP request body size in bytes"),
+    (HistogramMetricFamily, "istio_response_bytes", "HTTP response body size in bytes"),
 )
 
 
