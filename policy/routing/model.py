@@ -190,6 +190,23 @@ RESET_BEFORE_REQUEST = "reset-before-request"
 PER_TRY_TIMEOUT = "per-try-timeout"        # UT on one attempt
 OUTCOME_ERRORS = frozenset({CONNECT_FAILURE, REFUSED_STREAM, RESET, RESET_BEFORE_REQUEST, PER_TRY_TIMEOUT})
 
+# The retry_on names that retry each failure without a response, as Envoy's RetryStateImpl::wouldRetryFromReset
+# decides (retry_state_impl.cc): a connection failure is retried "if (retry_on_ & RETRY_ON_CONNECT_FAILURE)",
+# then every reset is "if (retry_on_ & RETRY_ON_RESET_BEFORE_REQUEST && !upstream_request_started)", then
+# "if (retry_on_ & RETRY_ON_RESET)", then "if (retry_on_ & (RETRY_ON_5XX | RETRY_ON_GATEWAY_ERROR)) {
+# // Currently we count an upstream reset as a "5xx" (since it will result in one)", and a
+# RemoteRefusedStreamReset also "if (retry_on_ & RETRY_ON_REFUSED_STREAM)". A per-try timeout resets the
+# attempt and asks the same question: router.cc onPerTryTimeoutCommon calls
+# "maybeRetryReset(Http::StreamResetReason::LocalReset, ...)", after the request went out.
+_ANY_RESET = frozenset({"reset", "5xx", "gateway-error"})
+_RETRIED_BY: Mapping[str, frozenset[str]] = MappingProxyType({
+    CONNECT_FAILURE: _ANY_RESET | {"connect-failure", "reset-before-request"},   # nothing was sent
+    REFUSED_STREAM: _ANY_RESET | {"refused-stream"},                             # the headers went out
+    RESET_BEFORE_REQUEST: _ANY_RESET | {"reset-before-request"},
+    RESET: _ANY_RESET,
+    PER_TRY_TIMEOUT: _ANY_RESET,
+})
+
 RETRY_BACKOFF_BASE_S = 0.025   # Envoy router: "base interval 25ms" unless the route sets one
 RETRY_BACKOFF_MAX_FACTOR = 10  # Envoy: "max interval ... default 10 times the base interval"
 HOST_SELECTION_MAX_ATTEMPTS = 5  # Istio retry.go: host_selection_retry_max_attempts: 5
@@ -245,19 +262,7 @@ class RetryPolicy:
         o = Outcome.of(outcome)
         on = self.retry_on
         if o.error is not None:
-            if o.error == CONNECT_FAILURE:
-                return bool(on & {"connect-failure", "5xx", "gateway-error", "reset"})
-            if o.error == REFUSED_STREAM:
-                return bool(on & {"refused-stream", "5xx", "reset"})
-            if o.error == RESET_BEFORE_REQUEST:
-                return bool(on & {"reset-before-request", "reset", "5xx"})
-            if o.error == RESET:
-                # Envoy "5xx": "... or does not respond at all (disconnect/reset/read timeout)".
-                return bool(on & {"reset", "5xx"})
-            if o.error == PER_TRY_TIMEOUT:
-                # Envoy treats a per-try timeout like a 504 for "5xx" and "gateway-error".
-                return bool(on & {"5xx", "gateway-error"})
-            return False
+            return not on.isdisjoint(_RETRIED_BY.get(o.error, ()))
         status = o.status or 0
         if "5xx" in on and 500 <= status <= 599:
             return True
