@@ -59,14 +59,17 @@ class WaypointScope:
 
     @classmethod
     def parse(cls, scope: str, *, address_ip: str | None = None, gateway: str | None = None) -> "WaypointScope":
-        """From the flags: ``--scope NS | NS/SA`` and ``--gateway NS/NAME``. Raises ValueError."""
-        ns, _, sa = scope.partition("/")
-        if not ns:
+        """From the flags: ``--scope NS | NS/SA`` and ``--gateway NS/NAME``. Raises ValueError.
+
+        Each part is one non-empty name: ``a/b/c`` (no service account has a slash; it would hold no
+        workload, an empty scope) and ``ns/`` are refused, not read as namespace ``a``, account ``b/c``."""
+        ns, slash, sa = scope.partition("/")
+        if not ns or (slash and not sa) or "/" in sa:
             raise ValueError(f"--scope {scope!r}: expected NS or NS/SA")
         gw = None
         if gateway:
             gns, slash, gname = gateway.partition("/")
-            if not slash or not gns or not gname:
+            if not slash or not gns or not gname or "/" in gname:
                 raise ValueError(f"--gateway {gateway!r}: expected NS/NAME")
             gw = (gns, gname)
         return cls(address_ip=address_ip, gateway=gw, namespace=ns, service_account=sa or None)

@@ -83,6 +83,15 @@ def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = Non
 
 
 def _check(opts: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    scope = None
+    if opts.scope or opts.gateway or opts.waypoint_ip:   # a bad flag is a usage error: said before any loading
+        try:
+            gateway_ns = opts.gateway.partition("/")[0] if opts.gateway else None
+            scope = WaypointScope.parse(opts.scope or gateway_ns or "default",
+                                        address_ip=opts.waypoint_ip, gateway=opts.gateway)
+        except ValueError as bad:
+            print(f"config check: {bad}", file=err)
+            return EXIT_BAD_CONFIG
     docs = load_documents(opts.paths)
     files = source_files(opts.paths)
     mesh = build_mesh_config(docs, sources=tuple(files), root_namespace=opts.root_namespace)
@@ -96,14 +105,7 @@ def _check(opts: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(f"\nwarnings ({len(mesh.warnings)}):", file=out)
         for w in mesh.warnings:
             print(f"  {w}", file=out)
-    if opts.scope or opts.gateway or opts.waypoint_ip:
-        try:
-            gateway_ns = opts.gateway.partition("/")[0] if opts.gateway else None
-            scope = WaypointScope.parse(opts.scope or gateway_ns or "default",
-                                        address_ip=opts.waypoint_ip, gateway=opts.gateway)
-        except ValueError as bad:
-            print(f"config check: {bad}", file=err)
-            return EXIT_BAD_CONFIG
+    if scope is not None:
         scoped = scope_for_waypoint(mesh, scope)
         print(f"\nwaypoint scope {scope} keeps:", file=out)
         print(format_counts(scoped), file=out)
