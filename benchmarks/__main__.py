@@ -52,8 +52,8 @@ FULL = Sizes(bulk_bytes=1024 * MiB, short_count=20_000, idle_counts=(1_000, 8_00
 SCENARIOS = ("upload", "download", "multi64", "short", "idle", "workers", "authz", "http", "config")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+def parse_args(argv: list[str], prog: str = "hbone-proxy bench") -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", dest="full", action="store_false", help="quick sizes (default; < 5 minutes)")
@@ -154,7 +154,9 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    # argv None: run as ``python -m benchmarks``; a list: from ``hbone-proxy bench`` (proxy/cli.py).
+    args = parse_args(list(sys.argv[1:] if argv is None else argv),
+                      prog="python -m benchmarks" if argv is None else "hbone-proxy bench")
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     started = time.time()
     print(f"hbone-proxy benchmarks ({'full' if args.full else 'quick'}; {args.repeat} repetition(s); "

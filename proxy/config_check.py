@@ -35,13 +35,16 @@ class _UsageError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="hbone-proxy config check", description="Load and validate configuration files.")
+    p = _Parser(prog="hbone-proxy config check", description="Load and validate configuration files "
+                "(check is the only subcommand of config).")
     p.add_argument("paths", nargs="+", metavar="FILE|DIR", help="YAML/JSON files or directories of them")
-    p.add_argument("--scope", help="show what a waypoint with scope NS or NS/SA keeps")
+    p.add_argument("--scope", metavar="NS|NS/SA", help="show what a waypoint with scope NS or NS/SA keeps")
     p.add_argument("--gateway", metavar="NS/NAME", help="the waypoint's Gateway (with --scope)")
     p.add_argument("--waypoint-ip", metavar="IP", help="the waypoint's HBONE address IP (with --scope)")
     p.add_argument("--node", metavar="NAME", help="show the workloads a node proxy NAME serves")
-    p.add_argument("--root-namespace", default=DEFAULT_ROOT_NAMESPACE, help="Istio root namespace (default %(default)s)")
+    p.add_argument("--root-namespace", default=DEFAULT_ROOT_NAMESPACE, metavar="NS",
+                   help="Istio root namespace to check with (default %(default)s, the one `run` always uses: "
+                        "run has no such flag)")
     return p
 
 
@@ -49,9 +52,9 @@ def main(argv: list[str], *, out: TextIO | None = None, err: TextIO | None = Non
     out = out or sys.stdout
     err = err or sys.stderr
     args = list(argv)
-    if not args or args[0] in ("-h", "--help"):
-        print("usage: hbone-proxy config check [--scope NS|NS/SA] [--gateway NS/NAME] [--waypoint-ip IP] "
-              "[--node NAME] FILE|DIR...", file=out if args else err)
+    if not args or args[0] in ("-h", "--help"):   # the whole help of `config check`, its only subcommand
+        parser = _parser()
+        print(parser.format_help().rstrip() if args else parser.format_usage().rstrip(), file=out if args else err)
         return EXIT_OK if args else EXIT_BAD_CONFIG
     if args[0] != "check":
         print(f"hbone-proxy config: unknown subcommand {args[0]!r} (expected: check)", file=err)
