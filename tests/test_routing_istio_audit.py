@@ -44,3 +44,55 @@ def test_gateway_error_retries_every_reset_kind():
 def test_grpc_names_and_unknown_errors_retry_no_failure():
     p = RetryPolicy(2, frozenset({"unavailable", "cancelled", "retriable-status-codes"}), frozenset({503}))
     assert not any(p.retriable(e) for e in (*RETRIED_BY, "no-such-failure"))
+
+
+# ---------------------------------------------------------------------------------------------
+# VirtualService retries: what istiod's webhook (validation.go validateHTTPRetry) refuses
+
+from policy.errors import ConfigError, Where   # noqa: E402
+from policy.routing.parse import parse_virtual_service   # noqa: E402
+
+from tests.test_routing_common import NS, REVIEWS, dr, hr, req, table, vs   # noqa: E402
+from policy.routing import route_http   # noqa: E402
+
+
+def _vs_with_retries(retries: dict) -> dict:
+    return {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": "reviews", "namespace": NS},
+            "spec": {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews"}}],
+                                                     "retries": retries}]}}
+
+
+def _load_error(doc: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as e:
+        parse_virtual_service(doc, Where("t.yaml"))
+    return e.value
+
+
+@pytest.mark.parametrize("retries,field,problem", [
+    # ValidateDuration: "if dur < time.Millisecond { return errors.New("duration must be greater than 1ms") }" —
+    # a 0s per-try timeout made every attempt time out at once (504 UT).
+    ({"attempts": 3, "perTryTimeout": "0s"}, "perTryTimeout", "duration must be greater than 1ms"),
+    ({"attempts": 3, "perTryTimeout": "0.5ms"}, "perTryTimeout", "duration must be greater than 1ms"),
+    # "if dur%time.Millisecond != 0 { return errors.New("only durations to ms precision are supported") }"
+    ({"attempts": 3, "perTryTimeout": "1.5ms"}, "perTryTimeout", "only durations to ms precision are supported"),
+    # "retries.Attempts == 0 && (retries.PerTryTimeout != nil || retries.RetryOn != "" ||
+    # retries.RetryRemoteLocalities != nil)": an unset attempts is 0 there too.
+    ({"attempts": 0, "retryOn": "5xx"}, "attempts", "http retry policy configured when attempts are set to 0 (disabled)"),
+    ({"attempts": 0, "perTryTimeout": "1s"}, "attempts", "http retry policy configured when attempts are set to 0"),
+    ({"retryOn": "5xx"}, "attempts", "http retry policy configured when attempts are set to 0 (disabled)"),
+    ({"retryRemoteLocalities": False}, "attempts", "http retry policy configured when attempts are set to 0"),
+])
+def test_retries_the_webhook_refuses_fail_the_load_naming_the_field(retries, field, problem):
+    e = _load_error(_vs_with_retries(retries))
+    assert e.path == f"spec.http[0].retries.{field}" and problem in e.problem, str(e)
+
+
+@pytest.mark.parametrize("retries,attempts,per_try", [
+    ({"attempts": 0}, 0, None),                          # retries disabled, nothing else set: valid
+    ({"attempts": 2, "perTryTimeout": "1ms"}, 2, 0.001),  # the smallest valid per-try timeout
+    ({"attempts": 1, "perTryTimeout": "2.5s"}, 1, 2.5),
+])
+def test_valid_retries_still_load(retries, attempts, per_try):
+    p = parse_virtual_service(_vs_with_retries(retries), Where("t.yaml")).http[0].retries
+    assert (p.attempts, p.per_try_timeout_s) == (attempts, per_try)

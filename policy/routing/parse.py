@@ -587,7 +587,15 @@ def _vs_retries(r: _R, v: Any, path: str) -> RetryPolicy:
                         "retryIgnorePreviousHosts", "backoff"))
     # Istio: "MUST be >= 0. If 0, retries will be disabled."
     attempts = r.int(m.get("attempts", 0), f"{path}.attempts", 0, 2**31 - 1)
+    if attempts == 0 and any(m.get(k) is not None for k in ("perTryTimeout", "retryOn", "retryRemoteLocalities")):
+        # istiod's webhook (validation.go validateHTTPRetry): "if retries.Attempts == 0 && (retries.PerTryTimeout !=
+        # nil || retries.RetryOn != "" || retries.RetryRemoteLocalities != nil)" — an unset attempts is 0 too.
+        raise r.fail(f"{path}.attempts", "http retry policy configured when attempts are set to 0 (disabled)")
     per_try = r.opt_duration(m.get("perTryTimeout"), f"{path}.perTryTimeout")
+    if per_try is not None:
+        # validateHTTPRetry checks it with ValidateDuration, so a 0s per-try timeout (every attempt timed out at
+        # once: 504 UT) is refused at load.
+        _check_ms_duration(r, per_try, f"{path}.perTryTimeout")
     ignore_prev = r.bool(m.get("retryIgnorePreviousHosts", True), f"{path}.retryIgnorePreviousHosts")
     if m.get("retryRemoteLocalities") is not None:
         r.bool(m.get("retryRemoteLocalities"), f"{path}.retryRemoteLocalities")
@@ -602,6 +610,19 @@ def _vs_retries(r: _R, v: Any, path: str) -> RetryPolicy:
             raise r.fail(f"{path}.backoff", "expected a positive duration")
     return RetryPolicy(attempts, on, codes, per_try, ignore_prev, backoff_base_s=base, backoff_max_s=base * 10,
                        ignore_previous_hosts_set=m.get("retryIgnorePreviousHosts") is True)
+
+
+_NS_PER_MS = 1_000_000
+
+
+def _check_ms_duration(r: _R, seconds: float, path: str) -> None:
+    """istiod ValidateDuration: "if dur < time.Millisecond { return errors.New("duration must be greater than
+    1ms") }; if dur%time.Millisecond != 0 { return errors.New("only durations to ms precision are supported") }"."""
+    ns = round(seconds * 1e9)
+    if ns < _NS_PER_MS:
+        raise r.fail(path, "duration must be greater than 1ms")
+    if ns % _NS_PER_MS:
+        raise r.fail(path, "only durations to ms precision are supported")
 
 
 def _vs_fault(r: _R, v: Any, path: str) -> Fault:
