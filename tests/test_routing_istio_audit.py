@@ -96,3 +96,30 @@ def test_retries_the_webhook_refuses_fail_the_load_naming_the_field(retries, fie
 def test_valid_retries_still_load(retries, attempts, per_try):
     p = parse_virtual_service(_vs_with_retries(retries), Where("t.yaml")).http[0].retries
     assert (p.attempts, p.per_try_timeout_s) == (attempts, per_try)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTPRoute timeouts.backendRequest (istiod conversion.go convertHTTPRoute)
+
+def _gw_forward(timeouts: dict, retry: dict | None = None):
+    rule = {"backendRefs": [{"name": "reviews", "port": 9080}], "timeouts": timeouts}
+    if retry is not None:
+        rule["retry"] = retry
+    spec = {"parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}], "rules": [rule]}
+    return route_http(req(), table(hrs=[hr(spec)]).http_routes_for(REVIEWS, 9080)).action
+
+
+@pytest.mark.parametrize("timeouts,retry,route_timeout,per_try,attempts", [
+    # "if vs.Retries != nil { vs.Retries.PerTryTimeout = timeout } else { vs.Timeout = timeout }": without a
+    # retry block backendRequest is the route timeout, and it replaces timeouts.request.
+    ({"backendRequest": "1s"}, None, 1.0, None, 2),
+    ({"request": "10s", "backendRequest": "1s"}, None, 1.0, None, 2),
+    ({"request": "10s"}, None, 10.0, None, 2),
+    # With a retry block it is the per-try timeout and the request timeout stays.
+    ({"request": "10s", "backendRequest": "1s"}, {"attempts": 3}, 10.0, 1.0, 3),
+    ({"backendRequest": "1s"}, {"attempts": 3}, None, 1.0, 3),
+])
+def test_backend_request_timeout_is_the_route_timeout_without_a_retry_block(timeouts, retry, route_timeout, per_try,
+                                                                           attempts):
+    fwd = _gw_forward(timeouts, retry)
+    assert (fwd.timeout_s, fwd.retry.per_try_timeout_s, fwd.retry.attempts) == (route_timeout, per_try, attempts)

@@ -1192,8 +1192,10 @@ def _gw_rule(r: _R, v: Any, path: str) -> GwRule:
     if m.get("retry") is not None:
         retries = _gw_retry(r, m.get("retry"), f"{path}.retry", back_t)
     elif back_t is not None:
-        retries = RetryPolicy(DEFAULT_RETRY_POLICY.attempts, DEFAULT_RETRY_POLICY.retry_on,
-                              DEFAULT_RETRY_POLICY.retriable_status_codes, back_t)
+        # istiod conversion.go convertHTTPRoute: "if vs.Retries != nil { vs.Retries.PerTryTimeout = timeout }
+        # else { vs.Timeout = timeout }" — without a retry block backendRequest is the route timeout (it
+        # replaces timeouts.request), and the route keeps the default retry policy, with no per-try timeout.
+        req_t = back_t
     if m.get("sessionPersistence") is not None:
         r.map(m.get("sessionPersistence"), f"{path}.sessionPersistence")
         r.warn(f"{path}.sessionPersistence", "not supported; ignored")
