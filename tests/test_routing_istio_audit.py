@@ -54,6 +54,7 @@ from policy.routing.parse import parse_virtual_service   # noqa: E402
 
 from tests.test_routing_common import NS, REVIEWS, dr, hr, req, table, vs   # noqa: E402
 from policy.routing import route_http   # noqa: E402
+from policy.routing.select import NoRoute   # noqa: E402
 
 
 def _vs_with_retries(retries: dict) -> dict:
@@ -123,3 +124,41 @@ def test_backend_request_timeout_is_the_route_timeout_without_a_retry_block(time
                                                                            attempts):
     fwd = _gw_forward(timeouts, retry)
     assert (fwd.timeout_s, fwd.retry.per_try_timeout_s, fwd.retry.attempts) == (route_timeout, per_try, attempts)
+
+
+# ---------------------------------------------------------------------------------------------
+# VirtualService header matches (istiod route.go translateHeaderMatch / TranslateRouteMatch)
+
+def _matches(match: dict, request) -> bool:
+    spec = {"hosts": ["reviews"], "http": [{"match": [match], "route": [{"destination": {"host": "reviews"}}]}]}
+    d = route_http(request, table(vss=[vs(spec)]).http_routes_for(REVIEWS, 9080))
+    return not isinstance(d, NoRoute)
+
+
+ABSENT, EMPTY, VALUE_A, VALUE_B = None, "", "a", "b"
+
+
+def _req_with(x):
+    return req() if x is None else req(headers={"x": x})
+
+
+@pytest.mark.parametrize("match,expected", [
+    # canBeConvertedToPresentMatch: "if in == nil || in.MatchType == nil { return true }" — {} is presence...
+    ({"headers": {"x": {}}}, {ABSENT: False, EMPTY: True, VALUE_A: True}),
+    # ...and `exact: ""` is not: ConvertToEnvoyMatch gives StringMatcher_Exact{Exact: ""}, which only an empty
+    # value matches (the audit's p2.py: "a" matched before).
+    ({"headers": {"x": {"exact": ""}}}, {ABSENT: False, EMPTY: True, VALUE_A: False}),
+    ({"headers": {"x": {"exact": "a"}}}, {ABSENT: False, EMPTY: False, VALUE_A: True}),
+    # withoutHeaders: "matcher.InvertMatch = true; // treat_missing_header_as_empty conflict with present_match
+    # if !canBeConvertedToPresentMatch(stringMatch) { matcher.TreatMissingHeaderAsEmpty = true }" — a missing
+    # header is "" to every match but the presence ones.
+    ({"withoutHeaders": {"x": {}}}, {ABSENT: True, EMPTY: False, VALUE_A: False}),
+    ({"withoutHeaders": {"x": {"regex": "*"}}}, {ABSENT: True, EMPTY: False, VALUE_A: False}),
+    ({"withoutHeaders": {"x": {"exact": ""}}}, {ABSENT: False, EMPTY: False, VALUE_A: True}),
+    ({"withoutHeaders": {"x": {"exact": "a"}}}, {ABSENT: True, EMPTY: True, VALUE_A: False, VALUE_B: True}),
+    ({"withoutHeaders": {"x": {"prefix": "a"}}}, {ABSENT: True, EMPTY: True, VALUE_A: False, VALUE_B: True}),
+    ({"withoutHeaders": {"x": {"regex": "a*"}}}, {ABSENT: False, EMPTY: False, VALUE_A: False, VALUE_B: True}),
+])
+def test_header_matches_follow_istio_translate_header_match(match, expected):
+    got = {x: _matches(match, _req_with(x)) for x in expected}
+    assert got == expected

@@ -42,8 +42,8 @@ class NamespacedResource:
 @dataclass(frozen=True)
 class StringMatch:
     """Istio's StringMatch (``exact`` | ``prefix`` | ``regex``), also used for Gateway API ``Exact`` /
-    ``RegularExpression`` values. ``presence`` matches any value, even empty: Istio turns ``{}`` (and an
-    empty value) into Envoy's ``present_match``."""
+    ``RegularExpression`` values. ``presence`` matches any value, even empty: Istio turns ``{}`` (and, for
+    headers, ``regex: "*"``) into Envoy's ``present_match``; ``exact: ""`` is an exact match of the empty value."""
 
     kind: str  # "exact" | "prefix" | "regex" | "presence"
     value: str = ""            # as written (views, messages)

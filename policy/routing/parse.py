@@ -406,11 +406,9 @@ def _named_matches(r: _R, v: Any, path: str, *, lower: bool, without: bool = Fal
         p = f"{path}.{k}"
         if without and isinstance(x, dict) and x.get("regex") == "*":
             # Istio: withoutHeaders `regex: "*"` is converted to a presence test (routing.go
-            # "without headers regex convert to present_match").
-            out.append((_match_name(r, k, p, lower), StringMatch("presence")))
-            continue
-        if lower and not without and isinstance(x, dict) and x.get("exact") == "":
-            # headers: {name: {exact: ""}} — Istio treats an empty value as "present".
+            # "without headers regex convert to present_match"). route.go canBeConvertedToPresentMatch: only
+            # `{}` ("in.MatchType == nil") and `regex: "*"` become present_match; `exact: ""` stays an exact
+            # match of the empty value (ConvertToEnvoyMatch: StringMatcher_Exact{Exact: ""}).
             out.append((_match_name(r, k, p, lower), StringMatch("presence")))
             continue
         out.append((_match_name(r, k, p, lower), _string_match(r, x, p, empty_is_presence=True,

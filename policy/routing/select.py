@@ -99,7 +99,13 @@ class VsMatcher:
             if not sm.matches(req.header(name)):
                 return False
         for name, sm in m.without_headers:
-            if sm.matches(req.header(name)):
+            v = req.header(name)
+            if v is None and sm.kind != "presence":
+                # istiod route.go TranslateRouteMatch for withoutHeaders: "matcher.InvertMatch = true; //
+                # treat_missing_header_as_empty conflict with present_match  if !canBeConvertedToPresentMatch(
+                # stringMatch) { matcher.TreatMissingHeaderAsEmpty = true }" — a missing header is "".
+                v = ""
+            if sm.matches(v):
                 return False
         for name, sm in m.query_params:
             if not sm.matches(req.query_param(name)):
