@@ -162,3 +162,86 @@ def _req_with(x):
 def test_header_matches_follow_istio_translate_header_match(match, expected):
     got = {x: _matches(match, _req_with(x)) for x in expected}
     assert got == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Which DestinationRule applies (istiod PushContext.destinationRule)
+
+from policy.routing.table import _dr_for   # noqa: E402
+
+WILD = "*.default.svc.cluster.local"
+
+
+def _dr(host: str, name: str, ns: str, lb: str = "RANDOM", order: int = 0, subsets=()):
+    spec = {"host": host, "trafficPolicy": {"loadBalancer": {"simple": lb}}}
+    if subsets:
+        spec["subsets"] = [{"name": s, "labels": {"version": s}} for s in subsets]
+    return dr(spec, name=name, ns=ns, order=order)
+
+
+def _chosen(drs, waypoint_namespace="wp", **kw):
+    got = _dr_for(table(drs=drs, waypoint_namespace=waypoint_namespace, **kw)._ctx, REVIEWS)
+    return None if got is None else f"{got.namespace}/{got.name}"
+
+
+def test_a_destination_rule_in_an_unrelated_namespace_is_never_used():
+    # p3.py: "1. select destination rule from proxy config namespace", "2. ... from service namespace",
+    # "4. ... in the config root namespace" — no other namespace is looked at.
+    assert _chosen([_dr("reviews.default.svc.cluster.local", "x", "team-x")]) is None
+    assert _chosen([_dr("*", "x", "team-x")]) is None
+
+
+def test_the_proxy_namespace_wins_over_the_service_namespace_even_with_a_wildcard():
+    # The namespaces are searched in turn, the most specific host only *within* one: a wildcard in the
+    # waypoint's namespace beats an exact host in the service's (p3.py: the exact one won before).
+    drs = [_dr(WILD, "wild", "wp", order=1), _dr("reviews", "exact", "default", "ROUND_ROBIN", order=0)]
+    assert _chosen(drs) == "wp/wild"
+    assert _chosen(list(reversed(drs))) == "wp/wild"
+
+
+def test_the_service_namespace_wins_over_the_root_namespace_even_with_a_wildcard():
+    drs = [_dr("reviews.default.svc.cluster.local", "root", "istio-system"), _dr("*", "any", "default")]
+    assert _chosen(drs) == "default/any"
+    assert _chosen(drs[:1]) == "istio-system/root"    # "4. ... search for any exported destination rule in
+    #                                                     the config root namespace"
+
+
+def test_within_a_namespace_the_exact_host_then_the_most_specific_wildcard_wins():
+    # MostSpecificHostMatch: "exact match first", then mostSpecificHostWildcardMatch (host.MoreSpecific).
+    drs = [_dr("*", "star", "default", order=0), _dr("*.svc.cluster.local", "svc", "default", order=1),
+           _dr(WILD, "ns", "default", order=2)]
+    assert _chosen(drs) == "default/ns"
+    assert _chosen(drs[:2]) == "default/svc"
+    assert _chosen([*drs, _dr("reviews", "exact", "default", order=3)]) == "default/exact"
+
+
+def test_drs_for_the_same_host_in_the_chosen_namespace_merge_and_others_do_not():
+    # istiod merges the DestinationRules of one namespace for one host (subsets appended, the first top-level
+    # traffic policy kept); a DR in another namespace is never merged in.
+    a = _dr("reviews", "a", "default", "ROUND_ROBIN", order=0, subsets=("v1",))
+    b = _dr("reviews.default.svc.cluster.local", "b", "default", "RANDOM", order=1, subsets=("v2", "v1"))
+    root = _dr("reviews.default.svc.cluster.local", "r", "istio-system", order=2, subsets=("v3",))
+    got = _dr_for(table(drs=[b, root, a], waypoint_namespace="wp")._ctx, REVIEWS)
+    assert [s.name for s in got.subsets] == ["v1", "v2"]
+    assert dict(got.subsets[0].labels) == {"version": "v1"}      # a's v1: the first one kept
+    assert got.traffic_policy.load_balancer == "ROUND_ROBIN"     # a is older (load order)
+
+
+def test_a_subset_from_a_lower_priority_namespace_is_not_found():
+    # The route names subset v3, defined only by the root namespace's DR, which the service namespace's DR
+    # hides: the cluster does not exist (503 NC).
+    drs = [_dr("reviews", "svc", "default", subsets=("v1",)), _dr("reviews.default.svc.cluster.local", "r",
+                                                                  "istio-system", subsets=("v3",))]
+    spec = {"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "reviews", "subset": "v3"}}]}]}
+    d = route_http(req(), table(vss=[vs(spec)], drs=drs, waypoint_namespace="wp").http_routes_for(REVIEWS, 9080))
+    assert (d.action.destinations[0].fail_status, d.action.destinations[0].fail_flag) == (503, "NC")
+
+
+def test_a_waypoint_in_the_root_namespace_prefers_the_service_namespace_unless_the_root_dr_is_local():
+    # "If the proxy config namespace is same as the root config namespace look for dest rules in the service's
+    # namespace first" — except a root DR exported only to "." ("this must be meant for this proxy").
+    root = _dr("reviews.default.svc.cluster.local", "root", "istio-system")
+    svc = _dr("reviews", "svc", "default")
+    assert _chosen([root, svc], waypoint_namespace="istio-system") == "default/svc"
+    local = dr({"host": "reviews.default.svc.cluster.local", "exportTo": ["."]}, name="local", ns="istio-system")
+    assert _chosen([local, svc], waypoint_namespace="istio-system") == "istio-system/local"

@@ -53,6 +53,7 @@ from .select import DirectResponse, Forward, GwMatcher, VsMatcher
 
 CLUSTER_DOMAIN = "cluster.local"   # Kubernetes' default cluster domain (svc.cluster.local)
 NOT_FOUND_FLAG = "NC"              # Envoy: "NC: Upstream cluster not found"
+ROOT_NAMESPACE_DEFAULT = "istio-system"   # MeshConfig.rootNamespace default (policy.mesh DEFAULT_ROOT_NAMESPACE)
 
 
 @dataclass(frozen=True)
@@ -161,15 +162,18 @@ class _Ctx:
     destination_rules: list[DestinationRule]
     waypoint_namespace: str
     warnings: list[str]
+    root_namespace: str = ROOT_NAMESPACE_DEFAULT
 
 
 def build_route_table(inventory: Inventory, services: Iterable[Service], virtual_services: Iterable[VirtualService],
                       destination_rules: Iterable[DestinationRule], http_routes: Iterable[HttpRoute], *,
-                      waypoint_namespace: str, gateway: Gateway | str | None = None) -> RouteTable:
+                      waypoint_namespace: str, gateway: Gateway | str | None = None,
+                      root_namespace: str = ROOT_NAMESPACE_DEFAULT) -> RouteTable:
     """Compile routes for every port of every service behind this waypoint.
 
     ``gateway``: the waypoint's Gateway (or "ns/name"), so HTTPRoutes whose parentRef names it apply to
-    all these services."""
+    all these services. ``root_namespace``: the mesh's root namespace, whose DestinationRules apply to
+    every service that has none in the waypoint's or its own namespace."""
     services = list(services)
     vss = sorted(virtual_services, key=lambda v: (v.order, v.namespace, v.name))
     drs = sorted(destination_rules, key=lambda d: (d.order, d.namespace, d.name))
@@ -182,7 +186,7 @@ def build_route_table(inventory: Inventory, services: Iterable[Service], virtual
     trs = [t for t in every if isinstance(t, (TcpRoute, TlsRoute))]
     gw_key = gateway.key if isinstance(gateway, Gateway) else gateway
     warnings: list[str] = []
-    ctx = _Ctx(inventory, {s.key for s in services}, drs, waypoint_namespace, warnings)
+    ctx = _Ctx(inventory, {s.key for s in services}, drs, waypoint_namespace, warnings, root_namespace)
     for res in (*vss, *drs, *every):
         kind = getattr(type(res), "kind", None) or type(res).__name__
         warnings.extend(f"{kind} {res.key}: {w}" for w in res.warnings)
@@ -284,39 +288,67 @@ def _hr_applies(hr: HttpRoute, svc: Service, port: int, gw_key: str | None) -> b
 
 
 def _dr_for(ctx: _Ctx, svc: Service) -> DestinationRule | None:
-    """The DestinationRule for a host. Istio prefers the client's (here: the waypoint's) namespace, then
-    the service's namespace; exact hosts beat wildcards; DRs for the same host in one namespace merge
-    (subsets appended, first traffic policy wins)."""
+    """The DestinationRule for a service, as istiod's PushContext.destinationRule finds it for the waypoint:
+    "1. select destination rule from proxy config namespace", then "2. select destination rule from service
+    namespace", then "4. ... search for any exported destination rule in the config root namespace" — never
+    another namespace (exportTo is applied before: policy.scope). The first namespace with a DR for the host
+    wins, and within it MostSpecificHostMatch picks the host: "exact match first", then the most specific
+    wildcard. A waypoint in the root namespace looks there first only for DRs exported to "." ("If this is a
+    namespace local DR in the same namespace, this must be meant for this proxy"). istiod merges the DRs of one
+    namespace for one host (subsets appended, the first top-level traffic policy kept)."""
+    root = ctx.root_namespace
+    if ctx.waypoint_namespace != root:
+        steps = [(ctx.waypoint_namespace, False), (svc.namespace, False), (root, False)]
+    else:
+        steps = [(root, True), (svc.namespace, False), (root, False)]
+    seen: set[tuple[str, bool]] = set()
+    for ns, local_only in steps:
+        if (ns, local_only) in seen:
+            continue
+        seen.add((ns, local_only))
+        best = _most_specific_drs(ctx, svc, ns, local_only)
+        if best:
+            return _merged(best)
+    return None
+
+
+def _most_specific_drs(ctx: _Ctx, svc: Service, namespace: str, local_only: bool) -> list[DestinationRule]:
+    """The DRs of ``namespace`` for the most specific of their hosts that matches ``svc`` (load order)."""
     best: list[DestinationRule] = []
-    best_rank = None
+    best_rank: tuple[int, int] | None = None
+    best_host = ""
     for dr in ctx.destination_rules:
+        if dr.namespace != namespace or (local_only and tuple(dr.export_to) != (".",)):
+            continue
         h = fqdn(dr.host, dr.namespace)
         exact = h == svc.hostname or ("." not in dr.host and dr.host == svc.name and dr.namespace == svc.namespace)
-        if not exact and not host_matches(h, svc.hostname):
+        if exact:
+            h = svc.hostname
+        elif not host_matches(h, svc.hostname):
             continue
-        if dr.namespace == ctx.waypoint_namespace:
-            ns_rank = 0
-        elif dr.namespace == svc.namespace:
-            ns_rank = 1
-        else:
-            ns_rank = 2
-        rank = (0 if exact else 1, ns_rank)
+        # host.MoreSpecific: an exact host beats any wildcard; of two wildcards the longer one is more specific.
+        rank = (0, 0) if exact else (1, -len(h))
         if best_rank is None or rank < best_rank:
-            best, best_rank = [dr], rank
-        elif rank == best_rank and dr.namespace == best[0].namespace:
+            best, best_rank, best_host = [dr], rank, h
+        elif rank == best_rank and h == best_host:
             best.append(dr)
-    if not best:
-        return None
-    if len(best) == 1:
-        return best[0]
+    return best
+
+
+def _merged(drs: list[DestinationRule]) -> DestinationRule:
+    if len(drs) == 1:
+        return drs[0]
+    # istiod mergeDestinationRule: "Duplicate subset %s found while merging destination rules" — the first is
+    # kept; "If there is no top level policy and the incoming rule has top level traffic policy, use the one
+    # from the incoming rule."
     subsets, names = [], set()
-    for dr in best:
+    for dr in drs:
         for s in dr.subsets:
             if s.name not in names:
                 names.add(s.name)
                 subsets.append(s)
-    tp = next((dr.traffic_policy for dr in best if dr.traffic_policy is not None), None)
-    first = best[0]
+    tp = next((dr.traffic_policy for dr in drs if dr.traffic_policy is not None), None)
+    first = drs[0]
     return DestinationRule(first.namespace, first.name, first.host, tuple(subsets), tp, first.export_to,
                            first.workload_selector, first.order)
 
