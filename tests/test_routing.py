@@ -186,9 +186,14 @@ def test_vs_port_match_selects_rules_per_service_port():
     assert route_of(t, req(port=80), MULTI, 80).route_name == "default"
 
 
-def test_vs_from_service_and_waypoint_namespaces_merge_in_load_order_others_ignored():
+def test_vs_the_waypoint_uses_only_the_first_http_vs_of_the_service_and_waypoint_namespaces():
+    # istiod listener_waypoint.go buildWaypointInboundHTTPRouteConfig: "virtualServices :=
+    # getVirtualServiceForWaypoint(...)" (the service's or the waypoint's namespace only), then
+    # "vs := slices.FindFunc(virtualServices, func(c config.Config) bool { // Find the first HTTP virtual service
+    # return c.Spec.(*networking.VirtualService).Http != nil })": one VirtualService, never a merge — the
+    # oldest (sortConfigByCreationTime) of those two namespaces.
     a = vs({"hosts": ["reviews.default.svc.cluster.local"], "http": [
-        {"match": [{"uri": {"prefix": "/a"}}], "route": [{"destination": dest("reviews", "v1")}]}]}, "a", order=2)
+        {"match": [{"uri": {"prefix": "/c"}}], "route": [{"destination": dest("reviews", "v1")}]}]}, "a", order=2)
     b = vs({"hosts": ["reviews.default.svc.cluster.local"], "http": [
         {"match": [{"uri": {"prefix": "/a"}}], "route": [{"destination": dest("reviews.default.svc.cluster.local", "v2")}]},
         {"match": [{"uri": {"prefix": "/b"}}], "route": [{"destination": dest("reviews.default.svc.cluster.local", "v2")}]},
@@ -197,9 +202,12 @@ def test_vs_from_service_and_waypoint_namespaces_merge_in_load_order_others_igno
         {"route": [{"destination": dest("reviews.default.svc.cluster.local", "v1")}]}]}, "c", ns="elsewhere", order=0)
     t = table([a, b, other], [dr(SUBSETS_DR)], waypoint_namespace="istio-waypoints")
     routes = t.http_routes_for(REVIEWS, 9080)
-    assert routes.sources == ("VirtualService istio-waypoints/b", "VirtualService default/a")
-    assert clusters(route_http(req("/a"), routes)) == [V2]       # b is older: its rule comes first
+    assert routes.sources == ("VirtualService istio-waypoints/b",)   # b is older: it is the one used
+    assert clusters(route_http(req("/a"), routes)) == [V2]
+    assert isinstance(route_http(req("/c"), routes), NoRoute)    # a's rule is not merged in
     assert isinstance(route_http(req("/z"), routes), NoRoute)    # the other namespace's catch-all is ignored
+    assert any("VirtualService default/a is ignored" in w for w in t.warnings)
+    assert not any("elsewhere/c" in w for w in t.warnings)       # not a candidate at all: no warning
 
 
 def test_vs_short_host_is_resolved_in_the_vs_namespace():

@@ -245,3 +245,68 @@ def test_a_waypoint_in_the_root_namespace_prefers_the_service_namespace_unless_t
     assert _chosen([root, svc], waypoint_namespace="istio-system") == "default/svc"
     local = dr({"host": "reviews.default.svc.cluster.local", "exportTo": ["."]}, name="local", ns="istio-system")
     assert _chosen([local, svc], waypoint_namespace="istio-system") == "istio-system/local"
+
+
+# ---------------------------------------------------------------------------------------------
+# Several VirtualServices for one host: the waypoint uses the first with http routes
+
+def _http_vs(name: str, ns: str, prefix: str, order: int, export_to=None, tcp_only: bool = False):
+    spec = {"hosts": ["reviews.default.svc.cluster.local"]}
+    if export_to is not None:
+        spec["exportTo"] = export_to
+    if tcp_only:
+        spec["tcp"] = [{"route": [{"destination": {"host": "reviews.default.svc.cluster.local"}}]}]
+    else:
+        spec["http"] = [{"match": [{"uri": {"prefix": prefix}}],
+                         "route": [{"destination": {"host": "reviews.default.svc.cluster.local"}}]}]
+    return vs(spec, name=name, ns=ns, order=order)
+
+
+def _used(vss, waypoint_namespace="wp"):
+    t = table(vss=vss, waypoint_namespace=waypoint_namespace)
+    return t.http_routes_for(REVIEWS, 9080).sources, t.warnings
+
+
+def test_two_vs_in_one_namespace_the_first_is_used_and_the_other_ignored_with_a_warning():
+    # p7.py: the second VirtualService's catch-all answered /b before.
+    first = _http_vs("first", NS, "/a", order=0)
+    second = vs({"hosts": ["reviews"], "http": [{"route": [{"destination": {"host": "ratings"}}]}]},
+                name="second", order=1)
+    t = table(vss=[second, first])
+    routes = t.http_routes_for(REVIEWS, 9080)
+    assert routes.sources == ("VirtualService default/first",)
+    assert isinstance(route_http(req("/b"), routes), NoRoute)
+    assert [w for w in t.warnings if "is ignored for http" in w] == [
+        "service default/reviews.default.svc.cluster.local: VirtualService default/second is ignored for http: the waypoint uses only the "
+        "first VirtualService with http routes for a host, default/first (istiod listener_waypoint.go)"]
+
+
+def test_equal_ages_order_by_name_then_namespace_as_sort_config_by_creation_time():
+    # "if r := cmp.Compare(configs[i].Name, configs[j].Name); r != 0 { return r == -1 }; return
+    # cmp.Compare(configs[i].Namespace, configs[j].Namespace) == -1" — name before namespace.
+    alpha_in_wp = _http_vs("alpha", "wp", "/a", order=0)
+    beta_in_default = _http_vs("beta", NS, "/b", order=0)
+    assert _used([beta_in_default, alpha_in_wp])[0] == ("VirtualService wp/alpha",)
+    same_name = [_http_vs("r", "wp", "/a", order=0), _http_vs("r", NS, "/b", order=0)]
+    assert _used(same_name)[0] == ("VirtualService default/r",)
+    # An older VirtualService wins whatever its name.
+    assert _used([_http_vs("zz", NS, "/a", order=0), _http_vs("aa", NS, "/b", order=1)])[0] == (
+        "VirtualService default/zz",)
+
+
+def test_a_vs_exported_only_to_the_waypoints_namespace_comes_first():
+    # SelectVirtualServices: "loopAndAdd(vsidx.privateByNamespaceAndGateway[n]); loopAndAdd(
+    # vsidx.exportedToNamespaceByGateway[n]); loopAndAdd(vsidx.publicByGateway[constants.IstioMeshGateway])".
+    public_old = _http_vs("old", NS, "/a", order=0)
+    private_new = _http_vs("new", "wp", "/b", order=5, export_to=["."])
+    assert _used([public_old, private_new])[0] == ("VirtualService wp/new",)
+    # A VirtualService the service's namespace keeps to itself is not seen by a waypoint elsewhere.
+    hidden = _http_vs("hidden", NS, "/c", order=0, export_to=["."])
+    assert _used([hidden, _http_vs("seen", NS, "/d", order=1)])[0] == ("VirtualService default/seen",)
+
+
+def test_a_vs_without_http_routes_is_passed_over():
+    # "Find the first HTTP virtual service ... Http != nil".
+    sources, warnings = _used([_http_vs("tcp", NS, "", order=0, tcp_only=True), _http_vs("h", NS, "/a", order=1)])
+    assert sources == ("VirtualService default/h",)
+    assert not any("is ignored for http" in w for w in warnings)

@@ -5,8 +5,9 @@ Which configuration applies (reference/istio-semantics.md §2, §3):
 
 * HTTPRoutes whose ``parentRefs`` name the Service (group ``""``/core, kind Service, optional port) or
   the waypoint Gateway, ordered by Gateway API precedence across all their rules (§2.3);
-* otherwise the VirtualServices for the service's host from the service's namespace or the waypoint's
-  namespace, merged in order (§2.1, ``getVirtualServiceForWaypoint``); match entries using
+* otherwise the first VirtualService with http routes for the service's host from the service's namespace or
+  the waypoint's namespace (``getVirtualServiceForWaypoint`` + ``slices.FindFunc(... Http != nil)``; the others
+  are ignored with a warning — reference §2.1's "merged" is what gateways do, not waypoints); match entries using
   ``sourceLabels``/``sourceNamespace`` are dropped at waypoints (istio/istio#51565);
 * otherwise Istio's default route: all endpoints of the service, the default retry policy, no timeout.
 
@@ -175,7 +176,7 @@ def build_route_table(inventory: Inventory, services: Iterable[Service], virtual
     all these services. ``root_namespace``: the mesh's root namespace, whose DestinationRules apply to
     every service that has none in the waypoint's or its own namespace."""
     services = list(services)
-    vss = sorted(virtual_services, key=lambda v: (v.order, v.namespace, v.name))
+    vss = _waypoint_vs_order(virtual_services, waypoint_namespace)
     drs = sorted(destination_rules, key=lambda d: (d.order, d.namespace, d.name))
     # Gateway API precedence falls back to "oldest route, then {namespace}/{name}"; load order stands in
     # for creationTimestamp.
@@ -248,6 +249,28 @@ def _find_service(inv: Inventory, host: str, namespace: str) -> Service | None:
     else:
         return None
     return next((s for s in inv.services.values() if s.name == name and s.namespace == ns), None)
+
+
+def _waypoint_vs_order(virtual_services: Iterable[VirtualService], waypoint_ns: str) -> list[VirtualService]:
+    """The VirtualServices the waypoint sees, in the order istiod lists them for it (the default sidecar scope's
+    egress listener, sidecar.go SelectVirtualServices): those of the waypoint's namespace exported only to it,
+    then those exported to it by name, then the public ones (no exportTo, or "*"); each group as istiod's
+    sortConfigByCreationTime orders it — creationTimestamp (load order here), then name, then namespace. A
+    VirtualService exported elsewhere only ("." in another namespace, "~") is not seen."""
+    private: list[VirtualService] = []
+    exported: list[VirtualService] = []
+    public: list[VirtualService] = []
+    for vs in sorted(virtual_services, key=lambda v: (v.order, v.name, v.namespace)):
+        export = tuple(vs.export_to)
+        if not export or "*" in export:
+            public.append(vs)
+        elif "~" in export:
+            continue
+        elif vs.namespace == waypoint_ns and ("." in export or waypoint_ns in export):
+            private.append(vs)
+        elif waypoint_ns in export:
+            exported.append(vs)
+    return [*private, *exported, *public]
 
 
 def _vs_applies(vs: VirtualService, svc: Service, waypoint_ns: str) -> bool:
@@ -415,13 +438,29 @@ def _default_http(ctx: _Ctx | None, svc: Service, port: int) -> ServiceRoutes:
 # VirtualService
 
 
+def _first_http_vs(ctx: _Ctx, svc: Service, vss: list[VirtualService]) -> VirtualService | None:
+    """The one VirtualService whose http routes the waypoint uses for ``svc``: istiod's
+    buildWaypointInboundHTTPRouteConfig takes ``getVirtualServiceForWaypoint(...)`` (the service's or the
+    waypoint's namespace, in the egress listener's order: ``_waypoint_vs_order``) and then
+    ``slices.FindFunc(virtualServices, func(c config.Config) bool { // Find the first HTTP virtual service
+    return c.Spec.(*networking.VirtualService).Http != nil })`` — the others' http routes are never merged in."""
+    first = next((v for v in vss if v.http), None)
+    if first is not None:
+        for other in vss:
+            if other.http and other is not first:
+                _warn_once(ctx, f"service {svc.key}: VirtualService {other.key} is ignored for http: the waypoint "
+                                f"uses only the first VirtualService with http routes for a host, "
+                                f"{first.key} (istiod listener_waypoint.go)")
+    return first
+
+
 def _compile_vs(ctx: _Ctx, svc: Service, port: int, vss: list[VirtualService]) -> ServiceRoutes | None:
     rules: list[CompiledRule] = []
     sources = []
     warns = []
-    for vs in vss:
-        if vs.http:
-            sources.append(f"VirtualService {vs.key}")
+    first = _first_http_vs(ctx, svc, vss)
+    for vs in (first,) if first is not None else ():
+        sources.append(f"VirtualService {vs.key}")
         for i, r in enumerate(vs.http):
             matchers = []
             for j, m in enumerate(r.matches):
