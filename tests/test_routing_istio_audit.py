@@ -310,3 +310,75 @@ def test_a_vs_without_http_routes_is_passed_over():
     sources, warnings = _used([_http_vs("tcp", NS, "", order=0, tcp_only=True), _http_vs("h", NS, "/a", order=1)])
     assert sources == ("VirtualService default/h",)
     assert not any("is ignored for http" in w for w in warnings)
+
+
+# ---------------------------------------------------------------------------------------------
+# headers.request set/add of host / :authority (istiod route.go TranslateHeadersOperations)
+
+def _vs_doc(rule: dict) -> dict:
+    return {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": "reviews", "namespace": NS}, "spec": {"hosts": ["reviews"], "http": [rule]}}
+
+
+RV_ROUTE = [{"destination": {"host": "reviews"}}]
+
+
+def _decision(rule: dict):
+    v = parse_virtual_service(_vs_doc(rule), Where("t.yaml"))
+    return route_http(req(), table(vss=[v]).http_routes_for(REVIEWS, 9080)), v
+
+
+@pytest.mark.parametrize("headers", [
+    {"request": {"set": {"host": "new.example"}}},
+    {"request": {"set": {"Host": "new.example"}}},
+    {"request": {"add": {":authority": "new.example"}}},
+    {"request": {"set": {"x-a": "1", ":Authority": "new.example"}}},
+])
+def test_a_host_set_or_added_in_request_headers_is_the_routes_host_rewrite(headers):
+    # translateAppendHeaders: "if isAuthorityHeader(key) { authority = value }  if isInternalHeader(key) { continue }"
+    # and applyHTTPRouteDestination: "if authority != "" { action.HostRewriteSpecifier = ... HostRewriteLiteral }".
+    d, v = _decision({"route": RV_ROUTE, "headers": headers})
+    assert d.authority == "new.example"                  # the audit: the pod saw reviews:9080
+    assert all(n not in ("host", ":authority") for n, _ in (*v.http[0].headers.request.set,
+                                                            *v.http[0].headers.request.add))
+
+
+def test_a_single_destinations_host_applies_unless_the_rule_sets_one():
+    # processDestination: "if operations.Authority != "" && action.HostRewriteSpecifier == nil".
+    dest_host = [{"destination": {"host": "reviews"}, "headers": {"request": {"set": {"host": "dest.example"}}}}]
+    assert _decision({"route": dest_host})[0].authority == "dest.example"
+    assert _decision({"route": dest_host, "headers": {"request": {"set": {"host": "rule.example"}}}})[0].authority \
+        == "rule.example"
+    assert _decision({"route": dest_host, "rewrite": {"authority": "rw.example"}})[0].authority == "rw.example"
+
+
+def test_a_host_on_one_of_several_weighted_destinations_is_reported_not_applied():
+    route = [{"destination": {"host": "reviews"}, "weight": 50, "headers": {"request": {"set": {"host": "a.example"}}}},
+             {"destination": {"host": "reviews"}, "weight": 50}]
+    d, v = _decision({"route": route})
+    assert d.authority == "reviews:9080"
+    assert any("spec.http[0].route[0].headers.request" in w and "not applied" in w for w in v.warnings)
+
+
+@pytest.mark.parametrize("rule,field,problem", [
+    # validateAuthorityRewrite: "authority header cannot be set multiple times: have %q, attempting to set %q".
+    ({"route": RV_ROUTE, "rewrite": {"authority": "a"}, "headers": {"request": {"set": {"host": "b"}}}},
+     "spec.http[0].headers.request", 'authority header cannot be set multiple times: have "a", attempting to set "b"'),
+    ({"route": RV_ROUTE, "headers": {"request": {"set": {"host": "a"}, "add": {":authority": "b"}}}},
+     "spec.http[0].headers.request.add.:authority", "authority header cannot be set multiple times"),
+    # ValidateHTTPHeaderOperationName: "invalid header %q: cannot set Host header".
+    ({"route": RV_ROUTE, "headers": {"request": {"remove": ["x-a", "Host"]}}},
+     "spec.http[0].headers.request.remove[1]", 'invalid header "Host": cannot set Host header'),
+    ({"route": RV_ROUTE, "headers": {"response": {"set": {"host": "a"}}}},
+     "spec.http[0].headers.response.set.host", 'invalid header "host": cannot set Host header'),
+    # ... and `invalid header %q: header cannot have ":" prefix`.
+    ({"route": RV_ROUTE, "headers": {"request": {"remove": [":authority"]}}},
+     "spec.http[0].headers.request.remove[0]", 'invalid header ":authority": header cannot have ":" prefix'),
+    ({"route": RV_ROUTE, "headers": {"request": {"set": {":path": "/x"}}}},
+     "spec.http[0].headers.request.set.:path", 'invalid header ":path": header cannot have ":" prefix'),
+    ({"route": [{"destination": {"host": "reviews"}, "headers": {"request": {"remove": ["host"]}}}]},
+     "spec.http[0].route[0].headers.request.remove[0]", "cannot set Host header"),
+])
+def test_header_operations_the_webhook_refuses_fail_the_load(rule, field, problem):
+    e = _load_error(_vs_doc(rule))
+    assert e.path == field and problem in e.problem, str(e)

@@ -162,6 +162,10 @@ class HeaderRules:
     # response-header behaviour. An HTTPRoute rule's CORS filter rides the same way (parse.py ``_gw_cors``).
     # None on per-destination headers.
     cors: CorsPolicy | None = None
+    # A ``host`` / ``:authority`` that ``headers.request.set`` or ``add`` names (as written): istiod does not send
+    # it as a header but makes it the route's host rewrite (route.go TranslateHeadersOperations, isAuthorityHeader).
+    # parse.py maps a rule's onto its RewriteSpec.authority; a weighted destination's is only carried here.
+    authority: str | None = None
 
 
 NO_HEADER_RULES = HeaderRules()

@@ -10,6 +10,7 @@ not enforce (localityLbSetting with consistentHash) are accepted and reported in
 from __future__ import annotations
 
 import base64
+import dataclasses
 import ipaddress
 import binascii
 import math
@@ -304,8 +305,39 @@ def _vs_http_rule(r: _R, v: Any, path: str) -> HttpRule:
         # The policy rides with the rule's header rules to its action: the Forward's (HeaderRules.cors), or a
         # redirect's / directResponse's own ``cors`` (table.py ``_vs_action``) — Envoy's CORS filter runs before
         # the router on every route, whatever answers it.
-        headers = HeaderRules(headers.request, headers.response, _vs_cors(r, m.get("corsPolicy"), f"{path}.corsPolicy"))
+        headers = HeaderRules(headers.request, headers.response, _vs_cors(r, m.get("corsPolicy"), f"{path}.corsPolicy"),
+                              headers.authority)
+    rewrite = _host_rewrite(r, rewrite, headers, route, path)
     return HttpRule(name, matches, route, redirect, direct, rewrite, timeout, retries, fault, tuple(mirrors), headers)
+
+
+def _host_rewrite(r: _R, rewrite: RewriteSpec | None, headers: HeaderRules, route: tuple[VsDestination, ...],
+                  path: str) -> RewriteSpec | None:
+    """The rule's rewrite with the host its ``headers`` set (istiod route.go applyHTTPRouteDestination: the
+    headers' authority, overridden by "if in.Rewrite.GetAuthority() != "" { authority = in.Rewrite.GetAuthority()
+    }", becomes the route's HostRewriteLiteral). A single destination's own host is used when the rule sets none
+    (processDestination: "we only override if the top level rewrite is not set")."""
+    if not route:
+        return rewrite   # a redirect or directResponse: istiod applies the host only to a forwarding route
+    authority = headers.authority
+    if authority is not None and rewrite is not None and rewrite.authority is not None:
+        # validateAuthorityRewrite starts from "current := rewrite.GetAuthority()".
+        raise r.fail(f"{path}.headers.request", f'authority header cannot be set multiple times: have '
+                                                f'"{rewrite.authority}", attempting to set "{authority}"')
+    if authority is None and (rewrite is None or rewrite.authority is None) and len(route) == 1:
+        authority = route[0].headers.authority
+    elif len(route) > 1:
+        for i, d in enumerate(route):
+            if d.headers.authority is not None:
+                # istiod sets it per weighted cluster (processWeightedDestination: ClusterWeight
+                # HostRewriteLiteral); the waypoint does not rewrite the host per destination yet.
+                r.warn(f"{path}.route[{i}].headers.request", "a host set for one of several weighted destinations is "
+                                                             "not applied by hbone-proxy (the request keeps its host)")
+    if authority is None or (rewrite is not None and rewrite.authority is not None):
+        return rewrite
+    if rewrite is None:
+        return RewriteSpec(authority=authority)
+    return dataclasses.replace(rewrite, authority=authority)
 
 
 _CORS_FIELDS = ("allowOrigin", "allowOrigins", "allowMethods", "allowHeaders", "exposeHeaders", "maxAge",
@@ -480,6 +512,47 @@ def _header_ops_map(r: _R, v: Any, path: str) -> HeaderOps:
     return HeaderOps(pairs("set"), pairs("add"), _removed(r, m.get("remove"), f"{path}.remove"))
 
 
+_AUTHORITY_HEADERS = ("host", ":authority")   # istiod route.go isAuthorityHeader (strings.EqualFold)
+
+
+def _vs_header_ops(r: _R, v: Any, path: str, *, request: bool) -> tuple[HeaderOps, str | None]:
+    """A VirtualService ``headers.request`` / ``headers.response`` block, checked as istiod's webhook checks
+    it, and the host rewrite it asks for (request only). ValidateHTTPHeaderWithAuthorityOperationName (request
+    set/add): "// Authority header is validated later  if isInternalHeader(name) && !isAuthorityHeader(name) {
+    return fmt.Errorf(`invalid header %q: header cannot have ":" prefix`, name) }"; ValidateHTTPHeaderOperationName
+    (request remove, every response operation): "if strings.EqualFold(name, "host") { return fmt.Errorf(`invalid
+    header %q: cannot set Host header`, name) }" and the same ":" prefix error. validateAuthorityRewrite: "authority
+    header cannot be set multiple times: have %q, attempting to set %q"."""
+    if v is None:
+        return HeaderOps(), None
+    ops = _header_ops_map(r, v, path)
+    m = r.map(v, path)
+    authority: str | None = None
+    for key in ("set", "add"):
+        for k, x in r.map(m.get(key), f"{path}.{key}").items():
+            lower = ascii_lower(k)
+            if request and lower in _AUTHORITY_HEADERS:
+                if authority is not None:
+                    raise r.fail(f"{path}.{key}.{k}", f'authority header cannot be set multiple times: have '
+                                                      f'"{authority}", attempting to set "{x}"')
+                authority = x
+            elif not request and lower == "host":
+                raise r.fail(f"{path}.{key}.{k}", f'invalid header "{k}": cannot set Host header')
+            elif k.startswith(":"):
+                raise r.fail(f"{path}.{key}.{k}", f'invalid header "{k}": header cannot have ":" prefix')
+    for i, k in enumerate(r.list(m.get("remove"), f"{path}.remove")):
+        if ascii_lower(k) == "host":
+            raise r.fail(f"{path}.remove[{i}]", f'invalid header "{k}": cannot set Host header')
+        if k.startswith(":"):
+            raise r.fail(f"{path}.remove[{i}]", f'invalid header "{k}": header cannot have ":" prefix')
+    if authority is not None:
+        # route.go translateAppendHeaders: "if isAuthorityHeader(key) { authority = value }  if isInternalHeader(key)
+        # { continue }" — the host is not sent as a header; it becomes the route's host rewrite.
+        ops = HeaderOps(tuple(p for p in ops.set if p[0] not in _AUTHORITY_HEADERS),
+                        tuple(p for p in ops.add if p[0] not in _AUTHORITY_HEADERS), ops.remove)
+    return ops, authority
+
+
 def _removed(r: _R, v: Any, path: str) -> tuple[str, ...]:
     # Header names fold ASCII-only, as Envoy's LowerCaseString (absl::AsciiStrToLower).
     return tuple(ascii_lower(r.wire_str(x, f"{path}[{i}]")) for i, x in enumerate(r.list(v, path)))
@@ -489,8 +562,9 @@ def _vs_headers(r: _R, v: Any, path: str) -> HeaderRules:
     if v is None:
         return NO_HEADER_RULES
     m = r.map(v, path, ("request", "response"))
-    return HeaderRules(_header_ops_map(r, m.get("request"), f"{path}.request"),
-                       _header_ops_map(r, m.get("response"), f"{path}.response"))
+    request, authority = _vs_header_ops(r, m.get("request"), f"{path}.request", request=True)
+    response, _ = _vs_header_ops(r, m.get("response"), f"{path}.response", request=False)
+    return HeaderRules(request, response, authority=authority)
 
 
 def _vs_redirect(r: _R, v: Any, path: str) -> RedirectSpec:
