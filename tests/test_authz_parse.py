@@ -207,7 +207,8 @@ ERRORS = [
     (R0 + ["when", 0, "values"], [], "spec.rules[0].when[0]", "at least one of `values` or `notValues` must be set"),
     (R0 + ["when", 2, "values"], ["x"], "spec.rules[0].when[2].values[0]", "bad port 'x'"),
     (R0 + ["when", 0, "value"], ["x"], "spec.rules[0].when[0].value", "unknown field (did you mean 'values'?)"),
-    (["spec", "action"], "CUSTOM", "spec.action", "CUSTOM (external authorization via an extension provider) is not supported"),
+    # CUSTOM loads as a DENY of its rules (tests/test_authz_custom.py), once it names its provider.
+    (["spec", "action"], "CUSTOM", "spec.provider.name", "`provider.name` must not be empty"),
     (["spec", "action"], "allow", "spec.action", "expected one of ALLOW, DENY, AUDIT, CUSTOM, got 'allow'"),
     (["spec", "action"], 1, "spec.action", "expected a string, got an integer"),
     (["spec", "provider"], {"name": "ext"}, "spec.provider", "`provider` must not be with non CUSTOM action"),

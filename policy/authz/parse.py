@@ -501,12 +501,12 @@ def parse_authorization_policy(doc: dict, where: Where) -> m.AuthorizationPolicy
 
     action = spec.get("action", m.ALLOW)
     p.string(action, "spec.action")
-    if action == "CUSTOM":
-        raise p.fail("spec.action", "CUSTOM (external authorization via an extension provider) is not supported "
-                                    "by hbone-proxy; use ALLOW, DENY or AUDIT")
+    custom = action == CUSTOM
+    if custom:
+        action = _custom_as_deny(p, spec)
     if action not in m.ACTIONS:
         raise p.fail("spec.action", f"expected one of ALLOW, DENY, AUDIT, CUSTOM, got {action!r}")
-    if spec.get("provider") is not None:
+    if spec.get("provider") is not None and not custom:
         p.mapping(spec["provider"], "spec.provider")
         raise p.fail("spec.provider", f"`provider` must not be with non CUSTOM action, found {action}")
 
@@ -528,12 +528,62 @@ def parse_authorization_policy(doc: dict, where: Where) -> m.AuthorizationPolicy
         p.warnings.append("spec.rules: DENY action without `rules` is meaningless as it will never be triggered, "
                           "add an empty rule `{}` if you want it be triggered for every request")
 
-    if action == m.DENY:
+    if action == m.DENY and not custom:
         _warn_http_only_deny(p, rules)
     return m.AuthorizationPolicy(
         namespace=namespace, name=name, action=action, selector=selector, target_refs=tuple(refs),
         rules=tuple(rules), dry_run=dry_run, origin=m.ORIGIN_ISTIO, warnings=tuple(p.warnings),
     )
+
+
+CUSTOM = "CUSTOM"
+# istiod validation.go, CUSTOM action: "%s is currently not supported with CUSTOM action" for these source fields
+# and `when` keys (the ext_authz check request cannot carry them).
+_CUSTOM_UNSUPPORTED_SOURCE = (("namespaces", "From.Namespaces"), ("notNamespaces", "From.NotNamespaces"),
+                              ("serviceAccounts", "From.ServiceAccounts"),
+                              ("notServiceAccounts", "From.NotServiceAccounts"), ("principals", "From.Principals"),
+                              ("notPrincipals", "From.NotPrincipals"), ("requestPrincipals", "From.RequestPrincipals"),
+                              ("notRequestPrincipals", "From.NotRequestPrincipals"))
+_CUSTOM_UNSUPPORTED_WHEN = ("source.namespace", "source.serviceAccount", "source.principal")
+
+
+def _custom_as_deny(p: _PolicyParser, spec: dict) -> str:
+    """A CUSTOM policy: checked as istiod's webhook checks one, then enforced as istiod configures a waypoint
+    whose extension provider is not configured — hbone-proxy has no ext_authz client, so no provider is ever
+    found. builder.go: "failed to process CUSTOM action for provider %s, will generate deny configs" with
+    "rbac := &rbachttp.RBAC{Rules: getBadCustomDenyRules(providerRules)}", which copies each rule of the policy
+    into an RBAC_DENY policy: requests the policy would send to the provider are denied, never allowed (ignoring
+    it would let through what the provider would refuse). A CUSTOM policy without rules is refused ("CUSTOM action
+    without `rules` is meaningless"), so it always denies something. Returns the action to enforce: DENY."""
+    rules = spec.get("rules")
+    if rules is None or rules == []:
+        raise p.fail("spec.rules", "CUSTOM action without `rules` is meaningless as it will never be triggered, "
+                                   "add an empty rule `{}` if you want it be triggered for every request")
+    provider = p.fields(spec.get("provider") if spec.get("provider") is not None else {}, "spec.provider",
+                        frozenset({"name"}))
+    name = provider.get("name")
+    if name is not None:
+        p.string(name, "spec.provider.name")
+    if not name:
+        raise p.fail("spec.provider.name", "`provider.name` must not be empty")
+    for i, rule in enumerate(p.list(rules, "spec.rules")):
+        if not isinstance(rule, dict):
+            continue   # the rule parser says what is wrong with it
+        for j, frm in enumerate(rule.get("from") or ()):
+            src = frm.get("source") if isinstance(frm, dict) else None
+            for key, label in _CUSTOM_UNSUPPORTED_SOURCE:
+                if isinstance(src, dict) and src.get(key) not in (None, [], {}):
+                    raise p.fail(f"spec.rules[{i}].from[{j}].source.{key}",
+                                 f"{label} is currently not supported with CUSTOM action")
+        for j, cond in enumerate(rule.get("when") or ()):
+            key = cond.get("key") if isinstance(cond, dict) else None
+            if isinstance(key, str) and (key in _CUSTOM_UNSUPPORTED_WHEN or key.startswith("request.auth.")):
+                raise p.fail(f"spec.rules[{i}].when[{j}].key", f"{key} is currently not supported with CUSTOM action")
+    p.warnings.append(
+        f"spec.action: CUSTOM (extension provider {name!r}) is not enforced by hbone-proxy, which has no external "
+        "authorization client; as istiod does when the provider is not found, its rules DENY what they match "
+        "(requests it would send to the provider are refused, none is allowed by it)")
+    return m.DENY
 
 
 def _warn_http_only_deny(p: _PolicyParser, rules: list[m.Rule]) -> None:
