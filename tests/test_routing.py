@@ -506,6 +506,9 @@ def test_httproute_ties_go_to_the_oldest_route_then_namespace_name_alphabetical(
     other = {"parentRefs": PARENT, "rules": [rule(None, "reviews-v2")]}
     t = table(hrs=[hr(other, "z-newer", order=2), hr(same, "y-older", order=1)])
     assert route_of(t).route_name == "y-older.default"
+    # Age before name, where they disagree: the older route wins although its name sorts last.
+    t1 = table(hrs=[hr(other, "a-newer", order=2), hr(same, "z-older", order=1)])
+    assert route_of(t1).route_name == "z-older.default"
     t2 = table(hrs=[hr(other, "b", order=1), hr(same, "a", order=1)])
     assert route_of(t2).route_name == "a.default"
 

@@ -382,3 +382,43 @@ def test_a_host_on_one_of_several_weighted_destinations_is_reported_not_applied(
 def test_header_operations_the_webhook_refuses_fail_the_load(rule, field, problem):
     e = _load_error(_vs_doc(rule))
     assert e.path == field and problem in e.problem, str(e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pins for behaviour the audit's mutations showed unpinned
+
+from policy.routing.model import HeaderOps, RedirectSpec   # noqa: E402
+from policy.routing.select import redirect_for   # noqa: E402
+
+
+@pytest.mark.parametrize("spec,scheme,port,location", [
+    # istiod route.go ApplyRedirect: "// Do not put explicit :80 or :443 when its http/https  if
+    # action.Redirect.PortRedirect == 80 && scheme == "http" { action.Redirect.PortRedirect = 0 }  if
+    # action.Redirect.PortRedirect == 443 && scheme == "https" { action.Redirect.PortRedirect = 0 }".
+    (RedirectSpec(301, authority="x.example", port=80), "http", 9080, "http://x.example/p"),
+    (RedirectSpec(301, scheme="https", authority="x.example", port=443), "http", 9080, "https://x.example/p"),
+    (RedirectSpec(301, authority="x.example", derive_port="FROM_REQUEST_PORT"), "http", 80, "http://x.example/p"),
+    # Only the scheme's own well-known port is left out.
+    (RedirectSpec(301, scheme="https", authority="x.example", port=80), "http", 9080, "https://x.example:80/p"),
+    (RedirectSpec(301, authority="x.example", port=443), "http", 9080, "http://x.example:443/p"),
+    (RedirectSpec(301, authority="x.example", port=8080), "http", 9080, "http://x.example:8080/p"),
+    # Gateway API RequestRedirect: "If redirect scheme is not-empty, the redirect port MUST be the well-known port
+    # associated with the redirect scheme" — and that port is not written.
+    (RedirectSpec(302, scheme="https", authority="x.example", element_wise=True), "http", 9080, "https://x.example/p"),
+    (RedirectSpec(302, scheme="https", authority="x.example", port=443, element_wise=True), "http", 9080,
+     "https://x.example/p"),
+])
+def test_redirect_location_leaves_out_the_schemes_well_known_port(spec, scheme, port, location):
+    r = req("/p", port=port, scheme=scheme, authority=f"reviews:{port}")
+    assert redirect_for(spec, r, "/").location == location
+
+
+def test_header_ops_remove_before_set_and_add():
+    # Envoy header_parser.cc evaluateHeaders: "Removing headers in the headers_to_remove list first makes
+    # remove-before-add the default behavior as expected by users." — a header both removed and set (or added)
+    # ends up with the configured value only.
+    ops = HeaderOps(set=(("x-set", "new"),), add=(("x-add", "more"),), remove=("x-set", "x-add", "x-gone"))
+    got = ops.apply({"x-set": ("old",), "x-add": ("old",), "x-gone": ("v",), "x-kept": ("k",)})
+    assert got == {"x-set": ("new",), "x-add": ("more",), "x-kept": ("k",)}
+    # Without a remove, add appends to what is there ("will create a comma-separated list of values").
+    assert HeaderOps(add=(("x-add", "more"),)).apply({"x-add": ("old",)}) == {"x-add": ("old,more",)}
