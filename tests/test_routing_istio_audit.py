@@ -422,3 +422,15 @@ def test_header_ops_remove_before_set_and_add():
     assert got == {"x-set": ("new",), "x-add": ("more",), "x-kept": ("k",)}
     # Without a remove, add appends to what is there ("will create a comma-separated list of values").
     assert HeaderOps(add=(("x-add", "more"),)).apply({"x-add": ("old",)}) == {"x-add": ("old,more",)}
+
+
+@pytest.mark.parametrize("gateways,field", [(None, "headers"), (["mesh"], "withoutHeaders")])
+def test_jwt_claim_routing_on_a_mesh_virtual_service_is_refused(gateways, field):
+    # p8.py: the match loaded and a client-sent header named "@request.auth.claims.group" satisfied it.
+    doc = _vs_doc({"match": [{field: {"@request.auth.claims.group": {"exact": "admin"}}}], "route": RV_ROUTE})
+    if gateways is not None:
+        doc["spec"]["gateways"] = gateways
+    e = _load_error(doc)
+    assert e.path == f"spec.http[0].match[0].{field}.@request.auth.claims.group"
+    assert e.problem == (f"JWT claim based routing (key: @request.auth.claims.group) is only supported for gateway, "
+                         f"found no gateways: [{' '.join(gateways or [])}]")

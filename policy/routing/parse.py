@@ -242,6 +242,8 @@ def parse_virtual_service(doc: dict, where: Where, *, order: int = 0) -> Virtual
         raise r.fail("spec.hosts", "at least one host is required")
     gateways = r.strs(spec.get("gateways"), "spec.gateways")
     http = tuple(_vs_http_rule(r, x, f"spec.http[{i}]") for i, x in enumerate(r.list(spec.get("http"), "spec.http")))
+    if all(g == "mesh" for g in gateways):
+        _refuse_claim_routing(r, spec.get("http") or [], gateways)
     tcp = tuple(_vs_tcp_rule(r, x, f"spec.tcp[{i}]") for i, x in enumerate(r.list(spec.get("tcp"), "spec.tcp")))
     # TLS rules ride in ``tcp`` as ``TlsRule`` (policy.routing.tls explains how a waypoint applies them).
     tls = tuple(_vs_tls_rule(r, x, f"spec.tls[{i}]", hosts) for i, x in enumerate(r.list(spec.get("tls"), "spec.tls")))
@@ -249,6 +251,22 @@ def parse_virtual_service(doc: dict, where: Where, *, order: int = 0) -> Virtual
         tcp = tcp + tls
     export_to = r.strs(spec.get("exportTo"), "spec.exportTo")
     return VirtualService(ns, name, hosts, gateways, http, tcp, export_to, order, tuple(r.warnings))
+
+
+def _refuse_claim_routing(r: _R, http: list, gateways: tuple[str, ...]) -> None:
+    """istiod's webhook (validation.go ValidateVirtualService), for a VirtualService that does not apply to a
+    gateway: "if jwt.ToRoutingClaim(key).Match { msg := fmt.Sprintf("JWT claim based routing (key: %s) is only
+    supported for gateway, found no gateways: %v", key, virtualService.Gateways)". Accepting it here would match a
+    header of that name that any client can send."""
+    for i, rule in enumerate(http):
+        # The rules parsed already: a part that is not a mapping here is an absent one (None).
+        for j, match in enumerate((rule or {}).get("match") or ()):
+            for field in ("headers", "withoutHeaders"):
+                for key in ((match or {}).get(field) or {}):
+                    if isinstance(key, str) and key.startswith(("@request.auth.claims.", "@request.auth.claims[")):
+                        raise r.fail(f"spec.http[{i}].match[{j}].{field}.{key}",
+                                     f"JWT claim based routing (key: {key}) is only supported for gateway, found no "
+                                     f"gateways: [{' '.join(gateways)}]")
 
 
 _HTTP_MATCH_FIELDS = ("name", "uri", "scheme", "method", "authority", "headers", "port", "sourceLabels",
