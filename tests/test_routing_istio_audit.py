@@ -79,7 +79,8 @@ def _load_error(doc: dict) -> ConfigError:
     ({"attempts": 3, "perTryTimeout": "1.5ms"}, "perTryTimeout", "only durations to ms precision are supported"),
     # "retries.Attempts == 0 && (retries.PerTryTimeout != nil || retries.RetryOn != "" ||
     # retries.RetryRemoteLocalities != nil)": an unset attempts is 0 there too.
-    ({"attempts": 0, "retryOn": "5xx"}, "attempts", "http retry policy configured when attempts are set to 0 (disabled)"),
+    ({"attempts": 0, "retryOn": "5xx"}, "attempts",
+     "http retry policy configured when attempts are set to 0 (disabled)"),
     ({"attempts": 0, "perTryTimeout": "1s"}, "attempts", "http retry policy configured when attempts are set to 0"),
     ({"retryOn": "5xx"}, "attempts", "http retry policy configured when attempts are set to 0 (disabled)"),
     ({"retryRemoteLocalities": False}, "attempts", "http retry policy configured when attempts are set to 0"),
@@ -277,8 +278,9 @@ def test_two_vs_in_one_namespace_the_first_is_used_and_the_other_ignored_with_a_
     assert routes.sources == ("VirtualService default/first",)
     assert isinstance(route_http(req("/b"), routes), NoRoute)
     assert [w for w in t.warnings if "is ignored for http" in w] == [
-        "service default/reviews.default.svc.cluster.local: VirtualService default/second is ignored for http: the waypoint uses only the "
-        "first VirtualService with http routes for a host, default/first (istiod listener_waypoint.go)"]
+        "service default/reviews.default.svc.cluster.local: VirtualService default/second is ignored for http: "
+        "the waypoint uses only the first VirtualService with http routes for a host, default/first "
+        "(istiod listener_waypoint.go)"]
 
 
 def test_equal_ages_order_by_name_then_namespace_as_sort_config_by_creation_time():
