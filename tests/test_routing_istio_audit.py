@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import pytest
 
+from policy.errors import ConfigError, Where
+from policy.routing import route_http
 from policy.routing.model import (
-    CONNECT_FAILURE, PER_TRY_TIMEOUT, REFUSED_STREAM, RESET, RESET_BEFORE_REQUEST, HTTP_RETRY_ON, RetryPolicy,
+    CONNECT_FAILURE, PER_TRY_TIMEOUT, REFUSED_STREAM, RESET, RESET_BEFORE_REQUEST, HTTP_RETRY_ON, HeaderOps,
+    RedirectSpec, RetryPolicy,
 )
+from policy.routing.parse import parse_virtual_service
+from policy.routing.select import NoRoute, redirect_for
+from policy.routing.table import _dr_for
+from tests.test_routing_common import NS, REVIEWS, dr, hr, req, table, vs
 
 # ---------------------------------------------------------------------------------------------
 # RetryPolicy.retriable for failures without a response (Envoy retry_state_impl.cc wouldRetryFromReset)
@@ -48,13 +55,6 @@ def test_grpc_names_and_unknown_errors_retry_no_failure():
 
 # ---------------------------------------------------------------------------------------------
 # VirtualService retries: what istiod's webhook (validation.go validateHTTPRetry) refuses
-
-from policy.errors import ConfigError, Where   # noqa: E402
-from policy.routing.parse import parse_virtual_service   # noqa: E402
-
-from tests.test_routing_common import NS, REVIEWS, dr, hr, req, table, vs   # noqa: E402
-from policy.routing import route_http   # noqa: E402
-from policy.routing.select import NoRoute   # noqa: E402
 
 
 def _vs_with_retries(retries: dict) -> dict:
@@ -168,7 +168,6 @@ def test_header_matches_follow_istio_translate_header_match(match, expected):
 # ---------------------------------------------------------------------------------------------
 # Which DestinationRule applies (istiod PushContext.destinationRule)
 
-from policy.routing.table import _dr_for   # noqa: E402
 
 WILD = "*.default.svc.cluster.local"
 
@@ -388,9 +387,6 @@ def test_header_operations_the_webhook_refuses_fail_the_load(rule, field, proble
 
 # ---------------------------------------------------------------------------------------------
 # Pins for behaviour the audit's mutations showed unpinned
-
-from policy.routing.model import HeaderOps, RedirectSpec   # noqa: E402
-from policy.routing.select import redirect_for   # noqa: E402
 
 
 @pytest.mark.parametrize("spec,scheme,port,location", [
