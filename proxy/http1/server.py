@@ -554,10 +554,13 @@ async def _error_reply(conn: _Conn, request: Http1Request | None, status: int) -
 
 
 async def serve_http1(stream: ByteStream, handler: Handler, *, limits: Http1Limits = DEFAULT_LIMITS,
-                      on_error: Callable[[BaseException], None] | None = None, prefix: bytes = b"") -> None:
+                      on_error: Callable[[BaseException], None] | None = None, prefix: bytes = b"",
+                      on_bad_request: Callable[[Http1Error, bool], None] | None = None) -> None:
     """Serve HTTP/1.x requests on ``stream`` until the client closes, asks to close, an error, or
     the idle timeout; always closes ``stream`` before returning. ``on_error`` sees every protocol
-    error and handler exception (for logs and metrics); it must not raise. ``prefix``: bytes of the
+    error and handler exception (for logs and metrics); it must not raise. ``on_bad_request`` sees a
+    request that could not be read (the error, and whether its answer was written) once it was answered:
+    no handler saw it, so its caller logs and counts it (it must not raise). ``prefix``: bytes of the
     stream already read (protocol sniffing), parsed first — what a ``PrefixedStream`` would replay,
     without its wrapper on every read and drain (``PrefixedStream.unwrap``)."""
     conn = _Conn(stream, limits, prefix)
@@ -570,6 +573,8 @@ async def serve_http1(stream: ByteStream, handler: Handler, *, limits: Http1Limi
                 if on_error:
                     on_error(err)
                 await _error_reply(conn, None, err.status)
+                if on_bad_request is not None:
+                    on_bad_request(err, conn.response_started and not conn.aborted)
                 return
             except OSError:  # StreamReset and other socket errors: nobody to answer
                 conn.aborted = True

@@ -511,6 +511,31 @@ def request_id(rng: random.Random) -> bytes:
 # Do
 
 
+class _NoExchange(NamedTuple):
+    """The request and the response of a request that could not be read, as ``_report`` reads them."""
+    head_sent: bool = False
+    status: int = 0
+    body_bytes: int = 0
+
+
+_NO_EXCHANGE = _NoExchange()
+
+
+def bad_request_detail(err: Http1Error) -> tuple[str, str]:
+    """(response code details, response flag) of a request the HTTP/1.1 server refused (see
+    ``HttpPipeline.report_bad_request``)."""
+    reason = err.reason
+    if err.status == 408:
+        return "request_header_timeout", ""
+    if reason == "too many headers":
+        return "http1.too_many_headers", "DPE"
+    if err.status == 431:
+        return "http1.headers_too_large", "DPE"
+    if "transfer-coding" in reason:
+        return "http1.invalid_transfer_encoding", "DPE"
+    return "http1.codec_error", "DPE"
+
+
 @dataclass(slots=True)
 class _Log:
     """What one request's access-log line and metrics will say (filled in as the request proceeds)."""
@@ -641,8 +666,9 @@ class HttpPipeline:
             # acknowledgement cuts of hbone/_h2fast.py 7b./7c. and the http1 server's cached loop):
             # waypoint 101.7 -> 91.5 us per request (medians).
             inner, prefix = stream.unwrap() if isinstance(stream, PrefixedStream) else (stream, b"")
+            bad_request = functools.partial(self.report_bad_request, ctx, chain)
             if not hasattr(inner, "listen"):   # (not an HboneStream: hbone/_conn.py)
-                await serve_http1(inner, handler_h1, prefix=prefix)
+                await serve_http1(inner, handler_h1, prefix=prefix, on_bad_request=bad_request)
                 return
             if LEAN_CALLBACKS:
                 from .lean import CLOSE, LeanHttp1   # (lean builds on this module: imported once it is loaded)
@@ -655,7 +681,7 @@ class HttpPipeline:
             stop = _StopOnLoss(task, inner)
             inner.watch_lost(stop)
             try:
-                await serve_http1(inner, handler_h1, prefix=prefix)
+                await serve_http1(inner, handler_h1, prefix=prefix, on_bad_request=bad_request)
             except asyncio.CancelledError:
                 if not stop.fired or task.uncancel():
                     raise   # (not only ours: the tunnel's task is cancelled too)
@@ -1477,6 +1503,26 @@ class HttpPipeline:
             self._peer_memo.clear()
         self._peer_memo[key] = (source, info)
         return info
+
+    def report_bad_request(self, ctx: TunnelContext, chain: Chain, err: Http1Error, answered: bool) -> None:
+        """A request the HTTP/1.1 server could not read, after it answered it (serve_http1's ``on_bad_request``):
+        logged and counted as a request, as Envoy's access log and ``istio_requests_total`` show an HTTP/1 codec
+        error — the HCM's local reply with the codec's status, flag ``DPE`` ("DownstreamProtocolError"), details
+        the codec's (codec_impl.cc ``Http1ResponseCodeDetails``: ``http1.headers_too_large``,
+        ``http1.too_many_headers``, ``http1.invalid_transfer_encoding``, else ``http1.codec_error``); a head
+        that never came whole in time, Envoy's ``request_headers_timeout`` (408, ``request_header_timeout``, no
+        flag). A client that reset its tunnel was answered nothing: a downstream disconnect (status 0, ``DC``)."""
+        log = _Log(self.clock())
+        if answered:
+            log.server_status = err.status
+            log.detail, flag = bad_request_detail(err)
+        else:   # (the client reset the tunnel: nothing could be answered)
+            log.detail, flag = DOWNSTREAM_REMOTE_DISCONNECT, "DC"
+        if flag:
+            log.flags.append(flag)
+        view = request_view(b"", b"", b"", (), chain.port)
+        self._report(RequestPlan(chain, view, None), ctx, log, _NO_EXCHANGE, _NO_EXCHANGE, "http/1.1",
+                     time.monotonic())
 
     def _report(self, plan: RequestPlan, ctx: TunnelContext, log: _Log, request, responder, protocol: str,
                 t0: float, grpc: bool = False) -> None:
