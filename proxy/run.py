@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, dest, typ, default, help_ in _FLAGS:
         # Values stay strings here and are converted in parse_settings, after the environment
         # fallback: "off" (None) given as a flag must not fall through to the environment.
-        kwargs: dict[str, Any] = {"dest": dest, "help": help_}
+        # --help shows each flag's default ("off": the listener is not started)
+        kwargs: dict[str, Any] = {"dest": dest,
+                                  "help": help_ if default in (None, "") else f"{help_} (default {default})"}
         if flag == "--mode":
             kwargs["choices"] = ("waypoint", "node")
         p.add_argument(flag, **kwargs)

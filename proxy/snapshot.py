@@ -60,6 +60,7 @@ def build_snapshot(mesh: MeshConfig, *, mode: str, scope: WaypointScope | None, 
             held.inventory, bound, held.virtual_services, held.destination_rules, held.http_routes,
             waypoint_namespace=scope.waypoint_namespace,
             gateway=f"{scope.gateway[0]}/{scope.gateway[1]}" if scope.gateway else None,
+            root_namespace=held.root_namespace,
         )
     else:
         held, routes = mesh, None
@@ -171,7 +172,8 @@ class ConfigStore:
         for w in snap.warnings:
             if old is None or w not in old.warnings:   # (said when it first holds, not on every reload)
                 log.warning("%s", w)
-        self.reloads_ok += 1
+        if old is not None:   # the first install is the initial load, not a reload (hbone_config_reloads_total)
+            self.reloads_ok += 1
         self.last_error = None
         for fn in self._subscribers:
             fn(old, snap)

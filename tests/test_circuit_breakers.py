@@ -454,7 +454,7 @@ async def test_a_pending_request_that_times_out_leaves_the_queue(tmp_path, loopb
 async def test_the_per_try_timeout_starts_when_the_connection_is_ready(tmp_path, loopback_ip):
     """Envoy starts the per-try timer at onPoolReady: a request that waited longer than its perTryTimeout for
     the one connection is still served once it has it."""
-    routing = _routing("{tcp: {maxConnections: 1}}", retries="{attempts: 0, perTryTimeout: 0.2s}", slow_apart=True)
+    routing = _routing("{tcp: {maxConnections: 1}}", retries="{attempts: 1, perTryTimeout: 0.2s, retryOn: retriable-4xx}", slow_apart=True)
     h = await start_harness(tmp_path, loopback_ip, authz=False, routing=routing)
     try:
         t1, t2 = [await _tunnel(h) for _ in range(2)]

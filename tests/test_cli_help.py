@@ -32,3 +32,13 @@ def test_config_help_is_config_checks_whole_help():
     assert _cli("config", "check", "--help").stdout == r.stdout
     bare = _cli("config")
     assert (bare.returncode, bare.stdout) == (2, "") and bare.stderr.startswith("usage: hbone-proxy config check ")
+
+
+def test_run_help_shows_the_listener_defaults():
+    out = " ".join(_cli("run", "--help").stdout.split())   # argparse wraps the help text
+    for flag, default in (("--hbone-addr", "0.0.0.0:15008"), ("--outbound-addr", "127.0.0.1:15001"),
+                          ("--socks5-addr", "127.0.0.1:15080"), ("--inbound-plaintext-addr", "off"),
+                          ("--admin-addr", "127.0.0.1:15000"), ("--metrics-addr", "0.0.0.0:15020"),
+                          ("--readiness-addr", "0.0.0.0:15021")):
+        help_ = out.split(f"{flag} {flag[2:].upper().replace('-', '_')} ", 1)[1].split(" --", 1)[0]
+        assert help_.endswith(f"(default {default})"), (flag, help_)

@@ -388,7 +388,7 @@ def test_authorization_policy_is_dispatched_to_the_authz_parser():
 
 def test_authorization_policy_errors_come_through_with_document_and_path():
     pytest.importorskip("policy.authz.parse")
-    bad = with_field(ALLOW_PRODUCTPAGE, "spec.action", "CUSTOM")
+    bad = with_field(ALLOW_PRODUCTPAGE, "spec.action", "allow")
     bad2 = with_field(ALLOW_PRODUCTPAGE, "spec.rulez", [])
     lines = errors(WORKLOAD and {"workloads": [WORKLOAD]}, bad, bad2)
     assert lines[0].startswith("inv.yaml: document 2 (AuthorizationPolicy default/allow): spec.action: ")
