@@ -1311,6 +1311,10 @@ class HttpPipeline:
                     err.flags = (*(f for f in flags_of(err) if f != "UO"), "UO")  # type: ignore[attr-defined]
                     raise err
                 if err is None:
+                    if attempt > policy.attempts > 0 and can_replay and policy.should_retry(1, outcome):
+                        # A retriable answer after the last allowed retry: forwarded, flagged URX (Envoy router.cc
+                        # onUpstreamHeaders: RetryStatus::NoRetryLimitExceeded → UpstreamRetryLimitExceeded).
+                        log.flags.append("URX")
                     return resp, stream, key
                 raise exhausted(err, attempt)
         finally:
