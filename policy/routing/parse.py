@@ -344,13 +344,9 @@ def _host_rewrite(r: _R, rewrite: RewriteSpec | None, headers: HeaderRules, rout
                                                 f'"{rewrite.authority}", attempting to set "{authority}"')
     if authority is None and (rewrite is None or rewrite.authority is None) and len(route) == 1:
         authority = route[0].headers.authority
-    elif len(route) > 1:
-        for i, d in enumerate(route):
-            if d.headers.authority is not None:
-                # istiod sets it per weighted cluster (processWeightedDestination: ClusterWeight
-                # HostRewriteLiteral); the waypoint does not rewrite the host per destination yet.
-                r.warn(f"{path}.route[{i}].headers.request", "a host set for one of several weighted destinations is "
-                                                             "not applied by hbone-proxy (the request keeps its host)")
+    # (Several destinations: a destination's own host stays with it — istiod sets it per weighted cluster,
+    # processWeightedDestination: ClusterWeight HostRewriteLiteral — and the waypoint applies it when that
+    # destination is drawn: proxy/pipeline/http.py Upstream.host_rewrite.)
     if authority is None or (rewrite is not None and rewrite.authority is not None):
         return rewrite
     if rewrite is None:

@@ -56,6 +56,7 @@ from hbone.stream import MiB, ByteStream, PrefixedStream
 from policy.authn import authenticate
 from policy.authz.evaluate import Decision
 from policy.authz.match import normalize_path
+from policy.wire import wire_form
 from policy.authz.model import A_REQUEST_HEADER
 from policy.inventory import Service
 from policy.routing.endpoints import Candidate, LoadBalancer, OutlierDetector, cluster_candidates, detector_for
@@ -158,6 +159,9 @@ class Upstream:
     limits: CircuitLimits | None = None
     # The route rule's VirtualService corsPolicy (policy/routing/cors.py decides per request); None: no CORS.
     cors: CorsPolicy | None = None
+    # One of several weighted destinations' own ``host`` (its headers.request set/add of host): Envoy's weighted
+    # cluster host_rewrite_literal, which istiod sets there (processWeightedDestination); None: no rewrite.
+    host_rewrite: bytes | None = None
 
     def uses_h2(self, downstream: str) -> bool:
         """HTTP/2 upstream for http2/grpc ports; the downstream's protocol for undeclared ones."""
@@ -225,8 +229,19 @@ def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, des
     pool = tp.connection_pool
     connect_timeout = pool.connect_timeout_s if pool is not None and pool.connect_timeout_s else CONNECT_TIMEOUT_S
     rule_headers = forward.headers
-    req_ops = tuple(o for o in (getattr(rule_headers, "request", None), dest.headers.request) if o)
-    resp_ops = tuple(o for o in (getattr(rule_headers, "response", None), dest.headers.response) if o)
+    rule_req, rule_resp = getattr(rule_headers, "request", None), getattr(rule_headers, "response", None)
+    host_rewrite = None
+    if len(forward.destinations) > 1:
+        # istiod puts a weighted destination's header operations on its weighted cluster, which Envoy applies
+        # before the route's ("weighted cluster level, route level, virtual host level, route configuration
+        # level": the rule's `set` wins); one destination's are merged into the route's after the rule's.
+        req_ops = tuple(o for o in (dest.headers.request, rule_req) if o)
+        resp_ops = tuple(o for o in (dest.headers.response, rule_resp) if o)
+        if dest.headers.authority is not None:
+            host_rewrite = wire_form(dest.headers.authority).encode("latin-1")
+    else:
+        req_ops = tuple(o for o in (rule_req, dest.headers.request) if o)
+        resp_ops = tuple(o for o in (rule_resp, dest.headers.response) if o)
     # DestinationRule localityLbSetting (or the mesh default with outlier detection), warmup, and the Service's
     # loadBalancer (its traffic distribution, Strict scopes, AllowAll health policy): priorities, locality weights
     # relative to this waypoint's own pod (Snapshot.proxy_workload), slow start — carried by the candidates
@@ -235,7 +250,7 @@ def _upstream_for(chain: Chain, snapshot: Snapshot, forward: Forward | None, des
     return Upstream(dest.cluster_name, svc, candidates,
                     forward.retry, forward.timeout_s, connect_timeout, tp.lb_algorithm, req_ops, resp_ops,
                     tp.outlier_detection, svc.app_protocols.get(dest.port) if dest.port is not None else None,
-                    tp.consistent_hash, circuit_limits(pool), getattr(rule_headers, "cors", None))
+                    tp.consistent_hash, circuit_limits(pool), getattr(rule_headers, "cors", None), host_rewrite)
 
 
 class _StopOnLoss:
@@ -1069,6 +1084,8 @@ class HttpPipeline:
         target = request.target if path is plan.view.path else path.encode("latin-1")
         host = route.authority if isinstance(route, RouteDecision) else plan.view.authority
         authority = request.host if host is plan.view.authority else host.encode("latin-1")
+        if up.host_rewrite is not None:   # (a weighted cluster's host rewrite comes after the route's)
+            authority = up.host_rewrite
         return headers, target, authority
 
     async def _respond(self, up: Upstream, resp, stream: ByteStream | None, key: str, request, responder, log: _Log,
