@@ -28,13 +28,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from hbone.connect import format_authority
+from hbone.connect import format_authority, parse_forwarded
 from hbone.relay import RelayResult, relay_detached
 from hbone.server import HboneServer, InboundTunnel
 from hbone.settings import CONNECT_TIMEOUT_S, HboneSettings
 from hbone.stream import ByteStream, TcpConnection, TcpStream
 from policy.authz.evaluate import AuthzRequest, Decision, Enforcement, authorize
-from policy.inventory import Workload
+from policy.inventory import Service, Workload
 from proxy.errors import AuthorizationDenied, IpMismatch, ProxyError, SelfCall, UnknownDestination, UpstreamConnectFailure
 from hbone.dial import dial_from
 from proxy.settings import HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
@@ -76,6 +76,27 @@ class InboundPlan:
     workload: Workload
     target: tuple[str, int]
     decision: Decision
+
+
+def forwarded_host(headers) -> str | None:
+    """The ``host=`` of the CONNECT's ``forwarded`` header: the Service the client addressed (ztunnel
+    build_forwarded / parse_forwarded_host); None when there is none."""
+    for name, value in headers:
+        if name == "forwarded":
+            return parse_forwarded(value).host or None
+    return None
+
+
+def guess_inbound_service(inventory, host: str | None, wl: Workload) -> Service | None:
+    """The destination service for inbound telemetry, as ztunnel's guess_inbound_service: the Service the client
+    says it addressed, if the destination workload is one of its endpoints ("the set of Services we look for is
+    bounded, so we won't blindly trust bogus info"); else none (``destination_service="unknown"``)."""
+    if not host:
+        return None
+    svc = inventory.service_by_hostname.get(host)
+    if svc is None:
+        return None
+    return svc if any(w.uid == wl.uid for w, _ in inventory.endpoints_of(svc)) else None
 
 
 def local_workload(snapshot: "Snapshot", node: str | None, ip: str) -> Workload | None:
@@ -288,7 +309,8 @@ class InboundProxy:
         src_ip = tunnel.remote_addr[0]
         snap = self.snapshot()
         memo = self._memo_for(snap)
-        key = (tunnel.local_addr[0], tunnel.authority, src_ip, principal)
+        host = forwarded_host(tunnel.request.headers)
+        key = (tunnel.local_addr[0], tunnel.authority, src_ip, principal, host)
         hit = memo.get(key)
         if hit is not None:
             facts, plan, labels = hit
@@ -303,7 +325,7 @@ class InboundProxy:
                 except ProxyError as err:
                     self._refuse(live, tunnel, err, start)
                     return
-                labels = self._labels(snap, tunnel, plan.workload)
+                labels = self._labels(snap, tunnel, plan.workload, host)
                 memo[key] = (facts, plan, labels)
             live.plan, live.labels, live.start, live.tunnel, live.owner = plan, labels, start, tunnel, self
             dial_from(*plan.target, src_ip, live.dialled, timeout=self.connect_timeout, loop=self._loop,
@@ -379,14 +401,16 @@ class InboundProxy:
                          plan.decision.policy or "")
         self._forget(live)
 
-    def _labels(self, snap: "Snapshot", tunnel: InboundTunnel, wl: Workload):
+    def _labels(self, snap: "Snapshot", tunnel: InboundTunnel, wl: Workload, host: str | None = None):
         if self.metrics is None:
             return None
-        from proxy.telemetry.metrics import PeerInfo, traffic_labels
+        svc = guess_inbound_service(snap.mesh.inventory, host, wl)
+        from proxy.telemetry.metrics import PeerInfo, ServiceInfo, traffic_labels
         peer = snap.mesh.inventory.workload_by_ip.get(tunnel.remote_addr[0])
         principal = str(tunnel.peer_identity)
         src = PeerInfo.from_workload(peer, principal=principal) if peer is not None else PeerInfo.from_identity(principal)
-        return traffic_labels("destination", source=src, destination=PeerInfo.from_workload(wl), service=None,
+        return traffic_labels("destination", source=src, destination=PeerInfo.from_workload(wl),
+                              service=ServiceInfo.from_service(svc) if svc is not None else None,
                               request_protocol="tcp", security_policy="mutual_tls")
 
     def _record(self, tunnel: InboundTunnel, facts: InboundFacts, plan: InboundPlan | None, start: float,
