@@ -15,14 +15,10 @@ import pytest
 
 from hbone.pool import HbonePool
 from proxy.identity import Identities
-from proxy.node import local_workloads
-from proxy.node.inbound import InboundProxy, InboundTracker
-from proxy.snapshot import ConfigStore
 from proxy.telemetry.metrics import Metrics
+from tests.node_helpers import NODE, PORT, inbound_node
 from tests.waypoint_harness import MESH, cert_source
 
-NODE = "node-x"
-PORT = 9000
 
 INVENTORY = """
 workloads:
@@ -54,13 +50,6 @@ spec:
 """
 
 
-async def _echo(reader, writer):
-    while data := await reader.read(65536):
-        writer.write(data)
-        await writer.drain()
-    writer.close()
-
-
 async def _wait(cond, what: str, timeout: float = 5.0):
     end = time.monotonic() + timeout
     while not cond():
@@ -71,31 +60,8 @@ async def _wait(cond, what: str, timeout: float = 5.0):
 
 @pytest.fixture
 async def node(tmp_path: Path, loopback_ip):
-    pod, client = loopback_ip(), loopback_ip()
-    cfg = tmp_path / "mesh"
-    cfg.mkdir()
-    (cfg / "inventory.yaml").write_text(INVENTORY.format(pod=pod, client=client, node=NODE))
-    store = ConfigStore([str(cfg)], mode="node", scope=None, clock=time.time)
-    store.load()
-    metrics = Metrics(process_metrics=False)
-    tracker = InboundTracker(NODE)
-    proxy = InboundProxy(node=NODE, port=15008, snapshot=lambda: store.current, identities=Identities(ca=MESH.ca),
-                         trust_domain="cluster.local", tracker=tracker, metrics=metrics)
-    await proxy.reconcile(local_workloads(store.current, NODE))
-    backend = await asyncio.start_server(_echo, pod, PORT)
-    src = cert_source("default", "client")
-    pool = HbonePool(src.client_context, trust_domain="cluster.local")
-
-    async def tunnel():
-        return await pool.open_tunnel(src_identity=src.identity, dst=(pod, 15008), authority=f"{pod}:{PORT}",
-                                      dst_identities=frozenset({MESH.identity("default", "sink")}), local_host=client)
-
-    try:
-        yield proxy, store, tracker, metrics, tunnel, cfg
-    finally:
-        await pool.close()
-        await proxy.close()
-        backend.close()
+    async with inbound_node(tmp_path, loopback_ip, INVENTORY) as n:
+        yield n.proxy, n.store, n.tracker, n.metrics, n.tunnel, n.cfg
 
 
 def _closed_total(metrics: Metrics) -> float:

@@ -11,14 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from hbone.pool import HbonePool
-from proxy.identity import Identities
-from proxy.node import local_workloads
-from proxy.node.inbound import InboundProxy, InboundTracker, forwarded_host, guess_inbound_service
-from proxy.snapshot import ConfigStore
-from proxy.telemetry.metrics import Metrics
-from tests.test_node_inbound_fastpath import NODE, PORT, _echo, _echoes
-from tests.waypoint_harness import MESH, cert_source
+from proxy.node.inbound import forwarded_host, guess_inbound_service
+from tests.node_helpers import inbound_node
+from tests.test_node_inbound_fastpath import _echoes
 
 INVENTORY = """workloads:
 - uid: Kubernetes//v1/Pod/default/sink-0
@@ -59,32 +54,11 @@ def test_forwarded_host_and_the_guess():
 
 @pytest.fixture
 async def node(tmp_path: Path, loopback_ip):
-    pod, client = loopback_ip(), loopback_ip()
-    cfg = tmp_path / "mesh"
-    cfg.mkdir()
-    (cfg / "inventory.yaml").write_text(INVENTORY.format(pod=pod, client=client, node=NODE))
-    store = ConfigStore([str(cfg)], mode="node", scope=None, clock=time.time)
-    store.load()
-    metrics = Metrics(process_metrics=False)
-    proxy = InboundProxy(node=NODE, port=15008, snapshot=lambda: store.current, identities=Identities(ca=MESH.ca),
-                         trust_domain="cluster.local", tracker=InboundTracker(NODE), metrics=metrics)
-    await proxy.reconcile(local_workloads(store.current, NODE))
-    backend = await asyncio.start_server(_echo, pod, PORT)
-    src = cert_source("default", "client")
-    pool = HbonePool(src.client_context, trust_domain="cluster.local")
-
-    async def tunnel(host: str | None):
-        fwd = f'for="{client}:5555"' + (f";host={host}" if host else "")
-        return await pool.open_tunnel(src_identity=src.identity, dst=(pod, 15008), authority=f"{pod}:{PORT}",
-                                      dst_identities=frozenset({MESH.identity("default", "sink")}), local_host=client,
-                                      headers={"forwarded": fwd})
-
-    try:
-        yield store, metrics, tunnel
-    finally:
-        await pool.close()
-        await proxy.close()
-        backend.close()
+    async with inbound_node(tmp_path, loopback_ip, INVENTORY) as n:
+        async def tunnel(host: str | None):
+            fwd = f'for="{n.client_ip}:5555"' + (f";host={host}" if host else "")
+            return await n.tunnel({"forwarded": fwd})
+        yield n.store, n.metrics, tunnel
 
 
 async def test_the_destination_service_comes_from_the_forwarded_host(node):
