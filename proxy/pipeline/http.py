@@ -1533,17 +1533,20 @@ class HttpPipeline:
         ``http1.too_many_headers``, ``http1.invalid_transfer_encoding``, else ``http1.codec_error``); a head
         that never came whole in time, Envoy's ``request_headers_timeout`` (408, ``request_header_timeout``, no
         flag). A client that reset its tunnel was answered nothing: a downstream disconnect (status 0, ``DC``)."""
-        log = _Log(self.clock())
+        record = _Log(self.clock())
         if answered:
-            log.server_status = err.status
-            log.detail, flag = bad_request_detail(err)
+            record.server_status = err.status
+            record.detail, flag = bad_request_detail(err)
         else:   # (the client reset the tunnel: nothing could be answered)
-            log.detail, flag = DOWNSTREAM_REMOTE_DISCONNECT, "DC"
+            record.detail, flag = DOWNSTREAM_REMOTE_DISCONNECT, "DC"
         if flag:
-            log.flags.append(flag)
+            record.flags.append(flag)
         view = request_view(b"", b"", b"", (), chain.port)
-        self._report(RequestPlan(chain, view, None), ctx, log, _NO_EXCHANGE, _NO_EXCHANGE, "http/1.1",
-                     time.monotonic())
+        try:
+            self._report(RequestPlan(chain, view, None), ctx, record, _NO_EXCHANGE, _NO_EXCHANGE, "http/1.1",
+                         time.monotonic())
+        except Exception:   # noqa: BLE001 — serve_http1's hook must not raise: a reporting fault is only logged
+            log.exception("reporting a refused request on a tunnel to %s failed", addr_str(ctx.authority))
 
     def _report(self, plan: RequestPlan, ctx: TunnelContext, log: _Log, request, responder, protocol: str,
                 t0: float, grpc: bool = False) -> None:
