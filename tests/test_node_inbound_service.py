@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from hbone.connect import ConnectRequest
 from proxy.node.inbound import forwarded_host, guess_inbound_service
 from tests.node_helpers import inbound_node
 from tests.test_node_inbound_fastpath import _echoes
@@ -47,9 +48,11 @@ services:
 
 
 def test_forwarded_host_and_the_guess():
-    assert forwarded_host((("baggage", "x"), ("forwarded", 'for="1.2.3.4:5";host=sink.default.svc.cluster.local'))) \
-        == "sink.default.svc.cluster.local"
-    assert forwarded_host((("forwarded", 'for="1.2.3.4:5"'),)) is None and forwarded_host(()) is None
+    req = ConnectRequest.build("10.0.0.1:9000", {"baggage": "x",
+                                                 "forwarded": 'for="1.2.3.4:5";host=sink.default.svc.cluster.local'})
+    assert forwarded_host(req) == "sink.default.svc.cluster.local"
+    assert forwarded_host(ConnectRequest.build("10.0.0.1:9000", {"forwarded": 'for="1.2.3.4:5"'})) is None
+    assert forwarded_host(ConnectRequest.build("10.0.0.1:9000")) is None
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from hbone.connect import format_authority, parse_forwarded
+from hbone.connect import ConnectRequest, format_authority, parse_forwarded
 from hbone.relay import RelayResult, relay_detached
 from hbone.server import HboneServer, InboundTunnel
 from hbone.settings import CONNECT_TIMEOUT_S, HboneSettings
@@ -78,13 +78,10 @@ class InboundPlan:
     decision: Decision
 
 
-def forwarded_host(headers) -> str | None:
+def forwarded_host(request: ConnectRequest) -> str | None:
     """The ``host=`` of the CONNECT's ``forwarded`` header: the Service the client addressed (ztunnel
-    build_forwarded / parse_forwarded_host); None when there is none."""
-    for name, value in headers:
-        if name == "forwarded":
-            return parse_forwarded(value).host or None
-    return None
+    build_forwarded / parse_forwarded_host, as the waypoint's TunnelContext reads it); None when there is none."""
+    return parse_forwarded(request.header("forwarded") or "").host or None
 
 
 def guess_inbound_service(inventory, host: str | None, wl: Workload) -> Service | None:
@@ -309,7 +306,7 @@ class InboundProxy:
         src_ip = tunnel.remote_addr[0]
         snap = self.snapshot()
         memo = self._memo_for(snap)
-        host = forwarded_host(tunnel.request.headers)
+        host = forwarded_host(tunnel.request)
         key = (tunnel.local_addr[0], tunnel.authority, src_ip, principal, host)
         hit = memo.get(key)
         if hit is not None:
