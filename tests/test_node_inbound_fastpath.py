@@ -16,7 +16,7 @@ import pytest
 from hbone.pool import HbonePool
 from proxy.identity import Identities
 from proxy.telemetry.metrics import Metrics
-from tests.node_helpers import NODE, PORT, inbound_node
+from tests.node_helpers import PORT, inbound_node
 from tests.waypoint_harness import MESH, cert_source
 
 
