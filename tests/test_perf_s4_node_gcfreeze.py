@@ -13,7 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_node_inbound_fastpath import INVENTORY, NODE   # a sink pod on NODE, a client elsewhere
+from tests.node_helpers import NODE
+from tests.test_node_inbound_fastpath import INVENTORY   # a sink pod on NODE, a client elsewhere
 
 ROOT = Path(__file__).resolve().parent.parent
 
